@@ -1,0 +1,338 @@
+"""BSBR attention: Block Sparse attention with Block Retrieval.
+
+The sequence is split into chunks of ``chunk_size`` tokens (the last chunk may be partial).
+
+* Local part: causal softmax attention inside each chunk, scale ``1/sqrt(head_dim)``.
+* Retrieval part: chunk ``j`` is summarised by its state ``F_j = K_jᵀ V_j`` (``[head_dim, head_dim]`` per head)
+  and a meta-key ``h_j``. Chunk ``i`` has a meta-query ``r_i`` computed only from tokens *before* chunk ``i``
+  and retrieves ``R_i = Σ_{j<i} softmax_j(r_i·h_j / sqrt(head_dim)) F_j``; the first chunk retrieves zeros.
+* Output of token ``t`` in chunk ``i``: ``local_t + q_t R_i``.
+
+Nothing of size ``seq_len × seq_len`` is built: the local part costs O(seq_len·chunk_size·head_dim) time and
+O(seq_len·chunk_size) memory per head, the chunk states O(num_chunks·head_dim²) memory and the chunk mixing
+O(num_chunks²·head_dim²) time per head.
+
+Source: BSBR ("Block Sparse attention with Block Retrieval"), this project's definition; the chunk-state
+(Kᵀ·V) retrieval is the linear-attention state of Katharopoulos et al. 2020 (arXiv 2006.16236) selected by
+chunk-level softmax routing as in block-retrieval attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BSBRAttention",
+    "StateCompression",
+    "bsbr_attention",
+    "chunk_mean",
+    "previous_chunk",
+    "validate_attention_mask",
+]
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def validate_attention_mask(attention_mask, batch_size: int, seq_len: int) -> torch.Tensor | None:
+    """Check a padding mask and return it as a bool tensor (True = real token), or None.
+
+    Args:
+        attention_mask: ``[batch, seq_len]`` bool or integer tensor, 1/True = real token, 0/False = padding.
+    Raises:
+        ValueError: wrong shape, dtype (floating point) or values other than 0 and 1.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.shape != (batch_size, seq_len):
+        raise ValueError(
+            f"attention_mask must have shape [batch, seq_len] = {[batch_size, seq_len]}, "
+            f"got {list(attention_mask.shape)}"
+        )
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must be a bool or integer tensor of 0/1, got dtype {attention_mask.dtype}")
+    if ((attention_mask != 0) & (attention_mask != 1)).any():
+        raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
+    return attention_mask.bool()
+
+
+def chunk_mean(x: torch.Tensor, chunk_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the tokens of each chunk.
+
+    Args:
+        x: ``[batch, seq_len, ...]``.
+        chunk_size: tokens per chunk; the last chunk may be partial.
+        mask: optional ``[batch, seq_len]`` bool, True = real token; padded tokens are left out of the mean
+            (a chunk with no real token gives zeros).
+    Returns:
+        ``[batch, num_chunks, ...]`` with ``num_chunks = ceil(seq_len / chunk_size)``.
+    """
+    _check_chunk_size(chunk_size)
+    batch, seq_len = x.shape[:2]
+    rest = x.shape[2:]
+    num_chunks = -(-seq_len // chunk_size)
+    pad = num_chunks * chunk_size - seq_len
+    weight = torch.ones(batch, seq_len, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+    # Zero rows appended internally only to reshape; they carry weight 0 and never reach the result.
+    x = F.pad(x.reshape(batch, seq_len, -1), (0, 0, 0, pad))
+    weight = F.pad(weight, (0, pad))
+    x = x.view(batch, num_chunks, chunk_size, -1)  # [batch, chunks, chunk_size, features]
+    weight = weight.view(batch, num_chunks, chunk_size, 1)
+    total = (x * weight).sum(2)
+    count = weight.sum(2).clamp_min(1.0)
+    return (total / count).view(batch, num_chunks, *rest)
+
+
+def previous_chunk(x: torch.Tensor) -> torch.Tensor:
+    """Shift per-chunk values by one chunk: row ``i`` of the result is row ``i-1`` of ``x``; row 0 is zeros.
+
+    Args:
+        x: ``[batch, num_chunks, ...]``.
+    Returns:
+        ``[batch, num_chunks, ...]``.
+    """
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+class StateCompression(nn.Module):
+    """Learned linear compression of a chunk state ``F_j`` (``head_dim²`` values) to ``head_dim²/compression_factor``.
+
+    ``encode``: ``[..., head_dim²] -> [..., head_dim²/c]``; ``decode``: back to ``[..., head_dim²]``.
+    Initialised as an orthogonal projection (decoder = encoder transposed, zero biases), so ``decode(encode(F))``
+    starts as the projection of ``F`` onto a random ``head_dim²/c``-dimensional subspace. Shared by all heads.
+
+    Raises:
+        ValueError: ``compression_factor`` not a positive integer dividing ``head_dim**2``.
+    """
+
+    def __init__(self, head_dim: int, compression_factor: int):
+        super().__init__()
+        state_dim = head_dim * head_dim
+        if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) or compression_factor < 1:
+            raise ValueError(f"compression_factor must be a positive integer or None, got {compression_factor!r}")
+        if state_dim % compression_factor:
+            raise ValueError(
+                f"compression_factor must divide head_dim**2 = {state_dim}, got {compression_factor}"
+            )
+        self.head_dim = head_dim
+        self.compression_factor = compression_factor
+        self.encoder = nn.Linear(state_dim, state_dim // compression_factor)
+        self.decoder = nn.Linear(state_dim // compression_factor, state_dim)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.encoder.weight)
+            self.decoder.weight.copy_(self.encoder.weight.t())
+            self.encoder.bias.zero_()
+            self.decoder.bias.zero_()
+
+    def encode(self, state: torch.Tensor) -> torch.Tensor:
+        return self.encoder(state)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.decoder(code)
+
+
+def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
+    """Expand ``[batch, kv_heads, ...]`` to ``[batch, num_heads, ...]`` (HF ``repeat_kv`` order: head ``i``
+    uses kv head ``i // (num_heads // kv_heads)``)."""
+    kv_heads = x.shape[1]
+    if kv_heads == num_heads:
+        return x
+    if num_heads % kv_heads:
+        raise ValueError(f"{name} has {kv_heads} heads, which must divide the {num_heads} query heads")
+    return x.repeat_interleave(num_heads // kv_heads, dim=1)
+
+
+def _local_attention(query, key, value, chunk_size, key_padding_mask, dropout_p):
+    """Causal softmax attention inside each chunk. ``query/key/value``: ``[batch, heads, seq_len, head_dim]``."""
+    batch, heads, seq_len, head_dim = query.shape
+    full = seq_len // chunk_size
+    outputs = []
+    for start, stop, chunks in ((0, full * chunk_size, full), (full * chunk_size, seq_len, 1)):
+        if stop == start:
+            continue
+        size = (stop - start) // chunks
+        # [batch, heads, chunks, size, head_dim]
+        q, k, v = (t[:, :, start:stop].reshape(batch, heads, chunks, size, head_dim) for t in (query, key, value))
+        if key_padding_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            valid = key_padding_mask[:, start:stop].reshape(batch, 1, chunks, 1, size)
+            eye = torch.eye(size, dtype=torch.bool, device=query.device)
+            causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
+            # Padded queries attend to themselves only (their output is zeroed by the caller); no row is empty.
+            mask = causal & (valid | eye)  # [batch, 1, chunks, size, size]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        outputs.append(out.reshape(batch, heads, stop - start, head_dim))
+    return torch.cat(outputs, dim=2)
+
+
+def bsbr_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    meta_query: torch.Tensor,
+    meta_key: torch.Tensor,
+    chunk_size: int,
+    compression: StateCompression | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """BSBR attention on per-head tensors (the fast chunked path).
+
+    Args:
+        query: ``[batch, heads, seq_len, head_dim]`` (RoPE already applied if the model uses it).
+        key, value: ``[batch, kv_heads, seq_len, head_dim]``; ``kv_heads`` divides ``heads`` (GQA, HF order).
+        meta_query: ``[batch, heads, num_chunks, head_dim]``; row ``i`` is ``r_i``, which the caller must compute
+            only from tokens before chunk ``i`` (row 0 is ignored).
+        meta_key: ``[batch, kv_heads or heads, num_chunks, head_dim]``; row ``j`` is ``h_j``.
+        chunk_size: tokens per chunk (>= 1); ``num_chunks = ceil(seq_len / chunk_size)``.
+        compression: optional :class:`StateCompression` applied to every chunk state.
+        key_padding_mask: optional ``[batch, seq_len]`` bool, True = real token. Padded tokens are excluded from
+            attention and from chunk states; outputs at padded positions are zeros.
+        dropout_p: dropout on the local attention weights (pass 0 in eval mode).
+    Returns:
+        ``[batch, heads, seq_len, head_dim]``: ``local + q · R_i`` (before the output projection).
+    Raises:
+        ValueError: inconsistent shapes or ``chunk_size < 1``.
+    """
+    _check_chunk_size(chunk_size)
+    if query.dim() != 4:
+        raise ValueError(f"query must be [batch, heads, seq_len, head_dim], got shape {list(query.shape)}")
+    batch, heads, seq_len, head_dim = query.shape
+    num_chunks = -(-seq_len // chunk_size)
+    if key.shape != value.shape or key.shape[0] != batch or key.shape[2:] != (seq_len, head_dim):
+        raise ValueError(f"key/value must be [batch, kv_heads, seq_len, head_dim]; got {list(key.shape)}, {list(value.shape)}")
+    if meta_query.shape != (batch, heads, num_chunks, head_dim):
+        raise ValueError(
+            f"meta_query must be [batch, heads, num_chunks, head_dim] = {[batch, heads, num_chunks, head_dim]}, "
+            f"got {list(meta_query.shape)}"
+        )
+    if meta_key.dim() != 4 or meta_key.shape[0] != batch or meta_key.shape[2:] != (num_chunks, head_dim):
+        raise ValueError(f"meta_key must be [batch, kv_heads, num_chunks, head_dim], got {list(meta_key.shape)}")
+    key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
+    meta_key = _repeat_heads(meta_key, heads, "meta_key")
+
+    output = _local_attention(query, key, value, chunk_size, key_padding_mask, dropout_p)
+    if key_padding_mask is not None:
+        key = key * key_padding_mask[:, None, :, None].to(key.dtype)  # padded keys add nothing to F_j
+    if num_chunks == 1:
+        return _zero_padded(output, key_padding_mask)
+
+    # Chunk states of the chunks that can be retrieved (all but the last).
+    retrievable = num_chunks - 1
+    k = key[:, :, : retrievable * chunk_size].reshape(batch, heads, retrievable, chunk_size, head_dim)
+    v = value[:, :, : retrievable * chunk_size].reshape(batch, heads, retrievable, chunk_size, head_dim)
+    states = (k.transpose(-1, -2) @ v).flatten(-2)  # [batch, heads, retrievable, head_dim²]
+    if compression is not None:
+        states = compression.encode(states)  # [batch, heads, retrievable, head_dim²/c]
+
+    # Chunk i (1..num_chunks-1) mixes the states of chunks j < i.
+    scores = meta_query[:, :, 1:] @ meta_key[:, :, :retrievable].transpose(-1, -2) / math.sqrt(head_dim)
+    allowed = torch.ones(retrievable, retrievable, dtype=torch.bool, device=query.device).tril()
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)  # [batch, heads, chunks 1.., chunks ..-1]
+    mixed = weights @ states  # [batch, heads, retrievable, state features]
+    if compression is not None:
+        # Σ_j w_ij decode(z_j) = W_dec Σ_j w_ij z_j + b_dec, as Σ_j w_ij = 1 for every retrieving chunk.
+        mixed = compression.decode(mixed)
+    retrieved = mixed.view(batch, heads, retrievable, head_dim, head_dim)  # R_i for chunks 1..num_chunks-1
+
+    # Readout q_t · R_i for every token after the first chunk.
+    tail = query[:, :, chunk_size:]
+    full = (seq_len - chunk_size) // chunk_size
+    readout = []
+    if full:
+        q = tail[:, :, : full * chunk_size].reshape(batch, heads, full, chunk_size, head_dim)
+        readout.append((q @ retrieved[:, :, :full]).reshape(batch, heads, full * chunk_size, head_dim))
+    if tail.shape[2] > full * chunk_size:
+        readout.append(tail[:, :, full * chunk_size :] @ retrieved[:, :, -1])
+    readout = torch.cat(readout, dim=2)
+    output = torch.cat([output[:, :, :chunk_size], output[:, :, chunk_size:] + readout], dim=2)
+    return _zero_padded(output, key_padding_mask)
+
+
+def _zero_padded(output: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    if key_padding_mask is None:
+        return output
+    return output * key_padding_mask[:, None, :, None].to(output.dtype)
+
+
+class BSBRAttention(nn.Module):
+    """Multi-head BSBR attention layer (see the module docstring for the semantics).
+
+    Args:
+        hidden_dim: model width; must be divisible by ``num_heads`` (``head_dim = hidden_dim // num_heads``).
+        num_heads: attention heads.
+        chunk_size: tokens per chunk (>= 1). With ``chunk_size >= seq_len`` the layer equals standard causal
+            multi-head softmax attention with the same ``q_proj/k_proj/v_proj/out_proj``.
+        dropout: dropout probability on the local attention weights, in [0, 1).
+        compression_factor: None, or a positive integer dividing ``head_dim**2``; chunk states are then stored as
+            ``head_dim**2 / compression_factor`` values (:class:`StateCompression`).
+
+    Parameters: ``q_proj, k_proj, v_proj, out_proj`` (``nn.Linear(hidden_dim, hidden_dim)``), and the
+    meta-projections ``meta_q_proj, meta_k_proj``: the meta-key of chunk ``j`` is ``meta_k_proj`` of the mean
+    hidden state of chunk ``j``; the meta-query of chunk ``i`` is ``meta_q_proj`` of the mean hidden state of
+    chunk ``i-1`` (tokens before chunk ``i`` only), split into heads.
+
+    Raises:
+        ValueError: on any invalid argument above, and in ``forward`` for input that is not
+            ``[batch, seq_len, hidden_dim]`` with ``seq_len >= 1`` or a malformed ``attention_mask``.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
+                 compression_factor: int | None = None):
+        super().__init__()
+        for name, value in (("hidden_dim", hidden_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+        _check_chunk_size(chunk_size)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.hidden_dim, self.num_heads, self.chunk_size = hidden_dim, num_heads, chunk_size
+        self.head_dim = hidden_dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.meta_q_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.meta_k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.compression = None if compression_factor is None else StateCompression(self.head_dim, compression_factor)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, length, head_dim]
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states``: ``[batch, seq_len, hidden_dim]``; ``attention_mask``: optional ``[batch, seq_len]``
+        (1 = real token, 0 = padding). Returns ``[batch, seq_len, hidden_dim]``."""
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states must be 3-D [batch, seq_len, hidden_dim], got shape {list(hidden_states.shape)}")
+        batch, seq_len, width = hidden_states.shape
+        if width != self.hidden_dim:
+            raise ValueError(f"hidden_states last dimension must be hidden_dim={self.hidden_dim}, got {width}")
+        if seq_len < 1:
+            raise ValueError("hidden_states must have seq_len >= 1")
+        mask = validate_attention_mask(attention_mask, batch, seq_len)
+        q = self._split_heads(self.q_proj(hidden_states))
+        k = self._split_heads(self.k_proj(hidden_states))
+        v = self._split_heads(self.v_proj(hidden_states))
+        pooled = chunk_mean(hidden_states, self.chunk_size, mask)  # [batch, chunks, hidden_dim]
+        meta_key = self._split_heads(self.meta_k_proj(pooled))  # [batch, heads, chunks, head_dim]
+        meta_query = self._split_heads(self.meta_q_proj(previous_chunk(pooled)))
+        out = bsbr_attention(q, k, v, meta_query, meta_key, self.chunk_size, self.compression, mask,
+                             self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.hidden_dim)  # [batch, seq_len, hidden_dim]
+        return self.out_proj(out)

@@ -1,0 +1,5 @@
+"""Baseline attention architectures, one file each."""
+
+from bsbr.baselines.standard import StandardAttention
+
+__all__ = ["StandardAttention"]

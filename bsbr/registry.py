@@ -1,0 +1,50 @@
+"""Models by name, so experiments loop over architectures: ``build_model(name, **config)``."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from bsbr.model import BSBRModel, StandardModel
+
+__all__ = ["COMMON_CONFIG", "available_models", "build_model"]
+
+#: Keys every architecture builds from; architecture-specific settings have defaults.
+COMMON_CONFIG = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "ff_dim", "dropout")
+
+# name -> (class, defaults for its architecture-specific settings)
+_MODELS: dict[str, tuple[type[nn.Module], dict]] = {
+    "bsbr": (BSBRModel, {"chunk_size": 128, "compression_factor": None}),
+    "standard": (StandardModel, {}),
+}
+
+
+def available_models() -> list[str]:
+    """Registered architecture names, sorted."""
+    return sorted(_MODELS)
+
+
+def build_model(name: str, **config) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: one of :func:`available_models`.
+        **config: ``vocab_size, hidden_dim, num_layers, num_heads, ff_dim`` (required), ``dropout`` (default 0.0),
+            plus the architecture's own settings (``bsbr``: ``chunk_size=128``, ``compression_factor=None``).
+    Returns:
+        a module with ``forward(input_ids[batch, seq_len], attention_mask=None) -> [batch, seq_len, hidden_dim]``.
+    Raises:
+        ValueError: unknown ``name``, a missing common key, or a key the architecture does not take.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"name must be one of {available_models()}, got {name!r}")
+    cls, defaults = _MODELS[name]
+    missing = [key for key in COMMON_CONFIG if key != "dropout" and key not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing} (every model needs {list(COMMON_CONFIG)})")
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(f"model {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
+    return cls(**{**defaults, **config})
