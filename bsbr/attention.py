@@ -152,28 +152,23 @@ def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
     return x.repeat_interleave(num_heads // kv_heads, dim=1)
 
 
-def _local_attention(query, key, value, chunk_size, key_padding_mask, dropout_p):
-    """Causal softmax attention inside each chunk. ``query/key/value``: ``[batch, heads, seq_len, head_dim]``."""
-    batch, heads, seq_len, head_dim = query.shape
-    full = seq_len // chunk_size
-    outputs = []
-    for start, stop, chunks in ((0, full * chunk_size, full), (full * chunk_size, seq_len, 1)):
-        if stop == start:
-            continue
-        size = (stop - start) // chunks
-        # [batch, heads, chunks, size, head_dim]
-        q, k, v = (t[:, :, start:stop].reshape(batch, heads, chunks, size, head_dim) for t in (query, key, value))
-        if key_padding_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            valid = key_padding_mask[:, start:stop].reshape(batch, 1, chunks, 1, size)
-            eye = torch.eye(size, dtype=torch.bool, device=query.device)
-            causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
-            # Padded queries attend to themselves only (their output is zeroed by the caller); no row is empty.
-            mask = causal & (valid | eye)  # [batch, 1, chunks, size, size]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        outputs.append(out.reshape(batch, heads, stop - start, head_dim))
-    return torch.cat(outputs, dim=2)
+def _causal_softmax(query, key, value, key_padding_mask, dropout_p):
+    """Causal softmax attention over the last-but-one axis of ``[batch, heads, chunks, size, head_dim]`` tensors,
+    one independent block per chunk. ``key_padding_mask``: ``[batch, chunks, size]`` bool or None."""
+    batch, heads, chunks, size, head_dim = query.shape
+    # torch's fused CPU kernel takes 4-D input: fold chunks into the head axis.
+    q, k, v = (t.reshape(batch, heads * chunks, size, head_dim) for t in (query, key, value))
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    else:
+        eye = torch.eye(size, dtype=torch.bool, device=query.device)
+        causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
+        valid = key_padding_mask[:, None, :, None, :]  # [batch, 1, chunks, 1, size]
+        # Padded queries attend to themselves only (their output is zeroed later), so no softmax row is empty.
+        mask = (causal & (valid | eye)).expand(batch, heads, chunks, size, size)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(batch, heads * chunks, size, size),
+                                             dropout_p=dropout_p)
+    return out.view(batch, heads, chunks, size, head_dim)
 
 
 def bsbr_attention(
@@ -210,7 +205,7 @@ def bsbr_attention(
         raise ValueError(f"query must be [batch, heads, seq_len, head_dim], got shape {list(query.shape)}")
     batch, heads, seq_len, head_dim = query.shape
     num_chunks = -(-seq_len // chunk_size)
-    if key.shape != value.shape or key.shape[0] != batch or key.shape[2:] != (seq_len, head_dim):
+    if key.shape != value.shape or key.dim() != 4 or key.shape[0] != batch or key.shape[2:] != (seq_len, head_dim):
         raise ValueError(f"key/value must be [batch, kv_heads, seq_len, head_dim]; got {list(key.shape)}, {list(value.shape)}")
     if meta_query.shape != (batch, heads, num_chunks, head_dim):
         raise ValueError(
@@ -221,44 +216,56 @@ def bsbr_attention(
         raise ValueError(f"meta_key must be [batch, kv_heads, num_chunks, head_dim], got {list(meta_key.shape)}")
     key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
     meta_key = _repeat_heads(meta_key, heads, "meta_key")
-
-    output = _local_attention(query, key, value, chunk_size, key_padding_mask, dropout_p)
     if key_padding_mask is not None:
         key = key * key_padding_mask[:, None, :, None].to(key.dtype)  # padded keys add nothing to F_j
-    if num_chunks == 1:
-        return _zero_padded(output, key_padding_mask)
 
-    # Chunk states of the chunks that can be retrieved (all but the last).
+    full = seq_len // chunk_size  # complete chunks; a partial last chunk of `rest` tokens follows
+    rest = seq_len - full * chunk_size
+
+    def blocks(t, start, chunks, size):  # [batch, heads, n, d] -> [batch, heads, chunks, size, d]
+        return t[:, :, start : start + chunks * size].reshape(batch, heads, chunks, size, head_dim)
+
+    retrieved = _retrieved_states(blocks(key, 0, num_chunks - 1, chunk_size),
+                                  blocks(value, 0, num_chunks - 1, chunk_size),
+                                  meta_query, meta_key, compression)  # [batch, heads, num_chunks, d, d]
+    outputs = []
+    for start, chunks, size in ((0, full, chunk_size), (full * chunk_size, 1, rest)):
+        if chunks == 0 or size == 0:
+            continue
+        q, k, v = (blocks(t, start, chunks, size) for t in (query, key, value))
+        mask = None if key_padding_mask is None else key_padding_mask[:, start : start + chunks * size].view(batch, chunks, size)
+        local = _causal_softmax(q, k, v, mask, dropout_p)
+        first = start // chunk_size
+        out = local + q @ retrieved[:, :, first : first + chunks]  # [batch, heads, chunks, size, d]
+        outputs.append(out.view(batch, heads, chunks * size, head_dim))
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return _zero_padded(output, key_padding_mask)
+
+
+def _retrieved_states(keys, values, meta_query, meta_key, compression):
+    """``R_i = Σ_{j<i} softmax_j(r_i·h_j/sqrt(d)) F_j`` for every chunk ``i`` (``R_0 = 0``).
+
+    ``keys/values``: ``[batch, heads, num_chunks-1, chunk_size, d]`` (the chunks that can be retrieved);
+    ``meta_query/meta_key``: ``[batch, heads, num_chunks, d]``. Returns ``[batch, heads, num_chunks, d, d]``.
+    """
+    batch, heads, num_chunks, head_dim = meta_query.shape
     retrievable = num_chunks - 1
-    k = key[:, :, : retrievable * chunk_size].reshape(batch, heads, retrievable, chunk_size, head_dim)
-    v = value[:, :, : retrievable * chunk_size].reshape(batch, heads, retrievable, chunk_size, head_dim)
-    states = (k.transpose(-1, -2) @ v).flatten(-2)  # [batch, heads, retrievable, head_dim²]
+    retrieved = meta_query.new_zeros(batch, heads, num_chunks, head_dim * head_dim)
+    if retrievable == 0:
+        return retrieved.view(batch, heads, num_chunks, head_dim, head_dim)
+    states = (keys.transpose(-1, -2) @ values).flatten(-2)  # F_j: [batch, heads, retrievable, d²]
     if compression is not None:
-        states = compression.encode(states)  # [batch, heads, retrievable, head_dim²/c]
-
-    # Chunk i (1..num_chunks-1) mixes the states of chunks j < i.
+        states = compression.encode(states)  # [batch, heads, retrievable, d²/c]
+    # Row i-1 of the scores belongs to chunk i and may see chunks j <= i-1.
     scores = meta_query[:, :, 1:] @ meta_key[:, :, :retrievable].transpose(-1, -2) / math.sqrt(head_dim)
-    allowed = torch.ones(retrievable, retrievable, dtype=torch.bool, device=query.device).tril()
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1)  # [batch, heads, chunks 1.., chunks ..-1]
+    allowed = torch.ones(retrievable, retrievable, dtype=torch.bool, device=scores.device).tril()
+    weights = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
     mixed = weights @ states  # [batch, heads, retrievable, state features]
     if compression is not None:
-        # Σ_j w_ij decode(z_j) = W_dec Σ_j w_ij z_j + b_dec, as Σ_j w_ij = 1 for every retrieving chunk.
+        # Σ_j w_ij decode(z_j) = decode(Σ_j w_ij z_j), as every row of weights sums to 1.
         mixed = compression.decode(mixed)
-    retrieved = mixed.view(batch, heads, retrievable, head_dim, head_dim)  # R_i for chunks 1..num_chunks-1
-
-    # Readout q_t · R_i for every token after the first chunk.
-    tail = query[:, :, chunk_size:]
-    full = (seq_len - chunk_size) // chunk_size
-    readout = []
-    if full:
-        q = tail[:, :, : full * chunk_size].reshape(batch, heads, full, chunk_size, head_dim)
-        readout.append((q @ retrieved[:, :, :full]).reshape(batch, heads, full * chunk_size, head_dim))
-    if tail.shape[2] > full * chunk_size:
-        readout.append(tail[:, :, full * chunk_size :] @ retrieved[:, :, -1])
-    readout = torch.cat(readout, dim=2)
-    output = torch.cat([output[:, :, :chunk_size], output[:, :, chunk_size:] + readout], dim=2)
-    return _zero_padded(output, key_padding_mask)
+    retrieved = torch.cat([retrieved[:, :, :1], mixed], dim=2)  # R_0 = 0 for the first chunk
+    return retrieved.view(batch, heads, num_chunks, head_dim, head_dim)
 
 
 def _zero_padded(output: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
