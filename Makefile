@@ -1,0 +1,34 @@
+# Two entry points for a fresh clone (see README): `make repro` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup repro test lab clean-venv
+
+# Install the pinned environment into .venv (re-done when pyproject.toml changes).
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=25"
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The main job: every pipeline stage with the default profile (params.yaml).
+repro: setup
+	dvc repro
+
+# The test suite; it fetches the embedded model and corpus first (DVC stages), since tests use the real ones.
+test: setup
+	dvc repro prepare_corpus
+	python -m pytest
+
+# JupyterLab with the project's environment as kernel "Python (bsbr)".
+lab: setup
+	$(VENV)/bin/python -m pip install --quiet -e ".[lab]"
+	$(VENV)/bin/python -m ipykernel install --sys-prefix --name bsbr --display-name "Python (bsbr)"
+	jupyter lab notebooks/
+
+clean-venv:
+	rm -rf $(VENV)
