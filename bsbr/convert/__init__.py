@@ -1,0 +1,62 @@
+"""Pretrained Hugging Face models -> BSBR attention (:func:`convert_to_bsbr`), and model loading."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+from bsbr.convert.llama import BSBRLlamaAttention, chunk_local_attention, convert_llama, set_retrieval
+from bsbr.convert.loading import default_model_path, load_pretrained
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "BSBRLlamaAttention",
+    "chunk_local_attention",
+    "convert_to_bsbr",
+    "converted_copy",
+    "default_model_path",
+    "load_pretrained",
+    "set_retrieval",
+]
+
+_CONVERTERS = {"llama": convert_llama}
+SUPPORTED_FAMILIES = tuple(_CONVERTERS)  # config.model_type values convert_to_bsbr accepts
+
+
+def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = None):
+    """Convert a pretrained transformers model to BSBR attention in place, keeping all its weights.
+
+    Args:
+        model: a transformers model whose ``config.model_type`` is in :data:`SUPPORTED_FAMILIES` (``"llama"``:
+            ``LlamaForCausalLM`` such as SmolLM2). See :mod:`bsbr.convert.llama` for what is replaced.
+        chunk_size: tokens per chunk (integer >= 1).
+        compression_factor: None, or a positive integer dividing ``head_dim**2`` (chunk-state compression).
+    Returns:
+        ``model`` itself (same object and type), converted: ``model(input_ids).logits`` runs BSBR attention.
+    Raises:
+        ValueError: unsupported model family (the message lists the supported ones), bad ``chunk_size`` or
+            ``compression_factor``, or a model that is already converted.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _CONVERTERS:
+        raise ValueError(
+            f"convert_to_bsbr supports the model families {list(SUPPORTED_FAMILIES)} (config.model_type); got "
+            f"{type(model).__name__} with model_type={model_type!r}"
+        )
+    return _CONVERTERS[model_type](model, chunk_size, compression_factor)
+
+
+def converted_copy(model, chunk_size: int, compression_factor: int | None = None):
+    """A BSBR-converted copy of ``model`` that shares every pretrained tensor with it; ``model`` is unchanged.
+
+    Only the module tree is copied (``copy.deepcopy`` with the parameters and buffers pre-seeded in its memo), so
+    the copy allocates just its new modules (``meta_q_proj``, ``meta_k_proj``, ``compression``). Comparing several
+    chunk sizes against the original thus costs one set of weights. The shared tensors are the same objects:
+    training the copy's pretrained weights would change the original's too.
+
+    Args and Raises: as :func:`convert_to_bsbr`.
+    Returns:
+        the converted copy (same type as ``model``).
+    """
+    memo = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return convert_to_bsbr(copy.deepcopy(model, memo), chunk_size, compression_factor)

@@ -1,0 +1,262 @@
+"""Convert a pretrained Llama-family model (e.g. SmolLM2) to BSBR attention, keeping every pretrained weight.
+
+Each decoder layer's ``self_attn`` (``LlamaAttention``) is replaced by :class:`BSBRLlamaAttention`, which holds
+the *same* ``q_proj/k_proj/v_proj/o_proj`` modules and computes BSBR attention (:func:`bsbr.attention.bsbr_attention`)
+on the model's own RoPE'd queries and keys and its values, with grouped-query attention (GQA). Two new projections
+are initialised from the layer's own ones:
+
+* meta-key ``h_j = meta_k_proj(mean of chunk j's hidden states)``, one per key/value head, no RoPE
+  (``meta_k_proj`` starts as a copy of ``k_proj``);
+* meta-query ``r_i = meta_q_proj(mean of chunk i-1's hidden states)``, one per query head, no RoPE
+  (``meta_q_proj`` starts as a copy of ``q_proj``); chunk 0 retrieves nothing.
+
+With ``chunk_size >= seq_len`` there is one chunk and the layer is exactly the pretrained causal attention.
+
+The converted model runs full-sequence forward passes only: no KV cache (``use_cache=False``), no padding
+(an ``attention_mask`` with zeros raises). Both are later issues.
+
+Source: BSBR ("Block Sparse attention with Block Retrieval", this project); chunk states ``F_j = K_jᵀV_j`` are the
+linear-attention state of Katharopoulos et al. 2020 (arXiv 2006.16236); Llama: Touvron et al. 2023
+(arXiv 2302.13971); RoPE: Su et al. 2021 (arXiv 2104.09864); GQA: Ainslie et al. 2023 (arXiv 2305.13245).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel, apply_rotary_pos_emb
+
+from bsbr.attention import StateCompression, bsbr_attention, chunk_mean, previous_chunk
+
+__all__ = ["BSBRLlamaAttention", "convert_llama", "set_retrieval"]
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def _copy_linear(linear: nn.Linear) -> nn.Linear:
+    """A new ``nn.Linear`` with a copy (not a view) of ``linear``'s weight and bias, same device and dtype."""
+    weight = linear.weight
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        copy.weight.copy_(weight)
+        if linear.bias is not None:
+            copy.bias.copy_(linear.bias)
+    return copy
+
+
+def _no_cache_error() -> NotImplementedError:
+    return NotImplementedError(
+        "BSBR-converted models run full-sequence forward passes only: KV caching / incremental decoding is not "
+        "supported yet. Call the model with use_cache=False and without past_key_values/cache."
+    )
+
+
+def _padding_error() -> NotImplementedError:
+    return NotImplementedError(
+        "BSBR-converted models do not support padding yet: attention_mask contains zeros. Pass "
+        "attention_mask=None (or all ones) with unpadded, equal-length sequences."
+    )
+
+
+def _check_causal_mask(attention_mask, seq_len: int) -> None:
+    """The mask HF builds for the attention layers must be plain causal (BSBR does its own causal masking).
+
+    ``attention_mask``: None (sdpa skips a plain causal mask), or ``[batch, 1 or heads, seq_len, seq_len]``
+    bool (True = attend) or float (0 = attend) tensor.
+    """
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(
+            f"BSBRLlamaAttention got an attention mask of type {type(attention_mask).__name__}; only the "
+            "'sdpa' and 'eager' attention implementations (tensor masks) are supported"
+        )
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (seq_len, seq_len):
+        raise ValueError(f"expected a [batch, 1, {seq_len}, {seq_len}] causal mask, got {list(attention_mask.shape)}")
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=allowed.device).tril()
+    if not torch.equal(allowed, causal.expand_as(allowed)):
+        raise _padding_error()
+
+
+def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention restricted to each token's own chunk (BSBR with retrieval switched off).
+
+    A reference baseline, written with an explicit ``[seq_len, seq_len]`` mask.
+
+    Args:
+        query: ``[batch, heads, seq_len, head_dim]``; key, value: ``[batch, kv_heads, seq_len, head_dim]`` (GQA).
+        chunk_size: tokens per chunk (>= 1).
+    Returns:
+        ``[batch, heads, seq_len, head_dim]``.
+    """
+    _check_chunk_size(chunk_size)
+    seq_len = query.shape[2]
+    position = torch.arange(seq_len, device=query.device)
+    chunk = position // chunk_size
+    mask = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])  # [seq_len, seq_len]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+class BSBRLlamaAttention(nn.Module):
+    """BSBR attention in place of a ``LlamaAttention``, reusing its projections (same modules, same tensors).
+
+    Args:
+        attention: the pretrained ``LlamaAttention`` to replace.
+        chunk_size: tokens per chunk (>= 1).
+        compression_factor: None, or a positive integer dividing ``head_dim**2`` (a new
+            :class:`bsbr.attention.StateCompression`, shared by the heads of this layer).
+
+    Modules: ``q_proj, k_proj, v_proj, o_proj`` (the pretrained ones), ``meta_q_proj`` (copy of ``q_proj``:
+    ``hidden -> num_heads*head_dim``), ``meta_k_proj`` (copy of ``k_proj``: ``hidden -> num_key_value_heads*head_dim``),
+    ``compression`` (or None). Attribute ``retrieval`` (default True): False drops the retrieval term, leaving causal
+    attention within each chunk only (a reference baseline).
+
+    ``forward(hidden_states [batch, seq_len, hidden], position_embeddings=(cos, sin), attention_mask=None, ...)``
+    returns ``(output [batch, seq_len, hidden], None)`` like ``LlamaAttention`` (no attention weights).
+
+    Raises:
+        ValueError: bad ``chunk_size``/``compression_factor``; in forward, a mask that is not plain causal.
+        NotImplementedError: in forward, a KV cache or a padding mask.
+    """
+
+    def __init__(self, attention: LlamaAttention, chunk_size: int, compression_factor: int | None = None):
+        super().__init__()
+        _check_chunk_size(chunk_size)
+        if not isinstance(attention, LlamaAttention):
+            raise TypeError(f"attention must be a LlamaAttention, got {type(attention).__name__}")
+        config = attention.config
+        self.config = config
+        self.layer_idx = attention.layer_idx
+        self.head_dim = attention.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = attention.num_key_value_groups
+        if abs(attention.scaling - self.head_dim**-0.5) > 1e-12:
+            raise ValueError(f"attention scaling {attention.scaling} is not 1/sqrt(head_dim); BSBR uses 1/sqrt(head_dim)")
+        self.attention_dropout = attention.attention_dropout
+        self.is_causal = True
+        self.chunk_size = chunk_size
+        self.retrieval = True
+
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        self.meta_q_proj = _copy_linear(attention.q_proj)
+        self.meta_k_proj = _copy_linear(attention.k_proj)
+        weight = attention.q_proj.weight
+        self.compression = (None if compression_factor is None
+                            else StateCompression(self.head_dim, compression_factor).to(weight.device, weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, retrieval={self.retrieval}"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if cache is not None or past_key_values is not None:
+            raise _no_cache_error()
+        if position_embeddings is None:
+            raise ValueError("position_embeddings=(cos, sin) is required (the decoder layer passes the model's RoPE)")
+        batch, seq_len, _ = hidden_states.shape
+        _check_causal_mask(attention_mask, seq_len)
+
+        hidden_shape = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, heads, seq_len, head_dim]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, seq_len, head_dim]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, seq_len, head_dim]
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        dropout_p = self.attention_dropout if self.training else 0.0
+
+        if self.retrieval:
+            pooled = chunk_mean(hidden_states, self.chunk_size)  # [batch, chunks, hidden]
+            chunk_shape = (batch, pooled.shape[1], -1, self.head_dim)
+            # h_j from chunk j; r_i from chunk i-1 (row 0 is ignored by bsbr_attention).
+            meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, kv_heads, chunks, head_dim]
+            meta_query = self.meta_q_proj(previous_chunk(pooled)).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, head_dim]
+            output = bsbr_attention(query, key, value, meta_query, meta_key, self.chunk_size,
+                                    compression=self.compression, dropout_p=dropout_p)
+        else:
+            output = chunk_local_attention(query, key, value, self.chunk_size, dropout_p)
+        output = output.transpose(1, 2).reshape(batch, seq_len, -1)  # [batch, seq_len, heads*head_dim]
+        return self.o_proj(output), None
+
+
+def _check_model_inputs(module: LlamaModel, args, kwargs) -> None:
+    """Forward pre-hook on the converted ``LlamaModel``: reject padding masks and KV caches before any work."""
+    bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+    extra = bound.get("kwargs", {})
+    mask = bound.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must be None or a [batch, seq_len] tensor of ones, got {shape}")
+        if (mask == 0).any():
+            raise _padding_error()
+    for name in ("cache", "past_key_values"):
+        if bound.get(name) is not None or extra.get(name) is not None:
+            raise _no_cache_error()
+    if bound.get("use_cache"):
+        raise _no_cache_error()
+
+
+def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | None = None) -> nn.Module:
+    """Replace every ``LlamaAttention`` in ``model`` by :class:`BSBRLlamaAttention`, in place; returns ``model``.
+
+    Args:
+        model: a Llama-family transformers model (``LlamaForCausalLM``, ``LlamaModel``, ...).
+        chunk_size: tokens per chunk (>= 1).
+        compression_factor: None or a positive integer dividing ``head_dim**2``.
+    Returns:
+        the same object, converted; ``model.config.use_cache`` is set to False.
+    Raises:
+        ValueError: bad ``chunk_size``/``compression_factor``, no ``LlamaAttention`` found, or already converted.
+    """
+    _check_chunk_size(chunk_size)
+    if any(isinstance(m, BSBRLlamaAttention) for m in model.modules()):
+        raise ValueError("model is already converted to BSBR; convert the original model (e.g. a deep copy of it)")
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, LlamaAttention)]
+    if not targets:
+        raise ValueError(f"no LlamaAttention module found in {type(model).__name__}")
+    # Build every replacement before touching the model, so a bad argument leaves it unchanged.
+    replacements = [(name, BSBRLlamaAttention(module, chunk_size, compression_factor)) for name, module in targets]
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    for module in model.modules():
+        if isinstance(module, LlamaModel):
+            module.register_forward_pre_hook(_check_model_inputs, with_kwargs=True)
+    model.config.use_cache = False
+    return model
+
+
+def set_retrieval(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch the retrieval term of every :class:`BSBRLlamaAttention` in ``model`` on or off; returns ``model``.
+
+    Off = causal attention within each chunk only (the "no retrieval" reference).
+
+    Raises:
+        TypeError: ``enabled`` not a bool. ValueError: ``model`` has no BSBR attention.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, BSBRLlamaAttention)]
+    if not layers:
+        raise ValueError("model has no BSBRLlamaAttention; convert it with bsbr.convert.convert_to_bsbr first")
+    for layer in layers:
+        layer.retrieval = enabled
+    return model
