@@ -1,0 +1,172 @@
+"""Execute one notebook with its params.yaml section (the command of every notebook stage in dvc.yaml).
+
+    python pipelines/run_notebook.py notebooks/01_scaling.ipynb --section 01_scaling --out data/scaling/
+
+* Every key of the section must be a parameter of the notebook's ``parameters`` cell and vice versa
+  (``papermill.inspect_notebook``); an unknown or missing key is an error before anything runs.
+* The notebook runs under papermill (kernel ``python3``, cell output logged, working directory = repo root)
+  and its executed copy is written to ``OUT/<notebook file name>``.
+* If the notebook raises, the exit status is non-zero and nothing is left behind that DVC could mistake for
+  a result: no executed notebook in ``OUT``, no ``metrics_path`` file, and no file the run wrote into ``OUT``
+  (the executed notebook with the traceback is kept in a temporary folder whose path is printed).
+
+``-p key=value`` (repeatable) overrides one parameter, value parsed as YAML (for tests and quick looks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import papermill
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("run_notebook")
+
+
+class ParamsError(ValueError):
+    """params.yaml section and notebook ``parameters`` cell disagree, or the section is missing."""
+
+
+class _ReadableStreams(logging.Formatter):
+    """Log formatter for papermill's cell output: a progress bar redraw (``\\r``) becomes its own line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        lines = [part.rstrip() for chunk in message.split("\n") for part in chunk.split("\r")]
+        record.msg, record.args = "\n".join(line for line in lines if line), None
+        return super().format(record)
+
+
+def load_section(params_file: Path, section: str) -> dict:
+    """The ``section`` mapping of ``params_file``. Raises ParamsError if it is absent or not a mapping."""
+    with open(params_file) as handle:
+        params = yaml.safe_load(handle) or {}
+    if section not in params:
+        raise ParamsError(f"{params_file} has no section {section!r} (sections: {sorted(params)})")
+    values = params[section]
+    if not isinstance(values, dict):
+        raise ParamsError(f"{params_file}: section {section!r} must be a mapping, got {type(values).__name__}")
+    return dict(values)
+
+
+def check_parameters(notebook: Path, values: dict, what: str = "params") -> None:
+    """Raise ParamsError unless ``values`` has exactly the names of the notebook's ``parameters`` cell."""
+    declared = set(papermill.inspect_notebook(str(notebook)))
+    if not declared:
+        raise ParamsError(f"{notebook} has no cell tagged 'parameters'")
+    unknown, missing = sorted(set(values) - declared), sorted(declared - set(values))
+    problems = []
+    if unknown:
+        problems.append(f"unknown to the notebook: {unknown}")
+    if missing:
+        problems.append(f"missing from {what}: {missing}")
+    if problems:
+        raise ParamsError(f"{what} and the parameters cell of {notebook} disagree; " + "; ".join(problems)
+                          + f" (the notebook declares {sorted(declared)})")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> dict, each value parsed as YAML (``seq_lens=[64,128]``, ``models=null``)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"-p expects key=value, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _files_under(folder: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = REPO_ROOT / "params.yaml",
+                 overrides: dict | None = None) -> Path:
+    """Execute ``notebook`` with ``section`` of ``params_file`` (plus ``overrides``) into ``out``.
+
+    Returns the executed notebook's path. Raises ParamsError (bad params, before running) or the
+    papermill error of a failing cell (after cleaning up, see the module docstring).
+    """
+    notebook, out = Path(notebook), Path(out)
+    if not notebook.is_file():
+        raise ParamsError(f"notebook {notebook} does not exist")
+    values = load_section(Path(params_file), section)
+    check_parameters(notebook, values, f"section {section!r} of {params_file}")
+    unknown = sorted(set(overrides or {}) - set(values))
+    if unknown:
+        raise ParamsError(f"overrides {unknown} are not parameters of {notebook} (it declares {sorted(values)})")
+    values.update(overrides or {})
+    # The kernel runs in the repo root, so the notebook's relative paths are relative to it.
+    if "out_dir" in values and (REPO_ROOT / values["out_dir"]).resolve() != out.resolve():
+        raise ParamsError(f"--out {out} differs from the notebook's out_dir {values['out_dir']!r}")
+    metrics = REPO_ROOT / values["metrics_path"] if values.get("metrics_path") else None
+    target = out / notebook.name
+    out.mkdir(parents=True, exist_ok=True)
+    # Whatever the last run left is stale now: a failure below must not leave it looking current.
+    for stale in (target, metrics):
+        if stale is not None:
+            stale.unlink(missing_ok=True)
+    before = _files_under(out)
+    started = time.time()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{notebook.stem}-"))
+    executed = scratch / notebook.name
+    log.info("running %s with %s", notebook, values)
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=values, kernel_name="python3",
+            log_output=True, progress_bar=False, cwd=str(REPO_ROOT),
+        )
+        if metrics is not None and not metrics.is_file():
+            raise RuntimeError(f"{notebook} finished but did not write its metrics_path {metrics}")
+    except BaseException:
+        if metrics is not None:
+            metrics.unlink(missing_ok=True)
+        for path, mtime in _files_under(out).items():
+            if path not in before or mtime >= started:
+                path.unlink()
+        log.error("%s failed; the executed notebook with the error is kept at %s", notebook, executed)
+        raise
+    shutil.move(str(executed), str(target))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("--section", required=True, help="params.yaml section, e.g. 01_scaling")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the executed notebook (the stage's data/<folder>/)")
+    parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter (value parsed as YAML); repeatable")
+    args = parser.parse_args(argv)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ReadableStreams("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    try:
+        target = run_notebook(args.notebook, args.section, args.out, args.params, parse_overrides(args.parameter))
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except papermill.PapermillExecutionError as error:
+        print(f"error: {args.notebook} raised {error.ename}: {error.evalue}", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - any other failure must fail the stage with a readable message
+        print(f"error: {args.notebook}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

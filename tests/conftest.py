@@ -1,0 +1,62 @@
+"""Shared fixtures: the repo root, and one smoke run of notebook 01 reused by the notebook and pipeline tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+#: Notebook 01 shrunk to seconds: two tiny models, two lengths, one timed call each.
+SCALING_SMOKE = {
+    "models": ["bsbr", "standard"],
+    "seq_lens": [64, 128],
+    "batch_size": 1,
+    "vocab_size": 128,
+    "hidden_dim": 32,
+    "num_heads": 2,
+    "num_layers": 1,
+    "ff_dim": 64,
+    "chunk_size": 32,
+    "repeats": 1,
+    "warmup": 0,
+    "threads": 1,
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+def run_notebook_cli(notebook: Path, section: str, out: Path, params_file: Path | None = None,
+                     overrides: dict | None = None) -> subprocess.CompletedProcess:
+    """Run pipelines/run_notebook.py exactly as a DVC stage does, with ``-p key=<json>`` overrides."""
+    cmd = [sys.executable, str(ROOT / "pipelines" / "run_notebook.py"), str(notebook), "--section", section,
+           "--out", str(out)]
+    if params_file is not None:
+        cmd += ["--params", str(params_file)]
+    for key, value in (overrides or {}).items():
+        cmd += ["-p", f"{key}={json.dumps(value)}"]  # JSON is YAML
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def scaling_smoke(tmp_path_factory) -> dict:
+    """Notebook 01 executed by the runner with SCALING_SMOKE into a temp folder.
+
+    Returns ``{"out": folder, "notebook": executed .ipynb, "metrics": metrics JSON path, "proc": CompletedProcess}``.
+    """
+    out = tmp_path_factory.mktemp("scaling")
+    metrics = out / "metrics" / "01_scaling.json"
+    proc = run_notebook_cli(ROOT / "notebooks" / "01_scaling.ipynb", "01_scaling", out,
+                            overrides={**SCALING_SMOKE, "out_dir": str(out), "metrics_path": str(metrics)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"out": out, "notebook": out / "01_scaling.ipynb", "metrics": metrics, "proc": proc}

