@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsbr._checks import check_dropout, check_heads, check_positive_int
+
 __all__ = [
     "BSBRAttention",
     "StateCompression",
@@ -33,11 +35,6 @@ __all__ = [
     "previous_chunk",
     "validate_attention_mask",
 ]
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
 def validate_attention_mask(attention_mask, batch_size: int, seq_len: int) -> torch.Tensor | None:
@@ -77,7 +74,7 @@ def chunk_mean(x: torch.Tensor, chunk_size: int, mask: torch.Tensor | None = Non
     Returns:
         ``[batch, num_chunks, ...]`` with ``num_chunks = ceil(seq_len / chunk_size)``.
     """
-    _check_chunk_size(chunk_size)
+    check_positive_int(chunk_size=chunk_size)
     batch, seq_len = x.shape[:2]
     rest = x.shape[2:]
     num_chunks = -(-seq_len // chunk_size)
@@ -118,8 +115,7 @@ class StateCompression(nn.Module):
     def __init__(self, head_dim: int, compression_factor: int):
         super().__init__()
         state_dim = head_dim * head_dim
-        if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) or compression_factor < 1:
-            raise ValueError(f"compression_factor must be a positive integer or None, got {compression_factor!r}")
+        check_positive_int(compression_factor=compression_factor)
         if state_dim % compression_factor:
             raise ValueError(
                 f"compression_factor must divide head_dim**2 = {state_dim}, got {compression_factor}"
@@ -200,7 +196,7 @@ def bsbr_attention(
     Raises:
         ValueError: inconsistent shapes or ``chunk_size < 1``.
     """
-    _check_chunk_size(chunk_size)
+    check_positive_int(chunk_size=chunk_size)
     if query.dim() != 4:
         raise ValueError(f"query must be [batch, heads, seq_len, head_dim], got shape {list(query.shape)}")
     batch, heads, seq_len, head_dim = query.shape
@@ -299,14 +295,9 @@ class BSBRAttention(nn.Module):
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
                  compression_factor: int | None = None):
         super().__init__()
-        for name, value in (("hidden_dim", hidden_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-        _check_chunk_size(chunk_size)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_heads(hidden_dim, num_heads)
+        check_positive_int(chunk_size=chunk_size)
+        check_dropout(dropout)
         self.hidden_dim, self.num_heads, self.chunk_size = hidden_dim, num_heads, chunk_size
         self.head_dim = hidden_dim // num_heads
         self.dropout = dropout

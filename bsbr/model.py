@@ -12,16 +12,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bsbr._checks import check_dropout, check_positive_int
 from bsbr.attention import BSBRAttention, validate_attention_mask
 from bsbr.baselines.standard import StandardAttention
 
 __all__ = ["TransformerLayer", "TransformerModel", "BSBRLayer", "BSBRModel", "StandardModel"]
-
-
-def _check_positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class TransformerLayer(nn.Module):
@@ -32,7 +27,7 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, attention: nn.Module, hidden_dim: int, ff_dim: int, dropout: float = 0.0):
         super().__init__()
-        _check_positive(hidden_dim=hidden_dim, ff_dim=ff_dim)
+        check_positive_int(hidden_dim=hidden_dim, ff_dim=ff_dim)
         self.attention = attention
         self.attention_norm = nn.LayerNorm(hidden_dim)
         self.ff_norm = nn.LayerNorm(hidden_dim)
@@ -56,9 +51,8 @@ class TransformerModel(nn.Module):
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, ff_dim: int, dropout: float,
                  make_attention: Callable[[], nn.Module]):
         super().__init__()
-        _check_positive(vocab_size=vocab_size, hidden_dim=hidden_dim, num_layers=num_layers, ff_dim=ff_dim)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_positive_int(vocab_size=vocab_size, hidden_dim=hidden_dim, num_layers=num_layers, ff_dim=ff_dim)
+        check_dropout(dropout)
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
         self.embed_tokens = nn.Embedding(vocab_size, hidden_dim)
         self.layers = nn.ModuleList(

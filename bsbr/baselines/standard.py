@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsbr._checks import check_dropout, check_heads
 from bsbr.attention import validate_attention_mask
 
 __all__ = ["StandardAttention"]
@@ -25,13 +26,8 @@ class StandardAttention(nn.Module):
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
-        for name, value in (("hidden_dim", hidden_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_heads(hidden_dim, num_heads)
+        check_dropout(dropout)
         self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, hidden_dim // num_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(hidden_dim, hidden_dim)

@@ -29,14 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel, apply_rotary_pos_emb
 
+from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean, previous_chunk
 
 __all__ = ["BSBRLlamaAttention", "convert_llama", "set_retrieval"]
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
 def _copy_linear(linear: nn.Linear) -> nn.Linear:
@@ -97,7 +93,7 @@ def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float =
     Returns:
         ``[batch, heads, seq_len, head_dim]``.
     """
-    _check_chunk_size(chunk_size)
+    check_positive_int(chunk_size=chunk_size)
     seq_len = query.shape[2]
     position = torch.arange(seq_len, device=query.device)
     chunk = position // chunk_size
@@ -130,7 +126,7 @@ class BSBRLlamaAttention(nn.Module):
 
     def __init__(self, attention: LlamaAttention, chunk_size: int, compression_factor: int | None = None):
         super().__init__()
-        _check_chunk_size(chunk_size)
+        check_positive_int(chunk_size=chunk_size)
         if not isinstance(attention, LlamaAttention):
             raise TypeError(f"attention must be a LlamaAttention, got {type(attention).__name__}")
         config = attention.config
@@ -226,7 +222,7 @@ def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | N
     Raises:
         ValueError: bad ``chunk_size``/``compression_factor``, no ``LlamaAttention`` found, or already converted.
     """
-    _check_chunk_size(chunk_size)
+    check_positive_int(chunk_size=chunk_size)
     if any(isinstance(m, BSBRLlamaAttention) for m in model.modules()):
         raise ValueError("model is already converted to BSBR; convert the original model (e.g. a deep copy of it)")
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, LlamaAttention)]
