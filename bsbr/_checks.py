@@ -21,3 +21,25 @@ def check_dropout(dropout) -> None:
     """``dropout`` a probability in [0, 1)."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def check_hidden_states(hidden_states, hidden_dim: int, dtype) -> tuple[int, int]:
+    """``hidden_states`` a floating ``[batch, seq_len >= 1, hidden_dim]`` tensor of the layer's parameter ``dtype``.
+
+    Returns ``(batch, seq_len)``. Raises TypeError (not a tensor, wrong dtype) or ValueError (shape).
+    """
+    import torch
+
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be 3-D [batch, seq_len, hidden_dim], got shape {list(hidden_states.shape)}")
+    batch, seq_len, width = hidden_states.shape
+    if width != hidden_dim:
+        raise ValueError(f"hidden_states last dimension must be hidden_dim={hidden_dim}, got {width}")
+    if seq_len < 1:
+        raise ValueError("hidden_states must have seq_len >= 1")
+    if hidden_states.dtype != dtype:
+        raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters are {dtype}; "
+                        "cast one of them (e.g. layer.to(hidden_states.dtype))")
+    return batch, seq_len

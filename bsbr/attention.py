@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_positive_int
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
 
 __all__ = [
     "BSBRAttention",
@@ -290,6 +290,7 @@ class BSBRAttention(nn.Module):
     Raises:
         ValueError: on any invalid argument above, and in ``forward`` for input that is not
             ``[batch, seq_len, hidden_dim]`` with ``seq_len >= 1`` or a malformed ``attention_mask``.
+        TypeError: in ``forward``, ``hidden_states`` that is not a tensor of the parameters' dtype.
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
@@ -316,13 +317,7 @@ class BSBRAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden_states``: ``[batch, seq_len, hidden_dim]``; ``attention_mask``: optional ``[batch, seq_len]``
         (1 = real token, 0 = padding). Returns ``[batch, seq_len, hidden_dim]``."""
-        if hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states must be 3-D [batch, seq_len, hidden_dim], got shape {list(hidden_states.shape)}")
-        batch, seq_len, width = hidden_states.shape
-        if width != self.hidden_dim:
-            raise ValueError(f"hidden_states last dimension must be hidden_dim={self.hidden_dim}, got {width}")
-        if seq_len < 1:
-            raise ValueError("hidden_states must have seq_len >= 1")
+        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         q = self._split_heads(self.q_proj(hidden_states))
         k = self._split_heads(self.k_proj(hidden_states))

@@ -165,3 +165,12 @@ def test_bad_configuration_raises(kwargs, match):
 def test_bad_input_raises(hidden_states, mask, match):
     with pytest.raises(ValueError, match=match):
         make_attention(4)(hidden_states, attention_mask=mask)
+
+
+@pytest.mark.parametrize("layer", [make_attention(4), StandardAttention(HIDDEN, HEADS)])
+@pytest.mark.parametrize("hidden_states", [torch.ones(1, 5, HIDDEN, dtype=torch.long),
+                                           torch.ones(1, 5, HIDDEN, dtype=torch.float64),
+                                           [[0.0] * HIDDEN]])
+def test_input_of_the_wrong_type_or_dtype_raises_type_error(layer, hidden_states):
+    with pytest.raises(TypeError, match="hidden_states"):
+        layer(hidden_states)

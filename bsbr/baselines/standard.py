@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads
+from bsbr._checks import check_dropout, check_heads, check_hidden_states
 from bsbr.attention import validate_attention_mask
 
 __all__ = ["StandardAttention"]
@@ -39,13 +39,7 @@ class StandardAttention(nn.Module):
         """``hidden_states``: ``[batch, seq_len, hidden_dim]``; ``attention_mask``: optional ``[batch, seq_len]``,
         1 = real token, 0 = padding (padded keys are ignored, outputs at padded positions are zeros).
         Returns ``[batch, seq_len, hidden_dim]``."""
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_dim:
-            raise ValueError(
-                f"hidden_states must be [batch, seq_len, hidden_dim={self.hidden_dim}], got shape {list(hidden_states.shape)}"
-            )
-        batch, seq_len, _ = hidden_states.shape
-        if seq_len < 1:
-            raise ValueError("hidden_states must have seq_len >= 1")
+        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         q, k, v = (
             proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
