@@ -149,22 +149,20 @@ def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
 
 
 def _causal_softmax(query, key, value, key_padding_mask, dropout_p):
-    """Causal softmax attention over the last-but-one axis of ``[batch, heads, chunks, size, head_dim]`` tensors,
-    one independent block per chunk. ``key_padding_mask``: ``[batch, chunks, size]`` bool or None."""
-    batch, heads, chunks, size, head_dim = query.shape
-    # torch's fused CPU kernel takes 4-D input: fold chunks into the head axis.
-    q, k, v = (t.reshape(batch, heads * chunks, size, head_dim) for t in (query, key, value))
+    """Causal softmax attention inside each chunk of one sequence.
+
+    ``query/key/value``: ``[chunks, heads, size, head_dim]`` (any strides with a contiguous last axis: views of the
+    token-major projections, so torch's fused CPU kernel reads them without a copy); ``key_padding_mask``:
+    ``[chunks, size]`` bool or None. Returns ``[chunks, heads, size, head_dim]``.
+    """
     if key_padding_mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    else:
-        eye = torch.eye(size, dtype=torch.bool, device=query.device)
-        causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
-        valid = key_padding_mask[:, None, :, None, :]  # [batch, 1, chunks, 1, size]
-        # Padded queries attend to themselves only (their output is zeroed later), so no softmax row is empty.
-        mask = (causal & (valid | eye)).expand(batch, heads, chunks, size, size)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(batch, heads * chunks, size, size),
-                                             dropout_p=dropout_p)
-    return out.view(batch, heads, chunks, size, head_dim)
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True)
+    size = query.shape[2]
+    eye = torch.eye(size, dtype=torch.bool, device=query.device)
+    causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
+    # Padded queries attend to themselves only (their output is zeroed later), so no softmax row is empty.
+    mask = causal & (key_padding_mask[:, None, None, :] | eye)  # [chunks, 1, size, size]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
 
 
 def bsbr_attention(
@@ -217,38 +215,37 @@ def bsbr_attention(
 
     full = seq_len // chunk_size  # complete chunks; a partial last chunk of `rest` tokens follows
     rest = seq_len - full * chunk_size
-
-    def blocks(t, start, chunks, size):  # [batch, heads, n, d] -> [batch, heads, chunks, size, d]
-        return t[:, :, start : start + chunks * size].reshape(batch, heads, chunks, size, head_dim)
-
-    retrieved = _retrieved_states(blocks(key, 0, num_chunks - 1, chunk_size),
-                                  blocks(value, 0, num_chunks - 1, chunk_size),
-                                  meta_query, meta_key, compression)  # [batch, heads, num_chunks, d, d]
-    outputs = []
+    retrieved = _retrieved_states(key, value, chunk_size, meta_query, meta_key, compression)  # [b, h, chunks, d, d]
+    # Token-major result, [batch, seq_len, heads, head_dim]: the layout the output projection reads.
+    output = query.new_empty(batch, seq_len, heads, head_dim)
     for start, chunks, size in ((0, full, chunk_size), (full * chunk_size, 1, rest)):
         if chunks == 0 or size == 0:
             continue
-        q, k, v = (blocks(t, start, chunks, size) for t in (query, key, value))
-        mask = None if key_padding_mask is None else key_padding_mask[:, start : start + chunks * size].view(batch, chunks, size)
-        local = _causal_softmax(q, k, v, mask, dropout_p)
-        first = start // chunk_size
-        out = local + q @ retrieved[:, :, first : first + chunks]  # [batch, heads, chunks, size, d]
-        outputs.append(out.view(batch, heads, chunks * size, head_dim))
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return _zero_padded(output, key_padding_mask)
+        stop, first = start + chunks * size, start // chunk_size
+        for row in range(batch):  # one fused call per sequence keeps the blocks as views (no copies)
+            q, k, v = (t[row, :, start:stop].unflatten(1, (chunks, size)).transpose(0, 1)
+                       for t in (query, key, value))  # [chunks, heads, size, head_dim]
+            mask = None if key_padding_mask is None else key_padding_mask[row, start:stop].view(chunks, size)
+            local = _causal_softmax(q, k, v, mask, dropout_p)
+            readout = q @ retrieved[row, :, first : first + chunks].transpose(0, 1)  # q_t · R_i
+            out = local + readout if torch.is_grad_enabled() else local.add_(readout)
+            output[row, start:stop] = out.transpose(1, 2).reshape(stop - start, heads, head_dim)
+    return _zero_padded(output.transpose(1, 2), key_padding_mask)
 
 
-def _retrieved_states(keys, values, meta_query, meta_key, compression):
+def _retrieved_states(key, value, chunk_size, meta_query, meta_key, compression):
     """``R_i = Σ_{j<i} softmax_j(r_i·h_j/sqrt(d)) F_j`` for every chunk ``i`` (``R_0 = 0``).
 
-    ``keys/values``: ``[batch, heads, num_chunks-1, chunk_size, d]`` (the chunks that can be retrieved);
-    ``meta_query/meta_key``: ``[batch, heads, num_chunks, d]``. Returns ``[batch, heads, num_chunks, d, d]``.
+    ``key/value``: ``[batch, heads, seq_len, d]``; ``meta_query/meta_key``: ``[batch, heads, num_chunks, d]``.
+    Returns ``[batch, heads, num_chunks, d, d]``.
     """
     batch, heads, num_chunks, head_dim = meta_query.shape
     retrievable = num_chunks - 1
     retrieved = meta_query.new_zeros(batch, heads, num_chunks, head_dim * head_dim)
     if retrievable == 0:
         return retrieved.view(batch, heads, num_chunks, head_dim, head_dim)
+    # Only chunks 0..num_chunks-2 are ever retrieved: [batch, heads, retrievable, chunk_size, d]
+    keys, values = (t[:, :, : retrievable * chunk_size].unflatten(2, (retrievable, chunk_size)) for t in (key, value))
     states = (keys.transpose(-1, -2) @ values).flatten(-2)  # F_j: [batch, heads, retrievable, d²]
     if compression is not None:
         states = compression.encode(states)  # [batch, heads, retrievable, d²/c]
