@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 
+def check_int_at_least(minimum: int, **values) -> None:
+    """Raise ValueError unless every keyword value is an ``int`` >= ``minimum`` (``bool`` is rejected)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_positive_int(**values) -> None:
     """Raise ValueError unless every keyword value is an ``int`` >= 1 (``bool`` is rejected)."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int_at_least(1, **values)
 
 
 def check_heads(hidden_dim, num_heads) -> None:

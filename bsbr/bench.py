@@ -33,15 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+from bsbr._checks import check_int_at_least, check_positive_int
+
 __all__ = ["fit_power_law", "git_revision", "machine_info", "measure_forward"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def cpu_model() -> str:
@@ -238,12 +234,10 @@ def measure_forward(name: str, config: dict, seq_len: int, batch_size: int = 1, 
         raise ValueError(f"name must be one of {bsbr.available_models()}, got {name!r}")
     if not isinstance(config, dict) or "vocab_size" not in config:
         raise ValueError(f"config must be a dict of build_model kwargs including vocab_size, got {config!r}")
-    _positive_int("seq_len", seq_len)
-    _positive_int("batch_size", batch_size)
-    _positive_int("repeats", repeats)
-    _positive_int("warmup", warmup, minimum=0)
+    check_positive_int(seq_len=seq_len, batch_size=batch_size, repeats=repeats)
+    check_int_at_least(0, warmup=warmup)
     if threads is not None:
-        _positive_int("threads", threads)
+        check_positive_int(threads=threads)
     cmd = [sys.executable, "-m", "bsbr.bench", "--model", name, "--seq-len", str(seq_len),
            "--batch-size", str(batch_size), "--repeats", str(repeats), "--warmup", str(warmup),
            "--seed", str(seed), "--config", json.dumps(config), "--json"]

@@ -14,6 +14,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from bsbr._checks import check_positive_int
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -71,9 +73,7 @@ def token_windows(
         ValueError: seq_len or num_windows not an int >= 1; no EOS id; the documents hold fewer than
             num_windows * seq_len tokens (the message gives both counts).
     """
-    for name, value in (("seq_len", seq_len), ("num_windows", num_windows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_positive_int(seq_len=seq_len, num_windows=num_windows)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     if eos is None:
         raise ValueError("eos_token_id: the tokenizer has no eos_token_id; pass eos_token_id=")
