@@ -1,14 +1,20 @@
 """BSBR: Block Sparse attention with Block Retrieval, its baselines, and pretrained-model conversion."""
 
-from bsbr.attention import BSBRAttention, bsbr_attention
-from bsbr.baselines.standard import StandardAttention
-from bsbr.model import BSBRLayer, BSBRModel, StandardModel, TransformerLayer, TransformerModel
+from bsbr.attention import BSBRAttention, BSBRState, bsbr_attention
+from bsbr.baselines.standard import KVCache, StandardAttention
+from bsbr.model import (BSBRForCausalLM, BSBRLayer, BSBRModel, CausalLM, CausalLMOutput, StandardModel,
+                        TransformerLayer, TransformerModel)
 from bsbr.registry import available_models, build_model
 
 __all__ = [
     "BSBRAttention",
+    "BSBRForCausalLM",
     "BSBRLayer",
     "BSBRModel",
+    "BSBRState",
+    "CausalLM",
+    "CausalLMOutput",
+    "KVCache",
     "StandardAttention",
     "StandardModel",
     "TransformerLayer",

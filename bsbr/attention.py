@@ -8,6 +8,11 @@ The sequence is split into chunks of ``chunk_size`` tokens (the last chunk may b
   and retrieves ``R_i = Σ_{j<i} softmax_j(r_i·h_j / sqrt(head_dim)) F_j``; the first chunk retrieves zeros.
 * Output of token ``t`` in chunk ``i``: ``local_t + q_t R_i``.
 
+Streaming: ``R_i`` depends only on chunks before ``i``, so a :class:`BSBRState` (the current chunk's keys and
+values, the finished chunks' states and meta-keys, and ``R`` of the current chunk) continues a sequence token by
+token at a cost independent of the position. Padding (``attention_mask``) is handled by moving each row's real
+tokens to the front, so chunks always start at the row's first real token.
+
 Nothing of size ``seq_len × seq_len`` is built: the local part costs O(seq_len·chunk_size·head_dim) time and
 O(seq_len·chunk_size) memory per head, the chunk states O(num_chunks·head_dim²) memory and the chunk mixing
 O(num_chunks²·head_dim²) time per head.
@@ -20,19 +25,22 @@ chunk-level softmax routing as in block-retrieval attention.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_int_at_least, check_positive_int
 
 __all__ = [
     "BSBRAttention",
+    "BSBRState",
     "StateCompression",
     "bsbr_attention",
     "chunk_mean",
-    "previous_chunk",
+    "attend_packed",
+    "pack_padding",
     "validate_attention_mask",
 ]
 
@@ -90,17 +98,6 @@ def chunk_mean(x: torch.Tensor, chunk_size: int, mask: torch.Tensor | None = Non
     return (total / count).view(batch, num_chunks, *rest)
 
 
-def previous_chunk(x: torch.Tensor) -> torch.Tensor:
-    """Shift per-chunk values by one chunk: row ``i`` of the result is row ``i-1`` of ``x``; row 0 is zeros.
-
-    Args:
-        x: ``[batch, num_chunks, ...]``.
-    Returns:
-        ``[batch, num_chunks, ...]``.
-    """
-    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-
-
 class StateCompression(nn.Module):
     """Learned linear compression of a chunk state ``F_j`` (``head_dim²`` values) to ``head_dim²/compression_factor``.
 
@@ -148,21 +145,42 @@ def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
     return x.repeat_interleave(num_heads // kv_heads, dim=1)
 
 
-def _causal_softmax(query, key, value, key_padding_mask, dropout_p):
-    """Causal softmax attention inside each chunk of one sequence.
+@dataclass
+class BSBRState:
+    """Streaming state of one :class:`BSBRAttention` (or :func:`bsbr_attention`) after ``num_tokens`` tokens.
 
-    ``query/key/value``: ``[chunks, heads, size, head_dim]`` (any strides with a contiguous last axis: views of the
-    token-major projections, so torch's fused CPU kernel reads them without a copy); ``key_padding_mask``:
-    ``[chunks, size]`` bool or None. Returns ``[chunks, heads, size, head_dim]``.
+    With ``p = num_tokens % chunk_size`` tokens in the current, unfinished chunk and ``c = num_tokens // chunk_size``
+    finished chunks, it holds only what the next tokens need (``H`` heads, ``d = head_dim``, ``D`` hidden width,
+    ``F = d²`` or ``d²/compression_factor`` state features):
+
+    * ``partial_key, partial_value``: ``[batch, kv_heads, p, d]`` — the current chunk's keys and values (local part);
+    * ``partial_sum``: ``[batch, D]`` — sum of the current chunk's hidden states (its meta-key/meta-query source);
+    * ``states``: ``[batch, H, c, F]`` — the finished chunks' (compressed) states ``F_j = K_jᵀ V_j``;
+    * ``meta_keys``: ``[batch, H, c, d]`` — their meta-keys ``h_j``;
+    * ``retrieved``: ``[batch, H, d, d]`` — ``R`` of the current chunk (fixed once the chunk starts: it depends only
+      on earlier chunks), so a decode step costs O(chunk_size·d + d²) per head whatever the position.
+
+    Size in bytes (see :meth:`BSBRAttention.state_nbytes`): ``element_size · batch · (2·kv_heads·p·d + D + H·c·(F + d)
+    + H·d²)`` — O(num_chunks·d² + chunk_size·d) per head, not a cache of every token.
+    ``chunk_size``, ``batch_size`` and ``owner`` (``id`` of the producing module, 0 for the functional core) are
+    checked when the state is passed back.
     """
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True)
-    size = query.shape[2]
-    eye = torch.eye(size, dtype=torch.bool, device=query.device)
-    causal = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
-    # Padded queries attend to themselves only (their output is zeroed later), so no softmax row is empty.
-    mask = causal & (key_padding_mask[:, None, None, :] | eye)  # [chunks, 1, size, size]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
+
+    chunk_size: int
+    batch_size: int
+    owner: int
+    num_tokens: int
+    partial_key: torch.Tensor
+    partial_value: torch.Tensor
+    partial_sum: torch.Tensor | None
+    states: torch.Tensor
+    meta_keys: torch.Tensor
+    retrieved: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        tensors = (self.partial_key, self.partial_value, self.partial_sum, self.states, self.meta_keys, self.retrieved)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def bsbr_attention(
@@ -173,34 +191,52 @@ def bsbr_attention(
     meta_key: torch.Tensor,
     chunk_size: int,
     compression: StateCompression | None = None,
-    key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """BSBR attention on per-head tensors (the fast chunked path).
+    state: BSBRState | None = None,
+    return_state: bool = False,
+):
+    """BSBR attention on per-head tensors (the fast chunked path), optionally continuing a streaming state.
+
+    The ``L`` new tokens continue a sequence of ``n = state.num_tokens`` tokens (0 without a state). Let
+    ``p = n % chunk_size``. The new tokens and the state's ``p`` partial-chunk tokens form ``m = ceil((p + L) /
+    chunk_size)`` "call chunks"; call chunk ``i`` is global chunk ``n // chunk_size + i``.
 
     Args:
-        query: ``[batch, heads, seq_len, head_dim]`` (RoPE already applied if the model uses it).
-        key, value: ``[batch, kv_heads, seq_len, head_dim]``; ``kv_heads`` divides ``heads`` (GQA, HF order).
-        meta_query: ``[batch, heads, num_chunks, head_dim]``; row ``i`` is ``r_i``, which the caller must compute
-            only from tokens before chunk ``i`` (row 0 is ignored).
-        meta_key: ``[batch, kv_heads or heads, num_chunks, head_dim]``; row ``j`` is ``h_j``.
-        chunk_size: tokens per chunk (>= 1); ``num_chunks = ceil(seq_len / chunk_size)``.
+        query: ``[batch, heads, L, head_dim]`` (RoPE already applied if the model uses it).
+        key, value: ``[batch, kv_heads, L, head_dim]``; ``kv_heads`` divides ``heads`` (GQA, HF ``repeat_kv`` order).
+        meta_query: ``[batch, heads, m, head_dim]``; row ``i`` is the meta-query computed from call chunk ``i``
+            (mean hidden state of its tokens, partial-chunk tokens included): it is the query ``r`` of the *next*
+            chunk. Rows of chunks that are not finished in this call are not used.
+        meta_key: ``[batch, kv_heads or heads, m, head_dim]``; row ``i`` is the meta-key ``h`` of call chunk ``i``
+            (used once that chunk is finished).
+        chunk_size: tokens per chunk (>= 1).
         compression: optional :class:`StateCompression` applied to every chunk state.
-        key_padding_mask: optional ``[batch, seq_len]`` bool, True = real token. Padded tokens are excluded from
-            attention and from chunk states; outputs at padded positions are zeros.
         dropout_p: dropout on the local attention weights (pass 0 in eval mode).
+        state: a :class:`BSBRState` returned by an earlier call on the same sequence, or None (a fresh sequence).
+        return_state: also return the state after these tokens.
     Returns:
-        ``[batch, heads, seq_len, head_dim]``: ``local + q · R_i`` (before the output projection).
+        ``[batch, heads, L, head_dim]``: ``local + q · R_i`` (before the output projection); with
+        ``return_state=True`` the tuple ``(output, BSBRState)`` (its ``partial_sum`` is None: hidden states are the
+        caller's, see :class:`BSBRAttention`).
     Raises:
-        ValueError: inconsistent shapes or ``chunk_size < 1``.
+        ValueError: inconsistent shapes, ``chunk_size < 1`` or a state of another chunk_size or batch size.
     """
     check_positive_int(chunk_size=chunk_size)
     if query.dim() != 4:
         raise ValueError(f"query must be [batch, heads, seq_len, head_dim], got shape {list(query.shape)}")
-    batch, heads, seq_len, head_dim = query.shape
-    num_chunks = -(-seq_len // chunk_size)
-    if key.shape != value.shape or key.dim() != 4 or key.shape[0] != batch or key.shape[2:] != (seq_len, head_dim):
+    batch, heads, length, head_dim = query.shape
+    if length < 1:
+        raise ValueError("query must hold at least one token (seq_len >= 1)")
+    if key.shape != value.shape or key.dim() != 4 or key.shape[0] != batch or key.shape[2:] != (length, head_dim):
         raise ValueError(f"key/value must be [batch, kv_heads, seq_len, head_dim]; got {list(key.shape)}, {list(value.shape)}")
+    if state is not None:
+        _check_state(state, chunk_size, batch, None)
+    seen = 0 if state is None else state.num_tokens
+    partial = seen % chunk_size  # tokens of the current chunk already in the state
+    finished = seen // chunk_size  # chunks already in the state
+    total = partial + length  # tokens of the call chunks
+    num_chunks = -(-total // chunk_size)
+    done = total // chunk_size  # call chunks finished by this call
     if meta_query.shape != (batch, heads, num_chunks, head_dim):
         raise ValueError(
             f"meta_query must be [batch, heads, num_chunks, head_dim] = {[batch, heads, num_chunks, head_dim]}, "
@@ -208,63 +244,174 @@ def bsbr_attention(
         )
     if meta_key.dim() != 4 or meta_key.shape[0] != batch or meta_key.shape[2:] != (num_chunks, head_dim):
         raise ValueError(f"meta_key must be [batch, kv_heads, num_chunks, head_dim], got {list(meta_key.shape)}")
+
+    if partial:  # the current chunk's earlier tokens lead the call's keys and values
+        key, value = torch.cat([state.partial_key, key], dim=2), torch.cat([state.partial_value, value], dim=2)
+    key_kv, value_kv = key, value  # [batch, kv_heads, total, head_dim]
     key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
     meta_key = _repeat_heads(meta_key, heads, "meta_key")
-    if key_padding_mask is not None:
-        key = key * key_padding_mask[:, None, :, None].to(key.dtype)  # padded keys add nothing to F_j
 
-    full = seq_len // chunk_size  # complete chunks; a partial last chunk of `rest` tokens follows
-    rest = seq_len - full * chunk_size
-    retrieved = _retrieved_states(key, value, chunk_size, meta_query, meta_key, compression)  # [b, h, chunks, d, d]
-    # Token-major result, [batch, seq_len, heads, head_dim]: the layout the output projection reads.
-    output = query.new_empty(batch, seq_len, heads, head_dim)
-    for start, chunks, size in ((0, full, chunk_size), (full * chunk_size, 1, rest)):
-        if chunks == 0 or size == 0:
-            continue
-        stop, first = start + chunks * size, start // chunk_size
-        for row in range(batch):  # one fused call per sequence keeps the blocks as views (no copies)
-            q, k, v = (t[row, :, start:stop].unflatten(1, (chunks, size)).transpose(0, 1)
-                       for t in (query, key, value))  # [chunks, heads, size, head_dim]
-            mask = None if key_padding_mask is None else key_padding_mask[row, start:stop].view(chunks, size)
-            local = _causal_softmax(q, k, v, mask, dropout_p)
-            readout = q @ retrieved[row, :, first : first + chunks].transpose(0, 1)  # q_t · R_i
-            out = local + readout if torch.is_grad_enabled() else local.add_(readout)
-            output[row, start:stop] = out.transpose(1, 2).reshape(stop - start, heads, head_dim)
-    return _zero_padded(output.transpose(1, 2), key_padding_mask)
+    # Chunk states of the finished call chunks, then the retrieval matrix R of every chunk this call needs.
+    new_states = _chunk_states(key[:, :, : done * chunk_size], value[:, :, : done * chunk_size], done, compression)
+    if state is None:
+        all_states, all_keys = new_states, meta_key[:, :, :done]
+        first = query.new_zeros(batch, heads, head_dim, head_dim)  # the first chunk retrieves nothing
+    else:
+        all_states = torch.cat([state.states, new_states], dim=2)  # [batch, heads, finished + done, F]
+        all_keys = torch.cat([state.meta_keys, meta_key[:, :, :done]], dim=2)  # [batch, heads, finished + done, d]
+        first = state.retrieved
+    # R of call chunks 1..m-1, plus R of the next chunk when the call ends on a chunk boundary.
+    later = _mixed_states(meta_query[:, :, : done], all_keys, all_states, finished, compression)
+    retrieved = torch.cat([first[:, :, None], later], dim=2)  # [batch, heads, done + 1, d, d]
+
+    output = _local_plus_readout(query, key, value, retrieved, partial, chunk_size, dropout_p)
+    if not return_state:
+        return output
+    rest = total - done * chunk_size
+    new_state = BSBRState(
+        chunk_size=chunk_size, batch_size=batch, owner=0 if state is None else state.owner, num_tokens=seen + length,
+        partial_key=key_kv[:, :, total - rest:].clone(), partial_value=value_kv[:, :, total - rest:].clone(),
+        partial_sum=None, states=all_states, meta_keys=all_keys, retrieved=retrieved[:, :, done].clone(),
+    )
+    return output, new_state
 
 
-def _retrieved_states(key, value, chunk_size, meta_query, meta_key, compression):
-    """``R_i = Σ_{j<i} softmax_j(r_i·h_j/sqrt(d)) F_j`` for every chunk ``i`` (``R_0 = 0``).
+def _chunk_states(key, value, num_chunks, compression):
+    """``F_j = K_jᵀ V_j`` of ``num_chunks`` whole chunks: ``key/value`` ``[batch, heads, num_chunks·size, d]`` ->
+    ``[batch, heads, num_chunks, F]`` (``F = d²``, or ``d²/c`` after ``compression.encode``)."""
+    batch, heads, _, head_dim = key.shape
+    if num_chunks == 0:
+        features = head_dim * head_dim if compression is None else compression.encoder.out_features
+        return key.new_zeros(batch, heads, 0, features)
+    keys, values = (t.unflatten(2, (num_chunks, -1)) for t in (key, value))  # [batch, heads, chunks, size, d]
+    states = (keys.transpose(-1, -2) @ values).flatten(-2)  # [batch, heads, chunks, d²]
+    return states if compression is None else compression.encode(states)
 
-    ``key/value``: ``[batch, heads, seq_len, d]``; ``meta_query/meta_key``: ``[batch, heads, num_chunks, d]``.
-    Returns ``[batch, heads, num_chunks, d, d]``.
+
+def _mixed_states(meta_query, meta_keys, states, finished, compression):
+    """Retrieval matrices of the chunks after call chunks ``0..k-1``.
+
+    ``meta_query``: ``[batch, heads, k, d]`` (row ``i`` from call chunk ``i``, so it queries for call chunk ``i+1``);
+    ``meta_keys/states``: ``[batch, heads, finished + k, d / F]`` for every finished chunk. Call chunk ``i+1`` may
+    retrieve global chunks ``j < finished + i + 1``: ``R = Σ_j softmax_j(r·h_j/sqrt(d)) F_j``.
+    Returns ``[batch, heads, k, d, d]``.
     """
-    batch, heads, num_chunks, head_dim = meta_query.shape
-    retrievable = num_chunks - 1
-    retrieved = meta_query.new_zeros(batch, heads, num_chunks, head_dim * head_dim)
-    if retrievable == 0:
-        return retrieved.view(batch, heads, num_chunks, head_dim, head_dim)
-    # Only chunks 0..num_chunks-2 are ever retrieved: [batch, heads, retrievable, chunk_size, d]
-    keys, values = (t[:, :, : retrievable * chunk_size].unflatten(2, (retrievable, chunk_size)) for t in (key, value))
-    states = (keys.transpose(-1, -2) @ values).flatten(-2)  # F_j: [batch, heads, retrievable, d²]
-    if compression is not None:
-        states = compression.encode(states)  # [batch, heads, retrievable, d²/c]
-    # Row i-1 of the scores belongs to chunk i and may see chunks j <= i-1.
-    scores = meta_query[:, :, 1:] @ meta_key[:, :, :retrievable].transpose(-1, -2) / math.sqrt(head_dim)
-    allowed = torch.ones(retrievable, retrievable, dtype=torch.bool, device=scores.device).tril()
-    weights = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
-    mixed = weights @ states  # [batch, heads, retrievable, state features]
+    batch, heads, rows, head_dim = meta_query.shape
+    if rows == 0:
+        return meta_query.new_zeros(batch, heads, 0, head_dim, head_dim)
+    scores = meta_query @ meta_keys.transpose(-1, -2) / math.sqrt(head_dim)  # [batch, heads, k, finished + k]
+    visible = torch.arange(meta_keys.shape[2], device=scores.device)[None, :] <= (
+        finished + torch.arange(rows, device=scores.device)[:, None])
+    weights = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), dim=-1)
+    mixed = weights @ states  # [batch, heads, k, F]
     if compression is not None:
         # Σ_j w_ij decode(z_j) = decode(Σ_j w_ij z_j), as every row of weights sums to 1.
         mixed = compression.decode(mixed)
-    retrieved = torch.cat([retrieved[:, :, :1], mixed], dim=2)  # R_0 = 0 for the first chunk
-    return retrieved.view(batch, heads, num_chunks, head_dim, head_dim)
+    return mixed.unflatten(-1, (head_dim, head_dim))
 
 
-def _zero_padded(output: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    if key_padding_mask is None:
-        return output
-    return output * key_padding_mask[:, None, :, None].to(output.dtype)
+#: Chunks per fused local-attention call: bounds the temporaries to ~GROUP·heads·chunk_size·head_dim values.
+_GROUP = 32
+
+
+def _local_plus_readout(query, key, value, retrieved, partial, chunk_size, dropout_p):
+    """``softmax_local(q, k) v + q · R`` for every new token.
+
+    ``query``: ``[batch, heads, L, d]``; ``key/value``: ``[batch, heads, partial + L, d]`` (the state's partial
+    chunk first); ``retrieved``: ``[batch, heads, ≥ chunks, d, d]`` indexed by call chunk. Returns the
+    ``[batch, heads, L, d]`` view of a token-major ``[batch, L, heads, d]`` tensor (the layout ``out_proj`` reads).
+    """
+    batch, heads, length, head_dim = query.shape
+    output = query.new_empty(batch, length, heads, head_dim)
+    head = min(length, chunk_size - partial) if partial else 0
+    if head:  # new tokens that finish the state's partial chunk: query t sees keys 0..partial + t
+        q = query[:, :, :head]
+        k, v = key[:, :, : partial + head], value[:, :, : partial + head]
+        mask = None
+        if head > 1:
+            mask = (torch.arange(partial + head, device=q.device)[None, :]
+                    <= partial + torch.arange(head, device=q.device)[:, None])  # [head, partial + head]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = out + q @ retrieved[:, :, 0]
+        output[:, :head] = out.transpose(1, 2)
+    key, value = key[:, :, partial:], value[:, :, partial:]  # the new tokens' keys and values
+    full = (length - head) // chunk_size
+    rest = length - head - full * chunk_size
+    first_chunk = 1 if head else 0  # call chunk of the first token after the head
+    segments = [(head + g * chunk_size, min(_GROUP, full - g), chunk_size) for g in range(0, full, _GROUP)]
+    if rest:
+        segments.append((head + full * chunk_size, 1, rest))
+    for start, chunks, size in segments:
+        stop = start + chunks * size
+        index = first_chunk + (start - head) // chunk_size
+        for row in range(batch):  # one fused call per sequence keeps the blocks as views (no copies)
+            q, k, v = (t[row, :, start:stop].unflatten(1, (chunks, size)).transpose(0, 1)
+                       for t in (query, key, value))  # [chunks, heads, size, head_dim]
+            local = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            readout = q @ retrieved[row, :, index : index + chunks].transpose(0, 1)  # q_t · R_i
+            out = local + readout if torch.is_grad_enabled() else local.add_(readout)
+            output[row, start:stop] = out.transpose(1, 2).reshape(stop - start, heads, head_dim)
+    return output.transpose(1, 2)
+
+
+def _check_state(state, chunk_size: int, batch_size: int, owner: int | None) -> None:
+    """Raise ValueError unless ``state`` is a :class:`BSBRState` this call can continue."""
+    if not isinstance(state, BSBRState):
+        raise ValueError(f"state must be a BSBRState returned with return_state=True, got {type(state).__name__}")
+    if state.chunk_size != chunk_size:
+        raise ValueError(f"chunk_size changed between calls: the state was built with chunk_size={state.chunk_size}, "
+                         f"this call uses chunk_size={chunk_size}; start a fresh sequence (state=None)")
+    if state.batch_size != batch_size:
+        raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch_size}")
+    if owner is not None and state.owner != owner:
+        raise ValueError("state was produced by a different module; pass the state this module returned")
+
+
+def pack_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Permutation per row that moves the real tokens to the front, in order (padding after them).
+
+    Args:
+        attention_mask: ``[batch, seq_len]`` bool, True = real token.
+    Returns:
+        ``[batch, seq_len]`` int64 ``order``: ``x.gather(1, order)`` packs a row; ``order.argsort(1)`` undoes it.
+    """
+    return torch.argsort((~attention_mask).to(torch.int8), dim=1, stable=True)
+
+
+def attend_packed(attend, hidden_states: torch.Tensor, mask: torch.Tensor | None, state, return_state: bool,
+                  empty_state):
+    """Run ``attend(hidden_states, state, return_state)`` on each row's real tokens only.
+
+    ``attend`` is an attention core without padding support; ``mask``: ``[batch, seq_len]`` bool (True = real) or
+    None. Real tokens are moved to the front of their row (:func:`pack_padding`), so every row is processed as
+    its sequence alone; outputs are moved back and zeroed at padded positions (zero gradient there too). In a
+    streaming call (``state`` given or ``return_state``) every row must have the same number of real tokens;
+    ``empty_state()`` is the state returned when a streaming call has none. Returns what ``attend`` returns.
+    Raises ValueError (naming ``attention_mask``) for unequal real-token counts in a streaming call.
+    """
+    if mask is None or bool(mask.all()):
+        return attend(hidden_states, state, return_state)
+    batch, seq_len, width = hidden_states.shape
+    order = pack_padding(mask)
+    packed = hidden_states.gather(1, order[:, :, None].expand(-1, -1, width))  # [batch, seq_len, width], real first
+    new_state = None
+    if state is not None or return_state:
+        counts = mask.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError("attention_mask must give every row the same number of real tokens in a streaming "
+                             f"call (state or return_state): the state is batch-uniform; got {counts.tolist()}")
+        real = int(counts[0])
+        if real == 0:  # nothing joins the sequence
+            output = hidden_states.new_zeros(batch, seq_len, width)
+            return (output, state if state is not None else empty_state()) if return_state else output
+        result = attend(packed[:, :real], state, return_state)
+        packed_out, new_state = result if return_state else (result, None)
+        packed_out = F.pad(packed_out, (0, 0, 0, seq_len - real))
+    else:
+        packed_out = attend(packed, None, False)
+    output = packed_out.gather(1, order.argsort(1)[:, :, None].expand(-1, -1, packed_out.shape[-1]))
+    output = output * mask[:, :, None].to(output.dtype)  # padded positions: zeros
+    return (output, new_state) if return_state else output
 
 
 class BSBRAttention(nn.Module):
@@ -285,9 +432,7 @@ class BSBRAttention(nn.Module):
     chunk ``i-1`` (tokens before chunk ``i`` only), split into heads.
 
     Raises:
-        ValueError: on any invalid argument above, and in ``forward`` for input that is not
-            ``[batch, seq_len, hidden_dim]`` with ``seq_len >= 1`` or a malformed ``attention_mask``.
-        TypeError: in ``forward``, ``hidden_states`` that is not a tensor of the parameters' dtype.
+        ValueError: on any invalid argument above (see :meth:`forward` for its own).
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
@@ -311,18 +456,91 @@ class BSBRAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, length, head_dim]
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden_states``: ``[batch, seq_len, hidden_dim]``; ``attention_mask``: optional ``[batch, seq_len]``
-        (1 = real token, 0 = padding). Returns ``[batch, seq_len, hidden_dim]``."""
+    def state_nbytes(self, num_tokens: int, batch_size: int = 1) -> int:
+        """Bytes of the :class:`BSBRState` after ``num_tokens`` tokens (parameters' dtype):
+        ``element_size · batch · (2·H·p·d + D + H·c·(F + d) + H·d²)`` with ``p = num_tokens % chunk_size``,
+        ``c = num_tokens // chunk_size``, ``H`` heads, ``d`` head_dim, ``D`` hidden_dim, ``F = d²`` (or
+        ``d²/compression_factor``). Raises ValueError for negative ``num_tokens`` or ``batch_size < 1``."""
+        check_int_at_least(0, num_tokens=num_tokens)
+        check_positive_int(batch_size=batch_size)
+        heads, d = self.num_heads, self.head_dim
+        features = d * d if self.compression is None else self.compression.encoder.out_features
+        partial, finished = num_tokens % self.chunk_size, num_tokens // self.chunk_size
+        values = 2 * heads * partial * d + self.hidden_dim + heads * finished * (features + d) + heads * d * d
+        return self.q_proj.weight.element_size() * batch_size * values
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                state: BSBRState | None = None, return_state: bool = False):
+        """BSBR attention over ``hidden_states``, optionally continuing a streaming ``state``.
+
+        Args:
+            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
+            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding
+                (left, right or anywhere). Each row's real tokens are processed as that sequence alone (chunks
+                counted from its first real token); outputs at padded positions are zeros.
+            state: a :class:`BSBRState` this module returned (``return_state=True``): the new tokens continue
+                that sequence. Feeding a sequence in any pieces gives the outputs of one full forward.
+            return_state: also return the state after these tokens.
+        Returns:
+            ``[batch, seq_len, hidden_dim]``, or ``(output, BSBRState)`` with ``return_state=True``.
+        Raises:
+            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
+            ValueError: ``hidden_states`` not ``[batch, seq_len >= 1, hidden_dim]``; a malformed ``attention_mask``
+                (shape, float dtype, values other than 0/1) or, in a streaming call (``state`` given or
+                ``return_state``), rows with different numbers of real tokens (the state is batch-uniform); a
+                ``state`` from another module or batch size; ``chunk_size`` changed since the state was made.
+        """
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
-        q = self._split_heads(self.q_proj(hidden_states))
+        check_positive_int(chunk_size=self.chunk_size)
+        if state is not None:
+            _check_state(state, self.chunk_size, batch, id(self))
+        return attend_packed(self._attend, hidden_states, mask, state, return_state,
+                             lambda: self._empty_state(batch, hidden_states))
+
+    def _empty_state(self, batch: int, like: torch.Tensor) -> BSBRState:
+        heads, d = self.num_heads, self.head_dim
+        features = d * d if self.compression is None else self.compression.encoder.out_features
+        empty = like.new_zeros(batch, heads, 0, d)
+        return BSBRState(self.chunk_size, batch, id(self), 0, empty, empty.clone(), like.new_zeros(batch, self.hidden_dim),
+                         like.new_zeros(batch, heads, 0, features), like.new_zeros(batch, heads, 0, d),
+                         like.new_zeros(batch, heads, d, d))
+
+    def _attend(self, hidden_states: torch.Tensor, state: BSBRState | None, return_state: bool):
+        """Unpadded core: ``[batch, L, hidden_dim]`` (continuing ``state``) -> output (and the new state)."""
+        batch, length, _ = hidden_states.shape
+        size = self.chunk_size
+        seen = 0 if state is None else state.num_tokens
+        partial = seen % size
+        q = self._split_heads(self.q_proj(hidden_states))  # [batch, heads, L, head_dim]
         k = self._split_heads(self.k_proj(hidden_states))
         v = self._split_heads(self.v_proj(hidden_states))
-        pooled = chunk_mean(hidden_states, self.chunk_size, mask)  # [batch, chunks, hidden_dim]
-        meta_key = self._split_heads(self.meta_k_proj(pooled))  # [batch, heads, chunks, head_dim]
-        meta_query = self._split_heads(self.meta_q_proj(previous_chunk(pooled)))
-        out = bsbr_attention(q, k, v, meta_query, meta_key, self.chunk_size, self.compression, mask,
-                             self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.hidden_dim)  # [batch, seq_len, hidden_dim]
-        return self.out_proj(out)
+        # Hidden-state sum of every call chunk (the state's partial chunk continues with the first new tokens).
+        head = min(length, size - partial) if partial else 0
+        full = (length - head) // size
+        rest = length - head - full * size
+        sums = []
+        if head:
+            sums.append(hidden_states[:, :head].sum(1, keepdim=True) + state.partial_sum[:, None])
+        if full:
+            sums.append(hidden_states[:, head : head + full * size].unflatten(1, (full, size)).sum(2))
+        if rest:
+            sums.append(hidden_states[:, head + full * size :].sum(1, keepdim=True))
+        sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [batch, call chunks, hidden_dim]
+        total = partial + length
+        counts = torch.full((sums.shape[1],), float(size), dtype=sums.dtype, device=sums.device)
+        counts[-1] = total - (sums.shape[1] - 1) * size  # the last call chunk may be partial
+        pooled = sums / counts[:, None]  # mean hidden state of every call chunk
+        meta_key = self._split_heads(self.meta_k_proj(pooled))  # [batch, heads, call chunks, head_dim]
+        meta_query = self._split_heads(self.meta_q_proj(pooled))  # row i queries for the chunk after call chunk i
+        result = bsbr_attention(q, k, v, meta_query, meta_key, size, self.compression,
+                                self.dropout if self.training else 0.0, state=state, return_state=return_state)
+        out = result[0] if return_state else result
+        out = out.transpose(1, 2).reshape(batch, length, self.hidden_dim)  # [batch, L, hidden_dim]
+        out = self.out_proj(out)
+        if not return_state:
+            return out
+        new_state = result[1]
+        new_state.owner = id(self)
+        new_state.partial_sum = sums[:, -1] if total % size else torch.zeros_like(sums[:, -1])
+        return out, new_state

@@ -1,16 +1,37 @@
 """Standard causal multi-head softmax attention (Vaswani et al. 2017, arXiv 1706.03762) on torch's fused
-``scaled_dot_product_attention``: the full-attention baseline, O(seq_len²) time."""
+``scaled_dot_product_attention``: the full-attention baseline, O(seq_len²) time, with a KV cache for decoding."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bsbr._checks import check_dropout, check_heads, check_hidden_states
-from bsbr.attention import validate_attention_mask
+from bsbr.attention import attend_packed, validate_attention_mask
 
-__all__ = ["StandardAttention"]
+__all__ = ["KVCache", "StandardAttention"]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every token seen so far: ``key, value`` ``[batch, heads, num_tokens, head_dim]``.
+
+    Size: ``2 · element_size · batch · heads · num_tokens · head_dim`` bytes, growing with every token (compare
+    :class:`bsbr.attention.BSBRState`). ``owner`` is the ``id`` of the producing module.
+    """
+
+    batch_size: int
+    owner: int
+    num_tokens: int
+    key: torch.Tensor
+    value: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value))
 
 
 class StandardAttention(nn.Module):
@@ -21,7 +42,7 @@ class StandardAttention(nn.Module):
         num_heads: attention heads; ``head_dim = hidden_dim // num_heads``, scale ``1/sqrt(head_dim)``.
         dropout: dropout on the attention weights during training, in [0, 1).
     Raises:
-        ValueError: invalid arguments; in ``forward``, input not ``[batch, seq_len, hidden_dim]`` or a malformed mask.
+        ValueError: invalid arguments (see :meth:`forward` for its own).
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0):
@@ -35,24 +56,56 @@ class StandardAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_dim, hidden_dim)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden_states``: ``[batch, seq_len, hidden_dim]``; ``attention_mask``: optional ``[batch, seq_len]``,
-        1 = real token, 0 = padding (padded keys are ignored, outputs at padded positions are zeros).
-        Returns ``[batch, seq_len, hidden_dim]``."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                state: KVCache | None = None, return_state: bool = False):
+        """Causal attention over ``hidden_states``, optionally continuing a KV cache.
+
+        Args:
+            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
+            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
+                real tokens are processed as that sequence alone, padded positions output zeros.
+            state: a :class:`KVCache` this module returned; the new tokens continue that sequence.
+            return_state: also return the cache after these tokens.
+        Returns:
+            ``[batch, seq_len, hidden_dim]``, or ``(output, KVCache)`` with ``return_state=True``.
+        Raises:
+            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
+            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
+                streaming call), a ``state`` from another module or batch size.
+        """
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
+        if state is not None:
+            if not isinstance(state, KVCache):
+                raise ValueError(f"state must be a KVCache returned with return_state=True, got {type(state).__name__}")
+            if state.batch_size != batch:
+                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
+            if state.owner != id(self):
+                raise ValueError("state was produced by a different module; pass the state this module returned")
+
+        def empty():
+            none = hidden_states.new_zeros(batch, self.num_heads, 0, self.head_dim)
+            return KVCache(batch, id(self), 0, none, none.clone())
+
+        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+
+    def _attend(self, hidden_states: torch.Tensor, state: KVCache | None, return_state: bool):
+        batch, length, _ = hidden_states.shape
         q, k, v = (
-            proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+            proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )  # [batch, heads, seq_len, head_dim]
+        )  # [batch, heads, L, head_dim]
+        seen = 0 if state is None else state.num_tokens
+        if seen:
+            k, v = torch.cat([state.key, k], dim=2), torch.cat([state.value, v], dim=2)  # [batch, heads, seen + L, d]
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:
+        if seen == 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-            eye = torch.eye(seq_len, dtype=torch.bool, device=q.device)
-            # Padded queries attend to themselves only, so no softmax row is empty; their outputs are zeroed.
-            attn_mask = causal & (mask[:, None, None, :] | eye)  # [batch, 1, seq_len, seq_len]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-            out = out * mask[:, None, :, None].to(out.dtype)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, self.hidden_dim))
+        else:  # query t sees keys 0..seen + t (a single query sees them all)
+            mask = None if length == 1 else (
+                torch.arange(seen + length, device=q.device)[None, :] <= seen + torch.arange(length, device=q.device)[:, None])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))
+        if not return_state:
+            return out
+        return out, KVCache(batch, id(self), seen + length, k, v)

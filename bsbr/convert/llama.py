@@ -30,7 +30,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel, apply_rotary_pos_emb
 
 from bsbr._checks import check_positive_int
-from bsbr.attention import StateCompression, bsbr_attention, chunk_mean, previous_chunk
+from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
 
 __all__ = ["BSBRLlamaAttention", "convert_llama", "set_retrieval"]
 
@@ -181,9 +181,9 @@ class BSBRLlamaAttention(nn.Module):
         if self.retrieval:
             pooled = chunk_mean(hidden_states, self.chunk_size)  # [batch, chunks, hidden]
             chunk_shape = (batch, pooled.shape[1], -1, self.head_dim)
-            # h_j from chunk j; r_i from chunk i-1 (row 0 is ignored by bsbr_attention).
+            # Row j of both comes from chunk j: h_j, and the meta-query of chunk j+1.
             meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, kv_heads, chunks, head_dim]
-            meta_query = self.meta_q_proj(previous_chunk(pooled)).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, head_dim]
+            meta_query = self.meta_q_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, head_dim]
             output = bsbr_attention(query, key, value, meta_query, meta_key, self.chunk_size,
                                     compression=self.compression, dropout_p=dropout_p)
         else:
