@@ -204,11 +204,12 @@ def bsbr_attention(
     Args:
         query: ``[batch, heads, L, head_dim]`` (RoPE already applied if the model uses it).
         key, value: ``[batch, kv_heads, L, head_dim]``; ``kv_heads`` divides ``heads`` (GQA, HF ``repeat_kv`` order).
-        meta_query: ``[batch, heads, m, head_dim]``; row ``i`` is the meta-query computed from call chunk ``i``
+        meta_query: ``[batch, heads, rows, head_dim]``; row ``i`` is the meta-query computed from call chunk ``i``
             (mean hidden state of its tokens, partial-chunk tokens included): it is the query ``r`` of the *next*
-            chunk. Rows of chunks that are not finished in this call are not used.
-        meta_key: ``[batch, kv_heads or heads, m, head_dim]``; row ``i`` is the meta-key ``h`` of call chunk ``i``
-            (used once that chunk is finished).
+            chunk. Only the ``(p + L) // chunk_size`` call chunks this call finishes are used, so ``rows`` is
+            either that number or ``m`` (the rest ignored).
+        meta_key: ``[batch, kv_heads or heads, rows, head_dim]``; row ``i`` is the meta-key ``h`` of call chunk
+            ``i`` (``rows`` as for ``meta_query``).
         chunk_size: tokens per chunk (>= 1).
         compression: optional :class:`StateCompression` applied to every chunk state.
         dropout_p: dropout on the local attention weights (pass 0 in eval mode).
@@ -237,13 +238,14 @@ def bsbr_attention(
     total = partial + length  # tokens of the call chunks
     num_chunks = -(-total // chunk_size)
     done = total // chunk_size  # call chunks finished by this call
-    if meta_query.shape != (batch, heads, num_chunks, head_dim):
-        raise ValueError(
-            f"meta_query must be [batch, heads, num_chunks, head_dim] = {[batch, heads, num_chunks, head_dim]}, "
-            f"got {list(meta_query.shape)}"
-        )
-    if meta_key.dim() != 4 or meta_key.shape[0] != batch or meta_key.shape[2:] != (num_chunks, head_dim):
-        raise ValueError(f"meta_key must be [batch, kv_heads, num_chunks, head_dim], got {list(meta_key.shape)}")
+    if meta_query.dim() != 4 or meta_query.shape[:2] != (batch, heads) or meta_query.shape[3] != head_dim \
+            or meta_query.shape[2] not in (done, num_chunks):
+        raise ValueError(f"meta_query must be [batch, heads, rows, head_dim] = {[batch, heads, num_chunks, head_dim]} "
+                         f"(or {done} rows, the finished call chunks), got {list(meta_query.shape)}")
+    if meta_key.dim() != 4 or meta_key.shape[0] != batch or meta_key.shape[3] != head_dim \
+            or meta_key.shape[2] not in (done, num_chunks):
+        raise ValueError(f"meta_key must be [batch, kv_heads, rows, head_dim] with {num_chunks} (or {done}) rows, "
+                         f"got {list(meta_key.shape)}")
 
     if partial:  # the current chunk's earlier tokens lead the call's keys and values
         key, value = torch.cat([state.partial_key, key], dim=2), torch.cat([state.partial_value, value], dim=2)
@@ -256,6 +258,8 @@ def bsbr_attention(
     if state is None:
         all_states, all_keys = new_states, meta_key[:, :, :done]
         first = query.new_zeros(batch, heads, head_dim, head_dim)  # the first chunk retrieves nothing
+    elif done == 0:  # no chunk finishes: the state's chunks stand (no copy, so a decode step stays O(1))
+        all_states, all_keys, first = state.states, state.meta_keys, state.retrieved
     else:
         all_states = torch.cat([state.states, new_states], dim=2)  # [batch, heads, finished + done, F]
         all_keys = torch.cat([state.meta_keys, meta_key[:, :, :done]], dim=2)  # [batch, heads, finished + done, d]
@@ -528,10 +532,8 @@ class BSBRAttention(nn.Module):
             sums.append(hidden_states[:, head + full * size :].sum(1, keepdim=True))
         sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [batch, call chunks, hidden_dim]
         total = partial + length
-        counts = torch.full((sums.shape[1],), float(size), dtype=sums.dtype, device=sums.device)
-        counts[-1] = total - (sums.shape[1] - 1) * size  # the last call chunk may be partial
-        pooled = sums / counts[:, None]  # mean hidden state of every call chunk
-        meta_key = self._split_heads(self.meta_k_proj(pooled))  # [batch, heads, call chunks, head_dim]
+        pooled = sums[:, : total // size] / size  # mean hidden state of every call chunk this call finishes
+        meta_key = self._split_heads(self.meta_k_proj(pooled))  # [batch, heads, finished call chunks, head_dim]
         meta_query = self._split_heads(self.meta_q_proj(pooled))  # row i queries for the chunk after call chunk i
         result = bsbr_attention(q, k, v, meta_query, meta_key, size, self.compression,
                                 self.dropout if self.training else 0.0, state=state, return_state=return_state)
