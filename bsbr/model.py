@@ -56,6 +56,7 @@ class TransformerModel(nn.Module):
     ``forward(input_ids[batch, seq_len], attention_mask=None[batch, seq_len], state=None, return_state=False)
     -> [batch, seq_len, hidden_dim]``, or ``(hidden_states, state)`` with ``return_state=True``; ``state`` is the
     list of the layers' attention states and continues a sequence (pieces give the full forward's outputs).
+    Padded positions (``attention_mask == 0``) output zeros.
     Raises ValueError for non-positive sizes, ``dropout`` outside [0, 1), ``input_ids`` that is not a 2-D integer
     tensor with ``seq_len >= 1``, ids outside ``[0, vocab_size)``, a malformed ``attention_mask`` or a ``state``
     that is not one state per layer from this model.
@@ -97,6 +98,8 @@ class TransformerModel(nn.Module):
             else:
                 hidden_states = layer(hidden_states, attention_mask, layer_state)
         hidden_states = self.norm(hidden_states)
+        if attention_mask is not None:
+            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)  # padding: zeros
         return (hidden_states, new_states) if return_state else hidden_states
 
 
@@ -174,8 +177,9 @@ class CausalLM(nn.Module):
         Args:
             input_ids: ``[batch, seq_len]`` token ids; attention_mask: optional ``[batch, seq_len]`` 1 = real token.
             labels: optional ``[batch, seq_len]`` ids, usually ``input_ids`` itself (HF convention): position ``t``'s
-                logits are scored against ``labels[:, t+1]``; ``-100`` and padded positions are ignored. The loss is
-                the mean over scored tokens (0 when none is scored).
+                logits are scored against ``labels[:, t+1]``; ``-100`` labels are ignored, and so are pairs where
+                ``t`` or ``t+1`` is padding (a padded row scores as the row alone). The loss is the mean over
+                scored tokens (0 when none is scored).
             state, return_state: streaming, as in :class:`TransformerModel`.
         Returns:
             :class:`CausalLMOutput`.
@@ -190,8 +194,9 @@ class CausalLM(nn.Module):
             if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape or labels.is_floating_point():
                 raise ValueError(f"labels must be an integer tensor shaped like input_ids {list(input_ids.shape)}")
             targets = labels[:, 1:]
-            if attention_mask is not None:
-                targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+            if attention_mask is not None:  # score only real tokens predicted from real tokens
+                real = validate_attention_mask(attention_mask, *input_ids.shape)
+                targets = targets.masked_fill(~(real[:, :-1] & real[:, 1:]), -100)
             per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
             scored = (targets != -100).sum()
             loss = per_token.sum() / scored.clamp_min(1)
