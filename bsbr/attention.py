@@ -265,17 +265,16 @@ def bsbr_attention(
         all_keys = torch.cat([state.meta_keys, meta_key[:, :, :done]], dim=2)  # [batch, heads, finished + done, d]
         first = state.retrieved
     # R of call chunks 1..m-1, plus R of the next chunk when the call ends on a chunk boundary.
-    later = _mixed_states(meta_query[:, :, : done], all_keys, all_states, finished, compression)
-    retrieved = torch.cat([first[:, :, None], later], dim=2)  # [batch, heads, done + 1, d, d]
+    later = _mixed_states(meta_query[:, :, :done], all_keys, all_states, finished, compression)  # [b, h, done, d, d]
 
-    output = _local_plus_readout(query, key, value, retrieved, partial, chunk_size, dropout_p)
+    output = _local_plus_readout(query, key, value, first, later, partial, chunk_size, dropout_p)
     if not return_state:
         return output
     rest = total - done * chunk_size
     new_state = BSBRState(
         chunk_size=chunk_size, batch_size=batch, owner=0 if state is None else state.owner, num_tokens=seen + length,
         partial_key=key_kv[:, :, total - rest:].clone(), partial_value=value_kv[:, :, total - rest:].clone(),
-        partial_sum=None, states=all_states, meta_keys=all_keys, retrieved=retrieved[:, :, done].clone(),
+        partial_sum=None, states=all_states, meta_keys=all_keys, retrieved=(later[:, :, -1] if done else first).clone(),
     )
     return output, new_state
 
@@ -318,12 +317,13 @@ def _mixed_states(meta_query, meta_keys, states, finished, compression):
 _GROUP = 32
 
 
-def _local_plus_readout(query, key, value, retrieved, partial, chunk_size, dropout_p):
+def _local_plus_readout(query, key, value, first, later, partial, chunk_size, dropout_p):
     """``softmax_local(q, k) v + q · R`` for every new token.
 
     ``query``: ``[batch, heads, L, d]``; ``key/value``: ``[batch, heads, partial + L, d]`` (the state's partial
-    chunk first); ``retrieved``: ``[batch, heads, ≥ chunks, d, d]`` indexed by call chunk. Returns the
-    ``[batch, heads, L, d]`` view of a token-major ``[batch, L, heads, d]`` tensor (the layout ``out_proj`` reads).
+    chunk first); ``first``: ``[batch, heads, d, d]``, ``R`` of call chunk 0; ``later``: ``[batch, heads, k, d, d]``,
+    ``R`` of call chunks ``1..k``. Returns the ``[batch, heads, L, d]`` view of a token-major ``[batch, L, heads, d]``
+    tensor (the layout ``out_proj`` reads).
     """
     batch, heads, length, head_dim = query.shape
     output = query.new_empty(batch, length, heads, head_dim)
@@ -336,23 +336,27 @@ def _local_plus_readout(query, key, value, retrieved, partial, chunk_size, dropo
             mask = (torch.arange(partial + head, device=q.device)[None, :]
                     <= partial + torch.arange(head, device=q.device)[:, None])  # [head, partial + head]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        out = out + q @ retrieved[:, :, 0]
-        output[:, :head] = out.transpose(1, 2)
+        output[:, :head] = (out + q @ first).transpose(1, 2)
     key, value = key[:, :, partial:], value[:, :, partial:]  # the new tokens' keys and values
+    # Whole chunks in groups of up to _GROUP (call chunk 0 alone: its R is `first`), then a partial last chunk.
     full = (length - head) // chunk_size
     rest = length - head - full * chunk_size
-    first_chunk = 1 if head else 0  # call chunk of the first token after the head
-    segments = [(head + g * chunk_size, min(_GROUP, full - g), chunk_size) for g in range(0, full, _GROUP)]
+    index = 1 if head else 0  # call chunk of the first token after the head
+    segments, start, remaining = [], head, full
+    while remaining:
+        chunks = 1 if index == 0 else min(_GROUP, remaining)
+        segments.append((start, index, chunks, chunk_size))
+        start, index, remaining = start + chunks * chunk_size, index + chunks, remaining - chunks
     if rest:
-        segments.append((head + full * chunk_size, 1, rest))
-    for start, chunks, size in segments:
+        segments.append((start, index, 1, rest))
+    for start, index, chunks, size in segments:
         stop = start + chunks * size
-        index = first_chunk + (start - head) // chunk_size
+        retrieved = first[:, :, None] if index == 0 else later[:, :, index - 1 : index - 1 + chunks]
         for row in range(batch):  # one fused call per sequence keeps the blocks as views (no copies)
             q, k, v = (t[row, :, start:stop].unflatten(1, (chunks, size)).transpose(0, 1)
                        for t in (query, key, value))  # [chunks, heads, size, head_dim]
             local = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            readout = q @ retrieved[row, :, index : index + chunks].transpose(0, 1)  # q_t · R_i
+            readout = q @ retrieved[row].transpose(0, 1)  # q_t · R_i: [chunks, heads, size, head_dim]
             out = local + readout if torch.is_grad_enabled() else local.add_(readout)
             output[row, start:stop] = out.transpose(1, 2).reshape(stop - start, heads, head_dim)
     return output.transpose(1, 2)
