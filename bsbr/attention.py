@@ -287,7 +287,11 @@ def _chunk_states(key, value, num_chunks, compression):
         features = head_dim * head_dim if compression is None else compression.encoder.out_features
         return key.new_zeros(batch, heads, 0, features)
     keys, values = (t.unflatten(2, (num_chunks, -1)) for t in (key, value))  # [batch, heads, chunks, size, d]
-    states = (keys.transpose(-1, -2) @ values).flatten(-2)  # [batch, heads, chunks, d²]
+    # Per (row, head) the blocks are [chunks, size, d] views with a single batch stride, which bmm reads in place
+    # (one batched call over [batch, heads, chunks] would first copy keys and values).
+    states = torch.stack([torch.stack([torch.bmm(keys[row, index].transpose(1, 2), values[row, index])
+                                       for index in range(heads)]) for row in range(batch)])
+    states = states.flatten(-2)  # [batch, heads, chunks, d²]
     return states if compression is None else compression.encode(states)
 
 
