@@ -328,10 +328,15 @@ def _local_plus_readout(query, key, value, first, later, partial, chunk_size, dr
     chunk first); ``first``: ``[batch, heads, d, d]``, ``R`` of call chunk 0; ``later``: ``[batch, heads, k, d, d]``,
     ``R`` of call chunks ``1..k``. Returns the ``[batch, heads, L, d]`` view of a token-major ``[batch, L, heads, d]``
     tensor (the layout ``out_proj`` reads).
+
+    Without autograd the blocks are written into one preallocated output; with autograd the pieces come from
+    ``split`` and are joined with ``cat``, so the backward pass never zero-fills sequence-long gradients per block.
     """
     batch, heads, length, head_dim = query.shape
-    output = query.new_empty(batch, length, heads, head_dim)
+    grad = torch.is_grad_enabled()
     head = min(length, chunk_size - partial) if partial else 0
+    pieces = []  # per block: (first token, [batch or 1, tokens, heads, d] token-major values) or written in place
+    output = None if grad else query.new_empty(batch, length, heads, head_dim)
     if head:  # new tokens that finish the state's partial chunk: query t sees keys 0..partial + t
         q = query[:, :, :head]
         k, v = key[:, :, : partial + head], value[:, :, : partial + head]
@@ -339,31 +344,47 @@ def _local_plus_readout(query, key, value, first, later, partial, chunk_size, dr
         if head > 1:
             mask = (torch.arange(partial + head, device=q.device)[None, :]
                     <= partial + torch.arange(head, device=q.device)[:, None])  # [head, partial + head]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        output[:, :head] = (out + q @ first).transpose(1, 2)
-    key, value = key[:, :, partial:], value[:, :, partial:]  # the new tokens' keys and values
+        out = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p) + q @ first)
+        if grad:
+            pieces.append(out.transpose(1, 2))  # [batch, head, heads, d]
+        else:
+            output[:, :head].copy_(out.transpose(1, 2))
     # Whole chunks in groups of up to _GROUP (call chunk 0 alone: its R is `first`), then a partial last chunk.
     full = (length - head) // chunk_size
     rest = length - head - full * chunk_size
-    index = 1 if head else 0  # call chunk of the first token after the head
-    segments, start, remaining = [], head, full
+    spans, index, remaining = [], (1 if head else 0), full  # (call chunk, chunks, chunk length)
     while remaining:
         chunks = 1 if index == 0 else min(_GROUP, remaining)
-        segments.append((start, index, chunks, chunk_size))
-        start, index, remaining = start + chunks * chunk_size, index + chunks, remaining - chunks
+        spans.append((index, chunks, chunk_size))
+        index, remaining = index + chunks, remaining - chunks
     if rest:
-        segments.append((start, index, 1, rest))
-    for start, index, chunks, size in segments:
-        stop = start + chunks * size
-        retrieved = first[:, :, None] if index == 0 else later[:, :, index - 1 : index - 1 + chunks]
-        for row in range(batch):  # one fused call per sequence keeps the blocks as views (no copies)
-            q, k, v = (t[row, :, start:stop].unflatten(1, (chunks, size)).transpose(0, 1)
-                       for t in (query, key, value))  # [chunks, heads, size, head_dim]
+        spans.append((index, 1, rest))
+    sizes = [chunks * size for _, chunks, size in spans]
+    if not sizes:
+        return (torch.cat(pieces, dim=1) if grad else output).transpose(1, 2)
+    rows = []
+    for row in range(batch):  # one fused call per sequence and block group keeps the blocks as views (no copies)
+        blocks = zip(spans, *(t[row, :, skip:].split(sizes, dim=1) for t, skip in
+                              ((query, head), (key, partial + head), (value, partial + head))))
+        row_pieces, start = [], head
+        for (index, chunks, size), q, k, v in blocks:
+            q, k, v = (t.unflatten(1, (chunks, size)).transpose(0, 1) for t in (q, k, v))  # [chunks, heads, size, d]
             local = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            readout = q @ retrieved[row].transpose(0, 1)  # q_t · R_i: [chunks, heads, size, head_dim]
-            out = local + readout if torch.is_grad_enabled() else local.add_(readout)
-            output[row, start:stop] = out.transpose(1, 2).reshape(stop - start, heads, head_dim)
-    return output.transpose(1, 2)
+            retrieved = first[row, :, None] if index == 0 else later[row, :, index - 1 : index - 1 + chunks]
+            if grad:
+                out = local + q @ retrieved.transpose(0, 1)  # q_t · R_i
+                row_pieces.append(out.transpose(1, 2).reshape(chunks * size, heads, head_dim))
+            else:
+                for h in range(heads):  # [chunks, size, d] per head: bmm reads q in place
+                    local[:, h] += torch.bmm(q[:, h], retrieved[h])
+                output[row, start : start + chunks * size].view(chunks, size, heads, head_dim).copy_(local.transpose(1, 2))
+            start += chunks * size
+        if grad:
+            rows.append(torch.cat(row_pieces) if len(row_pieces) > 1 else row_pieces[0])
+    if not grad:
+        return output.transpose(1, 2)
+    body = torch.stack(rows) if batch > 1 else rows[0][None]  # [batch, L - head, heads, d]
+    return (torch.cat([pieces[0], body], dim=1) if head else body).transpose(1, 2)
 
 
 def _check_state(state, chunk_size: int, batch_size: int, owner: int | None) -> None:

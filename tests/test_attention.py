@@ -172,3 +172,23 @@ def test_bad_input_raises(hidden_states, mask, match):
 def test_input_of_the_wrong_type_or_dtype_raises_type_error(layer, hidden_states):
     with pytest.raises(TypeError, match="hidden_states"):
         layer(hidden_states)
+
+
+@pytest.mark.parametrize("compression", [None, 4])
+def test_autograd_path_equals_inference_path_over_many_block_groups(compression):
+    """The forward has a preallocated-output path (no autograd) and a split/cat path (autograd); over > 2 groups of
+    32 chunks, a partial last chunk and a streamed continuation they give the same values, and both match the
+    dense reference."""
+    attn = make_attention(chunk_size=2, compression_factor=compression)
+    x = torch.randn(2, 151, HIDDEN, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        inference = attn(x)
+        reference = dense_bsbr(attn, x)
+        _, state = attn(x[:, :3], return_state=True)
+        streamed_inference = attn(x[:, 3:], state=state)
+    with_grad = attn(x)
+    streamed_grad = attn(x[:, 3:], state=state)
+    torch.testing.assert_close(inference, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_grad.detach(), inference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(streamed_grad.detach(), streamed_inference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(streamed_inference, inference[:, 3:], atol=1e-5, rtol=1e-5)
