@@ -289,8 +289,14 @@ def _chunk_states(key, value, num_chunks, compression):
     keys, values = (t.unflatten(2, (num_chunks, -1)) for t in (key, value))  # [batch, heads, chunks, size, d]
     # Per (row, head) the blocks are [chunks, size, d] views with a single batch stride, which bmm reads in place
     # (one batched call over [batch, heads, chunks] would first copy keys and values).
-    states = torch.stack([torch.stack([torch.bmm(keys[row, index].transpose(1, 2), values[row, index])
-                                       for index in range(heads)]) for row in range(batch)])
+    if torch.is_grad_enabled():
+        states = torch.stack([torch.stack([torch.bmm(keys[row, index].transpose(1, 2), values[row, index])
+                                           for index in range(heads)]) for row in range(batch)])
+    else:  # written in place: no stacking copy
+        states = key.new_empty(batch, heads, num_chunks, head_dim, head_dim)
+        for row in range(batch):
+            for index in range(heads):
+                torch.bmm(keys[row, index].transpose(1, 2), values[row, index], out=states[row, index])
     states = states.flatten(-2)  # [batch, heads, chunks, d²]
     return states if compression is None else compression.encode(states)
 
