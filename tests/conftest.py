@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-#: Notebook 01 shrunk to seconds: two tiny models, two lengths, one timed call each.
+#: Notebook 01 shrunk to seconds: two tiny models, two lengths, one timed call each; tiny attention modules.
 SCALING_SMOKE = {
     "models": ["bsbr", "standard"],
     "seq_lens": [64, 128],
@@ -28,6 +28,16 @@ SCALING_SMOKE = {
     "warmup": 0,
     "threads": 1,
     "seed": 0,
+    "attn_impls": ["bsbr", "standard", "bsbr_core", "sdpa_core"],
+    "attn_seq_lens": [32, 64, 128],
+    "full_forward_max_len": 64,  # full attention at 128 tokens is extrapolated
+    "full_backward_max_len": 64,
+    "decode_positions": [32, 64],
+    "decode_steps": 4,
+    "matmul_shapes": [[128, 64, 64]],
+    "model_memory_seq_lens": [256],
+    "target_seq_lens": [64, 128],  # the targets checked at smoke lengths (the values mean nothing here)
+    "target_decode_positions": [32, 64],
 }
 
 

@@ -6,8 +6,18 @@ import json
 
 import nbformat
 import pandas as pd
+import pytest
 
+import bsbr
+from bsbr.bench import attention_flops
 from tests.conftest import SCALING_SMOKE
+
+SMOKE_SIZES = dict(hidden_dim=SCALING_SMOKE["hidden_dim"], num_heads=SCALING_SMOKE["num_heads"],
+                   chunk_size=SCALING_SMOKE["chunk_size"])
+ATTENTION_COLUMNS = ["impl", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads", "chunk_size", "threads",
+                     "repeats", "warmup", "median_s", "mean_s", "min_s", "max_s", "flops", "gflops_per_s",
+                     "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
+FULL_MAX = {"forward": SCALING_SMOKE["full_forward_max_len"], "backward": SCALING_SMOKE["full_backward_max_len"]}
 
 CSV_COLUMNS = ["model", "seq_len", "batch_size", "repeats", "warmup", "threads", "median_s", "min_s", "max_s",
                "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
@@ -39,7 +49,7 @@ def test_scaling_fits_and_machine_header(scaling_smoke):
 
 def test_scaling_metrics_json(scaling_smoke):
     metrics = json.loads(scaling_smoke["metrics"].read_text())
-    assert set(metrics) == {"seq_len", "models", "bsbr_vs_standard", "machine"}
+    assert set(metrics) == {"seq_len", "models", "bsbr_vs_standard", "attention", "machine"}
     assert metrics["seq_len"] == max(SCALING_SMOKE["seq_lens"])
     table = pd.read_csv(scaling_smoke["out"] / "scaling.csv").set_index(["model", "seq_len"])
     for name in ("bsbr", "standard"):
@@ -65,5 +75,135 @@ def test_executed_notebook_has_parameters_provenance_and_no_errors(scaling_smoke
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     for line in ("git revision:", "torch ", "threads per measurement: 1", "CPU:", "seq_lens = [64, 128]"):
         assert line in printed
-    assert "points: 100%" in printed  # tqdm progress reached the end
+    for bar in ("points: 100%", "attention points: 100%", "model memory points: 100%"):
+        assert bar in printed  # tqdm progress reached the end
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+# ----------------------------------------------------------------------------- attention modules and cores
+
+
+def test_attention_csv_has_one_sorted_row_per_measured_point(scaling_smoke):
+    table = pd.read_csv(scaling_smoke["out"] / "attention.csv")
+    assert list(table.columns) == ATTENTION_COLUMNS
+    expected = [(mode, impl, n) for mode in ("backward", "forward") for impl in sorted(SCALING_SMOKE["attn_impls"])
+                for n in SCALING_SMOKE["attn_seq_lens"] if impl in ("bsbr", "bsbr_core") or n <= FULL_MAX[mode]]
+    assert list(zip(table["mode"], table.impl, table.seq_len)) == expected  # full attention at 128: not run
+    assert (table.threads == 1).all() and (table.repeats == 1).all() and (table.warmup == 0).all()
+    assert (table.min_s <= table.median_s).all() and (table.median_s <= table.max_s).all() and (table.min_s > 0).all()
+    assert (table.peak_bytes == table.peak_rss_bytes - table.baseline_rss_bytes).all()
+    for row in table.itertuples():
+        assert row.flops == attention_flops(row.impl, row.seq_len, **SMOKE_SIZES, mode=row.mode)
+        assert row.gflops_per_s == pytest.approx(row.flops / row.median_s / 1e9)
+
+
+def test_full_attention_is_extrapolated_where_not_run_and_labelled(scaling_smoke):
+    out = scaling_smoke["out"]
+    times = pd.read_csv(out / "attention_times.csv")
+    fits = pd.read_csv(out / "attention_fits.csv")
+    measured = pd.read_csv(out / "attention.csv").set_index(["mode", "impl", "seq_len"])
+    assert len(times) == 2 * len(SCALING_SMOKE["attn_impls"]) * len(SCALING_SMOKE["attn_seq_lens"])
+    extrapolated = times[times.source == "extrapolated"]
+    assert sorted(zip(extrapolated["mode"], extrapolated.impl, extrapolated.seq_len)) == [
+        (mode, impl, 128) for mode in ("backward", "forward") for impl in ("sdpa_core", "standard")]
+    for row in times.itertuples():
+        if row.source == "measured":
+            assert row.median_s == measured.loc[(row.mode, row.impl, row.seq_len), "median_s"]
+        else:  # the power law through its two measured lengths (32, 64), evaluated at 128
+            fit = fits[(fits.impl == row.impl) & (fits["mode"] == row.mode) & (fits.lengths == "upper half")].iloc[0]
+            assert (fit.first_len, fit.last_len) == (32, 64)
+            assert row.median_s == pytest.approx(fit.prefactor * 128**fit.exponent, rel=1e-9)
+            a, b = (measured.loc[(row.mode, row.impl, n), "median_s"] for n in (32, 64))
+            assert row.median_s == pytest.approx(b * (b / a), rel=1e-6)
+
+
+def test_who_wins_table_and_crossovers(scaling_smoke):
+    wins = pd.read_csv(scaling_smoke["out"] / "who_wins.csv")
+    assert list(zip(wins.level, wins["mode"], wins.seq_len)) == [
+        (level, mode, n) for level in ("core", "module") for mode in ("backward", "forward")
+        for n in SCALING_SMOKE["attn_seq_lens"]]
+    assert set(zip(wins.level, wins.bsbr_impl, wins.full_impl)) == {("module", "bsbr", "standard"),
+                                                                     ("core", "bsbr_core", "sdpa_core")}
+    assert ((wins.full_source == "extrapolated") == (wins.seq_len == 128)).all()
+    for row in wins.itertuples():
+        assert row.ratio == pytest.approx(row.full_s / row.bsbr_s)
+        expected = "BSBR" if row.ratio > 1.2 else "full attention" if row.ratio < 1 / 1.2 else "tie"
+        assert row.winner == expected
+    metrics = json.loads(scaling_smoke["metrics"].read_text())["attention"]
+    assert set(metrics["crossover_seq_len"]) == {"module_forward", "module_backward", "core_forward", "core_backward"}
+    for key, value in metrics["crossover_seq_len"].items():
+        level, mode = key.split("_")
+        group = wins[(wins.level == level) & (wins["mode"] == mode)].set_index("seq_len")
+        leads = group.ratio > 1.2
+        assert value == next((n for n in group.index if leads.loc[n:].all()), None)
+
+
+def test_decode_csv_states_and_memory_tables(scaling_smoke):
+    out = scaling_smoke["out"]
+    decode = pd.read_csv(out / "decode.csv")
+    assert list(zip(decode.impl, decode.position)) == [(impl, p) for impl in ("bsbr", "standard")
+                                                      for p in SCALING_SMOKE["decode_positions"]]
+    assert (decode.repeats == SCALING_SMOKE["decode_steps"]).all() and (decode.median_s > 0).all()
+    assert (decode.state_tokens == decode.position + SCALING_SMOKE["decode_steps"]).all()  # warmup is 0
+    hidden = SCALING_SMOKE["hidden_dim"]
+    layer = bsbr.BSBRAttention(hidden, SCALING_SMOKE["num_heads"], SCALING_SMOKE["chunk_size"])
+    for row in decode.itertuples():
+        expected = 2 * 4 * row.state_tokens * hidden if row.impl == "standard" else layer.state_nbytes(row.state_tokens)
+        assert row.state_bytes == expected  # a KV cache of every token vs BSBR's chunk states
+    model_memory = pd.read_csv(out / "model_memory.csv")
+    assert list(zip(model_memory.model, model_memory.seq_len)) == [("bsbr", 256)]
+    assert (model_memory.repeats == 1).all() and (model_memory.warmup == 0).all()
+    growth = pd.read_csv(out / "memory_growth.csv")
+    assert {"bsbr forward", "bsbr_core forward", "bsbr forward+backward"} <= set(growth.curve)
+    for row in growth.itertuples():
+        assert row.growth_vs_linear == pytest.approx((row.to_MiB / row.from_MiB) / (row.to_len / row.from_len))
+    matmul = json.loads((out / "matmul.json").read_text())
+    assert [(r["m"], r["k"], r["n"]) for r in matmul["shapes"]] == [tuple(s) for s in SCALING_SMOKE["matmul_shapes"]]
+    gflops = pd.read_csv(out / "gflops.csv")
+    assert list(gflops.fraction_of_matmul) == pytest.approx(list(gflops.gflops_per_s / matmul["gflops_per_s"]))
+    for name in ("attention_time.png", "memory.png", "decode.png", "gflops.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_targets_table_and_attention_metrics(scaling_smoke):
+    out = scaling_smoke["out"]
+    targets = pd.read_csv(out / "targets.csv").set_index("target")
+    assert list(targets.index) == [
+        "module_forward_speedup_64", "module_forward_speedup_128", "core_gap_larger_128",
+        "bsbr_forward_peak_memory_128", "bsbr_memory_growth_64_128", "bsbr_decode_latency_64_vs_32",
+        "bsbr_matmul_fraction_64"]
+    assert list(targets.threshold.iloc[[0, 1, 3, 4, 5, 6]]) == [5.0, 20.0, 1.5, 1.1, 1.5, 0.3]
+    # full attention ran at 64 but not at 128: only ratios at 128 use an extrapolated time
+    assert list(targets.extrapolated) == [False, True, True, False, False, False, False]
+    for row in targets.itertuples():
+        holds = {"≥": row.value >= row.threshold, "≤": row.value <= row.threshold, ">": row.value > row.threshold}
+        assert row.status == ("pass" if holds[row.comparison] else "FAIL")
+    wins = pd.read_csv(out / "who_wins.csv").set_index(["level", "mode", "seq_len"])
+    module_ratio = wins.loc[("module", "forward", 128), "ratio"]
+    assert targets.loc["module_forward_speedup_128", "value"] == pytest.approx(module_ratio)
+    assert targets.loc["core_gap_larger_128", "threshold"] == pytest.approx(module_ratio)
+    assert targets.loc["core_gap_larger_128", "value"] == pytest.approx(wins.loc[("core", "forward", 128), "ratio"])
+    attention = pd.read_csv(out / "attention.csv").set_index(["mode", "impl", "seq_len"])
+    peaks = attention.loc[("forward", "bsbr"), "peak_bytes"]
+    assert targets.loc["bsbr_forward_peak_memory_128", "value"] == pytest.approx(peaks.loc[128] / 1e9)
+    assert targets.loc["bsbr_memory_growth_64_128", "value"] == pytest.approx(peaks.loc[128] / peaks.loc[64] / 2)
+    decode = pd.read_csv(out / "decode.csv").set_index(["impl", "position"]).median_s
+    latency_ratio = decode.loc[("bsbr", 64)] / decode.loc[("bsbr", 32)]
+    assert targets.loc["bsbr_decode_latency_64_vs_32", "value"] == pytest.approx(latency_ratio)
+    matmul = json.loads((out / "matmul.json").read_text())["gflops_per_s"]
+    assert targets.loc["bsbr_matmul_fraction_64", "value"] == pytest.approx(
+        attention.loc[("forward", "bsbr", 64), "gflops_per_s"] / matmul)
+
+    metrics = json.loads(scaling_smoke["metrics"].read_text())["attention"]
+    assert set(metrics) == {"config", "matmul_gflops_per_s", "longest_seq_len", "at_longest", "crossover_seq_len",
+                            "bsbr_forward_gflops_fraction_of_matmul", "decode", "targets", "tie_tolerance"}
+    assert metrics["config"] == {**SMOKE_SIZES, "batch_size": 1, "threads": 1}
+    assert metrics["longest_seq_len"] == 128 and metrics["matmul_gflops_per_s"] == pytest.approx(matmul, abs=0.01)
+    at = metrics["at_longest"]
+    assert at["module_forward_full_extrapolated"] is True and at["core_backward_full_extrapolated"] is True
+    assert at["module_forward_ratio"] == pytest.approx(module_ratio, abs=1e-4)
+    assert at["bsbr_forward_peak_bytes"] == attention.loc[("forward", "bsbr", 128), "peak_bytes"]
+    assert set(metrics["bsbr_forward_gflops_fraction_of_matmul"]) == {"32", "64", "128"}
+    assert set(metrics["decode"]) == {"bsbr", "standard"}
+    assert metrics["decode"]["standard"]["64"]["state_bytes"] == 2 * 4 * 68 * SCALING_SMOKE["hidden_dim"]
+    assert {name: entry["status"] for name, entry in metrics["targets"].items()} == targets.status.to_dict()
