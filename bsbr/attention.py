@@ -289,9 +289,10 @@ def _chunk_states(key, value, num_chunks, compression):
     keys, values = (t.unflatten(2, (num_chunks, -1)) for t in (key, value))  # [batch, heads, chunks, size, d]
     # Per (row, head) the blocks are [chunks, size, d] views with a single batch stride, which bmm reads in place
     # (one batched call over [batch, heads, chunks] would first copy keys and values).
-    if torch.is_grad_enabled():
-        states = torch.stack([torch.stack([torch.bmm(keys[row, index].transpose(1, 2), values[row, index])
-                                           for index in range(heads)]) for row in range(batch)])
+    if torch.is_grad_enabled():  # unbind, not indexing: its backward stacks once instead of zero-filling per head
+        states = torch.stack([torch.stack([torch.bmm(k.transpose(1, 2), v) for k, v in zip(row_k.unbind(0),
+                                                                                         row_v.unbind(0))])
+                              for row_k, row_v in zip(keys.unbind(0), values.unbind(0))])
     else:  # written in place: no stacking copy
         states = key.new_empty(batch, heads, num_chunks, head_dim, head_dim)
         for row in range(batch):
@@ -368,15 +369,23 @@ def _local_plus_readout(query, key, value, first, later, partial, chunk_size, dr
     sizes = [chunks * size for _, chunks, size in spans]
     if not sizes:
         return (torch.cat(pieces, dim=1) if grad else output).transpose(1, 2)
+    # R per span: call chunk 0 uses `first`, the others consecutive slices of `later`.
+    later_sizes = [chunks for index, chunks, _ in spans if index > 0]
+    if later.shape[2] > sum(later_sizes):  # R of the next chunk (a call ending on a boundary): not read here
+        later_sizes.append(later.shape[2] - sum(later_sizes))
     rows = []
-    for row in range(batch):  # one fused call per sequence and block group keeps the blocks as views (no copies)
-        blocks = zip(spans, *(t[row, :, skip:].split(sizes, dim=1) for t, skip in
-                              ((query, head), (key, partial + head), (value, partial + head))))
+    # One fused call per sequence and block group keeps the blocks as views (no copies); rows, blocks and R come
+    # from unbind/split, whose backward joins the gradients once.
+    for row, (q_row, k_row, v_row, first_row, later_row) in enumerate(zip(
+            query.unbind(0), key.unbind(0), value.unbind(0), first.unbind(0), later.unbind(0))):
+        blocks = zip(spans, *(t[:, skip:].split(sizes, dim=1) for t, skip in
+                              ((q_row, head), (k_row, partial + head), (v_row, partial + head))))
+        later_blocks = iter(later_row.split(later_sizes, dim=1) if later_sizes else ())
         row_pieces, start = [], head
         for (index, chunks, size), q, k, v in blocks:
             q, k, v = (t.unflatten(1, (chunks, size)).transpose(0, 1) for t in (q, k, v))  # [chunks, heads, size, d]
             local = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            retrieved = first[row, :, None] if index == 0 else later[row, :, index - 1 : index - 1 + chunks]
+            retrieved = first_row[:, None] if index == 0 else next(later_blocks)  # [heads, chunks, d, d]
             if grad:
                 out = local + q @ retrieved.transpose(0, 1)  # q_t · R_i
                 row_pieces.append(out.transpose(1, 2).reshape(chunks * size, heads, head_dim))
