@@ -207,3 +207,19 @@ def test_targets_table_and_attention_metrics(scaling_smoke):
     assert set(metrics["decode"]) == {"bsbr", "standard"}
     assert metrics["decode"]["standard"]["64"]["state_bytes"] == 2 * 4 * 68 * SCALING_SMOKE["hidden_dim"]
     assert {name: entry["status"] for name, entry in metrics["targets"].items()} == targets.status.to_dict()
+
+
+def test_module_time_split_is_module_minus_core(scaling_smoke):
+    split = pd.read_csv(scaling_smoke["out"] / "module_time_split.csv")
+    attention = pd.read_csv(scaling_smoke["out"] / "attention.csv")
+    forward = attention[attention["mode"] == "forward"].set_index(["impl", "seq_len"]).median_s
+    assert list(split.seq_len) == SCALING_SMOKE["attn_seq_lens"]
+    for row in split.itertuples():
+        assert row.bsbr_module_s == forward[("bsbr", row.seq_len)]
+        assert row.bsbr_core_s == forward[("bsbr_core", row.seq_len)]
+        assert abs(row.bsbr_outside_core_s - (row.bsbr_module_s - row.bsbr_core_s)) < 1e-12
+        assert abs(row.module_ratio - row.full_module_s / row.bsbr_module_s) < 1e-9 * row.module_ratio
+        assert row.full_source == ("measured" if row.seq_len <= SCALING_SMOKE["full_forward_max_len"]
+                                   else "extrapolated")
+        if row.bsbr_outside_core_s > 0:
+            assert row.ratio_if_bsbr_core_were_free >= row.module_ratio
