@@ -76,14 +76,18 @@ class TransformerModel(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, state=None,
-                return_state: bool = False):
+    def check_input_ids(self, input_ids) -> None:
+        """Raise ValueError unless ``input_ids`` is a 2-D integer tensor, ``seq_len >= 1``, ids in ``[0, vocab_size)``."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError("input_ids must be a 2-D integer tensor [batch, seq_len]")
         if input_ids.shape[1] < 1:
             raise ValueError("input_ids must have seq_len >= 1")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.vocab_size})")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, state=None,
+                return_state: bool = False):
+        self.check_input_ids(input_ids)
         attention_mask = validate_attention_mask(attention_mask, *input_ids.shape)
         if state is not None and (not isinstance(state, (list, tuple)) or len(state) != len(self.layers)):
             raise ValueError(f"state must be the list of {len(self.layers)} layer states this model returned "
@@ -232,7 +236,7 @@ class CausalLM(nn.Module):
         if eos_token_id is not None:
             check_int_at_least(0, eos_token_id=eos_token_id)
         if max_new_tokens == 0:
-            self.model(input_ids[:, :1])  # validates input_ids
+            self.model.check_input_ids(input_ids)
             return input_ids.clone()
         output = self(input_ids, return_state=True)
         tokens = [input_ids]
