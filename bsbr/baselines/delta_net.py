@@ -1,0 +1,251 @@
+"""DeltaNet: linear attention with the delta rule (Schlag et al. 2021, "Linear Transformers Are Secretly Fast
+Weight Programmers", arXiv 2102.11174), trained with the chunkwise-parallel WY form of Yang et al. 2024
+("Parallelizing Linear Transformers with the Delta Rule over Sequence Length", arXiv 2406.06484).
+
+Per head, the memory ``S_t`` is a ``[d_k, d_v]`` matrix (keys index rows). With a write strength
+``β_t ∈ (0, 1)``, every token replaces the value stored under its key by a β-mix of the old and the new one:
+
+    S_t = S_{t-1} + β_t k_t (v_t − S_{t-1}ᵀ k_t)ᵀ  =  (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,
+    o_t = S_tᵀ q_t                                   (the output reads the memory *after* token t's write).
+
+This is flash-linear-attention's convention (``fla.ops.delta_rule``), except that ``q`` is not multiplied by
+``head_dim^-0.5`` (queries here are unit vectors).
+
+Two forms on per-head tensors, both continuing a carried ``S``:
+
+* :func:`delta_rule_recurrent`: the token loop, the obviously-correct reference (sequential, O(n·d²)).
+* :func:`delta_rule_chunkwise`: in chunks of ``C`` tokens, the chunk's ``C`` rank-one updates are collected in the
+  WY/UT form: with ``A = I + tril(diag(β) K Kᵀ, −1)`` (unit lower triangular) and ``T = A⁻¹``,
+  ``W = T diag(β) K`` and ``U = T diag(β) V`` (one triangular solve per chunk), then for chunk ``c`` with carried
+  ``S``: ``U' = U − W S``, ``O = Q S + tril(Q Kᵀ) U'``, ``S ← S + Kᵀ U'``. Time O(n·C·d + n·d²), a Python loop over
+  chunks only (Yang et al. 2024, §3; fla's ``naive`` chunk implementation).
+
+:class:`DeltaNet` is the multi-head layer (same interface as :class:`bsbr.StandardAttention`). Feature map, as in
+fla's ``DeltaNet`` defaults without the short convolution: ``q, k = l2norm(silu(q_proj(x)))`` per head (unit vectors,
+so ``I − β k kᵀ`` is a contraction for ``β ∈ (0, 1)``), ``v = v_proj(x)``, ``β = sigmoid(b_proj(x))`` per head.
+fla's short convolutions and output norm/gate are left out to keep the baseline minimal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr.attention import attend_packed, validate_attention_mask
+
+__all__ = ["DeltaNet", "DeltaNetState", "delta_rule_chunkwise", "delta_rule_recurrent"]
+
+#: ``eps`` of the per-head L2 normalisation of queries and keys (``F.normalize``).
+L2_NORM_EPS = 1e-6
+
+
+def _check_inputs(q, k, v, beta, state):
+    """Shapes of per-head ``q, k`` ``[b, h, n, d_k]``, ``v`` ``[b, h, n, d_v]``, ``beta`` ``[b, h, n]``, ``S``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
+                         f"k {list(k.shape)}, v {list(v.shape)}")
+    if not isinstance(beta, torch.Tensor) or beta.shape != q.shape[:3]:
+        raise ValueError(f"beta must be [batch, heads, seq_len] = {list(q.shape[:3])}, "
+                         f"got {list(beta.shape) if isinstance(beta, torch.Tensor) else type(beta).__name__}")
+    batch, heads, _, d_k = q.shape
+    expected = (batch, heads, d_k, v.shape[-1])
+    if state is None:
+        return q.new_zeros(expected)
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != expected:
+        raise ValueError(f"state must be None or the memory S {list(expected)}, "
+                         f"got {list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}")
+    return state
+
+
+def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                         state: torch.Tensor | None = None):
+    """The delta rule as a token loop (the reference form; conventions in the module docstring).
+
+    Args:
+        q, k: ``[batch, heads, seq_len, d_k]`` (the layer passes unit vectors; any values are accepted).
+        v: ``[batch, heads, seq_len, d_v]``.
+        beta: ``[batch, heads, seq_len]`` write strengths (the layer's are in (0, 1)).
+        state: None (``S_0 = 0``, a fresh sequence) or the memory ``S`` ``[batch, heads, d_k, d_v]`` returned by an
+            earlier call.
+    Returns:
+        ``(out [batch, heads, seq_len, d_v], S [batch, heads, d_k, d_v])``, ``S`` after the last token.
+    Raises:
+        ValueError: inconsistent shapes of ``q, k, v, beta`` or ``state``.
+    """
+    memory = _check_inputs(q, k, v, beta, state)
+    outputs = []
+    for t in range(q.shape[2]):
+        k_t = k[:, :, t]  # [batch, heads, d_k]
+        stored = (memory * k_t[..., None]).sum(-2)  # S_{t-1}ᵀ k_t: [batch, heads, d_v]
+        delta = beta[:, :, t, None] * (v[:, :, t] - stored)  # [batch, heads, d_v]
+        memory = memory + k_t[..., None] * delta[..., None, :]  # [batch, heads, d_k, d_v]
+        outputs.append((memory * q[:, :, t, :, None]).sum(-2))  # S_tᵀ q_t: [batch, heads, d_v]
+    return torch.stack(outputs, dim=2), memory
+
+
+def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                         chunk_size: int = 64, state: torch.Tensor | None = None):
+    """The delta rule in chunks with the WY/UT representation (Yang et al. 2024, arXiv 2406.06484); equal to
+    :func:`delta_rule_recurrent` up to rounding.
+
+    ``W, U`` of all chunks come from one batched unit-lower-triangular solve (``torch.linalg.solve_triangular``);
+    only the carry of ``S`` between chunks is a loop. The last chunk may be partial: zero keys, values, queries and
+    ``β = 0`` are appended internally, which leave ``S`` unchanged.
+
+    Args:
+        q, k, v, beta, state: as in :func:`delta_rule_recurrent`.
+        chunk_size: tokens per chunk (>= 1); any value gives the same result.
+    Returns:
+        ``(out [batch, heads, seq_len, d_v], S [batch, heads, d_k, d_v])``.
+    Raises:
+        ValueError: ``chunk_size`` not a positive integer, inconsistent shapes of ``q, k, v, beta`` or ``state``.
+    """
+    check_positive_int(chunk_size=chunk_size)
+    memory = _check_inputs(q, k, v, beta, state)
+    length = q.shape[2]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        beta = F.pad(beta, (0, pad))
+    q, k, v = (t.unflatten(2, (num_chunks, chunk_size)) for t in (q, k, v))
+    # q, k: [batch, heads, chunks, C, d_k]; v: [batch, heads, chunks, C, d_v]
+    beta = beta.unflatten(2, (num_chunks, chunk_size))[..., None]  # [batch, heads, chunks, C, 1]
+    k_beta = k * beta  # diag(β) K
+    # A = I + tril(diag(β) K Kᵀ, −1): solve_triangular(upper=False, unitriangular=True) reads only the strictly lower
+    # triangle of its matrix and takes the diagonal as ones, so diag(β) K Kᵀ itself stands for A (no masking).
+    rhs = torch.cat([k_beta, v * beta], dim=-1)  # [diag(β) K | diag(β) V]: [batch, heads, chunks, C, d_k + d_v]
+    wu = torch.linalg.solve_triangular(k_beta @ k.transpose(-1, -2), rhs, upper=False, unitriangular=True)
+    w, u = wu.split([k.shape[-1], v.shape[-1]], dim=-1)  # W = T diag(β) K, U = T diag(β) V
+    above = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    scores = (q @ k.transpose(-1, -2)).masked_fill_(above, 0.0)  # tril(Q Kᵀ): [batch, heads, chunks, C, C]
+    outputs = []
+    for c in range(num_chunks):
+        u_c = u[:, :, c] - w[:, :, c] @ memory  # U' = U − W S: [batch, heads, C, d_v]
+        outputs.append(q[:, :, c] @ memory + scores[:, :, c] @ u_c)  # [batch, heads, C, d_v]
+        memory = memory + k[:, :, c].transpose(-1, -2) @ u_c  # [batch, heads, d_k, d_v]
+    out = torch.cat(outputs, dim=2)[:, :, :length]  # [batch, heads, seq_len, d_v]
+    return out, memory
+
+
+@dataclass
+class DeltaNetState:
+    """Streaming state of one :class:`DeltaNet` after ``num_tokens`` tokens.
+
+    ``memory``: ``[batch, heads, head_dim, head_dim]``, the fast-weight memory ``S`` (keys index rows). Size
+    ``element_size · batch · heads · head_dim²`` bytes, constant in ``num_tokens``. ``batch_size`` and ``owner``
+    (``id`` of the producing module) are checked when it is passed back.
+    """
+
+    batch_size: int
+    owner: int
+    num_tokens: int
+    memory: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return self.memory.numel() * self.memory.element_size()
+
+
+class DeltaNet(nn.Module):
+    """Multi-head DeltaNet layer (Schlag et al. 2021, arXiv 2102.11174; chunkwise form of Yang et al. 2024,
+    arXiv 2406.06484). Conventions and feature map: see the module docstring.
+
+    Parameters: ``q_proj, k_proj, v_proj, out_proj`` (``nn.Linear(hidden_dim, hidden_dim)``) and ``b_proj``
+    (``nn.Linear(hidden_dim, num_heads)``, ``β = sigmoid(b_proj(x))``).
+
+    Args:
+        hidden_dim: model width, divisible by ``num_heads``.
+        num_heads: heads; ``head_dim = hidden_dim // num_heads``.
+        dropout: dropout probability on the attention output before ``out_proj`` (training only), in [0, 1).
+        chunk_size: tokens per chunk of :func:`delta_rule_chunkwise` (>= 1); it changes speed, not the result.
+    Raises:
+        ValueError: invalid arguments (see :meth:`forward` for its own).
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, chunk_size: int = 64):
+        super().__init__()
+        check_heads(hidden_dim, num_heads)
+        check_dropout(dropout)
+        check_positive_int(chunk_size=chunk_size)
+        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, hidden_dim // num_heads
+        self.dropout, self.chunk_size = dropout, chunk_size
+        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.b_proj = nn.Linear(hidden_dim, num_heads)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def state_nbytes(self, batch_size: int = 1) -> int:
+        """Bytes of a :class:`DeltaNetState` (any length): ``element_size · batch · heads · head_dim²``."""
+        check_positive_int(batch_size=batch_size)
+        return self.q_proj.weight.element_size() * batch_size * self.num_heads * self.head_dim ** 2
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                state: DeltaNetState | None = None, return_state: bool = False):
+        """DeltaNet over ``hidden_states``, optionally continuing a streaming ``state``.
+
+        Args:
+            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
+            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
+                real tokens are processed as that sequence alone, padded positions output zeros.
+            state: a :class:`DeltaNetState` this module returned; the new tokens continue that sequence (feeding a
+                sequence in any pieces gives the outputs of one full forward).
+            return_state: also return the state after these tokens.
+        Returns:
+            ``[batch, seq_len, hidden_dim]``, or ``(output, DeltaNetState)`` with ``return_state=True``.
+        Raises:
+            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
+            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
+                streaming call), a ``state`` from another module or batch size.
+        """
+        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
+        mask = validate_attention_mask(attention_mask, batch, seq_len)
+        check_positive_int(chunk_size=self.chunk_size)
+        if state is not None:
+            if not isinstance(state, DeltaNetState):
+                raise ValueError(f"state must be a DeltaNetState returned with return_state=True, "
+                                 f"got {type(state).__name__}")
+            if state.batch_size != batch:
+                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
+            if state.owner != id(self):
+                raise ValueError("state was produced by a different module; pass the state this module returned")
+
+        def empty():
+            d = self.head_dim
+            return DeltaNetState(batch, id(self), 0, hidden_states.new_zeros(batch, self.num_heads, d, d))
+
+        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+
+    def project(self, hidden_states: torch.Tensor):
+        """Per-head ``q, k`` (unit vectors), ``v`` ``[batch, heads, L, head_dim]`` and ``β`` ``[batch, heads, L]``
+        of ``hidden_states`` ``[batch, L, hidden_dim]`` (what :func:`delta_rule_chunkwise` consumes)."""
+        batch, length, _ = hidden_states.shape
+
+        def heads(x):  # [batch, L, hidden_dim] -> [batch, heads, L, head_dim]
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = F.normalize(F.silu(heads(self.q_proj(hidden_states))), dim=-1, eps=L2_NORM_EPS)
+        k = F.normalize(F.silu(heads(self.k_proj(hidden_states))), dim=-1, eps=L2_NORM_EPS)
+        v = heads(self.v_proj(hidden_states))
+        beta = torch.sigmoid(self.b_proj(hidden_states)).transpose(1, 2)  # [batch, heads, L]
+        return q, k, v, beta
+
+    def _attend(self, hidden_states: torch.Tensor, state: DeltaNetState | None, return_state: bool):
+        """Unpadded core: ``[batch, L, hidden_dim]`` (continuing ``state``) -> output (and the new state)."""
+        batch, length, _ = hidden_states.shape
+        q, k, v, beta = self.project(hidden_states)
+        out, memory = delta_rule_chunkwise(q, k, v, beta, self.chunk_size, None if state is None else state.memory)
+        out = F.dropout(out, self.dropout, self.training)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))  # [batch, L, hidden_dim]
+        if not return_state:
+            return out
+        seen = 0 if state is None else state.num_tokens
+        return out, DeltaNetState(batch, id(self), seen + length, memory)

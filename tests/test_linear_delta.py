@@ -1,0 +1,334 @@
+"""Linear attention and DeltaNet baselines (issue 4): the recurrent, chunkwise and naive forms of each operator
+agree (forward, backward, carried state), and the layers keep the attention interface (causality, streaming,
+padding, gradients, argument and state checks).
+
+Tolerances: operator forms in float64, max |difference| <= 1e-8; layers in fp32, <= 1e-5. Shapes tiny, seeds fixed.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbr.baselines.delta_net import DeltaNet, DeltaNetState, delta_rule_chunkwise, delta_rule_recurrent
+from bsbr.baselines.linear import (LINEAR_ATTENTION_EPS, LinearAttention, LinearAttentionState, elu_feature_map,
+                                   linear_attention_chunkwise, linear_attention_recurrent)
+from bsbr.model import TransformerModel
+
+HIDDEN, HEADS, CHUNK, SEQ = 32, 4, 4, 23  # SEQ: five chunks of 4 and a partial one of 3
+HEAD_DIM = HIDDEN // HEADS
+OP_ATOL = 1e-8
+LAYER_ATOL = 1e-5
+STATE_NAME = r"\bstate\b"  # the argument `state`, not "hidden_states"
+
+#: (seq_len, chunk_size): not a multiple, chunk 1, chunk == seq, chunk > seq, a multiple.
+OP_SHAPES = [(13, 4), (13, 1), (13, 13), (13, 32), (12, 4)]
+
+
+def per_head(seed, batch=2, heads=3, seq_len=13, d_k=5, d_v=6):
+    """Random float64 ``q, k [batch, heads, seq_len, d_k]``, ``v [.., d_v]``, ``beta [batch, heads, seq_len]``."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, heads, seq_len, d_k, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(batch, heads, seq_len, d_v, generator=g, dtype=torch.float64)
+    beta = torch.rand(batch, heads, seq_len, generator=g, dtype=torch.float64)
+    return q, k, v, beta
+
+
+# --------------------------------------------------------------------------------------------- linear attention
+
+
+def naive_linear_attention(q, k, v, eps=LINEAR_ATTENTION_EPS):
+    """Feature-mapped ``q, k``: explicit causal mask over ``q kᵀ`` and the row-sum normaliser."""
+    n = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), 0.0)
+    return (scores @ v) / (scores.sum(-1, keepdim=True) + eps), k.transpose(-1, -2) @ v, k.sum(2)
+
+
+@pytest.mark.parametrize("seq_len,chunk_size", OP_SHAPES)
+def test_linear_attention_chunkwise_equals_recurrent_equals_naive(seq_len, chunk_size):
+    q, k, v, _ = per_head(0, seq_len=seq_len)
+    q, k = elu_feature_map(q), elu_feature_map(k)
+    naive = naive_linear_attention(q, k, v)
+    recurrent = linear_attention_recurrent(q, k, v)
+    chunkwise = linear_attention_chunkwise(q, k, v, chunk_size)
+    for a, b, c in zip(naive, recurrent, chunkwise):
+        torch.testing.assert_close(b, a, atol=OP_ATOL, rtol=0)
+        torch.testing.assert_close(c, a, atol=OP_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("split,chunk_size", [(5, 4), (8, 4), (1, 3), (12, 64)])
+def test_linear_attention_carried_state_two_calls_equal_one(split, chunk_size):
+    q, k, v, _ = per_head(1)
+    q, k = elu_feature_map(q), elu_feature_map(k)
+    whole = linear_attention_recurrent(q, k, v)
+    for form in (linear_attention_recurrent, lambda *a, state=None: linear_attention_chunkwise(*a, chunk_size, state)):
+        out1, s, z = form(q[:, :, :split], k[:, :, :split], v[:, :, :split])
+        out2, s, z = form(q[:, :, split:], k[:, :, split:], v[:, :, split:], state=(s, z))
+        torch.testing.assert_close(torch.cat([out1, out2], dim=2), whole[0], atol=OP_ATOL, rtol=0)
+        torch.testing.assert_close(s, whole[1], atol=OP_ATOL, rtol=0)
+        torch.testing.assert_close(z, whole[2], atol=OP_ATOL, rtol=0)
+
+
+def test_linear_attention_chunkwise_backward_equals_recurrent():
+    inputs = per_head(2)[:3]
+    weight = torch.randn(2, 3, 13, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = []
+    for form in (linear_attention_recurrent, lambda q, k, v: linear_attention_chunkwise(q, k, v, 4)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, s, z = form(elu_feature_map(leaves[0]), elu_feature_map(leaves[1]), leaves[2])
+        ((out * weight).sum() + s.sum() + z.square().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=OP_ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- delta rule
+
+
+def naive_delta_rule(q, k, v, beta, memory=None):
+    """Independent reference: per row and head, ``S ← (I − β k kᵀ) S + β k vᵀ``, ``o = Sᵀ q``."""
+    batch, heads, n, d_k = q.shape
+    out = torch.zeros(batch, heads, n, v.shape[-1], dtype=q.dtype)
+    final = torch.zeros(batch, heads, d_k, v.shape[-1], dtype=q.dtype)
+    eye = torch.eye(d_k, dtype=q.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            s = torch.zeros(d_k, v.shape[-1], dtype=q.dtype) if memory is None else memory[b, h]
+            for t in range(n):
+                kt = k[b, h, t][:, None]  # column vector [d_k, 1]
+                s = (eye - beta[b, h, t] * kt @ kt.T) @ s + beta[b, h, t] * kt @ v[b, h, t][None, :]
+                out[b, h, t] = s.T @ q[b, h, t]
+            final[b, h] = s
+    return out, final
+
+
+def unit_qk(q, k, v, beta):
+    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta
+
+
+@pytest.mark.parametrize("seq_len,chunk_size", OP_SHAPES)
+def test_delta_rule_chunkwise_equals_recurrent_equals_naive(seq_len, chunk_size):
+    q, k, v, beta = unit_qk(*per_head(4, seq_len=seq_len))
+    naive = naive_delta_rule(q, k, v, beta)
+    recurrent = delta_rule_recurrent(q, k, v, beta)
+    chunkwise = delta_rule_chunkwise(q, k, v, beta, chunk_size)
+    for a, b, c in zip(naive, recurrent, chunkwise):
+        torch.testing.assert_close(b, a, atol=OP_ATOL, rtol=0)
+        torch.testing.assert_close(c, a, atol=OP_ATOL, rtol=0)
+
+
+def test_delta_rule_forms_agree_for_unnormalised_keys():
+    """The forms are exact rewrites of one recurrence, whatever ``k`` and ``β`` (not only unit keys, β < 1)."""
+    q, k, v, beta = per_head(5)
+    beta = 2 * beta / k.square().sum(-1)  # β‖k‖² in (0, 2): the recurrence stays bounded
+    naive = naive_delta_rule(q, k, v, beta)
+    chunkwise = delta_rule_chunkwise(q, k, v, beta, 4)
+    for a, c in zip(naive, chunkwise):
+        torch.testing.assert_close(c, a, atol=OP_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("split,chunk_size", [(5, 4), (8, 4), (1, 3), (12, 64)])
+def test_delta_rule_carried_state_two_calls_equal_one(split, chunk_size):
+    q, k, v, beta = unit_qk(*per_head(6))
+    whole_out, whole_state = naive_delta_rule(q, k, v, beta)
+    first = naive_delta_rule(q[:, :, :split], k[:, :, :split], v[:, :, :split], beta[:, :, :split])[1]
+    tail = [t[:, :, split:] for t in (q, k, v, beta)]
+    torch.testing.assert_close(naive_delta_rule(*tail, memory=first)[0], whole_out[:, :, split:], atol=OP_ATOL, rtol=0)
+    for form in (delta_rule_recurrent, lambda *a, state=None: delta_rule_chunkwise(*a, chunk_size, state)):
+        out1, s = form(*(t[:, :, :split] for t in (q, k, v, beta)))
+        out2, s = form(*tail, state=s)
+        torch.testing.assert_close(torch.cat([out1, out2], dim=2), whole_out, atol=OP_ATOL, rtol=0)
+        torch.testing.assert_close(s, whole_state, atol=OP_ATOL, rtol=0)
+
+
+def test_delta_rule_chunkwise_backward_equals_recurrent():
+    inputs = per_head(7)
+    weight = torch.randn(2, 3, 13, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    grads = []
+    for form in (delta_rule_recurrent, lambda *a: delta_rule_chunkwise(*a, 4)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, s = form(F.normalize(leaves[0], dim=-1), F.normalize(leaves[1], dim=-1), leaves[2], leaves[3])
+        ((out * weight).sum() + s.square().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=OP_ATOL, rtol=0)
+
+
+def test_delta_rule_chunkwise_fp32_long_sequence_stays_close_to_recurrent():
+    q, k, v, beta = (t.float() for t in unit_qk(*per_head(9, batch=1, heads=2, seq_len=300, d_k=8, d_v=8)))
+    ref_out, ref_state = delta_rule_recurrent(q, k, v, beta)
+    out, state = delta_rule_chunkwise(q, k, v, beta, 64)
+    torch.testing.assert_close(out, ref_out, atol=LAYER_ATOL, rtol=0)
+    torch.testing.assert_close(state, ref_state, atol=LAYER_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("form", ["linear_recurrent", "linear_chunkwise", "delta_recurrent", "delta_chunkwise"])
+def test_operator_shape_and_state_errors(form):
+    q, k, v, beta = per_head(0)
+    call = {
+        "linear_recurrent": lambda q, k, v, state=None: linear_attention_recurrent(q, k, v, state),
+        "linear_chunkwise": lambda q, k, v, state=None: linear_attention_chunkwise(q, k, v, 4, state),
+        "delta_recurrent": lambda q, k, v, state=None: delta_rule_recurrent(q, k, v, beta, state),
+        "delta_chunkwise": lambda q, k, v, state=None: delta_rule_chunkwise(q, k, v, beta, 4, state),
+    }[form]
+    with pytest.raises(ValueError, match="q and k"):
+        call(q, k[..., :4], v)
+    with pytest.raises(ValueError, match=r"^state"):
+        call(q, k, v, state=torch.zeros(1))
+    if form == "linear_chunkwise":
+        with pytest.raises(ValueError, match="chunk_size"):
+            linear_attention_chunkwise(q, k, v, 0)
+    if form == "delta_chunkwise":
+        with pytest.raises(ValueError, match="chunk_size"):
+            delta_rule_chunkwise(q, k, v, beta, 0)
+        with pytest.raises(ValueError, match="beta"):
+            delta_rule_chunkwise(q, k, v, beta[:, :, :5], 4)
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+LAYERS = {"linear": LinearAttention, "delta_net": DeltaNet}
+
+
+def make(kind, seed=0, chunk_size=CHUNK, **kwargs):
+    torch.manual_seed(seed)
+    return LAYERS[kind](HIDDEN, HEADS, chunk_size=chunk_size, **kwargs).eval()
+
+
+def random_hidden(batch, seq_len, seed=1):
+    return torch.randn(batch, seq_len, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_layer(layer, x):
+    """The layer written with its operator's recurrent (token-loop) form."""
+    batch, n, _ = x.shape
+    if isinstance(layer, DeltaNet):
+        out, _ = delta_rule_recurrent(*layer.project(x))
+    else:
+        q, k, v = (p(x).view(batch, n, HEADS, HEAD_DIM).transpose(1, 2) for p in (layer.q_proj, layer.k_proj,
+                                                                                  layer.v_proj))
+        out = linear_attention_recurrent(elu_feature_map(q), elu_feature_map(k), v)[0]
+    return layer.out_proj(out.transpose(1, 2).reshape(batch, n, HIDDEN))
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("chunk_size", [1, CHUNK, 64])
+def test_layer_equals_recurrent_reference(kind, chunk_size):
+    layer = make(kind, chunk_size=chunk_size)
+    x = random_hidden(2, SEQ)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_layer(layer, x), atol=LAYER_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_is_causal(kind):
+    layer = make(kind)
+    x = random_hidden(2, SEQ)
+    with torch.no_grad():
+        base = layer(x)
+        for t in (0, 5, 11, 22):
+            changed = x.clone()
+            changed[:, t] += 3.0 * random_hidden(2, 1, seed=t + 10)[:, 0]
+            out = layer(changed)
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0)
+            assert (out[:, t] - base[:, t]).abs().amax(-1).min() > 1e-4
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("pieces", [[1] * SEQ, [3, 2, 6, 1, 9, 2], [4, 8, 4, 7], [22, 1]])
+def test_layer_pieces_equal_full_forward(kind, pieces):
+    layer = make(kind)
+    x = random_hidden(2, SEQ)
+    outputs, state, start = [], None, 0
+    with torch.no_grad():
+        full = layer(x)
+        for length in pieces:
+            out, state = layer(x[:, start : start + length], state=state, return_state=True)
+            outputs.append(out)
+            start += length
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=LAYER_ATOL, rtol=0)
+    assert state.num_tokens == SEQ
+    state_type = LinearAttentionState if kind == "linear" else DeltaNetState
+    assert isinstance(state, state_type) and state.nbytes() == layer.state_nbytes(batch_size=2)
+    d = HEAD_DIM
+    assert layer.state_nbytes() == 4 * HEADS * (d * d + (d if kind == "linear" else 0))  # fp32, length-free
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_padding_left_and_right_equals_row_alone(kind):
+    layer = make(kind)
+    x = random_hidden(3, 15)
+    mask = torch.ones(3, 15, dtype=torch.bool)
+    mask[0, :4] = False  # left padding
+    mask[1, 9:] = False  # right padding
+    mask[2] = False  # all padding
+    with torch.no_grad():
+        out = layer(x, attention_mask=mask.long())
+        torch.testing.assert_close(out[0, 4:], layer(x[:1, 4:])[0], atol=LAYER_ATOL, rtol=0)
+        torch.testing.assert_close(out[1, :9], layer(x[1:2, :9])[0], atol=LAYER_ATOL, rtol=0)
+    assert torch.isfinite(out).all()
+    assert out[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_gradients_are_finite_and_nonzero_on_every_parameter(kind):
+    layer = make(kind).train()
+    x = random_hidden(2, SEQ).requires_grad_()
+    mask = torch.ones(2, SEQ, dtype=torch.bool)
+    mask[1, :5] = False
+    (layer(x, attention_mask=mask) * random_hidden(2, SEQ, seed=2)).sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().max() > 0, name
+    assert torch.isfinite(x.grad).all() and x.grad[1, :5].abs().max() == 0  # padding gets no gradient
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_works_as_a_model_trunk_and_streams(kind):
+    torch.manual_seed(0)
+    model = TransformerModel(50, HIDDEN, 2, 64, 0.0, lambda: LAYERS[kind](HIDDEN, HEADS, chunk_size=CHUNK)).eval()
+    ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(3))
+    outputs, state, start = [], None, 0
+    with torch.no_grad():
+        full = model(ids)
+        for length in (5, 1, 11):
+            hidden, state = model(ids[:, start : start + length], state=state, return_state=True)
+            outputs.append(hidden)
+            start += length
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=LAYER_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("args,kwargs,name", [
+    ((30, 4), {}, "hidden_dim"),
+    ((32, 0), {}, "num_heads"),
+    ((32, 4), {"chunk_size": 0}, "chunk_size"),
+    ((32, 4), {"chunk_size": 2.5}, "chunk_size"),
+    ((32, 4), {"dropout": 1.0}, "dropout"),
+    ((32, 4), {"dropout": -0.1}, "dropout"),
+])
+def test_layer_bad_config_raises(kind, args, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LAYERS[kind](*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_state_from_another_module_or_batch_raises(kind):
+    first, second = make(kind), make(kind)
+    other = make("delta_net" if kind == "linear" else "linear")
+    with torch.no_grad():
+        _, state = first(random_hidden(2, 6), return_state=True)
+        with pytest.raises(ValueError, match=STATE_NAME):
+            second(random_hidden(2, 2), state=state)
+        with pytest.raises(ValueError, match=STATE_NAME):
+            first(random_hidden(3, 2), state=state)
+        with pytest.raises(ValueError, match=STATE_NAME):
+            other(random_hidden(2, 2), state=state)
+        with pytest.raises(ValueError, match="attention_mask"):  # stateful calls need equal real-token counts
+            first(random_hidden(2, 3), attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), state=state)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_wrong_dtype_raises(kind):
+    with pytest.raises(TypeError, match="dtype"):
+        make(kind)(random_hidden(1, 4).double())
