@@ -1,0 +1,179 @@
+"""Causal sliding-window attention (Longformer's local attention, Beltagy et al. 2020, arXiv 2004.05150; the causal
+window of Mistral 7B, Jiang et al. 2023, arXiv 2310.06825): each token sees itself and the ``window_size - 1``
+tokens before it, with standard multi-head softmax attention (scale ``1/sqrt(head_dim)``) over that window.
+
+Nothing of size ``seq_len × seq_len`` is built: queries are split into blocks of ``window_size`` tokens and block
+``i`` attends to the keys of blocks ``i - 1`` and ``i`` under a fixed ``[window_size, 2·window_size]`` band mask,
+all blocks in one ``scaled_dot_product_attention`` call: O(seq_len·window_size·head_dim) time and
+O(seq_len·window_size) memory per head. A call of at most ``window_size`` new tokens (decoding) attends to its
+``<= 2·window_size - 1`` keys directly, without block padding.
+Decoding keeps a rolling cache of the last ``window_size - 1`` keys and
+values (:class:`WindowCache`), so a step costs O(window_size·head_dim) per head whatever the position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr.attention import attend_packed, validate_attention_mask
+
+__all__ = ["SlidingWindowAttention", "WindowCache", "sliding_window_attention"]
+
+
+@dataclass
+class WindowCache:
+    """Rolling KV cache of a :class:`SlidingWindowAttention` after ``num_tokens`` tokens.
+
+    ``key, value``: ``[batch, heads, min(num_tokens, window_size - 1), head_dim]`` — the last keys and values, the
+    only ones a later token can see. Size: ``2 · element_size · batch · heads · min(num_tokens, window_size - 1) ·
+    head_dim`` bytes, bounded whatever the position. ``window_size``, ``batch_size`` and ``owner`` (``id`` of the
+    producing module) are checked when the cache is passed back.
+    """
+
+    window_size: int
+    batch_size: int
+    owner: int
+    num_tokens: int
+    key: torch.Tensor
+    value: torch.Tensor
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value))
+
+
+def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window_size: int,
+                             dropout_p: float = 0.0) -> torch.Tensor:
+    """Blocked causal sliding-window softmax attention, scale ``1/sqrt(head_dim)``.
+
+    Args:
+        query: ``[batch, heads, L, d]`` — the last ``L`` positions of the key sequence.
+        key, value: ``[batch, heads, c + L, d]`` with ``0 <= c <= window_size - 1`` cached positions first.
+        window_size: query ``t`` (key position ``c + t``) sees key positions ``c + t - window_size + 1 .. c + t``
+            (those that exist).
+        dropout_p: dropout on the attention weights.
+    Returns:
+        ``[batch, heads, L, d]``.
+    Raises:
+        ValueError: ``window_size < 1`` or more than ``window_size - 1`` cached positions.
+    """
+    check_positive_int(window_size=window_size)
+    batch, heads, length, head_dim = query.shape
+    cached = key.shape[2] - length
+    w = window_size
+    if not 0 <= cached <= w - 1:
+        raise ValueError(f"key must hold the L query positions plus 0..window_size-1={w - 1} cached ones, got {cached}")
+    if length <= w:  # one block (decoding, short calls): all c + L <= 2w - 1 keys directly, no padding
+        mask = None
+        if length > 1 or cached + length > w:
+            offset = (cached + torch.arange(length, device=query.device)[:, None]
+                      - torch.arange(cached + length, device=query.device)[None, :])  # query - key position
+            mask = (offset >= 0) & (offset < w)  # [L, c + L]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
+    blocks = -(-length // w)
+    # Keys padded to (blocks + 1)·w: `w - cached` dummy positions in front, then the tail up to a whole block.
+    front, back = w - cached, blocks * w - length
+    key = F.pad(key, (0, 0, front, back))  # [batch, heads, (blocks + 1)·w, d]
+    value = F.pad(value, (0, 0, front, back))
+    query = F.pad(query, (0, 0, 0, back)).view(batch, heads, blocks, w, head_dim)  # [batch, heads, blocks, w, d]
+    # Block i's keys: padded positions i·w .. i·w + 2w - 1 (previous block, then its own).
+    key = torch.cat([key[:, :, :-w].view(batch, heads, blocks, w, head_dim),
+                     key[:, :, w:].view(batch, heads, blocks, w, head_dim)], dim=3)  # [batch, heads, blocks, 2w, d]
+    value = torch.cat([value[:, :, :-w].view(batch, heads, blocks, w, head_dim),
+                       value[:, :, w:].view(batch, heads, blocks, w, head_dim)], dim=3)
+    # Query r of a block sits at local key position w + r and sees local positions r + 1 .. r + w.
+    rows = torch.arange(w, device=query.device)[:, None]
+    cols = torch.arange(2 * w, device=query.device)[None, :]
+    band = (cols > rows) & (cols <= rows + w)  # [w, 2w]
+    mask = band.expand(blocks, w, 2 * w).clone()  # [blocks, w, 2w]
+    mask[0, :, :front] = False  # the dummy positions in front of the sequence (block 0 only: front <= w)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
+    return out.view(batch, heads, blocks * w, head_dim)[:, :, :length]  # [batch, heads, L, d]
+
+
+class SlidingWindowAttention(nn.Module):
+    """Causal multi-head sliding-window attention with ``q_proj, k_proj, v_proj, out_proj``
+    (``nn.Linear(hidden_dim, hidden_dim)``); see the module docstring for the window semantics.
+
+    Args:
+        hidden_dim: model width, divisible by ``num_heads``.
+        num_heads: attention heads; ``head_dim = hidden_dim // num_heads``, scale ``1/sqrt(head_dim)``.
+        dropout: dropout on the attention weights during training, in [0, 1).
+        window_size: tokens each token sees, itself included (>= 1); ``window_size >= seq_len`` is standard causal
+            attention, ``window_size = 1`` lets each token see only itself.
+    Raises:
+        ValueError: invalid arguments (see :meth:`forward` for its own).
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, window_size: int = 128):
+        super().__init__()
+        check_heads(hidden_dim, num_heads)
+        check_dropout(dropout)
+        check_positive_int(window_size=window_size)
+        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, hidden_dim // num_heads
+        self.dropout, self.window_size = dropout, window_size
+        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                state: WindowCache | None = None, return_state: bool = False):
+        """Causal sliding-window attention over ``hidden_states``, optionally continuing a :class:`WindowCache`.
+
+        Args:
+            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
+            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
+                real tokens are processed as that sequence alone (the window counts real tokens only), padded
+                positions output zeros.
+            state: a :class:`WindowCache` this module returned; the new tokens continue that sequence.
+            return_state: also return the cache after these tokens.
+        Returns:
+            ``[batch, seq_len, hidden_dim]``, or ``(output, WindowCache)`` with ``return_state=True``.
+        Raises:
+            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
+            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
+                streaming call), a ``state`` from another module, batch size or ``window_size``.
+        """
+        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
+        mask = validate_attention_mask(attention_mask, batch, seq_len)
+        if state is not None:
+            if not isinstance(state, WindowCache):
+                raise ValueError("state must be a WindowCache returned with return_state=True, "
+                                 f"got {type(state).__name__}")
+            if state.batch_size != batch:
+                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
+            if state.owner != id(self):
+                raise ValueError("state was produced by a different module; pass the state this module returned")
+            if state.window_size != self.window_size:
+                raise ValueError(f"state was built with window_size={state.window_size}, this module uses "
+                                 f"window_size={self.window_size}; start a fresh sequence (state=None)")
+
+        def empty():
+            none = hidden_states.new_zeros(batch, self.num_heads, 0, self.head_dim)
+            return WindowCache(self.window_size, batch, id(self), 0, none, none.clone())
+
+        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+
+    def _attend(self, hidden_states: torch.Tensor, state: WindowCache | None, return_state: bool):
+        batch, length, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )  # [batch, heads, L, head_dim]
+        seen = 0 if state is None else state.num_tokens
+        if state is not None and state.key.shape[2]:
+            k, v = torch.cat([state.key, k], dim=2), torch.cat([state.value, v], dim=2)  # [batch, heads, c + L, d]
+        out = sliding_window_attention(q, k, v, self.window_size, self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))
+        if not return_state:
+            return out
+        keep = min(k.shape[2], self.window_size - 1)
+        # clone: the cache must not keep the whole call's keys alive through a view
+        tail_k, tail_v = k[:, :, k.shape[2] - keep:].clone(), v[:, :, v.shape[2] - keep:].clone()
+        return out, WindowCache(self.window_size, batch, id(self), seen + length, tail_k, tail_v)

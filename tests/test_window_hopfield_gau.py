@@ -1,0 +1,397 @@
+"""Efficient causal baselines (issue 4): SlidingWindowAttention, HopfieldAttention, GAU.
+
+Each fast module is compared with a plain reference written here (a dense ``n × n`` band mask, a dense causal softmax
+iterated ``num_updates`` times, explicit loops over tokens and chunks for GAU), then checked for causality,
+streaming in pieces, padding, gradients and argument errors like :class:`bsbr.StandardAttention`.
+
+Tolerances: max |difference| <= 1e-5 in fp32 and <= 1e-10 (sliding window, Hopfield) / 1e-8 (GAU) in float64.
+Shapes are tiny and seeds fixed.
+"""
+
+import math
+
+import pytest
+import torch
+
+from bsbr import StandardAttention
+from bsbr.model import TransformerModel
+from bsbr.baselines.gau import GAU, GAUState
+from bsbr.baselines.hopfield import HopfieldAttention
+from bsbr.baselines.sliding_window import SlidingWindowAttention, WindowCache
+
+HIDDEN, HEADS = 16, 2
+HEAD_DIM = HIDDEN // HEADS
+WINDOW = CHUNK = 4
+SEQ = 11  # two whole windows/chunks of 4 and a partial one of 3
+
+
+def make_window(window_size=WINDOW, seed=0):
+    torch.manual_seed(seed)
+    return SlidingWindowAttention(HIDDEN, HEADS, window_size=window_size).eval()
+
+
+def make_hopfield(num_updates=1, beta=None, seed=0):
+    torch.manual_seed(seed)
+    return HopfieldAttention(HIDDEN, HEADS, beta=beta, num_updates=num_updates).eval()
+
+
+def make_gau(chunk_size=CHUNK, seed=0):
+    """A small GAU whose scale/offset maps are O(1), so both the chunk kernel and the linear part matter."""
+    torch.manual_seed(seed)
+    layer = GAU(HIDDEN, HEADS, chunk_size=chunk_size, qk_dim=8, expansion=2).eval()
+    with torch.no_grad():
+        layer.gamma.normal_(0.0, 1.0)
+        layer.beta.normal_(0.0, 0.5)
+    return layer
+
+
+MAKERS = {"window": make_window, "hopfield": make_hopfield, "hopfield_3_updates": lambda: make_hopfield(3),
+          "gau": make_gau}
+
+
+def random_hidden(batch, seq_len, seed=1, dtype=torch.float32):
+    return torch.randn(batch, seq_len, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def heads(layer, x):
+    """``q, k, v`` of a q/k/v/out layer: ``[batch, heads, seq_len, head_dim]``."""
+    batch, seq_len, _ = x.shape
+    return [proj(x).view(batch, seq_len, HEADS, HEAD_DIM).transpose(1, 2)
+            for proj in (layer.q_proj, layer.k_proj, layer.v_proj)]
+
+
+def merge(layer, out):
+    batch, _, seq_len, _ = out.shape
+    return layer.out_proj(out.transpose(1, 2).reshape(batch, seq_len, HIDDEN))
+
+
+def dense_attention(q, k, v, allowed, scale):
+    """Plain softmax attention with an explicit ``[n, n]`` bool mask (True = may attend)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def window_reference(layer, x):
+    q, k, v = heads(layer, x)
+    position = torch.arange(x.shape[1])
+    offset = position[:, None] - position[None, :]  # query - key
+    band = (offset >= 0) & (offset < layer.window_size)  # [n, n]: itself and the window_size - 1 before
+    return merge(layer, dense_attention(q, k, v, band, 1 / math.sqrt(HEAD_DIM)))
+
+
+def hopfield_reference(layer, x):
+    q, k, v = heads(layer, x)
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    xi = q
+    for _ in range(layer.num_updates - 1):
+        xi = dense_attention(xi, k, k, causal, layer.beta)
+    return merge(layer, dense_attention(xi, k, v, causal, layer.beta))
+
+
+def gau_reference(layer, x):
+    """FLASH causal mixed chunk attention with explicit loops over tokens and chunks."""
+    size = layer.chunk_size
+    u = torch.nn.functional.silu(layer.u_proj(x))
+    v = torch.nn.functional.silu(layer.v_proj(x))
+    z = torch.nn.functional.silu(layer.z_proj(x))
+    q_quad, k_quad, q_lin, k_lin = (z * layer.gamma[i] + layer.beta[i] for i in range(4))
+    batch, seq_len, _ = x.shape
+    rows = []
+    for b in range(batch):
+        outputs = []
+        for t in range(seq_len):
+            chunk_start = (t // size) * size
+            quad = sum(torch.relu(q_quad[b, t] @ k_quad[b, s] / size) ** 2 * v[b, s] for s in range(chunk_start, t + 1))
+            state = torch.zeros(layer.qk_dim, v.shape[-1], dtype=x.dtype)
+            for start in range(0, chunk_start, size):  # every finished earlier chunk
+                for s in range(start, start + size):
+                    state = state + torch.outer(k_lin[b, s], v[b, s]) / size
+            outputs.append(u[b, t] * (quad + q_lin[b, t] @ state))
+        rows.append(torch.stack(outputs))
+    return layer.out_proj(torch.stack(rows))
+
+
+REFERENCES = {"window": window_reference, "hopfield": hopfield_reference, "hopfield_3_updates": hopfield_reference,
+              "gau": gau_reference}
+
+
+def stream(layer, x, pieces):
+    outputs, state, start = [], None, 0
+    for length in pieces:
+        out, state = layer(x[:, start : start + length], state=state, return_state=True)
+        outputs.append(out)
+        start += length
+    return torch.cat(outputs, dim=1), state
+
+
+# ---------------------------------------------------------------------------------------------- fast == reference
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("window_size, seq_len", [(8, 5), (4, 4), (4, 11), (1, 7), (3, 12), (2, 1)],
+                         ids=["shorter_than_window", "equal_to_window", "not_a_multiple", "window_1", "multiple",
+                              "one_token"])
+def test_window_equals_dense_band_mask(window_size, seq_len, dtype, tol):
+    layer = make_window(window_size).to(dtype)
+    x = random_hidden(2, seq_len, dtype=dtype)
+    with torch.no_grad():
+        assert (layer(x) - window_reference(layer, x)).abs().max() <= tol
+
+
+def test_window_at_least_seq_len_is_standard_attention():
+    layer = make_window(window_size=SEQ)
+    standard = StandardAttention(HIDDEN, HEADS).eval()
+    standard.load_state_dict(layer.state_dict())
+    x = random_hidden(2, SEQ)
+    with torch.no_grad():
+        assert (layer(x) - standard(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("num_updates, beta", [(1, None), (1, 0.7), (2, None), (3, 1.3)])
+def test_hopfield_equals_dense_iterated_softmax(num_updates, beta, dtype, tol):
+    layer = make_hopfield(num_updates, beta).to(dtype)
+    x = random_hidden(2, SEQ, dtype=dtype)
+    with torch.no_grad():
+        assert (layer(x) - hopfield_reference(layer, x)).abs().max() <= tol
+
+
+def test_hopfield_defaults_are_standard_attention():
+    layer = make_hopfield()
+    assert layer.beta == pytest.approx(1 / math.sqrt(HEAD_DIM)) and layer.num_updates == 1
+    standard = StandardAttention(HIDDEN, HEADS).eval()
+    standard.load_state_dict(layer.state_dict())
+    x = random_hidden(2, SEQ)
+    with torch.no_grad():
+        assert (layer(x) - standard(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk_size, seq_len", [(4, 11), (4, 8), (5, 3), (1, 4)])
+def test_gau_equals_naive_loops_float64(chunk_size, seq_len):
+    layer = make_gau(chunk_size).double()
+    x = random_hidden(2, seq_len, dtype=torch.float64)
+    with torch.no_grad():
+        fast, reference = layer(x), gau_reference(layer, x)
+    assert reference.abs().max() > 1e-3  # the comparison is not of zeros
+    assert (fast - reference).abs().max() <= 1e-8
+
+
+def test_gau_linear_part_reads_earlier_chunks():
+    """Zeroing the linear key map changes tokens after the first chunk only."""
+    layer = make_gau().double()
+    x = random_hidden(1, SEQ, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.gamma[3].zero_()
+        layer.beta[3].zero_()
+        after = layer(x)
+    difference = (before - after).abs().amax(-1)[0]
+    assert difference[:CHUNK].max() <= 1e-12 and difference[CHUNK:].min() > 1e-8
+
+
+# ---------------------------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+@pytest.mark.parametrize("position", [0, 3, 4, 9])
+def test_perturbing_a_token_changes_only_later_outputs(kind, position):
+    layer = MAKERS[kind]()
+    x = random_hidden(1, SEQ)
+    changed = x.clone()
+    changed[:, position] += 1.0
+    with torch.no_grad():
+        difference = (layer(x) - layer(changed)).abs().amax(-1)[0]  # [seq_len]
+    assert (difference[:position] == 0).all()
+    assert difference[position] > 1e-6
+    if kind == "window":  # tokens at least window_size later no longer see it
+        assert (difference[position + WINDOW :] == 0).all()
+        assert difference[position : position + WINDOW].min() > 0.0
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+SCHEDULES = {
+    "single_tokens": [1] * SEQ,
+    "on_boundaries": [4, 4, 3],
+    "crossing": [3, 2, 5, 1],
+    "one_then_rest": [1, 10],
+    "rest_then_one": [10, 1],
+    "long_then_short": [9, 2],
+}
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pieces_equal_full_forward(kind, schedule):
+    layer = MAKERS[kind]()
+    x = random_hidden(2, SEQ)
+    with torch.no_grad():
+        full, full_state = layer(x, return_state=True)
+        pieces, state = stream(layer, x, SCHEDULES[schedule])
+        assert (full - layer(x)).abs().max() <= 1e-6  # return_state does not change the output
+        assert (pieces - full).abs().max() <= 1e-5
+    assert state.num_tokens == full_state.num_tokens == SEQ
+    assert state.nbytes() == full_state.nbytes()
+
+
+def test_window_cache_keeps_only_the_last_window_minus_one_tokens():
+    layer = make_window()
+    x = random_hidden(2, SEQ)
+    with torch.no_grad():
+        _, state = layer(x, return_state=True)
+        _, k, v = heads(layer, x)
+    assert isinstance(state, WindowCache)
+    assert torch.equal(state.key, k[:, :, -(WINDOW - 1):]) and torch.equal(state.value, v[:, :, -(WINDOW - 1):])
+    assert state.nbytes() == 2 * 4 * 2 * HEADS * (WINDOW - 1) * HEAD_DIM
+    with torch.no_grad():
+        _, short = layer(x[:, :2], return_state=True)
+    assert short.key.shape[2] == 2
+    with torch.no_grad():
+        _, single = make_window(window_size=1)(x, return_state=True)
+    assert single.key.shape[2] == 0 and single.nbytes() == 0
+
+
+def test_gau_state_holds_the_partial_chunk_and_one_kv_sum():
+    layer = make_gau()
+    with torch.no_grad():
+        _, state = layer(random_hidden(2, SEQ), return_state=True)
+    assert isinstance(state, GAUState)
+    partial, inner = SEQ % CHUNK, 2 * HIDDEN
+    assert state.partial_value.shape == (2, partial, inner) and state.kv.shape == (2, layer.qk_dim, inner)
+    assert state.nbytes() == 4 * 2 * (partial * (2 * layer.qk_dim + inner) + layer.qk_dim * inner)
+
+
+# ---------------------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_padding_left_and_right(kind):
+    layer = MAKERS[kind]()
+    x = random_hidden(3, SEQ)
+    mask = torch.ones(3, SEQ, dtype=torch.bool)
+    mask[0, :3] = False  # left padding: 8 real tokens
+    mask[1, 6:] = False  # right padding: 6 real tokens
+    mask[2] = False  # all padding
+    with torch.no_grad():
+        out = layer(x, attention_mask=mask.long())
+        left = layer(x[0:1, 3:])
+        right = layer(x[1:2, :6])
+    assert (out[0, 3:] - left[0]).abs().max() <= 1e-5
+    assert (out[1, :6] - right[0]).abs().max() <= 1e-5
+    assert torch.isfinite(out).all()
+    assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_streaming_with_equal_real_counts_per_row(kind):
+    layer = MAKERS[kind]()
+    x = random_hidden(2, SEQ)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, 5:] = False  # 5 real tokens in each row
+    with torch.no_grad():
+        first, state = layer(x[:, :7], attention_mask=mask, return_state=True)
+        second, _ = layer(x[:, 7:], state=state, return_state=True)
+        alone = [layer(torch.cat([x[0:1, 2:7], x[0:1, 7:]], 1)), layer(torch.cat([x[1:2, :5], x[1:2, 7:]], 1))]
+    assert state.num_tokens == 5
+    assert (first[0, 2:] - alone[0][0, :5]).abs().max() <= 1e-5
+    assert (first[1, :5] - alone[1][0, :5]).abs().max() <= 1e-5
+    for row in range(2):
+        assert (second[row] - alone[row][0, 5:]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+SMALL_CONFIGS = [(SlidingWindowAttention, {"window_size": 3}), (HopfieldAttention, {"num_updates": 2}),
+                 (GAU, {"chunk_size": 3, "qk_dim": 8})]
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_gradients_finite_and_nonzero_on_every_parameter(kind):
+    layer = MAKERS[kind]().train()
+    x = random_hidden(2, SEQ).requires_grad_()
+    mask = torch.ones(2, SEQ, dtype=torch.bool)
+    mask[1, :2] = False
+    layer(x, attention_mask=mask).square().sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().max() > 0, name
+    assert torch.isfinite(x.grad).all() and (x.grad[1, :2] == 0).all()
+
+
+@pytest.mark.parametrize("cls, extra", SMALL_CONFIGS)
+def test_dropout_only_in_training(cls, extra):
+    torch.manual_seed(0)
+    layer = cls(HIDDEN, HEADS, dropout=0.5, **extra)
+    if cls is GAU:  # O(1) scale maps: the paper's init (gamma ~ N(0, 0.02²)) makes the chunk kernel ~1e-7
+        torch.nn.init.normal_(layer.gamma)
+    x = random_hidden(2, 7)
+    with torch.no_grad():
+        trained = layer.train()(x)
+        evaluated = layer.eval()(x)
+        assert torch.equal(evaluated, layer(x))
+    assert torch.isfinite(trained).all() and (trained - evaluated).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cls, extra", SMALL_CONFIGS)
+def test_model_trunk_pieces_equal_full_forward(cls, extra):
+    """The modules fit the shared layer/model (``TransformerModel``), streamed state included."""
+    torch.manual_seed(0)
+    model = TransformerModel(50, HIDDEN, 2, 32, 0.0, lambda: cls(HIDDEN, HEADS, **extra)).eval()
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        first, state = model(ids[:, :4], return_state=True)
+        second, _ = model(ids[:, 4:], state=state, return_state=True)
+    assert (torch.cat([first, second], 1) - full).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("cls, kwargs, name", [
+    (SlidingWindowAttention, {"hidden_dim": 15}, "hidden_dim"),
+    (SlidingWindowAttention, {"window_size": 0}, "window_size"),
+    (SlidingWindowAttention, {"window_size": 2.0}, "window_size"),
+    (SlidingWindowAttention, {"dropout": 1.0}, "dropout"),
+    (HopfieldAttention, {"hidden_dim": 15}, "hidden_dim"),
+    (HopfieldAttention, {"num_updates": 0}, "num_updates"),
+    (HopfieldAttention, {"beta": 0.0}, "beta"),
+    (HopfieldAttention, {"beta": -1.0}, "beta"),
+    (HopfieldAttention, {"beta": float("nan")}, "beta"),
+    (HopfieldAttention, {"dropout": 1.0}, "dropout"),
+    (GAU, {"hidden_dim": 15}, "hidden_dim"),
+    (GAU, {"num_heads": 0}, "num_heads"),
+    (GAU, {"chunk_size": 0}, "chunk_size"),
+    (GAU, {"qk_dim": 0}, "qk_dim"),
+    (GAU, {"expansion": 0}, "expansion"),
+    (GAU, {"dropout": 1.0}, "dropout"),
+])
+def test_bad_config_raises_naming_the_argument(cls, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        cls(**{"hidden_dim": HIDDEN, "num_heads": HEADS, **kwargs})
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_state_from_another_batch_size_or_module_raises(kind):
+    layer, other = MAKERS[kind](), MAKERS[kind]()
+    with torch.no_grad():
+        _, state = layer(random_hidden(2, 5), return_state=True)
+        _, foreign = other(random_hidden(1, 5), return_state=True)
+        with pytest.raises(ValueError, match="state"):
+            layer(random_hidden(1, 3), state=state)
+        with pytest.raises(ValueError, match="state"):
+            layer(random_hidden(1, 3), state=foreign)
+        with pytest.raises(ValueError, match="state"):
+            _, standard_cache = StandardAttention(HIDDEN, HEADS)(random_hidden(2, 2), return_state=True)
+            layer(random_hidden(2, 3), state=standard_cache)
+
+
+def test_bad_inputs_raise_like_standard_attention():
+    for layer in (make_window(), make_hopfield(), make_gau()):
+        with pytest.raises(ValueError, match="hidden_states"):
+            layer(torch.zeros(2, HIDDEN))
+        with pytest.raises(TypeError, match="hidden_states"):
+            layer(random_hidden(1, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="attention_mask"):
+            layer(random_hidden(1, 3), attention_mask=torch.ones(1, 4))
