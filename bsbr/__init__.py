@@ -1,12 +1,14 @@
 """BSBR: Block Sparse attention with Block Retrieval, its baselines, and pretrained-model conversion."""
 
 from bsbr.attention import BSBRAttention, BSBRState, bsbr_attention
+from bsbr.baselines import DeltaNet, GAU, HopfieldAttention, LinearAttention, SlidingWindowAttention
 from bsbr.baselines.standard import KVCache, StandardAttention
-from bsbr.model import (BSBRForCausalLM, BSBRLayer, BSBRModel, CausalLM, CausalLMOutput, StandardModel,
-                        TransformerLayer, TransformerModel)
+from bsbr.model import (AttentionModel, BSBRForCausalLM, BSBRLayer, BSBRModel, CausalLM, CausalLMOutput,
+                        StandardModel, TransformerLayer, TransformerModel)
 from bsbr.registry import available_models, build_model
 
 __all__ = [
+    "AttentionModel",
     "BSBRAttention",
     "BSBRForCausalLM",
     "BSBRLayer",
@@ -14,7 +16,12 @@ __all__ = [
     "BSBRState",
     "CausalLM",
     "CausalLMOutput",
+    "DeltaNet",
+    "GAU",
+    "HopfieldAttention",
     "KVCache",
+    "LinearAttention",
+    "SlidingWindowAttention",
     "StandardAttention",
     "StandardModel",
     "TransformerLayer",

@@ -18,8 +18,8 @@ from bsbr._checks import check_dropout, check_int_at_least, check_positive_int
 from bsbr.attention import BSBRAttention, validate_attention_mask
 from bsbr.baselines.standard import StandardAttention
 
-__all__ = ["BSBRForCausalLM", "BSBRLayer", "BSBRModel", "CausalLM", "CausalLMOutput", "StandardModel",
-           "TransformerLayer", "TransformerModel"]
+__all__ = ["AttentionModel", "BSBRForCausalLM", "BSBRLayer", "BSBRModel", "CausalLM", "CausalLMOutput",
+           "StandardModel", "TransformerLayer", "TransformerModel"]
 
 
 class TransformerLayer(nn.Module):
@@ -143,6 +143,20 @@ class StandardModel(TransformerModel):
         StandardAttention(hidden_dim, num_heads, dropout)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          lambda: StandardAttention(hidden_dim, num_heads, dropout))
+
+
+class AttentionModel(TransformerModel):
+    """Language-model trunk with ``attention_cls(hidden_dim, num_heads, dropout, **attention_settings)`` in every
+    layer: the baselines of :mod:`bsbr.baselines` (linear, DeltaNet, sliding window, Hopfield, GAU) built by
+    :func:`bsbr.build_model`. ``attention_settings`` holds the architecture's own arguments (e.g. ``window_size``).
+    ``forward`` as :class:`TransformerModel`. Raises ValueError as the attention class and the trunk do."""
+
+    def __init__(self, attention_cls: Callable[..., nn.Module], vocab_size: int, hidden_dim: int, num_layers: int,
+                 num_heads: int, ff_dim: int, dropout: float = 0.0, **attention_settings):
+        attention_cls(hidden_dim, num_heads, dropout, **attention_settings)  # errors name the argument up front
+        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
+                         lambda: attention_cls(hidden_dim, num_heads, dropout, **attention_settings))
+        self.attention_settings = dict(attention_settings)
 
 
 @dataclass

@@ -6,7 +6,8 @@ import inspect
 
 from torch import nn
 
-from bsbr.model import BSBRModel, StandardModel
+from bsbr.baselines import DeltaNet, GAU, HopfieldAttention, LinearAttention, SlidingWindowAttention
+from bsbr.model import AttentionModel, BSBRModel, StandardModel
 
 __all__ = ["COMMON_CONFIG", "available_models", "build_model"]
 
@@ -20,9 +21,19 @@ _MODELS: dict[str, tuple[type[nn.Module], dict]] = {
 }
 
 
+# name -> (attention class of an AttentionModel, defaults for its architecture-specific settings)
+_ATTENTION_MODELS: dict[str, tuple[type[nn.Module], dict]] = {
+    "linear": (LinearAttention, {"chunk_size": 64}),
+    "delta_net": (DeltaNet, {"chunk_size": 64}),
+    "sliding_window": (SlidingWindowAttention, {"window_size": 128}),
+    "hopfield": (HopfieldAttention, {"beta": None, "num_updates": 1}),
+    "gau": (GAU, {"chunk_size": 128, "qk_dim": 128, "expansion": 2}),
+}
+
+
 def available_models() -> list[str]:
     """Registered architecture names, sorted."""
-    return sorted(_MODELS)
+    return sorted({*_MODELS, *_ATTENTION_MODELS})
 
 
 def build_model(name: str, **config) -> nn.Module:
@@ -31,20 +42,29 @@ def build_model(name: str, **config) -> nn.Module:
     Args:
         name: one of :func:`available_models`.
         **config: ``vocab_size, hidden_dim, num_layers, num_heads, ff_dim`` (required), ``dropout`` (default 0.0),
-            plus the architecture's own settings (``bsbr``: ``chunk_size=128``, ``compression_factor=None``).
+            plus the architecture's own settings: ``bsbr``: ``chunk_size=128``, ``compression_factor=None``;
+            ``linear``, ``delta_net``: ``chunk_size=64``; ``sliding_window``: ``window_size=128``; ``hopfield``:
+            ``beta=None`` (1/sqrt(head_dim)), ``num_updates=1``; ``gau``: ``chunk_size=128, qk_dim=128,
+            expansion=2``; ``standard``: none.
     Returns:
         a module with ``forward(input_ids[batch, seq_len], attention_mask=None) -> [batch, seq_len, hidden_dim]``.
     Raises:
         ValueError: unknown ``name``, a missing common key, or a key the architecture does not take.
     """
-    if name not in _MODELS:
+    if name not in available_models():
         raise ValueError(f"name must be one of {available_models()}, got {name!r}")
-    cls, defaults = _MODELS[name]
     missing = [key for key in COMMON_CONFIG if key != "dropout" and key not in config]
     if missing:
         raise ValueError(f"config is missing {missing} (every model needs {list(COMMON_CONFIG)})")
-    accepted = set(inspect.signature(cls).parameters)
+    if name in _MODELS:
+        cls, defaults = _MODELS[name]
+        accepted = set(inspect.signature(cls).parameters)
+    else:
+        attention_cls, defaults = _ATTENTION_MODELS[name]
+        accepted = set(COMMON_CONFIG) | set(inspect.signature(attention_cls).parameters)
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ValueError(f"model {name!r} does not take {unknown}; it accepts {sorted(accepted)}")
-    return cls(**{**defaults, **config})
+    if name in _MODELS:
+        return cls(**{**defaults, **config})
+    return AttentionModel(attention_cls, **{**defaults, **config})

@@ -9,8 +9,8 @@ from bsbr import BSBRModel, available_models, build_model
 CONFIG = dict(vocab_size=50, hidden_dim=32, num_layers=2, num_heads=4, ff_dim=64, dropout=0.0)
 
 
-def test_registry_lists_bsbr_and_standard():
-    assert available_models() == ["bsbr", "standard"]
+def test_registry_lists_bsbr_and_the_six_baselines():
+    assert available_models() == ["bsbr", "delta_net", "gau", "hopfield", "linear", "sliding_window", "standard"]
 
 
 @pytest.mark.parametrize("name", available_models())
@@ -76,3 +76,31 @@ def test_bad_config_raises(name, config, match):
 def test_bad_input_ids_raise(ids, match):
     with pytest.raises(ValueError, match=match):
         build_model("bsbr", **CONFIG)(ids)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_model_pads_streams_and_starts_fresh(name):
+    """Left/right padding == each row alone; pieces with the streaming state == one forward; a fresh call after
+    another sequence == that sequence alone (no state leaks)."""
+    torch.manual_seed(0)
+    model = build_model(name, **{**CONFIG, "num_layers": 1}).eval()
+    ids = torch.randint(0, 50, (2, 150))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[0, :20] = 0  # left padding
+    mask[1, 130:] = 0  # right padding
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask)
+        for row in range(2):
+            real = mask[row].bool()
+            alone = model(ids[row : row + 1, real])
+            torch.testing.assert_close(padded[row, real], alone[0], atol=1e-5, rtol=1e-5)
+            assert (padded[row, ~real] == 0).all()
+        full = model(ids)
+        pieces, state, start = [], None, 0
+        for length in (1, 70, 1, 78):  # single tokens and pieces across every default chunk/window boundary
+            out, state = model(ids[:, start : start + length], state=state, return_state=True)
+            pieces.append(out)
+            start += length
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+        model(torch.randint(0, 50, (2, 40)))
+        torch.testing.assert_close(model(ids), full, atol=0, rtol=0)
