@@ -223,3 +223,19 @@ def test_module_time_split_is_module_minus_core(scaling_smoke):
                                    else "extrapolated")
         if row.bsbr_outside_core_s > 0:
             assert row.ratio_if_bsbr_core_were_free >= row.module_ratio
+
+
+def test_parameter_counts_match_the_built_models(scaling_smoke):
+    import bsbr
+
+    counts = pd.read_csv(scaling_smoke["out"] / "parameters.csv").set_index("model")
+    assert sorted(counts.index) == sorted(SCALING_SMOKE["models"])
+    common = {key: SCALING_SMOKE[key] for key in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "ff_dim")}
+    for name in counts.index:
+        extra = {"chunk_size": SCALING_SMOKE["chunk_size"]} if name == "bsbr" else {}
+        model = bsbr.build_model(name, **common, **extra)
+        assert counts.loc[name, "parameters"] == sum(p.numel() for p in model.parameters())
+        assert counts.loc[name, "attention_parameters_per_layer"] == sum(
+            p.numel() for p in model.layers[0].attention.parameters())
+    assert counts.loc["standard", "vs_standard"] == 1.0
+    assert counts.loc["bsbr", "parameters"] > counts.loc["standard", "parameters"]  # BSBR adds meta-projections
