@@ -109,30 +109,39 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     """
     check_positive_int(chunk_size=chunk_size)
     memory = _check_inputs(q, k, v, beta, state)
-    length = q.shape[2]
+    batch, heads, length, d_k = q.shape
+    d_v = v.shape[-1]
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        beta = F.pad(beta, (0, pad))
-    q, k, v = (t.unflatten(2, (num_chunks, chunk_size)) for t in (q, k, v))
-    # q, k: [batch, heads, chunks, C, d_k]; v: [batch, heads, chunks, C, d_v]
-    beta = beta.unflatten(2, (num_chunks, chunk_size))[..., None]  # [batch, heads, chunks, C, 1]
+    groups = batch * heads
+
+    def chunk_major(t):  # [batch, heads, seq_len, dim] -> contiguous [chunks, batch * heads, C, dim]
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t
+        return t.reshape(groups, num_chunks, chunk_size, t.shape[-1]).transpose(0, 1).contiguous()
+
+    q, k, v = chunk_major(q), chunk_major(k), chunk_major(v)  # q, k: [chunks, groups, C, d_k]; v: [.., d_v]
+    beta = chunk_major(beta[..., None])  # [chunks, groups, C, 1]
     k_beta = k * beta  # diag(β) K
     # A = I + tril(diag(β) K Kᵀ, −1): solve_triangular(upper=False, unitriangular=True) reads only the strictly lower
     # triangle of its matrix and takes the diagonal as ones, so diag(β) K Kᵀ itself stands for A (no masking).
-    rhs = torch.cat([k_beta, v * beta], dim=-1)  # [diag(β) K | diag(β) V]: [batch, heads, chunks, C, d_k + d_v]
+    rhs = torch.cat([k_beta, v * beta], dim=-1)  # [diag(β) K | diag(β) V]: [chunks, groups, C, d_k + d_v]
     wu = torch.linalg.solve_triangular(k_beta @ k.transpose(-1, -2), rhs, upper=False, unitriangular=True)
-    w, u = wu.split([k.shape[-1], v.shape[-1]], dim=-1)  # W = T diag(β) K, U = T diag(β) V
-    above = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
-    scores = (q @ k.transpose(-1, -2)).masked_fill_(above, 0.0)  # tril(Q Kᵀ): [batch, heads, chunks, C, C]
-    outputs = []
-    for c in range(num_chunks):
-        u_c = u[:, :, c] - w[:, :, c] @ memory  # U' = U − W S: [batch, heads, C, d_v]
-        outputs.append(q[:, :, c] @ memory + scores[:, :, c] @ u_c)  # [batch, heads, C, d_v]
-        memory = memory + k[:, :, c].transpose(-1, -2) @ u_c  # [batch, heads, d_k, d_v]
-    out = torch.cat(outputs, dim=2)[:, :, :length]  # [batch, heads, seq_len, d_v]
-    return out, memory
+    w, u = wu[..., :d_k].contiguous(), wu[..., d_k:].contiguous()  # W = T diag(β) K, U = T diag(β) V
+    scores = torch.tril(q @ k.transpose(-1, -2))  # tril(Q Kᵀ): [chunks, groups, C, C]
+    k_t = k.transpose(-1, -2)  # [chunks, groups, d_k, C]
+    memory = memory.reshape(groups, d_k, d_v)
+    memories, corrected = [], []
+    for c in range(num_chunks):  # only the carry of S is sequential; every operand is a contiguous [groups, ., .]
+        memories.append(memory)  # S before chunk c
+        u_c = torch.baddbmm(u[c], w[c], memory, alpha=-1.0)  # U' = U − W S: [groups, C, d_v]
+        corrected.append(u_c)
+        memory = torch.baddbmm(memory, k_t[c], u_c)  # S + Kᵀ U': [groups, d_k, d_v]
+    flat = num_chunks * groups
+    out = torch.baddbmm(torch.bmm(q.view(flat, chunk_size, d_k), torch.stack(memories).view(flat, d_k, d_v)),
+                        scores.view(flat, chunk_size, chunk_size),
+                        torch.stack(corrected).view(flat, chunk_size, d_v))  # Q S + tril(Q Kᵀ) U'
+    out = out.view(num_chunks, groups, chunk_size, d_v).transpose(0, 1).reshape(batch, heads, -1, d_v)[:, :, :length]
+    return out, memory.view(batch, heads, d_k, d_v)
 
 
 @dataclass

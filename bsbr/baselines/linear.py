@@ -117,22 +117,24 @@ def linear_attention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     check_positive_int(chunk_size=chunk_size)
     key_value, key_sum = _check_qkv(q, k, v, state)
     batch, heads, length, d_k = q.shape
+    d_v = v.shape[-1]
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
-    q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (num_chunks, chunk_size)) for t in (q, k, v))
-    # q, k: [batch, heads, chunks, chunk_size, d_k]; v: [batch, heads, chunks, chunk_size, d_v]
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [batch, heads, chunks, chunk_size, chunk_size]
-    chunk_kv = k.transpose(-1, -2) @ v  # [batch, heads, chunks, d_k, d_v]
-    chunk_k = k.sum(3)  # [batch, heads, chunks, d_k]
-    kv_through = key_value[:, :, None] + chunk_kv.cumsum(2)  # state after each chunk
-    k_through = key_sum[:, :, None] + chunk_k.cumsum(2)
-    kv_before = torch.cat([key_value[:, :, None], kv_through[:, :, :-1]], dim=2)  # [batch, heads, chunks, d_k, d_v]
-    k_before = torch.cat([key_sum[:, :, None], k_through[:, :, :-1]], dim=2)  # [batch, heads, chunks, d_k]
-    numerator = scores @ v + q @ kv_before  # [batch, heads, chunks, chunk_size, d_v]
-    denominator = scores.sum(-1, keepdim=True) + q @ k_before[..., None] + eps  # [batch, heads, chunks, chunk_size, 1]
-    out = (numerator / denominator).flatten(2, 3)[:, :, :length]  # [batch, heads, seq_len, d_v]
-    return out, kv_through[:, :, -1], k_through[:, :, -1]
+    groups = batch * heads  # one head-major contiguous layout: [batch * heads * chunks, chunk_size, dim]
+    # v gets a column of ones, so one product gives the numerator and the normaliser (and K_cᵀ [V_c | 1] gives
+    # both chunk states); padded tokens have zero keys and queries, so their ones add nothing.
+    q, k = (F.pad(t, (0, 0, 0, pad)).reshape(groups * num_chunks, chunk_size, d_k) for t in (q, k))
+    v = F.pad(v, (0, 1, 0, pad), value=1.0).reshape(groups * num_chunks, chunk_size, d_v + 1)
+    scores = torch.bmm(q, k.transpose(1, 2)).tril_()  # tril(Q_c K_cᵀ): [groups * chunks, chunk_size, chunk_size]
+    chunk_state = torch.bmm(k.transpose(1, 2), v).view(groups, num_chunks, d_k * (d_v + 1))  # K_cᵀ [V_c | 1]
+    carried = torch.cat([key_value, key_sum[..., None]], dim=-1).reshape(groups, 1, d_k * (d_v + 1))  # [S | z]
+    # [S | z] before each chunk: the exclusive prefix sum of the chunk states, started at the carried state.
+    before = torch.cat([carried, chunk_state[:, :-1]], dim=1).cumsum(1)  # [groups, chunks, d_k * (d_v + 1)]
+    final = (before[:, -1] + chunk_state[:, -1]).view(batch, heads, d_k, d_v + 1)
+    ext = torch.baddbmm(torch.bmm(scores, v), q, before.view(groups * num_chunks, d_k, d_v + 1))
+    out = ext[..., :d_v] / (ext[..., d_v:] + eps)  # [groups * chunks, chunk_size, d_v]
+    out = out.view(batch, heads, num_chunks * chunk_size, d_v)[:, :, :length]  # [batch, heads, seq_len, d_v]
+    return out, final[..., :d_v], final[..., d_v]
 
 
 @dataclass
