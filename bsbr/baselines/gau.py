@@ -36,6 +36,9 @@ from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = ["GAU", "GAUState"]
 
+#: Chunks per batched call without autograd: bounds the per-group temporaries.
+_GROUP = 32
+
 
 @dataclass
 class GAUState:
@@ -140,9 +143,10 @@ class GAU(nn.Module):
     def _attend(self, hidden_states: torch.Tensor, state: GAUState | None, return_state: bool):
         batch, length, _ = hidden_states.shape
         size = self.chunk_size
-        u = F.silu(self.u_proj(hidden_states))  # [batch, L, E]
-        v = F.silu(self.v_proj(hidden_states))  # [batch, L, E]
-        z = F.silu(self.z_proj(hidden_states))  # [batch, L, s]
+        inplace = not torch.is_grad_enabled()  # no autograd: activations in place (no extra sequence-long tensors)
+        u = F.silu(self.u_proj(hidden_states), inplace=inplace)  # [batch, L, E]
+        v = F.silu(self.v_proj(hidden_states), inplace=inplace)  # [batch, L, E]
+        z = F.silu(self.z_proj(hidden_states), inplace=inplace)  # [batch, L, s]
         q_quad, k_quad, q_lin, k_lin = (z[:, :, None] * self.gamma + self.beta).unbind(2)  # 4 × [batch, L, s]
         partial = 0
         kv = None
@@ -154,6 +158,8 @@ class GAU(nn.Module):
                 v = torch.cat([state.partial_value, v], dim=1)  # [batch, p + L, E]
         total = partial + length
         chunks = -(-total // size)
+        if chunks > 1 and not partial and not torch.is_grad_enabled():
+            return self._attend_inference(u, v, q_quad, k_quad, q_lin, k_lin, kv, state, return_state)
         back = chunks * size - total  # zero tokens after the last real one: causally invisible, zero kᵀv
         inner = v.shape[-1]
 
@@ -193,4 +199,58 @@ class GAU(nn.Module):
         tail = slice(finished * size, total)  # the unfinished chunk's tokens (clone: no view of the whole call)
         new_state = GAUState(size, batch, id(self), (0 if state is None else state.num_tokens) + length,
                              k_quad[:, tail].clone(), k_lin[:, tail].clone(), v[:, tail].clone(), new_kv)
+        return out, new_state
+
+    def _attend_inference(self, u, v, q_quad, k_quad, q_lin, k_lin, kv, state, return_state):
+        """:meth:`_attend` without autograd for a call that starts on a chunk boundary and spans several chunks.
+
+        Chunks are strided views of the token-major projections (no padding), processed in groups of
+        :data:`_GROUP` with batched ``bmm`` (temporaries bounded by ~GROUP·C·(C + 2·E) + GROUP·s·E values per
+        group); the linear part keeps a running ``Σ k_linᵀ v / C`` instead of a sequence-long prefix tensor, and
+        both parts accumulate into one ``[batch, L, E]`` buffer (``baddbmm``), which is then gated in place.
+        """
+        batch, length, inner = v.shape
+        size = self.chunk_size
+        full = length // size
+        rest = length - full * size
+        mixed = v.new_empty(batch, length, inner)
+        causal = torch.ones(size, size, dtype=torch.bool, device=v.device).tril()
+        dropout = self.dropout if self.training else 0.0
+        new_kv = []
+        for row in range(batch):
+            running = v.new_zeros(self.qk_dim, inner) if kv is None else kv[row].clone()  # Σ earlier chunks
+            out_row = mixed[row]
+            for start in range(0, full, _GROUP):
+                stop = min(start + _GROUP, full)
+                span = slice(start * size, stop * size)
+                qq, kq, ql, kl = (t[row, span].unflatten(0, (stop - start, size))
+                                  for t in (q_quad, k_quad, q_lin, k_lin))  # [G, C, s] views
+                vb = v[row, span].unflatten(0, (stop - start, size))  # [G, C, E]
+                out = out_row[span].unflatten(0, (stop - start, size))  # [G, C, E], written in place
+                # Linear part: chunk g reads running + Σ_{group chunks h < g} k_lin_hᵀ v_h / C.
+                states = torch.bmm(kl.transpose(1, 2), vb).div_(size)  # [G, s, E]
+                states[0].add_(running)
+                for index in range(1, stop - start):  # inclusive prefix sums in place (cumsum(0) is slow here)
+                    states[index].add_(states[index - 1])
+                torch.mm(ql[0], running, out=out[0])
+                if stop - start > 1:
+                    torch.bmm(ql[1:], states[:-1], out=out[1:])
+                running = states[-1].clone()
+                del states
+                # Quadratic part: relu²(q kᵀ / C), causal inside each chunk, accumulated onto the linear part.
+                kernel = torch.bmm(qq, kq.transpose(1, 2)).div_(size).relu_().square_().masked_fill_(~causal, 0.0)
+                out.baddbmm_(F.dropout(kernel, dropout, self.training), vb)
+            if rest:  # a partial last chunk
+                tail = slice(full * size, length)
+                kernel = (q_quad[row, tail] @ k_quad[row, tail].T).div_(size).relu_().square_()
+                kernel = F.dropout(kernel.masked_fill_(~causal[:rest, :rest], 0.0), dropout, self.training)
+                torch.mm(q_lin[row, tail], running, out=out_row[tail])
+                out_row[tail].addmm_(kernel, v[row, tail])
+            new_kv.append(running)
+        out = self.out_proj(mixed.mul_(u))
+        if not return_state:
+            return out
+        tail = slice(full * size, length)  # the unfinished chunk's tokens (clone: no view of the whole call)
+        new_state = GAUState(size, batch, id(self), (0 if state is None else state.num_tokens) + length,
+                             k_quad[:, tail].clone(), k_lin[:, tail].clone(), v[:, tail].clone(), torch.stack(new_kv))
         return out, new_state

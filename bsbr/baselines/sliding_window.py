@@ -24,6 +24,9 @@ from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = ["SlidingWindowAttention", "WindowCache", "sliding_window_attention"]
 
+#: Query blocks per fused call: bounds the temporaries to ~GROUP·heads·window·(2·window + head_dim) values.
+_GROUP = 32
+
 
 @dataclass
 class WindowCache:
@@ -75,25 +78,53 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
                       - torch.arange(cached + length, device=query.device)[None, :])  # query - key position
             mask = (offset >= 0) & (offset < w)  # [L, c + L]
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
-    blocks = -(-length // w)
-    # Keys padded to (blocks + 1)·w: `w - cached` dummy positions in front, then the tail up to a whole block.
-    front, back = w - cached, blocks * w - length
-    key = F.pad(key, (0, 0, front, back))  # [batch, heads, (blocks + 1)·w, d]
-    value = F.pad(value, (0, 0, front, back))
-    query = F.pad(query, (0, 0, 0, back)).view(batch, heads, blocks, w, head_dim)  # [batch, heads, blocks, w, d]
-    # Block i's keys: padded positions i·w .. i·w + 2w - 1 (previous block, then its own).
-    key = torch.cat([key[:, :, :-w].view(batch, heads, blocks, w, head_dim),
-                     key[:, :, w:].view(batch, heads, blocks, w, head_dim)], dim=3)  # [batch, heads, blocks, 2w, d]
-    value = torch.cat([value[:, :, :-w].view(batch, heads, blocks, w, head_dim),
-                       value[:, :, w:].view(batch, heads, blocks, w, head_dim)], dim=3)
-    # Query r of a block sits at local key position w + r and sees local positions r + 1 .. r + w.
-    rows = torch.arange(w, device=query.device)[:, None]
-    cols = torch.arange(2 * w, device=query.device)[None, :]
-    band = (cols > rows) & (cols <= rows + w)  # [w, 2w]
-    mask = band.expand(blocks, w, 2 * w).clone()  # [blocks, w, 2w]
-    mask[0, :, :front] = False  # the dummy positions in front of the sequence (block 0 only: front <= w)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
-    return out.view(batch, heads, blocks * w, head_dim)[:, :, :length]  # [batch, heads, L, d]
+    device, grad = query.device, torch.is_grad_enabled()
+    rows = torch.arange(w, device=device)[:, None]
+    cols = torch.arange(2 * w, device=device)[None, :]
+    band = (cols > rows) & (cols <= rows + w)  # [w, 2w]: local query r (key position w + r) sees r + 1 .. r + w
+    full = length // w  # whole query blocks; block j >= 1 sees the 2w keys c + (j-1)·w .. c + (j+1)·w - 1
+    rest = length - full * w
+    # Block 0: its c + w keys directly (query t at key position c + t sees c + t - w + 1 .. c + t).
+    offset = cached + rows - torch.arange(cached + w, device=device)[None, :]
+    first = F.scaled_dot_product_attention(query[:, :, :w], key[:, :, : cached + w], value[:, :, : cached + w],
+                                           attn_mask=(offset >= 0) & (offset < w), dropout_p=dropout_p)
+    tail = None
+    if rest:  # a partial last block: its `rest` queries against the previous block and themselves
+        tail = F.scaled_dot_product_attention(query[:, :, full * w :], key[:, :, cached + full * w - w :],
+                                              value[:, :, cached + full * w - w :], attn_mask=band[:rest, : w + rest],
+                                              dropout_p=dropout_p)
+    # Whole blocks 1 .. full-1 in groups of _GROUP: [blocks, heads, w, d] queries against [blocks, heads, 2w, d]
+    # overlapping key/value windows, both strided views of the token-major sequence (unfold: no copies).
+    output = None if grad else query.new_empty(batch, length, heads, head_dim)  # token-major, written once
+    row_pieces = []
+    for row in range(batch):
+        q_row = query[row].transpose(0, 1)  # [L, heads, d]
+        pieces = [first[row].transpose(0, 1)]
+        if full > 1:
+            k_win, v_win = (t[row].transpose(0, 1)[cached : cached + full * w].unfold(0, 2 * w, w)
+                            for t in (key, value))  # [full - 1, heads, d, 2w]
+            for start in range(0, full - 1, _GROUP):
+                stop = min(start + _GROUP, full - 1)
+                q = q_row[(start + 1) * w : (stop + 1) * w].unflatten(0, (stop - start, w)).transpose(1, 2)
+                out = F.scaled_dot_product_attention(q, k_win[start:stop].transpose(2, 3),
+                                                     v_win[start:stop].transpose(2, 3), attn_mask=band,
+                                                     dropout_p=dropout_p)  # [blocks, heads, w, d]
+                if grad:
+                    pieces.append(out.transpose(1, 2).reshape((stop - start) * w, heads, head_dim))
+                else:
+                    output[row, (start + 1) * w : (stop + 1) * w].view(stop - start, w, heads, head_dim).copy_(
+                        out.transpose(1, 2))
+        if tail is not None:
+            pieces.append(tail[row].transpose(0, 1))
+        if grad:
+            row_pieces.append(torch.cat(pieces))  # [L, heads, d]
+        else:
+            output[row, :w].copy_(pieces[0])
+            if tail is not None:
+                output[row, full * w :].copy_(pieces[-1])
+    if grad:
+        output = torch.stack(row_pieces) if batch > 1 else row_pieces[0][None]
+    return output.transpose(1, 2)  # [batch, heads, L, d], a view of token-major [batch, L, heads, d]
 
 
 class SlidingWindowAttention(nn.Module):
