@@ -48,3 +48,18 @@ def check_hidden_states(hidden_states, hidden_dim: int, dtype) -> tuple[int, int
         raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the layer's parameters are {dtype}; "
                         "cast one of them (e.g. layer.to(hidden_states.dtype))")
     return batch, seq_len
+
+
+def check_state(state, expected_type: type, batch_size: int, owner: int | None) -> None:
+    """A streaming ``state`` passed back to a layer: an ``expected_type`` (a dataclass with ``batch_size`` and
+    ``owner`` fields) for ``batch_size`` rows, produced by the module whose ``id`` is ``owner`` (None: any).
+
+    Raises ValueError naming ``state`` otherwise.
+    """
+    if not isinstance(state, expected_type):
+        raise ValueError(f"state must be a {expected_type.__name__} returned with return_state=True, "
+                         f"got {type(state).__name__}")
+    if state.batch_size != batch_size:
+        raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch_size}")
+    if owner is not None and state.owner != owner:
+        raise ValueError("state was produced by a different module; pass the state this module returned")

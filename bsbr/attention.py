@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_int_at_least, check_positive_int
+from bsbr._checks import (check_dropout, check_heads, check_hidden_states, check_int_at_least, check_positive_int,
+                          check_state)
 
 __all__ = [
     "BSBRAttention",
@@ -404,15 +405,10 @@ def _local_plus_readout(query, key, value, first, later, partial, chunk_size, dr
 
 def _check_state(state, chunk_size: int, batch_size: int, owner: int | None) -> None:
     """Raise ValueError unless ``state`` is a :class:`BSBRState` this call can continue."""
-    if not isinstance(state, BSBRState):
-        raise ValueError(f"state must be a BSBRState returned with return_state=True, got {type(state).__name__}")
+    check_state(state, BSBRState, batch_size, owner)
     if state.chunk_size != chunk_size:
         raise ValueError(f"chunk_size changed between calls: the state was built with chunk_size={state.chunk_size}, "
                          f"this call uses chunk_size={chunk_size}; start a fresh sequence (state=None)")
-    if state.batch_size != batch_size:
-        raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch_size}")
-    if owner is not None and state.owner != owner:
-        raise ValueError("state was produced by a different module; pass the state this module returned")
 
 
 def pack_padding(attention_mask: torch.Tensor) -> torch.Tensor:

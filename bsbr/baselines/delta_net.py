@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
 from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = ["DeltaNet", "DeltaNetState", "delta_rule_chunkwise", "delta_rule_recurrent"]
@@ -219,13 +219,7 @@ class DeltaNet(nn.Module):
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         check_positive_int(chunk_size=self.chunk_size)
         if state is not None:
-            if not isinstance(state, DeltaNetState):
-                raise ValueError(f"state must be a DeltaNetState returned with return_state=True, "
-                                 f"got {type(state).__name__}")
-            if state.batch_size != batch:
-                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
-            if state.owner != id(self):
-                raise ValueError("state was produced by a different module; pass the state this module returned")
+            check_state(state, DeltaNetState, batch, id(self))
 
         def empty():
             d = self.head_dim

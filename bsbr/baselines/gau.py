@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
 from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = ["GAU", "GAUState"]
@@ -121,13 +121,7 @@ class GAU(nn.Module):
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.z_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         if state is not None:
-            if not isinstance(state, GAUState):
-                raise ValueError("state must be a GAUState returned with return_state=True, "
-                                 f"got {type(state).__name__}")
-            if state.batch_size != batch:
-                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
-            if state.owner != id(self):
-                raise ValueError("state was produced by a different module; pass the state this module returned")
+            check_state(state, GAUState, batch, id(self))
             if state.chunk_size != self.chunk_size:
                 raise ValueError(f"state was built with chunk_size={state.chunk_size}, this module uses "
                                  f"chunk_size={self.chunk_size}; start a fresh sequence (state=None)")

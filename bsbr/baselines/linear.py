@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
 from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = [
@@ -212,13 +212,7 @@ class LinearAttention(nn.Module):
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         check_positive_int(chunk_size=self.chunk_size)
         if state is not None:
-            if not isinstance(state, LinearAttentionState):
-                raise ValueError("state must be a LinearAttentionState returned with return_state=True, "
-                                 f"got {type(state).__name__}")
-            if state.batch_size != batch:
-                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
-            if state.owner != id(self):
-                raise ValueError("state was produced by a different module; pass the state this module returned")
+            check_state(state, LinearAttentionState, batch, id(self))
 
         def empty():
             d = self.head_dim

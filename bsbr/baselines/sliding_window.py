@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
 from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = ["SlidingWindowAttention", "WindowCache", "sliding_window_attention"]
@@ -174,13 +174,7 @@ class SlidingWindowAttention(nn.Module):
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         if state is not None:
-            if not isinstance(state, WindowCache):
-                raise ValueError("state must be a WindowCache returned with return_state=True, "
-                                 f"got {type(state).__name__}")
-            if state.batch_size != batch:
-                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
-            if state.owner != id(self):
-                raise ValueError("state was produced by a different module; pass the state this module returned")
+            check_state(state, WindowCache, batch, id(self))
             if state.window_size != self.window_size:
                 raise ValueError(f"state was built with window_size={state.window_size}, this module uses "
                                  f"window_size={self.window_size}; start a fresh sequence (state=None)")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states
+from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_state
 from bsbr.attention import attend_packed, validate_attention_mask
 
 __all__ = ["KVCache", "StandardAttention"]
@@ -76,12 +76,7 @@ class StandardAttention(nn.Module):
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         if state is not None:
-            if not isinstance(state, KVCache):
-                raise ValueError(f"state must be a KVCache returned with return_state=True, got {type(state).__name__}")
-            if state.batch_size != batch:
-                raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch}")
-            if state.owner != id(self):
-                raise ValueError("state was produced by a different module; pass the state this module returned")
+            check_state(state, KVCache, batch, id(self))
 
         def empty():
             none = hidden_states.new_zeros(batch, self.num_heads, 0, self.head_dim)
