@@ -5,7 +5,7 @@ from bsbr.baselines import DeltaNet, GAU, HopfieldAttention, LinearAttention, Sl
 from bsbr.baselines.standard import KVCache, StandardAttention
 from bsbr.model import (AttentionModel, BSBRForCausalLM, BSBRLayer, BSBRModel, CausalLM, CausalLMOutput,
                         StandardModel, TransformerLayer, TransformerModel)
-from bsbr.registry import available_models, build_model
+from bsbr.registry import available_models, build_attention, build_model
 
 __all__ = [
     "AttentionModel",
@@ -28,6 +28,7 @@ __all__ = [
     "TransformerModel",
     "available_models",
     "bsbr_attention",
+    "build_attention",
     "build_model",
 ]
 __version__ = "0.2.0"

@@ -12,8 +12,22 @@ Three kinds of point, each measured in its own process (see *Isolation*):
   bsbr       ``bsbr.BSBRAttention(hidden_dim, num_heads, chunk_size)(hidden_states)`` (projections included)
   standard   ``bsbr.StandardAttention(hidden_dim, num_heads)(hidden_states)``: torch's causal
              ``scaled_dot_product_attention`` with ``q_proj, k_proj, v_proj, out_proj``
+  linear,    the baselines' attention layers, ``bsbr.registry.build_attention(impl, hidden_dim, num_heads)`` with
+  delta_net, their architecture defaults (``linear``/``delta_net``: chunk 64, ``sliding_window``: window 128,
+  sliding_   ``hopfield``: one update, ``gau``: chunk 128, ``qk_dim`` 128, expansion 2; ``chunk_size`` is BSBR's only)
+  window,
+  hopfield,
+  gau
   bsbr_core  ``bsbr.attention.bsbr_attention(query, key, value, meta_query, meta_key, chunk_size)``
   sdpa_core  ``torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)``
+  delta_     DeltaNet's delta rule, ``delta_rule_chunkwise(q, k, v, beta, 64)`` / ``delta_rule_recurrent(q, k, v,
+  chunkwise, beta)`` (the token loop), on unit-norm ``q, k`` and ``beta`` in (0, 1): the issue-4 operator pair
+  delta_
+  recurrent
+  linear_    linear attention, ``linear_attention_chunkwise(φq, φk, v, 64)`` / ``linear_attention_recurrent(φq,
+  chunkwise, φk, v)`` with ``φ = elu + 1``
+  linear_
+  recurrent
   ========== =====================================================================================================
 
   The cores get random per-head tensors laid out as the modules produce them (views
@@ -105,6 +119,9 @@ from bsbr._checks import check_heads, check_int_at_least, check_positive_int
 __all__ = [
     "ATTENTION_IMPLS",
     "ATTENTION_MODES",
+    "CORE_IMPLS",
+    "FLOP_IMPLS",
+    "MODULE_IMPLS",
     "attention_flop_terms",
     "attention_flops",
     "fit_power_law",
@@ -117,9 +134,16 @@ __all__ = [
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: ``impl`` values of :func:`measure_attention`: the two modules (projections included), then the two cores.
-ATTENTION_IMPLS = ("bsbr", "standard", "bsbr_core", "sdpa_core")
-#: ``mode`` values of :func:`measure_attention`; ``decode`` needs a module (``bsbr`` or ``standard``).
+#: ``impl`` values of :func:`measure_attention` that are attention layers (projections included): every registered
+#: architecture (``bsbr.available_models()``).
+MODULE_IMPLS = ("bsbr", "standard", "linear", "delta_net", "sliding_window", "hopfield", "gau")
+#: ``impl`` values that are operators on per-head tensors (no projections).
+CORE_IMPLS = ("bsbr_core", "sdpa_core", "delta_chunkwise", "delta_recurrent", "linear_chunkwise", "linear_recurrent")
+#: ``impl`` values of :func:`measure_attention`: the modules, then the cores.
+ATTENTION_IMPLS = MODULE_IMPLS + CORE_IMPLS
+#: ``impl`` values with a FLOP count (:func:`attention_flop_terms`); the others report ``flops=None``.
+FLOP_IMPLS = ("bsbr", "standard", "bsbr_core", "sdpa_core")
+#: ``mode`` values of :func:`measure_attention`; ``decode`` needs a module (one of :data:`MODULE_IMPLS`).
 ATTENTION_MODES = ("forward", "backward", "decode")
 #: Default GEMM shapes ``(m, k, n)`` of :func:`matmul_throughput`: a projection-sized product and a square one.
 MATMUL_SHAPES = ((16384, 512, 512), (2048, 2048, 2048))
@@ -435,8 +459,9 @@ def _check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size
         raise ValueError(f"impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode must be one of {list(ATTENTION_MODES)}, got {mode!r}")
-    if mode == "decode" and impl not in ("bsbr", "standard"):
-        raise ValueError(f"mode 'decode' streams through a module: impl must be 'bsbr' or 'standard', got {impl!r}")
+    if mode == "decode" and impl not in MODULE_IMPLS:
+        raise ValueError(f"mode 'decode' streams through a module: impl must be one of {list(MODULE_IMPLS)}, "
+                         f"got {impl!r}")
     check_positive_int(seq_len=seq_len, chunk_size=chunk_size, batch_size=batch_size)
     check_heads(hidden_dim, num_heads)
 
@@ -446,16 +471,18 @@ def attention_flop_terms(impl: str, seq_len: int, hidden_dim: int = 512, num_hea
     """Forward FLOPs of one attention point, term by term (formulas in the module docstring).
 
     Args:
-        impl: one of :data:`ATTENTION_IMPLS`.
+        impl: one of :data:`FLOP_IMPLS`.
         seq_len, hidden_dim, num_heads, chunk_size, batch_size: the point's sizes (``chunk_size`` is ignored by
             ``standard`` and ``sdpa_core``).
     Returns:
         ``{term: FLOPs}``: ``projections`` (modules), ``meta_projections`` (``bsbr``), then ``local_attention,
         chunk_states, meta_scores, state_mixing, readout`` (BSBR) or ``attention`` (full attention).
     Raises:
-        ValueError: unknown ``impl`` or invalid sizes.
+        ValueError: ``impl`` not in :data:`FLOP_IMPLS` or invalid sizes.
     """
     _check_attention_args(impl, "forward", seq_len, hidden_dim, num_heads, chunk_size, batch_size)
+    if impl not in FLOP_IMPLS:
+        raise ValueError(f"impl must be one of {list(FLOP_IMPLS)} for a FLOP count, got {impl!r}")
     n, D, H, B = seq_len, hidden_dim, num_heads, chunk_size
     d = D // H
     terms = {}
@@ -495,16 +522,15 @@ def _attention_call(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batc
     import torch
     import torch.nn.functional as F
 
-    import bsbr
     from bsbr.attention import bsbr_attention
+    from bsbr.baselines.delta_net import delta_rule_chunkwise, delta_rule_recurrent
+    from bsbr.baselines.linear import elu_feature_map, linear_attention_chunkwise, linear_attention_recurrent
+    from bsbr.registry import build_attention
 
     grad = mode == "backward"
     head_dim = hidden_dim // num_heads
-    if impl in ("bsbr", "standard"):
-        if impl == "bsbr":
-            module = bsbr.BSBRAttention(hidden_dim, num_heads, chunk_size, dropout=0.0)
-        else:
-            module = bsbr.StandardAttention(hidden_dim, num_heads, dropout=0.0)
+    if impl in MODULE_IMPLS:
+        module = build_attention(impl, hidden_dim, num_heads, **({"chunk_size": chunk_size} if impl == "bsbr" else {}))
         module.eval()  # dropout is 0 anyway; eval keeps the modules on their inference branches
         hidden_states = torch.randn(batch_size, seq_len, hidden_dim, generator=generator, requires_grad=grad)
         return (lambda: module(hidden_states)), [hidden_states], module
@@ -517,6 +543,13 @@ def _attention_call(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batc
     (q0, q), (k0, k), (v0, v) = per_head(seq_len), per_head(seq_len), per_head(seq_len)
     if impl == "sdpa_core":
         return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), [q0, k0, v0], None
+    if impl.startswith("delta_"):
+        beta0 = torch.rand(batch_size, num_heads, seq_len, generator=generator, requires_grad=grad)
+        form = delta_rule_chunkwise if impl == "delta_chunkwise" else delta_rule_recurrent
+        return (lambda: form(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta0)[0]), [q0, k0, v0, beta0], None
+    if impl.startswith("linear_"):
+        form = linear_attention_chunkwise if impl == "linear_chunkwise" else linear_attention_recurrent
+        return (lambda: form(elu_feature_map(q), elu_feature_map(k), v)[0]), [q0, k0, v0], None
     num_chunks = -(-seq_len // chunk_size)
     (mq0, mq), (mk0, mk) = per_head(num_chunks), per_head(num_chunks)
     return (lambda: bsbr_attention(q, k, v, mq, mk, chunk_size)), [q0, k0, v0, mq0, mk0], None
@@ -586,7 +619,7 @@ def _measure_attention_here(impl: str, mode: str, seq_len: int, hidden_dim: int 
         "gflops_per_s": None,
         **extra,
     }
-    if mode != "decode":
+    if mode != "decode" and impl in FLOP_IMPLS:
         result["flops"] = attention_flops(impl, seq_len, hidden_dim, num_heads, chunk_size, batch_size, mode)
         result["gflops_per_s"] = result["flops"] / result["median_s"] / 1e9
     return result

@@ -6,10 +6,12 @@ import inspect
 
 from torch import nn
 
-from bsbr.baselines import DeltaNet, GAU, HopfieldAttention, LinearAttention, SlidingWindowAttention
+from bsbr.attention import BSBRAttention
+from bsbr.baselines import (DeltaNet, GAU, HopfieldAttention, LinearAttention, SlidingWindowAttention,
+                            StandardAttention)
 from bsbr.model import AttentionModel, BSBRModel, StandardModel
 
-__all__ = ["COMMON_CONFIG", "available_models", "build_model"]
+__all__ = ["COMMON_CONFIG", "available_models", "build_attention", "build_model"]
 
 #: Keys every architecture builds from; architecture-specific settings have defaults.
 COMMON_CONFIG = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "ff_dim", "dropout")
@@ -20,6 +22,9 @@ _MODELS: dict[str, tuple[type[nn.Module], dict]] = {
     "standard": (StandardModel, {}),
 }
 
+
+# name -> attention layer class of the models in _MODELS
+_MODEL_ATTENTION: dict[str, type[nn.Module]] = {"bsbr": BSBRAttention, "standard": StandardAttention}
 
 # name -> (attention class of an AttentionModel, defaults for its architecture-specific settings)
 _ATTENTION_MODELS: dict[str, tuple[type[nn.Module], dict]] = {
@@ -68,3 +73,28 @@ def build_model(name: str, **config) -> nn.Module:
     if name in _MODELS:
         return cls(**{**defaults, **config})
     return AttentionModel(attention_cls, **{**defaults, **config})
+
+
+def build_attention(name: str, hidden_dim: int, num_heads: int, dropout: float = 0.0, **settings) -> nn.Module:
+    """The attention layer that :func:`build_model` puts in every layer of model ``name``, alone.
+
+    Args:
+        name: one of :func:`available_models`.
+        hidden_dim, num_heads, dropout: as in :func:`build_model`.
+        **settings: the architecture's own settings (defaults as in :func:`build_model`).
+    Returns:
+        a module with ``forward(hidden_states [batch, seq_len, hidden_dim], attention_mask=None, state=None,
+        return_state=False) -> [batch, seq_len, hidden_dim]`` (and the state with ``return_state=True``).
+    Raises:
+        ValueError: unknown ``name`` or a setting the architecture does not take (and the layer's own errors).
+    """
+    if name not in available_models():
+        raise ValueError(f"name must be one of {available_models()}, got {name!r}")
+    if name in _MODELS:
+        cls, defaults = _MODEL_ATTENTION[name], _MODELS[name][1]
+    else:
+        cls, defaults = _ATTENTION_MODELS[name]
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"attention {name!r} does not take {unknown}; its settings are {sorted(defaults)}")
+    return cls(hidden_dim, num_heads, dropout=dropout, **{**defaults, **settings})

@@ -197,7 +197,7 @@ def test_matmul_throughput_reports_every_shape():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(impl="flash"), "impl"),
     (dict(mode="train"), "mode"),
-    (dict(impl="sdpa_core", mode="decode"), "impl must be 'bsbr' or 'standard'"),
+    (dict(impl="sdpa_core", mode="decode"), "streams through a module: impl must be one of"),
     (dict(seq_len=0), "seq_len"),
     (dict(hidden_dim=30), "hidden_dim"),
     (dict(num_heads=0), "num_heads"),
@@ -239,3 +239,43 @@ def test_measure_attention_reports_a_timeout_and_cli_prints_json(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["impl"], result["mode"], result["seq_len"]) == ("sdpa_core", "forward", 32)
     assert result["flops"] == attention_flops("sdpa_core", 32, 16, 2)
+
+
+BASELINE_POINTS = [(impl, mode) for impl in ("linear", "delta_net", "sliding_window", "hopfield", "gau")
+                   for mode in ("forward", "decode")]
+BASELINE_POINTS += [(impl, "forward") for impl in ("delta_chunkwise", "delta_recurrent", "linear_chunkwise",
+                                                    "linear_recurrent")]
+
+
+@pytest.mark.parametrize("impl, mode", BASELINE_POINTS)
+def test_measure_attention_baseline_layers_and_operators(impl, mode):
+    result = measure_attention(impl, 48, mode, **SMALL, repeats=2, warmup=1, threads=1, seed=1)
+    assert (result["impl"], result["mode"], result["seq_len"], result["repeats"]) == (impl, mode, 48, 2)
+    assert result["flops"] is None and result["gflops_per_s"] is None  # no FLOP formula for these
+    assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
+    assert result["peak_bytes"] == result["peak_rss_bytes"] - result["baseline_rss_bytes"] >= 0
+    if mode == "decode":
+        assert result["state_tokens"] == 48 + 1 + 2
+        d = SMALL["hidden_dim"] // SMALL["num_heads"]
+        expected = {"linear": 4 * 2 * (d * d + d), "delta_net": 4 * 2 * d * d,  # constant-size recurrent states
+                    "hopfield": 2 * 4 * 51 * 32,  # a KV cache of all 51 tokens
+                    "sliding_window": 2 * 4 * 51 * 32}  # window 128 > 51 tokens: every token is still in it
+        if impl in expected:
+            assert result["state_bytes"] == expected[impl]
+
+
+def test_build_attention_is_the_layer_build_model_uses():
+    for name in bsbr.available_models():
+        settings = {"chunk_size": 16} if name == "bsbr" else {}
+        layer = bsbr.build_attention(name, 32, 2, **settings)
+        model = bsbr.build_model(name, vocab_size=50, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64, **settings)
+        built = model.layers[0].attention
+        assert type(layer) is type(built)
+        assert [(n, p.shape) for n, p in layer.named_parameters()] == [(n, p.shape) for n, p in built.named_parameters()]
+    assert bsbr.build_attention("sliding_window", 32, 2, window_size=7).window_size == 7
+    with pytest.raises(ValueError, match="window_size"):
+        bsbr.build_attention("linear", 32, 2, window_size=7)
+    with pytest.raises(ValueError, match="name must be one of"):
+        bsbr.build_attention("mamba", 32, 2)
+    with pytest.raises(ValueError, match="FLOP count"):
+        attention_flop_terms("delta_chunkwise", 64)

@@ -49,7 +49,7 @@ def test_scaling_fits_and_machine_header(scaling_smoke):
 
 def test_scaling_metrics_json(scaling_smoke):
     metrics = json.loads(scaling_smoke["metrics"].read_text())
-    assert set(metrics) == {"seq_len", "models", "bsbr_vs_standard", "attention", "machine"}
+    assert set(metrics) == {"seq_len", "models", "bsbr_vs_standard", "attention", "layers", "machine"}
     assert metrics["seq_len"] == max(SCALING_SMOKE["seq_lens"])
     table = pd.read_csv(scaling_smoke["out"] / "scaling.csv").set_index(["model", "seq_len"])
     for name in ("bsbr", "standard"):
@@ -239,3 +239,53 @@ def test_parameter_counts_match_the_built_models(scaling_smoke):
             p.numel() for p in model.layers[0].attention.parameters())
     assert counts.loc["standard", "vs_standard"] == 1.0
     assert counts.loc["bsbr", "parameters"] > counts.loc["standard", "parameters"]  # BSBR adds meta-projections
+
+
+def test_all_seven_layers_operators_and_issue4_targets(scaling_smoke):
+    out = scaling_smoke["out"]
+    layers = pd.read_csv(out / "layers.csv")
+    quadratic_max, full_max = SCALING_SMOKE["quadratic_max_len"], SCALING_SMOKE["full_forward_max_len"]
+    expected = sorted((impl, n) for impl in ["bsbr", "standard", *SCALING_SMOKE["baseline_impls"]]
+                      for n in SCALING_SMOKE["attn_seq_lens"]
+                      if (impl != "hopfield" or n <= quadratic_max) and (impl != "standard" or n <= full_max))
+    assert list(zip(layers.impl, layers.seq_len)) == expected
+    assert (layers.median_s > 0).all()
+    attention = pd.read_csv(out / "attention.csv")
+    forward = attention[attention["mode"] == "forward"].set_index(["impl", "seq_len"]).median_s
+    for row in layers[layers.impl.isin(["bsbr", "standard"])].itertuples():
+        assert row.median_s == forward[(row.impl, row.seq_len)]  # the module points above, not re-measured
+    layer_decode = pd.read_csv(out / "layer_decode.csv")
+    expected = sorted((impl, p) for impl in ["bsbr", "standard", *SCALING_SMOKE["baseline_impls"]]
+                      for p in SCALING_SMOKE["decode_positions"] if impl != "hopfield" or p <= quadratic_max)
+    assert list(zip(layer_decode.impl, layer_decode.position)) == expected
+    assert (layer_decode.state_tokens == layer_decode.position + SCALING_SMOKE["decode_steps"]).all()
+    hidden, heads = SCALING_SMOKE["hidden_dim"], SCALING_SMOKE["num_heads"]
+    constant = layer_decode[layer_decode.impl.isin(["linear", "delta_net"])].groupby("impl").state_bytes.nunique()
+    assert (constant == 1).all()  # recurrent states do not grow with position
+    delta = bsbr.DeltaNet(hidden, heads)
+    assert (layer_decode[layer_decode.impl == "delta_net"].state_bytes == delta.state_nbytes()).all()
+
+    operators = pd.read_csv(out / "operators.csv").set_index(["impl", "seq_len"]).median_s
+    ratios = pd.read_csv(out / "operator_ratios.csv").set_index("seq_len")
+    assert list(ratios.index) == SCALING_SMOKE["operator_seq_lens"]
+    for n, row in ratios.iterrows():
+        assert row.delta_recurrent_over_chunkwise == pytest.approx(
+            operators[("delta_recurrent", n)] / operators[("delta_chunkwise", n)])
+        assert row.delta_over_linear_chunkwise == pytest.approx(
+            operators[("delta_chunkwise", n)] / operators[("linear_chunkwise", n)])
+    targets = pd.read_csv(out / "issue4_targets.csv").set_index("target")
+    n = SCALING_SMOKE["operator_target_seq_len"]
+    assert list(targets.index) == [f"delta_chunkwise_speedup_{n}", f"delta_vs_linear_{n}"] + [
+        f"no_nxn_{impl}" for impl in sorted(["bsbr", *SCALING_SMOKE["baseline_impls"]])]
+    assert targets.loc[f"delta_chunkwise_speedup_{n}", "value"] == pytest.approx(
+        ratios.loc[n, "delta_recurrent_over_chunkwise"])
+    for row in targets.itertuples():
+        holds = row.value >= row.threshold if row.comparison == "≥" else row.value <= row.threshold
+        assert row.status == ("pass" if holds else "FAIL")
+    longest = layers.sort_values("seq_len").groupby("impl").last()
+    assert targets.loc["no_nxn_hopfield", "value"] == pytest.approx(
+        longest.loc["hopfield", "peak_bytes"] / (4 * quadratic_max**2))
+    metrics = json.loads(scaling_smoke["metrics"].read_text())["layers"]
+    assert set(metrics["forward_median_s"]) == {"bsbr", "standard", *SCALING_SMOKE["baseline_impls"]}
+    assert {k: v["status"] for k, v in metrics["targets"].items()} == targets.status.to_dict()
+    assert (out / "layers.png").stat().st_size > 1000
