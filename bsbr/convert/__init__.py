@@ -1,15 +1,18 @@
-"""Pretrained Hugging Face models -> BSBR attention (:func:`convert_to_bsbr`), and model loading."""
+"""Pretrained Hugging Face models (Llama and GPT-2 families) -> BSBR attention (:func:`convert_to_bsbr`), and model
+loading."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 
+from bsbr.convert.gpt2 import BSBRGPT2Attention, convert_gpt2
 from bsbr.convert.llama import BSBRLlamaAttention, chunk_local_attention, convert_llama, set_retrieval
 from bsbr.convert.loading import default_model_path, load_pretrained
 
 __all__ = [
     "SUPPORTED_FAMILIES",
+    "BSBRGPT2Attention",
     "BSBRLlamaAttention",
     "chunk_local_attention",
     "convert_to_bsbr",
@@ -19,7 +22,7 @@ __all__ = [
     "set_retrieval",
 ]
 
-_CONVERTERS = {"llama": convert_llama}
+_CONVERTERS = {"llama": convert_llama, "gpt2": convert_gpt2}
 SUPPORTED_FAMILIES = tuple(_CONVERTERS)  # config.model_type values convert_to_bsbr accepts
 
 
@@ -27,8 +30,9 @@ def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = Non
     """Convert a pretrained transformers model to BSBR attention in place, keeping all its weights.
 
     Args:
-        model: a transformers model whose ``config.model_type`` is in :data:`SUPPORTED_FAMILIES` (``"llama"``:
-            ``LlamaForCausalLM`` such as SmolLM2). See :mod:`bsbr.convert.llama` for what is replaced.
+        model: a transformers model whose ``config.model_type`` is in :data:`SUPPORTED_FAMILIES`: ``"llama"``
+            (``LlamaForCausalLM`` such as SmolLM2; see :mod:`bsbr.convert.llama`) or ``"gpt2"`` (``GPT2LMHeadModel``;
+            see :mod:`bsbr.convert.gpt2`).
         chunk_size: tokens per chunk (integer >= 1).
         compression_factor: None, or a positive integer dividing ``head_dim**2`` (chunk-state compression).
     Returns:

@@ -241,8 +241,9 @@ def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | N
 
 
 def set_retrieval(model: nn.Module, enabled: bool) -> nn.Module:
-    """Switch the retrieval term of every :class:`BSBRLlamaAttention` in ``model`` on or off; returns ``model``.
+    """Switch the retrieval term of every BSBR-converted attention in ``model`` on or off; returns ``model``.
 
+    Converted attentions: :class:`BSBRLlamaAttention` and :class:`bsbr.convert.gpt2.BSBRGPT2Attention`.
     Off = causal attention within each chunk only (the "no retrieval" reference).
 
     Raises:
@@ -250,7 +251,9 @@ def set_retrieval(model: nn.Module, enabled: bool) -> nn.Module:
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, BSBRLlamaAttention)]
+    from bsbr.convert.gpt2 import BSBRGPT2Attention  # here, not at the top: gpt2.py imports this module
+
+    layers = [m for m in model.modules() if isinstance(m, (BSBRLlamaAttention, BSBRGPT2Attention))]
     if not layers:
         raise ValueError("model has no BSBRLlamaAttention; convert it with bsbr.convert.convert_to_bsbr first")
     for layer in layers:

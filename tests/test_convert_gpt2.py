@@ -1,0 +1,301 @@
+"""bsbr.convert.gpt2: pretrained GPT-2 -> BSBR. Tiny random GPT-2 configs (nothing downloaded), compared with the
+original model and with BSBR written out densely (explicit [n, n] mask, loops over chunks, q/k/v from c_attn)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+from bsbr.convert import (
+    SUPPORTED_FAMILIES,
+    BSBRGPT2Attention,
+    convert_to_bsbr,
+    converted_copy,
+    set_retrieval,
+)
+from bsbr.convert.gpt2 import convert_gpt2
+
+SEQ_LEN = 23  # odd on purpose: the last chunk is partial for every chunk size below
+SPLITTING_CHUNK_SIZES = [4, 5, 8]
+HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
+
+
+def tiny_gpt2(attn_implementation: str = "sdpa", seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """2 layers, hidden 64, 4 heads (head_dim 16), 64 learned positions, vocab 100; random weights, eval mode."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=100, n_positions=64, n_embd=HIDDEN, n_layer=2, n_head=HEADS, bos_token_id=0,
+                        eos_token_id=0, attn_implementation=attn_implementation, **overrides)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tokens(batch: int = 2, length: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def dense_bsbr_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
+    """BSBRGPT2Attention written out from its definition: q/k/v from the Conv1D ``c_attn`` by hand
+    (``x @ weight + bias``, split q|k|v), explicit [n, n] mask, Python loops over chunks.
+    ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
+    batch, n, width = hidden.shape
+    heads, d, size = attn.num_heads, attn.head_dim, attn.chunk_size
+    qkv = hidden @ attn.c_attn.weight + attn.c_attn.bias  # [batch, n, 3*width]
+
+    def per_head(x):  # [batch, n, width] -> [batch, heads, n, d]
+        return x.reshape(batch, n, heads, d).transpose(1, 2)
+
+    q, k, v = per_head(qkv[..., :width]), per_head(qkv[..., width : 2 * width]), per_head(qkv[..., 2 * width :])
+    position = torch.arange(n)
+    chunk = position // size
+    allowed = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    num_chunks = int(chunk.max()) + 1
+
+    def state(j):  # F_j = K_jᵀ V_j, [batch, heads, d, d]
+        members = chunk == j
+        f = k[:, :, members].transpose(-1, -2) @ v[:, :, members]
+        if attn.compression is not None:
+            c = attn.compression
+            f = c.decode(c.encode(f.reshape(batch, heads, d * d))).view(batch, heads, d, d)
+        return f
+
+    def meta_key(j):  # h_j: [batch, heads, d]
+        return attn.meta_k_proj(hidden[:, chunk == j].mean(1)).view(batch, heads, d)
+
+    for i in range(1, num_chunks if retrieval else 1):
+        r = attn.meta_q_proj(hidden[:, chunk == i - 1].mean(1)).view(batch, heads, d)  # from chunk i-1 only
+        logits = torch.stack([(r * meta_key(j)).sum(-1) / math.sqrt(d) for j in range(i)], dim=-1)
+        weights = torch.softmax(logits, dim=-1)  # [batch, heads, i]
+        retrieved = sum(weights[..., j, None, None] * state(j) for j in range(i))
+        out[:, :, chunk == i] += q[:, :, chunk == i] @ retrieved
+    return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
+
+
+def dense_gpt2_logits(model: GPT2LMHeadModel, ids: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
+    """The converted GPT-2 written out: wte + wpe, pre-LN blocks with :func:`dense_bsbr_gpt2`, ln_f, lm_head."""
+    t = model.transformer
+    h = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))[None]
+    for block in t.h:
+        h = h + dense_bsbr_gpt2(block.attn, block.ln_1(h), retrieval)
+        h = h + block.mlp(block.ln_2(h))
+    return model.lm_head(t.ln_f(h))
+
+
+# --- exactness ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("attn_implementation", "overrides"),
+                         [("sdpa", {}), ("eager", {}), ("eager", {"reorder_and_upcast_attn": True})])
+@pytest.mark.parametrize("chunk_size", [SEQ_LEN, 64])
+def test_one_chunk_equals_original(attn_implementation, overrides, chunk_size):
+    model = tiny_gpt2(attn_implementation, **overrides)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+        got = convert_to_bsbr(model, chunk_size)(x).logits
+    assert isinstance(model.transformer.h[0].attn, BSBRGPT2Attention)
+    assert expected.abs().max() > 0.1  # not trivially small logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("compression_factor", [None, 4])
+@pytest.mark.parametrize("chunk_size", SPLITTING_CHUNK_SIZES)
+def test_logits_match_dense_reference(chunk_size, compression_factor):
+    model = convert_to_bsbr(tiny_gpt2(), chunk_size, compression_factor)
+    x = tokens()
+    with torch.no_grad():
+        got = model(x).logits
+        expected = dense_gpt2_logits(model, x)
+        hidden = torch.randn(2, SEQ_LEN, HIDDEN, generator=torch.Generator().manual_seed(2))
+        layer_out, weights = model.transformer.h[1].attn(hidden)  # one layer on a larger-scale input
+        layer_expected = dense_bsbr_gpt2(model.transformer.h[1].attn, hidden)
+    assert weights is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer_out, layer_expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", SPLITTING_CHUNK_SIZES)
+def test_first_chunk_is_original_and_retrieval_changes_the_rest(chunk_size):
+    model = tiny_gpt2()
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+        got = convert_to_bsbr(model, chunk_size)(x).logits
+    torch.testing.assert_close(got[:, :chunk_size], expected[:, :chunk_size], atol=1e-5, rtol=0)
+    assert (got[:, chunk_size:] - expected[:, chunk_size:]).abs().amax(-1).min() > 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", SPLITTING_CHUNK_SIZES)
+def test_converted_model_is_causal(chunk_size):
+    model = convert_to_bsbr(tiny_gpt2(), chunk_size)
+    x = tokens()
+    with torch.no_grad():
+        a = model(x).logits
+        for t in (3, chunk_size, 2 * chunk_size, 13, SEQ_LEN - 1):  # inside chunk 0, chunk starts, middle, last
+            changed = x.clone()
+            changed[:, t:] = (changed[:, t:] + 1) % 100
+            b = model(changed).logits
+            torch.testing.assert_close(b[:, :t], a[:, :t], atol=1e-6, rtol=0)
+            assert (b[:, t:] - a[:, t:]).abs().max() > 1e-3  # the change does reach later positions
+
+
+def test_retrieval_off_is_chunk_local_attention():
+    model = convert_to_bsbr(tiny_gpt2(), 8)
+    x = tokens()
+    with torch.no_grad():
+        local = set_retrieval(model, False)(x).logits
+        expected_local = dense_gpt2_logits(model, x, retrieval=False)
+        retrieving = set_retrieval(model, True)(x).logits
+    assert all(block.attn.retrieval for block in model.transformer.h)  # switched back on
+    torch.testing.assert_close(local, expected_local, atol=1e-5, rtol=0)
+    torch.testing.assert_close(local[:, :8], retrieving[:, :8], atol=1e-6, rtol=0)  # chunk 0 retrieves nothing
+    assert (retrieving[:, 8:] - local[:, 8:]).abs().max() > 1e-3
+
+
+# --- weights --------------------------------------------------------------------------------------------------
+
+
+def test_pretrained_weights_are_shared_and_meta_projections_copied():
+    model = tiny_gpt2()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    old_attention = [block.attn for block in model.transformer.h]
+    old_weights = [(a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias) for a in old_attention]
+    assert convert_gpt2(model, 8) is model and type(model) is GPT2LMHeadModel
+    assert not any(isinstance(m, GPT2Attention) for m in model.modules())
+    assert model.config.use_cache is False
+    after = model.state_dict()
+    for name, tensor in before.items():  # every pretrained tensor kept, under its old name, same values
+        assert torch.equal(after[name], tensor), name
+    assert set(after) - set(before) == {f"transformer.h.{i}.attn.{p}.{w}" for i in range(2)
+                                        for p in ("meta_q_proj", "meta_k_proj") for w in ("weight", "bias")}
+    for old, tensors, block in zip(old_attention, old_weights, model.transformer.h):
+        new = block.attn
+        assert new.c_attn is old.c_attn and new.c_proj is old.c_proj
+        assert new.resid_dropout is old.resid_dropout and new.attn_dropout is old.attn_dropout
+        assert all(a is b for a, b in zip((new.c_attn.weight, new.c_attn.bias, new.c_proj.weight, new.c_proj.bias),
+                                          tensors))
+        weight, bias = old.c_attn.weight, old.c_attn.bias  # Conv1D: [hidden, 3*hidden], q|k|v
+        assert new.meta_q_proj.weight.shape == (HIDDEN, HIDDEN) == new.meta_k_proj.weight.shape
+        assert torch.equal(new.meta_q_proj.weight, weight[:, :HIDDEN].T)
+        assert torch.equal(new.meta_k_proj.weight, weight[:, HIDDEN : 2 * HIDDEN].T)
+        assert torch.equal(new.meta_q_proj.bias, bias[:HIDDEN])
+        assert torch.equal(new.meta_k_proj.bias, bias[HIDDEN : 2 * HIDDEN])
+        assert new.meta_q_proj.weight.data_ptr() != weight.data_ptr()  # copies, separate storage, trainable
+        assert new.meta_q_proj.weight.requires_grad and new.compression is None
+
+
+def test_bare_gpt2_model_and_converted_copy():
+    model = tiny_gpt2()
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+        copy8 = converted_copy(model, 8)
+        got = copy8(x).logits
+        assert torch.equal(model(x).logits, expected)  # original untouched
+        base = convert_to_bsbr(copy.deepcopy(model.transformer), 8)  # GPT2Model without the LM head
+        assert type(base) is GPT2Model
+        torch.testing.assert_close(model.lm_head(base(x).last_hidden_state), got, atol=1e-6, rtol=0)
+    assert isinstance(model.transformer.h[0].attn, GPT2Attention)
+    assert copy8.transformer.h[0].attn.c_attn.weight is model.transformer.h[0].attn.c_attn.weight
+
+
+def test_meta_projections_receive_gradients_in_training_mode():
+    model = convert_to_bsbr(tiny_gpt2(), 8).train()
+    loss = model(tokens(), labels=tokens()).loss
+    loss.backward()
+    for block in model.transformer.h:
+        for module in (block.attn.meta_q_proj, block.attn.meta_k_proj, block.attn.c_attn):
+            assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+
+
+# --- rejected inputs and configs ------------------------------------------------------------------------------
+
+
+def test_padding_mask_is_rejected_and_all_ones_mask_accepted():
+    model = convert_to_bsbr(tiny_gpt2(), 8)
+    x = tokens()
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, attention_mask=mask).logits, model(x).logits, atol=0, rtol=0)
+        mask[1, :3] = 0  # left padding
+        with pytest.raises(NotImplementedError, match="padding"):
+            model(x, attention_mask=mask)
+        with pytest.raises(NotImplementedError, match="padding"):
+            model.transformer(x, None, mask)  # positional (input_ids, cache, attention_mask), on the base model
+
+
+def test_eager_padding_mask_reaching_the_layer_is_rejected():
+    attn = convert_to_bsbr(tiny_gpt2("eager"), 8).transformer.h[0].attn
+    mask = torch.zeros(1, 1, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    with torch.no_grad():
+        attn(torch.randn(1, 6, HIDDEN), attention_mask=mask)  # plain causal: accepted
+        mask[..., 0] = float("-inf")  # first token padded
+        with pytest.raises(NotImplementedError, match="padding"):
+            attn(torch.randn(1, 6, HIDDEN), attention_mask=mask)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_kv_cache_is_rejected():
+    model = convert_to_bsbr(tiny_gpt2(), 8)
+    x = tokens()
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model(x, use_cache=True)
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model(x, past_key_values=DynamicCache(config=model.config))
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model(x, cache=DynamicCache(config=model.config))
+        with pytest.raises(NotImplementedError, match="use_cache=False"):
+            model.transformer.h[0].attn(torch.zeros(1, 4, HIDDEN), cache=DynamicCache(config=model.config))
+
+
+@pytest.mark.parametrize(("field", "value"), [("scale_attn_by_inverse_layer_idx", True),
+                                              ("scale_attn_weights", False),
+                                              ("add_cross_attention", True)])
+def test_unsupported_config_is_rejected_before_any_change(field, value):
+    model = tiny_gpt2(**{field: value})
+    with pytest.raises(ValueError, match=field if field != "add_cross_attention" else "cross-attention"):
+        convert_to_bsbr(model, 8)
+    assert all(type(block.attn) is GPT2Attention for block in model.transformer.h)
+
+
+def test_reorder_and_upcast_attn_is_accepted():
+    model = convert_to_bsbr(tiny_gpt2("eager", reorder_and_upcast_attn=True), 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()).logits, dense_gpt2_logits(model, tokens()), atol=1e-5, rtol=0)
+
+
+def test_unsupported_family_lists_llama_and_gpt2():
+    assert SUPPORTED_FAMILIES == ("llama", "gpt2")
+    other = torch.nn.Linear(4, 4)
+    other.config = types.SimpleNamespace(model_type="opt")
+    with pytest.raises(ValueError, match=r"\['llama', 'gpt2'\].*model_type='opt'"):
+        convert_to_bsbr(other, 8)
+    with pytest.raises(ValueError, match="no GPT2Attention"):
+        convert_gpt2(torch.nn.Linear(4, 4), 8)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2.5, True, None])
+def test_bad_arguments_are_rejected_before_any_change(chunk_size):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="chunk_size"):
+        convert_to_bsbr(model, chunk_size)
+    with pytest.raises(ValueError, match="compression_factor"):
+        convert_to_bsbr(model, 8, compression_factor=7)  # does not divide head_dim² = 256
+    assert all(type(block.attn) is GPT2Attention for block in model.transformer.h)
+    with pytest.raises(TypeError, match="GPT2Attention"):
+        BSBRGPT2Attention(torch.nn.Linear(4, 4), 8)
+    with pytest.raises(ValueError, match="no BSBRLlamaAttention"):
+        set_retrieval(model, False)
+
+
+def test_converting_twice_is_rejected():
+    model = convert_to_bsbr(tiny_gpt2(), 8)
+    with pytest.raises(ValueError, match="already converted"):
+        convert_to_bsbr(model, 4)
