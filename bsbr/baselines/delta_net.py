@@ -119,27 +119,45 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         t = F.pad(t, (0, 0, 0, pad)) if pad else t
         return t.reshape(groups, num_chunks, chunk_size, t.shape[-1]).transpose(0, 1).contiguous()
 
-    q, k, v = chunk_major(q), chunk_major(k), chunk_major(v)  # q, k: [chunks, groups, C, d_k]; v: [.., d_v]
-    beta = chunk_major(beta[..., None])  # [chunks, groups, C, 1]
-    k_beta = k * beta  # diag(β) K
+    q, k = chunk_major(q), chunk_major(k)  # [chunks, groups, C, d_k]
+    beta = F.pad(beta, (0, pad)) if pad else beta
+    beta = beta.reshape(groups, num_chunks, chunk_size, 1).transpose(0, 1)  # view [chunks, groups, C, 1]
+    v = (F.pad(v, (0, 0, 0, pad)) if pad else v).reshape(groups, num_chunks, chunk_size, d_v).transpose(0, 1)
+    # Without autograd, results go straight into preallocated buffers (out=); with it, the same values by cat/stack.
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta, memory))
+    if grad:
+        rhs = torch.cat([k * beta, v * beta], dim=-1)  # [diag(β) K | diag(β) V]: [chunks, groups, C, d_k + d_v]
+    else:
+        rhs = q.new_empty(num_chunks, groups, chunk_size, d_k + d_v)
+        torch.mul(k, beta, out=rhs[..., :d_k])
+        torch.mul(v, beta, out=rhs[..., d_k:])
     # A = I + tril(diag(β) K Kᵀ, −1): solve_triangular(upper=False, unitriangular=True) reads only the strictly lower
     # triangle of its matrix and takes the diagonal as ones, so diag(β) K Kᵀ itself stands for A (no masking).
-    rhs = torch.cat([k_beta, v * beta], dim=-1)  # [diag(β) K | diag(β) V]: [chunks, groups, C, d_k + d_v]
-    wu = torch.linalg.solve_triangular(k_beta @ k.transpose(-1, -2), rhs, upper=False, unitriangular=True)
-    w, u = wu[..., :d_k].contiguous(), wu[..., d_k:].contiguous()  # W = T diag(β) K, U = T diag(β) V
-    scores = torch.tril(q @ k.transpose(-1, -2))  # tril(Q Kᵀ): [chunks, groups, C, C]
+    wu = torch.linalg.solve_triangular(rhs[..., :d_k] @ k.transpose(-1, -2), rhs, upper=False, unitriangular=True)
+    w, u = wu[..., :d_k], wu[..., d_k:]  # views: W = T diag(β) K, U = T diag(β) V (bmm takes their row stride)
+    scores = torch.matmul(q, k.transpose(-1, -2)).tril_()  # tril(Q Kᵀ): [chunks, groups, C, C]
     k_t = k.transpose(-1, -2)  # [chunks, groups, d_k, C]
     memory = memory.reshape(groups, d_k, d_v)
-    memories, corrected = [], []
-    for c in range(num_chunks):  # only the carry of S is sequential; every operand is a contiguous [groups, ., .]
-        memories.append(memory)  # S before chunk c
-        u_c = torch.baddbmm(u[c], w[c], memory, alpha=-1.0)  # U' = U − W S: [groups, C, d_v]
-        corrected.append(u_c)
-        memory = torch.baddbmm(memory, k_t[c], u_c)  # S + Kᵀ U': [groups, d_k, d_v]
+    if grad:
+        memories, corrected = [], []  # S before each chunk, U' of each chunk
+        for c in range(num_chunks):  # only the carry of S is sequential; operands are [groups, ., .] views
+            memories.append(memory)
+            corrected.append(torch.baddbmm(u[c], w[c], memory, alpha=-1.0))  # U' = U − W S: [groups, C, d_v]
+            memory = torch.baddbmm(memory, k_t[c], corrected[-1])  # S + Kᵀ U': [groups, d_k, d_v]
+        memories, corrected = torch.stack(memories), torch.stack(corrected)
+    else:
+        memories = q.new_empty(num_chunks, groups, d_k, d_v)  # S before each chunk
+        corrected = q.new_empty(num_chunks, groups, chunk_size, d_v)  # U' of each chunk
+        memories[0] = memory
+        for c in range(num_chunks):
+            torch.baddbmm(u[c], w[c], memories[c], alpha=-1.0, out=corrected[c])
+            if c + 1 < num_chunks:
+                torch.baddbmm(memories[c], k_t[c], corrected[c], out=memories[c + 1])
+        memory = torch.baddbmm(memories[-1], k_t[-1], corrected[-1])  # S after the last chunk
     flat = num_chunks * groups
-    out = torch.baddbmm(torch.bmm(q.view(flat, chunk_size, d_k), torch.stack(memories).view(flat, d_k, d_v)),
+    out = torch.baddbmm(torch.bmm(q.view(flat, chunk_size, d_k), memories.view(flat, d_k, d_v)),
                         scores.view(flat, chunk_size, chunk_size),
-                        torch.stack(corrected).view(flat, chunk_size, d_v))  # Q S + tril(Q Kᵀ) U'
+                        corrected.view(flat, chunk_size, d_v))  # Q S + tril(Q Kᵀ) U'
     out = out.view(num_chunks, groups, chunk_size, d_v).transpose(0, 1).reshape(batch, heads, -1, d_v)[:, :, :length]
     return out, memory.view(batch, heads, d_k, d_v)
 
