@@ -50,12 +50,17 @@ def check_hidden_states(hidden_states, hidden_dim: int, dtype) -> tuple[int, int
     return batch, seq_len
 
 
-def check_state(state, expected_type: type, batch_size: int, owner: int | None) -> None:
+def check_state(state, expected_type: type, batch_size: int, owner: int | None, like=None) -> None:
     """A streaming ``state`` passed back to a layer: an ``expected_type`` (a dataclass with ``batch_size`` and
-    ``owner`` fields) for ``batch_size`` rows, produced by the module whose ``id`` is ``owner`` (None: any).
+    ``owner`` fields) for ``batch_size`` rows, produced by the module whose ``id`` is ``owner`` (None: any), whose
+    tensors have the dtype and device of the tensor ``like`` (None: not checked).
 
     Raises ValueError naming ``state`` otherwise.
     """
+    import dataclasses
+
+    import torch
+
     if not isinstance(state, expected_type):
         raise ValueError(f"state must be a {expected_type.__name__} returned with return_state=True, "
                          f"got {type(state).__name__}")
@@ -63,3 +68,9 @@ def check_state(state, expected_type: type, batch_size: int, owner: int | None) 
         raise ValueError(f"state holds batch size {state.batch_size} but the input has batch size {batch_size}")
     if owner is not None and state.owner != owner:
         raise ValueError("state was produced by a different module; pass the state this module returned")
+    if like is not None:
+        for field in dataclasses.fields(state):
+            value = getattr(state, field.name)
+            if isinstance(value, torch.Tensor) and (value.dtype != like.dtype or value.device != like.device):
+                raise ValueError(f"state.{field.name} is {value.dtype} on {value.device} but the input is "
+                                 f"{like.dtype} on {like.device}; start a fresh sequence (state=None) after .to()")

@@ -232,7 +232,7 @@ def bsbr_attention(
     if key.shape != value.shape or key.dim() != 4 or key.shape[0] != batch or key.shape[2:] != (length, head_dim):
         raise ValueError(f"key/value must be [batch, kv_heads, seq_len, head_dim]; got {list(key.shape)}, {list(value.shape)}")
     if state is not None:
-        _check_state(state, chunk_size, batch, None)
+        _check_state(state, chunk_size, batch, None, query)
     seen = 0 if state is None else state.num_tokens
     partial = seen % chunk_size  # tokens of the current chunk already in the state
     finished = seen // chunk_size  # chunks already in the state
@@ -403,9 +403,9 @@ def _local_plus_readout(query, key, value, first, later, partial, chunk_size, dr
     return (torch.cat([pieces[0], body], dim=1) if head else body).transpose(1, 2)
 
 
-def _check_state(state, chunk_size: int, batch_size: int, owner: int | None) -> None:
-    """Raise ValueError unless ``state`` is a :class:`BSBRState` this call can continue."""
-    check_state(state, BSBRState, batch_size, owner)
+def _check_state(state, chunk_size: int, batch_size: int, owner: int | None, like: torch.Tensor) -> None:
+    """Raise ValueError unless ``state`` is a :class:`BSBRState` this call can continue (dtype/device of ``like``)."""
+    check_state(state, BSBRState, batch_size, owner, like)
     if state.chunk_size != chunk_size:
         raise ValueError(f"chunk_size changed between calls: the state was built with chunk_size={state.chunk_size}, "
                          f"this call uses chunk_size={chunk_size}; start a fresh sequence (state=None)")
@@ -437,6 +437,8 @@ def attend_packed(attend, hidden_states: torch.Tensor, mask: torch.Tensor | None
         return attend(hidden_states, state, return_state)
     batch, seq_len, width = hidden_states.shape
     order = pack_padding(mask)
+    # Padded positions are zeroed first: whatever they hold (even inf/NaN) never reaches a real token.
+    hidden_states = hidden_states.masked_fill(~mask[:, :, None], 0.0)
     packed = hidden_states.gather(1, order[:, :, None].expand(-1, -1, width))  # [batch, seq_len, width], real first
     new_state = None
     if state is not None or return_state:
@@ -454,7 +456,7 @@ def attend_packed(attend, hidden_states: torch.Tensor, mask: torch.Tensor | None
     else:
         packed_out = attend(packed, None, False)
     output = packed_out.gather(1, order.argsort(1)[:, :, None].expand(-1, -1, packed_out.shape[-1]))
-    output = output * mask[:, :, None].to(output.dtype)  # padded positions: zeros
+    output = output.masked_fill(~mask[:, :, None], 0.0)  # padded positions: zeros (zero gradient there too)
     return (output, new_state) if return_state else output
 
 
@@ -538,7 +540,7 @@ class BSBRAttention(nn.Module):
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         check_positive_int(chunk_size=self.chunk_size)
         if state is not None:
-            _check_state(state, self.chunk_size, batch, id(self))
+            _check_state(state, self.chunk_size, batch, id(self), hidden_states)
         return attend_packed(self._attend, hidden_states, mask, state, return_state,
                              lambda: self._empty_state(batch, hidden_states))
 

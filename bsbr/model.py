@@ -103,7 +103,7 @@ class TransformerModel(nn.Module):
                 hidden_states = layer(hidden_states, attention_mask, layer_state)
         hidden_states = self.norm(hidden_states)
         if attention_mask is not None:
-            hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)  # padding: zeros
+            hidden_states = hidden_states.masked_fill(~attention_mask[:, :, None], 0.0)  # padding: zeros
         return (hidden_states, new_states) if return_state else hidden_states
 
 

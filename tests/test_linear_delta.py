@@ -167,13 +167,22 @@ def test_operator_shape_and_state_errors(form):
     call = {
         "linear_recurrent": lambda q, k, v, state=None: linear_attention_recurrent(q, k, v, state),
         "linear_chunkwise": lambda q, k, v, state=None: linear_attention_chunkwise(q, k, v, 4, state),
-        "delta_recurrent": lambda q, k, v, state=None: delta_rule_recurrent(q, k, v, beta, state),
-        "delta_chunkwise": lambda q, k, v, state=None: delta_rule_chunkwise(q, k, v, beta, 4, state),
+        "delta_recurrent": lambda q, k, v, state=None: delta_rule_recurrent(q, k, v, beta[:, :, : q.shape[2]], state),
+        "delta_chunkwise": lambda q, k, v, state=None: delta_rule_chunkwise(q, k, v, beta[:, :, : q.shape[2]], 4,
+                                                                              state),
     }[form]
     with pytest.raises(ValueError, match="q and k"):
         call(q, k[..., :4], v)
     with pytest.raises(ValueError, match=r"^state"):
         call(q, k, v, state=torch.zeros(1))
+    with pytest.raises(ValueError, match="at least one token"):
+        call(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match="dtype"):
+        call(q, k.float(), v)
+    good_state = call(q, k, v)[1:] if form.startswith("linear") else call(q, k, v)[1]
+    wrong_dtype = tuple(t.float() for t in good_state) if form.startswith("linear") else good_state.float()
+    with pytest.raises(ValueError, match=r"^state must have the dtype"):
+        call(q, k, v, state=wrong_dtype)
     if form == "linear_chunkwise":
         with pytest.raises(ValueError, match="chunk_size"):
             linear_attention_chunkwise(q, k, v, 0)
@@ -208,6 +217,50 @@ def reference_layer(layer, x):
                                                                                   layer.v_proj))
         out = linear_attention_recurrent(elu_feature_map(q), elu_feature_map(k), v)[0]
     return layer.out_proj(out.transpose(1, 2).reshape(batch, n, HIDDEN))
+
+
+def test_layer_feature_maps_follow_the_papers_written_out():
+    """Independent of the layers' own ``project``/feature map: DeltaNet q, k = l2norm(silu(x Wᵀ + b)) per head,
+    β = sigmoid(x W_βᵀ + b_β), then the delta-rule token loop; linear attention φ(x) = elu(x) + 1 written as
+    where(x > 0, x + 1, exp(x)), then explicit causal sums."""
+    x = random_hidden(2, SEQ).double()
+    delta, linear = make("delta_net").double(), make("linear").double()
+
+    def heads(t):  # [batch, n, hidden] -> [batch, heads, n, head_dim]
+        return t.view(2, SEQ, HEADS, HEAD_DIM).transpose(1, 2)
+
+    def linear_map(t, layer):
+        return t @ layer.weight.T + layer.bias
+
+    def unit(t):
+        t = t * torch.sigmoid(t)  # silu
+        return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    q, k = (unit(heads(linear_map(x, p))) for p in (delta.q_proj, delta.k_proj))
+    v, beta = heads(linear_map(x, delta.v_proj)), torch.sigmoid(linear_map(x, delta.b_proj)).transpose(1, 2)
+    memory, outs = torch.zeros(2, HEADS, HEAD_DIM, HEAD_DIM, dtype=torch.float64), []
+    for t in range(SEQ):  # S_t = S_{t-1} + β_t k_t (v_t − S_{t-1}ᵀ k_t)ᵀ, o_t = S_tᵀ q_t
+        kt = k[:, :, t]
+        memory = memory + beta[:, :, t, None, None] * kt[..., None] * (
+            v[:, :, t] - torch.einsum("bhkv,bhk->bhv", memory, kt))[..., None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", memory, q[:, :, t]))
+    expected = linear_map(torch.stack(outs, 2).transpose(1, 2).reshape(2, SEQ, HIDDEN), delta.out_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(delta(x), expected, atol=1e-10, rtol=0)
+
+    def phi(t):
+        return torch.where(t > 0, t + 1, torch.exp(t))
+
+    q, k = (phi(heads(linear_map(x, p))) for p in (linear.q_proj, linear.k_proj))
+    v = heads(linear_map(x, linear.v_proj))
+    outs = []
+    for t in range(SEQ):
+        weights = (q[:, :, t, None, :] * k[:, :, : t + 1]).sum(-1)  # [batch, heads, t + 1]
+        outs.append((weights[..., None] * v[:, :, : t + 1]).sum(2) / (weights.sum(-1, keepdim=True)
+                                                                       + LINEAR_ATTENTION_EPS))
+    expected = linear_map(torch.stack(outs, 2).transpose(1, 2).reshape(2, SEQ, HIDDEN), linear.out_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), expected, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))

@@ -176,6 +176,21 @@ def test_gau_equals_naive_loops_float64(chunk_size, seq_len):
     assert (fast - reference).abs().max() <= 1e-8
 
 
+@pytest.mark.parametrize("kind", ["window", "gau"])
+def test_more_than_32_blocks_equal_the_reference_float64(kind):
+    """The fast paths process blocks/chunks in groups of 32: 150 tokens of blocks of 4 is 38 of them (two groups, the
+    second partial), with and without autograd, and streamed across the group boundary."""
+    layer = (make_window() if kind == "window" else make_gau()).double()
+    reference = window_reference if kind == "window" else gau_reference
+    x = random_hidden(2, 150, dtype=torch.float64)
+    expected = reference(layer, x)
+    with torch.no_grad():
+        assert (layer(x) - expected).abs().max() <= 1e-8
+        pieces, _ = stream(layer, x, [4, 130, 16])
+        assert (pieces - expected).abs().max() <= 1e-8
+    assert (layer(x) - expected).abs().max() <= 1e-8  # autograd path
+
+
 def test_gau_linear_part_reads_earlier_chunks():
     """Zeroing the linear key map changes tokens after the first chunk only."""
     layer = make_gau().double()
@@ -217,6 +232,7 @@ SCHEDULES = {
     "one_then_rest": [1, 10],
     "rest_then_one": [10, 1],
     "long_then_short": [9, 2],
+    "boundary_then_chunks": [4, 7],  # a state ending on a chunk boundary, then a call of several chunks
 }
 
 

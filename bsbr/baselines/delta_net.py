@@ -54,6 +54,10 @@ def _check_inputs(q, k, v, beta, state):
     if not isinstance(beta, torch.Tensor) or beta.shape != q.shape[:3]:
         raise ValueError(f"beta must be [batch, heads, seq_len] = {list(q.shape[:3])}, "
                          f"got {list(beta.shape) if isinstance(beta, torch.Tensor) else type(beta).__name__}")
+    if q.shape[2] < 1:
+        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
+    if any(t.dtype != q.dtype for t in (k, v, beta)):
+        raise ValueError(f"q, k, v, beta must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {beta.dtype}")
     batch, heads, _, d_k = q.shape
     expected = (batch, heads, d_k, v.shape[-1])
     if state is None:
@@ -61,6 +65,8 @@ def _check_inputs(q, k, v, beta, state):
     if not isinstance(state, torch.Tensor) or tuple(state.shape) != expected:
         raise ValueError(f"state must be None or the memory S {list(expected)}, "
                          f"got {list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}")
+    if state.dtype != q.dtype:
+        raise ValueError(f"state must have the dtype of q ({q.dtype}), got {state.dtype}")
     return state
 
 
@@ -111,6 +117,7 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     memory = _check_inputs(q, k, v, beta, state)
     batch, heads, length, d_k = q.shape
     d_v = v.shape[-1]
+    chunk_size = min(chunk_size, length)  # a short call (a decode step) is one chunk of its own length, not padded
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
     groups = batch * heads
@@ -237,7 +244,7 @@ class DeltaNet(nn.Module):
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         check_positive_int(chunk_size=self.chunk_size)
         if state is not None:
-            check_state(state, DeltaNetState, batch, id(self))
+            check_state(state, DeltaNetState, batch, id(self), hidden_states)
 
         def empty():
             d = self.head_dim

@@ -120,8 +120,9 @@ class GAU(nn.Module):
         """
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.z_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
+        check_positive_int(chunk_size=self.chunk_size)
         if state is not None:
-            check_state(state, GAUState, batch, id(self))
+            check_state(state, GAUState, batch, id(self), hidden_states)
             if state.chunk_size != self.chunk_size:
                 raise ValueError(f"state was built with chunk_size={state.chunk_size}, this module uses "
                                  f"chunk_size={self.chunk_size}; start a fresh sequence (state=None)")

@@ -5,9 +5,10 @@ Softmax is replaced by the feature map ``φ(x) = elu(x) + 1`` (strictly positive
 
     o_t = φ(q_t)ᵀ S_t / (φ(q_t)ᵀ z_t + eps),   eps = LINEAR_ATTENTION_EPS = 1e-6.
 
-``φ > 0`` makes the denominator positive in exact arithmetic; ``eps`` only guards against ``φ`` underflowing to 0
-(``elu(x) + 1`` is 0 in fp32 for ``x < -88``), which would give 0/0. Every form here (and the test references)
-adds the same ``eps``, so they agree exactly in exact arithmetic.
+``φ > 0`` makes the denominator positive in exact arithmetic, but ``elu(x) + 1`` underflows to 0 in fp32 for
+``x`` below about −17, and ``eps`` then keeps 0/0 away. ``eps`` is not free: when ``φ(q_t)ᵀ z_t`` is below about
+``1e-4`` (queries far in elu's negative range) it shrinks the output noticeably. Every form here (and the test
+references) adds the same ``eps``, so they agree exactly in exact arithmetic.
 
 Two forms on per-head tensors, both continuing a carried ``(S, z)``:
 
@@ -56,6 +57,10 @@ def _check_qkv(q, k, v, state):
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}")
+    if q.shape[2] < 1:
+        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, _, d_k = q.shape
     d_v = v.shape[-1]
     if state is None:
@@ -66,6 +71,8 @@ def _check_qkv(q, k, v, state):
     if tuple(key_value.shape) != (batch, heads, d_k, d_v) or tuple(key_sum.shape) != (batch, heads, d_k):
         raise ValueError(f"state must be (S {[batch, heads, d_k, d_v]}, z {[batch, heads, d_k]}), got "
                          f"({list(key_value.shape)}, {list(key_sum.shape)})")
+    if key_value.dtype != q.dtype or key_sum.dtype != q.dtype:
+        raise ValueError(f"state must have the dtype of q ({q.dtype}), got {key_value.dtype} and {key_sum.dtype}")
     return key_value, key_sum
 
 
@@ -118,6 +125,7 @@ def linear_attention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     key_value, key_sum = _check_qkv(q, k, v, state)
     batch, heads, length, d_k = q.shape
     d_v = v.shape[-1]
+    chunk_size = min(chunk_size, length)  # a short call (a decode step) is one chunk of its own length, not padded
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length
     groups = batch * heads  # one head-major contiguous layout: [batch * heads * chunks, chunk_size, dim]
@@ -212,7 +220,7 @@ class LinearAttention(nn.Module):
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         check_positive_int(chunk_size=self.chunk_size)
         if state is not None:
-            check_state(state, LinearAttentionState, batch, id(self))
+            check_state(state, LinearAttentionState, batch, id(self), hidden_states)
 
         def empty():
             d = self.head_dim

@@ -174,7 +174,7 @@ class SlidingWindowAttention(nn.Module):
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         if state is not None:
-            check_state(state, WindowCache, batch, id(self))
+            check_state(state, WindowCache, batch, id(self), hidden_states)
             if state.window_size != self.window_size:
                 raise ValueError(f"state was built with window_size={state.window_size}, this module uses "
                                  f"window_size={self.window_size}; start a fresh sequence (state=None)")

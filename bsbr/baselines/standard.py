@@ -76,7 +76,7 @@ class StandardAttention(nn.Module):
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
         mask = validate_attention_mask(attention_mask, batch, seq_len)
         if state is not None:
-            check_state(state, KVCache, batch, id(self))
+            check_state(state, KVCache, batch, id(self), hidden_states)
 
         def empty():
             none = hidden_states.new_zeros(batch, self.num_heads, 0, self.head_dim)
