@@ -230,30 +230,25 @@ def test_converting_twice_is_rejected():
         convert_to_bsbr(model, 4)
 
 
-def test_padding_mask_is_rejected_and_all_ones_mask_accepted():
+def test_all_ones_mask_equals_no_mask():
     model = convert_to_bsbr(tiny_llama(), 8)
     x = tokens()
     mask = torch.ones_like(x)
     with torch.no_grad():
         torch.testing.assert_close(model(x, attention_mask=mask).logits, model(x).logits, atol=0, rtol=0)
-        mask[1, :3] = 0  # left padding
-        with pytest.raises(NotImplementedError, match="padding"):
-            model(x, attention_mask=mask)
-        with pytest.raises(NotImplementedError, match="padding"):
-            model.model(x, mask)  # positional, on the base model too
+    # padded batches: tests/test_convert_cache.py (each row equals the row alone)
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
-def test_kv_cache_is_rejected():
+def test_a_kv_cache_other_than_bsbrcache_is_rejected():
     model = convert_to_bsbr(tiny_llama(), 8)
     x = tokens()
     with torch.no_grad():
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
-            model(x, use_cache=True)
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
+        with pytest.raises(TypeError, match="BSBRCache"):
             model(x, past_key_values=DynamicCache(config=model.config))
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
-            model.model.layers[0].self_attn(torch.zeros(1, 4, 64), position_embeddings=None,
+        with pytest.raises(TypeError, match="BSBRCache"):
+            model.model.layers[0].self_attn(torch.zeros(1, 4, 64), position_embeddings=(torch.ones(1, 4, 16),
+                                                                                         torch.zeros(1, 4, 16)),
                                             cache=DynamicCache(config=model.config))
 
 

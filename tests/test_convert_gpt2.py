@@ -217,17 +217,13 @@ def test_meta_projections_receive_gradients_in_training_mode():
 # --- rejected inputs and configs ------------------------------------------------------------------------------
 
 
-def test_padding_mask_is_rejected_and_all_ones_mask_accepted():
+def test_all_ones_mask_equals_no_mask():
     model = convert_to_bsbr(tiny_gpt2(), 8)
     x = tokens()
     mask = torch.ones_like(x)
     with torch.no_grad():
         torch.testing.assert_close(model(x, attention_mask=mask).logits, model(x).logits, atol=0, rtol=0)
-        mask[1, :3] = 0  # left padding
-        with pytest.raises(NotImplementedError, match="padding"):
-            model(x, attention_mask=mask)
-        with pytest.raises(NotImplementedError, match="padding"):
-            model.transformer(x, None, mask)  # positional (input_ids, cache, attention_mask), on the base model
+    # padded batches: tests/test_convert_cache.py (each row equals the row alone)
 
 
 def test_eager_padding_mask_reaching_the_layer_is_rejected():
@@ -241,17 +237,15 @@ def test_eager_padding_mask_reaching_the_layer_is_rejected():
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
-def test_kv_cache_is_rejected():
+def test_a_kv_cache_other_than_bsbrcache_is_rejected():
     model = convert_to_bsbr(tiny_gpt2(), 8)
     x = tokens()
     with torch.no_grad():
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
-            model(x, use_cache=True)
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
+        with pytest.raises(TypeError, match="BSBRCache"):
             model(x, past_key_values=DynamicCache(config=model.config))
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
+        with pytest.raises(TypeError, match="BSBRCache"):
             model(x, cache=DynamicCache(config=model.config))
-        with pytest.raises(NotImplementedError, match="use_cache=False"):
+        with pytest.raises(TypeError, match="BSBRCache"):
             model.transformer.h[0].attn(torch.zeros(1, 4, HIDDEN), cache=DynamicCache(config=model.config))
 
 

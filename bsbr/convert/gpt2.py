@@ -19,8 +19,13 @@ With ``chunk_size >= seq_len`` there is one chunk and the layer is exactly the p
 BSBR scales scores by ``1/sqrt(head_dim)``, so configs that scale differently are rejected
 (``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx=True``), as is cross-attention
 (``add_cross_attention=True``). ``reorder_and_upcast_attn`` only changes the numerics of the eager path (fp32 scores)
-and is accepted; BSBR computes in the model's dtype. The converted model runs full-sequence forward passes only:
-no KV cache (``use_cache=False``), no padding (an ``attention_mask`` with zeros raises).
+and is accepted; BSBR computes in the model's dtype.
+
+Incremental decoding and padding (:mod:`bsbr.convert.cache`): a :class:`bsbr.convert.cache.BSBRCache` (``cache=``,
+``use_cache=True``, or made by ``generate``) continues a sequence; a 2-D ``attention_mask`` processes each row's real
+tokens as that sequence alone. GPT-2's positions are absolute (``wpe``): with left padding pass
+``position_ids = attention_mask.cumsum(-1) - 1`` (clamped at 0), as ``generate`` does, so each row's real tokens
+get the positions they would have alone.
 
 Source: GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"; BSBR ("Block Sparse
 attention with Block Retrieval", this project); chunk states ``F_j = K_jᵀV_j`` are the linear-attention state of
@@ -36,12 +41,8 @@ from transformers.pytorch_utils import Conv1D
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
-from bsbr.convert.llama import (
-    _check_causal_mask,
-    _check_model_inputs,
-    _no_cache_error,
-    chunk_local_attention,
-)
+from bsbr.convert.cache import attend_cached, check_cache, packed_attention, prepare_model_inputs
+from bsbr.convert.llama import _padding_mask, _use_bsbr_cache_in_generate, chunk_local_attention
 
 __all__ = ["BSBRGPT2Attention", "convert_gpt2"]
 
@@ -90,14 +91,19 @@ class BSBRGPT2Attention(nn.Module):
     False drops the retrieval term, leaving causal attention within each chunk only (a reference baseline).
 
     ``forward(hidden_states [batch, seq_len, hidden], cache=None, attention_mask=None, ...)`` returns
-    ``(output [batch, seq_len, hidden], None)`` like ``GPT2Attention`` (no attention weights).
+    ``(output [batch, seq_len, hidden], None)`` like ``GPT2Attention`` (no attention weights). ``cache``: a
+    :class:`bsbr.convert.cache.BSBRCache`, continued in place. Padding reaches the layer as the keyword
+    ``bsbr_attention_mask`` (``[batch, past + seq_len]`` bool, from the model's pre-hook); outputs at padded
+    positions are zeros.
 
     Raises:
         TypeError: ``attention`` not a ``GPT2Attention``.
         ValueError: bad ``chunk_size``/``compression_factor``; a config BSBR cannot reproduce
             (``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx=True``, cross-attention); in forward,
-            ``encoder_hidden_states`` or a mask that is not plain causal.
-        NotImplementedError: in forward, a KV cache or a padding mask.
+            ``encoder_hidden_states``, or a 4-D mask of the wrong shape.
+        TypeError: in forward, a cache that is not a ``BSBRCache``.
+        NotImplementedError: in forward, called directly with a 4-D mask that is not plain causal (padding goes
+            through the model's 2-D ``attention_mask``).
     """
 
     def __init__(self, attention: GPT2Attention, chunk_size: int, compression_factor: int | None = None):
@@ -140,12 +146,13 @@ class BSBRGPT2Attention(nn.Module):
         use_cache: bool | None = False,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if cache is not None or past_key_values is not None or use_cache:
-            raise _no_cache_error()
         if encoder_hidden_states is not None:
             raise ValueError("encoder_hidden_states must be None: BSBRGPT2Attention is causal self-attention only")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            check_cache(cache)
         batch, seq_len, _ = hidden_states.shape
-        _check_causal_mask(attention_mask, seq_len)
+        padding = _padding_mask(kwargs, attention_mask, seq_len)
 
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)  # 3 x [batch, seq_len, hidden]
         head_shape = (batch, seq_len, self.num_heads, self.head_dim)
@@ -154,18 +161,34 @@ class BSBRGPT2Attention(nn.Module):
         value = value.view(head_shape).transpose(1, 2)  # [batch, heads, seq_len, head_dim]
         dropout_p = self.attn_dropout.p if self.training else 0.0
 
-        if self.retrieval:
-            pooled = chunk_mean(hidden_states, self.chunk_size)  # [batch, chunks, hidden]
-            chunk_shape = (batch, pooled.shape[1], self.num_heads, self.head_dim)
-            # Row j of both comes from chunk j: h_j, and the meta-query of chunk j+1.
-            meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, head_dim]
-            meta_query = self.meta_q_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, head_dim]
-            output = bsbr_attention(query, key, value, meta_query, meta_key, self.chunk_size,
-                                    compression=self.compression, dropout_p=dropout_p)
+        if cache is not None:  # continue each row's BSBR state
+            new_mask = None if padding is None else padding[:, -seq_len:]
+            output = attend_cached(self, cache.layer(self.layer_idx), hidden_states, query, key, value, new_mask,
+                                   dropout_p)
+        elif padding is not None:  # each row's real tokens alone, moved to the front
+            output = packed_attention(lambda h, q, k, v: self._attend(h, q, k, v, dropout_p), padding,
+                                      hidden_states, query, key, value)
         else:
-            output = chunk_local_attention(query, key, value, self.chunk_size, dropout_p)
+            output = self._attend(hidden_states, query, key, value, dropout_p)
         output = output.transpose(1, 2).reshape(batch, seq_len, self.embed_dim)  # [batch, seq_len, hidden]
         return self.resid_dropout(self.c_proj(output)), None
+
+    def meta_from_means(self, pooled: torch.Tensor):
+        """Meta rows from chunk means ``pooled [b, rows, hidden]``: ``meta_query, meta_key [b, heads, rows, d]``
+        (row ``j`` from chunk ``j``: ``h_j``, and the meta-query of chunk ``j+1``)."""
+        batch, rows, _ = pooled.shape
+        chunk_shape = (batch, rows, self.num_heads, self.head_dim)
+        meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, rows, head_dim]
+        meta_query = self.meta_q_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, rows, head_dim]
+        return meta_query, meta_key
+
+    def _attend(self, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        """Full causal BSBR (or own-chunk) attention of unpadded rows: ``[batch, heads, seq_len, head_dim]``."""
+        if not self.retrieval:
+            return chunk_local_attention(query, key, value, self.chunk_size, dropout_p)
+        meta_query, meta_key = self.meta_from_means(chunk_mean(hidden_states, self.chunk_size))  # [b, h, chunks, d]
+        return bsbr_attention(query, key, value, meta_query, meta_key, self.chunk_size,
+                              compression=self.compression, dropout_p=dropout_p)
 
 
 def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | None = None) -> nn.Module:
@@ -176,7 +199,8 @@ def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | No
         chunk_size: tokens per chunk (>= 1).
         compression_factor: None or a positive integer dividing ``head_dim**2``.
     Returns:
-        the same object, converted; ``model.config.use_cache`` is set to False.
+        the same object, converted; ``model.config.use_cache`` is set to False (plain forwards build no cache);
+        ``generate`` uses a :class:`bsbr.convert.cache.BSBRCache` (see :func:`bsbr.convert.llama.convert_llama`).
     Raises:
         ValueError: bad ``chunk_size``/``compression_factor``, no ``GPT2Attention`` found, already converted, or a
             config BSBR cannot reproduce (``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx=True``,
@@ -195,6 +219,7 @@ def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | No
         setattr(model.get_submodule(parent_name), child, new)
     for module in model.modules():
         if isinstance(module, GPT2Model):
-            module.register_forward_pre_hook(_check_model_inputs, with_kwargs=True)
+            module.register_forward_pre_hook(prepare_model_inputs, with_kwargs=True)
+    _use_bsbr_cache_in_generate(model)
     model.config.use_cache = False
     return model

@@ -12,8 +12,10 @@ are initialised from the layer's own ones:
 
 With ``chunk_size >= seq_len`` there is one chunk and the layer is exactly the pretrained causal attention.
 
-The converted model runs full-sequence forward passes only: no KV cache (``use_cache=False``), no padding
-(an ``attention_mask`` with zeros raises). Both are later issues.
+Incremental decoding and padding (:mod:`bsbr.convert.cache`): a :class:`bsbr.convert.cache.BSBRCache` (``cache=``,
+``use_cache=True``, or made by ``generate``) holds BSBR streaming states, so feeding a sequence in pieces gives the
+logits of one full forward (RoPE positions: the model's ``position_ids``, by default ``cache.get_seq_length()`` on);
+a 2-D ``attention_mask`` (left or right padding) processes each row's real tokens as that sequence alone.
 
 Source: BSBR ("Block Sparse attention with Block Retrieval", this project); chunk states ``F_j = K_jᵀV_j`` are the
 linear-attention state of Katharopoulos et al. 2020 (arXiv 2006.16236); Llama: Touvron et al. 2023
@@ -22,7 +24,7 @@ linear-attention state of Katharopoulos et al. 2020 (arXiv 2006.16236); Llama: T
 
 from __future__ import annotations
 
-import inspect
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel,
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
+from bsbr.convert.cache import (MASK_KEYWORD, attend_cached, check_cache, packed_attention,
+                                prepare_cache_for_generation, prepare_model_inputs)
 
 __all__ = ["BSBRLlamaAttention", "convert_llama", "set_retrieval"]
 
@@ -49,15 +53,16 @@ def _copy_linear(linear: nn.Linear) -> nn.Linear:
 
 def _no_cache_error() -> NotImplementedError:
     return NotImplementedError(
-        "BSBR-converted models run full-sequence forward passes only: KV caching / incremental decoding is not "
-        "supported yet. Call the model with use_cache=False and without past_key_values/cache."
+        "this attention runs full-sequence forward passes only: KV caching / incremental decoding is not supported. "
+        "Call the model with use_cache=False and without past_key_values/cache."
     )
 
 
 def _padding_error() -> NotImplementedError:
     return NotImplementedError(
-        "BSBR-converted models do not support padding yet: attention_mask contains zeros. Pass "
-        "attention_mask=None (or all ones) with unpadded, equal-length sequences."
+        "this attention layer got a 4-D attention_mask that is not plain causal (padding): called directly it takes "
+        "no padding. BSBRLlamaAttention/BSBRGPT2Attention take padding through the converted model's 2-D "
+        "attention_mask (the model hands it to them)."
     )
 
 
@@ -116,12 +121,17 @@ class BSBRLlamaAttention(nn.Module):
     ``compression`` (or None). Attribute ``retrieval`` (default True): False drops the retrieval term, leaving causal
     attention within each chunk only (a reference baseline).
 
-    ``forward(hidden_states [batch, seq_len, hidden], position_embeddings=(cos, sin), attention_mask=None, ...)``
-    returns ``(output [batch, seq_len, hidden], None)`` like ``LlamaAttention`` (no attention weights).
+    ``forward(hidden_states [batch, seq_len, hidden], position_embeddings=(cos, sin), attention_mask=None,
+    cache=None, ...)`` returns ``(output [batch, seq_len, hidden], None)`` like ``LlamaAttention`` (no attention
+    weights). ``cache``: a :class:`bsbr.convert.cache.BSBRCache`, continued in place. Padding reaches the layer as
+    the keyword ``bsbr_attention_mask`` (``[batch, past + seq_len]`` bool, from the model's pre-hook); outputs at
+    padded positions are zeros.
 
     Raises:
-        ValueError: bad ``chunk_size``/``compression_factor``; in forward, a mask that is not plain causal.
-        NotImplementedError: in forward, a KV cache or a padding mask.
+        ValueError: bad ``chunk_size``/``compression_factor``; in forward, a 4-D mask of the wrong shape.
+        TypeError: in forward, a cache that is not a ``BSBRCache``.
+        NotImplementedError: in forward, called directly with a 4-D mask that is not plain causal (padding goes
+            through the model's 2-D ``attention_mask``).
     """
 
     def __init__(self, attention: LlamaAttention, chunk_size: int, compression_factor: int | None = None):
@@ -163,51 +173,68 @@ class BSBRLlamaAttention(nn.Module):
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if cache is not None or past_key_values is not None:
-            raise _no_cache_error()
         if position_embeddings is None:
             raise ValueError("position_embeddings=(cos, sin) is required (the decoder layer passes the model's RoPE)")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            check_cache(cache)
         batch, seq_len, _ = hidden_states.shape
-        _check_causal_mask(attention_mask, seq_len)
+        padding = _padding_mask(kwargs, attention_mask, seq_len)
+        query, key, value = self._project(hidden_states, position_embeddings)
+        dropout_p = self.attention_dropout if self.training else 0.0
 
+        if cache is not None:  # continue each row's BSBR state
+            new_mask = None if padding is None else padding[:, -seq_len:]
+            output = attend_cached(self, cache.layer(self.layer_idx), hidden_states, query, key, value, new_mask,
+                                   dropout_p)
+        elif padding is not None:  # each row's real tokens alone, moved to the front
+            output = packed_attention(lambda h, q, k, v: self._attend(h, q, k, v, dropout_p), padding,
+                                      hidden_states, query, key, value)
+        else:
+            output = self._attend(hidden_states, query, key, value, dropout_p)
+        output = output.transpose(1, 2).reshape(batch, seq_len, -1)  # [batch, seq_len, heads*head_dim]
+        return self.o_proj(output), None
+
+    def _project(self, hidden_states, position_embeddings):
+        """RoPE'd ``query [b, heads, n, d]``, ``key, value [b, kv_heads, n, d]`` of ``hidden_states [b, n, hidden]``."""
+        batch, seq_len, _ = hidden_states.shape
         hidden_shape = (batch, seq_len, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, heads, seq_len, head_dim]
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, seq_len, head_dim]
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, seq_len, head_dim]
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        dropout_p = self.attention_dropout if self.training else 0.0
+        return query, key, value
 
-        if self.retrieval:
-            pooled = chunk_mean(hidden_states, self.chunk_size)  # [batch, chunks, hidden]
-            chunk_shape = (batch, pooled.shape[1], -1, self.head_dim)
-            # Row j of both comes from chunk j: h_j, and the meta-query of chunk j+1.
-            meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, kv_heads, chunks, head_dim]
-            meta_query = self.meta_q_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, head_dim]
-            output = bsbr_attention(query, key, value, meta_query, meta_key, self.chunk_size,
-                                    compression=self.compression, dropout_p=dropout_p)
-        else:
-            output = chunk_local_attention(query, key, value, self.chunk_size, dropout_p)
-        output = output.transpose(1, 2).reshape(batch, seq_len, -1)  # [batch, seq_len, heads*head_dim]
-        return self.o_proj(output), None
+    def meta_from_means(self, pooled: torch.Tensor):
+        """Meta rows from chunk means ``pooled [b, rows, hidden]``: ``meta_query [b, heads, rows, d]`` and
+        ``meta_key [b, kv_heads, rows, d]`` (row ``j`` from chunk ``j``: ``h_j``, and the meta-query of chunk
+        ``j+1``)."""
+        batch, rows, _ = pooled.shape
+        meta_key = self.meta_k_proj(pooled).view(batch, rows, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        meta_query = self.meta_q_proj(pooled).view(batch, rows, self.num_heads, self.head_dim).transpose(1, 2)
+        return meta_query, meta_key
+
+    def _attend(self, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        """Full causal BSBR (or own-chunk) attention of unpadded rows: ``[batch, heads, seq_len, head_dim]``."""
+        if not self.retrieval:
+            return chunk_local_attention(query, key, value, self.chunk_size, dropout_p)
+        meta_query, meta_key = self.meta_from_means(chunk_mean(hidden_states, self.chunk_size))  # [b, *, chunks, d]
+        return bsbr_attention(query, key, value, meta_query, meta_key, self.chunk_size,
+                              compression=self.compression, dropout_p=dropout_p)
 
 
-def _check_model_inputs(module: LlamaModel, args, kwargs) -> None:
-    """Forward pre-hook on the converted ``LlamaModel``: reject padding masks and KV caches before any work."""
-    bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
-    extra = bound.get("kwargs", {})
-    mask = bound.get("attention_mask")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"attention_mask must be None or a [batch, seq_len] tensor of ones, got {shape}")
-        if (mask == 0).any():
-            raise _padding_error()
-    for name in ("cache", "past_key_values"):
-        if bound.get(name) is not None or extra.get(name) is not None:
-            raise _no_cache_error()
-    if bound.get("use_cache"):
-        raise _no_cache_error()
+def _padding_mask(kwargs: dict, attention_mask, seq_len: int):
+    """The 2-D padding mask (``[batch, past + seq_len]`` bool, or None) of a converted layer's forward.
+
+    Called through the converted base model, the pre-hook :func:`bsbr.convert.cache.prepare_model_inputs` hands it
+    over as ``kwargs["bsbr_attention_mask"]`` (the 4-D ``attention_mask`` HF builds from it is then ignored). Called
+    directly, the layer takes only a plain causal 4-D mask (``_check_causal_mask``) and no padding.
+    """
+    if MASK_KEYWORD in kwargs:
+        return kwargs.pop(MASK_KEYWORD)
+    _check_causal_mask(attention_mask, seq_len)
+    return None
 
 
 def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | None = None) -> nn.Module:
@@ -218,7 +245,9 @@ def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | N
         chunk_size: tokens per chunk (>= 1).
         compression_factor: None or a positive integer dividing ``head_dim**2``.
     Returns:
-        the same object, converted; ``model.config.use_cache`` is set to False.
+        the same object, converted; ``model.config.use_cache`` is set to False (plain forwards build no cache);
+        ``generate`` uses a :class:`bsbr.convert.cache.BSBRCache` (the instance's ``_prepare_cache_for_generation``
+        is replaced, see :func:`bsbr.convert.cache.prepare_cache_for_generation`).
     Raises:
         ValueError: bad ``chunk_size``/``compression_factor``, no ``LlamaAttention`` found, or already converted.
     """
@@ -235,9 +264,18 @@ def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | N
         setattr(model.get_submodule(parent_name), child, new)
     for module in model.modules():
         if isinstance(module, LlamaModel):
-            module.register_forward_pre_hook(_check_model_inputs, with_kwargs=True)
+            module.register_forward_pre_hook(prepare_model_inputs, with_kwargs=True)
+    _use_bsbr_cache_in_generate(model)
     model.config.use_cache = False
     return model
+
+
+def _use_bsbr_cache_in_generate(model: nn.Module) -> None:
+    """Make ``model.generate`` use a :class:`bsbr.convert.cache.BSBRCache` (a generative model only): the instance's
+    ``_prepare_cache_for_generation`` becomes :func:`bsbr.convert.cache.prepare_cache_for_generation`."""
+    if hasattr(model, "_prepare_cache_for_generation"):
+        # A partial, not a bound method: it survives deepcopy (bound to the copy) and pickling.
+        model._prepare_cache_for_generation = functools.partial(prepare_cache_for_generation, model)
 
 
 def set_retrieval(model: nn.Module, enabled: bool) -> nn.Module:
