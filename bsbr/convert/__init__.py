@@ -6,12 +6,14 @@ from __future__ import annotations
 import copy
 import itertools
 
+from bsbr.convert.cache import BSBRCache
 from bsbr.convert.gpt2 import BSBRGPT2Attention, convert_gpt2
 from bsbr.convert.llama import BSBRLlamaAttention, chunk_local_attention, convert_llama, set_retrieval
 from bsbr.convert.loading import default_model_path, load_pretrained
 
 __all__ = [
     "SUPPORTED_FAMILIES",
+    "BSBRCache",
     "BSBRGPT2Attention",
     "BSBRLlamaAttention",
     "chunk_local_attention",
