@@ -41,8 +41,9 @@ from transformers.pytorch_utils import Conv1D
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
-from bsbr.convert.cache import attend_cached, check_cache, packed_attention, prepare_model_inputs
-from bsbr.convert.llama import _padding_mask, _use_bsbr_cache_in_generate, chunk_local_attention
+from bsbr.convert.cache import attend_cached, check_cache, packed_attention
+from bsbr.convert.common import replace_attention
+from bsbr.convert.llama import _padding_mask, chunk_local_attention
 
 __all__ = ["BSBRGPT2Attention", "convert_gpt2"]
 
@@ -207,19 +208,5 @@ def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | No
             ``add_cross_attention=True``); the model is left unchanged.
     """
     check_positive_int(chunk_size=chunk_size)
-    if any(isinstance(m, BSBRGPT2Attention) for m in model.modules()):
-        raise ValueError("model is already converted to BSBR; convert the original model (e.g. a deep copy of it)")
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, GPT2Attention)]
-    if not targets:
-        raise ValueError(f"no GPT2Attention module found in {type(model).__name__}")
-    # Build every replacement before touching the model, so a bad argument leaves it unchanged.
-    replacements = [(name, BSBRGPT2Attention(module, chunk_size, compression_factor)) for name, module in targets]
-    for name, new in replacements:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    for module in model.modules():
-        if isinstance(module, GPT2Model):
-            module.register_forward_pre_hook(prepare_model_inputs, with_kwargs=True)
-    _use_bsbr_cache_in_generate(model)
-    model.config.use_cache = False
-    return model
+    return replace_attention(model, GPT2Attention, BSBRGPT2Attention, GPT2Model,
+                             lambda attention: BSBRGPT2Attention(attention, chunk_size, compression_factor))

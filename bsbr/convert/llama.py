@@ -24,8 +24,6 @@ linear-attention state of Katharopoulos et al. 2020 (arXiv 2006.16236); Llama: T
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +31,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel,
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
-from bsbr.convert.cache import (MASK_KEYWORD, attend_cached, check_cache, packed_attention,
-                                prepare_cache_for_generation, prepare_model_inputs)
+from bsbr.convert.cache import MASK_KEYWORD, attend_cached, check_cache, packed_attention
+from bsbr.convert.common import replace_attention
 
 __all__ = ["BSBRLlamaAttention", "convert_llama", "set_retrieval"]
 
@@ -252,30 +250,8 @@ def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | N
         ValueError: bad ``chunk_size``/``compression_factor``, no ``LlamaAttention`` found, or already converted.
     """
     check_positive_int(chunk_size=chunk_size)
-    if any(isinstance(m, BSBRLlamaAttention) for m in model.modules()):
-        raise ValueError("model is already converted to BSBR; convert the original model (e.g. a deep copy of it)")
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, LlamaAttention)]
-    if not targets:
-        raise ValueError(f"no LlamaAttention module found in {type(model).__name__}")
-    # Build every replacement before touching the model, so a bad argument leaves it unchanged.
-    replacements = [(name, BSBRLlamaAttention(module, chunk_size, compression_factor)) for name, module in targets]
-    for name, new in replacements:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-    for module in model.modules():
-        if isinstance(module, LlamaModel):
-            module.register_forward_pre_hook(prepare_model_inputs, with_kwargs=True)
-    _use_bsbr_cache_in_generate(model)
-    model.config.use_cache = False
-    return model
-
-
-def _use_bsbr_cache_in_generate(model: nn.Module) -> None:
-    """Make ``model.generate`` use a :class:`bsbr.convert.cache.BSBRCache` (a generative model only): the instance's
-    ``_prepare_cache_for_generation`` becomes :func:`bsbr.convert.cache.prepare_cache_for_generation`."""
-    if hasattr(model, "_prepare_cache_for_generation"):
-        # A partial, not a bound method: it survives deepcopy (bound to the copy) and pickling.
-        model._prepare_cache_for_generation = functools.partial(prepare_cache_for_generation, model)
+    return replace_attention(model, LlamaAttention, BSBRLlamaAttention, LlamaModel,
+                             lambda attention: BSBRLlamaAttention(attention, chunk_size, compression_factor))
 
 
 def set_retrieval(model: nn.Module, enabled: bool) -> nn.Module:
