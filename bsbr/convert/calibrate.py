@@ -1,0 +1,180 @@
+"""Calibrate a BSBR-converted model's new parameters by attention transfer, layer by layer.
+
+Only the parameters conversion adds are trained (``meta_q_proj``, ``meta_k_proj`` and the normalised retrieval's
+feature maps and mix logits, :mod:`bsbr.convert.normalized`); every pretrained weight stays frozen. Each converted
+attention layer is fitted to reproduce the *original* layer's attention output (after ``o_proj``) on the
+original model's own hidden states entering that layer (teacher forcing), with a mean squared error over the tokens
+that retrieve (after the first chunk). Since the projections and RoPE are frozen, queries, keys, values and the
+local softmax part are computed once per layer; a training step only recomputes the retrieval.
+
+    captured = capture_attention_io(original, input_ids)            # one pass of the original model
+    stats = calibrate_attention_transfer(converted, captured, steps=60)
+
+Source: attention transfer as in LoLCATs (Zhang et al. 2024, arXiv 2410.10254, stage 1, output MSE) and
+Hedgehog (Zhang et al. 2024, arXiv 2402.04347).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+from bsbr._checks import check_positive_int
+from bsbr.convert.normalized import NormalizedBSBRLlamaAttention, chunk_local_softmax
+
+__all__ = ["LayerIO", "calibrate_attention_transfer", "capture_attention_io"]
+
+
+@dataclass
+class LayerIO:
+    """What one original attention layer saw and returned: ``hidden`` ``[batch, n, hidden]`` (its input, after the
+    layer norm), ``cos``/``sin`` (RoPE, as the decoder layer passed them) and ``output`` ``[batch, n, hidden]``."""
+
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    output: torch.Tensor
+
+
+@torch.no_grad()
+def capture_attention_io(model: nn.Module, input_ids: torch.Tensor) -> list[LayerIO]:
+    """Run the original model once on ``input_ids`` ``[batch, n]`` and record every ``LlamaAttention``'s input and
+    output (forward hooks). Returns one :class:`LayerIO` per attention layer, in module order.
+
+    Memory: ``2·layers·batch·n·hidden`` floats (e.g. 30 layers, 4 × 1024 tokens, hidden 576: 0.57 GB in fp32).
+
+    Raises:
+        ValueError: ``model`` has no ``LlamaAttention`` (e.g. it is already converted).
+    """
+    layers = [m for m in model.modules() if isinstance(m, LlamaAttention)]
+    if not layers:
+        raise ValueError(f"no LlamaAttention in {type(model).__name__}: pass the original (unconverted) model")
+    captured: dict[int, LayerIO] = {}
+    handles = []
+    for index, layer in enumerate(layers):
+        def hook(module, args, kwargs, output, index=index):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+            captured[index] = LayerIO(hidden.detach(), cos.detach(), sin.detach(), output[0].detach())
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[i] for i in range(len(layers))]
+
+
+def _relative_mse(prediction, target):
+    return ((prediction - target).pow(2).mean() / target.pow(2).mean()).item()
+
+
+def calibrate_attention_transfer(
+    model: nn.Module,
+    captured: list[LayerIO],
+    steps: int = 60,
+    lr: float = 1e-2,
+    meta_lr: float = 1e-4,
+    mix_lr: float = 1e-1,
+    progress: bool = True,
+    student_input_ids: torch.Tensor | None = None,
+) -> list[dict]:
+    """Fit each :class:`NormalizedBSBRLlamaAttention` of ``model`` to the original layer's output, in place.
+
+    Args:
+        model: a converted model whose attention layers are ``NormalizedBSBRLlamaAttention`` (in module order,
+            matching ``captured``); its pretrained weights are not changed.
+        captured: :func:`capture_attention_io` of the original model.
+        steps: full-batch Adam steps per layer (>= 1).
+        lr: learning rate of the feature maps; meta_lr: of ``meta_q_proj``/``meta_k_proj``; mix_lr: of the mix logits.
+        progress: show a tqdm bar over layers.
+        student_input_ids: None = teacher forcing (each layer sees the original model's hidden states). Or the
+            ``[batch, n]`` ids ``captured`` was made from: each layer then sees the hidden states of the converted
+            model itself, with the layers before it already calibrated (targets stay the original outputs), so a
+            layer learns to absorb upstream errors. Needs a ``LlamaForCausalLM``/``LlamaModel``-like ``model``
+            (``embed_tokens``, ``layers``, ``rotary_emb``).
+    Returns:
+        one dict per layer: ``layer``, ``own_chunk_rel_mse`` (own-chunk attention, with the sink tokens if any), ``initial_rel_mse``,
+        ``final_rel_mse`` (MSE over the retrieving tokens divided by the target's mean square), ``mean_share``
+        (mean retrieved share ``s`` after calibration), ``seconds``.
+    Raises:
+        ValueError: no normalised layers, a count that differs from ``captured``, or ``steps < 1``.
+    """
+    check_positive_int(steps=steps)
+    layers = [m for m in model.modules() if isinstance(m, NormalizedBSBRLlamaAttention)]
+    if not layers:
+        raise ValueError("model has no NormalizedBSBRLlamaAttention; see bsbr.convert.normalized")
+    if len(layers) != len(captured):
+        raise ValueError(f"model has {len(layers)} normalised attention layers but captured holds {len(captured)}")
+    stats = []
+    student = None
+    if student_input_ids is not None:
+        body = model.model if hasattr(model, "model") else model
+        decoder_layers = list(body.layers)
+        with torch.no_grad():
+            student = body.embed_tokens(student_input_ids)  # [batch, n, hidden] residual stream
+    bar = tqdm(list(zip(layers, captured)), desc="calibrating layers", unit="layer", disable=not progress,
+               file=sys.stdout, ascii=True, ncols=100)
+    for index, (layer, io) in enumerate(bar):
+        started = time.perf_counter()
+        size = layer.chunk_size
+        was_retrieval, layer.retrieval = layer.retrieval, True
+        with torch.no_grad():
+            hidden = io.hidden if student is None else decoder_layers[index].input_layernorm(student)
+            query, key, value = layer.project(hidden, (io.cos, io.sin))
+            local = chunk_local_softmax(query, key, value, size, layer.normalized.sink_size)  # frozen: computed once
+            target = io.output[:, size:]  # [batch, n - C, hidden]: tokens that retrieve
+            batch, heads = query.shape[:2]
+            own = layer.o_proj(local[0][:, :, size:].transpose(1, 2).reshape(batch, -1, heads * layer.head_dim))
+        if target.shape[1] == 0:
+            raise ValueError(f"sequences of {io.hidden.shape[1]} tokens hold one chunk of {size}: nothing to calibrate")
+        params = [{"params": list(layer.normalized.query_map.parameters()) + (
+                      [] if layer.normalized.key_map is layer.normalized.query_map
+                      else list(layer.normalized.key_map.parameters())), "lr": lr},
+                  {"params": [layer.normalized.mix_logit], "lr": mix_lr},
+                  {"params": list(layer.meta_q_proj.parameters()) + list(layer.meta_k_proj.parameters()),
+                   "lr": meta_lr}]
+        trained = [p for group in params for p in group["params"]]
+        for p in trained:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params)
+
+        def predict(return_mix=False):
+            meta_query, meta_key = layer.meta(hidden)
+            result = layer.normalized(query, key, value, meta_query, meta_key, size, local=local,
+                                      return_mix=return_mix)
+            out = result[0] if return_mix else result
+            out = out[:, :, size:].transpose(1, 2).reshape(batch, -1, heads * layer.head_dim)  # [b, n - C, h·d]
+            bias = None if layer.o_proj.bias is None else layer.o_proj.bias.detach()
+            out = nn.functional.linear(out, layer.o_proj.weight.detach(), bias)  # frozen: no gradient kept
+            return (out, result[1]) if return_mix else out
+
+        with torch.no_grad():
+            initial = _relative_mse(predict(), target)
+        scale = target.pow(2).mean()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = (predict() - target).pow(2).mean() / scale
+            loss.backward()
+            optimizer.step()
+        for p in trained:
+            p.grad = None
+        with torch.no_grad():
+            prediction, share = predict(return_mix=True)
+            row = {"layer": index, "own_chunk_rel_mse": _relative_mse(own, target), "initial_rel_mse": initial,
+                   "final_rel_mse": _relative_mse(prediction, target), "mean_share": share[:, :, size:].mean().item(),
+                   "seconds": time.perf_counter() - started}
+        if student is not None:
+            with torch.no_grad():
+                student = decoder_layers[index](student, position_embeddings=(io.cos, io.sin))
+                student = student[0] if isinstance(student, tuple) else student
+        layer.retrieval = was_retrieval
+        stats.append(row)
+        bar.set_postfix(rel_mse=f"{row['final_rel_mse']:.3f}", own=f"{row['own_chunk_rel_mse']:.3f}")
+    return stats

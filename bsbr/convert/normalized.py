@@ -1,0 +1,362 @@
+"""Normalised block retrieval: BSBR whose retrieved part shares the local softmax's normaliser.
+
+The seed BSBR output ``local_t + q_t · Σ_j w_ij K_jᵀV_j`` adds an unnormalised linear-attention term to a convex
+combination of values, which a pretrained softmax model cannot absorb. Here, as in hybrid softmax/linear attention
+(LoLCATs, Zhang et al. 2024, arXiv 2410.10254), the retrieved chunks enter the *same* normaliser as the local
+softmax, through positive Hedgehog features (Zhang et al. 2024, arXiv 2402.04347). For token ``t`` of chunk ``i``
+(``C = chunk_size``, ``d = head_dim``, ``f = feature_dim``):
+
+* local: scores ``a_tu = q_t·k_u / sqrt(d)`` for ``u`` in chunk ``i``, ``u <= t``; ``l_t = logsumexp_u a_tu``,
+  ``o_t = Σ_u softmax(a)_tu v_u``;
+* features: ``φ(x) = [softmax(x̂ W), softmax(-x̂ W)]`` (``2f`` values, all > 0) with ``x̂ = x · d^(-1/4)`` (the
+  softmax temperature split between query and key as in ``q·k/sqrt(d)``), ``W`` ``[d, f]`` per query head,
+  initialised to the identity (``f = d``);
+* chunk states of the finished chunks ``F_j = Σ_{u∈j} φ(k_u) v_uᵀ`` ``[2f, d]`` and ``z_j = Σ_{u∈j} φ(k_u)``;
+* chunk routing ``w_ij = softmax_{j<i}(r_{i-1}·h_j / sqrt(d))`` with the BSBR meta-queries/meta-keys (row ``j`` of
+  both from chunk ``j``; chunk ``i`` uses meta-query row ``i-1``);
+* ``N_t = φ(q_t)ᵀ Σ_j w_ij F_j``, ``Z_t = φ(q_t)·Σ_j w_ij z_j``;
+* output ``(e^l o_t + g N_t) / (e^l + g Z_t)`` with ``g = exp(mix_logit)`` per head, computed stably as
+  ``s = sigmoid(mix_logit + log Z_t - l_t)``, ``output = (1 - s) o_t + s N_t / Z_t``.
+
+Option ``sink_size = k``: the first ``k`` tokens of the sequence are attention sinks (Xiao et al. 2023, arXiv
+2309.17453); every token after chunk 0 attends to them exactly, inside the local softmax (their scores join
+``l_t`` and ``o_t``), and they are left out of ``F_0, z_0``. Pretrained models park much of their attention mass on
+the first token; without it, own-chunk attention in later chunks is far off in several layers.
+
+Chunk 0 retrieves nothing (output = its causal softmax attention), so with one chunk the op is exactly causal
+softmax attention. Nothing of size ``seq_len²`` is built: the local part uses ``[chunks, C, C]`` score blocks.
+No state compression here (the ``[2f, d]`` states are stored whole); see ``bsbr.attention.StateCompression`` for
+the seed path's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from bsbr._checks import check_positive_int
+from bsbr.attention import chunk_mean
+from bsbr.convert.llama import BSBRLlamaAttention, _check_causal_mask, _no_cache_error
+
+__all__ = [
+    "HedgehogFeatureMap",
+    "NormalizedBSBRLlamaAttention",
+    "NormalizedRetrieval",
+    "chunk_local_softmax",
+    "enable_normalized_retrieval",
+    "normalized_bsbr_attention",
+]
+
+
+class HedgehogFeatureMap(nn.Module):
+    """Hedgehog feature map per head: ``φ(x) = concat(softmax(x̂ W_h), softmax(-x̂ W_h))``, ``x̂ = x · scale``.
+
+    Args:
+        num_heads: heads (one ``W_h`` each); head_dim: ``d``; feature_dim: ``f`` (default ``d``).
+        scale: input scale, default ``d^(-1/4)`` (so that ``x̂_q·x̂_k = q·k/sqrt(d)``).
+    Parameter ``weight`` ``[num_heads, d, f]``, initialised to the identity (its first ``min(d, f)`` columns).
+    ``forward(x [batch, num_heads, ..., d]) -> [batch, num_heads, ..., 2f]``, every value in (0, 1).
+
+    Source: Zhang et al. 2024, "The Hedgehog & the Porcupine", arXiv 2402.04347.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None, scale: float | None = None):
+        super().__init__()
+        feature_dim = head_dim if feature_dim is None else feature_dim
+        check_positive_int(num_heads=num_heads, head_dim=head_dim, feature_dim=feature_dim)
+        self.num_heads, self.head_dim, self.feature_dim = num_heads, head_dim, feature_dim
+        self.scale = head_dim**-0.25 if scale is None else float(scale)
+        self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).repeat(num_heads, 1, 1))  # [heads, d, f]
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.num_heads or x.shape[-1] != self.head_dim:
+            raise ValueError(f"expected [batch, {self.num_heads}, ..., {self.head_dim}], got {list(x.shape)}")
+        weight = self.weight.view(self.num_heads, *([1] * (x.dim() - 4)), self.head_dim, self.feature_dim)
+        projected = (x * self.scale) @ weight.to(x.dtype)  # [batch, heads, ..., f]
+        return torch.cat([torch.softmax(projected, dim=-1), torch.softmax(-projected, dim=-1)], dim=-1)
+
+
+def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
+    """``[batch, kv_heads, ...]`` -> ``[batch, num_heads, ...]`` in HF ``repeat_kv`` order."""
+    kv_heads = x.shape[1]
+    if kv_heads == num_heads:
+        return x
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"{name} has {kv_heads} heads, which must divide the {num_heads} query heads")
+    return x.repeat_interleave(num_heads // kv_heads, dim=1)
+
+
+def _blocks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[batch, heads, n, ...]`` -> ``[batch, heads, chunks, chunk_size, ...]``, zero rows appended to the last."""
+    n = x.shape[2]
+    chunks = -(-n // chunk_size)
+    pad = chunks * chunk_size - n
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
+    return x.unflatten(2, (chunks, chunk_size))
+
+
+def chunk_local_softmax(query, key, value, chunk_size: int, sink_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention inside each chunk (plus ``sink_size`` sink tokens), with its log-normaliser.
+
+    Args:
+        query: ``[batch, heads, n, d]``; key, value: ``[batch, kv_heads, n, d]`` (``kv_heads`` divides ``heads``).
+        chunk_size: tokens per chunk (>= 1); the last chunk may be partial.
+        sink_size: tokens ``0..sink_size-1`` of the sequence are attended exactly (softmax, same normaliser) by every
+            token after chunk 0 too (attention sinks, Xiao et al. 2023, arXiv 2309.17453); ``0 <= sink_size <=
+            chunk_size``.
+    Returns:
+        ``(output [batch, heads, n, d], lse [batch, heads, n])``: ``lse_t = logsumexp_u q_t·k_u/sqrt(d)`` over the
+        keys ``u`` token ``t`` sees (its chunk up to ``t``, and the sink tokens).
+    Memory: ``[batch, heads, chunks, C, C]`` score blocks, O(n·C) per head.
+    Raises:
+        ValueError: bad ``chunk_size`` or ``sink_size``.
+    """
+    check_positive_int(chunk_size=chunk_size)
+    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or not 0 <= sink_size <= chunk_size:
+        raise ValueError(f"sink_size must be an integer in [0, chunk_size={chunk_size}], got {sink_size!r}")
+    batch, heads, n, d = query.shape
+    key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
+    q, k, v = (_blocks(t, chunk_size) for t in (query, key, value))  # [batch, heads, chunks, C, d]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, chunks, C, C]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))  # padded keys come after every real query: masked too
+    lse = torch.logsumexp(scores, dim=-1)  # [batch, heads, chunks, C]
+    output = torch.exp(scores - lse[..., None]) @ v  # [batch, heads, chunks, C, d]
+    output, lse = output.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
+    if sink_size == 0 or n <= chunk_size:
+        return output, lse
+    # Tokens after chunk 0 also see the sink tokens: merge the two softmax parts in log space.
+    sink_scores = query[:, :, chunk_size:] @ key[:, :, :sink_size].transpose(-1, -2) / math.sqrt(d)  # [b, h, n-C, k]
+    sink_lse = torch.logsumexp(sink_scores, dim=-1)  # [batch, heads, n - C]
+    sink_out = torch.exp(sink_scores - sink_lse[..., None]) @ value[:, :, :sink_size]  # [batch, heads, n - C, d]
+    tail_lse = torch.logaddexp(lse[:, :, chunk_size:], sink_lse)
+    tail = (torch.exp(lse[:, :, chunk_size:] - tail_lse)[..., None] * output[:, :, chunk_size:]
+            + torch.exp(sink_lse - tail_lse)[..., None] * sink_out)
+    return torch.cat([output[:, :, :chunk_size], tail], dim=2), torch.cat([lse[:, :, :chunk_size], tail_lse], dim=2)
+
+
+def _feature_maps(feature_map):
+    if isinstance(feature_map, (tuple, list)):
+        if len(feature_map) != 2 or not all(callable(f) for f in feature_map):
+            raise TypeError("feature_map must be a callable or a pair (query_map, key_map) of callables")
+        return feature_map
+    if not callable(feature_map):
+        raise TypeError(f"feature_map must be a callable or a pair of callables, got {type(feature_map).__name__}")
+    return feature_map, feature_map
+
+
+def normalized_bsbr_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    meta_query: torch.Tensor,
+    meta_key: torch.Tensor,
+    chunk_size: int,
+    feature_map,
+    mix_logit: torch.Tensor,
+    local: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_mix: bool = False,
+    sink_size: int = 0,
+):
+    """BSBR attention with normalised retrieval (see the module docstring for the formula).
+
+    Args:
+        query: ``[batch, heads, n, d]`` (RoPE applied); key, value: ``[batch, kv_heads, n, d]``, ``kv_heads``
+            dividing ``heads`` (GQA, HF ``repeat_kv`` order).
+        meta_query: ``[batch, heads, rows, d]``, row ``j`` computed from chunk ``j`` (it routes chunk ``j+1``);
+            meta_key: ``[batch, kv_heads or heads, rows, d]``, row ``j`` = ``h_j``. ``rows >= chunks - 1``
+            (``chunks = ceil(n / chunk_size)``); extra rows are ignored.
+        chunk_size: tokens per chunk (>= 1).
+        feature_map: callable ``[batch, heads, ..., d] -> [batch, heads, ..., F]`` with positive values (e.g.
+            :class:`HedgehogFeatureMap`), or a pair ``(query_map, key_map)``; keys are repeated to ``heads``
+            before the map.
+        mix_logit: ``[heads]`` log of the retrieval gain ``g``.
+        local: optional precomputed :func:`chunk_local_softmax` ``(output, lse)`` of these query/key/value with
+            the same ``chunk_size``/``sink_size`` (calibration reuses it: it does not depend on trained parameters).
+        return_mix: also return ``s`` ``[batch, heads, n]``, the retrieved share of each token's mass (0 in chunk 0).
+        sink_size: tokens ``0..sink_size-1`` are attended exactly by every token (see :func:`chunk_local_softmax`)
+            and left out of chunk 0's state ``F_0, z_0``.
+    Returns:
+        ``[batch, heads, n, d]`` (and ``s`` with ``return_mix=True``).
+    Raises:
+        ValueError: bad ``chunk_size``/``sink_size`` or inconsistent shapes. TypeError: ``feature_map`` not callable.
+    """
+    check_positive_int(chunk_size=chunk_size)
+    query_map, key_map = _feature_maps(feature_map)
+    if query.dim() != 4:
+        raise ValueError(f"query must be [batch, heads, n, head_dim], got {list(query.shape)}")
+    batch, heads, n, d = query.shape
+    if key.shape != value.shape or key.dim() != 4 or key.shape[0] != batch or key.shape[2:] != (n, d):
+        raise ValueError(f"key/value must be [batch, kv_heads, {n}, {d}], got {list(key.shape)}, {list(value.shape)}")
+    chunks = -(-n // chunk_size)
+    retrieving = chunks - 1  # chunks 1..chunks-1 retrieve from chunks 0..i-1
+    for name, t, head_counts in (("meta_query", meta_query, (heads,)), ("meta_key", meta_key, (key.shape[1], heads))):
+        if t.dim() != 4 or t.shape[0] != batch or t.shape[1] not in head_counts or t.shape[3] != d \
+                or t.shape[2] < retrieving:
+            raise ValueError(f"{name} must be [batch, {' or '.join(map(str, head_counts))}, >= {retrieving}, {d}], "
+                             f"got {list(t.shape)}")
+    if mix_logit.shape != (heads,):
+        raise ValueError(f"mix_logit must be [{heads}], got {list(mix_logit.shape)}")
+    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or not 0 <= sink_size <= chunk_size:
+        raise ValueError(f"sink_size must be an integer in [0, chunk_size={chunk_size}], got {sink_size!r}")
+
+    local_out, lse = chunk_local_softmax(query, key, value, chunk_size, sink_size) if local is None else local
+    if retrieving == 0:
+        return (local_out, torch.zeros_like(lse)) if return_mix else local_out
+    key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
+    start = chunk_size  # first retrieving token
+
+    # Chunk states of the retrievable (whole) chunks 0..chunks-2.
+    key_features = key_map(key[:, :, : retrieving * chunk_size])  # [batch, heads, (chunks-1)·C, F]
+    if sink_size:  # the sink tokens are attended exactly: not in F_0
+        kept = (torch.arange(key_features.shape[2], device=query.device) >= sink_size).to(key_features.dtype)
+        key_features = key_features * kept[:, None]
+    key_features = key_features.unflatten(2, (retrieving, chunk_size))  # [batch, heads, chunks-1, C, F]
+    values = value[:, :, : retrieving * chunk_size].unflatten(2, (retrieving, chunk_size))  # [.., chunks-1, C, d]
+    states = key_features.transpose(-1, -2) @ values  # [batch, heads, chunks-1, F, d]
+    normalizers = key_features.sum(3)  # [batch, heads, chunks-1, F]
+
+    # Chunk routing: row r (chunk r+1) softmax over chunks j <= r.
+    meta_key = _repeat_heads(meta_key[:, :, :retrieving], heads, "meta_key")
+    scores = meta_query[:, :, :retrieving] @ meta_key.transpose(-1, -2) / math.sqrt(d)  # [b, h, chunks-1, chunks-1]
+    visible = torch.ones(retrieving, retrieving, dtype=torch.bool, device=query.device).tril()
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    mixed_states = torch.einsum("bhij,bhjfd->bhifd", weights, states)  # [batch, heads, chunks-1, F, d]
+    mixed_norms = weights @ normalizers  # [batch, heads, chunks-1, F]
+
+    query_features = _blocks(query_map(query[:, :, start:]), chunk_size)  # [batch, heads, chunks-1, C, F]
+    numerator = query_features @ mixed_states  # [batch, heads, chunks-1, C, d]
+    denominator = (query_features @ mixed_norms[..., None]).squeeze(-1)  # [batch, heads, chunks-1, C], > 0
+    numerator, denominator = numerator.flatten(2, 3)[:, :, : n - start], denominator.flatten(2, 3)[:, :, : n - start]
+    # Z = 0 only when every retrievable token is a sink token (chunk 1 with sink_size = chunk_size): N = 0 too,
+    # and the clamp turns that into share ~0 instead of 0/0.
+    denominator = denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
+    share = torch.sigmoid(mix_logit.to(lse.dtype)[:, None] + torch.log(denominator) - lse[:, :, start:])  # [b, h, n-C]
+    retrieved = local_out[:, :, start:] + share[..., None] * (numerator / denominator[..., None] - local_out[:, :, start:])
+    output = torch.cat([local_out[:, :, :start], retrieved], dim=2)  # [batch, heads, n, d]
+    if not return_mix:
+        return output
+    return output, torch.cat([torch.zeros_like(lse[:, :, :start]), share], dim=2)
+
+
+class NormalizedRetrieval(nn.Module):
+    """The new parameters of one layer's normalised retrieval: Hedgehog feature maps and per-head mix logits.
+
+    Args:
+        num_heads, head_dim: the layer's query heads and head size.
+        feature_dim: Hedgehog features per half (default ``head_dim``).
+        mix_logit: initial ``log g`` for every head (default 0: ``g = 1``).
+        tie_qk: one feature map for queries and keys (Hedgehog) instead of two (LoLCATs' default keeps two).
+        sink_size: exact sink tokens (see :func:`chunk_local_softmax`), attribute ``sink_size``.
+
+    Modules: ``query_map``, ``key_map`` (:class:`HedgehogFeatureMap`; the same object when ``tie_qk``);
+    parameter ``mix_logit`` ``[num_heads]``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None, mix_logit: float = 0.0,
+                 tie_qk: bool = False, sink_size: int = 0):
+        super().__init__()
+        if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
+            raise ValueError(f"sink_size must be an integer >= 0, got {sink_size!r}")
+        self.sink_size = sink_size
+        self.query_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim)
+        self.key_map = self.query_map if tie_qk else HedgehogFeatureMap(num_heads, head_dim, feature_dim)
+        self.mix_logit = nn.Parameter(torch.full((num_heads,), float(mix_logit)))
+
+    def forward(self, query, key, value, meta_query, meta_key, chunk_size, local=None, return_mix=False):
+        """:func:`normalized_bsbr_attention` with this module's feature maps and mix logits."""
+        return normalized_bsbr_attention(query, key, value, meta_query, meta_key, chunk_size,
+                                         (self.query_map, self.key_map), self.mix_logit, local, return_mix,
+                                         self.sink_size)
+
+
+class NormalizedBSBRLlamaAttention(BSBRLlamaAttention):
+    """:class:`bsbr.convert.llama.BSBRLlamaAttention` whose retrieval is :func:`normalized_bsbr_attention`.
+
+    Args: as ``BSBRLlamaAttention`` plus ``feature_dim``, ``mix_logit``, ``tie_qk`` (see :class:`NormalizedRetrieval`);
+    ``compression_factor`` must be None (no compression of the normalised states yet).
+    Extra module ``normalized`` (:class:`NormalizedRetrieval`). ``retrieval = False`` gives own-chunk attention
+    (plus the sink tokens when ``sink_size > 0``).
+    ``forward`` as ``BSBRLlamaAttention.forward``.
+    """
+
+    def __init__(self, attention, chunk_size: int, compression_factor: int | None = None,
+                 feature_dim: int | None = None, mix_logit: float = 0.0, tie_qk: bool = False, sink_size: int = 0):
+        if compression_factor is not None:
+            raise ValueError("compression_factor must be None for normalized retrieval (not supported yet)")
+        super().__init__(attention, chunk_size, None)
+        self._add_retrieval(feature_dim, mix_logit, tie_qk, sink_size)
+
+    def _add_retrieval(self, feature_dim, mix_logit, tie_qk, sink_size) -> None:
+        if sink_size > self.chunk_size:
+            raise ValueError(f"sink_size must be at most chunk_size={self.chunk_size}, got {sink_size}")
+        weight = self.q_proj.weight
+        self.normalized = NormalizedRetrieval(self.num_heads, self.head_dim, feature_dim, mix_logit, tie_qk,
+                                              sink_size).to(weight.device, weight.dtype)
+
+    def project(self, hidden_states, position_embeddings):
+        """RoPE'd ``query [b, heads, n, d]``, ``key/value [b, kv_heads, n, d]`` of ``hidden_states [b, n, hidden]``."""
+        batch, seq_len, _ = hidden_states.shape
+        hidden_shape = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, heads, n, d]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, n, d]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, n, d]
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        return query, key, value
+
+    def meta(self, hidden_states):
+        """``meta_query [b, heads, chunks, d]``, ``meta_key [b, kv_heads, chunks, d]`` from chunk means."""
+        batch = hidden_states.shape[0]
+        pooled = chunk_mean(hidden_states, self.chunk_size)  # [batch, chunks, hidden]
+        chunk_shape = (batch, pooled.shape[1], -1, self.head_dim)
+        meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, kv_heads, chunks, d]
+        meta_query = self.meta_q_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, d]
+        return meta_query, meta_key
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        if cache is not None or past_key_values is not None:
+            raise _no_cache_error()
+        if position_embeddings is None:
+            raise ValueError("position_embeddings=(cos, sin) is required (the decoder layer passes the model's RoPE)")
+        batch, seq_len, _ = hidden_states.shape
+        _check_causal_mask(attention_mask, seq_len)
+        query, key, value = self.project(hidden_states, position_embeddings)
+        if self.retrieval:
+            meta_query, meta_key = self.meta(hidden_states)
+            output = self.normalized(query, key, value, meta_query, meta_key, self.chunk_size)
+        else:
+            output = chunk_local_softmax(query, key, value, self.chunk_size, self.normalized.sink_size)[0]
+        output = output.transpose(1, 2).reshape(batch, seq_len, -1)  # [batch, n, heads*d]
+        return self.o_proj(output), None
+
+
+def enable_normalized_retrieval(model: nn.Module, feature_dim: int | None = None, mix_logit: float = 0.0,
+                                tie_qk: bool = False, sink_size: int = 0) -> nn.Module:
+    """Switch every ``BSBRLlamaAttention`` of a converted model to normalised retrieval, in place; returns ``model``.
+
+    Each layer becomes a :class:`NormalizedBSBRLlamaAttention` (its class is changed; its modules, the pretrained
+    projections and the meta projections, are kept) with a new :class:`NormalizedRetrieval`. Meant for models
+    from ``bsbr.convert.convert_to_bsbr``/``converted_copy`` until the converter takes ``retrieval="normalized"``.
+
+    Raises:
+        ValueError: no ``BSBRLlamaAttention`` in ``model``, or one with state compression.
+    """
+    layers = [m for m in model.modules() if type(m) is BSBRLlamaAttention]
+    if not layers:
+        raise ValueError("model has no seed BSBRLlamaAttention; convert it with bsbr.convert.convert_to_bsbr first")
+    if any(layer.compression is not None for layer in layers):
+        raise ValueError("normalized retrieval does not support compression_factor yet")
+    for layer in layers:
+        layer.__class__ = NormalizedBSBRLlamaAttention
+        layer._add_retrieval(feature_dim, mix_logit, tie_qk, sink_size)
+    return model
