@@ -1,5 +1,6 @@
-"""Pretrained Hugging Face models (Llama and GPT-2 families) -> BSBR attention (:func:`convert_to_bsbr`), and model
-loading."""
+"""Pretrained Hugging Face models (Llama and GPT-2 families) -> BSBR attention (:func:`convert_to_bsbr`): model
+loading, incremental decoding (:class:`BSBRCache`), calibration by attention transfer and safetensors checkpoints of
+what conversion adds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import copy
 import itertools
 
 from bsbr.convert.cache import BSBRCache
+from bsbr.convert.calibrate import calibrate_attention_transfer, capture_attention_io
+from bsbr.convert.checkpoint import load_conversion, save_conversion
 from bsbr.convert.gpt2 import BSBRGPT2Attention, convert_gpt2
 from bsbr.convert.llama import BSBRLlamaAttention, chunk_local_attention, convert_llama, set_retrieval
 from bsbr.convert.loading import default_model_path, load_pretrained
@@ -16,11 +19,15 @@ __all__ = [
     "BSBRCache",
     "BSBRGPT2Attention",
     "BSBRLlamaAttention",
+    "calibrate_attention_transfer",
+    "capture_attention_io",
     "chunk_local_attention",
     "convert_to_bsbr",
     "converted_copy",
     "default_model_path",
+    "load_conversion",
     "load_pretrained",
+    "save_conversion",
     "set_retrieval",
 ]
 
@@ -28,7 +35,8 @@ _CONVERTERS = {"llama": convert_llama, "gpt2": convert_gpt2}
 SUPPORTED_FAMILIES = tuple(_CONVERTERS)  # config.model_type values convert_to_bsbr accepts
 
 
-def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = None):
+def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = None, retrieval: str = "seed",
+                    **normalized_options):
     """Convert a pretrained transformers model to BSBR attention in place, keeping all its weights.
 
     Args:
@@ -37,11 +45,14 @@ def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = Non
             see :mod:`bsbr.convert.gpt2`).
         chunk_size: tokens per chunk (integer >= 1).
         compression_factor: None, or a positive integer dividing ``head_dim**2`` (chunk-state compression).
+        retrieval: ``"seed"`` (the seed's formula: local softmax output plus the unnormalised retrieved term) or
+            ``"normalized"`` (Llama family: local softmax and retrieved part share one normaliser, see
+            :mod:`bsbr.convert.normalized`); ``normalized_options`` go to the latter.
     Returns:
         ``model`` itself (same object and type), converted: ``model(input_ids).logits`` runs BSBR attention.
     Raises:
-        ValueError: unsupported model family (the message lists the supported ones), bad ``chunk_size`` or
-            ``compression_factor``, or a model that is already converted.
+        ValueError: unsupported model family (the message lists the supported ones), bad ``chunk_size``,
+            ``compression_factor``, ``retrieval`` or options, or a model that is already converted.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _CONVERTERS:
@@ -49,10 +60,11 @@ def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = Non
             f"convert_to_bsbr supports the model families {list(SUPPORTED_FAMILIES)} (config.model_type); got "
             f"{type(model).__name__} with model_type={model_type!r}"
         )
-    return _CONVERTERS[model_type](model, chunk_size, compression_factor)
+    return _CONVERTERS[model_type](model, chunk_size, compression_factor, retrieval, **normalized_options)
 
 
-def converted_copy(model, chunk_size: int, compression_factor: int | None = None):
+def converted_copy(model, chunk_size: int, compression_factor: int | None = None, retrieval: str = "seed",
+                   **normalized_options):
     """A BSBR-converted copy of ``model`` that shares every pretrained tensor with it; ``model`` is unchanged.
 
     Only the module tree is copied (``copy.deepcopy`` with the parameters and buffers pre-seeded in its memo), so
@@ -65,4 +77,4 @@ def converted_copy(model, chunk_size: int, compression_factor: int | None = None
         the converted copy (same type as ``model``).
     """
     memo = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
-    return convert_to_bsbr(copy.deepcopy(model, memo), chunk_size, compression_factor)
+    return convert_to_bsbr(copy.deepcopy(model, memo), chunk_size, compression_factor, retrieval, **normalized_options)

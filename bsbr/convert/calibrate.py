@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from bsbr._checks import check_positive_int
+from bsbr.attention import chunk_mean
 from bsbr.convert.normalized import NormalizedBSBRLlamaAttention, chunk_local_softmax
 
 __all__ = ["LayerIO", "calibrate_attention_transfer", "capture_attention_io"]
@@ -127,7 +128,7 @@ def calibrate_attention_transfer(
         was_retrieval, layer.retrieval = layer.retrieval, True
         with torch.no_grad():
             hidden = io.hidden if student is None else decoder_layers[index].input_layernorm(student)
-            query, key, value = layer.project(hidden, (io.cos, io.sin))
+            query, key, value = layer._project(hidden, (io.cos, io.sin))
             local = chunk_local_softmax(query, key, value, size, layer.normalized.sink_size)  # frozen: computed once
             target = io.output[:, size:]  # [batch, n - C, hidden]: tokens that retrieve
             batch, heads = query.shape[:2]
@@ -146,7 +147,7 @@ def calibrate_attention_transfer(
         optimizer = torch.optim.Adam(params)
 
         def predict(return_mix=False):
-            meta_query, meta_key = layer.meta(hidden)
+            meta_query, meta_key = layer.meta_from_means(chunk_mean(hidden, size))
             result = layer.normalized(query, key, value, meta_query, meta_key, size, local=local,
                                       return_mix=return_mix)
             out = result[0] if return_mix else result

@@ -192,13 +192,15 @@ class BSBRGPT2Attention(nn.Module):
                               compression=self.compression, dropout_p=dropout_p)
 
 
-def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | None = None) -> nn.Module:
+def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | None = None, retrieval: str = "seed",
+                 **normalized_options) -> nn.Module:
     """Replace every ``GPT2Attention`` in ``model`` by :class:`BSBRGPT2Attention`, in place; returns ``model``.
 
     Args:
         model: a GPT-2-family transformers model (``GPT2LMHeadModel``, ``GPT2Model``, ...).
         chunk_size: tokens per chunk (>= 1).
         compression_factor: None or a positive integer dividing ``head_dim**2``.
+        retrieval: ``"seed"`` only (the normalised retrieval exists for the Llama family only).
     Returns:
         the same object, converted; ``model.config.use_cache`` is set to False (plain forwards build no cache);
         ``generate`` uses a :class:`bsbr.convert.cache.BSBRCache` (see :func:`bsbr.convert.llama.convert_llama`).
@@ -208,5 +210,8 @@ def convert_gpt2(model: nn.Module, chunk_size: int, compression_factor: int | No
             ``add_cross_attention=True``); the model is left unchanged.
     """
     check_positive_int(chunk_size=chunk_size)
+    if retrieval != "seed" or normalized_options:
+        raise ValueError(f"retrieval must be 'seed' (without options) for GPT-2 models: the normalized retrieval is "
+                         f"implemented for the Llama family only; got retrieval={retrieval!r}")
     return replace_attention(model, GPT2Attention, BSBRGPT2Attention, GPT2Model,
                              lambda attention: BSBRGPT2Attention(attention, chunk_size, compression_factor))

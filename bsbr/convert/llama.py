@@ -235,23 +235,44 @@ def _padding_mask(kwargs: dict, attention_mask, seq_len: int):
     return None
 
 
-def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | None = None) -> nn.Module:
+#: ``retrieval`` values of :func:`convert_llama`: the seed formula, and the normalised retrieval.
+RETRIEVALS = ("seed", "normalized")
+
+
+def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | None = None, retrieval: str = "seed",
+                  **normalized_options) -> nn.Module:
     """Replace every ``LlamaAttention`` in ``model`` by :class:`BSBRLlamaAttention`, in place; returns ``model``.
 
     Args:
         model: a Llama-family transformers model (``LlamaForCausalLM``, ``LlamaModel``, ...).
         chunk_size: tokens per chunk (>= 1).
         compression_factor: None or a positive integer dividing ``head_dim**2``.
+        retrieval: ``"seed"`` (:func:`bsbr.attention.bsbr_attention`: the local softmax output plus the unnormalised
+            ``q·Σ_j w_ij F_j``) or ``"normalized"`` (:class:`bsbr.convert.normalized.NormalizedBSBRLlamaAttention`:
+            one normaliser shared by the local softmax and the retrieved part; no cache, no compression yet).
+        **normalized_options: for ``"normalized"`` only: ``feature_dim``, ``mix_logit``, ``tie_qk``, ``sink_size``
+            (see :class:`bsbr.convert.normalized.NormalizedRetrieval`).
     Returns:
         the same object, converted; ``model.config.use_cache`` is set to False (plain forwards build no cache);
         ``generate`` uses a :class:`bsbr.convert.cache.BSBRCache` (the instance's ``_prepare_cache_for_generation``
         is replaced, see :func:`bsbr.convert.cache.prepare_cache_for_generation`).
     Raises:
-        ValueError: bad ``chunk_size``/``compression_factor``, no ``LlamaAttention`` found, or already converted.
+        ValueError: bad ``chunk_size``/``compression_factor``/``retrieval``, options with ``retrieval="seed"``, no
+            ``LlamaAttention`` found, or already converted.
     """
     check_positive_int(chunk_size=chunk_size)
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {list(RETRIEVALS)}, got {retrieval!r}")
+    if retrieval == "seed":
+        if normalized_options:
+            raise ValueError(f"options {sorted(normalized_options)} apply to retrieval='normalized' only")
+        return replace_attention(model, LlamaAttention, BSBRLlamaAttention, LlamaModel,
+                                 lambda attention: BSBRLlamaAttention(attention, chunk_size, compression_factor))
+    from bsbr.convert.normalized import NormalizedBSBRLlamaAttention  # it imports this module
+
     return replace_attention(model, LlamaAttention, BSBRLlamaAttention, LlamaModel,
-                             lambda attention: BSBRLlamaAttention(attention, chunk_size, compression_factor))
+                             lambda attention: NormalizedBSBRLlamaAttention(attention, chunk_size, compression_factor,
+                                                                            **normalized_options))
 
 
 def set_retrieval(model: nn.Module, enabled: bool) -> nn.Module:

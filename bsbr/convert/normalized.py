@@ -36,11 +36,9 @@ import math
 import torch
 from torch import nn
 
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
 from bsbr._checks import check_positive_int
 from bsbr.attention import chunk_mean
-from bsbr.convert.llama import BSBRLlamaAttention, _check_causal_mask, _no_cache_error
+from bsbr.convert.llama import BSBRLlamaAttention
 
 __all__ = [
     "HedgehogFeatureMap",
@@ -285,7 +283,7 @@ class NormalizedBSBRLlamaAttention(BSBRLlamaAttention):
     ``compression_factor`` must be None (no compression of the normalised states yet).
     Extra module ``normalized`` (:class:`NormalizedRetrieval`). ``retrieval = False`` gives own-chunk attention
     (plus the sink tokens when ``sink_size > 0``).
-    ``forward`` as ``BSBRLlamaAttention.forward``.
+    ``forward`` as ``BSBRLlamaAttention.forward`` (padding included) but without a cache (NotImplementedError).
     """
 
     def __init__(self, attention, chunk_size: int, compression_factor: int | None = None,
@@ -302,42 +300,23 @@ class NormalizedBSBRLlamaAttention(BSBRLlamaAttention):
         self.normalized = NormalizedRetrieval(self.num_heads, self.head_dim, feature_dim, mix_logit, tie_qk,
                                               sink_size).to(weight.device, weight.dtype)
 
-    def project(self, hidden_states, position_embeddings):
-        """RoPE'd ``query [b, heads, n, d]``, ``key/value [b, kv_heads, n, d]`` of ``hidden_states [b, n, hidden]``."""
-        batch, seq_len, _ = hidden_states.shape
-        hidden_shape = (batch, seq_len, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, heads, n, d]
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, n, d]
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, kv_heads, n, d]
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        return query, key, value
-
-    def meta(self, hidden_states):
-        """``meta_query [b, heads, chunks, d]``, ``meta_key [b, kv_heads, chunks, d]`` from chunk means."""
-        batch = hidden_states.shape[0]
-        pooled = chunk_mean(hidden_states, self.chunk_size)  # [batch, chunks, hidden]
-        chunk_shape = (batch, pooled.shape[1], -1, self.head_dim)
-        meta_key = self.meta_k_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, kv_heads, chunks, d]
-        meta_query = self.meta_q_proj(pooled).view(chunk_shape).transpose(1, 2)  # [batch, heads, chunks, d]
-        return meta_query, meta_key
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
+        """As ``BSBRLlamaAttention.forward`` (padding included), without a cache: the normalised retrieval has no
+        streaming state yet, so ``generate`` needs ``use_cache=False``."""
         if cache is not None or past_key_values is not None:
-            raise _no_cache_error()
-        if position_embeddings is None:
-            raise ValueError("position_embeddings=(cos, sin) is required (the decoder layer passes the model's RoPE)")
-        batch, seq_len, _ = hidden_states.shape
-        _check_causal_mask(attention_mask, seq_len)
-        query, key, value = self.project(hidden_states, position_embeddings)
-        if self.retrieval:
-            meta_query, meta_key = self.meta(hidden_states)
-            output = self.normalized(query, key, value, meta_query, meta_key, self.chunk_size)
-        else:
-            output = chunk_local_softmax(query, key, value, self.chunk_size, self.normalized.sink_size)[0]
-        output = output.transpose(1, 2).reshape(batch, seq_len, -1)  # [batch, n, heads*d]
-        return self.o_proj(output), None
+            raise NotImplementedError(
+                "normalized retrieval has no streaming state yet: call generate(..., use_cache=False) (every step is "
+                "then a full forward) or use retrieval='seed'")
+        return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+
+    def _attend(self, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        """Full causal attention of unpadded rows with normalised retrieval (or own chunk + sinks when
+        ``retrieval`` is off): ``[batch, heads, seq_len, head_dim]``. Attention dropout is not applied."""
+        if not self.retrieval:
+            return chunk_local_softmax(query, key, value, self.chunk_size, self.normalized.sink_size)[0]
+        meta_query, meta_key = self.meta_from_means(chunk_mean(hidden_states, self.chunk_size))  # [b, *, chunks, d]
+        return self.normalized(query, key, value, meta_query, meta_key, self.chunk_size)
 
 
 def enable_normalized_retrieval(model: nn.Module, feature_dim: int | None = None, mix_logit: float = 0.0,
