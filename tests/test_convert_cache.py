@@ -1,7 +1,9 @@
 """Incremental decoding (BSBRCache) and padding for BSBR-converted Llama and GPT-2 models (bsbr.convert.cache).
 
 Tiny random models (tests.test_convert.tiny_llama: GQA 4/2 heads, head_dim 16; tests.test_convert_gpt2.tiny_gpt2),
-fp32, fixed seeds, odd lengths, chunk sizes 4 and 5. Tolerance 1e-4 (absolute) on logits throughout.
+fp32, fixed seeds, odd lengths, chunk sizes 4 and 5. Family "normalized" is the tiny Llama with
+``retrieval="normalized"`` (one sink token; its new parameters moved away from their init so that retrieval
+matters). Tolerance 1e-4 (absolute) on logits throughout.
 """
 
 from __future__ import annotations
@@ -33,9 +35,17 @@ def _one_thread():
 
 def converted(family: str, chunk_size: int, compression_factor: int | None = None, seed: int = 0,
               attn_implementation: str = "sdpa"):
-    model = (tiny_llama(attn_implementation, seed=seed) if family == "llama"
-             else tiny_gpt2(attn_implementation, seed=seed))
-    model = convert_to_bsbr(model, chunk_size, compression_factor)
+    model = (tiny_gpt2(attn_implementation, seed=seed) if family == "gpt2"
+             else tiny_llama(attn_implementation, seed=seed))
+    if family == "normalized":
+        model = convert_to_bsbr(model, chunk_size, compression_factor, retrieval="normalized", sink_size=1)
+        generator = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for parameter in layer.self_attn.normalized.parameters():
+                    parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    else:
+        model = convert_to_bsbr(model, chunk_size, compression_factor)
     model.generation_config.eos_token_id = None  # fixed-length generations, comparable row by row
     model.generation_config.pad_token_id = 0
     return model
@@ -46,7 +56,8 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 
 CONFIGS = [("llama", 4, None), ("llama", 5, None), ("llama", 4, 4), ("llama", 5, 4), ("gpt2", 4, None),
-           ("gpt2", 5, None)]
+           ("gpt2", 5, None), ("normalized", 4, None), ("normalized", 5, 4)]
+FAMILIES = ["llama", "gpt2", "normalized"]
 
 
 def feed_in_pieces(model, x, pieces, cache):
@@ -73,7 +84,7 @@ def test_pieces_with_cache_equal_full_forward(family, chunk_size, compression, p
     assert cache.get_seq_length() == sum(pieces)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_use_cache_returns_a_bsbr_cache_that_continues(family):
     model = converted(family, 4)
     x = tokens(2, 11)
@@ -86,7 +97,7 @@ def test_use_cache_returns_a_bsbr_cache_that_continues(family):
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_retrieval_off_works_with_the_cache(family):
     model = set_retrieval(converted(family, 4), False)
     x = tokens(2, 13)
@@ -95,9 +106,11 @@ def test_retrieval_off_works_with_the_cache(family):
         cache = BSBRCache(model.config.num_hidden_layers)
         pieces = feed_in_pieces(model, x, (1, 3, 6, 3), cache)
         torch.testing.assert_close(pieces, full, atol=ATOL, rtol=0)
-        # only the current chunk's keys and values are kept: 13 % 4 = 1 token, 2 tensors, every layer and row
-        d, kv_heads = 16, (2 if family == "llama" else 4)
-        assert cache.nbytes() == 4 * 2 * model.config.num_hidden_layers * 2 * kv_heads * 1 * d
+        # only the current chunk's keys and values are kept: 13 % 4 = 1 token, 2 tensors, every layer and row;
+        # the normalised retrieval also keeps its sink token's key and value, and the hidden-state sum (64 values)
+        d, kv_heads = 16, (4 if family == "gpt2" else 2)
+        per_row = 2 * kv_heads * 1 * d + (2 * kv_heads * 1 * d + 64 if family == "normalized" else 0)
+        assert cache.nbytes() == 4 * 2 * model.config.num_hidden_layers * per_row
         set_retrieval(model, True)
         with pytest.raises(ValueError, match="retrieval was switched"):
             model(x[:, :1], cache=cache)
@@ -125,10 +138,10 @@ def test_generate_equals_repeated_argmax(family, chunk_size, compression):
     torch.testing.assert_close(out.sequences, greedy_reference(model, x, 9), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_one_chunk_generation_equals_the_pretrained_model_with_its_kv_cache(family):
     """chunk_size >= every length: BSBR is the pretrained causal attention, cached or not."""
-    original = tiny_llama() if family == "llama" else tiny_gpt2()
+    original = tiny_gpt2() if family == "gpt2" else tiny_llama()
     model = converted(family, 64)
     ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -163,8 +176,9 @@ def test_padded_batch_equals_rows_alone(family, chunk_size, compression, side):
     lengths = (13, 6, 17, 9)
     ids, mask, rows = padded_batch(lengths, 17, side)
     # Llama's RoPE is relative (softmax scores and q·KᵀV alike): default positions do. GPT-2's positions are absolute,
-    # and compressed chunk states are not rotation-invariant: pass positions counted from each row's first real token.
-    extra = {"position_ids": positions(mask)} if family == "gpt2" or compression else {}
+    # and compressed chunk states and feature maps are not rotation-invariant: pass positions counted from each row's
+    # first real token.
+    extra = {"position_ids": positions(mask)} if family != "llama" or compression else {}
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, **extra).logits
         for i, row in enumerate(rows):
@@ -199,7 +213,7 @@ def test_padded_positions_give_zero_attention_output():
 
 @pytest.mark.parametrize(("family", "chunk_size", "compression", "attn_implementation"),
                          [("llama", 4, None, "sdpa"), ("llama", 5, 4, "sdpa"), ("gpt2", 5, None, "sdpa"),
-                          ("llama", 4, None, "eager"), ("gpt2", 4, None, "eager")])
+                          ("llama", 4, None, "eager"), ("gpt2", 4, None, "eager"), ("normalized", 5, 4, "sdpa")])
 def test_ragged_batched_generation_equals_each_prompt_alone(family, chunk_size, compression, attn_implementation):
     """Left-padded prompts of different lengths (one BSBR state per row) against each prompt generated alone; the
     4-D mask HF builds (sdpa or eager) is ignored by the BSBR layers."""
@@ -213,7 +227,7 @@ def test_ragged_batched_generation_equals_each_prompt_alone(family, chunk_size, 
             torch.testing.assert_close(alone, greedy_reference(model, row[None], 8), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_padded_generation_with_and_without_cache_agree_also_for_beam_search(family):
     model = converted(family, 4)
     ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
@@ -263,7 +277,8 @@ def test_padded_prompt_fed_in_pieces_equals_rows_alone():
 # --- the cache object --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "compression"), [("llama", None), ("llama", 4), ("gpt2", None)])
+@pytest.mark.parametrize(("family", "compression"), [("llama", None), ("llama", 4), ("gpt2", None),
+                                                     ("normalized", None), ("normalized", 4)])
 def test_cache_length_and_bytes(family, compression):
     model = converted(family, 4, compression)
     cache = BSBRCache(model.config.num_hidden_layers)
@@ -272,12 +287,20 @@ def test_cache_length_and_bytes(family, compression):
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
     assert cache.get_seq_length() == 10  # positions fed, padding included (HF's mask width)
-    heads, kv_heads, d, hidden = 4, (2 if family == "llama" else 4), 16, 64
+    heads, kv_heads, d, hidden = 4, (4 if family == "gpt2" else 2), 16, 64
     features = d * d if compression is None else d * d // compression
 
     def row_bytes(n):  # fp32: 2·G·p·d + D + H·c·(F + d) + H·d², p = n % 4, c = n // 4
         p, c = n % 4, n // 4
         return 4 * (2 * kv_heads * p * d + hidden + heads * c * (features + d) + heads * d * d)
+
+    if family == "normalized":  # 2·G·(p + k)·d + D + c·(H·2f·(d + 1) + G·d) + H·2f·(d + 1), k = 1 sink, f = d / c.f.
+        f = d if compression is None else d // compression
+
+        def row_bytes(n):
+            p, c = n % 4, n // 4
+            return 4 * (2 * kv_heads * (p + 1) * d + hidden + c * (heads * 2 * f * (d + 1) + kv_heads * d)
+                        + heads * 2 * f * (d + 1))
 
     layers = model.config.num_hidden_layers
     assert cache.nbytes() == layers * (row_bytes(10) + row_bytes(7))
@@ -303,7 +326,7 @@ def test_cache_bad_uses_raise():
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_dynamic_or_wrong_cache_is_rejected(family):
     model = converted(family, 4)
     x = tokens(2, 5)
@@ -317,7 +340,7 @@ def test_dynamic_or_wrong_cache_is_rejected(family):
             model.generate(x, max_new_tokens=2, past_key_values=DynamicCache(config=model.config))
         with pytest.raises(TypeError, match="BSBRCache"):
             model(x, cache={"keys": None})
-        attention = model.model.layers[0].self_attn if family == "llama" else model.transformer.h[0].attn
-        extra = {"position_embeddings": (torch.ones(1, 4, 16), torch.zeros(1, 4, 16))} if family == "llama" else {}
+        attention = model.transformer.h[0].attn if family == "gpt2" else model.model.layers[0].self_attn
+        extra = {} if family == "gpt2" else {"position_embeddings": (torch.ones(1, 4, 16), torch.zeros(1, 4, 16))}
         with pytest.raises(TypeError, match="BSBRCache"):
             attention(torch.zeros(1, 4, 64), cache=dynamic, **extra)

@@ -42,14 +42,13 @@ def test_normalized_conversion_handles_padding_like_each_row_alone():
         padded = model(x, attention_mask=mask).logits
         alone = model(x[:1, 4:]).logits
     torch.testing.assert_close(padded[0, 4:], alone[0], atol=1e-4, rtol=1e-4)
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        model(x, use_cache=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(retrieval="fancy"), "retrieval must be one of"),
     (dict(sink_size=2), "apply to retrieval='normalized' only"),
-    (dict(retrieval="normalized", compression_factor=4), "compression_factor"),
+    (dict(retrieval="normalized", compression_factor=3), "dividing head_dim=16"),
+    (dict(retrieval="normalized", compression_factor=4, feature_dim=8), "contradicts compression_factor=4"),
 ])
 def test_bad_retrieval_arguments_raise_before_any_change(kwargs, match):
     model = tiny_llama()
@@ -64,7 +63,8 @@ def test_bad_retrieval_arguments_raise_before_any_change(kwargs, match):
     dict(chunk_size=5, compression_factor=4),
     dict(chunk_size=8, retrieval="normalized", sink_size=2),
     dict(chunk_size=8, retrieval="normalized", tie_qk=True, feature_dim=8),
-], ids=["seed", "seed_compressed", "normalized", "normalized_tied"])
+    dict(chunk_size=8, retrieval="normalized", compression_factor=4, sink_size=1),
+], ids=["seed", "seed_compressed", "normalized", "normalized_tied", "normalized_compressed"])
 def test_save_and_load_round_trip_rebuilds_the_converted_model(tmp_path, settings):
     x = tokens()
     model = converted_copy(tiny_llama(), **settings)
@@ -80,6 +80,9 @@ def test_save_and_load_round_trip_rebuilds_the_converted_model(tmp_path, setting
     if settings.get("tie_qk"):
         layer = rebuilt.model.layers[0].self_attn.normalized
         assert layer.key_map is layer.query_map
+    if settings.get("retrieval") == "normalized" and settings.get("compression_factor"):  # head_dim 16 / 4 features
+        layer = rebuilt.model.layers[0].self_attn
+        assert layer.compression_factor == 4 and layer.normalized.key_map.weight.shape == (4, 16, 4)
 
 
 def test_save_writes_only_the_added_parameters(tmp_path):

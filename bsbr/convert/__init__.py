@@ -44,7 +44,8 @@ def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = Non
             (``LlamaForCausalLM`` such as SmolLM2; see :mod:`bsbr.convert.llama`) or ``"gpt2"`` (``GPT2LMHeadModel``;
             see :mod:`bsbr.convert.gpt2`).
         chunk_size: tokens per chunk (integer >= 1).
-        compression_factor: None, or a positive integer dividing ``head_dim**2`` (chunk-state compression).
+        compression_factor: None, or a positive integer: chunk-state compression; it divides ``head_dim**2`` for
+            ``"seed"`` (a learned linear map of ``K_jᵀV_j``) and ``head_dim`` for ``"normalized"`` (fewer learned features).
         retrieval: ``"seed"`` (the seed's formula: local softmax output plus the unnormalised retrieved term) or
             ``"normalized"`` (Llama family: local softmax and retrieved part share one normaliser, see
             :mod:`bsbr.convert.normalized`); ``normalized_options`` go to the latter.

@@ -2,7 +2,8 @@
 
 * :class:`BSBRCache` is a ``transformers`` ``Cache`` whose layers hold BSBR streaming states
   (:class:`bsbr.attention.BSBRState`: the current chunk's keys/values, the finished chunks' states ``F_j = K_jᵀV_j``
-  and meta-keys) instead of every token's keys and values: O(chunks·head_dim²) per layer, not O(tokens).
+  and meta-keys; :class:`bsbr.convert.normalized.NormalizedState` for the normalised retrieval) instead of every
+  token's keys and values: O(chunks·head_dim²) per layer, not O(tokens).
   Feeding a sequence to a converted model in pieces with one cache gives the logits of one full forward.
 * Padding: a converted model's 2-D ``attention_mask`` (1 = real token) is handed by a forward pre-hook on the
   base model (:func:`prepare_model_inputs`) to every BSBR attention layer as the keyword ``bsbr_attention_mask``.
@@ -12,8 +13,9 @@
   sequence alone: chunks start at the row's first real token (:func:`packed_attention` for a full forward, one
   state per row in the cache).
   Positions are the caller's: Llama's RoPE is relative, so a row's contiguous real tokens give the same softmax
-  scores and retrieval ``q·KᵀV`` at any offset; but compressed chunk states (``compression_factor``) are not
-  rotation-invariant, and GPT-2's learned positions are absolute: there, pass ``position_ids`` counted from each
+  scores and retrieval ``q·KᵀV`` at any offset; but compressed chunk states (``compression_factor``) and the
+  normalised retrieval's feature maps are not rotation-invariant, and GPT-2's learned positions are absolute: there,
+  pass ``position_ids`` counted from each
   row's first real token (``(attention_mask.cumsum(-1) - 1).clamp_min(0)``; ``generate`` passes them itself).
 * ``generate``: the converters replace the model's ``_prepare_cache_for_generation`` (on the instance) by
   :func:`prepare_cache_for_generation`, which hands ``generate`` a fresh :class:`BSBRCache` (unless
@@ -38,7 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from bsbr.attention import BSBRState, bsbr_attention, pack_padding
 
 __all__ = ["BSBRCache", "BSBRCacheLayer", "attend_cached", "check_cache", "packed_attention",
-           "prepare_cache_for_generation", "prepare_model_inputs"]
+           "prepare_cache_for_generation", "prepare_model_inputs", "seed_step"]
 
 #: keyword under which the base model's pre-hook hands the 2-D padding mask to the BSBR attention layers
 MASK_KEYWORD = "bsbr_attention_mask"
@@ -131,7 +133,8 @@ class BSBRCache(Cache):
     ``c = n // chunk_size``, ``H`` query heads, ``G`` key/value heads, ``d`` head_dim, ``D`` hidden size,
     ``F = d²`` or ``d²/compression_factor``): ``element_size · (2·G·p·d + D + H·c·(F + d) + H·d²)`` bytes with
     retrieval, ``element_size · 2·G·p·d`` bytes with retrieval off (own-chunk attention only) — O(chunks·d²), not
-    O(tokens).
+    O(tokens). The normalised retrieval's rows: see
+    :class:`bsbr.convert.normalized.NormalizedState`.
 
     Raises:
         ValueError: ``num_layers`` not a positive integer.
@@ -241,13 +244,35 @@ def _local_step(query, key, value, state: BSBRState | None, chunk_size: int, dro
     return output, new_state
 
 
+def seed_step(layer, hidden_states, query, key, value, state: BSBRState | None, dropout_p: float):
+    """One row's cached step of a seed-formula BSBR layer (``layer.attend_step`` of :class:`bsbr.convert.llama.
+    BSBRLlamaAttention` and :class:`bsbr.convert.gpt2.BSBRGPT2Attention`).
+
+    Args:
+        layer: the attention module (``chunk_size``, ``compression``, ``retrieval``, ``meta_from_means``).
+        hidden_states: ``[1, n, D]``; query ``[1, heads, n, d]``; key, value ``[1, kv_heads, n, d]``: the row's ``n``
+            real new tokens, continuing ``state`` (None = none yet).
+    Returns:
+        ``(output [1, heads, n, d], new_state)``: BSBR attention (:func:`bsbr.attention.bsbr_attention`) with
+        retrieval on, own-chunk attention (:func:`_local_step`) with it off.
+    """
+    if not layer.retrieval:
+        return _local_step(query, key, value, state, layer.chunk_size, dropout_p)
+    pooled, partial_sum = _call_chunk_means(hidden_states, state, layer.chunk_size)
+    meta_query, meta_key = layer.meta_from_means(pooled)
+    out, new_state = bsbr_attention(query, key, value, meta_query, meta_key, layer.chunk_size,
+                                    compression=layer.compression, dropout_p=dropout_p, state=state, return_state=True)
+    new_state.partial_sum = partial_sum
+    return out, new_state
+
+
 def attend_cached(layer, entry: BSBRCacheLayer, hidden_states, query, key, value, new_mask, dropout_p: float):
     """Cached forward of a BSBR-converted attention ``layer``: each row's real new tokens continue its state.
 
     Args:
-        layer: the attention module: ``chunk_size``, ``compression``, ``retrieval`` and ``meta_from_means(pooled)``
-            returning ``(meta_query [1, heads, rows, d], meta_key [1, kv_heads, rows, d])`` from chunk means
-            ``[1, rows, D]``.
+        layer: the attention module: ``retrieval`` and ``attend_step(hidden_states [1, n, D], query, key, value,
+            state, dropout_p) -> (output [1, heads, n, d], new_state)`` for one row's ``n`` real new tokens
+            (:func:`seed_step` for the seed formula; the normalised retrieval has its own).
         entry: the layer's :class:`BSBRCacheLayer` (updated in place).
         hidden_states: ``[batch, L, D]``; query ``[batch, heads, L, d]``; key, value ``[batch, kv_heads, L, d]``.
         new_mask: ``[batch, L]`` bool (True = real token) or None (all real).
@@ -274,17 +299,8 @@ def attend_cached(layer, entry: BSBRCacheLayer, hidden_states, query, key, value
             rows.append(zeros)
             continue
         q, k, v = (t[row: row + 1].index_select(2, index) for t in (query, key, value))  # [1, heads, n, d]
-        state = entry.rows[row]
-        if layer.retrieval:
-            pooled, partial_sum = _call_chunk_means(hidden_states[row: row + 1].index_select(1, index), state,
-                                                    layer.chunk_size)
-            meta_query, meta_key = layer.meta_from_means(pooled)
-            out, new_state = bsbr_attention(q, k, v, meta_query, meta_key, layer.chunk_size,
-                                            compression=layer.compression, dropout_p=dropout_p, state=state,
-                                            return_state=True)
-            new_state.partial_sum = partial_sum
-        else:
-            out, new_state = _local_step(q, k, v, state, layer.chunk_size, dropout_p)
+        out, new_state = layer.attend_step(hidden_states[row: row + 1].index_select(1, index), q, k, v,
+                                           entry.rows[row], dropout_p)
         rows.append(zeros.index_copy(2, index, out.to(zeros.dtype)))
         entry.rows[row] = new_state
     entry.seen += length

@@ -68,13 +68,16 @@ def conversion_settings(model: nn.Module) -> dict:
 
     layer = _converted_layers(model)[0][1]
     options = {}
+    compression_factor = None if layer.compression is None else layer.compression.compression_factor
     if isinstance(layer, NormalizedBSBRLlamaAttention):
         retrieval = layer.normalized
-        options = {"feature_dim": retrieval.query_map.feature_dim, "tie_qk": retrieval.key_map is retrieval.query_map,
-                   "sink_size": retrieval.sink_size}
+        compression_factor = layer.compression_factor  # it sets feature_dim: stored once, as compression_factor
+        options = {"tie_qk": retrieval.key_map is retrieval.query_map, "sink_size": retrieval.sink_size}
+        if compression_factor is None:
+            options["feature_dim"] = retrieval.query_map.feature_dim
     return {"model_type": model.config.model_type, "chunk_size": layer.chunk_size,
-            "compression_factor": None if layer.compression is None else layer.compression.compression_factor,
-            "retrieval": "normalized" if options else "seed", "normalized_options": options}
+            "compression_factor": compression_factor, "retrieval": "normalized" if options else "seed",
+            "normalized_options": options}
 
 
 def save_conversion(model: nn.Module, path: str | os.PathLike) -> None:

@@ -41,7 +41,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
-from bsbr.convert.cache import attend_cached, check_cache, packed_attention
+from bsbr.convert.cache import attend_cached, check_cache, packed_attention, seed_step
 from bsbr.convert.common import replace_attention
 from bsbr.convert.llama import _padding_mask, chunk_local_attention
 
@@ -173,6 +173,8 @@ class BSBRGPT2Attention(nn.Module):
             output = self._attend(hidden_states, query, key, value, dropout_p)
         output = output.transpose(1, 2).reshape(batch, seq_len, self.embed_dim)  # [batch, seq_len, hidden]
         return self.resid_dropout(self.c_proj(output)), None
+
+    attend_step = seed_step  # one row's cached step (bsbr.convert.cache.attend_cached)
 
     def meta_from_means(self, pooled: torch.Tensor):
         """Meta rows from chunk means ``pooled [b, rows, hidden]``: ``meta_query, meta_key [b, heads, rows, d]``

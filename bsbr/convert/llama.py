@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel,
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
-from bsbr.convert.cache import MASK_KEYWORD, attend_cached, check_cache, packed_attention
+from bsbr.convert.cache import MASK_KEYWORD, attend_cached, check_cache, packed_attention, seed_step
 from bsbr.convert.common import replace_attention
 
 __all__ = ["BSBRLlamaAttention", "convert_llama", "set_retrieval"]
@@ -47,13 +47,6 @@ def _copy_linear(linear: nn.Linear) -> nn.Linear:
         if linear.bias is not None:
             copy.bias.copy_(linear.bias)
     return copy
-
-
-def _no_cache_error() -> NotImplementedError:
-    return NotImplementedError(
-        "this attention runs full-sequence forward passes only: KV caching / incremental decoding is not supported. "
-        "Call the model with use_cache=False and without past_key_values/cache."
-    )
 
 
 def _padding_error() -> NotImplementedError:
@@ -204,6 +197,8 @@ class BSBRLlamaAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         return query, key, value
 
+    attend_step = seed_step  # one row's cached step (bsbr.convert.cache.attend_cached)
+
     def meta_from_means(self, pooled: torch.Tensor):
         """Meta rows from chunk means ``pooled [b, rows, hidden]``: ``meta_query [b, heads, rows, d]`` and
         ``meta_key [b, kv_heads, rows, d]`` (row ``j`` from chunk ``j``: ``h_j``, and the meta-query of chunk
@@ -246,10 +241,12 @@ def convert_llama(model: nn.Module, chunk_size: int, compression_factor: int | N
     Args:
         model: a Llama-family transformers model (``LlamaForCausalLM``, ``LlamaModel``, ...).
         chunk_size: tokens per chunk (>= 1).
-        compression_factor: None or a positive integer dividing ``head_dim**2``.
+        compression_factor: None or a positive integer: for ``"seed"`` dividing ``head_dim**2`` (a learned linear map
+            of each ``K_jᵀV_j``), for ``"normalized"`` dividing ``head_dim`` (``head_dim / compression_factor``
+            learned features per half, see :class:`bsbr.convert.normalized.NormalizedBSBRLlamaAttention`).
         retrieval: ``"seed"`` (:func:`bsbr.attention.bsbr_attention`: the local softmax output plus the unnormalised
             ``q·Σ_j w_ij F_j``) or ``"normalized"`` (:class:`bsbr.convert.normalized.NormalizedBSBRLlamaAttention`:
-            one normaliser shared by the local softmax and the retrieved part; no cache, no compression yet).
+            one normaliser shared by the local softmax and the retrieved part).
         **normalized_options: for ``"normalized"`` only: ``feature_dim``, ``mix_logit``, ``tie_qk``, ``sink_size``
             (see :class:`bsbr.convert.normalized.NormalizedRetrieval`).
     Returns:

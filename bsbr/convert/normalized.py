@@ -25,13 +25,16 @@ the first token; without it, own-chunk attention in later chunks is far off in s
 
 Chunk 0 retrieves nothing (output = its causal softmax attention), so with one chunk the op is exactly causal
 softmax attention. Nothing of size ``seq_len²`` is built: the local part uses ``[chunks, C, C]`` score blocks.
-No state compression here (the ``[2f, d]`` states are stored whole); see ``bsbr.attention.StateCompression`` for
-the seed path's.
+State compression (``compression_factor = c``) is a smaller learned feature map: ``f = d / c`` features per half, so
+the ``[2f, d]`` chunk states shrink by ``c`` against ``f = d``. Incremental decoding keeps a
+:class:`NormalizedState` per row (:func:`normalized_step`): the current chunk's keys/values, the sink tokens and the
+finished chunks' ``F_j, z_j, h_j``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,6 +45,7 @@ from bsbr.convert.llama import BSBRLlamaAttention
 
 __all__ = [
     "HedgehogFeatureMap",
+    "NormalizedState",
     "NormalizedBSBRLlamaAttention",
     "NormalizedRetrieval",
     "chunk_local_softmax",
@@ -245,6 +249,150 @@ def normalized_bsbr_attention(
     return output, torch.cat([torch.zeros_like(lse[:, :, :start]), share], dim=2)
 
 
+@dataclass
+class NormalizedState:
+    """Streaming state of one :class:`NormalizedBSBRLlamaAttention` row after ``num_tokens`` tokens (batch size 1).
+
+    With ``p = num_tokens % chunk_size`` tokens in the current chunk and ``c = num_tokens // chunk_size`` finished
+    chunks (``H`` query heads, ``G`` key/value heads, ``d`` head_dim, ``D`` hidden size, ``2f`` features):
+
+    * ``partial_key, partial_value`` ``[1, G, p, d]``: the current chunk's keys (RoPE'd) and values;
+    * ``partial_sum`` ``[1, D]``: the sum of its hidden states (source of its meta-key and the next meta-query);
+    * ``sink_key, sink_value`` ``[1, G, min(sink_size, num_tokens), d]``: the attention-sink tokens;
+    * ``states`` ``[1, H, c, 2f, d]``, ``normalizers`` ``[1, H, c, 2f]``, ``meta_keys`` ``[1, G, c, d]``: the finished
+      chunks' ``F_j``, ``z_j`` and ``h_j`` (empty with retrieval off: own-chunk attention keeps no chunk states);
+    * ``mixed_state`` ``[1, H, 2f, d]`` and ``mixed_norm`` ``[1, H, 2f]``: ``Σ_j w_ij F_j`` and ``Σ_j w_ij z_j`` of the
+      current chunk ``i`` (fixed once it starts), None in chunk 0 or with retrieval off.
+
+    Size (:meth:`nbytes`): ``element_size · (2·G·(p + k)·d + D + c·(H·2f·(d + 1) + G·d) + H·2f·(d + 1))`` bytes with
+    ``k = min(sink_size, num_tokens)`` — O(chunks·f·d) per head. The tensors are never changed in place (beam search
+    shares states between beams).
+    """
+
+    chunk_size: int
+    num_tokens: int
+    partial_key: torch.Tensor
+    partial_value: torch.Tensor
+    partial_sum: torch.Tensor
+    sink_key: torch.Tensor
+    sink_value: torch.Tensor
+    states: torch.Tensor
+    normalizers: torch.Tensor
+    meta_keys: torch.Tensor
+    mixed_state: torch.Tensor | None = None
+    mixed_norm: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        tensors = (self.partial_key, self.partial_value, self.partial_sum, self.sink_key, self.sink_value,
+                   self.states, self.normalizers, self.meta_keys, self.mixed_state, self.mixed_norm)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _empty_state(layer, hidden_states, query, key) -> NormalizedState:
+    """The state before the first token (``hidden_states [1, n, D]``, ``query [1, H, n, d]``, ``key [1, G, n, d]``
+    give sizes, dtype and device)."""
+    heads, kv_heads, d = query.shape[1], key.shape[1], query.shape[3]
+    features = 2 * layer.normalized.query_map.feature_dim
+    empty_kv = key.new_zeros(1, kv_heads, 0, d)
+    return NormalizedState(layer.chunk_size, 0, empty_kv, empty_kv, hidden_states.new_zeros(1, hidden_states.shape[2]),
+                           empty_kv, empty_kv, query.new_zeros(1, heads, 0, features, d),
+                           query.new_zeros(1, heads, 0, features), key.new_zeros(1, kv_heads, 0, d))
+
+
+def normalized_step(layer, hidden_states, query, key, value, state: NormalizedState | None,
+                    dropout_p: float = 0.0):
+    """One row's cached step of a :class:`NormalizedBSBRLlamaAttention` (its ``attend_step``): the ``n`` new tokens
+    continue ``state``, and the outputs equal those of one full forward over the whole sequence.
+
+    Args:
+        layer: the attention module (``chunk_size``, ``retrieval``, ``normalized``, ``meta_from_means``).
+        hidden_states: ``[1, n, D]``; query: ``[1, H, n, d]`` (RoPE'd); key, value: ``[1, G, n, d]``.
+        state: :class:`NormalizedState` of the tokens so far, or None (none yet).
+        dropout_p: must be 0 (attention dropout is not applied by the normalised retrieval).
+    Returns:
+        ``(output [1, H, n, d], new_state)``. The new tokens are processed chunk segment by chunk segment: a
+        segment's local softmax covers the current chunk's earlier tokens (and the sink tokens after chunk 0); a
+        finished chunk adds ``F_j, z_j, h_j`` and fixes the next chunk's mixed state. Cost per token O(C·d + f·d) per
+        head, plus O(c·f·d) per head when a chunk finishes.
+    Raises:
+        ValueError: a batch size other than 1 or ``dropout_p != 0``.
+    """
+    if hidden_states.shape[0] != 1 or query.shape[0] != 1:
+        raise ValueError(f"normalized_step takes one row (batch size 1), got {hidden_states.shape[0]}")
+    if dropout_p:
+        raise ValueError(f"dropout_p must be 0 for the normalised retrieval's cached step, got {dropout_p}")
+    retrieval, size = layer.normalized, layer.chunk_size
+    sink_size = retrieval.sink_size
+    state = _empty_state(layer, hidden_states, query, key) if state is None else state
+    heads, d = query.shape[1], query.shape[3]
+    outputs, start, length = [], 0, query.shape[2]
+    while start < length:
+        position, chunk = state.num_tokens, state.num_tokens // size
+        offset = position % size
+        span = min(length - start, size - offset)  # new tokens of this chunk
+        q = query[:, :, start:start + span]  # [1, H, span, d]
+        keys = torch.cat([state.partial_key, key[:, :, start:start + span]], dim=2)  # [1, G, offset + span, d]
+        values = torch.cat([state.partial_value, value[:, :, start:start + span]], dim=2)
+        scores = q @ _repeat_heads(keys, heads, "key").transpose(-1, -2) / math.sqrt(d)  # [1, H, span, offset+span]
+        causal = (torch.arange(offset + span, device=q.device)[None, :]
+                  <= offset + torch.arange(span, device=q.device)[:, None])
+        scores = scores.masked_fill(~causal, float("-inf"))
+        local_values = values
+        if chunk > 0 and sink_size:  # later chunks see the sink tokens too, in the same softmax
+            sink_scores = q @ _repeat_heads(state.sink_key, heads, "key").transpose(-1, -2) / math.sqrt(d)
+            scores = torch.cat([sink_scores, scores], dim=-1)  # [1, H, span, k + offset + span]
+            local_values = torch.cat([state.sink_value, values], dim=2)
+        lse = torch.logsumexp(scores, dim=-1)  # [1, H, span]
+        output = torch.exp(scores - lse[..., None]) @ _repeat_heads(local_values, heads, "value")  # [1, H, span, d]
+        if state.mixed_state is not None:
+            query_features = retrieval.query_map(q)  # [1, H, span, 2f]
+            numerator = query_features @ state.mixed_state  # [1, H, span, d]
+            denominator = (query_features @ state.mixed_norm[..., None]).squeeze(-1)  # [1, H, span]
+            denominator = denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
+            share = torch.sigmoid(retrieval.mix_logit.to(lse.dtype)[:, None] + torch.log(denominator) - lse)
+            output = output + share[..., None] * (numerator / denominator[..., None] - output)
+        outputs.append(output)
+
+        new_sinks = max(0, min(sink_size - position, span))
+        partial_sum = state.partial_sum + hidden_states[:, start:start + span].sum(1)  # [1, D]
+        state = NormalizedState(
+            size, position + span, keys, values, partial_sum,
+            torch.cat([state.sink_key, key[:, :, start:start + new_sinks]], dim=2),
+            torch.cat([state.sink_value, value[:, :, start:start + new_sinks]], dim=2),
+            state.states, state.normalizers, state.meta_keys, state.mixed_state, state.mixed_norm)
+        start += span
+        if state.num_tokens % size == 0:
+            state = _finish_chunk(layer, state, chunk)
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0], state
+
+
+def _finish_chunk(layer, state: NormalizedState, chunk: int) -> NormalizedState:
+    """``state`` whose current chunk (index ``chunk``) just filled up: its ``F, z, h`` appended (retrieval on) and the
+    next chunk's mixed state computed; the partial chunk emptied."""
+    retrieval, keys, values = layer.normalized, state.partial_key, state.partial_value
+    heads = state.states.shape[1]
+    empty_kv = keys[:, :, :0]
+    done = NormalizedState(state.chunk_size, state.num_tokens, empty_kv, empty_kv, torch.zeros_like(state.partial_sum),
+                           state.sink_key, state.sink_value, state.states, state.normalizers, state.meta_keys)
+    if not layer.retrieval:
+        return done
+    key_features = retrieval.key_map(_repeat_heads(keys, heads, "key"))  # [1, H, C, 2f]
+    if chunk == 0 and retrieval.sink_size:  # the sink tokens are attended exactly: not in F_0
+        kept = torch.arange(keys.shape[2], device=keys.device) >= retrieval.sink_size
+        key_features = key_features * kept[:, None].to(key_features.dtype)
+    chunk_state = key_features.transpose(-1, -2) @ _repeat_heads(values, heads, "value")  # [1, H, 2f, d]
+    meta_query, meta_key = layer.meta_from_means(state.partial_sum[:, None] / state.chunk_size)  # [1, *, 1, d]
+    done.states = torch.cat([state.states, chunk_state[:, :, None]], dim=2)  # [1, H, c + 1, 2f, d]
+    done.normalizers = torch.cat([state.normalizers, key_features.sum(2)[:, :, None]], dim=2)  # [1, H, c + 1, 2f]
+    done.meta_keys = torch.cat([state.meta_keys, meta_key], dim=2)  # [1, G, c + 1, d]
+    scores = meta_query @ _repeat_heads(done.meta_keys, heads, "meta_key").transpose(-1, -2)  # [1, H, 1, c + 1]
+    weights = torch.softmax(scores / math.sqrt(keys.shape[3]), dim=-1)
+    done.mixed_state = torch.einsum("bhj,bhjfd->bhfd", weights[:, :, 0], done.states)  # [1, H, 2f, d]
+    done.mixed_norm = (weights @ done.normalizers)[:, :, 0]  # [1, H, 2f]
+    return done
+
+
 class NormalizedRetrieval(nn.Module):
     """The new parameters of one layer's normalised retrieval: Hedgehog feature maps and per-head mix logits.
 
@@ -279,19 +427,40 @@ class NormalizedRetrieval(nn.Module):
 class NormalizedBSBRLlamaAttention(BSBRLlamaAttention):
     """:class:`bsbr.convert.llama.BSBRLlamaAttention` whose retrieval is :func:`normalized_bsbr_attention`.
 
-    Args: as ``BSBRLlamaAttention`` plus ``feature_dim``, ``mix_logit``, ``tie_qk`` (see :class:`NormalizedRetrieval`);
-    ``compression_factor`` must be None (no compression of the normalised states yet).
-    Extra module ``normalized`` (:class:`NormalizedRetrieval`). ``retrieval = False`` gives own-chunk attention
-    (plus the sink tokens when ``sink_size > 0``).
-    ``forward`` as ``BSBRLlamaAttention.forward`` (padding included) but without a cache (NotImplementedError).
+    Args: as ``BSBRLlamaAttention`` plus ``feature_dim``, ``mix_logit``, ``tie_qk``, ``sink_size`` (see
+    :class:`NormalizedRetrieval`). ``compression_factor = c`` compresses the chunk states by ``c``: the feature maps
+    get ``feature_dim = head_dim / c`` features per half, so a chunk's ``F_j`` is ``[2·head_dim/c, head_dim]``
+    instead of ``[2·head_dim, head_dim]`` (``c`` must divide ``head_dim``; ``feature_dim`` must then be None or
+    equal to it). The features are learned (calibration trains them).
+    Extra module ``normalized`` (:class:`NormalizedRetrieval`); attribute ``compression_factor``. ``retrieval =
+    False`` gives own-chunk attention (plus the sink tokens when ``sink_size > 0``).
+    ``forward`` as ``BSBRLlamaAttention.forward``: padding, and a :class:`bsbr.convert.cache.BSBRCache` whose rows
+    hold :class:`NormalizedState` (incremental decoding equals the full forward; ``generate`` uses it).
+    Raises:
+        ValueError: bad ``compression_factor``/``feature_dim``/``sink_size`` (as well as ``BSBRLlamaAttention``'s).
     """
+
+    attend_step = normalized_step  # one row's cached step (bsbr.convert.cache.attend_cached)
 
     def __init__(self, attention, chunk_size: int, compression_factor: int | None = None,
                  feature_dim: int | None = None, mix_logit: float = 0.0, tie_qk: bool = False, sink_size: int = 0):
-        if compression_factor is not None:
-            raise ValueError("compression_factor must be None for normalized retrieval (not supported yet)")
         super().__init__(attention, chunk_size, None)
+        feature_dim = self._compressed_feature_dim(compression_factor, feature_dim)
         self._add_retrieval(feature_dim, mix_logit, tie_qk, sink_size)
+        self.compression_factor = compression_factor
+
+    def _compressed_feature_dim(self, compression_factor, feature_dim):
+        if compression_factor is None:
+            return feature_dim
+        if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) or compression_factor < 1 \
+                or self.head_dim % compression_factor:
+            raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim="
+                             f"{self.head_dim} for normalized retrieval, got {compression_factor!r}")
+        compressed = self.head_dim // compression_factor
+        if feature_dim is not None and feature_dim != compressed:
+            raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
+                             f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
+        return compressed
 
     def _add_retrieval(self, feature_dim, mix_logit, tie_qk, sink_size) -> None:
         if sink_size > self.chunk_size:
@@ -299,16 +468,6 @@ class NormalizedBSBRLlamaAttention(BSBRLlamaAttention):
         weight = self.q_proj.weight
         self.normalized = NormalizedRetrieval(self.num_heads, self.head_dim, feature_dim, mix_logit, tie_qk,
                                               sink_size).to(weight.device, weight.dtype)
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
-                **kwargs):
-        """As ``BSBRLlamaAttention.forward`` (padding included), without a cache: the normalised retrieval has no
-        streaming state yet, so ``generate`` needs ``use_cache=False``."""
-        if cache is not None or past_key_values is not None:
-            raise NotImplementedError(
-                "normalized retrieval has no streaming state yet: call generate(..., use_cache=False) (every step is "
-                "then a full forward) or use retrieval='seed'")
-        return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
 
     def _attend(self, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
         """Full causal attention of unpadded rows with normalised retrieval (or own chunk + sinks when
@@ -338,4 +497,5 @@ def enable_normalized_retrieval(model: nn.Module, feature_dim: int | None = None
     for layer in layers:
         layer.__class__ = NormalizedBSBRLlamaAttention
         layer._add_retrieval(feature_dim, mix_logit, tie_qk, sink_size)
+        layer.compression_factor = None
     return model
