@@ -45,6 +45,18 @@ SCALING_SMOKE = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): small ops are faster and the 2 cores stay shared.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

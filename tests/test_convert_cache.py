@@ -25,12 +25,7 @@ VOCAB = 100
 PIECES = [(1,) * 17, (3, 1, 6, 2, 5), (5, 5, 7), (17,)]  # each sums to 17; crosses chunk boundaries of 4 and 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def converted(family: str, chunk_size: int, compression_factor: int | None = None, seed: int = 0,

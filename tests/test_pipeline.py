@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -46,11 +47,16 @@ def bsbr_files_imported_by(notebook: Path) -> list[str]:
     (measured in a fresh interpreter)."""
     import subprocess
 
-    source = "\n".join(cell.source for cell in nbformat.read(notebook, as_version=4).cells if cell.cell_type == "code")
-    modules = sorted(set(re.findall(r"^\s*(?:from|import) (bsbr[\w.]*)", source, flags=re.M)))
-    assert modules, f"{notebook} imports nothing from bsbr"
-    code = ("import importlib, sys\n"
-            f"for name in {modules!r}: importlib.import_module(name)\n"
+    imports = []  # the notebook's own bsbr import statements (`from bsbr import metrics` loads bsbr/metrics.py)
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type == "code":
+            for node in ast.walk(ast.parse(cell.source)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                if any(name.split(".")[0] == "bsbr" for name in names):
+                    imports.append(ast.unparse(node))
+    assert imports, f"{notebook} imports nothing from bsbr"
+    code = ("import sys\n" + "\n".join(imports) + "\n"
             "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'bsbr')))")
     files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return [str(Path(f).resolve().relative_to(ROOT)) for f in files.stdout.split()]

@@ -1,0 +1,324 @@
+"""Analysis helpers shared by the attention-analysis (04) and long-range (05) notebooks.
+
+* attention maps: :func:`causal_attention_probs` (the original model's softmax attention of one layer),
+  :func:`normalized_bsbr_effective_attention` (the per-key weights that a normalised BSBR layer, see
+  :mod:`bsbr.convert.normalized`, effectively puts on every earlier token), :func:`chunk_mass` (attention mass per key
+  chunk), :func:`rank_agreement` (Spearman rank correlation and top-k overlap of two rankings of chunks);
+* the passkey task: :func:`passkey_sample` (a fact at a controlled depth of real filler text, a question at the end)
+  and :func:`answer_exact_match` (greedy exact match of the answer scored with one teacher-forced forward);
+* :func:`wilson_interval` (binomial confidence interval of an accuracy).
+
+Conventions: ``n`` tokens, ``C = chunk_size``; tensors ``[batch, heads, ...]`` as in :mod:`bsbr.convert.normalized`;
+queries carry RoPE; GQA keys are repeated to the query heads in HF ``repeat_kv`` order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bsbr._checks import check_int_at_least, check_positive_int
+
+__all__ = [
+    "answer_exact_match",
+    "causal_attention_probs",
+    "chunk_mass",
+    "normalized_bsbr_effective_attention",
+    "passkey_sample",
+    "rank_agreement",
+    "retrieval_weights",
+    "spearman",
+    "wilson_interval",
+]
+
+
+def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
+    kv_heads = x.shape[1]
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"{name} has {kv_heads} heads, which must divide the {num_heads} query heads")
+    return x.repeat_interleave(num_heads // kv_heads, dim=1)
+
+
+def _check_sink(sink_size, chunk_size: int) -> None:
+    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or not 0 <= sink_size <= chunk_size:
+        raise ValueError(f"sink_size must be an integer in [0, chunk_size={chunk_size}], got {sink_size!r}")
+
+
+def causal_attention_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention probabilities ``softmax_u(q_t·k_u / sqrt(d))`` over ``u <= t``.
+
+    Args:
+        query: ``[batch, heads, n, d]``; key: ``[batch, kv_heads, n, d]`` (``kv_heads`` divides ``heads``).
+    Returns:
+        ``[batch, heads, n, n]``, zero above the diagonal, every row summing to 1 (memory ``heads·n²`` values).
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]:
+        raise ValueError(f"query [b, h, n, d] and key [b, kv_h, n, d] expected, got {list(query.shape)}, "
+                         f"{list(key.shape)}")
+    n, d = query.shape[2:]
+    key = _repeat_heads(key, query.shape[1], "key")
+    scores = query @ key.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, n, n]
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def retrieval_weights(meta_query: torch.Tensor, meta_key: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """BSBR chunk-routing weights ``w_ij = softmax_{j<i}(r_{i-1}·h_j / sqrt(d))`` for chunks ``i = 1..num_chunks-1``.
+
+    Args:
+        meta_query: ``[batch, heads, rows, d]`` (row ``j`` from chunk ``j``, routing chunk ``j+1``); meta_key:
+            ``[batch, kv_heads or heads, rows, d]``; ``rows >= num_chunks - 1``.
+        num_chunks: chunks of the sequence (>= 2).
+    Returns:
+        ``[batch, heads, num_chunks-1, num_chunks-1]``: row ``r`` = query chunk ``r+1``, column ``j`` = earlier chunk
+        ``j`` (zero for ``j > r``); rows sum to 1. The same weights as in
+        :func:`bsbr.convert.normalized.normalized_bsbr_attention`.
+    Raises:
+        ValueError: ``num_chunks < 2`` or too few meta rows.
+    """
+    check_int_at_least(2, num_chunks=num_chunks)
+    retrieving = num_chunks - 1
+    if meta_query.shape[2] < retrieving or meta_key.shape[2] < retrieving:
+        raise ValueError(f"meta_query/meta_key need >= {retrieving} rows, got {list(meta_query.shape)}, "
+                         f"{list(meta_key.shape)}")
+    heads, d = meta_query.shape[1], meta_query.shape[3]
+    meta_key = _repeat_heads(meta_key[:, :, :retrieving], heads, "meta_key")
+    scores = meta_query[:, :, :retrieving] @ meta_key.transpose(-1, -2) / math.sqrt(d)  # [b, h, chunks-1, chunks-1]
+    visible = torch.ones(retrieving, retrieving, dtype=torch.bool, device=scores.device).tril()
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def normalized_bsbr_effective_attention(query, key, meta_query, meta_key, chunk_size: int, feature_map,
+                                        mix_logit: torch.Tensor, sink_size: int = 0) -> torch.Tensor:
+    """The attention map a normalised BSBR layer effectively applies: ``output_t = Σ_u A_tu v_u``.
+
+    For token ``t`` in chunk ``i`` (see :mod:`bsbr.convert.normalized` for ``l_t, φ, w, g, s_t``): own-chunk keys
+    ``u <= t`` and the sink tokens get ``(1 - s_t) · softmax(q_t·k_u/sqrt(d))`` (the local softmax), a non-sink key
+    ``u`` of an earlier chunk ``j`` gets ``s_t · w_ij · φ(q_t)·φ(k_u) / Z_t`` with
+    ``Z_t = Σ_j w_ij Σ_{u∈j} φ(q_t)·φ(k_u)``. Chunk 0 is causal softmax attention. Every row sums to 1, and
+    ``A @ value`` equals :func:`bsbr.convert.normalized.normalized_bsbr_attention` (tests check it); the retrieved
+    share of row ``t`` (``s_t``) is the row's mass on earlier-chunk keys that are not sinks.
+
+    Args:
+        query: ``[batch, heads, n, d]``; key: ``[batch, kv_heads, n, d]``; meta_query, meta_key, chunk_size,
+            mix_logit ``[heads]``, sink_size: as :func:`bsbr.convert.normalized.normalized_bsbr_attention`.
+        feature_map: a pair ``(query_map, key_map)`` of callables (e.g. ``layer.normalized.query_map`` and
+            ``key_map``), or one callable for both.
+    Returns:
+        ``[batch, heads, n, n]`` (dense: ``heads·n²`` values; meant for analysis windows of a few thousand tokens).
+    Raises:
+        ValueError: bad ``chunk_size``/``sink_size`` or shapes.
+    """
+    check_positive_int(chunk_size=chunk_size)
+    _check_sink(sink_size, chunk_size)
+    query_map, key_map = feature_map if isinstance(feature_map, (tuple, list)) else (feature_map, feature_map)
+    batch, heads, n, d = query.shape
+    key = _repeat_heads(key, heads, "key")
+    if key.shape != query.shape:
+        raise ValueError(f"key must be [batch, kv_heads, {n}, {d}], got {list(key.shape)}")
+    position = torch.arange(n, device=query.device)
+    chunk = position // chunk_size  # [n]
+    causal = position[None, :] <= position[:, None]  # [n (query), n (key)]
+    sink = (position[None, :] < sink_size) & (chunk[:, None] > 0)  # sinks, seen exactly after chunk 0
+    local = causal & ((chunk[None, :] == chunk[:, None]) | sink)  # [n, n]
+    scores = (query @ key.transpose(-1, -2) / math.sqrt(d)).masked_fill_(~local, float("-inf"))  # [b, heads, n, n]
+    lse = torch.logsumexp(scores, dim=-1)  # [batch, heads, n]
+    local_probs = scores.sub_(lse[..., None]).exp_()  # in place: [batch, heads, n, n]
+    num_chunks = -(-n // chunk_size)
+    if num_chunks == 1:
+        return local_probs
+    # Retrieved part: kernel φ(q_t)·φ(k_u) on non-sink keys of earlier chunks, weighted by w_{chunk(t), chunk(u)}.
+    padded = num_chunks * chunk_size
+    query_features = torch.nn.functional.pad(query_map(query), (0, 0, 0, padded - n))  # [b, heads, padded, F]
+    key_features = torch.nn.functional.pad(key_map(key), (0, 0, 0, padded - n))
+    key_features[:, :, :sink_size] = 0  # the sink tokens are attended exactly, not retrieved
+    retrieved = query_features @ key_features.transpose(-1, -2)  # [batch, heads, padded, padded], >= 0
+    weights = retrieval_weights(meta_query, meta_key, num_chunks)  # [batch, heads, chunks-1, chunks-1]
+    full = torch.zeros(batch, heads, num_chunks, num_chunks, dtype=weights.dtype, device=weights.device)
+    full[:, :, 1:, :-1] = weights  # [b, h, query chunk i, key chunk j], zero unless j < i
+    blocks = retrieved.view(batch, heads, num_chunks, chunk_size, num_chunks, chunk_size)
+    blocks.mul_(full[:, :, :, None, :, None].to(blocks.dtype))  # in place: w_{chunk(t), chunk(u)} φ(q_t)·φ(k_u)
+    retrieved = retrieved[:, :, :n, :n]
+    z = retrieved.sum(-1)  # [batch, heads, n]: Z_t (0 in chunk 0)
+    z_safe = z.clamp_min(torch.finfo(z.dtype).tiny)
+    share = torch.sigmoid(mix_logit.to(lse.dtype)[:, None] + torch.log(z_safe) - lse)  # [batch, heads, n]
+    share = torch.where(chunk > 0, share, torch.zeros_like(share))
+    return local_probs.mul_((1 - share)[..., None]).add_(retrieved.mul_((share / z_safe)[..., None]))  # in place
+
+
+def chunk_mass(probs: torch.Tensor, chunk_size: int, sink_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mass per key chunk, the first ``sink_size`` tokens counted apart.
+
+    Args:
+        probs: ``[..., n, n]`` attention weights (query rows, key columns).
+        chunk_size: tokens per chunk (>= 1); the last chunk may be partial.
+        sink_size: keys ``0..sink_size-1`` go to the sink mass instead of chunk 0 (``0 <= sink_size <= chunk_size``).
+    Returns:
+        ``(mass [..., n, chunks], sink [..., n])``: ``mass[..., t, j]`` = Σ of row ``t`` over the non-sink keys of
+        chunk ``j``; ``mass.sum(-1) + sink`` = the row sums.
+    Raises:
+        ValueError: bad ``chunk_size``/``sink_size`` or a non-square map.
+    """
+    check_positive_int(chunk_size=chunk_size)
+    _check_sink(sink_size, chunk_size)
+    n = probs.shape[-1]
+    if probs.dim() < 2 or probs.shape[-2] != n:
+        raise ValueError(f"probs must be [..., n, n], got {list(probs.shape)}")
+    chunks = -(-n // chunk_size)
+    sink = probs[..., :sink_size].sum(-1)
+    rest = torch.nn.functional.pad(probs[..., sink_size:], (sink_size, chunks * chunk_size - n))  # sinks zeroed
+    return rest.unflatten(-1, (chunks, chunk_size)).sum(-1), sink
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..m along the last dim, ties get their average rank (as scipy.stats.rankdata)."""
+    order = x.argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks.scatter_(-1, order, torch.arange(1, x.shape[-1] + 1, dtype=torch.float64).expand_as(x).contiguous())
+    equal = x[..., :, None] == x[..., None, :]  # [..., m, m]
+    return (equal * ranks[..., None, :]).sum(-1) / equal.sum(-1)  # mean rank of each tie group
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last dim (Pearson correlation of the average ranks).
+
+    Args:
+        a, b: ``[..., m]`` with ``m >= 2``.
+    Returns:
+        ``[...]`` float64 in [-1, 1]; NaN where either side is constant (as scipy.stats.spearmanr).
+    Raises:
+        ValueError: shapes differ or ``m < 2``.
+    """
+    if a.shape != b.shape or a.shape[-1] < 2:
+        raise ValueError(f"a and b must have the same shape [..., m >= 2], got {list(a.shape)}, {list(b.shape)}")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    denominator = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
+    value = (ra * rb).sum(-1) / denominator
+    return torch.where(denominator > 0, value.clamp(-1.0, 1.0), torch.full_like(value, float("nan")))
+
+
+def rank_agreement(predicted: torch.Tensor, reference: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """How well ``predicted`` scores rank the items that ``reference`` ranks highest (along the last dim).
+
+    Args:
+        predicted, reference: ``[..., m]`` (e.g. BSBR's routing weights and the original model's mass on ``m``
+            earlier chunks); ``m >= 2``.
+        k: top-k size (>= 1); ``min(k, m)`` is used.
+    Returns:
+        ``{"spearman": [...], "topk_overlap": [...], "topk_chance": [...]}``: Spearman correlation
+        (:func:`spearman`), ``|top-k(predicted) ∩ top-k(reference)| / k`` and its expectation for a random ranking
+        (``k / m``). Ties in the top-k are broken by index (``torch.topk``).
+    Raises:
+        ValueError: shapes differ, ``m < 2`` or bad ``k``.
+    """
+    check_positive_int(k=k)
+    correlation = spearman(predicted, reference)
+    m = predicted.shape[-1]
+    k = min(k, m)
+    top_p = torch.nn.functional.one_hot(predicted.topk(k, dim=-1).indices, m).sum(-2)  # [..., m] 0/1
+    top_r = torch.nn.functional.one_hot(reference.topk(k, dim=-1).indices, m).sum(-2)
+    overlap = (top_p * top_r).sum(-1).double() / k
+    return {"spearman": correlation, "topk_overlap": overlap, "topk_chance": torch.full_like(overlap, k / m)}
+
+
+def wilson_interval(successes, trials, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default).
+
+    ``p̂ = successes / trials``; centre ``(p̂ + z²/2n) / (1 + z²/n)``, half-width
+    ``z / (1 + z²/n) · sqrt(p̂(1-p̂)/n + z²/4n²)``. Source: Wilson 1927, JASA 22(158); Brown, Cai & DasGupta 2001.
+
+    Args:
+        successes: integer in ``[0, trials]``; trials: integer >= 1; z: normal quantile (> 0).
+    Returns:
+        ``(low, high)`` with ``0 <= low <= p̂ <= high <= 1``.
+    Raises:
+        ValueError: bad counts or ``z``.
+    """
+    check_positive_int(trials=trials)
+    check_int_at_least(0, successes=successes)
+    if successes > trials:
+        raise ValueError(f"successes must be <= trials={trials}, got {successes}")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z!r}")
+    p, n = successes / trials, trials
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # The interval always contains p̂; min/max only remove fp rounding at p̂ = 0 or 1.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+#: The passkey texts: the fact, the question that ends the context, and the answer (``{passkey}`` is replaced).
+PASSKEY_FACT = "\nThe secret number is {passkey}. Remember it.\n"
+PASSKEY_QUESTION = "\nWhat is the secret number? The secret number is"
+PASSKEY_ANSWER = " {passkey}"
+
+
+def passkey_sample(tokenizer, filler_ids: torch.Tensor, length: int, depth: float, passkey: str) -> dict:
+    """One passkey / fact-retrieval sequence of exactly ``length`` tokens, in the style of Mohtashami & Jaggi 2023
+    (arXiv 2305.16300), with real text as filler.
+
+    Layout: ``filler[:p] + fact + filler[p:m] + question + answer`` where ``m`` filler tokens fill the length,
+    ``p = round(depth · m)``; fact, question and answer are :data:`PASSKEY_FACT`, :data:`PASSKEY_QUESTION`,
+    :data:`PASSKEY_ANSWER` with ``passkey`` inserted, each tokenized alone (``add_special_tokens=False``).
+
+    Args:
+        tokenizer: has ``encode(text, add_special_tokens=False) -> list[int]``.
+        filler_ids: 1-D LongTensor of held-out text tokens, at least ``m`` of them (the first ``m`` are used).
+        length: total tokens (answer included).
+        depth: where the fact goes, as a fraction of the filler in [0, 1] (0 = start, 1 = right before the question).
+        passkey: the secret (e.g. ``"48213"``).
+    Returns:
+        ``{"input_ids": LongTensor [length], "answer_start": int (first answer token), "fact_start": int,
+        "fact_end": int (exclusive), "answer_ids": list[int]}``.
+    Raises:
+        ValueError: bad ``length``/``depth``/``passkey``, or too little filler for ``length``.
+    """
+    check_positive_int(length=length)
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
+    if not isinstance(passkey, str) or not passkey:
+        raise ValueError(f"passkey must be a non-empty string, got {passkey!r}")
+    fact, question, answer = (tokenizer.encode(text.format(passkey=passkey), add_special_tokens=False)
+                              for text in (PASSKEY_FACT, PASSKEY_QUESTION, PASSKEY_ANSWER))
+    filler_len = length - len(fact) - len(question) - len(answer)
+    if filler_len < 0:
+        raise ValueError(f"length must be >= {length - filler_len} (fact + question + answer), got {length}")
+    if filler_ids.dim() != 1 or filler_ids.shape[0] < filler_len:
+        raise ValueError(f"filler_ids must be 1-D with >= {filler_len} tokens, got {list(filler_ids.shape)}")
+    split = round(depth * filler_len)
+    filler = filler_ids[:filler_len].tolist()
+    ids = filler[:split] + fact + filler[split:] + question + answer
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "answer_start": length - len(answer),
+            "fact_start": split, "fact_end": split + len(fact), "answer_ids": answer}
+
+
+def answer_exact_match(logits: torch.Tensor, input_ids: torch.Tensor, answer_start: int) -> torch.Tensor:
+    """Greedy exact match of the answer, from one teacher-forced forward.
+
+    Greedy decoding from ``input_ids[:, :answer_start]`` produces exactly the answer tokens
+    ``input_ids[:, answer_start:]`` iff, fed the correct answer prefix, the argmax at every position
+    ``answer_start-1 .. n-2`` is the next answer token (by induction over the answer: each greedy step sees the same
+    prefix as the teacher-forced one as long as all earlier steps were right). So one forward scores greedy generation.
+
+    Args:
+        logits: ``[batch, m, vocab]``, the logits of the *last* ``m`` positions of the sequence, ``m >= n -
+            answer_start + 1`` (position ``t`` predicts token ``t + 1``); input_ids: ``[batch, n]``.
+        answer_start: index of the first answer token, ``1 <= answer_start < n``.
+    Returns:
+        ``[batch]`` bool.
+    Raises:
+        ValueError: bad ``answer_start`` or too few logit positions.
+    """
+    n = input_ids.shape[1]
+    if isinstance(answer_start, bool) or not isinstance(answer_start, int) or not 1 <= answer_start < n:
+        raise ValueError(f"answer_start must be an integer in [1, {n}), got {answer_start!r}")
+    needed = n - answer_start + 1
+    if logits.shape[1] < needed:
+        raise ValueError(f"logits must cover the last >= {needed} positions, got {list(logits.shape)}")
+    predicted = logits[:, -needed:-1].argmax(-1)  # positions answer_start-1 .. n-2
+    return (predicted == input_ids[:, answer_start:]).all(-1)
