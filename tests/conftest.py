@@ -74,6 +74,44 @@ def run_notebook_cli(notebook: Path, section: str, out: Path, params_file: Path 
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+def run_notebook_smoke(out: Path, section: str, overrides: dict) -> dict:
+    """Run ``notebooks/<section>.ipynb`` as its stage does, with ``overrides`` and ``out_dir``/``metrics_path`` inside
+    ``out``; assert it succeeded. Returns ``{"out": out, "metrics": metrics dict, "notebook": executed notebook}``."""
+    import nbformat
+
+    metrics = out / "metrics" / f"{section}.json"
+    proc = run_notebook_cli(ROOT / "notebooks" / f"{section}.ipynb", section, out,
+                            overrides={**overrides, "out_dir": str(out), "metrics_path": str(metrics)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"out": out, "metrics": json.loads(metrics.read_text()),
+            "notebook": nbformat.read(out / f"{section}.ipynb", as_version=4)}
+
+
+#: chunk size and sink tokens of :func:`normalized_checkpoint`
+CHECKPOINT_CHUNK, CHECKPOINT_SINKS = 128, 4
+
+
+@pytest.fixture(scope="session")
+def normalized_checkpoint(tmp_path_factory) -> Path:
+    """An uncalibrated normalised-retrieval conversion of the embedded SmolLM2 (chunk 128, 4 sink tokens) written with
+    ``save_conversion``: the stand-in for the pipeline's calibrated weights in notebook smoke runs (CI has no
+    data/conversion)."""
+    import torch
+
+    from bsbr.convert import converted_copy, load_pretrained, save_conversion
+
+    path = tmp_path_factory.mktemp("checkpoint") / "normalized.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base, _ = load_pretrained()
+        save_conversion(converted_copy(base, CHECKPOINT_CHUNK, retrieval="normalized", sink_size=CHECKPOINT_SINKS),
+                        path)
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
 @pytest.fixture(scope="session")
 def scaling_smoke(tmp_path_factory) -> dict:
     """Notebook 01 executed by the runner with SCALING_SMOKE into a temp folder.

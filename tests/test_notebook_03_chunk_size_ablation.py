@@ -3,14 +3,12 @@ embedded SmolLM2 and writes consistent, checkable tables."""
 
 from __future__ import annotations
 
-import json
 import math
 
-import nbformat
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, run_notebook_cli
+from tests.conftest import ROOT, run_notebook_smoke
 
 SMOKE = {"seq_len": 160, "num_windows": 1, "chunk_sizes": [32, 64], "compression_factors": [None, 8],
          "sink_size": 2, "calibration_steps": 1, "calibration_windows": 1, "timing_seq_len": 128,
@@ -23,15 +21,10 @@ def ablation(tmp_path_factory):
     for split in ("validation", "train"):
         if not (ROOT / "data" / "corpus" / f"{split}.jsonl").is_file():
             pytest.fail(f"notebook 03 needs data/corpus/{split}.jsonl: run `dvc repro prepare_corpus`")
-    out = tmp_path_factory.mktemp("ablation")
-    metrics = out / "metrics" / "03_chunk_size_ablation.json"
-    proc = run_notebook_cli(ROOT / "notebooks" / "03_chunk_size_ablation.ipynb", "03_chunk_size_ablation", out,
-                            overrides={**SMOKE, "out_dir": str(out), "metrics_path": str(metrics)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"out": out, "metrics": json.loads(metrics.read_text()),
-            "table": pd.read_csv(out / "ablation.csv"), "original": pd.read_csv(out / "original.csv"),
-            "layers": pd.read_csv(out / "layer_timing.csv"),
-            "notebook": nbformat.read(out / "03_chunk_size_ablation.ipynb", as_version=4)}
+    run = run_notebook_smoke(tmp_path_factory.mktemp("ablation"), "03_chunk_size_ablation", SMOKE)
+    out = run["out"]
+    return {**run, "table": pd.read_csv(out / "ablation.csv"), "original": pd.read_csv(out / "original.csv"),
+            "layers": pd.read_csv(out / "layer_timing.csv")}
 
 
 def state_bytes(chunk_size, factor, n=SMOKE["seq_len"], sinks=SMOKE["sink_size"]):

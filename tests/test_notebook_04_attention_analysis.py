@@ -3,17 +3,13 @@ parameters: 512 validation tokens, chunk 128 (an uncalibrated normalised convers
 
 from __future__ import annotations
 
-import json
 
-import nbformat
 import pandas as pd
 import pytest
-import torch
 
-from bsbr.convert import converted_copy, load_pretrained, save_conversion
-from tests.conftest import ROOT, run_notebook_cli
+from tests.conftest import CHECKPOINT_CHUNK, CHECKPOINT_SINKS, run_notebook_smoke
 
-CHUNK, SINKS, SEQ_LEN, TOP_K = 128, 4, 512, 2
+CHUNK, SINKS, SEQ_LEN, TOP_K = CHECKPOINT_CHUNK, CHECKPOINT_SINKS, 512, 2
 LAYERS, HEADS = 30, 9  # SmolLM2-135M
 SMOKE = {"split": "validation", "seq_len": SEQ_LEN, "num_windows": 1, "top_k": TOP_K, "map_layers": [0, 29],
          "map_bin": 8, "threads": 1}
@@ -21,20 +17,9 @@ SHARES = ["own_chunk_share", "earlier_chunks_share", "sink_share"]
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attention_analysis")
-    torch.set_num_threads(1)
-    base, _ = load_pretrained()
-    checkpoint = out / "normalized.safetensors"
-    save_conversion(converted_copy(base, CHUNK, retrieval="normalized", sink_size=SINKS), checkpoint)
-    del base
-    metrics = out / "metrics" / "04_attention_analysis.json"
-    proc = run_notebook_cli(ROOT / "notebooks" / "04_attention_analysis.ipynb", "04_attention_analysis", out,
-                            overrides={**SMOKE, "calibrated_path": str(checkpoint), "out_dir": str(out),
-                                       "metrics_path": str(metrics)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"out": out, "metrics": json.loads(metrics.read_text()),
-            "notebook": nbformat.read(out / "04_attention_analysis.ipynb", as_version=4)}
+def smoke(tmp_path_factory, normalized_checkpoint):
+    return run_notebook_smoke(tmp_path_factory.mktemp("attention_analysis"), "04_attention_analysis",
+                              {**SMOKE, "calibrated_path": str(normalized_checkpoint)})
 
 
 def test_per_head_and_per_layer_tables(smoke):

@@ -4,18 +4,14 @@ two depths, two trials, 1 thread."""
 
 from __future__ import annotations
 
-import json
 
-import nbformat
 import pandas as pd
 import pytest
-import torch
 
 from bsbr.analysis import wilson_interval
-from bsbr.convert import converted_copy, load_pretrained, save_conversion
-from tests.conftest import ROOT, run_notebook_cli
+from tests.conftest import CHECKPOINT_CHUNK, CHECKPOINT_SINKS, run_notebook_smoke
 
-CHUNK, SINKS, WINDOW = 128, 4, 128
+CHUNK, SINKS, WINDOW = CHECKPOINT_CHUNK, CHECKPOINT_SINKS, 128
 LENGTHS, DEPTHS, TRIALS = [512], [0.1, 0.9], 2
 VARIANTS = ["calibrated", "original", "own_chunk", "sliding_window"]  # sorted
 SMOKE = {"split": "validation", "lengths": LENGTHS, "depths": DEPTHS, "trials": TRIALS, "window": WINDOW,
@@ -23,20 +19,9 @@ SMOKE = {"split": "validation", "lengths": LENGTHS, "depths": DEPTHS, "trials": 
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("long_range")
-    torch.set_num_threads(1)
-    base, _ = load_pretrained()
-    checkpoint = out / "normalized.safetensors"
-    save_conversion(converted_copy(base, CHUNK, retrieval="normalized", sink_size=SINKS), checkpoint)
-    del base
-    metrics = out / "metrics" / "05_long_range.json"
-    proc = run_notebook_cli(ROOT / "notebooks" / "05_long_range.ipynb", "05_long_range", out,
-                            overrides={**SMOKE, "calibrated_path": str(checkpoint), "out_dir": str(out),
-                                       "metrics_path": str(metrics)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"out": out, "metrics": json.loads(metrics.read_text()),
-            "notebook": nbformat.read(out / "05_long_range.ipynb", as_version=4)}
+def smoke(tmp_path_factory, normalized_checkpoint):
+    return run_notebook_smoke(tmp_path_factory.mktemp("long_range"), "05_long_range",
+                              {**SMOKE, "calibrated_path": str(normalized_checkpoint)})
 
 
 def test_trials_table_is_paired_and_respects_what_each_variant_sees(smoke):
