@@ -1,0 +1,159 @@
+"""The opening and closing every experiment notebook shares, written once.
+
+A notebook's first code cell after ``parameters`` calls :func:`start_experiment` with its parameters; it
+
+* changes to the repository root, so ``data/...`` and ``reports/...`` mean the same under papermill and JupyterLab;
+* silences what would clutter a report (transformers' download/de-quantisation progress bars, the IProgress
+  warning of ``tqdm.auto`` in a kernel), sets the plot theme, torch's threads and seed;
+* creates the stage's output folder and the metrics file's folder;
+* prints the parameters and the provenance (git revision, torch, device, threads, CPU, load average);
+
+and returns an :class:`Experiment`. The last cell writes the headline numbers with :func:`write_metrics`
+(atomically: a half-written metrics file never exists).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bsbr.bench import git_revision, machine_info
+from bsbr.paths import find_repo_root
+
+__all__ = ["CORPUS_DIR", "Experiment", "check_ints", "model_description", "start_experiment", "write_json",
+           "write_metrics"]
+
+#: Output folder of the ``prepare_corpus`` stage, relative to the repository root.
+CORPUS_DIR = Path("data/corpus")
+
+
+@dataclass
+class Experiment:
+    """What :func:`start_experiment` set up: the parameters as given, the output folder and metrics path (relative to
+    the repository root, which is the working directory), the machine header and the git revision."""
+
+    params: dict
+    out_dir: Path
+    metrics_path: Path
+    machine: dict = field(default_factory=dict)
+    revision: str = "unknown"
+
+
+def check_ints(minimum: int = 1, allow_none: bool = False, **values) -> None:
+    """Raise ValueError naming the first keyword whose value is not an ``int`` >= ``minimum`` (``bool`` is rejected;
+    ``None`` is accepted only with ``allow_none``)."""
+    for name, value in values.items():
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            extra = " or None" if allow_none else ""
+            raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def start_experiment(params: dict, threads: int | None = None, seed: int | None = None) -> Experiment:
+    """Open an experiment notebook: repository root as working directory, quiet libraries, folders, provenance.
+
+    Args:
+        params: the notebook's parameters (name -> value); must hold ``out_dir`` and ``metrics_path`` (paths
+            relative to the repository root). Printed one per line.
+        threads: torch intra-op threads; None or 0 keeps torch's default (the machine's cores).
+        seed: ``torch.manual_seed(seed)`` when given.
+    Returns:
+        the :class:`Experiment`.
+    Raises:
+        ValueError: ``params`` without ``out_dir``/``metrics_path``, or ``threads``/``seed`` not integers >= 0.
+        FileNotFoundError: not inside the repository (no ``dvc.yaml`` above the working directory).
+    """
+    missing = [key for key in ("out_dir", "metrics_path") if key not in params]
+    if missing:
+        raise ValueError(f"params must hold {missing} (every experiment writes an output folder and a metrics file)")
+    check_ints(0, allow_none=True, threads=threads, seed=seed)
+    os.chdir(find_repo_root())  # papermill starts the kernel at the root, JupyterLab in notebooks/
+
+    import seaborn as sns
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by transformers)
+    hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would flood the log and the report
+    hf_logging.set_verbosity_error()
+    sns.set_theme(style="whitegrid", context="notebook")
+    if threads:
+        torch.set_num_threads(threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    out_dir, metrics_path = Path(params["out_dir"]), Path(params["metrics_path"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(threads or None)
+    revision = git_revision()
+    print("parameters:")
+    for key, value in params.items():
+        print(f"  {key} = {value!r}")
+    print(f"git revision: {revision}")
+    print(f"torch {machine['torch']}, device: cpu, threads: {machine['threads']}")
+    print(f"CPU: {machine['cpu']} ({machine['cores']} logical CPUs), python {machine['python']}, {machine['platform']}")
+    if hasattr(os, "getloadavg"):
+        print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return Experiment(params=dict(params), out_dir=out_dir, metrics_path=metrics_path, machine=machine,
+                      revision=revision)
+
+
+def model_description(model: str | None) -> str:
+    """How a notebook names the model it loads: the embedded GGUF and the PyPI package it came from when ``model``
+    is None (as :func:`bsbr.convert.load_pretrained` does), else ``model`` itself (a hub id or local path)."""
+    if model is not None:
+        return str(model)
+    from bsbr.convert import default_model_path
+
+    info = json.loads((default_model_path().parent / "model.json").read_text())
+    return f"{info['gguf_file']} (from {info['package']}=={info['version']})"
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON (indent 2, sorted keys, trailing newline) atomically: to a temporary file in the same
+    folder, then renamed over ``path``, so a reader never sees a half-written file.
+
+    Raises:
+        ValueError: ``obj`` holds NaN or infinity (not JSON; write None or a string instead).
+        TypeError: ``obj`` holds something JSON cannot encode.
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
+    """Write an experiment's headline numbers (``reports/metrics/<experiment>.json``) atomically with
+    :func:`write_json`. Floats that are NaN or infinite are an error (ValueError naming the key): a metric no run
+    produced must not be published.
+    """
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
+
+    def check(value, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"metrics[{key!r}] is {value}: not a number a run can publish")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                check(v, f"{key}[{i}]")
+
+    check(metrics, "")
+    write_json(path, metrics)
