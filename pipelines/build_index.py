@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
+from dvc.utils.serialize import parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -107,7 +107,8 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     body += ["<h2>Provenance</h2>", "<table>"]
     body += [f"<tr><th>{esc(key)}</th><td>{esc(value)}</td></tr>" for key, value in provenance]
     body.append("</table>")
-    params = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
+    # read as DVC reads it (YAML 1.2): the values dvc.lock records, e.g. 1e-3 is 0.001
+    params = parse_yaml(params_file.read_text(), str(params_file)) if params_file.is_file() else {}
     body += [f"<h3>{esc(params_file.name)}</h3>", "<table>", "<tr><th>section</th><th>key</th><th>value</th></tr>"]
     for section, values in (params or {}).items():
         items = values.items() if isinstance(values, dict) else [("", values)]

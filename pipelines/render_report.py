@@ -1,6 +1,6 @@
 """Render an executed notebook to a self-contained HTML report (the command of every render stage).
 
-    python pipelines/render_report.py data/scaling/01_scaling.ipynb reports/01_scaling.html
+    python pipelines/render_report.py data/01_scaling/01_scaling.ipynb reports/01_scaling.html
 
 * Code is hidden (inputs and prompts excluded, papermill's injected-parameters cell included); markdown,
   printed output (the provenance cell), tables and figures stay.

@@ -1,11 +1,18 @@
 """Execute one notebook with its params.yaml section (the command of every notebook stage in dvc.yaml).
 
-    python pipelines/run_notebook.py notebooks/01_scaling.ipynb --section 01_scaling --out data/scaling/
+    python pipelines/run_notebook.py notebooks/01_scaling.ipynb --section 01_scaling --out data/01_scaling/
 
+* params.yaml is read as DVC reads it (``dvc.utils.serialize.parse_yaml``: ruamel.yaml, YAML 1.2), so the notebook
+  gets the value ``dvc.lock`` records: ``1e-3`` is the float 0.001 (PyYAML's YAML 1.1 would pass the string
+  ``"1e-3"``), ``yes`` is the string ``"yes"``. ``-p`` values are parsed the same way.
 * Every key of the section must be a parameter of the notebook's ``parameters`` cell and vice versa
   (``papermill.inspect_notebook``); an unknown or missing key is an error before anything runs.
+* A code line that runs a shell command (``!cmd``, ``x = !cmd``, ``%%bash``/``%%sh``/``%%script``, ``%system``,
+  ``%sx``) is an error before anything runs: a failing shell command does not raise in the kernel, so the stage
+  would succeed with a wrong result. Call ``subprocess.run(..., check=True)`` instead.
 * The notebook runs under papermill (kernel ``python3``, cell output logged, working directory = repo root)
-  and its executed copy is written to ``OUT/<notebook file name>``.
+  and its executed copy is written to ``OUT/<notebook file name>``; its ``metadata.papermill.output_path`` names
+  that file (not the temporary folder papermill wrote it to).
 * If the notebook raises, the exit status is non-zero and nothing is left behind that DVC could mistake for
   a result: no executed notebook in ``OUT``, no ``metrics_path`` file, and no file the run wrote into ``OUT``
   (the executed notebook with the traceback is kept in a temporary folder whose path is printed).
@@ -18,14 +25,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import nbformat
 import papermill
-import yaml
+from dvc.utils.serialize import parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("run_notebook")
@@ -33,6 +42,15 @@ log = logging.getLogger("run_notebook")
 
 class ParamsError(ValueError):
     """params.yaml section and notebook ``parameters`` cell disagree, or the section is missing."""
+
+
+class NotebookError(ValueError):
+    """The notebook cannot be a pipeline stage as written (e.g. it runs shell commands)."""
+
+
+#: A code line that runs a shell command: ``!cmd`` or ``x = !cmd`` (IPython's system call), or a shell cell/line
+#: magic. Their exit status never raises in the kernel.
+SHELL_LINE = re.compile(r"^\s*(?:[\w.,\s]+=\s*)?(?:!|%%?(?:system|sx|sc|bash|sh|script|perl|ruby)\b)")
 
 
 class _ReadableStreams(logging.Formatter):
@@ -45,10 +63,17 @@ class _ReadableStreams(logging.Formatter):
         return super().format(record)
 
 
+def read_yaml(text: str, path: str | os.PathLike = "<string>"):
+    """Parse YAML ``text`` as DVC does (ruamel.yaml, YAML 1.2): the values ``dvc.lock`` records for params.yaml."""
+    return parse_yaml(text, str(path))
+
+
 def load_section(params_file: Path, section: str) -> dict:
-    """The ``section`` mapping of ``params_file``. Raises ParamsError if it is absent or not a mapping."""
-    with open(params_file) as handle:
-        params = yaml.safe_load(handle) or {}
+    """The ``section`` mapping of ``params_file``, read as DVC reads it (:func:`read_yaml`).
+
+    Raises ParamsError if it is absent or not a mapping.
+    """
+    params = read_yaml(Path(params_file).read_text(), params_file) or {}
     if section not in params:
         raise ParamsError(f"{params_file} has no section {section!r} (sections: {sorted(params)})")
     values = params[section]
@@ -80,8 +105,38 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ParamsError(f"-p expects key=value, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = read_yaml(f"value: {value}")["value"]
     return overrides
+
+
+def shell_lines(notebook: Path) -> list[str]:
+    """``"cell N, line M: <line>"`` for every code line of ``notebook`` that runs a shell command (``SHELL_LINE``)."""
+    found = []
+    for index, cell in enumerate(nbformat.read(str(notebook), as_version=4).cells):
+        if cell.cell_type != "code":
+            continue
+        for number, line in enumerate(cell.source.splitlines(), start=1):
+            if SHELL_LINE.match(line):
+                found.append(f"cell {index}, line {number}: {line.strip()}")
+    return found
+
+
+def check_no_shell(notebook: Path) -> None:
+    """Raise NotebookError if ``notebook`` has a shell line: its failure would not fail the stage."""
+    found = shell_lines(notebook)
+    if found:
+        raise NotebookError(f"{notebook} runs shell commands, whose failure would not fail the stage: "
+                            + "; ".join(found) + " (use subprocess.run(..., check=True) in Python instead)")
+
+
+def _record_output_path(executed: Path, target: Path) -> None:
+    """Set the executed notebook's ``metadata.papermill.output_path`` to ``target`` (repository-relative when inside
+    the repository), the path it is moved to, instead of the temporary folder papermill wrote it into."""
+    notebook = nbformat.read(str(executed), as_version=4)
+    target = target.resolve()
+    shown = target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target
+    notebook.metadata.setdefault("papermill", {})["output_path"] = str(shown)
+    nbformat.write(notebook, str(executed))
 
 
 def _files_under(folder: Path) -> dict[Path, float]:
@@ -92,12 +147,13 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
                  overrides: dict | None = None) -> Path:
     """Execute ``notebook`` with ``section`` of ``params_file`` (plus ``overrides``) into ``out``.
 
-    Returns the executed notebook's path. Raises ParamsError (bad params, before running) or the
-    papermill error of a failing cell (after cleaning up, see the module docstring).
+    Returns the executed notebook's path. Raises ParamsError (bad params, before running), NotebookError (shell
+    lines, before running) or the papermill error of a failing cell (after cleaning up, see the module docstring).
     """
     notebook, out = Path(notebook), Path(out)
     if not notebook.is_file():
         raise ParamsError(f"notebook {notebook} does not exist")
+    check_no_shell(notebook)
     values = load_section(Path(params_file), section)
     check_parameters(notebook, values, f"section {section!r} of {params_file}")
     unknown = sorted(set(overrides or {}) - set(values))
@@ -126,6 +182,7 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
         )
         if metrics is not None and not metrics.is_file():
             raise RuntimeError(f"{notebook} finished but did not write its metrics_path {metrics}")
+        _record_output_path(executed, target)
     except BaseException:
         if metrics is not None:
             metrics.unlink(missing_ok=True)
@@ -155,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
         target = run_notebook(args.notebook, args.section, args.out, args.params, parse_overrides(args.parameter))
-    except ParamsError as error:
+    except (ParamsError, NotebookError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except papermill.PapermillExecutionError as error:

@@ -95,7 +95,7 @@ CHECKPOINT_CHUNK, CHECKPOINT_SINKS = 128, 4
 def normalized_checkpoint(tmp_path_factory) -> Path:
     """An uncalibrated normalised-retrieval conversion of the embedded SmolLM2 (chunk 128, 4 sink tokens) written with
     ``save_conversion``: the stand-in for the pipeline's calibrated weights in notebook smoke runs (CI has no
-    data/conversion)."""
+    data/02_conversion_similarity)."""
     import torch
 
     from bsbr.convert import converted_copy, load_pretrained, save_conversion

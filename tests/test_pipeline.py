@@ -24,8 +24,9 @@ import render_report  # noqa: E402
 import run_notebook  # noqa: E402
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PARAMS = run_notebook.read_yaml((ROOT / "params.yaml").read_text())  # as DVC reads it (YAML 1.2)
 STAGES = DVC["stages"]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SCRIPT_TAG = re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
 LINK_TAG = re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
 
@@ -34,6 +35,8 @@ def notebook_stages() -> dict[str, dict]:
     """stage name -> {notebook, section, out, stage} for every stage that runs pipelines/run_notebook.py."""
     found = {}
     for name, stage in STAGES.items():
+        if "foreach" in stage:  # the render stage: checked by the foreach tests
+            continue
         argv = shlex.split(stage["cmd"])
         if argv[:2] != ["python", "pipelines/run_notebook.py"]:
             continue
@@ -111,18 +114,65 @@ def test_notebook_stage_deps_outs_and_metrics(stage):
     assert section["metrics_path"] == f"reports/metrics/{info['section']}.json"
 
 
+def test_one_name_per_experiment():
+    """notebook NN_name = stage = params section = data/NN_name = reports/NN_name.html = reports/metrics/NN_name.json"""
+    assert sorted(NOTEBOOK_STAGES) == [p.stem for p in NOTEBOOKS]
+    for name, info in NOTEBOOK_STAGES.items():
+        assert info["notebook"] == f"notebooks/{name}.ipynb" and info["section"] == name
+        assert info["out"] == f"data/{name}" == PARAMS[name]["out_dir"]
+        assert PARAMS[name]["metrics_path"] == f"reports/metrics/{name}.json"
+        assert not re.search(r"issue[ _-]*[0-9]", name, re.I)
+    ignored = (ROOT / "data" / ".gitignore").read_text().split()
+    assert sorted(ignored) == sorted(["/model", "/corpus", *(f"/{name}" for name in NOTEBOOK_STAGES)])
+    # every calibrated_path default points into the folder of the stage that writes it
+    for name, section in PARAMS.items():
+        if "calibrated_path" in section:
+            assert section["calibrated_path"] == "data/02_conversion_similarity/calibrated.safetensors"
+            assert section["calibrated_path"] in STAGES[name]["deps"] or any(
+                str(dep).startswith(section["calibrated_path"]) for dep in STAGES[name]["deps"])
+
+
+def test_params_are_read_as_dvc_reads_them():
+    """YAML 1.2 (ruamel, like DVC and dvc.lock): 1e-3 is a float and yes is a string; PyYAML (1.1) differs."""
+    text = "s:\n  lr: 1e-3\n  flag: yes\n  lengths: [1e-3, 017]\n"
+    assert yaml.safe_load(text)["s"]["lr"] == "1e-3"  # the fault: PyYAML's YAML 1.1
+    assert run_notebook.read_yaml(text) == {"s": {"lr": 0.001, "flag": "yes", "lengths": [0.001, 17]}}
+    assert run_notebook.parse_overrides(["lr=1e-3", "models=null", "seq_lens=[64, 128]"]) == {
+        "lr": 0.001, "models": None, "seq_lens": [64, 128]}
+    from dvc.fs import LocalFileSystem
+    from dvc.utils.serialize import load_path  # what DVC reads params files with
+
+    dvc_params = load_path(str(ROOT / "params.yaml"), LocalFileSystem())
+    for section in NOTEBOOK_STAGES:
+        assert run_notebook.load_section(ROOT / "params.yaml", section) == dvc_params[section]
+
+
+def render_items() -> list[str]:
+    """The experiment names the ``render`` stage's ``foreach`` runs over."""
+    render = STAGES["render"]
+    assert isinstance(render["foreach"], list), "render: foreach over an inline list of experiment names"
+    return render["foreach"]
+
+
+def test_render_stages_are_one_foreach_over_the_experiments():
+    assert render_items() == sorted(NOTEBOOK_STAGES)
+    assert not [name for name in STAGES if name.startswith("render_")], "one foreach stage, no hand-written renders"
+    render = STAGES["render"]["do"]
+    assert render["cmd"] == "python pipelines/render_report.py data/${item}/${item}.ipynb reports/${item}.html"
+    assert sorted(render["deps"]) == ["data/${item}/${item}.ipynb", "pipelines/render_report.py"]
+    assert out_paths(render["outs"]) == {"reports/${item}.html": {"cache": False}}  # committed to git
+
+
 @pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
 def test_every_notebook_is_rendered_and_indexed(stage):
     info = NOTEBOOK_STAGES[stage]
     name = info["section"]
-    executed, report = f"{info['out']}/{name}.ipynb", f"reports/{name}.html"
-    renders = [s for s in STAGES.values() if s["cmd"] == f"python pipelines/render_report.py {executed} {report}"]
-    assert len(renders) == 1
-    assert set(renders[0]["deps"]) == {"pipelines/render_report.py", executed}
-    assert out_paths(renders[0]["outs"]) == {report: {"cache": False}}  # committed to git
+    assert name in render_items()
+    executed = info["out"] + f"/{name}.ipynb"
+    assert executed == f"data/{name}/{name}.ipynb"  # what the render stage reads
     index = STAGES["index"]
     assert index["cmd"] == "python pipelines/build_index.py"
-    assert {report, PARAMS[name]["metrics_path"], "pipelines/build_index.py"} <= set(index["deps"])
+    assert {f"reports/{name}.html", PARAMS[name]["metrics_path"], "pipelines/build_index.py"} <= set(index["deps"])
     assert out_paths(index["outs"]) == {"reports/index.html": {"cache": False}}
 
 
@@ -143,11 +193,16 @@ def test_dvc_builds_the_stage_graph():
     with Repo(str(ROOT)) as repo:
         graph = repo.index.graph
         edges = {(a.addressing, b.addressing) for a, b in graph.edges}  # (downstream, upstream)
-    assert {("prepare_corpus", "fetch_model"), ("conversion", "fetch_model"), ("conversion", "prepare_corpus"),
-            ("render_scaling", "scaling"), ("render_conversion", "conversion"),
-            ("index", "render_scaling"), ("index", "render_conversion"), ("index", "scaling"),
-            ("index", "conversion")} <= edges
-    assert not any(upstream == "scaling" and down not in ("render_scaling", "index") for down, upstream in edges)
+    conversion = "02_conversion_similarity"
+    assert {("prepare_corpus", "fetch_model"), (conversion, "fetch_model"), (conversion, "prepare_corpus"),
+            ("render@01_scaling", "01_scaling"), (f"render@{conversion}", conversion),
+            ("index", "render@01_scaling"), ("index", f"render@{conversion}"), ("index", "01_scaling"),
+            ("index", conversion)} <= edges
+    for name in NOTEBOOK_STAGES:
+        assert (f"render@{name}", name) in edges and ("index", f"render@{name}") in edges
+    # the calibrated checkpoint of 02 feeds 04-06
+    assert {(name, conversion) for name in ("04_attention_analysis", "05_long_range", "06_long_documents")} <= edges
+    assert not any(upstream == "01_scaling" and down not in ("render@01_scaling", "index") for down, upstream in edges)
 
 
 # ----------------------------------------------------------------------------- run_notebook.py
@@ -216,6 +271,45 @@ def test_runner_executes_with_params_and_fails_cleanly(tmp_path):
     assert proc.returncode == 1 and "boom: x is negative" in proc.stderr
     assert not metrics.exists(), "no metrics may survive a failed run (not even the one it wrote)"
     assert not (out / "00_tiny.ipynb").exists() and not (out / "data.csv").exists()
+
+
+def test_runner_passes_yaml_1_2_numbers_and_records_the_real_output_path(tmp_path):
+    notebook = _tiny_notebook(tmp_path / "00_tiny.ipynb", "print(repr(x), type(x).__name__)\n"
+                              "import pathlib; pathlib.Path(metrics_path).write_text('{}')")
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"00_tiny:\n  x: 1e-3\n  out_dir: {out}\n  metrics_path: {metrics}\n")
+    proc = run_notebook_cli(notebook, "00_tiny", out, params_file=params)
+    assert proc.returncode == 0, proc.stderr
+    assert "0.001 float" in proc.stderr  # not '1e-3' str
+    executed = nbformat.read(out / "00_tiny.ipynb", as_version=4)
+    assert executed.metadata.papermill.parameters["x"] == 0.001
+    assert executed.metadata.papermill.output_path == str(out / "00_tiny.ipynb")
+    assert "x = 0.001" in executed.cells[2].source
+    # inside the repository the recorded path is repository-relative, like the stage's --out
+    run_notebook._record_output_path(out / "00_tiny.ipynb", ROOT / "data" / "00_tiny" / "00_tiny.ipynb")
+    assert nbformat.read(out / "00_tiny.ipynb", as_version=4).metadata.papermill.output_path == "data/00_tiny/00_tiny.ipynb"
+
+
+@pytest.mark.parametrize("line", ["!exit 1", "  !pip install x", "files = !ls", "%%bash", "%%sh", "%system false",
+                                  "%sx false", "%%script bash"])
+def test_runner_refuses_shell_lines_before_running(tmp_path, line):
+    notebook = _tiny_notebook(tmp_path / "00_tiny.ipynb", f"import pathlib\n{line}\npathlib.Path('ran').touch()")
+    out = tmp_path / "out"
+    params = _params(tmp_path, {"x": 1, "out_dir": str(out), "metrics_path": str(tmp_path / "m.json")})
+    proc = run_notebook_cli(notebook, "00_tiny", out, params_file=params)
+    assert proc.returncode == 2 and "runs shell commands" in proc.stderr and f"cell 2, line 2: {line.strip()}" in proc.stderr
+    assert not (out / "00_tiny.ipynb").exists() and not (ROOT / "ran").exists()
+
+
+@pytest.mark.parametrize("line", ["a != b", "print('!')", "%matplotlib inline", "%%time", "x = {'!': 1}"])
+def test_shell_detector_ignores_python_and_other_magics(tmp_path, line):
+    assert run_notebook.shell_lines(_tiny_notebook(tmp_path / "n.ipynb", line)) == []
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_pipeline_notebooks_run_no_shell_commands(notebook):
+    assert run_notebook.shell_lines(notebook) == []
 
 
 def test_log_formatter_splits_progress_redraws():
