@@ -36,7 +36,7 @@ SCALING_SMOKE = {
     "decode_steps": 4,
     "matmul_shapes": [[128, 64, 64]],
     "model_memory_seq_lens": [256],
-    "target_seq_lens": [64, 128],  # the targets checked at smoke lengths (the values mean nothing here)
+    "target_seq_lens": [64, 128],  # the scaling goals checked at smoke lengths (the values mean nothing here)
     "target_decode_positions": [32, 64],
     "baseline_impls": ["linear", "delta_net", "sliding_window", "hopfield", "gau"],
     "quadratic_max_len": 64,  # hopfield is not measured at 128
