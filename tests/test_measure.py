@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from bsbr import measure
 from bsbr.measure import (check_threads_timeout, memory_baseline, memory_peak, proc_status_bytes, run_isolated,
                           set_threads, time_summary, timed_calls)
 
@@ -98,6 +97,3 @@ def test_run_isolated_reports_the_childs_error_its_death_and_a_timeout():
     with pytest.raises(RuntimeError, match="took longer than 0.2 s"):
         run_isolated(_sleep, {"seconds": 30}, "a slow thing", timeout=0.2)
 
-
-def test_fork_server_preloads_torch_and_bsbr():
-    assert measure.FORKSERVER_PRELOAD == ("torch", "bsbr", "bsbr.measure")
