@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bsbr.bench import git_revision, machine_info
+from bsbr.provenance import git_revision, machine_info
 from bsbr.paths import find_repo_root
 
 __all__ = ["CORPUS_DIR", "Experiment", "check_ints", "model_description", "start_experiment", "write_json",
@@ -99,8 +99,8 @@ def start_experiment(params: dict, threads: int | None = None, seed: int | None 
     print(f"git revision: {revision}")
     print(f"torch {machine['torch']}, device: cpu, threads: {machine['threads']}")
     print(f"CPU: {machine['cpu']} ({machine['cores']} logical CPUs), python {machine['python']}, {machine['platform']}")
-    if hasattr(os, "getloadavg"):
-        print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if machine.get("load_average") is not None:
+        print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in machine["load_average"]))
     return Experiment(params=dict(params), out_dir=out_dir, metrics_path=metrics_path, machine=machine,
                       revision=revision)
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from bsbr._checks import check_positive_int
-from bsbr.bench import _proc_status_bytes
 from bsbr.convert.cache import BSBRCache
+from bsbr.measure import proc_status_bytes
 
 __all__ = ["StreamResult", "binned_nll", "cache_nbytes", "kv_cache_nbytes", "normalized_cache_nbytes", "stream_nll",
            "stream_schedule"]
@@ -206,7 +206,7 @@ def stream_nll(model, input_ids: torch.Tensor, cache, piece_size: int, *, decode
             del logits
             steps.append({"kind": kind, "start": start, "end": end, "tokens": end - start, "seconds": seconds,
                           "seconds_per_token": seconds / (end - start), "cache_bytes": cache_nbytes(cache),
-                          "rss_bytes": _proc_status_bytes("VmRSS")})
+                          "rss_bytes": proc_status_bytes("VmRSS")})
             if progress is not None:
                 progress(end - start)
     nll = torch.cat(nll_parts) if nll_parts else torch.zeros(0)

@@ -41,6 +41,7 @@ from typing import Iterable, Mapping
 import torch
 
 from bsbr._checks import check_int_at_least, check_positive_int
+from bsbr.measure import check_threads_timeout, memory_baseline, memory_peak, run_isolated, set_threads
 
 __all__ = ["BYTE_VOCAB_SIZE", "DTYPES", "EOS_BYTE", "TrainingRun", "encode_bytes", "evaluation_windows",
            "FP32_ATTENTION", "evaluate", "learning_rate_at", "measure_train_step_memory", "model_config", "random_windows",
@@ -430,9 +431,7 @@ def train_lm(name: str, config: dict, train_stream: torch.Tensor, val_windows: t
 def _train_step_memory_here(name: str, config: dict, seq_len: int, batch_size: int, seed: int,
                             threads: int | None, device: str, dtype: str) -> dict:
     """One training step in *this* process (the child side of :func:`measure_train_step_memory`)."""
-    from bsbr.bench import _memory_baseline, _memory_peak, _set_threads
-
-    used_threads = _set_threads(threads)
+    used_threads = set_threads(threads)
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     # One throwaway step of a separate copy on 8 tokens first: torch's one-time lazy initialisation (kernel
     # dispatch tables, thread pools, allocator arenas) is not part of a training step's memory. It is freed
@@ -456,7 +455,7 @@ def _train_step_memory_here(name: str, config: dict, seq_len: int, batch_size: i
         torch.cuda.reset_peak_memory_stats(torch_device)
         baseline, method = torch.cuda.memory_allocated(torch_device), "torch.cuda allocated bytes (max - before)"
     else:
-        baseline, method = _memory_baseline()
+        baseline, method = memory_baseline()
     started = time.perf_counter()
     with _autocast(torch_device, torch_dtype):
         loss = lm(batch, labels=batch).loss
@@ -468,7 +467,7 @@ def _train_step_memory_here(name: str, config: dict, seq_len: int, batch_size: i
     if torch_device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(torch_device)
     else:
-        peak = _memory_peak()
+        peak = memory_peak()
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in lm.parameters() if p.grad is not None)
     state_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                       if isinstance(v, torch.Tensor))
@@ -485,13 +484,13 @@ def measure_train_step_memory(name: str, config: dict, seq_len: int, batch_size:
     """Peak memory of one training step (forward, backward, first AdamW step) of ``bsbr.CausalLM`` on
     ``build_model(name, **config)``, measured in a fresh process.
 
-    The step runs in a new process forked from :mod:`bsbr.bench`'s fork server, so nothing the caller allocated
+    The step runs in a new process forked from :mod:`bsbr.measure`'s fork server, so nothing the caller allocated
     counts; a throwaway step of a separate copy on 8 tokens first absorbs torch's one-time lazy initialisation
     (it is freed before the baseline). The baseline is taken after the model (weights), the optimizer (no state yet: AdamW creates it lazily)
     and the random input ``[batch_size, seq_len]`` exist; the peak is the high-water mark over the step. So
     ``peak_bytes`` = activations saved for backward + gradients + AdamW state (``exp_avg``, ``exp_avg_sq``: 2 ×
     the fp32 weights) + temporaries + allocator slack. On CPU both are resident-set sizes (``VmRSS`` baseline,
-    ``VmHWM`` peak after a ``clear_refs`` reset; see :mod:`bsbr.bench`); on CUDA they are
+    ``VmHWM`` peak after a ``clear_refs`` reset; see :mod:`bsbr.measure`); on CUDA they are
     ``torch.cuda.memory_allocated`` before and ``torch.cuda.max_memory_allocated`` over the step (tensors only).
 
     Args:
@@ -508,8 +507,6 @@ def measure_train_step_memory(name: str, config: dict, seq_len: int, batch_size:
         failed in the child (traceback tail in the message), e.g. out of memory.
     """
     import bsbr
-    from bsbr import bench
-    from bsbr.bench import _check_threads_timeout, _run_isolated
 
     if name not in bsbr.available_models():
         raise ValueError(f"name must be one of {bsbr.available_models()}, got {name!r}")
@@ -517,15 +514,12 @@ def measure_train_step_memory(name: str, config: dict, seq_len: int, batch_size:
         raise ValueError(f"config must be a dict of build_model kwargs including vocab_size, got {config!r}")
     check_positive_int(seq_len=seq_len, batch_size=batch_size)
     check_int_at_least(0, seed=seed)
-    _check_threads_timeout(threads, timeout)
+    check_threads_timeout(threads, timeout)
     resolve_device_dtype(device, dtype)
-    context = bench._context()
-    if context.get_start_method() == "forkserver":
-        # The first AdamW step imports torch._dynamo (~4 s); preloading it in the fork server (a setting that takes
-        # effect if the server is not running yet) spares every point that import. Memory is unaffected: the
-        # baseline is read after it.
-        context.set_forkserver_preload(["torch", "torch._dynamo", "bsbr", "bsbr.bench", "bsbr.training"])
     kwargs = dict(name=name, config=dict(config), seq_len=seq_len, batch_size=batch_size, seed=seed, threads=threads,
                   device=device, dtype=dtype)
-    return _run_isolated(_train_step_memory_here, kwargs, f"a training step of {name!r} at seq_len={seq_len}",
-                         timeout)
+    # The first AdamW step imports torch._dynamo (~4 s); preloading it in the fork server (a setting that takes
+    # effect if the server is not running yet) spares every point that import. Memory is unaffected: the baseline
+    # is read after it.
+    return run_isolated(_train_step_memory_here, kwargs, f"a training step of {name!r} at seq_len={seq_len}",
+                        timeout, preload=("torch._dynamo", "bsbr.training"))

@@ -23,7 +23,7 @@ from dvc.utils.serialize import parse_yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bsbr.bench import git_revision, machine_info  # noqa: E402
+from bsbr.provenance import git_revision, machine_info  # noqa: E402
 
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import bsbr
-from bsbr.bench import fit_power_law
+from bsbr.fitting import fit_power_law
 from bsbr.training import build_lm, model_config, steps_to_reach
 from tests.conftest import ROOT, run_notebook_cli
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import bsbr
-from bsbr.bench import attention_flops
+from bsbr.benchmarks import attention_flops
 from tests.conftest import SCALING_SMOKE
 
 SMOKE_SIZES = dict(hidden_dim=SCALING_SMOKE["hidden_dim"], num_heads=SCALING_SMOKE["num_heads"],

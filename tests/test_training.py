@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bsbr
-from bsbr.bench import fit_power_law
+from bsbr.fitting import fit_power_law
 from bsbr.training import (BYTE_VOCAB_SIZE, EOS_BYTE, FP32_ATTENTION, build_lm, encode_bytes, evaluate,
                            evaluation_windows, learning_rate_at, measure_train_step_memory, model_config,
                            random_windows, resolve_device_dtype, steps_to_reach, train_lm)

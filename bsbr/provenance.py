@@ -1,0 +1,124 @@
+"""Provenance: which machine, which code, and how busy the machine was, for the header of every result.
+
+    machine_info(threads=2)   # {"cpu", "cores", "torch", "threads", "python", "platform", "load_average"}
+    git_revision()            # "3f2c...e1" or "3f2c...e1+dirty" or "unknown"
+    load_average()            # (1 min, 5 min, 15 min) runnable processes, or None
+
+``+dirty`` means a *source* differs from the revision: a tracked file outside the pipeline's own outputs
+(:data:`OUTPUT_PATHS`: ``data/``, ``reports/``, ``dvc.lock``) has uncommitted changes. A pipeline run rewrites its
+outputs and the lock file; that does not make the code it ran any different from the revision, so it is not dirty.
+Untracked files are not looked at.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+__all__ = ["OUTPUT_PATHS", "cpu_model", "git_revision", "load_average", "machine_info", "source_dirty"]
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Paths (relative to the repository root) that the pipeline writes: changes under them are outputs, not sources.
+OUTPUT_PATHS = ("data", "reports", "dvc.lock")
+
+
+def cpu_model() -> str:
+    """CPU model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``, else ``"unknown"``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The system load average (``os.getloadavg()``): runnable (and, on Linux, uninterruptible) processes averaged
+    over the last 1, 5 and 15 minutes, or None where the platform has none (Windows).
+
+    Recorded beside a timing, it tells whether the machine was shared while the timing was taken: a load above the
+    cores the timing did not use means other work competed for them.
+    """
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (AttributeError, OSError):  # AttributeError: no getloadavg (Windows); OSError: unobtainable
+        return None
+    return float(one), float(five), float(fifteen)
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """Machine header for timing results.
+
+    Args:
+        threads: torch intra-op threads the measurements use; None reports ``torch.get_num_threads()`` here.
+    Returns:
+        dict with ``cpu`` (model name), ``cores`` (logical CPUs usable by this process), ``torch`` (version),
+        ``threads``, ``python`` (version), ``platform`` and ``load_average`` (``[1 min, 5 min, 15 min]`` of
+        :func:`load_average`, read now, or None).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 0
+    load = load_average()
+    return {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": None if load is None else list(load),
+    }
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def _is_output(path: str) -> bool:
+    return any(path == output or path.startswith(output + "/") for output in OUTPUT_PATHS)
+
+
+def source_dirty(repo: str | os.PathLike | None = None) -> bool | None:
+    """Whether a tracked file outside :data:`OUTPUT_PATHS` differs from ``HEAD`` (staged or not) in ``repo``
+    (default: this checkout); None outside a git checkout."""
+    cwd = Path(repo) if repo is not None else _REPO_ROOT
+    try:
+        # -z: NUL-separated, paths relative to the repository root and unquoted; a rename or copy ("R"/"C" in
+        # the two status letters) is followed by its source path, which counts too.
+        entries = _git(cwd, "status", "--porcelain=v1", "-z", "--untracked-files=no").split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if not entry:
+            continue
+        status, path = entry[:2], entry[3:]
+        paths.append(path)
+        if "R" in status or "C" in status:
+            paths.append(entries[i])
+            i += 1
+    return any(not _is_output(path) for path in paths)
+
+
+def git_revision(repo: str | os.PathLike | None = None) -> str:
+    """``git rev-parse HEAD`` of ``repo`` (default: this checkout), with ``+dirty`` if a source changed
+    (:func:`source_dirty`: a tracked file outside ``data/``, ``reports/`` and ``dvc.lock``).
+
+    Returns ``"unknown"`` outside a git checkout or before the first commit.
+    """
+    cwd = Path(repo) if repo is not None else _REPO_ROOT
+    try:
+        revision = _git(cwd, "rev-parse", "HEAD").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return revision + ("+dirty" if source_dirty(cwd) else "")
