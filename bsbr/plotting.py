@@ -1,0 +1,201 @@
+"""Plot helpers the experiment notebooks share: one fixed colour per architecture / variant across every report,
+log-log axes with the measured lengths as ticks, accuracy with interval error bars, and saving a figure.
+
+Figures are static matplotlib PNGs (the reports stay small and open offline).
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
+import numpy as np
+import pandas as pd
+
+from bsbr.scaling import MODE_LABEL, MODES, find_fit
+
+__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_decode", "plot_gflops", "plot_layers",
+           "plot_memory_curves", "plot_model_scaling", "save_figure"]
+
+_TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]
+#: One colour per architecture (``bsbr.available_models()``), per attention core of the benchmark, and per model
+#: variant of the converted-model notebooks. A converted BSBR model shares BSBR's colour and the original
+#: (full-attention) model shares standard attention's, so the same colour means the same attention in every report.
+COLORS = {
+    "bsbr": _TAB10[0], "standard": _TAB10[3], "linear": _TAB10[1], "delta_net": _TAB10[2],
+    "sliding_window": _TAB10[4], "hopfield": _TAB10[5], "gau": _TAB10[6],
+    "bsbr_core": _TAB10[9], "sdpa_core": _TAB10[8], "own_chunk": _TAB10[7],
+    "calibrated": _TAB10[0], "original": _TAB10[3],
+}
+
+
+def color(name: str) -> str:
+    """The fixed colour (hex) of an architecture, attention core or model variant.
+
+    Raises:
+        ValueError: ``name`` without a colour (the names of :data:`COLORS` are accepted).
+    """
+    if name not in COLORS:
+        raise ValueError(f"name must be one of {sorted(COLORS)}, got {name!r}")
+    return COLORS[name]
+
+
+def log_axes(ax, ticks, xlabel: str = "sequence length (tokens)", ylabel: str | None = None) -> None:
+    """Log-log axes with ``ticks`` (the measured lengths) as x ticks and plain-number y labels (minor ticks labelled
+    at 2× and 5× each power of ten only, so labels never overlap)."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+    ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(mticker.FuncFormatter(
+        lambda value, _: f"{value:g}" if value > 0 and round(value / 10 ** np.floor(np.log10(value))) in (2, 5) else ""))
+
+
+def errorbars(ax, x, table, name: str, label: str) -> None:
+    """Accuracy with its interval as error bars: ``table`` holds ``accuracy``, ``ci_low`` and ``ci_high`` (one row per
+    ``x``), drawn in ``color(name)``."""
+    ax.errorbar(x, table.accuracy, yerr=[table.accuracy - table.ci_low, table.ci_high - table.accuracy], marker="o",
+                capsize=3, color=color(name), label=label)
+
+
+def save_figure(fig, path: str | os.PathLike, title: str | None = None, dpi: int = 100) -> None:
+    """Give ``fig`` its ``title`` (small, above the panels), lay it out, write it to ``path`` (PNG at ``dpi``) and show
+    it (inline in a notebook)."""
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.show()
+
+
+def _figure(panels: int, figsize, **kwargs):
+    fig, axes = plt.subplots(1, panels, figsize=figsize, squeeze=False, **kwargs)
+    return fig, list(axes[0])
+
+
+def plot_model_scaling(results, fits, seq_lens):
+    """Whole models: forward time (median, min–max band) and forward peak memory over baseline against length, on
+    log-log axes, one line per model labelled with its fitted exponent (``fits``: ``bsbr.scaling.model_fits``).
+
+    Args:
+        results: ``[model, seq_len, median_s, min_s, max_s, peak_bytes, ...]`` (seconds, bytes).
+        seq_lens: the x ticks (tokens).
+    Returns:
+        the figure (two panels; a panel without positive values stays empty).
+    """
+    fig, axes = _figure(2, (12, 4.5))
+    plotted = results.assign(peak_MiB=results.peak_bytes / 2**20)
+    for ax, column, quantity, ylabel in ((axes[0], "median_s", "time", "forward time, median (s)"),
+                                         (axes[1], "peak_MiB", "memory", "forward peak memory over baseline (MiB)")):
+        data = plotted[plotted[column] > 0]
+        if data.empty:
+            continue
+        for name, group in data.groupby("model"):
+            fit = find_fit(fits, model=name, quantity=quantity)
+            ax.plot(group.seq_len, group[column], marker="o", color=color(name),
+                    label=name + (f" (k = {fit.exponent:.2f})" if fit is not None else ""))
+            if column == "median_s":
+                ax.fill_between(group.seq_len, group.min_s, group.max_s, color=color(name), alpha=0.2)
+        log_axes(ax, seq_lens, ylabel=ylabel)
+        ax.legend(title="model (fitted exponent, upper half)")
+    axes[0].set_title("Forward time vs length (band: min–max)")
+    axes[1].set_title("Forward peak RSS − baseline vs length")
+    return fig
+
+
+def plot_attention_times(times, fits, impls, seq_lens):
+    """Attention forward and forward+backward time against length, one panel per mode: measured medians (solid,
+    labelled with the fitted exponent) and extrapolated full-attention times (dashed line, open markers).
+
+    Args:
+        times: ``bsbr.scaling.extrapolate_times`` (seconds); fits: ``bsbr.scaling.power_law_fits`` by impl and mode.
+        impls: the impls drawn; seq_lens: the x ticks (tokens).
+    """
+    fig, axes = _figure(2, (12, 4.8))
+    for ax, mode in zip(axes, MODES):
+        for impl in impls:
+            part = times[(times["mode"] == mode) & (times.impl == impl)]
+            measured, extrapolated = part[part.source == "measured"], part[part.source == "extrapolated"]
+            if measured.empty:
+                continue
+            fit = find_fit(fits, impl=impl, mode=mode)
+            ax.plot(measured.seq_len, measured.median_s, marker="o", color=color(impl),
+                    label=impl + (f" (k = {fit.exponent:.2f})" if fit is not None else ""))
+            if len(extrapolated):
+                joined = pd.concat([measured.tail(1), extrapolated])
+                ax.plot(joined.seq_len, joined.median_s, linestyle="--", color=color(impl))
+                ax.plot(extrapolated.seq_len, extrapolated.median_s, linestyle="none", marker="o", mfc="none",
+                        color=color(impl), label=f"{impl}, extrapolated (dashed)")
+        log_axes(ax, seq_lens, ylabel=f"{MODE_LABEL[mode]} time, median (s)")
+        ax.set_title(f"{MODE_LABEL[mode].capitalize()} time vs length")
+        ax.legend(title="impl (fitted exponent, upper half)", fontsize=8)
+    return fig
+
+
+def plot_memory_curves(curves: dict, ticks):
+    """Peak memory over baseline (MiB) against length, log-log: ``curves`` is ``bsbr.scaling.memory_curves`` (label ->
+    lengths, peak bytes, colour name, line style); points with a peak of 0 bytes are left out."""
+    fig, (ax,) = _figure(1, (8, 4.8))
+    for label, (lens, peaks, name, style) in curves.items():
+        if (keep := peaks > 0).sum():
+            ax.plot(lens[keep], peaks[keep] / 2**20, linestyle=style, marker="o", color=color(name), label=label)
+    log_axes(ax, ticks, ylabel="peak RSS over baseline (MiB)")
+    ax.set_title("Peak memory vs length (measured points only)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_decode(decode, positions):
+    """Streaming decode: time per token (median, min–max band, ms) and state size (MiB) against the prefilled
+    position, one line per impl (``decode``: ``[impl, position, median_s, min_s, max_s, state_bytes, ...]``)."""
+    fig, axes = _figure(2, (12, 4.5))
+    for impl, group in decode.groupby("impl"):
+        axes[0].plot(group.position, group.median_s * 1e3, marker="o", color=color(impl),
+                     label=f"{impl} ({'BSBR state' if impl == 'bsbr' else 'KV cache'})")
+        axes[0].fill_between(group.position, group.min_s * 1e3, group.max_s * 1e3, color=color(impl), alpha=0.2)
+        axes[1].plot(group.position, group.state_bytes / 2**20, marker="o", color=color(impl), label=impl)
+    log_axes(axes[0], positions, xlabel="position (prefilled tokens)", ylabel="time per token, median (ms)")
+    log_axes(axes[1], positions, xlabel="position (prefilled tokens)", ylabel="state (MiB)")
+    axes[0].set_title("Decode latency per token (band: min–max)")
+    axes[1].set_title("Streaming state size")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_gflops(gflops, rate: float, impls, seq_lens):
+    """Achieved GFLOP/s (counted FLOPs / median time) against length, one panel per mode, with the machine's fp32
+    matmul ``rate`` (GFLOP/s) and 30 % of it as reference lines."""
+    fig, axes = _figure(2, (12, 4.5), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        for impl in impls:
+            part = gflops[(gflops["mode"] == mode) & (gflops.impl == impl)]
+            if len(part):
+                ax.plot(part.seq_len, part.gflops_per_s, marker="o", color=color(impl), label=impl)
+        ax.axhline(rate, color="grey", linestyle="--", label=f"fp32 matmul rate {rate:.0f}")
+        ax.axhline(0.3 * rate, color="grey", linestyle=":", label="30 % of it")
+        ax.set(xscale="log", xlabel="sequence length (tokens)", ylabel="achieved GFLOP/s",
+               title=f"{MODE_LABEL[mode].capitalize()}: counted FLOPs / median time")
+        ax.set_xticks(seq_lens, [str(n) for n in seq_lens], rotation=45)
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_layers(layers, seq_lens):
+    """One attention layer per architecture: forward time (median, s) and forward peak memory over baseline (MiB)
+    against length, log-log (``layers``: ``[impl, seq_len, median_s, peak_bytes, ...]``)."""
+    fig, axes = _figure(2, (13, 4.8))
+    for impl, part in layers.groupby("impl"):
+        axes[0].plot(part.seq_len, part.median_s, marker="o", color=color(impl), label=impl)
+        keep = part[part.peak_bytes > 0]
+        axes[1].plot(keep.seq_len, keep.peak_bytes / 2**20, marker="o", color=color(impl), label=impl)
+    log_axes(axes[0], seq_lens, ylabel="forward time, median (s)")
+    log_axes(axes[1], seq_lens, ylabel="forward peak RSS over baseline (MiB)")
+    axes[0].set_title("One attention layer: forward time (measured points only)")
+    axes[1].set_title("One attention layer: forward peak memory")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return fig
