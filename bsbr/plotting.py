@@ -16,7 +16,7 @@ import pandas as pd
 from bsbr.scaling import MODE_LABEL, MODES, find_fit
 
 __all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_decode", "plot_gflops", "plot_layers",
-           "plot_memory_curves", "plot_model_scaling", "save_figure"]
+           "plot_memory_curves", "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
 
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -199,3 +199,33 @@ def plot_layers(layers, seq_lens):
     for ax in axes:
         ax.legend(fontsize=8)
     return fig
+
+
+def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int):
+    """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (first
+    panel, log₂ axis), then accuracy against fact depth, one panel per length; variants side by side (small x
+    offsets), one colour each.
+
+    Args:
+        by_length: ``[length, variant, accuracy, ci_low, ci_high]``; cells: the same per ``[length, depth, variant]``.
+        variants: the variants drawn; labels: variant -> legend label; trials: trials per (length, depth) cell.
+    """
+    lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
+    offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
+    fig, axes = _figure(1 + len(lengths), (5.2 * (1 + len(lengths)), 4.3))
+    for variant in variants:
+        group = by_length[by_length.variant == variant]
+        errorbars(axes[0], np.log2(group.length) + offsets[variant] * 2, group, variant, labels[variant])
+    axes[0].set_xticks(np.log2(lengths), [str(n) for n in lengths])
+    axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
+    axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
+                title=f"all depths pooled ({len(depths) * trials} trials / point)")
+    axes[0].legend(fontsize=8)
+    for ax, length in zip(axes[1:], lengths):
+        for variant in variants:
+            group = cells[(cells.length == length) & (cells.variant == variant)]
+            errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
+        ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length} tokens ({trials} trials / point)",
+               ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
+    return fig
+
