@@ -15,8 +15,9 @@ import pandas as pd
 
 from bsbr.scaling import MODE_LABEL, MODES, find_fit
 
-__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_decode", "plot_gflops", "plot_layers",
-           "plot_memory_curves", "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
+__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_decode",
+           "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
+           "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
 
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -227,5 +228,64 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int)
             errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
         ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length} tokens ({trials} trials / point)",
                ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
+    return fig
+
+
+def plot_long_documents(bins, latency, steps, fits, config, *, bin_size: int, decode_steps: int, piece_size: int,
+                        chunk_size: int, streamed: int, original_tokens: int, trained_context: int | None):
+    """The long-document figure, BSBR against the original with its KV cache, against position (tokens): running
+    perplexity (per bin and cumulative), single-token decoding latency (ms) with linear fits, cost per token of a
+    ``piece_size`` piece (ms), and cache / process memory (MiB) with the KV-cache formula extrapolated.
+
+    Args:
+        bins, latency, steps, fits: the tables of :mod:`bsbr.long_documents` (``perplexity_bins``,
+            ``decode_latency``, ``steps_table``, ``stream_fits``); config: the model config (KV-cache formula).
+        streamed, original_tokens: tokens each model streamed; trained_context: ``max_position_embeddings`` (a
+            dotted line where it is inside the stream).
+    """
+    from bsbr.long_documents import predict
+    from bsbr.streaming_eval import kv_cache_nbytes
+
+    labels = {"bsbr": f"BSBR normalised + calibrated (chunk {chunk_size})", "original": "original, KV cache"}
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
+    ax = axes[0, 0]
+    for name, group in bins.groupby("model"):
+        centre = (group.start + group.end) / 2
+        ax.plot(centre, group.ppl, marker="o", ms=3, color=color(name), label=f"{labels[name]}, per {bin_size}")
+        ax.plot(group.end, group.cumulative_ppl, ls="--", color=color(name), label=f"{labels[name]}, cumulative")
+    if trained_context and trained_context < streamed:
+        ax.axvline(trained_context, color="gray", lw=1, ls=":", label=f"max_position_embeddings {trained_context}")
+    ax.set(xlabel="position (tokens)", ylabel="perplexity", title="running perplexity")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    for name, group in latency.groupby("model"):
+        ax.plot(group.decode_position, group.median_s * 1e3, marker="o", color=color(name),
+                label=f"{labels[name]}, median of {decode_steps - (name == 'bsbr')} steps")
+        if name == "bsbr" and group.chunk_finish_s.notna().any():
+            ax.plot(group.decode_position, group.chunk_finish_s * 1e3, marker="x", ls="", color=color(name),
+                    label="BSBR step that finishes a chunk")
+        xs = np.array([0, streamed])
+        ax.plot(xs, predict(fits, name, "decode_latency", xs) * 1e3, ls=":", color=color(name), lw=1,
+                label=f"{name}: linear fit" + (" (extrapolated)" if name == "original" and original_tokens < streamed
+                                               else ""))
+    ax.set(xlabel="position (tokens)", ylabel="ms per token", title="single-token decoding latency")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[1, 0]
+    for name, group in steps[(steps.kind == "piece") & (steps.tokens == piece_size)].groupby("model"):
+        ax.plot(group.start, group.seconds_per_token * 1e3, lw=1, color=color(name), label=labels[name])
+    ax.set(xlabel="position of the piece (tokens)", ylabel="ms per token",
+           title=f"cost per token of a {piece_size}-token piece")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    for name, group in steps.groupby("model"):
+        ax.plot(group.end, group.cache_bytes / 2**20, color=color(name), label=f"{labels[name]}: cache")
+        ax.plot(group.end, group.rss_bytes / 2**20, color=color(name), lw=0.8, ls="--", label=f"{name}: process RSS")
+    xs = np.array([original_tokens, streamed])
+    ax.plot(xs, [kv_cache_nbytes(config, int(x)) / 2**20 for x in xs], ls=":", color=color("original"),
+            label="KV cache, formula (extrapolated)")
+    ax.set(xlabel="position (tokens)", ylabel="MiB", title="memory")
+    ax.legend(fontsize=7)
     return fig
 

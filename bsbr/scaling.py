@@ -618,8 +618,8 @@ def layer_targets_text(targets: pd.DataFrame) -> str:
 
 
 def rounded(value, digits: int = 4):
-    """``round(float(value), digits)``, or None for None/NaN (a metric not produced)."""
-    return None if value is None or pd.isna(value) else round(float(value), digits)
+    """``round(float(value), digits)``, or None for None, NaN or infinity (a metric not produced: JSON has no NaN)."""
+    return None if value is None or pd.isna(value) or not np.isfinite(float(value)) else round(float(value), digits)
 
 
 def model_headline(results: pd.DataFrame, fits: pd.DataFrame, name: str, seq_len: int) -> dict:
