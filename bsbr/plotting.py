@@ -15,8 +15,8 @@ import pandas as pd
 
 from bsbr.scaling import MODE_LABEL, MODES, find_fit
 
-__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_decode",
-           "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
+__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_convergence", "plot_decode",
+           "plot_final_and_memory", "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
            "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
 
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -289,3 +289,65 @@ def plot_long_documents(bins, latency, steps, fits, config, *, bin_size: int, de
     ax.legend(fontsize=7)
     return fig
 
+
+def plot_convergence(history, evals, mean_curves, names, identical, target: float, steps: int, eval_interval: int,
+                     time_label: str):
+    """Training curves of every architecture: training loss (seed mean, moving average over ``steps // 20`` steps),
+    validation loss against step (seed mean, min–max band; dashed for an architecture identical to another) and
+    against training seconds, with the ``target`` loss (nats/byte) as a line.
+
+    Args:
+        history: ``[model, seed, step, train_loss]``; evals: ``[model, seed, step, val_loss]``; mean_curves: the
+            seed-mean ``[model, step, val_loss, elapsed_s]``; identical: pairs that trained identically;
+        time_label: the x label of the wall-clock panel.
+    """
+    fig, axes = _figure(3, (18, 4.8))
+    window = max(1, steps // 20)
+    for name in names:
+        curve = history[history.model == name].groupby("step").train_loss.mean()
+        label = name + "".join(f" (= {b})" for a, b in identical if a == name)
+        axes[0].plot(curve.index, curve.rolling(window, min_periods=1).mean(), color=color(name), label=label)
+        val = evals[evals.model == name].groupby("step").val_loss
+        axes[1].plot(val.mean().index, val.mean(), color=color(name), marker=".", label=label,
+                     linestyle="--" if any(a == name for a, _ in identical) else "-")
+        axes[1].fill_between(val.min().index, val.min(), val.max(), color=color(name), alpha=0.15)
+        timed = mean_curves[mean_curves.model == name]
+        axes[2].plot(timed.elapsed_s, timed.val_loss, color=color(name), marker=".", label=name)
+    for ax in axes[1:]:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    axes[0].set(xlabel="step", ylabel="training loss, nats/byte",
+                title=f"training loss (mean over seeds, {window}-step moving average)")
+    axes[1].set(xlabel="step", ylabel="validation loss, nats/byte",
+                title="validation loss (mean; band: min–max over seeds)")
+    axes[2].set(xlabel=time_label, ylabel="validation loss, nats/byte", title="validation loss against wall-clock time")
+    low = float(evals[evals.step > 0].val_loss.min())
+    high = float(evals[evals.step >= min(steps, eval_interval)].val_loss.max())
+    for ax in axes:
+        ax.set_ylim(low - 0.05, max(high, low + 0.1) + 0.05)
+    axes[1].legend(fontsize=8)
+    return fig
+
+
+def plot_final_and_memory(summary, memory, exponents, names, memory_seq_lens, memory_batch_size: int):
+    """Final validation perplexity per byte (bars: seed mean, min–max error), and the peak memory of one training
+    step (MiB) against length, log-log, labelled with each architecture's fitted exponent (``exponents``: model ->
+    exponent)."""
+    fig, axes = _figure(2, (14, 4.8))
+    order = list(summary.sort_values("final_val_ppl_mean").model)
+    frame = summary.set_index("model").loc[order]
+    axes[0].barh(order, frame.final_val_ppl_mean, color=[color(m) for m in order],
+                 xerr=[frame.final_val_ppl_mean - frame.final_val_ppl_min,
+                       frame.final_val_ppl_max - frame.final_val_ppl_mean])
+    axes[0].set(xlabel="final validation perplexity per byte (mean; bars: min–max over seeds)",
+                title="after the equal budget")
+    axes[0].set_xlim(frame.final_val_ppl_min.min() * 0.98, frame.final_val_ppl_max.max() * 1.01)
+    for name in names:
+        group = memory[memory.model == name]
+        axes[1].loglog(group.seq_len, group.peak_bytes / 2**20, marker="o", color=color(name),
+                       label=f"{name} (exponent {exponents[name]:.2f})")
+    axes[1].set(xlabel="sequence length (tokens)", ylabel="peak memory of one training step, MiB",
+                title=f"training-step memory, batch {memory_batch_size}")
+    axes[1].xaxis.set_minor_locator(mticker.NullLocator())
+    axes[1].set_xticks(memory_seq_lens, [str(n) for n in memory_seq_lens])
+    axes[1].legend(fontsize=8)
+    return fig

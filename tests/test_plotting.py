@@ -12,8 +12,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import bsbr  # noqa: E402
-from bsbr.plotting import (COLORS, color, log_axes, plot_decode, plot_layers, plot_memory_curves,  # noqa: E402
-                           save_figure)
+from bsbr.plotting import (COLORS, color, log_axes, plot_decode, plot_final_and_memory, plot_layers,  # noqa: E402
+                           plot_memory_curves, plot_passkey_accuracy, save_figure)
 
 
 def test_every_architecture_has_its_own_colour_and_variants_share_their_attention_colour():
@@ -57,4 +57,25 @@ def test_figures_draw_one_line_per_name_in_its_colour_and_save(tmp_path):
     latency_ax, state_ax = plot_decode(decode, [32]).axes
     assert [line.get_ydata()[0] for line in latency_ax.lines] == [1.0, 2.0]  # ms
     assert latency_ax.lines[1].get_label() == "standard (KV cache)"
+    plt.close("all")
+
+
+def test_passkey_and_training_figures_draw_what_they_are_given():
+    by_length = pd.DataFrame({"length": [512, 512], "variant": ["original", "calibrated"], "accuracy": [1.0, 0.5],
+                              "ci_low": [0.5, 0.1], "ci_high": [1.0, 0.9]})
+    cells = pd.DataFrame({"length": [512] * 4, "depth": [0.1, 0.9] * 2, "variant": ["original"] * 2 + ["calibrated"] * 2,
+                          "accuracy": [1.0, 1.0, 0.0, 1.0], "ci_low": [0.5, 0.5, 0.0, 0.5], "ci_high": [1.0] * 4})
+    fig = plot_passkey_accuracy(by_length, cells, ["original", "calibrated"], {"original": "O", "calibrated": "C"}, 2)
+    pooled, per_depth = fig.axes
+    assert [c.get_label() for c in pooled.containers] == ["O", "C"]
+    assert pooled.get_title() == "all depths pooled (4 trials / point)" and per_depth.get_title() == "512 tokens (2 trials / point)"
+    summary = pd.DataFrame({"model": ["bsbr", "gau"], "final_val_ppl_mean": [3.0, 2.0], "final_val_ppl_min": [2.9, 1.9],
+                            "final_val_ppl_max": [3.1, 2.1]})
+    memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,
+                           "peak_bytes": [2**20, 2**21, 2**21, 2**22]})
+    bars, lines = plot_final_and_memory(summary, memory, pd.Series({"bsbr": 1.0, "gau": 1.0}), ["bsbr", "gau"],
+                                        [256, 512], 1).axes
+    assert [p.get_width() for p in bars.patches] == [2.0, 3.0]  # lowest perplexity first
+    assert [line.get_label() for line in lines.lines] == ["bsbr (exponent 1.00)", "gau (exponent 1.00)"]
+    assert list(lines.lines[1].get_ydata()) == [2.0, 4.0]
     plt.close("all")
