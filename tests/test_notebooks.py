@@ -241,7 +241,7 @@ def test_parameter_counts_match_the_built_models(scaling_smoke):
     assert counts.loc["bsbr", "parameters"] > counts.loc["standard", "parameters"]  # BSBR adds meta-projections
 
 
-def test_all_seven_layers_operators_and_issue4_targets(scaling_smoke):
+def test_all_seven_layers_operators_and_their_targets(scaling_smoke):
     out = scaling_smoke["out"]
     layers = pd.read_csv(out / "layers.csv")
     quadratic_max, full_max = SCALING_SMOKE["quadratic_max_len"], SCALING_SMOKE["full_forward_max_len"]
@@ -273,7 +273,7 @@ def test_all_seven_layers_operators_and_issue4_targets(scaling_smoke):
             operators[("delta_recurrent", n)] / operators[("delta_chunkwise", n)])
         assert row.delta_over_linear_chunkwise == pytest.approx(
             operators[("delta_chunkwise", n)] / operators[("linear_chunkwise", n)])
-    targets = pd.read_csv(out / "issue4_targets.csv").set_index("target")
+    targets = pd.read_csv(out / "layer_targets.csv").set_index("target")
     n = SCALING_SMOKE["operator_target_seq_len"]
     assert list(targets.index) == [f"delta_chunkwise_speedup_{n}", f"delta_vs_linear_{n}"] + [
         f"no_nxn_{impl}" for impl in sorted(["bsbr", *SCALING_SMOKE["baseline_impls"]])]

@@ -1,0 +1,353 @@
+"""Plot helpers the experiment notebooks share: one fixed colour per architecture / variant across every report,
+log-log axes with the measured lengths as ticks, accuracy with interval error bars, and saving a figure.
+
+Figures are static matplotlib PNGs (the reports stay small and open offline).
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
+import numpy as np
+import pandas as pd
+
+from bsbr.scaling import MODE_LABEL, MODES, find_fit
+
+__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_convergence", "plot_decode",
+           "plot_final_and_memory", "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
+           "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
+
+_TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]
+#: One colour per architecture (``bsbr.available_models()``), per attention core of the benchmark, and per model
+#: variant of the converted-model notebooks. A converted BSBR model shares BSBR's colour and the original
+#: (full-attention) model shares standard attention's, so the same colour means the same attention in every report.
+COLORS = {
+    "bsbr": _TAB10[0], "standard": _TAB10[3], "linear": _TAB10[1], "delta_net": _TAB10[2],
+    "sliding_window": _TAB10[4], "hopfield": _TAB10[5], "gau": _TAB10[6],
+    "bsbr_core": _TAB10[9], "sdpa_core": _TAB10[8], "own_chunk": _TAB10[7],
+    "calibrated": _TAB10[0], "original": _TAB10[3],
+}
+
+
+def color(name: str) -> str:
+    """The fixed colour (hex) of an architecture, attention core or model variant.
+
+    Raises:
+        ValueError: ``name`` without a colour (the names of :data:`COLORS` are accepted).
+    """
+    if name not in COLORS:
+        raise ValueError(f"name must be one of {sorted(COLORS)}, got {name!r}")
+    return COLORS[name]
+
+
+def log_axes(ax, ticks, xlabel: str = "sequence length (tokens)", ylabel: str | None = None) -> None:
+    """Log-log axes with ``ticks`` (the measured lengths) as x ticks and plain-number y labels (minor ticks labelled
+    at 2× and 5× each power of ten only, so labels never overlap)."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+    ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(mticker.FuncFormatter(
+        lambda value, _: f"{value:g}" if value > 0 and round(value / 10 ** np.floor(np.log10(value))) in (2, 5) else ""))
+
+
+def errorbars(ax, x, table, name: str, label: str) -> None:
+    """Accuracy with its interval as error bars: ``table`` holds ``accuracy``, ``ci_low`` and ``ci_high`` (one row per
+    ``x``), drawn in ``color(name)``."""
+    ax.errorbar(x, table.accuracy, yerr=[table.accuracy - table.ci_low, table.ci_high - table.accuracy], marker="o",
+                capsize=3, color=color(name), label=label)
+
+
+def save_figure(fig, path: str | os.PathLike, title: str | None = None, dpi: int = 100) -> None:
+    """Give ``fig`` its ``title`` (small, above the panels), lay it out, write it to ``path`` (PNG at ``dpi``) and show
+    it (inline in a notebook)."""
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.show()
+
+
+def _figure(panels: int, figsize, **kwargs):
+    fig, axes = plt.subplots(1, panels, figsize=figsize, squeeze=False, **kwargs)
+    return fig, list(axes[0])
+
+
+def plot_model_scaling(results, fits, seq_lens):
+    """Whole models: forward time (median, min–max band) and forward peak memory over baseline against length, on
+    log-log axes, one line per model labelled with its fitted exponent (``fits``: ``bsbr.scaling.model_fits``).
+
+    Args:
+        results: ``[model, seq_len, median_s, min_s, max_s, peak_bytes, ...]`` (seconds, bytes).
+        seq_lens: the x ticks (tokens).
+    Returns:
+        the figure (two panels; a panel without positive values stays empty).
+    """
+    fig, axes = _figure(2, (12, 4.5))
+    plotted = results.assign(peak_MiB=results.peak_bytes / 2**20)
+    for ax, column, quantity, ylabel in ((axes[0], "median_s", "time", "forward time, median (s)"),
+                                         (axes[1], "peak_MiB", "memory", "forward peak memory over baseline (MiB)")):
+        data = plotted[plotted[column] > 0]
+        if data.empty:
+            continue
+        for name, group in data.groupby("model"):
+            fit = find_fit(fits, model=name, quantity=quantity)
+            ax.plot(group.seq_len, group[column], marker="o", color=color(name),
+                    label=name + (f" (k = {fit.exponent:.2f})" if fit is not None else ""))
+            if column == "median_s":
+                ax.fill_between(group.seq_len, group.min_s, group.max_s, color=color(name), alpha=0.2)
+        log_axes(ax, seq_lens, ylabel=ylabel)
+        ax.legend(title="model (fitted exponent, upper half)")
+    axes[0].set_title("Forward time vs length (band: min–max)")
+    axes[1].set_title("Forward peak RSS − baseline vs length")
+    return fig
+
+
+def plot_attention_times(times, fits, impls, seq_lens):
+    """Attention forward and forward+backward time against length, one panel per mode: measured medians (solid,
+    labelled with the fitted exponent) and extrapolated full-attention times (dashed line, open markers).
+
+    Args:
+        times: ``bsbr.scaling.extrapolate_times`` (seconds); fits: ``bsbr.scaling.power_law_fits`` by impl and mode.
+        impls: the impls drawn; seq_lens: the x ticks (tokens).
+    """
+    fig, axes = _figure(2, (12, 4.8))
+    for ax, mode in zip(axes, MODES):
+        for impl in impls:
+            part = times[(times["mode"] == mode) & (times.impl == impl)]
+            measured, extrapolated = part[part.source == "measured"], part[part.source == "extrapolated"]
+            if measured.empty:
+                continue
+            fit = find_fit(fits, impl=impl, mode=mode)
+            ax.plot(measured.seq_len, measured.median_s, marker="o", color=color(impl),
+                    label=impl + (f" (k = {fit.exponent:.2f})" if fit is not None else ""))
+            if len(extrapolated):
+                joined = pd.concat([measured.tail(1), extrapolated])
+                ax.plot(joined.seq_len, joined.median_s, linestyle="--", color=color(impl))
+                ax.plot(extrapolated.seq_len, extrapolated.median_s, linestyle="none", marker="o", mfc="none",
+                        color=color(impl), label=f"{impl}, extrapolated (dashed)")
+        log_axes(ax, seq_lens, ylabel=f"{MODE_LABEL[mode]} time, median (s)")
+        ax.set_title(f"{MODE_LABEL[mode].capitalize()} time vs length")
+        ax.legend(title="impl (fitted exponent, upper half)", fontsize=8)
+    return fig
+
+
+def plot_memory_curves(curves: dict, ticks):
+    """Peak memory over baseline (MiB) against length, log-log: ``curves`` is ``bsbr.scaling.memory_curves`` (label ->
+    lengths, peak bytes, colour name, line style); points with a peak of 0 bytes are left out."""
+    fig, (ax,) = _figure(1, (8, 4.8))
+    for label, (lens, peaks, name, style) in curves.items():
+        if (keep := peaks > 0).sum():
+            ax.plot(lens[keep], peaks[keep] / 2**20, linestyle=style, marker="o", color=color(name), label=label)
+    log_axes(ax, ticks, ylabel="peak RSS over baseline (MiB)")
+    ax.set_title("Peak memory vs length (measured points only)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_decode(decode, positions):
+    """Streaming decode: time per token (median, min–max band, ms) and state size (MiB) against the prefilled
+    position, one line per impl (``decode``: ``[impl, position, median_s, min_s, max_s, state_bytes, ...]``)."""
+    fig, axes = _figure(2, (12, 4.5))
+    for impl, group in decode.groupby("impl"):
+        axes[0].plot(group.position, group.median_s * 1e3, marker="o", color=color(impl),
+                     label=f"{impl} ({'BSBR state' if impl == 'bsbr' else 'KV cache'})")
+        axes[0].fill_between(group.position, group.min_s * 1e3, group.max_s * 1e3, color=color(impl), alpha=0.2)
+        axes[1].plot(group.position, group.state_bytes / 2**20, marker="o", color=color(impl), label=impl)
+    log_axes(axes[0], positions, xlabel="position (prefilled tokens)", ylabel="time per token, median (ms)")
+    log_axes(axes[1], positions, xlabel="position (prefilled tokens)", ylabel="state (MiB)")
+    axes[0].set_title("Decode latency per token (band: min–max)")
+    axes[1].set_title("Streaming state size")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_gflops(gflops, rate: float, impls, seq_lens):
+    """Achieved GFLOP/s (counted FLOPs / median time) against length, one panel per mode, with the machine's fp32
+    matmul ``rate`` (GFLOP/s) and 30 % of it as reference lines."""
+    fig, axes = _figure(2, (12, 4.5), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        for impl in impls:
+            part = gflops[(gflops["mode"] == mode) & (gflops.impl == impl)]
+            if len(part):
+                ax.plot(part.seq_len, part.gflops_per_s, marker="o", color=color(impl), label=impl)
+        ax.axhline(rate, color="grey", linestyle="--", label=f"fp32 matmul rate {rate:.0f}")
+        ax.axhline(0.3 * rate, color="grey", linestyle=":", label="30 % of it")
+        ax.set(xscale="log", xlabel="sequence length (tokens)", ylabel="achieved GFLOP/s",
+               title=f"{MODE_LABEL[mode].capitalize()}: counted FLOPs / median time")
+        ax.set_xticks(seq_lens, [str(n) for n in seq_lens], rotation=45)
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_layers(layers, seq_lens):
+    """One attention layer per architecture: forward time (median, s) and forward peak memory over baseline (MiB)
+    against length, log-log (``layers``: ``[impl, seq_len, median_s, peak_bytes, ...]``)."""
+    fig, axes = _figure(2, (13, 4.8))
+    for impl, part in layers.groupby("impl"):
+        axes[0].plot(part.seq_len, part.median_s, marker="o", color=color(impl), label=impl)
+        keep = part[part.peak_bytes > 0]
+        axes[1].plot(keep.seq_len, keep.peak_bytes / 2**20, marker="o", color=color(impl), label=impl)
+    log_axes(axes[0], seq_lens, ylabel="forward time, median (s)")
+    log_axes(axes[1], seq_lens, ylabel="forward peak RSS over baseline (MiB)")
+    axes[0].set_title("One attention layer: forward time (measured points only)")
+    axes[1].set_title("One attention layer: forward peak memory")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int):
+    """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (first
+    panel, log₂ axis), then accuracy against fact depth, one panel per length; variants side by side (small x
+    offsets), one colour each.
+
+    Args:
+        by_length: ``[length, variant, accuracy, ci_low, ci_high]``; cells: the same per ``[length, depth, variant]``.
+        variants: the variants drawn; labels: variant -> legend label; trials: trials per (length, depth) cell.
+    """
+    lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
+    offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
+    fig, axes = _figure(1 + len(lengths), (5.2 * (1 + len(lengths)), 4.3))
+    for variant in variants:
+        group = by_length[by_length.variant == variant]
+        errorbars(axes[0], np.log2(group.length) + offsets[variant] * 2, group, variant, labels[variant])
+    axes[0].set_xticks(np.log2(lengths), [str(n) for n in lengths])
+    axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
+    axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
+                title=f"all depths pooled ({len(depths) * trials} trials / point)")
+    axes[0].legend(fontsize=8)
+    for ax, length in zip(axes[1:], lengths):
+        for variant in variants:
+            group = cells[(cells.length == length) & (cells.variant == variant)]
+            errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
+        ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length} tokens ({trials} trials / point)",
+               ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
+    return fig
+
+
+def plot_long_documents(bins, latency, steps, fits, config, *, bin_size: int, decode_steps: int, piece_size: int,
+                        chunk_size: int, streamed: int, original_tokens: int, trained_context: int | None):
+    """The long-document figure, BSBR against the original with its KV cache, against position (tokens): running
+    perplexity (per bin and cumulative), single-token decoding latency (ms) with linear fits, cost per token of a
+    ``piece_size`` piece (ms), and cache / process memory (MiB) with the KV-cache formula extrapolated.
+
+    Args:
+        bins, latency, steps, fits: the tables of :mod:`bsbr.long_documents` (``perplexity_bins``,
+            ``decode_latency``, ``steps_table``, ``stream_fits``); config: the model config (KV-cache formula).
+        streamed, original_tokens: tokens each model streamed; trained_context: ``max_position_embeddings`` (a
+            dotted line where it is inside the stream).
+    """
+    from bsbr.long_documents import predict
+    from bsbr.streaming_eval import kv_cache_nbytes
+
+    labels = {"bsbr": f"BSBR normalised + calibrated (chunk {chunk_size})", "original": "original, KV cache"}
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
+    ax = axes[0, 0]
+    for name, group in bins.groupby("model"):
+        centre = (group.start + group.end) / 2
+        ax.plot(centre, group.ppl, marker="o", ms=3, color=color(name), label=f"{labels[name]}, per {bin_size}")
+        ax.plot(group.end, group.cumulative_ppl, ls="--", color=color(name), label=f"{labels[name]}, cumulative")
+    if trained_context and trained_context < streamed:
+        ax.axvline(trained_context, color="gray", lw=1, ls=":", label=f"max_position_embeddings {trained_context}")
+    ax.set(xlabel="position (tokens)", ylabel="perplexity", title="running perplexity")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    for name, group in latency.groupby("model"):
+        ax.plot(group.decode_position, group.median_s * 1e3, marker="o", color=color(name),
+                label=f"{labels[name]}, median of {decode_steps - (name == 'bsbr')} steps")
+        if name == "bsbr" and group.chunk_finish_s.notna().any():
+            ax.plot(group.decode_position, group.chunk_finish_s * 1e3, marker="x", ls="", color=color(name),
+                    label="BSBR step that finishes a chunk")
+        xs = np.array([0, streamed])
+        ax.plot(xs, predict(fits, name, "decode_latency", xs) * 1e3, ls=":", color=color(name), lw=1,
+                label=f"{name}: linear fit" + (" (extrapolated)" if name == "original" and original_tokens < streamed
+                                               else ""))
+    ax.set(xlabel="position (tokens)", ylabel="ms per token", title="single-token decoding latency")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[1, 0]
+    for name, group in steps[(steps.kind == "piece") & (steps.tokens == piece_size)].groupby("model"):
+        ax.plot(group.start, group.seconds_per_token * 1e3, lw=1, color=color(name), label=labels[name])
+    ax.set(xlabel="position of the piece (tokens)", ylabel="ms per token",
+           title=f"cost per token of a {piece_size}-token piece")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    for name, group in steps.groupby("model"):
+        ax.plot(group.end, group.cache_bytes / 2**20, color=color(name), label=f"{labels[name]}: cache")
+        ax.plot(group.end, group.rss_bytes / 2**20, color=color(name), lw=0.8, ls="--", label=f"{name}: process RSS")
+    xs = np.array([original_tokens, streamed])
+    ax.plot(xs, [kv_cache_nbytes(config, int(x)) / 2**20 for x in xs], ls=":", color=color("original"),
+            label="KV cache, formula (extrapolated)")
+    ax.set(xlabel="position (tokens)", ylabel="MiB", title="memory")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_convergence(history, evals, mean_curves, names, identical, target: float, steps: int, eval_interval: int,
+                     time_label: str):
+    """Training curves of every architecture: training loss (seed mean, moving average over ``steps // 20`` steps),
+    validation loss against step (seed mean, min–max band; dashed for an architecture identical to another) and
+    against training seconds, with the ``target`` loss (nats/byte) as a line.
+
+    Args:
+        history: ``[model, seed, step, train_loss]``; evals: ``[model, seed, step, val_loss]``; mean_curves: the
+            seed-mean ``[model, step, val_loss, elapsed_s]``; identical: pairs that trained identically;
+        time_label: the x label of the wall-clock panel.
+    """
+    fig, axes = _figure(3, (18, 4.8))
+    window = max(1, steps // 20)
+    for name in names:
+        curve = history[history.model == name].groupby("step").train_loss.mean()
+        label = name + "".join(f" (= {b})" for a, b in identical if a == name)
+        axes[0].plot(curve.index, curve.rolling(window, min_periods=1).mean(), color=color(name), label=label)
+        val = evals[evals.model == name].groupby("step").val_loss
+        axes[1].plot(val.mean().index, val.mean(), color=color(name), marker=".", label=label,
+                     linestyle="--" if any(a == name for a, _ in identical) else "-")
+        axes[1].fill_between(val.min().index, val.min(), val.max(), color=color(name), alpha=0.15)
+        timed = mean_curves[mean_curves.model == name]
+        axes[2].plot(timed.elapsed_s, timed.val_loss, color=color(name), marker=".", label=name)
+    for ax in axes[1:]:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    axes[0].set(xlabel="step", ylabel="training loss, nats/byte",
+                title=f"training loss (mean over seeds, {window}-step moving average)")
+    axes[1].set(xlabel="step", ylabel="validation loss, nats/byte",
+                title="validation loss (mean; band: min–max over seeds)")
+    axes[2].set(xlabel=time_label, ylabel="validation loss, nats/byte", title="validation loss against wall-clock time")
+    low = float(evals[evals.step > 0].val_loss.min())
+    high = float(evals[evals.step >= min(steps, eval_interval)].val_loss.max())
+    for ax in axes:
+        ax.set_ylim(low - 0.05, max(high, low + 0.1) + 0.05)
+    axes[1].legend(fontsize=8)
+    return fig
+
+
+def plot_final_and_memory(summary, memory, exponents, names, memory_seq_lens, memory_batch_size: int):
+    """Final validation perplexity per byte (bars: seed mean, min–max error), and the peak memory of one training
+    step (MiB) against length, log-log, labelled with each architecture's fitted exponent (``exponents``: model ->
+    exponent)."""
+    fig, axes = _figure(2, (14, 4.8))
+    order = list(summary.sort_values("final_val_ppl_mean").model)
+    frame = summary.set_index("model").loc[order]
+    axes[0].barh(order, frame.final_val_ppl_mean, color=[color(m) for m in order],
+                 xerr=[frame.final_val_ppl_mean - frame.final_val_ppl_min,
+                       frame.final_val_ppl_max - frame.final_val_ppl_mean])
+    axes[0].set(xlabel="final validation perplexity per byte (mean; bars: min–max over seeds)",
+                title="after the equal budget")
+    axes[0].set_xlim(frame.final_val_ppl_min.min() * 0.98, frame.final_val_ppl_max.max() * 1.01)
+    for name in names:
+        group = memory[memory.model == name]
+        axes[1].loglog(group.seq_len, group.peak_bytes / 2**20, marker="o", color=color(name),
+                       label=f"{name} (exponent {exponents[name]:.2f})")
+    axes[1].set(xlabel="sequence length (tokens)", ylabel="peak memory of one training step, MiB",
+                title=f"training-step memory, batch {memory_batch_size}")
+    axes[1].xaxis.set_minor_locator(mticker.NullLocator())
+    axes[1].set_xticks(memory_seq_lens, [str(n) for n in memory_seq_lens])
+    axes[1].legend(fontsize=8)
+    return fig

@@ -1,0 +1,81 @@
+"""bsbr.plotting: one fixed colour per architecture/variant, log axes, and the figures drawing what they are given."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+import bsbr  # noqa: E402
+from bsbr.plotting import (COLORS, color, log_axes, plot_decode, plot_final_and_memory, plot_layers,  # noqa: E402
+                           plot_memory_curves, plot_passkey_accuracy, save_figure)
+
+
+def test_every_architecture_has_its_own_colour_and_variants_share_their_attention_colour():
+    names = bsbr.available_models()
+    assert len({color(name) for name in names}) == len(names)
+    assert color("calibrated") == color("bsbr") and color("original") == color("standard")
+    assert color("own_chunk") not in {color(name) for name in names}
+    with pytest.raises(ValueError, match="name must be one of"):
+        color("nope")
+    assert all(value.startswith("#") and len(value) == 7 for value in COLORS.values())
+
+
+def test_log_axes_ticks_and_labels():
+    fig, ax = plt.subplots()
+    ax.plot([64, 128, 256], [0.01, 0.2, 3.0])
+    log_axes(ax, [64, 128, 256], ylabel="time (s)")
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert list(ax.get_xticks()) == [64, 128, 256] and [t.get_text() for t in ax.get_xticklabels()] == ["64", "128", "256"]
+    assert ax.get_ylabel() == "time (s)" and ax.get_xlabel() == "sequence length (tokens)"
+    minor = ax.yaxis.get_minor_formatter()
+    assert minor(0.2, 0) == "0.2" and minor(0.3, 0) == "" and minor(50, 0) == "50"
+    plt.close(fig)
+
+
+def test_figures_draw_one_line_per_name_in_its_colour_and_save(tmp_path):
+    layers = pd.DataFrame({"impl": ["bsbr", "bsbr", "gau", "gau"], "seq_len": [32, 64, 32, 64],
+                           "median_s": [1.0, 2.0, 1.5, 3.0], "peak_bytes": [0, 2**20, 2**20, 2**21]})
+    fig = plot_layers(layers, [32, 64])
+    time_ax, memory_ax = fig.axes
+    assert [line.get_color() for line in time_ax.lines] == [color("bsbr"), color("gau")]
+    assert list(memory_ax.lines[0].get_xdata()) == [64]  # a 0-byte point is left out of the log axis
+    assert list(memory_ax.lines[1].get_ydata()) == [1.0, 2.0]  # MiB
+    save_figure(fig, tmp_path / "layers.png", "header")
+    assert (tmp_path / "layers.png").stat().st_size > 1000 and fig._suptitle.get_text() == "header"
+    curves = {"bsbr model": (np.array([1, 2]), np.array([0, 0]), "bsbr", "-."),
+              "gau forward": (np.array([1, 2]), np.array([2**20, 2**21]), "gau", "-")}
+    (ax,) = plot_memory_curves(curves, [1, 2]).axes
+    assert [line.get_label() for line in ax.lines] == ["gau forward"]  # nothing positive to draw for the first
+    decode = pd.DataFrame({"impl": ["bsbr", "standard"], "position": [32, 32], "median_s": [1e-3, 2e-3],
+                           "min_s": [1e-3, 2e-3], "max_s": [1e-3, 2e-3], "state_bytes": [2**20, 2**21]})
+    latency_ax, state_ax = plot_decode(decode, [32]).axes
+    assert [line.get_ydata()[0] for line in latency_ax.lines] == [1.0, 2.0]  # ms
+    assert latency_ax.lines[1].get_label() == "standard (KV cache)"
+    plt.close("all")
+
+
+def test_passkey_and_training_figures_draw_what_they_are_given():
+    by_length = pd.DataFrame({"length": [512, 512], "variant": ["original", "calibrated"], "accuracy": [1.0, 0.5],
+                              "ci_low": [0.5, 0.1], "ci_high": [1.0, 0.9]})
+    cells = pd.DataFrame({"length": [512] * 4, "depth": [0.1, 0.9] * 2, "variant": ["original"] * 2 + ["calibrated"] * 2,
+                          "accuracy": [1.0, 1.0, 0.0, 1.0], "ci_low": [0.5, 0.5, 0.0, 0.5], "ci_high": [1.0] * 4})
+    fig = plot_passkey_accuracy(by_length, cells, ["original", "calibrated"], {"original": "O", "calibrated": "C"}, 2)
+    pooled, per_depth = fig.axes
+    assert [c.get_label() for c in pooled.containers] == ["O", "C"]
+    assert pooled.get_title() == "all depths pooled (4 trials / point)" and per_depth.get_title() == "512 tokens (2 trials / point)"
+    summary = pd.DataFrame({"model": ["bsbr", "gau"], "final_val_ppl_mean": [3.0, 2.0], "final_val_ppl_min": [2.9, 1.9],
+                            "final_val_ppl_max": [3.1, 2.1]})
+    memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,
+                           "peak_bytes": [2**20, 2**21, 2**21, 2**22]})
+    bars, lines = plot_final_and_memory(summary, memory, pd.Series({"bsbr": 1.0, "gau": 1.0}), ["bsbr", "gau"],
+                                        [256, 512], 1).axes
+    assert [p.get_width() for p in bars.patches] == [2.0, 3.0]  # lowest perplexity first
+    assert [line.get_label() for line in lines.lines] == ["bsbr (exponent 1.00)", "gau (exponent 1.00)"]
+    assert list(lines.lines[1].get_ydata()) == [2.0, 4.0]
+    plt.close("all")
