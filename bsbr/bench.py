@@ -20,17 +20,6 @@ import sys
 from bsbr.benchmarks import (ATTENTION_IMPLS, ATTENTION_MODES, MATMUL_SHAPES, matmul_throughput_in_process,
                              measure_attention_in_process, measure_forward_in_process)
 
-# Transitional: the notebooks (notebooks/*.ipynb) still import these names from bsbr.bench. When their import
-# lines move to bsbr.benchmarks / bsbr.fitting / bsbr.measure / bsbr.provenance, delete this block; nothing in
-# bsbr/, pipelines/ or tests/ imports them from here.
-from bsbr.benchmarks import (MODULE_IMPLS, attention_flop_terms, attention_flops,  # noqa: F401
-                             matmul_throughput, measure_attention, measure_forward)
-from bsbr.fitting import fit_power_law  # noqa: F401
-from bsbr.measure import memory_baseline as _memory_baseline  # noqa: F401
-from bsbr.measure import memory_peak as _memory_peak  # noqa: F401
-from bsbr.measure import proc_status_bytes as _proc_status_bytes  # noqa: F401
-from bsbr.provenance import git_revision, machine_info  # noqa: F401
-
 __all__ = ["main"]
 
 

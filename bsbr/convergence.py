@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from bsbr.bench import fit_power_law
+from bsbr.fitting import fit_power_law
 from bsbr.experiment import check_ints
 from bsbr.registry import available_models
 from bsbr.training import steps_to_reach

@@ -3,7 +3,7 @@ was not run, who wins at each length and the crossover, memory growth, the modul
 operator ratios, the speed/memory targets, and the metrics built from them.
 
 Every function takes and returns pandas tables of measured points (one row per point, as
-:func:`bsbr.bench.measure_forward` / :func:`bsbr.bench.measure_attention` return them): times in seconds, memory in
+:func:`bsbr.benchmarks.measure_forward` / :func:`bsbr.benchmarks.measure_attention` return them): times in seconds, memory in
 bytes (``peak_bytes``: peak RSS over the process baseline), lengths and positions in tokens. Nothing here measures;
 the values a notebook computes from the same measurements are the values these functions return.
 
@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bsbr.bench import ATTENTION_IMPLS, MODULE_IMPLS, fit_power_law
+from bsbr.benchmarks import ATTENTION_IMPLS, MODULE_IMPLS
+from bsbr.fitting import fit_power_law
 from bsbr.experiment import check_ints
 from bsbr.registry import available_models, build_model
 
@@ -43,14 +44,14 @@ MODES = ("forward", "backward")
 MODE_LABEL = {"forward": "forward", "backward": "forward+backward"}
 #: The four operator impls of the DeltaNet / linear-attention comparison.
 OPERATORS = ("delta_chunkwise", "delta_recurrent", "linear_chunkwise", "linear_recurrent")
-#: Columns kept of a whole-model point (:func:`bsbr.bench.measure_forward`).
+#: Columns kept of a whole-model point (:func:`bsbr.benchmarks.measure_forward`).
 MODEL_COLUMNS = ["model", "seq_len", "batch_size", "repeats", "warmup", "threads", "median_s", "min_s", "max_s",
                  "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
-#: Columns kept of a forward / forward+backward attention point (:func:`bsbr.bench.measure_attention`).
+#: Columns kept of a forward / forward+backward attention point (:func:`bsbr.benchmarks.measure_attention`).
 ATTENTION_COLUMNS = ["impl", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads", "chunk_size", "threads",
                      "repeats", "warmup", "median_s", "mean_s", "min_s", "max_s", "flops", "gflops_per_s",
                      "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
-#: Columns kept of a decode point (:func:`bsbr.bench.measure_attention` with ``mode="decode"``).
+#: Columns kept of a decode point (:func:`bsbr.benchmarks.measure_attention` with ``mode="decode"``).
 DECODE_COLUMNS = ["impl", "position", "batch_size", "threads", "repeats", "warmup", "median_s", "mean_s", "min_s",
                   "max_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes", "baseline_rss_bytes",
                   "peak_rss_bytes"]
@@ -125,7 +126,7 @@ def power_law_fits(table: pd.DataFrame, by: list[str], value: str = "median_s") 
         value: the fitted column (seconds or bytes).
     Returns:
         ``[*by, lengths ("upper half" | "all"), first_len, last_len, exponent, prefactor, r2]`` in group order,
-        upper half first (:func:`bsbr.bench.fit_power_law`).
+        upper half first (:func:`bsbr.fitting.fit_power_law`).
     """
     rows = []
     for key, group in table.groupby(list(by)):
