@@ -42,6 +42,9 @@ __all__ = ["DeltaNet", "DeltaNetState", "delta_rule_chunkwise", "delta_rule_recu
 #: ``eps`` of the per-head L2 normalisation of queries and keys (``F.normalize``).
 L2_NORM_EPS = 1e-6
 
+#: dtypes the triangular solve runs in directly; others (bfloat16, float16) are solved in float32.
+_SOLVE_DTYPES = (torch.float32, torch.float64)
+
 
 def _check_inputs(q, k, v, beta, state):
     """Shapes of per-head ``q, k`` ``[b, h, n, d_k]``, ``v`` ``[b, h, n, d_v]``, ``beta`` ``[b, h, n]``, ``S``."""
@@ -102,7 +105,9 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     :func:`delta_rule_recurrent` up to rounding.
 
     ``W, U`` of all chunks come from one batched unit-lower-triangular solve (``torch.linalg.solve_triangular``);
-    only the carry of ``S`` between chunks is a loop. The last chunk may be partial: zero keys, values, queries and
+    only the carry of ``S`` between chunks is a loop. torch has no CPU triangular solve in bfloat16 or float16, so
+    in those dtypes that one step is computed in float32 and rounded back (what autocast does in training); the
+    rest runs in the inputs' dtype, and float32/float64 results are unchanged. The last chunk may be partial: zero keys, values, queries and
     ``β = 0`` are appended internally, which leave ``S`` unchanged.
 
     Args:
@@ -140,7 +145,13 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         torch.mul(v, beta, out=rhs[..., d_k:])
     # A = I + tril(diag(β) K Kᵀ, −1): solve_triangular(upper=False, unitriangular=True) reads only the strictly lower
     # triangle of its matrix and takes the diagonal as ones, so diag(β) K Kᵀ itself stands for A (no masking).
-    wu = torch.linalg.solve_triangular(rhs[..., :d_k] @ k.transpose(-1, -2), rhs, upper=False, unitriangular=True)
+    # torch has no CPU triangular solve in half precision: bfloat16/float16 solve in float32 (as under autocast),
+    # then round back; float32 and float64 are solved in their own dtype.
+    system = rhs[..., :d_k] @ k.transpose(-1, -2)
+    if system.dtype in _SOLVE_DTYPES:
+        wu = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    else:
+        wu = torch.linalg.solve_triangular(system.float(), rhs.float(), upper=False, unitriangular=True).to(q.dtype)
     w, u = wu[..., :d_k], wu[..., d_k:]  # views: W = T diag(β) K, U = T diag(β) V (bmm takes their row stride)
     scores = torch.matmul(q, k.transpose(-1, -2)).tril_()  # tril(Q Kᵀ): [chunks, groups, C, C]
     k_t = k.transpose(-1, -2)  # [chunks, groups, d_k, C]
