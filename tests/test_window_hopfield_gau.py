@@ -17,7 +17,7 @@ from bsbr import StandardAttention
 from bsbr.model import TransformerModel
 from bsbr.baselines.gau import GAU, GAUState
 from bsbr.baselines.hopfield import HopfieldAttention
-from bsbr.baselines.sliding_window import SlidingWindowAttention, WindowCache
+from bsbr.baselines.sliding_window import SlidingWindowAttention, WindowCache, sliding_window_attention
 
 HIDDEN, HEADS = 16, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -411,3 +411,34 @@ def test_bad_inputs_raise_like_standard_attention():
             layer(random_hidden(1, 3, dtype=torch.float64))
         with pytest.raises(ValueError, match="attention_mask"):
             layer(random_hidden(1, 3), attention_mask=torch.ones(1, 4))
+
+
+# ---------------------------------------------------------------------------------------------- the functional core
+
+
+@pytest.mark.parametrize("window_size, cached, length", [(4, 0, 11), (4, 2, 3), (4, 3, 40), (3, 0, 150)])
+def test_window_function_value_head_size_may_differ_from_query(window_size, cached, length):
+    """``value`` with d_v != d (a reshape RuntimeError before): equal to the dense band-mask reference, with and
+    without autograd, over one block, several blocks and more than 32 of them."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, cached + length, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, cached + length, 7, generator=g, dtype=torch.float64)
+    offset = (cached + torch.arange(length))[:, None] - torch.arange(cached + length)[None, :]  # query - key position
+    expected = dense_attention(q, k, v, (offset >= 0) & (offset < window_size), 1 / math.sqrt(5))
+    with torch.no_grad():
+        assert (sliding_window_attention(q, k, v, window_size) - expected).abs().max() <= 1e-10
+    out = sliding_window_attention(q.requires_grad_(), k, v, window_size)
+    assert out.shape == (2, 3, length, 7) and (out - expected).abs().max() <= 1e-10
+
+
+def test_window_function_inconsistent_shapes_raise_naming_the_argument():
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="^key"):
+        sliding_window_attention(q, k[..., :3], k, 4)
+    with pytest.raises(ValueError, match="^key"):
+        sliding_window_attention(q, k[:, :1], k[:, :1], 4)
+    with pytest.raises(ValueError, match="^value"):
+        sliding_window_attention(q, k, k[:, :, :5], 4)
+    with pytest.raises(ValueError, match="^query"):
+        sliding_window_attention(q[0], k, k, 4)

@@ -55,17 +55,28 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 
     Args:
         query: ``[batch, heads, L, d]`` — the last ``L`` positions of the key sequence.
-        key, value: ``[batch, heads, c + L, d]`` with ``0 <= c <= window_size - 1`` cached positions first.
+        key: ``[batch, heads, c + L, d]`` with ``0 <= c <= window_size - 1`` cached positions first.
+        value: ``[batch, heads, c + L, d_v]`` (``d_v`` may differ from ``d``).
         window_size: query ``t`` (key position ``c + t``) sees key positions ``c + t - window_size + 1 .. c + t``
             (those that exist).
         dropout_p: dropout on the attention weights.
     Returns:
-        ``[batch, heads, L, d]``.
+        ``[batch, heads, L, d_v]``.
     Raises:
-        ValueError: ``window_size < 1`` or more than ``window_size - 1`` cached positions.
+        ValueError: ``window_size < 1``, ``query``/``key``/``value`` not 4-D or of inconsistent shapes, or more than
+            ``window_size - 1`` cached positions.
     """
     check_positive_int(window_size=window_size)
-    batch, heads, length, head_dim = query.shape
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
+    if key.shape[:2] != query.shape[:2] or key.shape[3] != query.shape[3]:
+        raise ValueError(f"key must be [batch, heads, c + L, d] like query {list(query.shape)}, got {list(key.shape)}")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value must be [batch, heads, c + L, d_v] with the batch, heads and positions of key "
+                         f"{list(key.shape)}, got {list(value.shape)}")
+    batch, heads, length, _ = query.shape
+    head_dim = value.shape[3]  # d_v: the output's head size
     cached = key.shape[2] - length
     w = window_size
     if not 0 <= cached <= w - 1:
