@@ -24,8 +24,8 @@ __all__ = ["ARCHITECTURES", "COMMON_CONFIG", "Architecture", "available_models",
 #: Keys every architecture builds from; architecture-specific settings have defaults.
 COMMON_CONFIG = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "ff_dim", "dropout")
 
-#: Floating dtypes every layer's forward supports on CPU.
-_ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: Floating dtypes every layer's forward supports on CPU (checked against float32 by tests/test_contract.py).
+_ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
