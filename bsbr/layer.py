@@ -97,10 +97,11 @@ def attend_packed(attend, hidden_states: torch.Tensor, mask: torch.Tensor | None
 class AttentionLayer(nn.Module):
     """Base of the causal attention layers: ``forward`` and its checks written once; a layer adds its maths.
 
-    A subclass sets ``state_type`` (the dataclass of its streaming state, with ``batch_size``, ``owner`` and
-    ``num_tokens`` fields), implements :meth:`_attend` and :meth:`_empty_state`, and may name settings in
-    ``span_settings`` (re-checked as positive integers on every call, e.g. ``chunk_size`` after a user changed it)
-    and ``state_settings`` (settings the state records, e.g. ``window_size``, that must still match). Its
+    A subclass sets ``state_type`` (the dataclass of its streaming state, with ``batch_size``, ``owner`` (the
+    producing module's ``id``) and ``num_tokens`` fields and an ``nbytes()`` method), implements :meth:`_attend`
+    and :meth:`_empty_state`, and may name settings in ``span_settings`` (re-checked as positive integers on every
+    call, e.g. ``chunk_size`` after a user changed it) and ``state_settings`` (settings the state records, e.g.
+    ``window_size``, that must still match). Its
     ``__init__`` calls ``super().__init__(hidden_dim, num_heads, dropout)`` (which validates them and sets
     ``hidden_dim, num_heads, head_dim, dropout``) and builds its parameters; :meth:`_add_projections`,
     :meth:`split_heads` and :meth:`merge_heads` serve layers with per-head projections (GAU has none and uses

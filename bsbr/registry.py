@@ -8,7 +8,7 @@ Adding an architecture is one record here (and its layer file, an :class:`bsbr.l
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ class Architecture:
     name: str
     attention: type[nn.Module]
     model: type[nn.Module] | None
-    defaults: dict
+    defaults: dict = field(hash=False)
     span_setting: str | None
     dtypes: tuple
 
@@ -100,10 +100,8 @@ def build_model(name: str, **config) -> nn.Module:
     Args:
         name: one of :func:`available_models`.
         **config: ``vocab_size, hidden_dim, num_layers, num_heads, ff_dim`` (required), ``dropout`` (default 0.0),
-            plus the architecture's own settings (:attr:`Architecture.defaults`): ``bsbr``: ``chunk_size=128``,
-            ``compression_factor=None``; ``linear``, ``delta_net``: ``chunk_size=64``; ``sliding_window``:
-            ``window_size=128``; ``hopfield``: ``beta=None`` (1/sqrt(head_dim)), ``num_updates=1``; ``gau``:
-            ``chunk_size=128, qk_dim=128, expansion=2``; ``standard``: none.
+            plus the architecture's own settings, defaults in ``get_architecture(name).defaults`` (e.g. ``bsbr``:
+            ``chunk_size=128, compression_factor=None``; ``hopfield``: ``beta=None`` meaning 1/sqrt(head_dim)).
     Returns:
         a module with ``forward(input_ids[batch, seq_len], attention_mask=None) -> [batch, seq_len, hidden_dim]``.
     Raises:

@@ -344,7 +344,7 @@ def test_contract(name, check):
 @pytest.mark.parametrize("name", available_models())
 def test_record_builds_what_it_says(name):
     arch = get_architecture(name)
-    assert arch.name == name and issubclass(arch.attention, AttentionLayer)
+    assert arch.name == name and issubclass(arch.attention, AttentionLayer) and {arch: name}[arch] == name  # hashable
     layer = build_attention(name, HIDDEN, HEADS)
     assert type(layer) is arch.attention
     if arch.span_setting:
