@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_positive_int
+from bsbr._checks import check_per_head_qkv, check_positive_int
 from bsbr.layer import AttentionLayer
 
 __all__ = ["DeltaNet", "DeltaNetState", "delta_rule_chunkwise", "delta_rule_recurrent"]
@@ -48,17 +48,10 @@ _SOLVE_DTYPES = (torch.float32, torch.float64)
 
 def _check_inputs(q, k, v, beta, state):
     """Shapes of per-head ``q, k`` ``[b, h, n, d_k]``, ``v`` ``[b, h, n, d_v]``, ``beta`` ``[b, h, n]``, ``S``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
+    check_per_head_qkv(q, k, v)
     if not isinstance(beta, torch.Tensor) or beta.shape != q.shape[:3]:
         raise ValueError(f"beta must be [batch, heads, seq_len] = {list(q.shape[:3])}, "
                          f"got {list(beta.shape) if isinstance(beta, torch.Tensor) else type(beta).__name__}")
-    if q.shape[2] < 1:
-        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
     if any(t.dtype != q.dtype for t in (k, v, beta)):
         raise ValueError(f"q, k, v, beta must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {beta.dtype}")
     batch, heads, _, d_k = q.shape

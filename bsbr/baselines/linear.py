@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bsbr._checks import check_positive_int
+from bsbr._checks import check_per_head_qkv, check_positive_int
 from bsbr.layer import AttentionLayer
 
 __all__ = [
@@ -50,14 +50,7 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 def _check_qkv(q, k, v, state):
     """Shapes of per-head ``q, k, v`` ``[batch, heads, seq_len, head_dim]`` and of a carried ``(S, z)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
-    if q.shape[2] < 1:
-        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
+    check_per_head_qkv(q, k, v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, _, d_k = q.shape
