@@ -3,11 +3,14 @@
 from bsbr.attention import BSBRAttention, BSBRState, bsbr_attention
 from bsbr.baselines import DeltaNet, GAU, HopfieldAttention, LinearAttention, SlidingWindowAttention
 from bsbr.baselines.standard import KVCache, StandardAttention
+from bsbr.layer import AttentionLayer
 from bsbr.model import (AttentionModel, BSBRForCausalLM, BSBRLayer, BSBRModel, CausalLM, CausalLMOutput,
                         StandardModel, TransformerLayer, TransformerModel)
-from bsbr.registry import available_models, build_attention, build_model
+from bsbr.registry import Architecture, available_models, build_attention, build_model, get_architecture
 
 __all__ = [
+    "Architecture",
+    "AttentionLayer",
     "AttentionModel",
     "BSBRAttention",
     "BSBRForCausalLM",
@@ -30,5 +33,6 @@ __all__ = [
     "bsbr_attention",
     "build_attention",
     "build_model",
+    "get_architecture",
 ]
 __version__ = "0.2.0"

@@ -50,6 +50,21 @@ def check_hidden_states(hidden_states, hidden_dim: int, dtype) -> tuple[int, int
     return batch, seq_len
 
 
+def check_per_head_qkv(q, k, v) -> None:
+    """Per-head operator inputs: ``q, k`` 4-D ``[batch, heads, seq_len >= 1, d_k]`` of one shape, ``v``
+    ``[batch, heads, seq_len, d_v]``. Raises ValueError naming the tensor otherwise."""
+    import torch
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
+                         f"k {list(k.shape)}, v {list(v.shape)}")
+    if q.shape[2] < 1:
+        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
+
+
 def check_state(state, expected_type: type, batch_size: int, owner: int | None, like=None) -> None:
     """A streaming ``state`` passed back to a layer: an ``expected_type`` (a dataclass with ``batch_size`` and
     ``owner`` fields) for ``batch_size`` rows, produced by the module whose ``id`` is ``owner`` (None: any), whose

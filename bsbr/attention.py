@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import (check_dropout, check_heads, check_hidden_states, check_int_at_least, check_positive_int,
-                          check_state)
+from bsbr._checks import check_int_at_least, check_positive_int, check_state
+from bsbr.layer import AttentionLayer, attend_packed, pack_padding, validate_attention_mask
 
 __all__ = [
     "BSBRAttention",
@@ -40,36 +40,10 @@ __all__ = [
     "StateCompression",
     "bsbr_attention",
     "chunk_mean",
-    "attend_packed",
+    "attend_packed",  # re-exported from bsbr.layer, where the padding plumbing of every layer lives
     "pack_padding",
     "validate_attention_mask",
 ]
-
-
-def validate_attention_mask(attention_mask, batch_size: int, seq_len: int) -> torch.Tensor | None:
-    """Check a padding mask and return it as a bool tensor (True = real token), or None.
-
-    Args:
-        attention_mask: ``[batch, seq_len]`` bool or integer tensor, 1/True = real token, 0/False = padding.
-    Raises:
-        ValueError: wrong shape, dtype (floating point) or values other than 0 and 1.
-    """
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
-    if attention_mask.shape != (batch_size, seq_len):
-        raise ValueError(
-            f"attention_mask must have shape [batch, seq_len] = {[batch_size, seq_len]}, "
-            f"got {list(attention_mask.shape)}"
-        )
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise ValueError(f"attention_mask must be a bool or integer tensor of 0/1, got dtype {attention_mask.dtype}")
-    if ((attention_mask != 0) & (attention_mask != 1)).any():
-        raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
-    return attention_mask.bool()
 
 
 def chunk_mean(x: torch.Tensor, chunk_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -411,56 +385,7 @@ def _check_state(state, chunk_size: int, batch_size: int, owner: int | None, lik
                          f"this call uses chunk_size={chunk_size}; start a fresh sequence (state=None)")
 
 
-def pack_padding(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Permutation per row that moves the real tokens to the front, in order (padding after them).
-
-    Args:
-        attention_mask: ``[batch, seq_len]`` bool, True = real token.
-    Returns:
-        ``[batch, seq_len]`` int64 ``order``: ``x.gather(1, order)`` packs a row; ``order.argsort(1)`` undoes it.
-    """
-    return torch.argsort((~attention_mask).to(torch.int8), dim=1, stable=True)
-
-
-def attend_packed(attend, hidden_states: torch.Tensor, mask: torch.Tensor | None, state, return_state: bool,
-                  empty_state):
-    """Run ``attend(hidden_states, state, return_state)`` on each row's real tokens only.
-
-    ``attend`` is an attention core without padding support; ``mask``: ``[batch, seq_len]`` bool (True = real) or
-    None. Real tokens are moved to the front of their row (:func:`pack_padding`), so every row is processed as
-    its sequence alone; outputs are moved back and zeroed at padded positions (zero gradient there too). In a
-    streaming call (``state`` given or ``return_state``) every row must have the same number of real tokens;
-    ``empty_state()`` is the state returned when a streaming call has none. Returns what ``attend`` returns.
-    Raises ValueError (naming ``attention_mask``) for unequal real-token counts in a streaming call.
-    """
-    if mask is None or bool(mask.all()):
-        return attend(hidden_states, state, return_state)
-    batch, seq_len, width = hidden_states.shape
-    order = pack_padding(mask)
-    # Padded positions are zeroed first: whatever they hold (even inf/NaN) never reaches a real token.
-    hidden_states = hidden_states.masked_fill(~mask[:, :, None], 0.0)
-    packed = hidden_states.gather(1, order[:, :, None].expand(-1, -1, width))  # [batch, seq_len, width], real first
-    new_state = None
-    if state is not None or return_state:
-        counts = mask.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError("attention_mask must give every row the same number of real tokens in a streaming "
-                             f"call (state or return_state): the state is batch-uniform; got {counts.tolist()}")
-        real = int(counts[0])
-        if real == 0:  # nothing joins the sequence
-            output = hidden_states.new_zeros(batch, seq_len, width)
-            return (output, state if state is not None else empty_state()) if return_state else output
-        result = attend(packed[:, :real], state, return_state)
-        packed_out, new_state = result if return_state else (result, None)
-        packed_out = F.pad(packed_out, (0, 0, 0, seq_len - real))
-    else:
-        packed_out = attend(packed, None, False)
-    output = packed_out.gather(1, order.argsort(1)[:, :, None].expand(-1, -1, packed_out.shape[-1]))
-    output = output.masked_fill(~mask[:, :, None], 0.0)  # padded positions: zeros (zero gradient there too)
-    return (output, new_state) if return_state else output
-
-
-class BSBRAttention(nn.Module):
+class BSBRAttention(AttentionLayer):
     """Multi-head BSBR attention layer (see the module docstring for the semantics).
 
     Args:
@@ -478,29 +403,20 @@ class BSBRAttention(nn.Module):
     chunk ``i-1`` (tokens before chunk ``i`` only), split into heads.
 
     Raises:
-        ValueError: on any invalid argument above (see :meth:`forward` for its own).
+        ValueError: on any invalid argument above (see :meth:`forward` for its own: those of
+            :meth:`bsbr.layer.AttentionLayer.forward`, and ``chunk_size`` changed since the state was made).
     """
+
+    state_type = BSBRState
+    span_settings = ("chunk_size",)
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
                  compression_factor: int | None = None):
-        super().__init__()
-        check_heads(hidden_dim, num_heads)
+        super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(chunk_size=chunk_size)
-        check_dropout(dropout)
-        self.hidden_dim, self.num_heads, self.chunk_size = hidden_dim, num_heads, chunk_size
-        self.head_dim = hidden_dim // num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.meta_q_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.meta_k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.chunk_size = chunk_size
+        self._add_projections("q_proj", "k_proj", "v_proj", "out_proj", "meta_q_proj", "meta_k_proj")
         self.compression = None if compression_factor is None else StateCompression(self.head_dim, compression_factor)
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, length, head_dim]
 
     def state_nbytes(self, num_tokens: int, batch_size: int = 1) -> int:
         """Bytes of the :class:`BSBRState` after ``num_tokens`` tokens (parameters' dtype):
@@ -515,34 +431,8 @@ class BSBRAttention(nn.Module):
         values = 2 * heads * partial * d + self.hidden_dim + heads * finished * (features + d) + heads * d * d
         return self.q_proj.weight.element_size() * batch_size * values
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                state: BSBRState | None = None, return_state: bool = False):
-        """BSBR attention over ``hidden_states``, optionally continuing a streaming ``state``.
-
-        Args:
-            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
-            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding
-                (left, right or anywhere). Each row's real tokens are processed as that sequence alone (chunks
-                counted from its first real token); outputs at padded positions are zeros.
-            state: a :class:`BSBRState` this module returned (``return_state=True``): the new tokens continue
-                that sequence. Feeding a sequence in any pieces gives the outputs of one full forward.
-            return_state: also return the state after these tokens.
-        Returns:
-            ``[batch, seq_len, hidden_dim]``, or ``(output, BSBRState)`` with ``return_state=True``.
-        Raises:
-            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
-            ValueError: ``hidden_states`` not ``[batch, seq_len >= 1, hidden_dim]``; a malformed ``attention_mask``
-                (shape, float dtype, values other than 0/1) or, in a streaming call (``state`` given or
-                ``return_state``), rows with different numbers of real tokens (the state is batch-uniform); a
-                ``state`` from another module or batch size; ``chunk_size`` changed since the state was made.
-        """
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
-        mask = validate_attention_mask(attention_mask, batch, seq_len)
-        check_positive_int(chunk_size=self.chunk_size)
-        if state is not None:
-            _check_state(state, self.chunk_size, batch, id(self), hidden_states)
-        return attend_packed(self._attend, hidden_states, mask, state, return_state,
-                             lambda: self._empty_state(batch, hidden_states))
+    def _check_state(self, state, batch_size: int, like: torch.Tensor) -> None:
+        _check_state(state, self.chunk_size, batch_size, id(self), like)  # the functional core's check and message
 
     def _empty_state(self, batch: int, like: torch.Tensor) -> BSBRState:
         heads, d = self.num_heads, self.head_dim
@@ -558,9 +448,9 @@ class BSBRAttention(nn.Module):
         size = self.chunk_size
         seen = 0 if state is None else state.num_tokens
         partial = seen % size
-        q = self._split_heads(self.q_proj(hidden_states))  # [batch, heads, L, head_dim]
-        k = self._split_heads(self.k_proj(hidden_states))
-        v = self._split_heads(self.v_proj(hidden_states))
+        q = self.split_heads(self.q_proj(hidden_states))  # [batch, heads, L, head_dim]
+        k = self.split_heads(self.k_proj(hidden_states))
+        v = self.split_heads(self.v_proj(hidden_states))
         # Hidden-state sum of every call chunk (the state's partial chunk continues with the first new tokens).
         head = min(length, size - partial) if partial else 0
         full = (length - head) // size
@@ -575,13 +465,12 @@ class BSBRAttention(nn.Module):
         sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [batch, call chunks, hidden_dim]
         total = partial + length
         pooled = sums[:, : total // size] / size  # mean hidden state of every call chunk this call finishes
-        meta_key = self._split_heads(self.meta_k_proj(pooled))  # [batch, heads, finished call chunks, head_dim]
-        meta_query = self._split_heads(self.meta_q_proj(pooled))  # row i queries for the chunk after call chunk i
+        meta_key = self.split_heads(self.meta_k_proj(pooled))  # [batch, heads, finished call chunks, head_dim]
+        meta_query = self.split_heads(self.meta_q_proj(pooled))  # row i queries for the chunk after call chunk i
         result = bsbr_attention(q, k, v, meta_query, meta_key, size, self.compression,
                                 self.dropout if self.training else 0.0, state=state, return_state=return_state)
         out = result[0] if return_state else result
-        out = out.transpose(1, 2).reshape(batch, length, self.hidden_dim)  # [batch, L, hidden_dim]
-        out = self.out_proj(out)
+        out = self.out_proj(self.merge_heads(out))  # [batch, L, hidden_dim]
         if not return_state:
             return out
         new_state = result[1]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr._checks import check_dropout, check_int_at_least, check_positive_int
-from bsbr.attention import BSBRAttention, validate_attention_mask
+from bsbr.attention import BSBRAttention
+from bsbr.layer import validate_attention_mask
 from bsbr.baselines.standard import StandardAttention
 
 __all__ = ["AttentionModel", "BSBRForCausalLM", "BSBRLayer", "BSBRModel", "CausalLM", "CausalLMOutput",

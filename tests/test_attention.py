@@ -1,5 +1,6 @@
-"""BSBR attention: fast path == dense reference, causality, chunk_size >= seq_len == standard attention,
-gradients, padding and input validation."""
+"""BSBR attention: fast path == dense reference, causality (every chunk size, with compression), chunk_size >= seq_len
+== standard attention, gradients, grouped-query heads and its own arguments. Padding, streaming and the common
+input checks are the contract every architecture keeps (tests/test_contract.py)."""
 
 import pytest
 import torch
@@ -92,24 +93,6 @@ def test_first_chunk_retrieves_nothing_and_is_finite():
     assert torch.isfinite(out).all()
 
 
-def test_right_padding_leaves_real_positions_unchanged():
-    attn = make_attention(chunk_size=4)
-    x = torch.randn(1, 10, HIDDEN)
-    padded = torch.cat([x, torch.randn(1, 5, HIDDEN)], dim=1)
-    mask = torch.tensor([[1] * 10 + [0] * 5])
-    with torch.no_grad():
-        alone, batched = attn(x), attn(padded, attention_mask=mask)
-    torch.testing.assert_close(batched[:, :10], alone, atol=1e-5, rtol=1e-5)
-    assert (batched[0, 10:] == 0).all()  # padded positions output zeros
-
-
-def test_all_padding_row_is_finite():
-    attn = make_attention(chunk_size=4)
-    with torch.no_grad():
-        out = attn(torch.randn(2, 9, HIDDEN), attention_mask=torch.tensor([[0] * 9, [1] * 9]))
-    assert torch.isfinite(out).all()
-
-
 def test_chunk_mean_values():
     x = torch.arange(7, dtype=torch.float32).view(1, 7, 1)  # chunks [0,1,2] [3,4,5] [6]
     torch.testing.assert_close(chunk_mean(x, 3), torch.tensor([[[1.0], [4.0], [6.0]]]))
@@ -135,43 +118,14 @@ def test_functional_core_supports_grouped_query_heads():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [
-        (dict(hidden_dim=30, num_heads=4, chunk_size=4), "hidden_dim"),
-        (dict(hidden_dim=32, num_heads=4, chunk_size=0), "chunk_size"),
-        (dict(hidden_dim=32, num_heads=4, chunk_size=2.5), "chunk_size"),
+    [  # the common arguments and chunk_size: tests/test_contract.py
         (dict(hidden_dim=32, num_heads=4, chunk_size=4, compression_factor=3), "compression_factor"),
         (dict(hidden_dim=32, num_heads=4, chunk_size=4, compression_factor=0), "compression_factor"),
-        (dict(hidden_dim=32, num_heads=4, chunk_size=4, dropout=1.0), "dropout"),
     ],
 )
 def test_bad_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BSBRAttention(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "hidden_states,mask,match",
-    [
-        (torch.randn(5, HIDDEN), None, "3-D"),
-        (torch.randn(1, 5, HIDDEN + 1), None, "hidden_dim"),
-        (torch.randn(1, 0, HIDDEN), None, "seq_len"),
-        (torch.randn(1, 5, HIDDEN), torch.ones(1, 4), "attention_mask"),
-        (torch.randn(1, 5, HIDDEN), torch.ones(1, 5), "attention_mask"),  # float dtype
-        (torch.randn(1, 5, HIDDEN), torch.full((1, 5), 2), "attention_mask"),
-    ],
-)
-def test_bad_input_raises(hidden_states, mask, match):
-    with pytest.raises(ValueError, match=match):
-        make_attention(4)(hidden_states, attention_mask=mask)
-
-
-@pytest.mark.parametrize("layer", [make_attention(4), StandardAttention(HIDDEN, HEADS)])
-@pytest.mark.parametrize("hidden_states", [torch.ones(1, 5, HIDDEN, dtype=torch.long),
-                                           torch.ones(1, 5, HIDDEN, dtype=torch.float64),
-                                           [[0.0] * HIDDEN]])
-def test_input_of_the_wrong_type_or_dtype_raises_type_error(layer, hidden_states):
-    with pytest.raises(TypeError, match="hidden_states"):
-        layer(hidden_states)
 
 
 @pytest.mark.parametrize("compression", [None, 4])

@@ -4,7 +4,8 @@ Padding: left, right or both, bool or integer masks. Padded outputs are zeros; r
 sequence run alone (max |difference| <= 1e-5); padded inputs never reach real outputs; rows made only of padding are
 finite zeros. Numerics: float64 gradcheck of BSBRAttention, bfloat16 within 2e-2 relative (norm of the difference
 over the norm of the fp32 value) of fp32 forward and backward, no magic large constants in bsbr/attention.py.
-Bad input raises ValueError naming the argument.
+Bad input raising ValueError naming the argument is part of the contract every architecture keeps
+(tests/test_contract.py).
 """
 
 import copy
@@ -247,8 +248,10 @@ LARGE_LITERAL = re.compile(r"^(\d[\d_]{4,}(\.\d*)?|[\d.]+[eE]\+?0*([4-9]|[1-9]\d
 MAGIC_IN_TEXT = re.compile(r"(?<![\w.])-?\s*(1(\.0*)?[eE]\+?0*9|10000(\.0*)?)(?![\w.])")
 
 
-def test_attention_source_has_no_magic_mask_constants():
-    source = (ROOT / "bsbr" / "attention.py").read_text()
+@pytest.mark.parametrize("path", ["attention.py", "layer.py", *(f"baselines/{p.name}" for p in
+                                                                 sorted((ROOT / "bsbr" / "baselines").glob("*.py")))])
+def test_attention_source_has_no_magic_mask_constants(path):
+    source = (ROOT / "bsbr" / path).read_text()
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     numbers = [tok.string for tok in tokens if tok.type == tokenize.NUMBER]
     assert [n for n in numbers if LARGE_LITERAL.match(n)] == []
@@ -259,44 +262,3 @@ def test_attention_source_has_no_magic_mask_constants():
     assert LARGE_LITERAL.match("1e9") and LARGE_LITERAL.match("10000") and LARGE_LITERAL.match("1e+4")
     assert not LARGE_LITERAL.match("1e-5") and not LARGE_LITERAL.match("0.5") and not LARGE_LITERAL.match("1000")
     assert MAGIC_IN_TEXT.search("x.masked_fill(m, -1e9)") and MAGIC_IN_TEXT.search("s - 10000.0")
-
-
-# --------------------------------------------------------------------------------------------- bad input
-
-
-@pytest.mark.parametrize("call", [{}, {"return_state": True}], ids=["stateless", "return_state"])
-@pytest.mark.parametrize("kind", ["bsbr", "standard"])
-@pytest.mark.parametrize(
-    "mask",
-    [torch.ones(2, 4, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool), torch.ones(2, 5),
-     torch.ones(2, 5, dtype=torch.float64), torch.ones(5, dtype=torch.long)],
-    ids=["short", "batch", "float32", "float64", "1-D"],
-)
-def test_bad_attention_mask_raises(kind, call, mask):
-    layer = make_layer(kind)
-    with pytest.raises(ValueError, match="attention_mask"):
-        layer(torch.randn(2, 5, HIDDEN), attention_mask=mask, **call)
-
-
-@pytest.mark.parametrize("kind", ["bsbr", "standard"])
-def test_bad_attention_mask_with_a_state_raises(kind):
-    layer = make_layer(kind)
-    with torch.no_grad():
-        _, state = layer(torch.randn(2, 5, HIDDEN), return_state=True)
-    for mask in (torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 2)):
-        with pytest.raises(ValueError, match="attention_mask"):
-            layer(torch.randn(2, 2, HIDDEN), attention_mask=mask, state=state)
-
-
-@pytest.mark.parametrize("kind", ["bsbr", "standard"])
-def test_empty_sequence_raises_naming_hidden_states(kind):
-    layer = make_layer(kind)
-    empty = torch.randn(2, 0, HIDDEN)
-    with pytest.raises(ValueError, match="hidden_states"):
-        layer(empty)
-    with pytest.raises(ValueError, match="hidden_states"):
-        layer(empty, return_state=True)
-    with torch.no_grad():
-        _, state = layer(torch.randn(2, 5, HIDDEN), return_state=True)
-    with pytest.raises(ValueError, match="hidden_states"):
-        layer(empty, state=state, return_state=True)

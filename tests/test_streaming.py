@@ -1,6 +1,7 @@
 """Streaming (issue 3): a sequence fed in pieces through the returned ``state`` gives the outputs of one full forward,
-for BSBRAttention, StandardAttention and the model trunks; the BSBR state holds chunk states, not every token, and
-its size follows ``BSBRAttention.state_nbytes``; states never leak between rows or calls; stateful misuse raises.
+for BSBRAttention with and without compression and its model trunk (every architecture: tests/test_contract.py);
+the BSBR state holds chunk states, not every token, and its size follows ``BSBRAttention.state_nbytes``; states
+never leak between rows or calls; stateful misuse raises.
 
 Tolerances: pieces vs full forward, max |difference| <= 1e-5 (fp32). Shapes are tiny and seeds fixed.
 """
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import bsbr
-from bsbr import BSBRAttention, StandardAttention, build_model
+from bsbr import BSBRAttention, build_model
 
 HIDDEN, HEADS, CHUNK = 32, 4, 4
 HEAD_DIM = HIDDEN // HEADS
@@ -31,11 +32,6 @@ SCHEDULES = {
 def make_bsbr(compression_factor=None, chunk_size=CHUNK, seed=0):
     torch.manual_seed(seed)
     return BSBRAttention(HIDDEN, HEADS, chunk_size, compression_factor=compression_factor).eval()
-
-
-def make_standard(seed=0):
-    torch.manual_seed(seed)
-    return StandardAttention(HIDDEN, HEADS).eval()
 
 
 def random_hidden(batch, seq_len, seed=1):
@@ -130,20 +126,8 @@ def test_bsbr_full_call_with_return_state_equals_plain_call(compression):
     assert state.num_tokens == SEQ
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-@pytest.mark.parametrize("batch", [1, 3])
-def test_standard_pieces_equal_full_forward(schedule, batch):
-    attn = make_standard()
-    x = random_hidden(batch, SEQ)
-    with torch.no_grad():
-        full = attn(x)
-        pieces, state = stream(attn, x, SCHEDULES[schedule])
-    torch.testing.assert_close(pieces, full, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("name,extra", [("bsbr", {"chunk_size": CHUNK}),
-                                        ("bsbr", {"chunk_size": CHUNK, "compression_factor": 4}),
-                                        ("standard", {})])
+# every architecture at its registry defaults: tests/test_contract.py
+@pytest.mark.parametrize("name,extra", [("bsbr", {"chunk_size": CHUNK, "compression_factor": 4})])
 @pytest.mark.parametrize("pieces", [[1] * 21, [5, 3, 8, 1, 4], [4, 4, 13]])
 def test_model_trunk_pieces_equal_full_forward(name, extra, pieces):
     torch.manual_seed(0)
@@ -259,9 +243,8 @@ def test_state_is_smaller_than_a_kv_cache_for_long_inputs():
 # --------------------------------------------------------------------------------------------- isolation
 
 
-@pytest.mark.parametrize("kind", ["bsbr", "bsbr_compressed", "standard"])
-def test_rows_never_influence_each_other(kind):
-    layer = {"bsbr": make_bsbr, "bsbr_compressed": lambda: make_bsbr(4), "standard": make_standard}[kind]()
+def test_rows_never_influence_each_other_with_compression():  # every architecture: tests/test_contract.py
+    layer = make_bsbr(4)
     x = random_hidden(2, SEQ)
     changed = x.clone()
     changed[0] += 2.0 * random_hidden(1, SEQ, seed=5)[0]
@@ -277,9 +260,8 @@ def test_rows_never_influence_each_other(kind):
     torch.testing.assert_close(streamed_changed[1], streamed[1], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["bsbr", "bsbr_compressed", "standard"])
-def test_a_state_never_leaks_into_a_fresh_call(kind):
-    layer = {"bsbr": make_bsbr, "bsbr_compressed": lambda: make_bsbr(4), "standard": make_standard}[kind]()
+def test_a_state_never_leaks_into_a_fresh_call_with_compression():  # every architecture: tests/test_contract.py
+    layer = make_bsbr(4)
     a, b = random_hidden(2, 17, seed=1), random_hidden(2, 13, seed=2)
     with torch.no_grad():
         b_alone = layer(b)
@@ -290,45 +272,10 @@ def test_a_state_never_leaks_into_a_fresh_call(kind):
         b_again_stateful, b_state = layer(b, return_state=True)
     assert torch.equal(b_again, b_alone)
     assert torch.equal(b_again_stateful, b_alone_stateful)
-    if kind != "standard":
-        assert b_state.num_tokens == 13 and a_state.num_tokens == 17
-
-
-def test_model_trunk_state_never_leaks_into_a_fresh_call():
-    torch.manual_seed(0)
-    model = build_model("bsbr", vocab_size=50, hidden_dim=HIDDEN, num_layers=2, num_heads=HEADS, ff_dim=64,
-                        chunk_size=CHUNK).eval()
-    a, b = torch.randint(0, 50, (1, 15)), torch.randint(0, 50, (1, 9))
-    with torch.no_grad():
-        b_alone = model(b)
-        model(a, return_state=True)
-        b_again, _ = model(b, return_state=True)
-    assert torch.equal(b_again, b_alone)
+    assert b_state.num_tokens == 13 and a_state.num_tokens == 17
 
 
 # --------------------------------------------------------------------------------------------- stateful misuse
-
-STATE_NAME = r"\bstate\b"  # the argument `state`, not "hidden_states"
-
-
-@pytest.mark.parametrize("make", [make_bsbr, make_standard], ids=["bsbr", "standard"])
-def test_state_from_another_batch_size_raises(make):
-    layer = make()
-    with torch.no_grad():
-        _, state = layer(random_hidden(2, 6), return_state=True)
-        with pytest.raises(ValueError, match=STATE_NAME):
-            layer(random_hidden(3, 2), state=state)
-        with pytest.raises(ValueError, match=STATE_NAME):
-            layer(random_hidden(1, 2), state=state, return_state=True)
-
-
-@pytest.mark.parametrize("make", [make_bsbr, make_standard], ids=["bsbr", "standard"])
-def test_state_from_another_module_instance_raises(make):
-    first, second = make(seed=0), make(seed=0)  # same configuration, different instances
-    with torch.no_grad():
-        _, state = first(random_hidden(1, 6), return_state=True)
-        with pytest.raises(ValueError, match=STATE_NAME):
-            second(random_hidden(1, 2), state=state)
 
 
 def test_bsbr_state_after_chunk_size_change_raises():

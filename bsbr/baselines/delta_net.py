@@ -34,28 +34,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
-from bsbr.attention import attend_packed, validate_attention_mask
+from bsbr._checks import check_per_head_qkv, check_positive_int
+from bsbr.layer import AttentionLayer
 
 __all__ = ["DeltaNet", "DeltaNetState", "delta_rule_chunkwise", "delta_rule_recurrent"]
 
 #: ``eps`` of the per-head L2 normalisation of queries and keys (``F.normalize``).
 L2_NORM_EPS = 1e-6
 
+#: dtypes the triangular solve runs in directly; others (bfloat16, float16) are solved in float32.
+_SOLVE_DTYPES = (torch.float32, torch.float64)
+
 
 def _check_inputs(q, k, v, beta, state):
     """Shapes of per-head ``q, k`` ``[b, h, n, d_k]``, ``v`` ``[b, h, n, d_v]``, ``beta`` ``[b, h, n]``, ``S``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
+    check_per_head_qkv(q, k, v)
     if not isinstance(beta, torch.Tensor) or beta.shape != q.shape[:3]:
         raise ValueError(f"beta must be [batch, heads, seq_len] = {list(q.shape[:3])}, "
                          f"got {list(beta.shape) if isinstance(beta, torch.Tensor) else type(beta).__name__}")
-    if q.shape[2] < 1:
-        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
     if any(t.dtype != q.dtype for t in (k, v, beta)):
         raise ValueError(f"q, k, v, beta must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {beta.dtype}")
     batch, heads, _, d_k = q.shape
@@ -102,7 +98,9 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     :func:`delta_rule_recurrent` up to rounding.
 
     ``W, U`` of all chunks come from one batched unit-lower-triangular solve (``torch.linalg.solve_triangular``);
-    only the carry of ``S`` between chunks is a loop. The last chunk may be partial: zero keys, values, queries and
+    only the carry of ``S`` between chunks is a loop. torch has no CPU triangular solve in bfloat16 or float16, so
+    in those dtypes that one step is computed in float32 and rounded back (what autocast does in training); the
+    rest runs in the inputs' dtype, and float32/float64 results are unchanged. The last chunk may be partial: zero keys, values, queries and
     ``β = 0`` are appended internally, which leave ``S`` unchanged.
 
     Args:
@@ -140,7 +138,13 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         torch.mul(v, beta, out=rhs[..., d_k:])
     # A = I + tril(diag(β) K Kᵀ, −1): solve_triangular(upper=False, unitriangular=True) reads only the strictly lower
     # triangle of its matrix and takes the diagonal as ones, so diag(β) K Kᵀ itself stands for A (no masking).
-    wu = torch.linalg.solve_triangular(rhs[..., :d_k] @ k.transpose(-1, -2), rhs, upper=False, unitriangular=True)
+    # torch has no CPU triangular solve in half precision: bfloat16/float16 solve in float32 (as under autocast),
+    # then round back; float32 and float64 are solved in their own dtype.
+    system = rhs[..., :d_k] @ k.transpose(-1, -2)
+    if system.dtype in _SOLVE_DTYPES:
+        wu = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    else:
+        wu = torch.linalg.solve_triangular(system.float(), rhs.float(), upper=False, unitriangular=True).to(q.dtype)
     w, u = wu[..., :d_k], wu[..., d_k:]  # views: W = T diag(β) K, U = T diag(β) V (bmm takes their row stride)
     scores = torch.matmul(q, k.transpose(-1, -2)).tril_()  # tril(Q Kᵀ): [chunks, groups, C, C]
     k_t = k.transpose(-1, -2)  # [chunks, groups, d_k, C]
@@ -188,7 +192,7 @@ class DeltaNetState:
         return self.memory.numel() * self.memory.element_size()
 
 
-class DeltaNet(nn.Module):
+class DeltaNet(AttentionLayer):
     """Multi-head DeltaNet layer (Schlag et al. 2021, arXiv 2102.11174; chunkwise form of Yang et al. 2024,
     arXiv 2406.06484). Conventions and feature map: see the module docstring.
 
@@ -200,20 +204,21 @@ class DeltaNet(nn.Module):
         num_heads: heads; ``head_dim = hidden_dim // num_heads``.
         dropout: dropout probability on the attention output before ``out_proj`` (training only), in [0, 1).
         chunk_size: tokens per chunk of :func:`delta_rule_chunkwise` (>= 1); it changes speed, not the result.
+    ``forward(hidden_states, attention_mask=None, state=None, return_state=False)`` as
+    :meth:`bsbr.layer.AttentionLayer.forward`; the streaming state is a :class:`DeltaNetState`.
+
     Raises:
         ValueError: invalid arguments (see :meth:`forward` for its own).
     """
 
+    state_type = DeltaNetState
+    span_settings = ("chunk_size",)
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, chunk_size: int = 64):
-        super().__init__()
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
+        super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(chunk_size=chunk_size)
-        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, hidden_dim // num_heads
-        self.dropout, self.chunk_size = dropout, chunk_size
-        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.chunk_size = chunk_size
+        self._add_projections("q_proj", "k_proj", "v_proj")
         self.b_proj = nn.Linear(hidden_dim, num_heads)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
@@ -222,47 +227,15 @@ class DeltaNet(nn.Module):
         check_positive_int(batch_size=batch_size)
         return self.q_proj.weight.element_size() * batch_size * self.num_heads * self.head_dim ** 2
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                state: DeltaNetState | None = None, return_state: bool = False):
-        """DeltaNet over ``hidden_states``, optionally continuing a streaming ``state``.
-
-        Args:
-            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
-            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
-                real tokens are processed as that sequence alone, padded positions output zeros.
-            state: a :class:`DeltaNetState` this module returned; the new tokens continue that sequence (feeding a
-                sequence in any pieces gives the outputs of one full forward).
-            return_state: also return the state after these tokens.
-        Returns:
-            ``[batch, seq_len, hidden_dim]``, or ``(output, DeltaNetState)`` with ``return_state=True``.
-        Raises:
-            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
-            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
-                streaming call), a ``state`` from another module or batch size.
-        """
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
-        mask = validate_attention_mask(attention_mask, batch, seq_len)
-        check_positive_int(chunk_size=self.chunk_size)
-        if state is not None:
-            check_state(state, DeltaNetState, batch, id(self), hidden_states)
-
-        def empty():
-            d = self.head_dim
-            return DeltaNetState(batch, id(self), 0, hidden_states.new_zeros(batch, self.num_heads, d, d))
-
-        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+    def _empty_state(self, batch: int, like: torch.Tensor) -> DeltaNetState:
+        return DeltaNetState(batch, id(self), 0, like.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim))
 
     def project(self, hidden_states: torch.Tensor):
         """Per-head ``q, k`` (unit vectors), ``v`` ``[batch, heads, L, head_dim]`` and ``β`` ``[batch, heads, L]``
         of ``hidden_states`` ``[batch, L, hidden_dim]`` (what :func:`delta_rule_chunkwise` consumes)."""
-        batch, length, _ = hidden_states.shape
-
-        def heads(x):  # [batch, L, hidden_dim] -> [batch, heads, L, head_dim]
-            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-        q = F.normalize(F.silu(heads(self.q_proj(hidden_states))), dim=-1, eps=L2_NORM_EPS)
-        k = F.normalize(F.silu(heads(self.k_proj(hidden_states))), dim=-1, eps=L2_NORM_EPS)
-        v = heads(self.v_proj(hidden_states))
+        q = F.normalize(F.silu(self.split_heads(self.q_proj(hidden_states))), dim=-1, eps=L2_NORM_EPS)
+        k = F.normalize(F.silu(self.split_heads(self.k_proj(hidden_states))), dim=-1, eps=L2_NORM_EPS)
+        v = self.split_heads(self.v_proj(hidden_states))
         beta = torch.sigmoid(self.b_proj(hidden_states)).transpose(1, 2)  # [batch, heads, L]
         return q, k, v, beta
 
@@ -272,7 +245,7 @@ class DeltaNet(nn.Module):
         q, k, v, beta = self.project(hidden_states)
         out, memory = delta_rule_chunkwise(q, k, v, beta, self.chunk_size, None if state is None else state.memory)
         out = F.dropout(out, self.dropout, self.training)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))  # [batch, L, hidden_dim]
+        out = self.out_proj(self.merge_heads(out))  # [batch, L, hidden_dim]
         if not return_state:
             return out
         seen = 0 if state is None else state.num_tokens

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
-from bsbr.attention import attend_packed, validate_attention_mask
+from bsbr._checks import check_positive_int
+from bsbr.layer import AttentionLayer
 
 __all__ = ["GAU", "GAUState"]
 
@@ -65,7 +65,7 @@ class GAUState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class GAU(nn.Module):
+class GAU(AttentionLayer):
     """FLASH gated attention unit (single head) with mixed chunk attention; see the module docstring.
 
     Parameters: ``u_proj, v_proj`` (``nn.Linear(hidden_dim, expansion·hidden_dim)``), ``z_proj``
@@ -80,17 +80,21 @@ class GAU(nn.Module):
         chunk_size: tokens per chunk ``C`` (>= 1).
         qk_dim: width ``s`` of the shared query/key representation ``z`` (>= 1).
         expansion: ``e``, width of ``u`` and ``v`` is ``e·hidden_dim`` (>= 1).
+    ``forward(hidden_states, attention_mask=None, state=None, return_state=False)`` as
+    :meth:`bsbr.layer.AttentionLayer.forward` (chunks counted from each row's first real token); the streaming state
+    is a :class:`GAUState`, which must come from a module with the same ``chunk_size``.
+
     Raises:
         ValueError: invalid arguments (see :meth:`forward` for its own).
     """
 
+    state_type = GAUState
+    span_settings = state_settings = ("chunk_size",)
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, chunk_size: int = 128,
                  qk_dim: int = 128, expansion: int = 2):
-        super().__init__()
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
+        super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(chunk_size=chunk_size, qk_dim=qk_dim, expansion=expansion)
-        self.hidden_dim, self.num_heads, self.dropout = hidden_dim, num_heads, dropout
         self.chunk_size, self.qk_dim, self.expansion = chunk_size, qk_dim, expansion
         inner = expansion * hidden_dim
         self.u_proj = nn.Linear(hidden_dim, inner)
@@ -100,40 +104,11 @@ class GAU(nn.Module):
         self.beta = nn.Parameter(torch.zeros(4, qk_dim))
         self.out_proj = nn.Linear(inner, hidden_dim)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                state: GAUState | None = None, return_state: bool = False):
-        """GAU over ``hidden_states``, optionally continuing a :class:`GAUState`.
-
-        Args:
-            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
-            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
-                real tokens are processed as that sequence alone (chunks counted from its first real token), padded
-                positions output zeros.
-            state: a :class:`GAUState` this module returned; the new tokens continue that sequence.
-            return_state: also return the state after these tokens.
-        Returns:
-            ``[batch, seq_len, hidden_dim]``, or ``(output, GAUState)`` with ``return_state=True``.
-        Raises:
-            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
-            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
-                streaming call), a ``state`` from another module, batch size or ``chunk_size``.
-        """
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.z_proj.weight.dtype)
-        mask = validate_attention_mask(attention_mask, batch, seq_len)
-        check_positive_int(chunk_size=self.chunk_size)
-        if state is not None:
-            check_state(state, GAUState, batch, id(self), hidden_states)
-            if state.chunk_size != self.chunk_size:
-                raise ValueError(f"state was built with chunk_size={state.chunk_size}, this module uses "
-                                 f"chunk_size={self.chunk_size}; start a fresh sequence (state=None)")
-
-        def empty():
-            inner = self.expansion * self.hidden_dim
-            keys = hidden_states.new_zeros(batch, 0, self.qk_dim)
-            values, kv = hidden_states.new_zeros(batch, 0, inner), hidden_states.new_zeros(batch, self.qk_dim, inner)
-            return GAUState(self.chunk_size, batch, id(self), 0, keys, keys.clone(), values, kv)
-
-        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+    def _empty_state(self, batch: int, like: torch.Tensor) -> GAUState:
+        inner = self.expansion * self.hidden_dim
+        keys, values = like.new_zeros(batch, 0, self.qk_dim), like.new_zeros(batch, 0, inner)
+        return GAUState(self.chunk_size, batch, id(self), 0, keys, keys.clone(), values,
+                        like.new_zeros(batch, self.qk_dim, inner))
 
     def _attend(self, hidden_states: torch.Tensor, state: GAUState | None, return_state: bool):
         batch, length, _ = hidden_states.shape

@@ -29,16 +29,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
-from bsbr.attention import attend_packed, validate_attention_mask
+from bsbr._checks import check_positive_int
 from bsbr.baselines.standard import KVCache
+from bsbr.layer import AttentionLayer
 
 __all__ = ["HopfieldAttention"]
 
 
-class HopfieldAttention(nn.Module):
+class HopfieldAttention(AttentionLayer):
     """Causal multi-head Hopfield retrieval with ``q_proj, k_proj, v_proj, out_proj`` (``nn.Linear(hidden_dim,
     hidden_dim)``); see the module docstring for the update rule.
 
@@ -50,63 +49,32 @@ class HopfieldAttention(nn.Module):
         beta: inverse temperature ``β > 0`` of every softmax; None means ``1/sqrt(head_dim)``.
         num_updates: softmax retrievals per token (>= 1): ``num_updates - 1`` inner updates in key space, then the
             read-out through the values. 1 is softmax attention with scale ``β``.
+    ``forward(hidden_states, attention_mask=None, state=None, return_state=False)`` as
+    :meth:`bsbr.layer.AttentionLayer.forward`; the streaming state is a :class:`~bsbr.baselines.standard.KVCache`.
+
     Raises:
         ValueError: invalid arguments (see :meth:`forward` for its own).
     """
 
+    state_type = KVCache
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, beta: float | None = None,
                  num_updates: int = 1):
-        super().__init__()
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
+        super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(num_updates=num_updates)
-        head_dim = hidden_dim // num_heads
         if beta is None:
-            beta = 1.0 / math.sqrt(head_dim)
+            beta = 1.0 / math.sqrt(self.head_dim)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"beta must be a finite number > 0 (or None for 1/sqrt(head_dim)), got {beta!r}")
-        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, head_dim
-        self.dropout, self.beta, self.num_updates = dropout, float(beta), num_updates
-        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.beta, self.num_updates = float(beta), num_updates
+        self._add_projections("q_proj", "k_proj", "v_proj", "out_proj")
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                state: KVCache | None = None, return_state: bool = False):
-        """Causal Hopfield retrieval over ``hidden_states``, optionally continuing a KV cache.
-
-        Args:
-            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
-            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
-                real tokens are processed as that sequence alone, padded positions output zeros.
-            state: a :class:`~bsbr.baselines.standard.KVCache` this module returned; the new tokens continue that
-                sequence.
-            return_state: also return the cache after these tokens.
-        Returns:
-            ``[batch, seq_len, hidden_dim]``, or ``(output, KVCache)`` with ``return_state=True``.
-        Raises:
-            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
-            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
-                streaming call), a ``state`` from another module or batch size.
-        """
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
-        mask = validate_attention_mask(attention_mask, batch, seq_len)
-        if state is not None:
-            check_state(state, KVCache, batch, id(self), hidden_states)
-
-        def empty():
-            none = hidden_states.new_zeros(batch, self.num_heads, 0, self.head_dim)
-            return KVCache(batch, id(self), 0, none, none.clone())
-
-        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+    def _empty_state(self, batch: int, like: torch.Tensor) -> KVCache:
+        return KVCache.empty(batch, id(self), self.num_heads, self.head_dim, like)
 
     def _attend(self, hidden_states: torch.Tensor, state: KVCache | None, return_state: bool):
         batch, length, _ = hidden_states.shape
-        xi, k, v = (
-            proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )  # [batch, heads, L, head_dim]
+        xi, k, v = (self.split_heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         seen = 0 if state is None else state.num_tokens
         if seen:
             k, v = torch.cat([state.key, k], dim=2), torch.cat([state.value, v], dim=2)  # [batch, heads, seen + L, d]
@@ -119,7 +87,7 @@ class HopfieldAttention(nn.Module):
             xi = F.scaled_dot_product_attention(xi, k, k, scale=self.beta, **causal)
         out = F.scaled_dot_product_attention(xi, k, v, dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.beta, **causal)  # [batch, heads, L, head_dim]
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))
+        out = self.out_proj(self.merge_heads(out))
         if not return_state:
             return out
         return out, KVCache(batch, id(self), seen + length, k, v)

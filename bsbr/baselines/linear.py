@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
-from bsbr.attention import attend_packed, validate_attention_mask
+from bsbr._checks import check_per_head_qkv, check_positive_int
+from bsbr.layer import AttentionLayer
 
 __all__ = [
     "LINEAR_ATTENTION_EPS",
@@ -51,14 +50,7 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 def _check_qkv(q, k, v, state):
     """Shapes of per-head ``q, k, v`` ``[batch, heads, seq_len, head_dim]`` and of a carried ``(S, z)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q and k must share a shape and v its first three dimensions; got q {list(q.shape)}, "
-                         f"k {list(k.shape)}, v {list(v.shape)}")
-    if q.shape[2] < 1:
-        raise ValueError("q, k, v must hold at least one token (seq_len >= 1)")
+    check_per_head_qkv(q, k, v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, _, d_k = q.shape
@@ -165,7 +157,7 @@ class LinearAttentionState:
         return sum(t.numel() * t.element_size() for t in (self.key_value, self.key_sum))
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(AttentionLayer):
     """Multi-head causal linear attention (Katharopoulos et al. 2020, arXiv 2006.16236), chunkwise form.
 
     ``q, k = elu(q_proj(x)) + 1, elu(k_proj(x)) + 1`` per head, ``v = v_proj(x)``, then
@@ -176,21 +168,21 @@ class LinearAttention(nn.Module):
         num_heads: heads; ``head_dim = hidden_dim // num_heads``.
         dropout: dropout probability on the attention output before ``out_proj`` (training only), in [0, 1).
         chunk_size: tokens per chunk of the chunkwise form (>= 1); it changes speed and memory, not the result.
+    ``forward(hidden_states, attention_mask=None, state=None, return_state=False)`` as
+    :meth:`bsbr.layer.AttentionLayer.forward`; the streaming state is a :class:`LinearAttentionState`.
+
     Raises:
         ValueError: invalid arguments (see :meth:`forward` for its own).
     """
 
+    state_type = LinearAttentionState
+    span_settings = ("chunk_size",)
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, chunk_size: int = 64):
-        super().__init__()
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
+        super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(chunk_size=chunk_size)
-        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, hidden_dim // num_heads
-        self.dropout, self.chunk_size = dropout, chunk_size
-        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.chunk_size = chunk_size
+        self._add_projections("q_proj", "k_proj", "v_proj", "out_proj")
 
     def state_nbytes(self, batch_size: int = 1) -> int:
         """Bytes of a :class:`LinearAttentionState` (any length): ``element_size · batch · heads · (d² + d)``."""
@@ -198,49 +190,20 @@ class LinearAttention(nn.Module):
         d = self.head_dim
         return self.q_proj.weight.element_size() * batch_size * self.num_heads * (d * d + d)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                state: LinearAttentionState | None = None, return_state: bool = False):
-        """Causal linear attention over ``hidden_states``, optionally continuing a streaming ``state``.
-
-        Args:
-            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
-            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
-                real tokens are processed as that sequence alone, padded positions output zeros.
-            state: a :class:`LinearAttentionState` this module returned; the new tokens continue that sequence
-                (feeding a sequence in any pieces gives the outputs of one full forward).
-            return_state: also return the state after these tokens.
-        Returns:
-            ``[batch, seq_len, hidden_dim]``, or ``(output, LinearAttentionState)`` with ``return_state=True``.
-        Raises:
-            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
-            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
-                streaming call), a ``state`` from another module or batch size.
-        """
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
-        mask = validate_attention_mask(attention_mask, batch, seq_len)
-        check_positive_int(chunk_size=self.chunk_size)
-        if state is not None:
-            check_state(state, LinearAttentionState, batch, id(self), hidden_states)
-
-        def empty():
-            d = self.head_dim
-            return LinearAttentionState(batch, id(self), 0, hidden_states.new_zeros(batch, self.num_heads, d, d),
-                                        hidden_states.new_zeros(batch, self.num_heads, d))
-
-        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+    def _empty_state(self, batch: int, like: torch.Tensor) -> LinearAttentionState:
+        d = self.head_dim
+        return LinearAttentionState(batch, id(self), 0, like.new_zeros(batch, self.num_heads, d, d),
+                                    like.new_zeros(batch, self.num_heads, d))
 
     def _attend(self, hidden_states: torch.Tensor, state: LinearAttentionState | None, return_state: bool):
         """Unpadded core: ``[batch, L, hidden_dim]`` (continuing ``state``) -> output (and the new state)."""
         batch, length, _ = hidden_states.shape
-        q, k, v = (
-            proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )  # [batch, heads, L, head_dim]
+        q, k, v = (self.split_heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         carried = None if state is None else (state.key_value, state.key_sum)
         out, key_value, key_sum = linear_attention_chunkwise(elu_feature_map(q), elu_feature_map(k), v,
                                                              self.chunk_size, carried)
         out = F.dropout(out, self.dropout, self.training)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))  # [batch, L, hidden_dim]
+        out = self.out_proj(self.merge_heads(out))  # [batch, L, hidden_dim]
         if not return_state:
             return out
         seen = 0 if state is None else state.num_tokens

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bsbr._checks import check_dropout, check_heads, check_hidden_states, check_positive_int, check_state
-from bsbr.attention import attend_packed, validate_attention_mask
+from bsbr._checks import check_positive_int
+from bsbr.layer import AttentionLayer
 
 __all__ = ["SlidingWindowAttention", "WindowCache", "sliding_window_attention"]
 
@@ -56,17 +55,28 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 
     Args:
         query: ``[batch, heads, L, d]`` — the last ``L`` positions of the key sequence.
-        key, value: ``[batch, heads, c + L, d]`` with ``0 <= c <= window_size - 1`` cached positions first.
+        key: ``[batch, heads, c + L, d]`` with ``0 <= c <= window_size - 1`` cached positions first.
+        value: ``[batch, heads, c + L, d_v]`` (``d_v`` may differ from ``d``).
         window_size: query ``t`` (key position ``c + t``) sees key positions ``c + t - window_size + 1 .. c + t``
             (those that exist).
         dropout_p: dropout on the attention weights.
     Returns:
-        ``[batch, heads, L, d]``.
+        ``[batch, heads, L, d_v]``.
     Raises:
-        ValueError: ``window_size < 1`` or more than ``window_size - 1`` cached positions.
+        ValueError: ``window_size < 1``, ``query``/``key``/``value`` not 4-D or of inconsistent shapes, or more than
+            ``window_size - 1`` cached positions.
     """
     check_positive_int(window_size=window_size)
-    batch, heads, length, head_dim = query.shape
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq_len, head_dim]")
+    if key.shape[:2] != query.shape[:2] or key.shape[3] != query.shape[3]:
+        raise ValueError(f"key must be [batch, heads, c + L, d] like query {list(query.shape)}, got {list(key.shape)}")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value must be [batch, heads, c + L, d_v] with the batch, heads and positions of key "
+                         f"{list(key.shape)}, got {list(value.shape)}")
+    batch, heads, length, _ = query.shape
+    head_dim = value.shape[3]  # d_v: the output's head size
     cached = key.shape[2] - length
     w = window_size
     if not 0 <= cached <= w - 1:
@@ -127,7 +137,7 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return output.transpose(1, 2)  # [batch, heads, L, d], a view of token-major [batch, L, heads, d]
 
 
-class SlidingWindowAttention(nn.Module):
+class SlidingWindowAttention(AttentionLayer):
     """Causal multi-head sliding-window attention with ``q_proj, k_proj, v_proj, out_proj``
     (``nn.Linear(hidden_dim, hidden_dim)``); see the module docstring for the window semantics.
 
@@ -137,65 +147,35 @@ class SlidingWindowAttention(nn.Module):
         dropout: dropout on the attention weights during training, in [0, 1).
         window_size: tokens each token sees, itself included (>= 1); ``window_size >= seq_len`` is standard causal
             attention, ``window_size = 1`` lets each token see only itself.
+    ``forward(hidden_states, attention_mask=None, state=None, return_state=False)`` as
+    :meth:`bsbr.layer.AttentionLayer.forward` (the window counts real tokens only); the streaming state is a
+    :class:`WindowCache`, which must come from a module with the same ``window_size``.
+
     Raises:
         ValueError: invalid arguments (see :meth:`forward` for its own).
     """
 
+    state_type = WindowCache
+    span_settings = state_settings = ("window_size",)
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, window_size: int = 128):
-        super().__init__()
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
+        super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(window_size=window_size)
-        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, hidden_dim // num_heads
-        self.dropout, self.window_size = dropout, window_size
-        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.window_size = window_size
+        self._add_projections("q_proj", "k_proj", "v_proj", "out_proj")
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                state: WindowCache | None = None, return_state: bool = False):
-        """Causal sliding-window attention over ``hidden_states``, optionally continuing a :class:`WindowCache`.
-
-        Args:
-            hidden_states: ``[batch, seq_len, hidden_dim]``, ``seq_len >= 1``, the parameters' dtype.
-            attention_mask: optional ``[batch, seq_len]`` bool or integer 0/1, 1 = real token, 0 = padding; each row's
-                real tokens are processed as that sequence alone (the window counts real tokens only), padded
-                positions output zeros.
-            state: a :class:`WindowCache` this module returned; the new tokens continue that sequence.
-            return_state: also return the cache after these tokens.
-        Returns:
-            ``[batch, seq_len, hidden_dim]``, or ``(output, WindowCache)`` with ``return_state=True``.
-        Raises:
-            TypeError: ``hidden_states`` not a tensor of the parameters' dtype.
-            ValueError: bad ``hidden_states`` shape, malformed ``attention_mask`` (or unequal real-token counts in a
-                streaming call), a ``state`` from another module, batch size or ``window_size``.
-        """
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_dim, self.q_proj.weight.dtype)
-        mask = validate_attention_mask(attention_mask, batch, seq_len)
-        if state is not None:
-            check_state(state, WindowCache, batch, id(self), hidden_states)
-            if state.window_size != self.window_size:
-                raise ValueError(f"state was built with window_size={state.window_size}, this module uses "
-                                 f"window_size={self.window_size}; start a fresh sequence (state=None)")
-
-        def empty():
-            none = hidden_states.new_zeros(batch, self.num_heads, 0, self.head_dim)
-            return WindowCache(self.window_size, batch, id(self), 0, none, none.clone())
-
-        return attend_packed(self._attend, hidden_states, mask, state, return_state, empty)
+    def _empty_state(self, batch: int, like: torch.Tensor) -> WindowCache:
+        none = like.new_zeros(batch, self.num_heads, 0, self.head_dim)
+        return WindowCache(self.window_size, batch, id(self), 0, none, none.clone())
 
     def _attend(self, hidden_states: torch.Tensor, state: WindowCache | None, return_state: bool):
         batch, length, _ = hidden_states.shape
-        q, k, v = (
-            proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )  # [batch, heads, L, head_dim]
+        q, k, v = (self.split_heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         seen = 0 if state is None else state.num_tokens
         if state is not None and state.key.shape[2]:
             k, v = torch.cat([state.key, k], dim=2), torch.cat([state.value, v], dim=2)  # [batch, heads, c + L, d]
         out = sliding_window_attention(q, k, v, self.window_size, self.dropout if self.training else 0.0)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.hidden_dim))
+        out = self.out_proj(self.merge_heads(out))
         if not return_state:
             return out
         keep = min(k.shape[2], self.window_size - 1)
