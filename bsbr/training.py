@@ -53,9 +53,6 @@ BYTE_VOCAB_SIZE = 256
 EOS_BYTE = 0
 #: ``dtype`` names accepted by :func:`resolve_device_dtype`.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Architectures whose own setting is a block length (``chunk_size``) and the one whose setting is a window.
-_CHUNKED = ("bsbr", "linear", "delta_net", "gau")
-_WINDOWED = ("sliding_window",)
 _FINAL_LR_FRACTION = 0.1  # cosine decay ends at 10 % of the peak learning rate
 #: Attention layers that run in fp32 under mixed precision, because they fail under ``torch.autocast``:
 #: DeltaNet's chunkwise delta rule solves a triangular system (``torch.linalg.solve_triangular`` has no bfloat16
@@ -167,8 +164,9 @@ def model_config(name: str, hidden_dim: int, num_layers: int, num_heads: int, ff
                  vocab_size: int = BYTE_VOCAB_SIZE) -> dict:
     """``bsbr.build_model`` keyword arguments giving architecture ``name`` the common sizes.
 
-    ``chunk_size`` is the one locality length: the chunk of ``bsbr``, ``linear``, ``delta_net`` and ``gau``, and
-    the ``window_size`` of ``sliding_window``; ``standard`` and ``hopfield`` have none. Every other
+    ``chunk_size`` is the one locality length, given to the setting the architecture's registry record names as its
+    span (``Architecture.span_setting``): the chunk of ``bsbr``, ``linear``, ``delta_net`` and ``gau``, the
+    ``window_size`` of ``sliding_window``; ``standard`` and ``hopfield`` have none. Every other
     architecture-specific setting keeps its registry default (e.g. GAU's ``qk_dim=128, expansion=2``), so
     parameter counts differ slightly between architectures (count them with :func:`build_lm`).
 
@@ -182,10 +180,9 @@ def model_config(name: str, hidden_dim: int, num_layers: int, num_heads: int, ff
                        chunk_size=chunk_size, vocab_size=vocab_size)
     config = dict(vocab_size=vocab_size, hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads,
                   ff_dim=ff_dim)
-    if name in _CHUNKED:
-        config["chunk_size"] = chunk_size
-    elif name in _WINDOWED:
-        config["window_size"] = chunk_size
+    span_setting = bsbr.get_architecture(name).span_setting
+    if span_setting is not None:
+        config[span_setting] = chunk_size
     return config
 
 
