@@ -2,7 +2,7 @@
 
 * :class:`BSBRCache` is a ``transformers`` ``Cache`` whose layers hold BSBR streaming states
   (:class:`bsbr.attention.BSBRState`: the current chunk's keys/values, the finished chunks' states ``F_j = K_jᵀV_j``
-  and meta-keys; :class:`bsbr.convert.normalized.NormalizedState` for the normalised retrieval) instead of every
+  and meta-keys; :class:`bsbr.normalized.NormalizedState` for the normalised retrieval) instead of every
   token's keys and values: O(chunks·head_dim²) per layer, not O(tokens).
   Feeding a sequence to a converted model in pieces with one cache gives the logits of one full forward.
 * Padding: a converted model's 2-D ``attention_mask`` (1 = real token) is handed by a forward pre-hook on the
@@ -12,11 +12,11 @@
   own ``forward``) thus still sees the padded 4-D mask and rejects it. Each row's real tokens are processed as that
   sequence alone: chunks start at the row's first real token (:func:`packed_attention` for a full forward, one
   state per row in the cache).
-  Positions are the caller's: Llama's RoPE is relative, so a row's contiguous real tokens give the same softmax
-  scores and retrieval ``q·KᵀV`` at any offset; but compressed chunk states (``compression_factor``) and the
-  normalised retrieval's feature maps are not rotation-invariant, and GPT-2's learned positions are absolute: there,
-  pass ``position_ids`` counted from each
-  row's first real token (``(attention_mask.cumsum(-1) - 1).clamp_min(0)``; ``generate`` passes them itself).
+  Positions: with padding and no ``position_ids``, the pre-hook counts them from each row's first real token
+  (``(attention_mask.cumsum(-1) - 1).clamp_min(0)``, the last ``seq_len`` columns; what ``generate`` passes itself),
+  so a padded row gets the positions it has alone. This matters: compressed chunk states (``compression_factor``) and
+  the normalised retrieval's feature maps are not rotation-invariant under Llama's RoPE, and GPT-2's learned positions
+  are absolute. ``position_ids`` given by the caller are used as given.
 * ``generate``: the converters replace the model's ``_prepare_cache_for_generation`` (on the instance) by
   :func:`prepare_cache_for_generation`, which hands ``generate`` a fresh :class:`BSBRCache` (unless
   ``use_cache=False``); a user's ``cache=`` must be a :class:`BSBRCache`.
@@ -134,7 +134,7 @@ class BSBRCache(Cache):
     ``F = d²`` or ``d²/compression_factor``): ``element_size · (2·G·p·d + D + H·c·(F + d) + H·d²)`` bytes with
     retrieval, ``element_size · 2·G·p·d`` bytes with retrieval off (own-chunk attention only) — O(chunks·d²), not
     O(tokens). The normalised retrieval's rows: see
-    :class:`bsbr.convert.normalized.NormalizedState`.
+    :class:`bsbr.normalized.NormalizedState`.
 
     Raises:
         ValueError: ``num_layers`` not a positive integer.
@@ -245,8 +245,8 @@ def _local_step(query, key, value, state: BSBRState | None, chunk_size: int, dro
 
 
 def seed_step(layer, hidden_states, query, key, value, state: BSBRState | None, dropout_p: float):
-    """One row's cached step of a seed-formula BSBR layer (``layer.attend_step`` of :class:`bsbr.convert.llama.
-    BSBRLlamaAttention` and :class:`bsbr.convert.gpt2.BSBRGPT2Attention`).
+    """One row's cached step of a seed-formula BSBR layer (the ``step`` of :class:`bsbr.convert.retrieval.SeedMode`, any
+    family).
 
     Args:
         layer: the attention module (``chunk_size``, ``compression``, ``retrieval``, ``meta_from_means``).
@@ -318,6 +318,9 @@ def prepare_model_inputs(module, args, kwargs):
     * ``attention_mask``: None or a ``[batch, past + seq_len]`` 0/1 tensor (``past`` = the cache's
       ``get_seq_length()``); handed to the BSBR layers as ``bsbr_attention_mask`` (bool, or None when all ones); the
       model's own ``attention_mask`` is left as given.
+    * ``position_ids``: when the mask has padding and none are given, ``(attention_mask.cumsum(-1) - 1).clamp_min(0)
+      [:, -seq_len:]`` (``[batch, seq_len]``, counted from each row's first real token, as ``generate`` does), so a
+      padded row's real tokens get the positions they have alone.
     Returns ``((), kwargs)`` with every argument by name.
 
     Raises:
@@ -355,6 +358,8 @@ def prepare_model_inputs(module, args, kwargs):
         if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
         padding = None if bool(mask.all()) else mask.bool()
+        if padding is not None and inputs is not None and bound.get("position_ids") is None:
+            bound["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs.shape[1]:]
     extra[MASK_KEYWORD] = padding
     return (), {**bound, **extra}
 
