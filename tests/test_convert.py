@@ -431,3 +431,38 @@ def test_notebook_provenance_plots_and_no_errors(conversion_smoke):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     for name in ("conversion_similarity.png", "per_chunk_and_layer.png", "calibrated.safetensors"):
         assert (conversion_smoke["out"] / name).stat().st_size > 1000
+
+
+def test_a_third_family_is_one_subclass_and_one_entry(monkeypatch):
+    """Mistral's attention is Llama's (projections, GQA, RoPE): its converted class names only the HF classes it
+    replaces, and one FAMILIES entry makes convert_to_bsbr, both retrievals, padding and the cache take it."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.models.mistral.modeling_mistral import MistralAttention, MistralModel
+
+    from bsbr.convert import FAMILIES, BSBRCache
+
+    class BSBRMistralAttention(BSBRLlamaAttention):
+        source_class, base_model_class = MistralAttention, MistralModel
+
+    monkeypatch.setitem(FAMILIES, "mistral", BSBRMistralAttention)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=None)
+    original = MistralForCausalLM(config).eval()
+    x = tokens()
+    with torch.no_grad():
+        expected = original(x).logits
+        torch.testing.assert_close(converted_copy(original, SEQ_LEN)(x).logits, expected, atol=1e-5, rtol=0)
+        model = converted_copy(original, 5, retrieval="normalized", sink_size=1)
+        full = model(x).logits
+        cache = BSBRCache(2)
+        pieces = torch.cat([model(x[:, :7], cache=cache).logits, model(x[:, 7:], cache=cache).logits], 1)
+        mask = torch.ones_like(x)
+        mask[0, :6] = 0
+        padded = model(x, attention_mask=mask).logits[0, 6:]
+        alone = model(x[:1, 6:]).logits[0]
+    assert all(type(layer.self_attn) is BSBRMistralAttention for layer in model.model.layers)
+    torch.testing.assert_close(full[:, :5], expected[:, :5], atol=1e-5, rtol=0)  # chunk 0 is the original
+    torch.testing.assert_close(pieces, full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(padded, alone, atol=1e-4, rtol=0)

@@ -1,6 +1,6 @@
 """Incremental decoding (BSBRCache) and padding for BSBR-converted Llama and GPT-2 models (bsbr.convert.cache).
 
-Tiny random models (tests.test_convert.tiny_llama: GQA 4/2 heads, head_dim 16; tests.test_convert_gpt2.tiny_gpt2),
+Tiny random models (tests.conftest.tiny_llama: GQA 4/2 heads, head_dim 16; tests.conftest.tiny_gpt2),
 fp32, fixed seeds, odd lengths, chunk sizes 4 and 5. Families "normalized" and "gpt2_normalized" are the tiny Llama
 and GPT-2 with ``retrieval="normalized"`` (one sink token; its new parameters moved away from their init so that
 retrieval matters). Tolerance 1e-4 (absolute) on logits throughout.

@@ -51,8 +51,8 @@ def test_normalized_conversion_handles_padding_like_each_row_alone():
     (dict(sink_size=2), "apply to retrieval='normalized' only"),
     (dict(retrieval="normalized", compression_factor=3), "dividing head_dim=16"),
     (dict(retrieval="normalized", compression_factor=4, feature_dim=8), "contradicts compression_factor=4"),
-    (dict(retrieval="normalized", sink_size=9), "sink_size must be at most chunk_size=8"),
-    (dict(retrieval="normalized", sink_size=-1), "sink_size must be an integer >= 0"),
+    (dict(retrieval="normalized", sink_size=9), r"sink_size must be an integer in \[0, chunk_size=8\], got 9"),
+    (dict(retrieval="normalized", sink_size=-1), r"sink_size must be an integer in \[0, chunk_size=8\], got -1"),
     (dict(retrieval="normalized", sinks=2), r"unknown options \['sinks'\].*accepted"),
 ])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

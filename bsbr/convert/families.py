@@ -89,7 +89,7 @@ def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = Non
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(
-            f"convert_to_bsbr supports the model families {list(SUPPORTED_FAMILIES)} (config.model_type); got "
+            f"convert_to_bsbr supports the model families {list(FAMILIES)} (config.model_type); got "
             f"{type(model).__name__} with model_type={model_type!r}"
         )
     return replace_attention(model, FAMILIES[model_type], chunk_size=chunk_size,

@@ -24,6 +24,7 @@ from bsbr._checks import check_positive_int
 from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
 from bsbr.convert.cache import seed_step
 from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
+from bsbr.utils import check_sink_size
 
 __all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "chunk_local_attention"]
 
@@ -156,14 +157,12 @@ class NormalizedMode(RetrievalMode):
                 raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
                                  f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
             feature_dim = compressed
-        sink_size = options.get("sink_size", 0)
-        if not isinstance(sink_size, bool) and isinstance(sink_size, int) and sink_size > layer.chunk_size:
-            raise ValueError(f"sink_size must be at most chunk_size={layer.chunk_size}, got {sink_size}")
+        check_sink_size(options.get("sink_size", 0), layer.chunk_size)
         weight = layer.meta_q_proj.weight
         layer.compression = None
         layer.compression_factor = compression_factor
         layer.normalized = NormalizedRetrieval(layer.num_heads, layer.head_dim, feature_dim,
-                                                     **options).to(weight.device, weight.dtype)
+                                               **options).to(weight.device, weight.dtype)
 
     @staticmethod
     def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
