@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from bsbr._checks import check_positive_int
-from bsbr.attention import StateCompression, bsbr_attention, chunk_mean
-from bsbr.convert.cache import seed_step
+from bsbr.attention import BSBRState, StateCompression, bsbr_attention, chunk_mean
 from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
 from bsbr.utils import check_sink_size
 
-__all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "chunk_local_attention"]
+__all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "chunk_local_attention", "seed_step"]
 
 
 def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float = 0.0) -> torch.Tensor:
@@ -50,6 +49,81 @@ def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float =
     mask = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])  # [seq_len, seq_len]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
                                           enable_gqa=key.shape[1] != query.shape[1])
+
+
+# --- the seed formula's streaming step -------------------------------------------------------------------------------
+
+
+def _call_chunk_means(hidden_states, state: BSBRState | None, chunk_size: int):
+    """Mean hidden state of every chunk this call finishes, and the hidden-state sum of the unfinished one.
+
+    ``hidden_states``: ``[1, n, D]`` continuing ``state`` (whose ``partial_sum`` holds its partial chunk's sum).
+    Returns ``pooled [1, (p + n) // chunk_size, D]`` (row ``i`` from call chunk ``i``, as ``bsbr_attention`` wants
+    its meta rows) and ``partial_sum [1, D]``. Mirrors :meth:`bsbr.attention.BSBRAttention._attend`.
+    """
+    length = hidden_states.shape[1]
+    partial = 0 if state is None else state.num_tokens % chunk_size
+    head = min(length, chunk_size - partial) if partial else 0
+    full = (length - head) // chunk_size
+    rest = length - head - full * chunk_size
+    sums = []
+    if head:
+        sums.append(hidden_states[:, :head].sum(1, keepdim=True) + state.partial_sum[:, None])
+    if full:
+        sums.append(hidden_states[:, head: head + full * chunk_size].unflatten(1, (full, chunk_size)).sum(2))
+    if rest:
+        sums.append(hidden_states[:, head + full * chunk_size:].sum(1, keepdim=True))
+    sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [1, call chunks, D]
+    total = partial + length
+    pooled = sums[:, : total // chunk_size] / chunk_size
+    partial_sum = sums[:, -1] if total % chunk_size else torch.zeros_like(sums[:, -1])
+    return pooled, partial_sum
+
+
+def _local_step(query, key, value, state: BSBRState | None, chunk_size: int, dropout_p: float):
+    """Own-chunk causal attention (retrieval off) of ``n`` new tokens continuing ``state``: ``[1, H, n, d]`` and the
+    new state (only its ``partial_key/partial_value`` and ``num_tokens`` are used)."""
+    seen = 0 if state is None else state.num_tokens
+    partial = seen % chunk_size
+    if partial:
+        key, value = torch.cat([state.partial_key, key], dim=2), torch.cat([state.partial_value, value], dim=2)
+    length = query.shape[2]
+    key_pos = seen - partial + torch.arange(partial + length, device=query.device)
+    query_pos = seen + torch.arange(length, device=query.device)
+    mask = ((query_pos[:, None] // chunk_size == key_pos[None, :] // chunk_size)
+            & (key_pos[None, :] <= query_pos[:, None]))  # [n, partial + n]
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                            enable_gqa=key.shape[1] != query.shape[1])
+    rest = (seen + length) % chunk_size
+    empty = query.new_zeros(1, query.shape[1], 0, 0)
+    new_state = BSBRState(chunk_size, 1, 0, seen + length, key[:, :, key.shape[2] - rest:].clone(),
+                          value[:, :, value.shape[2] - rest:].clone(), None, empty, empty, empty)
+    return output, new_state
+
+
+def seed_step(layer, hidden_states, query, key, value, state: BSBRState | None, dropout_p: float):
+    """One row's cached step of a seed-formula BSBR layer (the ``step`` of :class:`bsbr.convert.retrieval.SeedMode`, any
+    family).
+
+    Args:
+        layer: the attention module (``chunk_size``, ``compression``, ``retrieval``, ``meta_from_means``).
+        hidden_states: ``[1, n, D]``; query ``[1, heads, n, d]``; key, value ``[1, kv_heads, n, d]``: the row's ``n``
+            real new tokens, continuing ``state`` (None = none yet).
+    Returns:
+        ``(output [1, heads, n, d], new_state)``: BSBR attention (:func:`bsbr.attention.bsbr_attention`) with
+        retrieval on, own-chunk attention (:func:`_local_step`) with it off.
+    """
+    if not layer.retrieval:
+        return _local_step(query, key, value, state, layer.chunk_size, dropout_p)
+    pooled, partial_sum = _call_chunk_means(hidden_states, state, layer.chunk_size)
+    meta_query, meta_key = layer.meta_from_means(pooled)
+    out, new_state = bsbr_attention(query, key, value, meta_query, meta_key, layer.chunk_size,
+                                    compression=layer.compression, dropout_p=dropout_p, state=state, return_state=True)
+    new_state.partial_sum = partial_sum
+    return out, new_state
+
+
+# --- the modes -----------------------------------------------------------------------------------------------------
 
 
 class RetrievalMode:
@@ -93,7 +167,7 @@ class SeedMode(RetrievalMode):
 
     ``compression_factor``: None or a positive integer dividing ``head_dim**2``: a learned linear map of each chunk
     state ``K_jᵀV_j`` (:class:`bsbr.attention.StateCompression`, shared by the heads of the layer). No options.
-    Streaming state: :class:`bsbr.attention.BSBRState` (:func:`bsbr.convert.cache.seed_step`).
+    Streaming state: :class:`bsbr.attention.BSBRState` (:func:`seed_step`).
     Source: BSBR (this project); chunk states are the linear-attention state of Katharopoulos et al. 2020
     (arXiv 2006.16236).
     """
@@ -116,7 +190,7 @@ class SeedMode(RetrievalMode):
         return bsbr_attention(query, key, value, meta_query, meta_key, layer.chunk_size,
                               compression=layer.compression, dropout_p=dropout_p)
 
-    step = staticmethod(seed_step)
+    step = staticmethod(seed_step)  # streaming state: bsbr.attention.BSBRState
 
     @staticmethod
     def settings(layer) -> tuple[int | None, dict]:
