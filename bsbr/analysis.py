@@ -2,13 +2,13 @@
 
 * attention maps: :func:`causal_attention_probs` (the original model's softmax attention of one layer),
   :func:`normalized_bsbr_effective_attention` (the per-key weights that a normalised BSBR layer, see
-  :mod:`bsbr.convert.normalized`, effectively puts on every earlier token), :func:`chunk_mass` (attention mass per key
+  :mod:`bsbr.normalized`, effectively puts on every earlier token), :func:`chunk_mass` (attention mass per key
   chunk), :func:`rank_agreement` (Spearman rank correlation and top-k overlap of two rankings of chunks);
 * the passkey task: :func:`passkey_sample` (a fact at a controlled depth of real filler text, a question at the end)
   and :func:`answer_exact_match` (greedy exact match of the answer scored with one teacher-forced forward);
 * :func:`wilson_interval` (binomial confidence interval of an accuracy).
 
-Conventions: ``n`` tokens, ``C = chunk_size``; tensors ``[batch, heads, ...]`` as in :mod:`bsbr.convert.normalized`;
+Conventions: ``n`` tokens, ``C = chunk_size``; tensors ``[batch, heads, ...]`` as in :mod:`bsbr.normalized`;
 queries carry RoPE; GQA keys are repeated to the query heads in HF ``repeat_kv`` order.
 """
 
@@ -19,6 +19,7 @@ import math
 import torch
 
 from bsbr._checks import check_int_at_least, check_positive_int
+from bsbr.utils import check_sink_size, repeat_kv
 
 __all__ = [
     "answer_exact_match",
@@ -31,18 +32,6 @@ __all__ = [
     "spearman",
     "wilson_interval",
 ]
-
-
-def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
-    kv_heads = x.shape[1]
-    if kv_heads < 1 or num_heads % kv_heads:
-        raise ValueError(f"{name} has {kv_heads} heads, which must divide the {num_heads} query heads")
-    return x.repeat_interleave(num_heads // kv_heads, dim=1)
-
-
-def _check_sink(sink_size, chunk_size: int) -> None:
-    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or not 0 <= sink_size <= chunk_size:
-        raise ValueError(f"sink_size must be an integer in [0, chunk_size={chunk_size}], got {sink_size!r}")
 
 
 def causal_attention_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -59,7 +48,7 @@ def causal_attention_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tens
         raise ValueError(f"query [b, h, n, d] and key [b, kv_h, n, d] expected, got {list(query.shape)}, "
                          f"{list(key.shape)}")
     n, d = query.shape[2:]
-    key = _repeat_heads(key, query.shape[1], "key")
+    key = repeat_kv(key, query.shape[1], "key")
     scores = query @ key.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, n, n]
     causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
@@ -75,7 +64,7 @@ def retrieval_weights(meta_query: torch.Tensor, meta_key: torch.Tensor, num_chun
     Returns:
         ``[batch, heads, num_chunks-1, num_chunks-1]``: row ``r`` = query chunk ``r+1``, column ``j`` = earlier chunk
         ``j`` (zero for ``j > r``); rows sum to 1. The same weights as in
-        :func:`bsbr.convert.normalized.normalized_bsbr_attention`.
+        :func:`bsbr.normalized.normalized_bsbr_attention`.
     Raises:
         ValueError: ``num_chunks < 2`` or too few meta rows.
     """
@@ -85,7 +74,7 @@ def retrieval_weights(meta_query: torch.Tensor, meta_key: torch.Tensor, num_chun
         raise ValueError(f"meta_query/meta_key need >= {retrieving} rows, got {list(meta_query.shape)}, "
                          f"{list(meta_key.shape)}")
     heads, d = meta_query.shape[1], meta_query.shape[3]
-    meta_key = _repeat_heads(meta_key[:, :, :retrieving], heads, "meta_key")
+    meta_key = repeat_kv(meta_key[:, :, :retrieving], heads, "meta_key")
     scores = meta_query[:, :, :retrieving] @ meta_key.transpose(-1, -2) / math.sqrt(d)  # [b, h, chunks-1, chunks-1]
     visible = torch.ones(retrieving, retrieving, dtype=torch.bool, device=scores.device).tril()
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
@@ -95,16 +84,16 @@ def normalized_bsbr_effective_attention(query, key, meta_query, meta_key, chunk_
                                         mix_logit: torch.Tensor, sink_size: int = 0) -> torch.Tensor:
     """The attention map a normalised BSBR layer effectively applies: ``output_t = Σ_u A_tu v_u``.
 
-    For token ``t`` in chunk ``i`` (see :mod:`bsbr.convert.normalized` for ``l_t, φ, w, g, s_t``): own-chunk keys
+    For token ``t`` in chunk ``i`` (see :mod:`bsbr.normalized` for ``l_t, φ, w, g, s_t``): own-chunk keys
     ``u <= t`` and the sink tokens get ``(1 - s_t) · softmax(q_t·k_u/sqrt(d))`` (the local softmax), a non-sink key
     ``u`` of an earlier chunk ``j`` gets ``s_t · w_ij · φ(q_t)·φ(k_u) / Z_t`` with
     ``Z_t = Σ_j w_ij Σ_{u∈j} φ(q_t)·φ(k_u)``. Chunk 0 is causal softmax attention. Every row sums to 1, and
-    ``A @ value`` equals :func:`bsbr.convert.normalized.normalized_bsbr_attention` (tests check it); the retrieved
+    ``A @ value`` equals :func:`bsbr.normalized.normalized_bsbr_attention` (tests check it); the retrieved
     share of row ``t`` (``s_t``) is the row's mass on earlier-chunk keys that are not sinks.
 
     Args:
         query: ``[batch, heads, n, d]``; key: ``[batch, kv_heads, n, d]``; meta_query, meta_key, chunk_size,
-            mix_logit ``[heads]``, sink_size: as :func:`bsbr.convert.normalized.normalized_bsbr_attention`.
+            mix_logit ``[heads]``, sink_size: as :func:`bsbr.normalized.normalized_bsbr_attention`.
         feature_map: a pair ``(query_map, key_map)`` of callables (e.g. ``layer.normalized.query_map`` and
             ``key_map``), or one callable for both.
     Returns:
@@ -113,10 +102,10 @@ def normalized_bsbr_effective_attention(query, key, meta_query, meta_key, chunk_
         ValueError: bad ``chunk_size``/``sink_size`` or shapes.
     """
     check_positive_int(chunk_size=chunk_size)
-    _check_sink(sink_size, chunk_size)
+    check_sink_size(sink_size, chunk_size)
     query_map, key_map = feature_map if isinstance(feature_map, (tuple, list)) else (feature_map, feature_map)
     batch, heads, n, d = query.shape
-    key = _repeat_heads(key, heads, "key")
+    key = repeat_kv(key, heads, "key")
     if key.shape != query.shape:
         raise ValueError(f"key must be [batch, kv_heads, {n}, {d}], got {list(key.shape)}")
     position = torch.arange(n, device=query.device)
@@ -163,7 +152,7 @@ def chunk_mass(probs: torch.Tensor, chunk_size: int, sink_size: int = 0) -> tupl
         ValueError: bad ``chunk_size``/``sink_size`` or a non-square map.
     """
     check_positive_int(chunk_size=chunk_size)
-    _check_sink(sink_size, chunk_size)
+    check_sink_size(sink_size, chunk_size)
     n = probs.shape[-1]
     if probs.dim() < 2 or probs.shape[-2] != n:
         raise ValueError(f"probs must be [..., n, n], got {list(probs.shape)}")

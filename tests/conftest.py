@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo root, and one smoke run of notebook 01 reused by the notebook and pipeline tests."""
+"""Shared fixtures: the repo root, tiny random HF models (Llama, GPT-2) for the converter tests, and one smoke run of
+notebook 01 reused by the notebook and pipeline tests."""
 
 from __future__ import annotations
 
@@ -43,6 +44,31 @@ SCALING_SMOKE = {
     "operator_seq_lens": [32, 64],
     "operator_target_seq_len": 64,
 }
+
+
+def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0):
+    """A tiny random ``LlamaForCausalLM`` in eval mode (nothing downloaded): 2 layers, hidden 64, 4 query / 2 key-value
+    heads (GQA), head_dim 16, RoPE, 256 positions, vocab 100."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn_implementation)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """A tiny random ``GPT2LMHeadModel`` in eval mode (nothing downloaded): 2 layers, hidden 64, 4 heads (head_dim 16),
+    64 learned positions, vocab 100; ``overrides`` go to ``GPT2Config``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0, attn_implementation=attn_implementation, **overrides)
+    return GPT2LMHeadModel(config).eval()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from bsbr.analysis import (
     spearman,
     wilson_interval,
 )
-from bsbr.convert.normalized import NormalizedRetrieval, normalized_bsbr_attention
+from bsbr.normalized import NormalizedRetrieval, normalized_bsbr_attention
 
 HEADS, KV_HEADS, D = 4, 2, 8
 

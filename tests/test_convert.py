@@ -11,7 +11,7 @@ import nbformat
 import pandas as pd
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, repeat_kv
 
 from bsbr.convert import (
@@ -23,19 +23,10 @@ from bsbr.convert import (
     load_pretrained,
     set_retrieval,
 )
-from tests.conftest import ROOT, run_notebook_cli
+from tests.conftest import ROOT, run_notebook_cli, tiny_llama
 
 SEQ_LEN = 23  # odd on purpose: the last chunk is partial for every chunk size below
 SPLITTING_CHUNK_SIZES = [4, 5, 8]
-
-
-def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
-    """2 layers, hidden 64, 4 query / 2 key-value heads (GQA), head_dim 16, RoPE, vocab 100; random weights."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         attn_implementation=attn_implementation)
-    return LlamaForCausalLM(config).eval()
 
 
 def tokens(batch: int = 2, length: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
@@ -382,12 +373,11 @@ def test_notebook_calibration_table(conversion_smoke):
 def test_notebook_calibrated_file_reloads_with_the_reported_perplexity(conversion_smoke, smollm2):
     from bsbr import metrics as M
     from bsbr.convert import load_conversion
-    from bsbr.convert.normalized import NormalizedBSBRLlamaAttention
     from bsbr.data import load_split, token_windows
 
     original, tokenizer = smollm2
     reloaded = load_conversion(copy.deepcopy(original), conversion_smoke["out"] / "calibrated.safetensors")
-    layers = [m for m in reloaded.modules() if isinstance(m, NormalizedBSBRLlamaAttention)]
+    layers = [m for m in reloaded.modules() if isinstance(m, BSBRLlamaAttention) and m.retrieval_mode == "normalized"]
     assert len(layers) == 30 and all(m.chunk_size == 32 and m.normalized.sink_size == 4 for m in layers)
     x = token_windows(tokenizer, load_split(ROOT / "data" / "corpus", "validation"), 64, 1)  # the notebook's window
     with torch.inference_mode():
@@ -441,3 +431,38 @@ def test_notebook_provenance_plots_and_no_errors(conversion_smoke):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     for name in ("conversion_similarity.png", "per_chunk_and_layer.png", "calibrated.safetensors"):
         assert (conversion_smoke["out"] / name).stat().st_size > 1000
+
+
+def test_a_third_family_is_one_subclass_and_one_entry(monkeypatch):
+    """Mistral's attention is Llama's (projections, GQA, RoPE): its converted class names only the HF classes it
+    replaces, and one FAMILIES entry makes convert_to_bsbr, both retrievals, padding and the cache take it."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.models.mistral.modeling_mistral import MistralAttention, MistralModel
+
+    from bsbr.convert import FAMILIES, BSBRCache
+
+    class BSBRMistralAttention(BSBRLlamaAttention):
+        source_class, base_model_class = MistralAttention, MistralModel
+
+    monkeypatch.setitem(FAMILIES, "mistral", BSBRMistralAttention)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=None)
+    original = MistralForCausalLM(config).eval()
+    x = tokens()
+    with torch.no_grad():
+        expected = original(x).logits
+        torch.testing.assert_close(converted_copy(original, SEQ_LEN)(x).logits, expected, atol=1e-5, rtol=0)
+        model = converted_copy(original, 5, retrieval="normalized", sink_size=1)
+        full = model(x).logits
+        cache = BSBRCache(2)
+        pieces = torch.cat([model(x[:, :7], cache=cache).logits, model(x[:, 7:], cache=cache).logits], 1)
+        mask = torch.ones_like(x)
+        mask[0, :6] = 0
+        padded = model(x, attention_mask=mask).logits[0, 6:]
+        alone = model(x[:1, 6:]).logits[0]
+    assert all(type(layer.self_attn) is BSBRMistralAttention for layer in model.model.layers)
+    torch.testing.assert_close(full[:, :5], expected[:, :5], atol=1e-5, rtol=0)  # chunk 0 is the original
+    torch.testing.assert_close(pieces, full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(padded, alone, atol=1e-4, rtol=0)

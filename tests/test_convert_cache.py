@@ -1,9 +1,9 @@
 """Incremental decoding (BSBRCache) and padding for BSBR-converted Llama and GPT-2 models (bsbr.convert.cache).
 
-Tiny random models (tests.test_convert.tiny_llama: GQA 4/2 heads, head_dim 16; tests.test_convert_gpt2.tiny_gpt2),
-fp32, fixed seeds, odd lengths, chunk sizes 4 and 5. Family "normalized" is the tiny Llama with
-``retrieval="normalized"`` (one sink token; its new parameters moved away from their init so that retrieval
-matters). Tolerance 1e-4 (absolute) on logits throughout.
+Tiny random models (tests.conftest.tiny_llama: GQA 4/2 heads, head_dim 16; tests.conftest.tiny_gpt2),
+fp32, fixed seeds, odd lengths, chunk sizes 4 and 5. Families "normalized" and "gpt2_normalized" are the tiny Llama
+and GPT-2 with ``retrieval="normalized"`` (one sink token; its new parameters moved away from their init so that
+retrieval matters). Tolerance 1e-4 (absolute) on logits throughout.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from bsbr.convert import convert_to_bsbr, set_retrieval
+from bsbr.convert import BSBRConvertedAttention, convert_to_bsbr, set_retrieval
 from bsbr.convert.cache import BSBRCache
-from tests.test_convert import tiny_llama
-from tests.test_convert_gpt2 import tiny_gpt2
+from tests.conftest import tiny_gpt2, tiny_llama
 
 ATOL = 1e-4
 VOCAB = 100
@@ -30,14 +29,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def converted(family: str, chunk_size: int, compression_factor: int | None = None, seed: int = 0,
               attn_implementation: str = "sdpa"):
-    model = (tiny_gpt2(attn_implementation, seed=seed) if family == "gpt2"
+    model = (tiny_gpt2(attn_implementation, seed=seed) if family.startswith("gpt2")
              else tiny_llama(attn_implementation, seed=seed))
-    if family == "normalized":
+    if family.endswith("normalized"):
         model = convert_to_bsbr(model, chunk_size, compression_factor, retrieval="normalized", sink_size=1)
         generator = torch.Generator().manual_seed(seed + 7)
         with torch.no_grad():
-            for layer in model.model.layers:
-                for parameter in layer.self_attn.normalized.parameters():
+            for layer in (m for m in model.modules() if isinstance(m, BSBRConvertedAttention)):
+                for parameter in layer.normalized.parameters():
                     parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
     else:
         model = convert_to_bsbr(model, chunk_size, compression_factor)
@@ -51,8 +50,9 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 
 CONFIGS = [("llama", 4, None), ("llama", 5, None), ("llama", 4, 4), ("llama", 5, 4), ("gpt2", 4, None),
-           ("gpt2", 5, None), ("normalized", 4, None), ("normalized", 5, 4)]
-FAMILIES = ["llama", "gpt2", "normalized"]
+           ("gpt2", 5, None), ("gpt2", 5, 4), ("normalized", 4, None), ("normalized", 5, 4),
+           ("gpt2_normalized", 4, None), ("gpt2_normalized", 5, 4)]
+FAMILIES = ["llama", "gpt2", "normalized", "gpt2_normalized"]
 
 
 def feed_in_pieces(model, x, pieces, cache):
@@ -103,8 +103,8 @@ def test_retrieval_off_works_with_the_cache(family):
         torch.testing.assert_close(pieces, full, atol=ATOL, rtol=0)
         # only the current chunk's keys and values are kept: 13 % 4 = 1 token, 2 tensors, every layer and row;
         # the normalised retrieval also keeps its sink token's key and value, and the hidden-state sum (64 values)
-        d, kv_heads = 16, (4 if family == "gpt2" else 2)
-        per_row = 2 * kv_heads * 1 * d + (2 * kv_heads * 1 * d + 64 if family == "normalized" else 0)
+        d, kv_heads = 16, (4 if family.startswith("gpt2") else 2)
+        per_row = 2 * kv_heads * 1 * d + (2 * kv_heads * 1 * d + 64 if family.endswith("normalized") else 0)
         assert cache.nbytes() == 4 * 2 * model.config.num_hidden_layers * per_row
         set_retrieval(model, True)
         with pytest.raises(ValueError, match="retrieval was switched"):
@@ -136,7 +136,7 @@ def test_generate_equals_repeated_argmax(family, chunk_size, compression):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_chunk_generation_equals_the_pretrained_model_with_its_kv_cache(family):
     """chunk_size >= every length: BSBR is the pretrained causal attention, cached or not."""
-    original = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    original = tiny_gpt2() if family.startswith("gpt2") else tiny_llama()
     model = converted(family, 64)
     ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -160,36 +160,44 @@ def padded_batch(lengths, total, side, seed=2):
 
 
 def positions(mask):
-    """Each row's positions counted from its first real token (what generate passes; GPT-2 needs it)."""
+    """Each row's positions counted from its first real token (what generate passes)."""
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 @pytest.mark.parametrize(("family", "chunk_size", "compression"), CONFIGS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_rows_alone(family, chunk_size, compression, side):
+    """No position_ids: the converted model counts them from each row's first real token (GPT-2's positions are
+    absolute, and under Llama's RoPE compressed chunk states and feature maps are not rotation-invariant: default
+    positions would shift left-padded rows by up to ~3 in the logits). Given ones are the same here."""
     model = converted(family, chunk_size, compression)
     lengths = (13, 6, 17, 9)
     ids, mask, rows = padded_batch(lengths, 17, side)
-    # Llama's RoPE is relative (softmax scores and q·KᵀV alike): default positions do. GPT-2's positions are absolute,
-    # and compressed chunk states and feature maps are not rotation-invariant: pass positions counted from each row's
-    # first real token.
-    extra = {"position_ids": positions(mask)} if family != "llama" or compression else {}
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, **extra).logits
+        logits = model(ids, attention_mask=mask).logits
+        given = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
         for i, row in enumerate(rows):
             alone = model(row[None]).logits[0]
             real = mask[i].bool()
             torch.testing.assert_close(logits[i, real], alone, atol=ATOL, rtol=0)
+    torch.testing.assert_close(given, logits, atol=0, rtol=0)
     assert torch.isfinite(logits).all()
 
 
-def test_gpt2_left_padding_needs_position_ids():
-    """Without position_ids, GPT-2 left-padded rows get shifted absolute positions: not the rows alone."""
-    model = converted("gpt2", 4)
+@pytest.mark.parametrize(("family", "compression"), [("llama", 4), ("normalized", 4), ("gpt2", None),
+                                                     ("gpt2_normalized", None)])
+def test_position_ids_given_by_the_caller_are_used_as_given(family, compression):
+    """Default positions 0..n-1 given on a left-padded batch shift the short row: not the row alone. That was the
+    fault when none were given (compressed states and feature maps are not rotation-invariant, GPT-2's positions are
+    absolute); now they are derived from the mask, and the caller's are still used as given."""
+    model = converted(family, 4, compression)
     ids, mask, rows = padded_batch((9, 17), 17, "left")
     with torch.no_grad():
-        shifted = model(ids, attention_mask=mask).logits[0, -9:]
-        assert (shifted - model(rows[0][None]).logits[0]).abs().max() > 1e-2
+        default = torch.arange(17).expand(2, 17)
+        shifted = model(ids, attention_mask=mask, position_ids=default).logits[0, -9:]
+        alone = model(rows[0][None]).logits[0]
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[0, -9:], alone, atol=ATOL, rtol=0)
+    assert (shifted - alone).abs().max() > 10 * ATOL
 
 
 def test_padded_positions_give_zero_attention_output():
@@ -208,7 +216,8 @@ def test_padded_positions_give_zero_attention_output():
 
 @pytest.mark.parametrize(("family", "chunk_size", "compression", "attn_implementation"),
                          [("llama", 4, None, "sdpa"), ("llama", 5, 4, "sdpa"), ("gpt2", 5, None, "sdpa"),
-                          ("llama", 4, None, "eager"), ("gpt2", 4, None, "eager"), ("normalized", 5, 4, "sdpa")])
+                          ("llama", 4, None, "eager"), ("gpt2", 4, None, "eager"), ("normalized", 5, 4, "sdpa"),
+                          ("gpt2_normalized", 5, 4, "sdpa")])
 def test_ragged_batched_generation_equals_each_prompt_alone(family, chunk_size, compression, attn_implementation):
     """Left-padded prompts of different lengths (one BSBR state per row) against each prompt generated alone; the
     4-D mask HF builds (sdpa or eager) is ignored by the BSBR layers."""
@@ -250,30 +259,32 @@ def test_generate_uses_the_cache_after_deepcopy_and_pickling():
 
 def test_padded_prompt_fed_in_pieces_equals_rows_alone():
     """A left-padded prompt continued through the cache (mask growing with the fed positions; positions counted
-    from each row's first real token, as generate passes them: needed with compression)."""
+    from each row's first real token, given as generate passes them, or derived from the mask when not given)."""
     model = converted("llama", 5, 4)
     ids, mask, rows = padded_batch((6, 13), 13, "left")
     cont = tokens(2, 6, seed=9)
     ids, mask = torch.cat([ids, cont], 1), torch.cat([mask, torch.ones_like(cont)], 1)
     with torch.no_grad():
-        cache = BSBRCache(model.config.num_hidden_layers)
-        logits, start = [], 0
-        for size in (4, 1, 9, 2, 3):
-            stop = start + size
-            logits.append(model(ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache,
-                                position_ids=positions(mask)[:, start:stop]).logits)
-            start = stop
-        logits = torch.cat(logits, 1)
-        for i, row in enumerate(rows):
-            alone = model(torch.cat([row, cont[i]])[None]).logits[0]
-            torch.testing.assert_close(logits[i, mask[i].bool()], alone, atol=ATOL, rtol=0)
+        for given in (True, False):
+            cache = BSBRCache(model.config.num_hidden_layers)
+            logits, start = [], 0
+            for size in (4, 1, 9, 2, 3):
+                stop = start + size
+                extra = {"position_ids": positions(mask)[:, start:stop]} if given else {}
+                logits.append(model(ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache, **extra).logits)
+                start = stop
+            logits = torch.cat(logits, 1)
+            for i, row in enumerate(rows):
+                alone = model(torch.cat([row, cont[i]])[None]).logits[0]
+                torch.testing.assert_close(logits[i, mask[i].bool()], alone, atol=ATOL, rtol=0)
 
 
 # --- the cache object --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("family", "compression"), [("llama", None), ("llama", 4), ("gpt2", None),
-                                                     ("normalized", None), ("normalized", 4)])
+                                                     ("normalized", None), ("normalized", 4),
+                                                     ("gpt2_normalized", None)])
 def test_cache_length_and_bytes(family, compression):
     model = converted(family, 4, compression)
     cache = BSBRCache(model.config.num_hidden_layers)
@@ -282,14 +293,14 @@ def test_cache_length_and_bytes(family, compression):
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
     assert cache.get_seq_length() == 10  # positions fed, padding included (HF's mask width)
-    heads, kv_heads, d, hidden = 4, (4 if family == "gpt2" else 2), 16, 64
+    heads, kv_heads, d, hidden = 4, (4 if family.startswith("gpt2") else 2), 16, 64
     features = d * d if compression is None else d * d // compression
 
     def row_bytes(n):  # fp32: 2·G·p·d + D + H·c·(F + d) + H·d², p = n % 4, c = n // 4
         p, c = n % 4, n // 4
         return 4 * (2 * kv_heads * p * d + hidden + heads * c * (features + d) + heads * d * d)
 
-    if family == "normalized":  # 2·G·(p + k)·d + D + c·(H·2f·(d + 1) + G·d) + H·2f·(d + 1), k = 1 sink, f = d / c.f.
+    if family.endswith("normalized"):  # 2·G·(p + k)·d + D + c·(H·2f·(d + 1) + G·d) + H·2f·(d + 1), k = 1 sink, f = d / c.f.
         f = d if compression is None else d // compression
 
         def row_bytes(n):
@@ -335,7 +346,8 @@ def test_dynamic_or_wrong_cache_is_rejected(family):
             model.generate(x, max_new_tokens=2, past_key_values=DynamicCache(config=model.config))
         with pytest.raises(TypeError, match="BSBRCache"):
             model(x, cache={"keys": None})
-        attention = model.transformer.h[0].attn if family == "gpt2" else model.model.layers[0].self_attn
-        extra = {} if family == "gpt2" else {"position_embeddings": (torch.ones(1, 4, 16), torch.zeros(1, 4, 16))}
+        gpt2 = family.startswith("gpt2")
+        attention = model.transformer.h[0].attn if gpt2 else model.model.layers[0].self_attn
+        extra = {} if gpt2 else {"position_embeddings": (torch.ones(1, 4, 16), torch.zeros(1, 4, 16))}
         with pytest.raises(TypeError, match="BSBRCache"):
             attention(torch.zeros(1, 4, 64), cache=dynamic, **extra)

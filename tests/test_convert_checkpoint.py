@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 
 from bsbr.convert import convert_to_bsbr, converted_copy, load_conversion, save_conversion, set_retrieval
 from bsbr.convert.checkpoint import conversion_settings, new_parameters
-from bsbr.convert.normalized import NormalizedBSBRLlamaAttention, enable_normalized_retrieval
-from tests.test_convert import tiny_llama, tokens
-from tests.test_convert_gpt2 import tiny_gpt2
+from tests.conftest import tiny_gpt2, tiny_llama
+from tests.test_convert import tokens
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 def perturb_new_parameters(model, seed=5):
@@ -22,15 +23,16 @@ def perturb_new_parameters(model, seed=5):
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
 
 
-def test_retrieval_normalized_equals_switching_a_seed_conversion():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_retrieval_normalized_adds_its_module_and_changes_the_formula(family):
     x = tokens()
-    direct = convert_to_bsbr(tiny_llama(), 8, retrieval="normalized", sink_size=2)
-    switched = enable_normalized_retrieval(convert_to_bsbr(tiny_llama(), 8), sink_size=2)
-    assert all(type(layer.self_attn) is NormalizedBSBRLlamaAttention for layer in direct.model.layers)
+    direct = convert_to_bsbr(BUILDERS[family](), 8, retrieval="normalized", sink_size=2)
+    layers = [m for m in direct.modules() if hasattr(m, "retrieval_mode")]
+    assert len(layers) == 2 and all(layer.retrieval_mode == "normalized" for layer in layers)
+    assert all(layer.compression is None and layer.normalized.sink_size == 2 for layer in layers)
     with torch.no_grad():
-        torch.testing.assert_close(direct(x).logits, switched(x).logits, atol=0, rtol=0)
-        seed = convert_to_bsbr(tiny_llama(), 8)(x).logits
-    assert (direct(x).logits - seed).abs().max() > 1e-3  # a different formula
+        seed = convert_to_bsbr(BUILDERS[family](), 8)(x).logits
+        assert (direct(x).logits - seed).abs().max() > 1e-3  # a different formula
 
 
 def test_normalized_conversion_handles_padding_like_each_row_alone():
@@ -45,43 +47,53 @@ def test_normalized_conversion_handles_padding_like_each_row_alone():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(retrieval="fancy"), "retrieval must be one of"),
+    (dict(retrieval="fancy"), r"retrieval must be one of \['seed', 'normalized'\]"),
     (dict(sink_size=2), "apply to retrieval='normalized' only"),
     (dict(retrieval="normalized", compression_factor=3), "dividing head_dim=16"),
     (dict(retrieval="normalized", compression_factor=4, feature_dim=8), "contradicts compression_factor=4"),
+    (dict(retrieval="normalized", sink_size=9), r"sink_size must be an integer in \[0, chunk_size=8\], got 9"),
+    (dict(retrieval="normalized", sink_size=-1), r"sink_size must be an integer in \[0, chunk_size=8\], got -1"),
+    (dict(retrieval="normalized", sinks=2), r"unknown options \['sinks'\].*accepted"),
 ])
-def test_bad_retrieval_arguments_raise_before_any_change(kwargs, match):
-    model = tiny_llama()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bad_retrieval_arguments_raise_before_any_change(family, kwargs, match):
+    model = BUILDERS[family]()
+    before = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match=match):
         convert_to_bsbr(model, 8, **kwargs)
-    with pytest.raises(ValueError, match="Llama family only"):
-        convert_to_bsbr(tiny_gpt2(), 8, retrieval="normalized")
+    assert [type(m) for m in model.modules()] == before
 
 
-@pytest.mark.parametrize("settings", [
-    dict(chunk_size=8),
-    dict(chunk_size=5, compression_factor=4),
-    dict(chunk_size=8, retrieval="normalized", sink_size=2),
-    dict(chunk_size=8, retrieval="normalized", tie_qk=True, feature_dim=8),
-    dict(chunk_size=8, retrieval="normalized", compression_factor=4, sink_size=1),
-], ids=["seed", "seed_compressed", "normalized", "normalized_tied", "normalized_compressed"])
-def test_save_and_load_round_trip_rebuilds_the_converted_model(tmp_path, settings):
+SETTINGS = {
+    "seed": dict(chunk_size=8),
+    "seed_compressed": dict(chunk_size=5, compression_factor=4),
+    "normalized": dict(chunk_size=8, retrieval="normalized", sink_size=2),
+    "normalized_tied": dict(chunk_size=8, retrieval="normalized", tie_qk=True, feature_dim=8),
+    "normalized_compressed": dict(chunk_size=8, retrieval="normalized", compression_factor=4, sink_size=1),
+}
+ROUND_TRIPS = [("llama", name) for name in SETTINGS] + [("gpt2", "seed"), ("gpt2", "normalized"),
+                                                        ("gpt2", "normalized_compressed")]
+
+
+@pytest.mark.parametrize(("family", "name"), ROUND_TRIPS)
+def test_save_and_load_round_trip_rebuilds_the_converted_model(tmp_path, family, name):
+    settings, build = SETTINGS[name], BUILDERS[family]
     x = tokens()
-    model = converted_copy(tiny_llama(), **settings)
+    model = converted_copy(build(), **settings)
     perturb_new_parameters(model)
     path = tmp_path / "conversion.safetensors"
     save_conversion(model, path)
-    rebuilt = load_conversion(tiny_llama(), path)  # a fresh original: same pretrained weights (same seed)
+    rebuilt = load_conversion(build(), path)  # a fresh original: same pretrained weights (same seed)
     assert conversion_settings(rebuilt) == conversion_settings(model)
+    assert conversion_settings(model)["retrieval"] == settings.get("retrieval", "seed")
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x).logits, model(x).logits, atol=0, rtol=0)
-        fresh = converted_copy(tiny_llama(), **settings)(x).logits
+        fresh = converted_copy(build(), **settings)(x).logits
     assert (fresh - model(x).logits).abs().max() > 1e-4  # the saved parameters were not the initial ones
+    layer = next(m for m in rebuilt.modules() if hasattr(m, "retrieval_mode"))
     if settings.get("tie_qk"):
-        layer = rebuilt.model.layers[0].self_attn.normalized
-        assert layer.key_map is layer.query_map
+        assert layer.normalized.key_map is layer.normalized.query_map
     if settings.get("retrieval") == "normalized" and settings.get("compression_factor"):  # head_dim 16 / 4 features
-        layer = rebuilt.model.layers[0].self_attn
         assert layer.compression_factor == 4 and layer.normalized.key_map.weight.shape == (4, 16, 4)
 
 

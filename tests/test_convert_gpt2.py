@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import DynamicCache, GPT2LMHeadModel, GPT2Model
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from bsbr.convert import (
@@ -19,19 +19,12 @@ from bsbr.convert import (
     converted_copy,
     set_retrieval,
 )
-from bsbr.convert.gpt2 import convert_gpt2
+from tests.conftest import tiny_gpt2
+from tests.test_normalized_retrieval import dense_reference
 
 SEQ_LEN = 23  # odd on purpose: the last chunk is partial for every chunk size below
 SPLITTING_CHUNK_SIZES = [4, 5, 8]
 HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
-
-
-def tiny_gpt2(attn_implementation: str = "sdpa", seed: int = 0, **overrides) -> GPT2LMHeadModel:
-    """2 layers, hidden 64, 4 heads (head_dim 16), 64 learned positions, vocab 100; random weights, eval mode."""
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=100, n_positions=64, n_embd=HIDDEN, n_layer=2, n_head=HEADS, bos_token_id=0,
-                        eos_token_id=0, attn_implementation=attn_implementation, **overrides)
-    return GPT2LMHeadModel(config).eval()
 
 
 def tokens(batch: int = 2, length: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
@@ -77,12 +70,31 @@ def dense_bsbr_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor, retrieval: bo
     return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
 
 
+def dense_normalized_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor) -> torch.Tensor:
+    """A ``retrieval="normalized"`` BSBRGPT2Attention written out: q/k/v from the Conv1D ``c_attn`` by hand, chunk means
+    by a loop, meta rows from them, the normalised formula by :func:`tests.test_normalized_retrieval.dense_reference`.
+    ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
+    batch, n, width = hidden.shape
+    heads, d, size = attn.num_heads, attn.head_dim, attn.chunk_size
+    qkv = hidden @ attn.c_attn.weight + attn.c_attn.bias  # [batch, n, 3*width]
+    q, k, v = (qkv[..., i * width: (i + 1) * width].reshape(batch, n, heads, d).transpose(1, 2) for i in range(3))
+    means = torch.stack([hidden[:, j: j + size].mean(1) for j in range(0, n, size)], dim=1)  # [batch, chunks, width]
+    meta_q = attn.meta_q_proj(means).view(batch, -1, heads, d).transpose(1, 2)  # [batch, heads, chunks, d]
+    meta_k = attn.meta_k_proj(means).view(batch, -1, heads, d).transpose(1, 2)
+    out = dense_reference(q, k, v, meta_q, meta_k, size, attn.normalized, attn.normalized.sink_size)
+    return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
+
+
 def dense_gpt2_logits(model: GPT2LMHeadModel, ids: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
-    """The converted GPT-2 written out: wte + wpe, pre-LN blocks with :func:`dense_bsbr_gpt2`, ln_f, lm_head."""
+    """The converted GPT-2 written out: wte + wpe, pre-LN blocks with :func:`dense_bsbr_gpt2` (or
+    :func:`dense_normalized_gpt2`), ln_f, lm_head."""
     t = model.transformer
     h = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))[None]
     for block in t.h:
-        h = h + dense_bsbr_gpt2(block.attn, block.ln_1(h), retrieval)
+        if block.attn.retrieval_mode == "normalized":
+            h = h + dense_normalized_gpt2(block.attn, block.ln_1(h))
+        else:
+            h = h + dense_bsbr_gpt2(block.attn, block.ln_1(h), retrieval)
         h = h + block.mlp(block.ln_2(h))
     return model.lm_head(t.ln_f(h))
 
@@ -118,6 +130,55 @@ def test_logits_match_dense_reference(chunk_size, compression_factor):
     assert weights is None
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer_out, layer_expected, atol=1e-5, rtol=1e-4)
+
+
+def normalized_gpt2(chunk_size: int, compression_factor: int | None = None, sink_size: int = 1, model=None):
+    """The tiny GPT-2 converted with ``retrieval="normalized"``, its new parameters moved off their init (as
+    calibration would) so that retrieval matters."""
+    model = convert_to_bsbr(tiny_gpt2() if model is None else model, chunk_size, compression_factor,
+                            retrieval="normalized", sink_size=sink_size)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for parameter in block.attn.normalized.parameters():
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("chunk_size", [SEQ_LEN, 64])
+def test_normalized_one_chunk_equals_original(chunk_size):
+    model = tiny_gpt2()
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+        got = normalized_gpt2(chunk_size, model=model)(x).logits
+    assert all(block.attn.retrieval_mode == "normalized" for block in model.transformer.h)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("chunk_size", "compression_factor", "sink_size"),
+                         [(4, None, 0), (5, None, 1), (8, None, 3), (5, 4, 1)])
+def test_normalized_logits_match_dense_reference(chunk_size, compression_factor, sink_size):
+    model = normalized_gpt2(chunk_size, compression_factor, sink_size)
+    x = tokens()
+    with torch.no_grad():
+        got = model(x).logits
+        expected = dense_gpt2_logits(model, x)
+        seed = convert_to_bsbr(tiny_gpt2(), chunk_size, compression_factor)(x).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[:, :chunk_size], seed[:, :chunk_size], atol=1e-5, rtol=0)  # chunk 0: original
+    assert (got[:, chunk_size:] - seed[:, chunk_size:]).abs().max() > 1e-3  # not the seed formula
+
+
+def test_normalized_retrieval_off_is_own_chunk_and_sinks():
+    model = normalized_gpt2(5, sink_size=0)
+    x = tokens()
+    with torch.no_grad():
+        own = set_retrieval(model, False)(x).logits
+        reference = set_retrieval(convert_to_bsbr(tiny_gpt2(), 5), False)(x).logits
+        retrieving = set_retrieval(model, True)(x).logits
+    torch.testing.assert_close(own, reference, atol=1e-5, rtol=0)
+    assert (retrieving[:, 5:] - own[:, 5:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("chunk_size", SPLITTING_CHUNK_SIZES)
@@ -166,7 +227,7 @@ def test_pretrained_weights_are_shared_and_meta_projections_copied():
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     old_attention = [block.attn for block in model.transformer.h]
     old_weights = [(a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias) for a in old_attention]
-    assert convert_gpt2(model, 8) is model and type(model) is GPT2LMHeadModel
+    assert convert_to_bsbr(model, 8) is model and type(model) is GPT2LMHeadModel
     assert not any(isinstance(m, GPT2Attention) for m in model.modules())
     assert model.config.use_cache is False
     after = model.state_dict()
@@ -271,8 +332,10 @@ def test_unsupported_family_lists_llama_and_gpt2():
     other.config = types.SimpleNamespace(model_type="opt")
     with pytest.raises(ValueError, match=r"\['llama', 'gpt2'\].*model_type='opt'"):
         convert_to_bsbr(other, 8)
+    no_attention = torch.nn.Linear(4, 4)
+    no_attention.config = types.SimpleNamespace(model_type="gpt2")
     with pytest.raises(ValueError, match="no GPT2Attention"):
-        convert_gpt2(torch.nn.Linear(4, 4), 8)
+        convert_to_bsbr(no_attention, 8)
 
 
 @pytest.mark.parametrize("chunk_size", [0, 2.5, True, None])
@@ -285,7 +348,7 @@ def test_bad_arguments_are_rejected_before_any_change(chunk_size):
     assert all(type(block.attn) is GPT2Attention for block in model.transformer.h)
     with pytest.raises(TypeError, match="GPT2Attention"):
         BSBRGPT2Attention(torch.nn.Linear(4, 4), 8)
-    with pytest.raises(ValueError, match="no BSBRLlamaAttention"):
+    with pytest.raises(ValueError, match="no BSBR-converted attention"):
         set_retrieval(model, False)
 
 

@@ -1,4 +1,4 @@
-"""bsbr.convert.normalized: BSBR with normalised retrieval against a dense written-out reference, exactness with
+"""bsbr.normalized: BSBR with normalised retrieval against a dense written-out reference, exactness with
 one chunk, causality, gradients, and the converted tiny Llama."""
 
 from __future__ import annotations
@@ -8,17 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from bsbr.convert import converted_copy, set_retrieval
-from bsbr.convert.normalized import (
-    HedgehogFeatureMap,
-    NormalizedBSBRLlamaAttention,
-    NormalizedRetrieval,
-    chunk_local_softmax,
-    enable_normalized_retrieval,
-    normalized_bsbr_attention,
-)
+from bsbr.convert import BSBRConvertedAttention, converted_copy, set_retrieval
+from bsbr.normalized import HedgehogFeatureMap, NormalizedRetrieval, chunk_local_softmax, normalized_bsbr_attention
+from tests.conftest import tiny_llama
 
 HEADS, KV_HEADS, D = 4, 2, 8
 
@@ -194,21 +187,14 @@ def test_bad_arguments():
         normalized_bsbr_attention(q, k, v, mq, mk, 4, "phi", module.mix_logit)
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_converted_tiny_llama():
     base = tiny_llama()
     ids = torch.randint(0, 100, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = base(ids).logits
-        one_chunk = enable_normalized_retrieval(converted_copy(base, 32))(ids).logits
-        model = enable_normalized_retrieval(converted_copy(base, 5), mix_logit=-1.0)
-        layers = [m for m in model.modules() if isinstance(m, NormalizedBSBRLlamaAttention)]
+        one_chunk = converted_copy(base, 32, retrieval="normalized")(ids).logits
+        model = converted_copy(base, 5, retrieval="normalized", mix_logit=-1.0)
+        layers = [m for m in model.modules() if isinstance(m, BSBRConvertedAttention)]
         bsbr = model(ids).logits
         set_retrieval(model, False)
         own = model(ids).logits
@@ -216,13 +202,12 @@ def test_converted_tiny_llama():
             layer.normalized.mix_logit.fill_(-300.0)
         set_retrieval(model, True)
         muted = model(ids).logits
-    assert len(layers) == 2 and all(layer.normalized.mix_logit.shape == (4,) for layer in layers)
+    assert len(layers) == 2 and all(layer.retrieval_mode == "normalized" for layer in layers)
+    assert all(layer.normalized.mix_logit.shape == (4,) for layer in layers)
     torch.testing.assert_close(one_chunk, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(bsbr[:, :5], reference[:, :5], rtol=0, atol=1e-5)  # chunk 0 unchanged
     assert (bsbr[:, 5:] - own[:, 5:]).abs().max() > 1e-4  # retrieval changes later chunks
     torch.testing.assert_close(muted, own, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="seed BSBRLlamaAttention"):
-        enable_normalized_retrieval(model)
 
 
 @pytest.mark.parametrize("student", [False, True])
@@ -233,7 +218,7 @@ def test_calibration_fits_only_new_parameters(student):
     ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(2))
     captured = capture_attention_io(base, ids)
     assert len(captured) == 2 and captured[0].hidden.shape == (2, 40, 64) and captured[1].output.shape == (2, 40, 64)
-    model = enable_normalized_retrieval(converted_copy(base, 8), sink_size=1)
+    model = converted_copy(base, 8, retrieval="normalized", sink_size=1)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
     stats = calibrate_attention_transfer(model, captured, steps=30, progress=False,
                                          student_input_ids=ids if student else None)

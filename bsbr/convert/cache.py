@@ -2,7 +2,7 @@
 
 * :class:`BSBRCache` is a ``transformers`` ``Cache`` whose layers hold BSBR streaming states
   (:class:`bsbr.attention.BSBRState`: the current chunk's keys/values, the finished chunks' states ``F_j = K_jᵀV_j``
-  and meta-keys; :class:`bsbr.convert.normalized.NormalizedState` for the normalised retrieval) instead of every
+  and meta-keys; :class:`bsbr.normalized.NormalizedState` for the normalised retrieval) instead of every
   token's keys and values: O(chunks·head_dim²) per layer, not O(tokens).
   Feeding a sequence to a converted model in pieces with one cache gives the logits of one full forward.
 * Padding: a converted model's 2-D ``attention_mask`` (1 = real token) is handed by a forward pre-hook on the
@@ -12,11 +12,11 @@
   own ``forward``) thus still sees the padded 4-D mask and rejects it. Each row's real tokens are processed as that
   sequence alone: chunks start at the row's first real token (:func:`packed_attention` for a full forward, one
   state per row in the cache).
-  Positions are the caller's: Llama's RoPE is relative, so a row's contiguous real tokens give the same softmax
-  scores and retrieval ``q·KᵀV`` at any offset; but compressed chunk states (``compression_factor``) and the
-  normalised retrieval's feature maps are not rotation-invariant, and GPT-2's learned positions are absolute: there,
-  pass ``position_ids`` counted from each
-  row's first real token (``(attention_mask.cumsum(-1) - 1).clamp_min(0)``; ``generate`` passes them itself).
+  Positions: with padding and no ``position_ids``, the pre-hook counts them from each row's first real token
+  (``(attention_mask.cumsum(-1) - 1).clamp_min(0)``, the last ``seq_len`` columns; what ``generate`` passes itself),
+  so a padded row gets the positions it has alone. This matters: compressed chunk states (``compression_factor``) and
+  the normalised retrieval's feature maps are not rotation-invariant under Llama's RoPE, and GPT-2's learned positions
+  are absolute. ``position_ids`` given by the caller are used as given.
 * ``generate``: the converters replace the model's ``_prepare_cache_for_generation`` (on the instance) by
   :func:`prepare_cache_for_generation`, which hands ``generate`` a fresh :class:`BSBRCache` (unless
   ``use_cache=False``); a user's ``cache=`` must be a :class:`BSBRCache`.
@@ -34,13 +34,12 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from bsbr.attention import BSBRState, bsbr_attention, pack_padding
+from bsbr.attention import BSBRState, pack_padding
 
 __all__ = ["BSBRCache", "BSBRCacheLayer", "attend_cached", "check_cache", "packed_attention",
-           "prepare_cache_for_generation", "prepare_model_inputs", "seed_step"]
+           "prepare_cache_for_generation", "prepare_model_inputs"]
 
 #: keyword under which the base model's pre-hook hands the 2-D padding mask to the BSBR attention layers
 MASK_KEYWORD = "bsbr_attention_mask"
@@ -134,7 +133,7 @@ class BSBRCache(Cache):
     ``F = d²`` or ``d²/compression_factor``): ``element_size · (2·G·p·d + D + H·c·(F + d) + H·d²)`` bytes with
     retrieval, ``element_size · 2·G·p·d`` bytes with retrieval off (own-chunk attention only) — O(chunks·d²), not
     O(tokens). The normalised retrieval's rows: see
-    :class:`bsbr.convert.normalized.NormalizedState`.
+    :class:`bsbr.normalized.NormalizedState`.
 
     Raises:
         ValueError: ``num_layers`` not a positive integer.
@@ -197,82 +196,13 @@ def packed_attention(attend, mask: torch.Tensor, hidden_states, query, key, valu
     return output * mask[:, None, :, None].to(output.dtype)
 
 
-def _call_chunk_means(hidden_states, state: BSBRState | None, chunk_size: int):
-    """Mean hidden state of every chunk this call finishes, and the hidden-state sum of the unfinished one.
-
-    ``hidden_states``: ``[1, n, D]`` continuing ``state`` (whose ``partial_sum`` holds its partial chunk's sum).
-    Returns ``pooled [1, (p + n) // chunk_size, D]`` (row ``i`` from call chunk ``i``, as ``bsbr_attention`` wants
-    its meta rows) and ``partial_sum [1, D]``. Mirrors :meth:`bsbr.attention.BSBRAttention._attend`.
-    """
-    length = hidden_states.shape[1]
-    partial = 0 if state is None else state.num_tokens % chunk_size
-    head = min(length, chunk_size - partial) if partial else 0
-    full = (length - head) // chunk_size
-    rest = length - head - full * chunk_size
-    sums = []
-    if head:
-        sums.append(hidden_states[:, :head].sum(1, keepdim=True) + state.partial_sum[:, None])
-    if full:
-        sums.append(hidden_states[:, head: head + full * chunk_size].unflatten(1, (full, chunk_size)).sum(2))
-    if rest:
-        sums.append(hidden_states[:, head + full * chunk_size:].sum(1, keepdim=True))
-    sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [1, call chunks, D]
-    total = partial + length
-    pooled = sums[:, : total // chunk_size] / chunk_size
-    partial_sum = sums[:, -1] if total % chunk_size else torch.zeros_like(sums[:, -1])
-    return pooled, partial_sum
-
-
-def _local_step(query, key, value, state: BSBRState | None, chunk_size: int, dropout_p: float):
-    """Own-chunk causal attention (retrieval off) of ``n`` new tokens continuing ``state``: ``[1, H, n, d]`` and the
-    new state (only its ``partial_key/partial_value`` and ``num_tokens`` are used)."""
-    seen = 0 if state is None else state.num_tokens
-    partial = seen % chunk_size
-    if partial:
-        key, value = torch.cat([state.partial_key, key], dim=2), torch.cat([state.partial_value, value], dim=2)
-    length = query.shape[2]
-    key_pos = seen - partial + torch.arange(partial + length, device=query.device)
-    query_pos = seen + torch.arange(length, device=query.device)
-    mask = ((query_pos[:, None] // chunk_size == key_pos[None, :] // chunk_size)
-            & (key_pos[None, :] <= query_pos[:, None]))  # [n, partial + n]
-    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
-                                            enable_gqa=key.shape[1] != query.shape[1])
-    rest = (seen + length) % chunk_size
-    empty = query.new_zeros(1, query.shape[1], 0, 0)
-    new_state = BSBRState(chunk_size, 1, 0, seen + length, key[:, :, key.shape[2] - rest:].clone(),
-                          value[:, :, value.shape[2] - rest:].clone(), None, empty, empty, empty)
-    return output, new_state
-
-
-def seed_step(layer, hidden_states, query, key, value, state: BSBRState | None, dropout_p: float):
-    """One row's cached step of a seed-formula BSBR layer (``layer.attend_step`` of :class:`bsbr.convert.llama.
-    BSBRLlamaAttention` and :class:`bsbr.convert.gpt2.BSBRGPT2Attention`).
-
-    Args:
-        layer: the attention module (``chunk_size``, ``compression``, ``retrieval``, ``meta_from_means``).
-        hidden_states: ``[1, n, D]``; query ``[1, heads, n, d]``; key, value ``[1, kv_heads, n, d]``: the row's ``n``
-            real new tokens, continuing ``state`` (None = none yet).
-    Returns:
-        ``(output [1, heads, n, d], new_state)``: BSBR attention (:func:`bsbr.attention.bsbr_attention`) with
-        retrieval on, own-chunk attention (:func:`_local_step`) with it off.
-    """
-    if not layer.retrieval:
-        return _local_step(query, key, value, state, layer.chunk_size, dropout_p)
-    pooled, partial_sum = _call_chunk_means(hidden_states, state, layer.chunk_size)
-    meta_query, meta_key = layer.meta_from_means(pooled)
-    out, new_state = bsbr_attention(query, key, value, meta_query, meta_key, layer.chunk_size,
-                                    compression=layer.compression, dropout_p=dropout_p, state=state, return_state=True)
-    new_state.partial_sum = partial_sum
-    return out, new_state
-
-
 def attend_cached(layer, entry: BSBRCacheLayer, hidden_states, query, key, value, new_mask, dropout_p: float):
     """Cached forward of a BSBR-converted attention ``layer``: each row's real new tokens continue its state.
 
     Args:
         layer: the attention module: ``retrieval`` and ``attend_step(hidden_states [1, n, D], query, key, value,
             state, dropout_p) -> (output [1, heads, n, d], new_state)`` for one row's ``n`` real new tokens
-            (:func:`seed_step` for the seed formula; the normalised retrieval has its own).
+            (the retrieval mode's ``step``, :mod:`bsbr.convert.retrieval`).
         entry: the layer's :class:`BSBRCacheLayer` (updated in place).
         hidden_states: ``[batch, L, D]``; query ``[batch, heads, L, d]``; key, value ``[batch, kv_heads, L, d]``.
         new_mask: ``[batch, L]`` bool (True = real token) or None (all real).
@@ -318,6 +248,9 @@ def prepare_model_inputs(module, args, kwargs):
     * ``attention_mask``: None or a ``[batch, past + seq_len]`` 0/1 tensor (``past`` = the cache's
       ``get_seq_length()``); handed to the BSBR layers as ``bsbr_attention_mask`` (bool, or None when all ones); the
       model's own ``attention_mask`` is left as given.
+    * ``position_ids``: when the mask has padding and none are given, ``(attention_mask.cumsum(-1) - 1).clamp_min(0)
+      [:, -seq_len:]`` (``[batch, seq_len]``, counted from each row's first real token, as ``generate`` does), so a
+      padded row's real tokens get the positions they have alone.
     Returns ``((), kwargs)`` with every argument by name.
 
     Raises:
@@ -355,6 +288,8 @@ def prepare_model_inputs(module, args, kwargs):
         if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
         padding = None if bool(mask.all()) else mask.bool()
+        if padding is not None and inputs is not None and bound.get("position_ids") is None:
+            bound["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs.shape[1]:]
     extra[MASK_KEYWORD] = padding
     return (), {**bound, **extra}
 

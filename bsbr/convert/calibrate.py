@@ -1,7 +1,7 @@
 """Calibrate a BSBR-converted model's new parameters by attention transfer, layer by layer.
 
 Only the parameters conversion adds are trained (``meta_q_proj``, ``meta_k_proj`` and the normalised retrieval's
-feature maps and mix logits, :mod:`bsbr.convert.normalized`); every pretrained weight stays frozen. Each converted
+feature maps and mix logits, :mod:`bsbr.normalized`); every pretrained weight stays frozen. Each converted
 attention layer is fitted to reproduce the *original* layer's attention output (after ``o_proj``) on the
 original model's own hidden states entering that layer (teacher forcing), with a mean squared error over the tokens
 that retrieve (after the first chunk). Since the projections and RoPE are frozen, queries, keys, values and the
@@ -27,7 +27,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import chunk_mean
-from bsbr.convert.normalized import NormalizedBSBRLlamaAttention, chunk_local_softmax
+from bsbr.convert.llama import BSBRLlamaAttention
+from bsbr.normalized import chunk_local_softmax
 
 __all__ = ["LayerIO", "calibrate_attention_transfer", "capture_attention_io"]
 
@@ -86,10 +87,12 @@ def calibrate_attention_transfer(
     progress: bool = True,
     student_input_ids: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Fit each :class:`NormalizedBSBRLlamaAttention` of ``model`` to the original layer's output, in place.
+    """Fit each normalised-retrieval :class:`bsbr.convert.llama.BSBRLlamaAttention` of ``model`` (converted with
+    ``retrieval="normalized"``) to the original layer's output, in place. Llama family only (the captured ``cos``/
+    ``sin`` are its RoPE).
 
     Args:
-        model: a converted model whose attention layers are ``NormalizedBSBRLlamaAttention`` (in module order,
+        model: a converted Llama-family model whose attention layers use ``retrieval="normalized"`` (in module order,
             matching ``captured``); its pretrained weights are not changed.
         captured: :func:`capture_attention_io` of the original model.
         steps: full-batch Adam steps per layer (>= 1).
@@ -108,9 +111,10 @@ def calibrate_attention_transfer(
         ValueError: no normalised layers, a count that differs from ``captured``, or ``steps < 1``.
     """
     check_positive_int(steps=steps)
-    layers = [m for m in model.modules() if isinstance(m, NormalizedBSBRLlamaAttention)]
+    layers = [m for m in model.modules() if isinstance(m, BSBRLlamaAttention) and m.retrieval_mode == "normalized"]
     if not layers:
-        raise ValueError("model has no NormalizedBSBRLlamaAttention; see bsbr.convert.normalized")
+        raise ValueError("model has no Llama attention converted with retrieval='normalized'; see "
+                         "bsbr.convert.convert_to_bsbr")
     if len(layers) != len(captured):
         raise ValueError(f"model has {len(layers)} normalised attention layers but captured holds {len(captured)}")
     stats = []

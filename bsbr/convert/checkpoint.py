@@ -21,20 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bsbr.convert.base import converted_layers
+from bsbr.convert.families import convert_to_bsbr
+from bsbr.convert.retrieval import RETRIEVAL_MODES
+
 __all__ = ["CONVERSION_FORMAT", "conversion_settings", "load_conversion", "new_parameters", "save_conversion"]
 
 CONVERSION_FORMAT = "bsbr-conversion"
-_NEW_MODULES = ("meta_q_proj", "meta_k_proj", "compression", "normalized")
-
-
-def _converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from bsbr.convert.gpt2 import BSBRGPT2Attention
-    from bsbr.convert.llama import BSBRLlamaAttention
-
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (BSBRLlamaAttention, BSBRGPT2Attention))]
-    if not layers:
-        raise ValueError("model has no BSBR-converted attention; convert it with bsbr.convert.convert_to_bsbr first")
-    return layers
+_META_MODULES = ("meta_q_proj", "meta_k_proj")  # every mode's; a mode adds its own (RetrievalMode.new_modules)
 
 
 def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -45,8 +39,8 @@ def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         ValueError: ``model`` is not converted.
     """
     found, seen = {}, set()
-    for layer_name, layer in _converted_layers(model):
-        for child in _NEW_MODULES:
+    for layer_name, layer in converted_layers(model):
+        for child in _META_MODULES + layer.mode.new_modules:
             module = getattr(layer, child, None)
             if module is None:
                 continue
@@ -64,19 +58,10 @@ def conversion_settings(model: nn.Module) -> dict:
     Raises:
         ValueError: ``model`` is not converted.
     """
-    from bsbr.convert.normalized import NormalizedBSBRLlamaAttention
-
-    layer = _converted_layers(model)[0][1]
-    options = {}
-    compression_factor = None if layer.compression is None else layer.compression.compression_factor
-    if isinstance(layer, NormalizedBSBRLlamaAttention):
-        retrieval = layer.normalized
-        compression_factor = layer.compression_factor  # it sets feature_dim: stored once, as compression_factor
-        options = {"tie_qk": retrieval.key_map is retrieval.query_map, "sink_size": retrieval.sink_size}
-        if compression_factor is None:
-            options["feature_dim"] = retrieval.query_map.feature_dim
+    layer = converted_layers(model)[0][1]
+    compression_factor, options = RETRIEVAL_MODES[layer.retrieval_mode].settings(layer)
     return {"model_type": model.config.model_type, "chunk_size": layer.chunk_size,
-            "compression_factor": compression_factor, "retrieval": "normalized" if options else "seed",
+            "compression_factor": compression_factor, "retrieval": layer.retrieval_mode,
             "normalized_options": options}
 
 
@@ -104,8 +89,6 @@ def load_conversion(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ValueError: not a file written by :func:`save_conversion`, a model of another family, or stored tensors
             that do not match the converted model's new parameters (names or shapes); the message names them.
     """
-    from bsbr.convert import convert_to_bsbr
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no conversion file at {path}")

@@ -29,6 +29,10 @@ State compression (``compression_factor = c``) is a smaller learned feature map:
 the ``[2f, d]`` chunk states shrink by ``c`` against ``f = d``. Incremental decoding keeps a
 :class:`NormalizedState` per row (:func:`normalized_step`): the current chunk's keys/values, the sink tokens and the
 finished chunks' ``F_j, z_j, h_j``.
+
+Nothing here knows a model family: the converter's retrieval mode ``"normalized"``
+(:class:`bsbr.convert.retrieval.NormalizedMode`) runs it on the queries, keys and values of any converted layer
+(Llama with RoPE and GQA, GPT-2 with learned positions).
 """
 
 from __future__ import annotations
@@ -39,18 +43,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bsbr._checks import check_positive_int
-from bsbr.attention import chunk_mean
-from bsbr.convert.llama import BSBRLlamaAttention
+from bsbr._checks import check_int_at_least, check_positive_int
+from bsbr.utils import check_sink_size, repeat_kv
 
 __all__ = [
     "HedgehogFeatureMap",
-    "NormalizedState",
-    "NormalizedBSBRLlamaAttention",
     "NormalizedRetrieval",
+    "NormalizedState",
     "chunk_local_softmax",
-    "enable_normalized_retrieval",
     "normalized_bsbr_attention",
+    "normalized_step",
 ]
 
 
@@ -85,15 +87,6 @@ class HedgehogFeatureMap(nn.Module):
         return torch.cat([torch.softmax(projected, dim=-1), torch.softmax(-projected, dim=-1)], dim=-1)
 
 
-def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
-    """``[batch, kv_heads, ...]`` -> ``[batch, num_heads, ...]`` in HF ``repeat_kv`` order."""
-    kv_heads = x.shape[1]
-    if kv_heads == num_heads:
-        return x
-    if kv_heads < 1 or num_heads % kv_heads:
-        raise ValueError(f"{name} has {kv_heads} heads, which must divide the {num_heads} query heads")
-    return x.repeat_interleave(num_heads // kv_heads, dim=1)
-
 
 def _blocks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """``[batch, heads, n, ...]`` -> ``[batch, heads, chunks, chunk_size, ...]``, zero rows appended to the last."""
@@ -122,10 +115,9 @@ def chunk_local_softmax(query, key, value, chunk_size: int, sink_size: int = 0) 
         ValueError: bad ``chunk_size`` or ``sink_size``.
     """
     check_positive_int(chunk_size=chunk_size)
-    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or not 0 <= sink_size <= chunk_size:
-        raise ValueError(f"sink_size must be an integer in [0, chunk_size={chunk_size}], got {sink_size!r}")
+    check_sink_size(sink_size, chunk_size)
     batch, heads, n, d = query.shape
-    key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
+    key, value = repeat_kv(key, heads, "key"), repeat_kv(value, heads, "value")
     q, k, v = (_blocks(t, chunk_size) for t in (query, key, value))  # [batch, heads, chunks, C, d]
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, chunks, C, C]
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).tril()
@@ -207,13 +199,12 @@ def normalized_bsbr_attention(
                              f"got {list(t.shape)}")
     if mix_logit.shape != (heads,):
         raise ValueError(f"mix_logit must be [{heads}], got {list(mix_logit.shape)}")
-    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or not 0 <= sink_size <= chunk_size:
-        raise ValueError(f"sink_size must be an integer in [0, chunk_size={chunk_size}], got {sink_size!r}")
+    check_sink_size(sink_size, chunk_size)
 
     local_out, lse = chunk_local_softmax(query, key, value, chunk_size, sink_size) if local is None else local
     if retrieving == 0:
         return (local_out, torch.zeros_like(lse)) if return_mix else local_out
-    key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
+    key, value = repeat_kv(key, heads, "key"), repeat_kv(value, heads, "value")
     start = chunk_size  # first retrieving token
 
     # Chunk states of the retrievable (whole) chunks 0..chunks-2.
@@ -227,7 +218,7 @@ def normalized_bsbr_attention(
     normalizers = key_features.sum(3)  # [batch, heads, chunks-1, F]
 
     # Chunk routing: row r (chunk r+1) softmax over chunks j <= r.
-    meta_key = _repeat_heads(meta_key[:, :, :retrieving], heads, "meta_key")
+    meta_key = repeat_kv(meta_key[:, :, :retrieving], heads, "meta_key")
     scores = meta_query[:, :, :retrieving] @ meta_key.transpose(-1, -2) / math.sqrt(d)  # [b, h, chunks-1, chunks-1]
     visible = torch.ones(retrieving, retrieving, dtype=torch.bool, device=query.device).tril()
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
@@ -251,7 +242,7 @@ def normalized_bsbr_attention(
 
 @dataclass
 class NormalizedState:
-    """Streaming state of one :class:`NormalizedBSBRLlamaAttention` row after ``num_tokens`` tokens (batch size 1).
+    """Streaming state of one row of a normalised-retrieval layer after ``num_tokens`` tokens (batch size 1).
 
     With ``p = num_tokens % chunk_size`` tokens in the current chunk and ``c = num_tokens // chunk_size`` finished
     chunks (``H`` query heads, ``G`` key/value heads, ``d`` head_dim, ``D`` hidden size, ``2f`` features):
@@ -289,26 +280,31 @@ class NormalizedState:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _empty_state(layer, hidden_states, query, key) -> NormalizedState:
+def _empty_state(retrieval, chunk_size: int, hidden_states, query, key) -> NormalizedState:
     """The state before the first token (``hidden_states [1, n, D]``, ``query [1, H, n, d]``, ``key [1, G, n, d]``
     give sizes, dtype and device)."""
     heads, kv_heads, d = query.shape[1], key.shape[1], query.shape[3]
-    features = 2 * layer.normalized.query_map.feature_dim
+    features = 2 * retrieval.query_map.feature_dim
     empty_kv = key.new_zeros(1, kv_heads, 0, d)
-    return NormalizedState(layer.chunk_size, 0, empty_kv, empty_kv, hidden_states.new_zeros(1, hidden_states.shape[2]),
+    return NormalizedState(chunk_size, 0, empty_kv, empty_kv, hidden_states.new_zeros(1, hidden_states.shape[2]),
                            empty_kv, empty_kv, query.new_zeros(1, heads, 0, features, d),
                            query.new_zeros(1, heads, 0, features), key.new_zeros(1, kv_heads, 0, d))
 
 
-def normalized_step(layer, hidden_states, query, key, value, state: NormalizedState | None,
-                    dropout_p: float = 0.0):
-    """One row's cached step of a :class:`NormalizedBSBRLlamaAttention` (its ``attend_step``): the ``n`` new tokens
-    continue ``state``, and the outputs equal those of one full forward over the whole sequence.
+def normalized_step(retrieval: NormalizedRetrieval, chunk_size: int, meta_from_means, hidden_states, query, key,
+                    value, state: NormalizedState | None, retrieve: bool = True, dropout_p: float = 0.0):
+    """One row's streaming step of the normalised retrieval: the ``n`` new tokens continue ``state``, and the outputs
+    equal those of one full forward over the whole sequence (:func:`normalized_bsbr_attention`, or
+    :func:`chunk_local_softmax` with ``retrieve=False``).
 
     Args:
-        layer: the attention module (``chunk_size``, ``retrieval``, ``normalized``, ``meta_from_means``).
-        hidden_states: ``[1, n, D]``; query: ``[1, H, n, d]`` (RoPE'd); key, value: ``[1, G, n, d]``.
+        retrieval: the layer's :class:`NormalizedRetrieval` (feature maps, mix logits, ``sink_size``).
+        chunk_size: tokens per chunk.
+        meta_from_means: ``meta_from_means(pooled [1, 1, D]) -> (meta_query [1, H, 1, d], meta_key [1, G, 1, d])``:
+            the meta rows of a finished chunk from the mean of its hidden states (a converted layer's own method).
+        hidden_states: ``[1, n, D]``; query: ``[1, H, n, d]`` (positions applied); key, value: ``[1, G, n, d]``.
         state: :class:`NormalizedState` of the tokens so far, or None (none yet).
+        retrieve: False = own-chunk attention (plus the sink tokens) only; no chunk states are kept.
         dropout_p: must be 0 (attention dropout is not applied by the normalised retrieval).
     Returns:
         ``(output [1, H, n, d], new_state)``. The new tokens are processed chunk segment by chunk segment: a
@@ -322,9 +318,8 @@ def normalized_step(layer, hidden_states, query, key, value, state: NormalizedSt
         raise ValueError(f"normalized_step takes one row (batch size 1), got {hidden_states.shape[0]}")
     if dropout_p:
         raise ValueError(f"dropout_p must be 0 for the normalised retrieval's cached step, got {dropout_p}")
-    retrieval, size = layer.normalized, layer.chunk_size
-    sink_size = retrieval.sink_size
-    state = _empty_state(layer, hidden_states, query, key) if state is None else state
+    size, sink_size = chunk_size, retrieval.sink_size
+    state = _empty_state(retrieval, size, hidden_states, query, key) if state is None else state
     heads, d = query.shape[1], query.shape[3]
     outputs, start, length = [], 0, query.shape[2]
     while start < length:
@@ -334,17 +329,17 @@ def normalized_step(layer, hidden_states, query, key, value, state: NormalizedSt
         q = query[:, :, start:start + span]  # [1, H, span, d]
         keys = torch.cat([state.partial_key, key[:, :, start:start + span]], dim=2)  # [1, G, offset + span, d]
         values = torch.cat([state.partial_value, value[:, :, start:start + span]], dim=2)
-        scores = q @ _repeat_heads(keys, heads, "key").transpose(-1, -2) / math.sqrt(d)  # [1, H, span, offset+span]
+        scores = q @ repeat_kv(keys, heads, "key").transpose(-1, -2) / math.sqrt(d)  # [1, H, span, offset+span]
         causal = (torch.arange(offset + span, device=q.device)[None, :]
                   <= offset + torch.arange(span, device=q.device)[:, None])
         scores = scores.masked_fill(~causal, float("-inf"))
         local_values = values
         if chunk > 0 and sink_size:  # later chunks see the sink tokens too, in the same softmax
-            sink_scores = q @ _repeat_heads(state.sink_key, heads, "key").transpose(-1, -2) / math.sqrt(d)
+            sink_scores = q @ repeat_kv(state.sink_key, heads, "key").transpose(-1, -2) / math.sqrt(d)
             scores = torch.cat([sink_scores, scores], dim=-1)  # [1, H, span, k + offset + span]
             local_values = torch.cat([state.sink_value, values], dim=2)
         lse = torch.logsumexp(scores, dim=-1)  # [1, H, span]
-        output = torch.exp(scores - lse[..., None]) @ _repeat_heads(local_values, heads, "value")  # [1, H, span, d]
+        output = torch.exp(scores - lse[..., None]) @ repeat_kv(local_values, heads, "value")  # [1, H, span, d]
         if state.mixed_state is not None:
             query_features = retrieval.query_map(q)  # [1, H, span, 2f]
             numerator = query_features @ state.mixed_state  # [1, H, span, d]
@@ -363,30 +358,30 @@ def normalized_step(layer, hidden_states, query, key, value, state: NormalizedSt
             state.states, state.normalizers, state.meta_keys, state.mixed_state, state.mixed_norm)
         start += span
         if state.num_tokens % size == 0:
-            state = _finish_chunk(layer, state, chunk)
+            state = _finish_chunk(retrieval, meta_from_means, retrieve, state, chunk)
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0], state
 
 
-def _finish_chunk(layer, state: NormalizedState, chunk: int) -> NormalizedState:
-    """``state`` whose current chunk (index ``chunk``) just filled up: its ``F, z, h`` appended (retrieval on) and the
+def _finish_chunk(retrieval, meta_from_means, retrieve: bool, state: NormalizedState, chunk: int) -> NormalizedState:
+    """``state`` whose current chunk (index ``chunk``) just filled up: its ``F, z, h`` appended (``retrieve``) and the
     next chunk's mixed state computed; the partial chunk emptied."""
-    retrieval, keys, values = layer.normalized, state.partial_key, state.partial_value
+    keys, values = state.partial_key, state.partial_value
     heads = state.states.shape[1]
     empty_kv = keys[:, :, :0]
     done = NormalizedState(state.chunk_size, state.num_tokens, empty_kv, empty_kv, torch.zeros_like(state.partial_sum),
                            state.sink_key, state.sink_value, state.states, state.normalizers, state.meta_keys)
-    if not layer.retrieval:
+    if not retrieve:
         return done
-    key_features = retrieval.key_map(_repeat_heads(keys, heads, "key"))  # [1, H, C, 2f]
+    key_features = retrieval.key_map(repeat_kv(keys, heads, "key"))  # [1, H, C, 2f]
     if chunk == 0 and retrieval.sink_size:  # the sink tokens are attended exactly: not in F_0
         kept = torch.arange(keys.shape[2], device=keys.device) >= retrieval.sink_size
         key_features = key_features * kept[:, None].to(key_features.dtype)
-    chunk_state = key_features.transpose(-1, -2) @ _repeat_heads(values, heads, "value")  # [1, H, 2f, d]
-    meta_query, meta_key = layer.meta_from_means(state.partial_sum[:, None] / state.chunk_size)  # [1, *, 1, d]
+    chunk_state = key_features.transpose(-1, -2) @ repeat_kv(values, heads, "value")  # [1, H, 2f, d]
+    meta_query, meta_key = meta_from_means(state.partial_sum[:, None] / state.chunk_size)  # [1, *, 1, d]
     done.states = torch.cat([state.states, chunk_state[:, :, None]], dim=2)  # [1, H, c + 1, 2f, d]
     done.normalizers = torch.cat([state.normalizers, key_features.sum(2)[:, :, None]], dim=2)  # [1, H, c + 1, 2f]
     done.meta_keys = torch.cat([state.meta_keys, meta_key], dim=2)  # [1, G, c + 1, d]
-    scores = meta_query @ _repeat_heads(done.meta_keys, heads, "meta_key").transpose(-1, -2)  # [1, H, 1, c + 1]
+    scores = meta_query @ repeat_kv(done.meta_keys, heads, "meta_key").transpose(-1, -2)  # [1, H, 1, c + 1]
     weights = torch.softmax(scores / math.sqrt(keys.shape[3]), dim=-1)
     done.mixed_state = torch.einsum("bhj,bhjfd->bhfd", weights[:, :, 0], done.states)  # [1, H, 2f, d]
     done.mixed_norm = (weights @ done.normalizers)[:, :, 0]  # [1, H, 2f]
@@ -410,8 +405,7 @@ class NormalizedRetrieval(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None, mix_logit: float = 0.0,
                  tie_qk: bool = False, sink_size: int = 0):
         super().__init__()
-        if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
-            raise ValueError(f"sink_size must be an integer >= 0, got {sink_size!r}")
+        check_int_at_least(0, sink_size=sink_size)
         self.sink_size = sink_size
         self.query_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim)
         self.key_map = self.query_map if tie_qk else HedgehogFeatureMap(num_heads, head_dim, feature_dim)
@@ -422,80 +416,3 @@ class NormalizedRetrieval(nn.Module):
         return normalized_bsbr_attention(query, key, value, meta_query, meta_key, chunk_size,
                                          (self.query_map, self.key_map), self.mix_logit, local, return_mix,
                                          self.sink_size)
-
-
-class NormalizedBSBRLlamaAttention(BSBRLlamaAttention):
-    """:class:`bsbr.convert.llama.BSBRLlamaAttention` whose retrieval is :func:`normalized_bsbr_attention`.
-
-    Args: as ``BSBRLlamaAttention`` plus ``feature_dim``, ``mix_logit``, ``tie_qk``, ``sink_size`` (see
-    :class:`NormalizedRetrieval`). ``compression_factor = c`` compresses the chunk states by ``c``: the feature maps
-    get ``feature_dim = head_dim / c`` features per half, so a chunk's ``F_j`` is ``[2·head_dim/c, head_dim]``
-    instead of ``[2·head_dim, head_dim]`` (``c`` must divide ``head_dim``; ``feature_dim`` must then be None or
-    equal to it). The features are learned (calibration trains them).
-    Extra module ``normalized`` (:class:`NormalizedRetrieval`); attribute ``compression_factor``. ``retrieval =
-    False`` gives own-chunk attention (plus the sink tokens when ``sink_size > 0``).
-    ``forward`` as ``BSBRLlamaAttention.forward``: padding, and a :class:`bsbr.convert.cache.BSBRCache` whose rows
-    hold :class:`NormalizedState` (incremental decoding equals the full forward; ``generate`` uses it).
-    Raises:
-        ValueError: bad ``compression_factor``/``feature_dim``/``sink_size`` (as well as ``BSBRLlamaAttention``'s).
-    """
-
-    attend_step = normalized_step  # one row's cached step (bsbr.convert.cache.attend_cached)
-
-    def __init__(self, attention, chunk_size: int, compression_factor: int | None = None,
-                 feature_dim: int | None = None, mix_logit: float = 0.0, tie_qk: bool = False, sink_size: int = 0):
-        super().__init__(attention, chunk_size, None)
-        feature_dim = self._compressed_feature_dim(compression_factor, feature_dim)
-        self._add_retrieval(feature_dim, mix_logit, tie_qk, sink_size)
-        self.compression_factor = compression_factor
-
-    def _compressed_feature_dim(self, compression_factor, feature_dim):
-        if compression_factor is None:
-            return feature_dim
-        if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) or compression_factor < 1 \
-                or self.head_dim % compression_factor:
-            raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim="
-                             f"{self.head_dim} for normalized retrieval, got {compression_factor!r}")
-        compressed = self.head_dim // compression_factor
-        if feature_dim is not None and feature_dim != compressed:
-            raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
-                             f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
-        return compressed
-
-    def _add_retrieval(self, feature_dim, mix_logit, tie_qk, sink_size) -> None:
-        if sink_size > self.chunk_size:
-            raise ValueError(f"sink_size must be at most chunk_size={self.chunk_size}, got {sink_size}")
-        weight = self.q_proj.weight
-        self.normalized = NormalizedRetrieval(self.num_heads, self.head_dim, feature_dim, mix_logit, tie_qk,
-                                              sink_size).to(weight.device, weight.dtype)
-
-    def _attend(self, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
-        """Full causal attention of unpadded rows with normalised retrieval (or own chunk + sinks when
-        ``retrieval`` is off): ``[batch, heads, seq_len, head_dim]``. Attention dropout is not applied."""
-        if not self.retrieval:
-            return chunk_local_softmax(query, key, value, self.chunk_size, self.normalized.sink_size)[0]
-        meta_query, meta_key = self.meta_from_means(chunk_mean(hidden_states, self.chunk_size))  # [b, *, chunks, d]
-        return self.normalized(query, key, value, meta_query, meta_key, self.chunk_size)
-
-
-def enable_normalized_retrieval(model: nn.Module, feature_dim: int | None = None, mix_logit: float = 0.0,
-                                tie_qk: bool = False, sink_size: int = 0) -> nn.Module:
-    """Switch every ``BSBRLlamaAttention`` of a converted model to normalised retrieval, in place; returns ``model``.
-
-    Each layer becomes a :class:`NormalizedBSBRLlamaAttention` (its class is changed; its modules, the pretrained
-    projections and the meta projections, are kept) with a new :class:`NormalizedRetrieval`. Meant for models
-    from ``bsbr.convert.convert_to_bsbr``/``converted_copy`` until the converter takes ``retrieval="normalized"``.
-
-    Raises:
-        ValueError: no ``BSBRLlamaAttention`` in ``model``, or one with state compression.
-    """
-    layers = [m for m in model.modules() if type(m) is BSBRLlamaAttention]
-    if not layers:
-        raise ValueError("model has no seed BSBRLlamaAttention; convert it with bsbr.convert.convert_to_bsbr first")
-    if any(layer.compression is not None for layer in layers):
-        raise ValueError("normalized retrieval does not support compression_factor yet")
-    for layer in layers:
-        layer.__class__ = NormalizedBSBRLlamaAttention
-        layer._add_retrieval(feature_dim, mix_logit, tie_qk, sink_size)
-        layer.compression_factor = None
-    return model

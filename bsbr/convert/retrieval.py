@@ -1,0 +1,263 @@
+"""Retrieval modes of a BSBR-converted attention layer: how a token reaches the chunks before its own.
+
+A converted layer (:class:`bsbr.convert.base.BSBRConvertedAttention`, any model family) computes its queries, keys
+and values, then hands them to its retrieval mode, named by ``retrieval=`` in :func:`bsbr.convert.convert_to_bsbr`:
+
+* ``"seed"`` (:class:`SeedMode`): the seed formula, :func:`bsbr.attention.bsbr_attention` (local causal softmax
+  within the chunk plus the unnormalised ``q·Σ_j w_ij K_jᵀV_j``), optional learned compression of ``K_jᵀV_j``;
+* ``"normalized"`` (:class:`NormalizedMode`): the retrieved chunks share the local softmax's normaliser through
+  positive feature maps, optional exact attention-sink tokens (:mod:`bsbr.normalized`).
+
+A new mode is one class with the four static methods of :class:`RetrievalMode` and one entry in
+:data:`RETRIEVAL_MODES`; every family, the cache, padding, checkpoints and ``set_retrieval`` then take it.
+
+Every mode switches off with the layer's ``retrieval = False`` (:func:`bsbr.convert.base.set_retrieval`): causal
+attention within each token's own chunk (the "no retrieval" reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bsbr._checks import check_positive_int
+from bsbr.attention import BSBRState, StateCompression, bsbr_attention, chunk_mean
+from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
+from bsbr.utils import check_sink_size
+
+__all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "chunk_local_attention", "seed_step"]
+
+
+def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention restricted to each token's own chunk (BSBR with retrieval switched off).
+
+    A reference baseline, written with an explicit ``[seq_len, seq_len]`` mask.
+
+    Args:
+        query: ``[batch, heads, seq_len, head_dim]``; key, value: ``[batch, kv_heads, seq_len, head_dim]`` (GQA).
+        chunk_size: tokens per chunk (>= 1).
+        dropout_p: attention-probability dropout.
+    Returns:
+        ``[batch, heads, seq_len, head_dim]``.
+    Raises:
+        ValueError: bad ``chunk_size``.
+    """
+    check_positive_int(chunk_size=chunk_size)
+    seq_len = query.shape[2]
+    position = torch.arange(seq_len, device=query.device)
+    chunk = position // chunk_size
+    mask = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])  # [seq_len, seq_len]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+# --- the seed formula's streaming step -------------------------------------------------------------------------------
+
+
+def _call_chunk_means(hidden_states, state: BSBRState | None, chunk_size: int):
+    """Mean hidden state of every chunk this call finishes, and the hidden-state sum of the unfinished one.
+
+    ``hidden_states``: ``[1, n, D]`` continuing ``state`` (whose ``partial_sum`` holds its partial chunk's sum).
+    Returns ``pooled [1, (p + n) // chunk_size, D]`` (row ``i`` from call chunk ``i``, as ``bsbr_attention`` wants
+    its meta rows) and ``partial_sum [1, D]``. Mirrors :meth:`bsbr.attention.BSBRAttention._attend`.
+    """
+    length = hidden_states.shape[1]
+    partial = 0 if state is None else state.num_tokens % chunk_size
+    head = min(length, chunk_size - partial) if partial else 0
+    full = (length - head) // chunk_size
+    rest = length - head - full * chunk_size
+    sums = []
+    if head:
+        sums.append(hidden_states[:, :head].sum(1, keepdim=True) + state.partial_sum[:, None])
+    if full:
+        sums.append(hidden_states[:, head: head + full * chunk_size].unflatten(1, (full, chunk_size)).sum(2))
+    if rest:
+        sums.append(hidden_states[:, head + full * chunk_size:].sum(1, keepdim=True))
+    sums = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [1, call chunks, D]
+    total = partial + length
+    pooled = sums[:, : total // chunk_size] / chunk_size
+    partial_sum = sums[:, -1] if total % chunk_size else torch.zeros_like(sums[:, -1])
+    return pooled, partial_sum
+
+
+def _local_step(query, key, value, state: BSBRState | None, chunk_size: int, dropout_p: float):
+    """Own-chunk causal attention (retrieval off) of ``n`` new tokens continuing ``state``: ``[1, H, n, d]`` and the
+    new state (only its ``partial_key/partial_value`` and ``num_tokens`` are used)."""
+    seen = 0 if state is None else state.num_tokens
+    partial = seen % chunk_size
+    if partial:
+        key, value = torch.cat([state.partial_key, key], dim=2), torch.cat([state.partial_value, value], dim=2)
+    length = query.shape[2]
+    key_pos = seen - partial + torch.arange(partial + length, device=query.device)
+    query_pos = seen + torch.arange(length, device=query.device)
+    mask = ((query_pos[:, None] // chunk_size == key_pos[None, :] // chunk_size)
+            & (key_pos[None, :] <= query_pos[:, None]))  # [n, partial + n]
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                            enable_gqa=key.shape[1] != query.shape[1])
+    rest = (seen + length) % chunk_size
+    empty = query.new_zeros(1, query.shape[1], 0, 0)
+    new_state = BSBRState(chunk_size, 1, 0, seen + length, key[:, :, key.shape[2] - rest:].clone(),
+                          value[:, :, value.shape[2] - rest:].clone(), None, empty, empty, empty)
+    return output, new_state
+
+
+def seed_step(layer, hidden_states, query, key, value, state: BSBRState | None, dropout_p: float):
+    """One row's cached step of a seed-formula BSBR layer (the ``step`` of :class:`bsbr.convert.retrieval.SeedMode`, any
+    family).
+
+    Args:
+        layer: the attention module (``chunk_size``, ``compression``, ``retrieval``, ``meta_from_means``).
+        hidden_states: ``[1, n, D]``; query ``[1, heads, n, d]``; key, value ``[1, kv_heads, n, d]``: the row's ``n``
+            real new tokens, continuing ``state`` (None = none yet).
+    Returns:
+        ``(output [1, heads, n, d], new_state)``: BSBR attention (:func:`bsbr.attention.bsbr_attention`) with
+        retrieval on, own-chunk attention (:func:`_local_step`) with it off.
+    """
+    if not layer.retrieval:
+        return _local_step(query, key, value, state, layer.chunk_size, dropout_p)
+    pooled, partial_sum = _call_chunk_means(hidden_states, state, layer.chunk_size)
+    meta_query, meta_key = layer.meta_from_means(pooled)
+    out, new_state = bsbr_attention(query, key, value, meta_query, meta_key, layer.chunk_size,
+                                    compression=layer.compression, dropout_p=dropout_p, state=state, return_state=True)
+    new_state.partial_sum = partial_sum
+    return out, new_state
+
+
+# --- the modes -----------------------------------------------------------------------------------------------------
+
+
+class RetrievalMode:
+    """What a retrieval mode provides to a converted layer (all static: the layer holds the modules and flags).
+
+    The ``layer`` argument is a :class:`bsbr.convert.base.BSBRConvertedAttention`: ``chunk_size``, ``num_heads``,
+    ``num_key_value_heads``, ``head_dim``, ``retrieval`` (on/off), ``meta_from_means`` and its meta projections.
+    """
+
+    #: the layer's child modules this mode adds (checkpoints save exactly these, with the meta projections)
+    new_modules: tuple[str, ...] = ()
+
+    @staticmethod
+    def add_modules(layer, compression_factor, **options) -> None:
+        """Validate ``compression_factor`` and the options (ValueError naming them), then add the mode's modules to
+        ``layer`` on its device and dtype."""
+        raise NotImplementedError
+
+    @staticmethod
+    def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        """Full causal attention of unpadded rows: ``hidden_states [b, n, D]``, ``query [b, H, n, d]``, ``key,
+        value [b, G, n, d]`` (positions applied) -> ``[b, H, n, d]``; own-chunk only when ``layer.retrieval`` is
+        False."""
+        raise NotImplementedError
+
+    @staticmethod
+    def step(layer, hidden_states, query, key, value, state, dropout_p: float):
+        """One row's streaming step (batch size 1), continuing ``state`` (None = no tokens yet): ``(output [1, H,
+        n, d], new_state)``, equal to the rows of one :meth:`attend` over the whole sequence; the new state has a
+        ``nbytes()`` method (what :class:`bsbr.convert.cache.BSBRCache` reports)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def settings(layer) -> tuple[int | None, dict]:
+        """``(compression_factor, options)`` that rebuild ``layer``'s mode through ``add_modules`` (checkpoints)."""
+        raise NotImplementedError
+
+
+class SeedMode(RetrievalMode):
+    """``retrieval="seed"``: :func:`bsbr.attention.bsbr_attention` on the layer's queries, keys and values.
+
+    ``compression_factor``: None or a positive integer dividing ``head_dim**2``: a learned linear map of each chunk
+    state ``K_jᵀV_j`` (:class:`bsbr.attention.StateCompression`, shared by the heads of the layer). No options.
+    Streaming state: :class:`bsbr.attention.BSBRState` (:func:`seed_step`).
+    Source: BSBR (this project); chunk states are the linear-attention state of Katharopoulos et al. 2020
+    (arXiv 2006.16236).
+    """
+
+    new_modules = ("compression",)
+
+    @staticmethod
+    def add_modules(layer, compression_factor, **options) -> None:
+        if options:
+            raise ValueError(f"options {sorted(options)} apply to retrieval='normalized' only")
+        weight = layer.meta_q_proj.weight
+        layer.compression = (None if compression_factor is None
+                             else StateCompression(layer.head_dim, compression_factor).to(weight.device, weight.dtype))
+
+    @staticmethod
+    def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        if not layer.retrieval:
+            return chunk_local_attention(query, key, value, layer.chunk_size, dropout_p)
+        meta_query, meta_key = layer.meta_from_means(chunk_mean(hidden_states, layer.chunk_size))  # [b, *, chunks, d]
+        return bsbr_attention(query, key, value, meta_query, meta_key, layer.chunk_size,
+                              compression=layer.compression, dropout_p=dropout_p)
+
+    step = staticmethod(seed_step)  # streaming state: bsbr.attention.BSBRState
+
+    @staticmethod
+    def settings(layer) -> tuple[int | None, dict]:
+        return (None if layer.compression is None else layer.compression.compression_factor), {}
+
+
+class NormalizedMode(RetrievalMode):
+    """``retrieval="normalized"``: :func:`bsbr.normalized.normalized_bsbr_attention` (one normaliser shared by the
+    local softmax and the retrieved chunks), module ``layer.normalized`` (:class:`bsbr.normalized.NormalizedRetrieval`).
+
+    ``compression_factor = c``: None or a positive integer dividing ``head_dim``: the feature maps get ``feature_dim =
+    head_dim / c`` learned features per half, so a chunk's ``F_j`` is ``[2·head_dim/c, head_dim]`` instead of
+    ``[2·head_dim, head_dim]`` (``feature_dim`` must then be None or equal to it). Options: ``feature_dim`` (default
+    ``head_dim``), ``mix_logit`` (0.0), ``tie_qk`` (False), ``sink_size`` (0, at most ``chunk_size``). Attention
+    dropout is not applied; the streaming step needs ``dropout_p = 0``. Streaming state:
+    :class:`bsbr.normalized.NormalizedState`. With ``layer.retrieval = False``: own chunk plus the sink tokens.
+    Source: LoLCATs (Zhang et al. 2024, arXiv 2410.10254), Hedgehog (arXiv 2402.04347), attention sinks (Xiao et al.
+    2023, arXiv 2309.17453).
+    """
+
+    new_modules = ("compression", "normalized")
+    OPTIONS = ("feature_dim", "mix_logit", "tie_qk", "sink_size")
+
+    @staticmethod
+    def add_modules(layer, compression_factor, **options) -> None:
+        unknown = sorted(set(options) - set(NormalizedMode.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for retrieval='normalized'; accepted: "
+                             f"{list(NormalizedMode.OPTIONS)}")
+        feature_dim = options.pop("feature_dim", None)
+        if compression_factor is not None:
+            if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) \
+                    or compression_factor < 1 or layer.head_dim % compression_factor:
+                raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim="
+                                 f"{layer.head_dim} for normalized retrieval, got {compression_factor!r}")
+            compressed = layer.head_dim // compression_factor
+            if feature_dim is not None and feature_dim != compressed:
+                raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
+                                 f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
+            feature_dim = compressed
+        check_sink_size(options.get("sink_size", 0), layer.chunk_size)
+        weight = layer.meta_q_proj.weight
+        layer.compression = None
+        layer.compression_factor = compression_factor
+        layer.normalized = NormalizedRetrieval(layer.num_heads, layer.head_dim, feature_dim,
+                                               **options).to(weight.device, weight.dtype)
+
+    @staticmethod
+    def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        if not layer.retrieval:
+            return chunk_local_softmax(query, key, value, layer.chunk_size, layer.normalized.sink_size)[0]
+        meta_query, meta_key = layer.meta_from_means(chunk_mean(hidden_states, layer.chunk_size))  # [b, *, chunks, d]
+        return layer.normalized(query, key, value, meta_query, meta_key, layer.chunk_size)
+
+    @staticmethod
+    def step(layer, hidden_states, query, key, value, state, dropout_p: float):
+        return normalized_step(layer.normalized, layer.chunk_size, layer.meta_from_means, hidden_states, query, key,
+                               value, state, retrieve=layer.retrieval, dropout_p=dropout_p)
+
+    @staticmethod
+    def settings(layer) -> tuple[int | None, dict]:
+        retrieval = layer.normalized
+        options = {"tie_qk": retrieval.key_map is retrieval.query_map, "sink_size": retrieval.sink_size}
+        if layer.compression_factor is None:  # else it sets feature_dim: stored once, as compression_factor
+            options["feature_dim"] = retrieval.query_map.feature_dim
+        return layer.compression_factor, options
+
+
+#: ``retrieval`` name -> mode: the one place a retrieval mode plugs in.
+RETRIEVAL_MODES: dict[str, type[RetrievalMode]] = {"seed": SeedMode, "normalized": NormalizedMode}
