@@ -33,6 +33,7 @@ from torch import nn
 
 from bsbr._checks import check_int_at_least, check_positive_int, check_state
 from bsbr.layer import AttentionLayer, attend_packed, pack_padding, validate_attention_mask
+from bsbr.utils import repeat_kv
 
 __all__ = [
     "BSBRAttention",
@@ -107,17 +108,6 @@ class StateCompression(nn.Module):
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
         return self.decoder(code)
-
-
-def _repeat_heads(x: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
-    """Expand ``[batch, kv_heads, ...]`` to ``[batch, num_heads, ...]`` (HF ``repeat_kv`` order: head ``i``
-    uses kv head ``i // (num_heads // kv_heads)``)."""
-    kv_heads = x.shape[1]
-    if kv_heads == num_heads:
-        return x
-    if num_heads % kv_heads:
-        raise ValueError(f"{name} has {kv_heads} heads, which must divide the {num_heads} query heads")
-    return x.repeat_interleave(num_heads // kv_heads, dim=1)
 
 
 @dataclass
@@ -225,8 +215,8 @@ def bsbr_attention(
     if partial:  # the current chunk's earlier tokens lead the call's keys and values
         key, value = torch.cat([state.partial_key, key], dim=2), torch.cat([state.partial_value, value], dim=2)
     key_kv, value_kv = key, value  # [batch, kv_heads, total, head_dim]
-    key, value = _repeat_heads(key, heads, "key"), _repeat_heads(value, heads, "value")
-    meta_key = _repeat_heads(meta_key, heads, "meta_key")
+    key, value = repeat_kv(key, heads, "key"), repeat_kv(value, heads, "value")
+    meta_key = repeat_kv(meta_key, heads, "meta_key")
 
     # Chunk states of the finished call chunks, then the retrieval matrix R of every chunk this call needs.
     new_states = _chunk_states(key[:, :, : done * chunk_size], value[:, :, : done * chunk_size], done, compression)

@@ -78,7 +78,7 @@ def kv_cache_nbytes(config, tokens: int, element_size: int = 4) -> int:
 def normalized_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int, feature_dim: int,
                             element_size: int = 4) -> int:
     """Bytes of a :class:`bsbr.convert.BSBRCache` of a normalised-retrieval BSBR model (retrieval on) after ``tokens``
-    tokens of one row: the :class:`bsbr.convert.normalized.NormalizedState` formula summed over the layers.
+    tokens of one row: the :class:`bsbr.normalized.NormalizedState` formula summed over the layers.
 
     Per layer, with ``p = tokens % chunk_size``, ``c = tokens // chunk_size``, ``k = min(sink_size, tokens)``, ``H``
     query / ``G`` key-value heads, head_dim ``d``, hidden size ``D``, ``2f`` features:

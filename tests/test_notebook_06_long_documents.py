@@ -25,7 +25,7 @@ LAYERS, HEADS, KV_HEADS, D, HIDDEN, FEATURES = 30, 9, 3, 64, 576, 128
 
 
 def bsbr_state_bytes(tokens: int) -> int:
-    """NormalizedState formula (bsbr/convert/normalized.py), written out for SmolLM2, fp32, retrieval on."""
+    """NormalizedState formula (bsbr/normalized.py), written out for SmolLM2, fp32, retrieval on."""
     p, c, k = tokens % CHUNK, tokens // CHUNK, min(SINKS, tokens)
     per_chunk = HEADS * FEATURES * (D + 1)
     per_layer = 2 * KV_HEADS * (p + k) * D + HIDDEN + c * (per_chunk + KV_HEADS * D) + (per_chunk if c else 0)
