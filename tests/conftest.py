@@ -46,6 +46,15 @@ SCALING_SMOKE = {
 }
 
 
+
+def tokens(batch: int = 2, length: int = 23, seed: int = 1):
+    """``[batch, length]`` random token ids below 100 (the tiny models' vocabulary); 23 is odd on purpose, so the
+    last chunk is partial for every chunk size the converter tests use."""
+    import torch
+
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0):
     """A tiny random ``LlamaForCausalLM`` in eval mode (nothing downloaded): 2 layers, hidden 64, 4 query / 2 key-value
     heads (GQA), head_dim 16, RoPE, 256 positions, vocab 100."""

@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from bsbr.baselines.linear import LINEAR_ATTENTION_EPS
+from bsbr.convert import BSBRGPT2Attention, BSBRLlamaAttention
 
 
 def dense_bsbr(attn, x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +64,229 @@ def dense_causal_attention(attn, x: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     out = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
     return attn.out_proj(out.transpose(1, 2).reshape(batch, n, heads * d))
+
+
+def dense_normalized_bsbr(q, k, v, mq, mk, chunk_size, module, sink=0):
+    """The formula written out: explicit [n, n] masks and exponentials, a loop over chunks and heads; the first
+    ``sink`` tokens join every token's local softmax and leave chunk 0's state."""
+    batch, heads, n, d = q.shape
+    group = heads // k.shape[1]
+    k, v, mk = (t.repeat_interleave(group, dim=1) for t in (k, v, mk))
+    position = torch.arange(n)
+    chunk = position // chunk_size
+    same = ((chunk[:, None] == chunk[None, :]) | (position[None, :] < sink)) & (position[None, :] <= position[:, None])
+    out = torch.empty_like(q)
+    for h in range(heads):
+        wq, wk = module.query_map.weight[h], module.key_map.weight[h]
+
+        def phi(x, w):
+            p = (x * d**-0.25) @ w
+            return torch.cat([torch.exp(p) / torch.exp(p).sum(-1, keepdim=True),
+                              torch.exp(-p) / torch.exp(-p).sum(-1, keepdim=True)], -1)
+
+        g = math.exp(module.mix_logit[h].item())
+        for b in range(batch):
+            a = torch.exp(q[b, h] @ k[b, h].T / math.sqrt(d)) * same  # [n, n] unnormalised local weights
+            for i in range(int(chunk.max()) + 1):
+                rows = chunk == i
+                mass, numer = a[rows].sum(-1), a[rows] @ v[b, h]
+                if i > 0:
+                    e = torch.exp(mq[b, h, i - 1] @ mk[b, h, :i].T / math.sqrt(d))
+                    w = e / e.sum()
+                    fq = phi(q[b, h, rows], wq)  # [tokens, F]
+                    for j in range(i):
+                        cols = (chunk == j) & (position >= sink)
+                        fk = phi(k[b, h, cols], wk)
+                        numer = numer + g * w[j] * (fq @ fk.T) @ v[b, h, cols]
+                        mass = mass + g * w[j] * (fq @ fk.T).sum(-1)
+                out[b, h, rows] = numer / mass[:, None]
+    return out
+
+
+def dense_bsbr_llama(attn: BSBRLlamaAttention, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """BSBRLlamaAttention written out from its definition: explicit [n, n] mask, Python loops over chunks,
+    HF repeat_kv for GQA, RoPE on queries/keys only. ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
+    batch, n, _ = hidden.shape
+    heads, kv_heads, d, size = attn.num_heads, attn.num_key_value_heads, attn.head_dim, attn.chunk_size
+    q = attn.q_proj(hidden).view(batch, n, heads, d).transpose(1, 2)
+    k = attn.k_proj(hidden).view(batch, n, kv_heads, d).transpose(1, 2)
+    v = attn.v_proj(hidden).view(batch, n, kv_heads, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)  # [batch, heads, n, d]
+    position = torch.arange(n)
+    chunk = position // size
+    allowed = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    num_chunks = int(chunk.max()) + 1
+
+    def state(j):  # F_j = K_jᵀ V_j, [batch, heads, d, d]
+        members = chunk == j
+        f = k[:, :, members].transpose(-1, -2) @ v[:, :, members]
+        if attn.compression is not None:
+            c = attn.compression
+            f = c.decode(c.encode(f.reshape(batch, heads, d * d))).view(batch, heads, d, d)
+        return f
+
+    def meta_key(j):  # h_j per kv head, shared by its query heads: [batch, heads, d]
+        h = attn.meta_k_proj(hidden[:, chunk == j].mean(1)).view(batch, kv_heads, d)
+        return h.repeat_interleave(heads // kv_heads, dim=1)
+
+    for i in range(1, num_chunks):
+        r = attn.meta_q_proj(hidden[:, chunk == i - 1].mean(1)).view(batch, heads, d)  # from chunk i-1 only
+        logits = torch.stack([(r * meta_key(j)).sum(-1) / math.sqrt(d) for j in range(i)], dim=-1)
+        weights = torch.softmax(logits, dim=-1)  # [batch, heads, i]
+        retrieved = sum(weights[..., j, None, None] * state(j) for j in range(i))
+        out[:, :, chunk == i] += q[:, :, chunk == i] @ retrieved
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, n, heads * d))
+
+
+def dense_gpt2_logits(model: GPT2LMHeadModel, ids: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
+    """The converted GPT-2 written out: wte + wpe, pre-LN blocks with :func:`dense_bsbr_gpt2` (or
+    :func:`dense_normalized_gpt2`), ln_f, lm_head."""
+    t = model.transformer
+    h = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))[None]
+    for block in t.h:
+        if block.attn.retrieval_mode == "normalized":
+            h = h + dense_normalized_gpt2(block.attn, block.ln_1(h))
+        else:
+            h = h + dense_bsbr_gpt2(block.attn, block.ln_1(h), retrieval)
+        h = h + block.mlp(block.ln_2(h))
+    return model.lm_head(t.ln_f(h))
+
+
+def dense_normalized_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor) -> torch.Tensor:
+    """A ``retrieval="normalized"`` BSBRGPT2Attention written out: q/k/v from the Conv1D ``c_attn`` by hand, chunk means
+    by a loop, meta rows from them, the normalised formula by :func:`dense_normalized_bsbr`.
+    ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
+    batch, n, width = hidden.shape
+    heads, d, size = attn.num_heads, attn.head_dim, attn.chunk_size
+    qkv = hidden @ attn.c_attn.weight + attn.c_attn.bias  # [batch, n, 3*width]
+    q, k, v = (qkv[..., i * width: (i + 1) * width].reshape(batch, n, heads, d).transpose(1, 2) for i in range(3))
+    means = torch.stack([hidden[:, j: j + size].mean(1) for j in range(0, n, size)], dim=1)  # [batch, chunks, width]
+    meta_q = attn.meta_q_proj(means).view(batch, -1, heads, d).transpose(1, 2)  # [batch, heads, chunks, d]
+    meta_k = attn.meta_k_proj(means).view(batch, -1, heads, d).transpose(1, 2)
+    out = dense_normalized_bsbr(q, k, v, meta_q, meta_k, size, attn.normalized, attn.normalized.sink_size)
+    return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
+
+
+def dense_bsbr_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
+    """BSBRGPT2Attention written out from its definition: q/k/v from the Conv1D ``c_attn`` by hand
+    (``x @ weight + bias``, split q|k|v), explicit [n, n] mask, Python loops over chunks.
+    ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
+    batch, n, width = hidden.shape
+    heads, d, size = attn.num_heads, attn.head_dim, attn.chunk_size
+    qkv = hidden @ attn.c_attn.weight + attn.c_attn.bias  # [batch, n, 3*width]
+
+    def per_head(x):  # [batch, n, width] -> [batch, heads, n, d]
+        return x.reshape(batch, n, heads, d).transpose(1, 2)
+
+    q, k, v = per_head(qkv[..., :width]), per_head(qkv[..., width : 2 * width]), per_head(qkv[..., 2 * width :])
+    position = torch.arange(n)
+    chunk = position // size
+    allowed = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    num_chunks = int(chunk.max()) + 1
+
+    def state(j):  # F_j = K_jᵀ V_j, [batch, heads, d, d]
+        members = chunk == j
+        f = k[:, :, members].transpose(-1, -2) @ v[:, :, members]
+        if attn.compression is not None:
+            c = attn.compression
+            f = c.decode(c.encode(f.reshape(batch, heads, d * d))).view(batch, heads, d, d)
+        return f
+
+    def meta_key(j):  # h_j: [batch, heads, d]
+        return attn.meta_k_proj(hidden[:, chunk == j].mean(1)).view(batch, heads, d)
+
+    for i in range(1, num_chunks if retrieval else 1):
+        r = attn.meta_q_proj(hidden[:, chunk == i - 1].mean(1)).view(batch, heads, d)  # from chunk i-1 only
+        logits = torch.stack([(r * meta_key(j)).sum(-1) / math.sqrt(d) for j in range(i)], dim=-1)
+        weights = torch.softmax(logits, dim=-1)  # [batch, heads, i]
+        retrieved = sum(weights[..., j, None, None] * state(j) for j in range(i))
+        out[:, :, chunk == i] += q[:, :, chunk == i] @ retrieved
+    return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
+
+
+def naive_delta_rule(q, k, v, beta, memory=None):
+    """Independent reference: per row and head, ``S ← (I − β k kᵀ) S + β k vᵀ``, ``o = Sᵀ q``."""
+    batch, heads, n, d_k = q.shape
+    out = torch.zeros(batch, heads, n, v.shape[-1], dtype=q.dtype)
+    final = torch.zeros(batch, heads, d_k, v.shape[-1], dtype=q.dtype)
+    eye = torch.eye(d_k, dtype=q.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            s = torch.zeros(d_k, v.shape[-1], dtype=q.dtype) if memory is None else memory[b, h]
+            for t in range(n):
+                kt = k[b, h, t][:, None]  # column vector [d_k, 1]
+                s = (eye - beta[b, h, t] * kt @ kt.T) @ s + beta[b, h, t] * kt @ v[b, h, t][None, :]
+                out[b, h, t] = s.T @ q[b, h, t]
+            final[b, h] = s
+    return out, final
+
+
+def naive_linear_attention(q, k, v, eps=LINEAR_ATTENTION_EPS):
+    """Feature-mapped ``q, k``: explicit causal mask over ``q kᵀ`` and the row-sum normaliser."""
+    n = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), 0.0)
+    return (scores @ v) / (scores.sum(-1, keepdim=True) + eps), k.transpose(-1, -2) @ v, k.sum(2)
+
+
+def gau_reference(layer, x):
+    """FLASH causal mixed chunk attention with explicit loops over tokens and chunks."""
+    size = layer.chunk_size
+    u = torch.nn.functional.silu(layer.u_proj(x))
+    v = torch.nn.functional.silu(layer.v_proj(x))
+    z = torch.nn.functional.silu(layer.z_proj(x))
+    q_quad, k_quad, q_lin, k_lin = (z * layer.gamma[i] + layer.beta[i] for i in range(4))
+    batch, seq_len, _ = x.shape
+    rows = []
+    for b in range(batch):
+        outputs = []
+        for t in range(seq_len):
+            chunk_start = (t // size) * size
+            quad = sum(torch.relu(q_quad[b, t] @ k_quad[b, s] / size) ** 2 * v[b, s] for s in range(chunk_start, t + 1))
+            state = torch.zeros(layer.qk_dim, v.shape[-1], dtype=x.dtype)
+            for start in range(0, chunk_start, size):  # every finished earlier chunk
+                for s in range(start, start + size):
+                    state = state + torch.outer(k_lin[b, s], v[b, s]) / size
+            outputs.append(u[b, t] * (quad + q_lin[b, t] @ state))
+        rows.append(torch.stack(outputs))
+    return layer.out_proj(torch.stack(rows))
+
+
+def hopfield_reference(layer, x):
+    q, k, v = heads(layer, x)
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    xi = q
+    for _ in range(layer.num_updates - 1):
+        xi = dense_attention(xi, k, k, causal, layer.beta)
+    return merge(layer, dense_attention(xi, k, v, causal, layer.beta))
+
+
+def heads(layer, x):
+    """``q, k, v`` of a q/k/v/out layer: ``[batch, heads, seq_len, head_dim]``."""
+    batch, seq_len, _ = x.shape
+    return [proj(x).view(batch, seq_len, layer.num_heads, layer.head_dim).transpose(1, 2)
+            for proj in (layer.q_proj, layer.k_proj, layer.v_proj)]
+
+
+def merge(layer, out):
+    """``[batch, heads, seq_len, head_dim]`` -> the layer's ``out_proj`` of the concatenated heads."""
+    batch, _, seq_len, _ = out.shape
+    return layer.out_proj(out.transpose(1, 2).reshape(batch, seq_len, layer.num_heads * layer.head_dim))
+
+
+def window_reference(layer, x):
+    q, k, v = heads(layer, x)
+    position = torch.arange(x.shape[1])
+    offset = position[:, None] - position[None, :]  # query - key
+    band = (offset >= 0) & (offset < layer.window_size)  # [n, n]: itself and the window_size - 1 before
+    return merge(layer, dense_attention(q, k, v, band, 1 / math.sqrt(layer.head_dim)))
+
+
+def dense_attention(q, k, v, allowed, scale):
+    """Plain softmax attention with an explicit ``[n, n]`` bool mask (True = may attend)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v

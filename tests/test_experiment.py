@@ -1,7 +1,6 @@
 """bsbr.experiment: the shared notebook opening and the atomic metrics writer."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,5 @@
 """bsbr.streaming_eval: streamed NLL equals one full forward's, cache bytes equal their formulas, the schedule tiles
-the text. Tiny random Llama (tests.test_convert.tiny_llama: 2 layers, 4 query / 2 kv heads, head_dim 16), fp32."""
+the text. Tiny random Llama (tests.conftest.tiny_llama: 2 layers, 4 query / 2 kv heads, head_dim 16), fp32."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bsbr import metrics as M
 from bsbr.convert import BSBRCache, convert_to_bsbr
 from bsbr.streaming_eval import (binned_nll, cache_nbytes, kv_cache_nbytes, normalized_cache_nbytes, stream_nll,
                                  stream_schedule)
-from tests.test_convert import tiny_llama
+from tests.conftest import tiny_llama
 
 CHUNK, SINKS, LENGTH = 5, 2, 37
 

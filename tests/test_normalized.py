@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from bsbr.convert import BSBRConvertedAttention, converted_copy, set_retrieval
 from bsbr.normalized import HedgehogFeatureMap, NormalizedRetrieval, chunk_local_softmax, normalized_bsbr_attention
 from tests.conftest import tiny_llama
+from tests.reference import dense_normalized_bsbr
 
 HEADS, KV_HEADS, D = 4, 2, 8
 
@@ -37,43 +38,6 @@ def retrieval_module(feature_dim=6, seed=0, dtype=torch.float64, mix=0.3):
     return module
 
 
-def dense_reference(q, k, v, mq, mk, chunk_size, module, sink=0):
-    """The formula written out: explicit [n, n] masks and exponentials, a loop over chunks and heads; the first
-    ``sink`` tokens join every token's local softmax and leave chunk 0's state."""
-    batch, heads, n, d = q.shape
-    group = heads // k.shape[1]
-    k, v, mk = (t.repeat_interleave(group, dim=1) for t in (k, v, mk))
-    position = torch.arange(n)
-    chunk = position // chunk_size
-    same = ((chunk[:, None] == chunk[None, :]) | (position[None, :] < sink)) & (position[None, :] <= position[:, None])
-    out = torch.empty_like(q)
-    for h in range(heads):
-        wq, wk = module.query_map.weight[h], module.key_map.weight[h]
-
-        def phi(x, w):
-            p = (x * d**-0.25) @ w
-            return torch.cat([torch.exp(p) / torch.exp(p).sum(-1, keepdim=True),
-                              torch.exp(-p) / torch.exp(-p).sum(-1, keepdim=True)], -1)
-
-        g = math.exp(module.mix_logit[h].item())
-        for b in range(batch):
-            a = torch.exp(q[b, h] @ k[b, h].T / math.sqrt(d)) * same  # [n, n] unnormalised local weights
-            for i in range(int(chunk.max()) + 1):
-                rows = chunk == i
-                mass, numer = a[rows].sum(-1), a[rows] @ v[b, h]
-                if i > 0:
-                    e = torch.exp(mq[b, h, i - 1] @ mk[b, h, :i].T / math.sqrt(d))
-                    w = e / e.sum()
-                    fq = phi(q[b, h, rows], wq)  # [tokens, F]
-                    for j in range(i):
-                        cols = (chunk == j) & (position >= sink)
-                        fk = phi(k[b, h, cols], wk)
-                        numer = numer + g * w[j] * (fq @ fk.T) @ v[b, h, cols]
-                        mass = mass + g * w[j] * (fq @ fk.T).sum(-1)
-                out[b, h, rows] = numer / mass[:, None]
-    return out
-
-
 @pytest.mark.parametrize("n,chunk_size", [(23, 4), (23, 5), (23, 8), (23, 23), (17, 16), (9, 1)])
 @pytest.mark.parametrize("kv_heads", [KV_HEADS, HEADS])
 @pytest.mark.parametrize("sink", [0, 1])
@@ -83,7 +47,7 @@ def test_matches_dense_reference_float64(n, chunk_size, kv_heads, sink):
     module.sink_size = sink
     with torch.no_grad():
         fast = module(q, k, v, mq, mk, chunk_size)
-        ref = dense_reference(q, k, v, mq, mk, chunk_size, module, sink)
+        ref = dense_normalized_bsbr(q, k, v, mq, mk, chunk_size, module, sink)
     assert fast.shape == (2, HEADS, n, D)
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-10)
 
@@ -106,7 +70,7 @@ def test_sink_of_several_tokens_matches_dense_reference():
     module = retrieval_module()
     module.sink_size = 3
     with torch.no_grad():
-        torch.testing.assert_close(module(q, k, v, mq, mk, 5), dense_reference(q, k, v, mq, mk, 5, module, 3),
+        torch.testing.assert_close(module(q, k, v, mq, mk, 5), dense_normalized_bsbr(q, k, v, mq, mk, 5, module, 3),
                                    rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="sink_size"):
         chunk_local_softmax(q, k, v, 5, 6)

@@ -4,7 +4,6 @@ original model and with BSBR written out densely (explicit [n, n] mask, loops ov
 from __future__ import annotations
 
 import copy
-import math
 import types
 
 import pytest
@@ -20,7 +19,7 @@ from bsbr.convert import (
     set_retrieval,
 )
 from tests.conftest import tiny_gpt2
-from tests.test_normalized_retrieval import dense_reference
+from tests.reference import dense_bsbr_gpt2, dense_gpt2_logits
 
 SEQ_LEN = 23  # odd on purpose: the last chunk is partial for every chunk size below
 SPLITTING_CHUNK_SIZES = [4, 5, 8]
@@ -29,74 +28,6 @@ HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
 
 def tokens(batch: int = 2, length: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def dense_bsbr_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
-    """BSBRGPT2Attention written out from its definition: q/k/v from the Conv1D ``c_attn`` by hand
-    (``x @ weight + bias``, split q|k|v), explicit [n, n] mask, Python loops over chunks.
-    ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
-    batch, n, width = hidden.shape
-    heads, d, size = attn.num_heads, attn.head_dim, attn.chunk_size
-    qkv = hidden @ attn.c_attn.weight + attn.c_attn.bias  # [batch, n, 3*width]
-
-    def per_head(x):  # [batch, n, width] -> [batch, heads, n, d]
-        return x.reshape(batch, n, heads, d).transpose(1, 2)
-
-    q, k, v = per_head(qkv[..., :width]), per_head(qkv[..., width : 2 * width]), per_head(qkv[..., 2 * width :])
-    position = torch.arange(n)
-    chunk = position // size
-    allowed = (chunk[:, None] == chunk[None, :]) & (position[None, :] <= position[:, None])
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v
-    num_chunks = int(chunk.max()) + 1
-
-    def state(j):  # F_j = K_jᵀ V_j, [batch, heads, d, d]
-        members = chunk == j
-        f = k[:, :, members].transpose(-1, -2) @ v[:, :, members]
-        if attn.compression is not None:
-            c = attn.compression
-            f = c.decode(c.encode(f.reshape(batch, heads, d * d))).view(batch, heads, d, d)
-        return f
-
-    def meta_key(j):  # h_j: [batch, heads, d]
-        return attn.meta_k_proj(hidden[:, chunk == j].mean(1)).view(batch, heads, d)
-
-    for i in range(1, num_chunks if retrieval else 1):
-        r = attn.meta_q_proj(hidden[:, chunk == i - 1].mean(1)).view(batch, heads, d)  # from chunk i-1 only
-        logits = torch.stack([(r * meta_key(j)).sum(-1) / math.sqrt(d) for j in range(i)], dim=-1)
-        weights = torch.softmax(logits, dim=-1)  # [batch, heads, i]
-        retrieved = sum(weights[..., j, None, None] * state(j) for j in range(i))
-        out[:, :, chunk == i] += q[:, :, chunk == i] @ retrieved
-    return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
-
-
-def dense_normalized_gpt2(attn: BSBRGPT2Attention, hidden: torch.Tensor) -> torch.Tensor:
-    """A ``retrieval="normalized"`` BSBRGPT2Attention written out: q/k/v from the Conv1D ``c_attn`` by hand, chunk means
-    by a loop, meta rows from them, the normalised formula by :func:`tests.test_normalized_retrieval.dense_reference`.
-    ``hidden``: [batch, n, hidden] -> [batch, n, hidden]."""
-    batch, n, width = hidden.shape
-    heads, d, size = attn.num_heads, attn.head_dim, attn.chunk_size
-    qkv = hidden @ attn.c_attn.weight + attn.c_attn.bias  # [batch, n, 3*width]
-    q, k, v = (qkv[..., i * width: (i + 1) * width].reshape(batch, n, heads, d).transpose(1, 2) for i in range(3))
-    means = torch.stack([hidden[:, j: j + size].mean(1) for j in range(0, n, size)], dim=1)  # [batch, chunks, width]
-    meta_q = attn.meta_q_proj(means).view(batch, -1, heads, d).transpose(1, 2)  # [batch, heads, chunks, d]
-    meta_k = attn.meta_k_proj(means).view(batch, -1, heads, d).transpose(1, 2)
-    out = dense_reference(q, k, v, meta_q, meta_k, size, attn.normalized, attn.normalized.sink_size)
-    return attn.c_proj(out.transpose(1, 2).reshape(batch, n, width))
-
-
-def dense_gpt2_logits(model: GPT2LMHeadModel, ids: torch.Tensor, retrieval: bool = True) -> torch.Tensor:
-    """The converted GPT-2 written out: wte + wpe, pre-LN blocks with :func:`dense_bsbr_gpt2` (or
-    :func:`dense_normalized_gpt2`), ln_f, lm_head."""
-    t = model.transformer
-    h = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))[None]
-    for block in t.h:
-        if block.attn.retrieval_mode == "normalized":
-            h = h + dense_normalized_gpt2(block.attn, block.ln_1(h))
-        else:
-            h = h + dense_bsbr_gpt2(block.attn, block.ln_1(h), retrieval)
-        h = h + block.mlp(block.ln_2(h))
-    return model.lm_head(t.ln_f(h))
 
 
 # --- exactness ----------------------------------------------------------------------------------------------
@@ -284,7 +215,7 @@ def test_all_ones_mask_equals_no_mask():
     mask = torch.ones_like(x)
     with torch.no_grad():
         torch.testing.assert_close(model(x, attention_mask=mask).logits, model(x).logits, atol=0, rtol=0)
-    # padded batches: tests/test_convert_cache.py (each row equals the row alone)
+    # padded batches: tests/convert/test_cache.py (each row equals the row alone)
 
 
 def test_eager_padding_mask_reaching_the_layer_is_rejected():

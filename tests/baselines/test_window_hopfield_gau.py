@@ -19,6 +19,7 @@ from bsbr import StandardAttention
 from bsbr.baselines.gau import GAU, GAUState
 from bsbr.baselines.hopfield import HopfieldAttention
 from bsbr.baselines.sliding_window import SlidingWindowAttention, WindowCache, sliding_window_attention
+from tests.reference import dense_attention, gau_reference, heads, hopfield_reference, window_reference
 
 HIDDEN, HEADS = 16, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -52,64 +53,6 @@ MAKERS = {"window": make_window, "hopfield": make_hopfield, "hopfield_3_updates"
 
 def random_hidden(batch, seq_len, seed=1, dtype=torch.float32):
     return torch.randn(batch, seq_len, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def heads(layer, x):
-    """``q, k, v`` of a q/k/v/out layer: ``[batch, heads, seq_len, head_dim]``."""
-    batch, seq_len, _ = x.shape
-    return [proj(x).view(batch, seq_len, HEADS, HEAD_DIM).transpose(1, 2)
-            for proj in (layer.q_proj, layer.k_proj, layer.v_proj)]
-
-
-def merge(layer, out):
-    batch, _, seq_len, _ = out.shape
-    return layer.out_proj(out.transpose(1, 2).reshape(batch, seq_len, HIDDEN))
-
-
-def dense_attention(q, k, v, allowed, scale):
-    """Plain softmax attention with an explicit ``[n, n]`` bool mask (True = may attend)."""
-    scores = (q @ k.transpose(-1, -2)) * scale
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
-
-
-def window_reference(layer, x):
-    q, k, v = heads(layer, x)
-    position = torch.arange(x.shape[1])
-    offset = position[:, None] - position[None, :]  # query - key
-    band = (offset >= 0) & (offset < layer.window_size)  # [n, n]: itself and the window_size - 1 before
-    return merge(layer, dense_attention(q, k, v, band, 1 / math.sqrt(HEAD_DIM)))
-
-
-def hopfield_reference(layer, x):
-    q, k, v = heads(layer, x)
-    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
-    xi = q
-    for _ in range(layer.num_updates - 1):
-        xi = dense_attention(xi, k, k, causal, layer.beta)
-    return merge(layer, dense_attention(xi, k, v, causal, layer.beta))
-
-
-def gau_reference(layer, x):
-    """FLASH causal mixed chunk attention with explicit loops over tokens and chunks."""
-    size = layer.chunk_size
-    u = torch.nn.functional.silu(layer.u_proj(x))
-    v = torch.nn.functional.silu(layer.v_proj(x))
-    z = torch.nn.functional.silu(layer.z_proj(x))
-    q_quad, k_quad, q_lin, k_lin = (z * layer.gamma[i] + layer.beta[i] for i in range(4))
-    batch, seq_len, _ = x.shape
-    rows = []
-    for b in range(batch):
-        outputs = []
-        for t in range(seq_len):
-            chunk_start = (t // size) * size
-            quad = sum(torch.relu(q_quad[b, t] @ k_quad[b, s] / size) ** 2 * v[b, s] for s in range(chunk_start, t + 1))
-            state = torch.zeros(layer.qk_dim, v.shape[-1], dtype=x.dtype)
-            for start in range(0, chunk_start, size):  # every finished earlier chunk
-                for s in range(start, start + size):
-                    state = state + torch.outer(k_lin[b, s], v[b, s]) / size
-            outputs.append(u[b, t] * (quad + q_lin[b, t] @ state))
-        rows.append(torch.stack(outputs))
-    return layer.out_proj(torch.stack(rows))
 
 
 REFERENCES = {"window": window_reference, "hopfield": hopfield_reference, "hopfield_3_updates": hopfield_reference,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from bsbr.baselines.delta_net import DeltaNet, DeltaNetState, delta_rule_chunkwise, delta_rule_recurrent
 from bsbr.baselines.linear import (LINEAR_ATTENTION_EPS, LinearAttention, LinearAttentionState, elu_feature_map,
                                    linear_attention_chunkwise, linear_attention_recurrent)
+from tests.reference import naive_delta_rule, naive_linear_attention
 
 HIDDEN, HEADS, CHUNK, SEQ = 32, 4, 4, 23  # SEQ: five chunks of 4 and a partial one of 3
 HEAD_DIM = HIDDEN // HEADS
@@ -33,13 +34,6 @@ def per_head(seed, batch=2, heads=3, seq_len=13, d_k=5, d_v=6):
 
 
 # --------------------------------------------------------------------------------------------- linear attention
-
-
-def naive_linear_attention(q, k, v, eps=LINEAR_ATTENTION_EPS):
-    """Feature-mapped ``q, k``: explicit causal mask over ``q kᵀ`` and the row-sum normaliser."""
-    n = q.shape[2]
-    scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), 0.0)
-    return (scores @ v) / (scores.sum(-1, keepdim=True) + eps), k.transpose(-1, -2) @ v, k.sum(2)
 
 
 @pytest.mark.parametrize("seq_len,chunk_size", OP_SHAPES)
@@ -81,23 +75,6 @@ def test_linear_attention_chunkwise_backward_equals_recurrent():
 
 
 # --------------------------------------------------------------------------------------------- delta rule
-
-
-def naive_delta_rule(q, k, v, beta, memory=None):
-    """Independent reference: per row and head, ``S ← (I − β k kᵀ) S + β k vᵀ``, ``o = Sᵀ q``."""
-    batch, heads, n, d_k = q.shape
-    out = torch.zeros(batch, heads, n, v.shape[-1], dtype=q.dtype)
-    final = torch.zeros(batch, heads, d_k, v.shape[-1], dtype=q.dtype)
-    eye = torch.eye(d_k, dtype=q.dtype)
-    for b in range(batch):
-        for h in range(heads):
-            s = torch.zeros(d_k, v.shape[-1], dtype=q.dtype) if memory is None else memory[b, h]
-            for t in range(n):
-                kt = k[b, h, t][:, None]  # column vector [d_k, 1]
-                s = (eye - beta[b, h, t] * kt @ kt.T) @ s + beta[b, h, t] * kt @ v[b, h, t][None, :]
-                out[b, h, t] = s.T @ q[b, h, t]
-            final[b, h] = s
-    return out, final
 
 
 def unit_qk(q, k, v, beta):

@@ -9,8 +9,7 @@ from safetensors.torch import save_file
 
 from bsbr.convert import convert_to_bsbr, converted_copy, load_conversion, save_conversion, set_retrieval
 from bsbr.convert.checkpoint import conversion_settings, new_parameters
-from tests.conftest import tiny_gpt2, tiny_llama
-from tests.test_convert import tokens
+from tests.conftest import tiny_gpt2, tiny_llama, tokens
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
