@@ -290,3 +290,33 @@ def dense_attention(q, k, v, allowed, scale):
     """Plain softmax attention with an explicit ``[n, n]`` bool mask (True = may attend)."""
     scores = (q @ k.transpose(-1, -2)) * scale
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def dense_terraced(q, k, v, chunk_size, module, sink=0, retrieve=True):
+    """The terraced formula written out: explicit [n, n] masks of the exact region (own chunk up to t, the whole
+    previous chunk, the first ``sink`` tokens) and of the retrieved region (chunks <= i-2, sinks excluded), plain
+    exponentials, one loop over query heads; key features per key/value head (``module.key_map.weight[h // group]``).
+    ``(e^a·exact @ v + g·φq φkᵀ·older @ v) / (row sums)``."""
+    batch, heads, n, d = q.shape
+    group = heads // k.shape[1]
+    position = torch.arange(n)
+    chunk = position // chunk_size
+    causal = position[None, :] <= position[:, None]
+    exact = causal & ((chunk[None, :] == chunk[:, None]) | (chunk[None, :] == chunk[:, None] - 1)
+                      | (position[None, :] < sink))  # [n, n]
+    older = (chunk[None, :] <= chunk[:, None] - 2) & (position[None, :] >= sink) & retrieve  # [n, n]
+
+    def phi(x, w):
+        p = (x * d**-0.25) @ w
+        return torch.cat([torch.exp(p) / torch.exp(p).sum(-1, keepdim=True),
+                          torch.exp(-p) / torch.exp(-p).sum(-1, keepdim=True)], -1)
+
+    out = torch.empty_like(q)
+    for h in range(heads):
+        kv = h // group
+        g = math.exp(module.mix_logit[h].item())
+        a = torch.exp(q[:, h] @ k[:, kv].transpose(-1, -2) / math.sqrt(d)) * exact  # [batch, n, n]
+        lin = g * (phi(q[:, h], module.query_map.weight[h]) @ phi(k[:, kv], module.key_map.weight[kv]).transpose(-1, -2))
+        lin = lin * older
+        out[:, h] = ((a + lin) @ v[:, kv]) / (a + lin).sum(-1, keepdim=True)
+    return out
