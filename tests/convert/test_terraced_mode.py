@@ -251,7 +251,8 @@ def test_bad_options_raise_before_any_change(kwargs, match):
     assert [type(m) for m in model.modules()] == before
 
 
-def test_calibration_lowers_the_layer_output_mse():
+@pytest.mark.parametrize("student", [False, True])
+def test_calibration_lowers_the_layer_output_mse(student):
     from bsbr.convert.calibrate import calibrate_attention_transfer, capture_attention_io
 
     base = tiny_llama()
@@ -260,7 +261,8 @@ def test_calibration_lowers_the_layer_output_mse():
     model = converted_copy(base, 8, retrieval="terraced", sink_size=1)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
     meta = {name: p.detach().clone() for name, p in model.named_parameters() if ".meta_" in name}
-    stats = calibrate_attention_transfer(model, captured, steps=30, progress=False)
+    stats = calibrate_attention_transfer(model, captured, steps=30, progress=False,
+                                         student_input_ids=x if student else None)
     assert [row["layer"] for row in stats] == [0, 1]
     for row in stats:
         assert row["final_rel_mse"] < 0.7 * row["initial_rel_mse"]
@@ -270,6 +272,8 @@ def test_calibration_lowers_the_layer_output_mse():
     for name, p in model.named_parameters():  # meta projections: unused by the terraced mode, untouched
         if name in meta:
             assert torch.equal(p, meta[name]), name
+    if student:
+        return
     layer = model.model.layers[0].self_attn  # the reported loss is the layer's own output on tokens >= 2C
     with torch.no_grad():
         out, _ = layer(captured[0].hidden, position_embeddings=(captured[0].cos, captured[0].sin))
