@@ -130,3 +130,24 @@ def test_bad_input_raises_naming_the_argument():
     _, state = block_attention(q, k, v, 4, 2, 1, return_state=True)
     with pytest.raises(ValueError, match="state"):
         block_attention(q, k, v, 4, 2, 1, summary="mean", state=state)
+
+
+def test_no_tensor_grows_with_n_squared():
+    """Every tensor the op creates (recorded at dispatch) is far smaller than an [n, n] score matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    n = 1024
+    q, k, v = qkv(batch=1, heads=2, kv_heads=1, n=n, d=4, dtype=torch.float32)
+    with Largest():
+        block_attention(q, k, v, 32, 8, 2, sink_size=4)
+    assert Largest.numel == 2 * n * 4  # the largest is the output [1, 2, n, 4]: nothing near n² = 1,048,576
