@@ -151,3 +151,14 @@ def test_settings_round_trip_through_a_checkpoint(tmp_path):
 def test_bad_settings_raise_naming_the_argument(options, match):
     with pytest.raises(ValueError, match=match):
         convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", **options)
+
+
+def test_padded_generation_with_and_without_cache_agree_also_for_beam_search():
+    model = blocks_model(top_k=1)
+    ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
+    with torch.no_grad():
+        for beams in (1, 3):  # beam search reorders the cache rows
+            cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False)
+            full = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False,
+                                  use_cache=False)
+            torch.testing.assert_close(cached, full, atol=0, rtol=0)
