@@ -213,10 +213,11 @@ def _block_attention(query, key, value, chunk_size: int | None, block_size: int,
                 chosen = chosen.sum(2, keepdim=True)  # [b, G, 1, r, candidates]: one choice per group
             index = chosen.topk(k, dim=-1).indices  # [b, G, g or 1, r, k]
             width = block_size * d
-            blocks_k, blocks_v = (t[:, :, : candidates * block_size].reshape(batch, groups, candidates, width)
-                                  for t in (key, value))  # [b, G, candidates, B·d]
-            flat = index.flatten(2)[..., None].expand(-1, -1, -1, width)  # [b, G, g'·r·k, B·d]
-            sel_k, sel_v = (t.gather(2, flat).view(*index.shape, block_size, d).flatten(-3, -2)
+            blocks_k, blocks_v = (t[:, :, : candidates * block_size].reshape(batch * groups * candidates, width)
+                                  for t in (key, value))  # [b·G·candidates, B·d]: one row per block
+            base = torch.arange(batch * groups, device=query.device).view(batch, groups, 1, 1, 1) * candidates
+            flat = (index + base).flatten()  # [b·G·g'·r·k] rows of the blocks
+            sel_k, sel_v = (t.index_select(0, flat).view(*index.shape, block_size, d).flatten(-3, -2)
                             for t in (blocks_k, blocks_v))  # [b, G, g', r, k·B, d]
             selected = _per_row(rows, sel_k.transpose(-1, -2)) * scale  # [b, G, g, r, k·B]
             if sink_size:  # sink tokens inside a retrieved block are already attended as sinks
