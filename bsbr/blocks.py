@@ -187,6 +187,8 @@ def _block_attention(query, key, value, chunk_size: int | None, block_size: int,
     if state is not None:
         summaries = torch.cat([state.summaries, summaries], dim=2)  # [b, G, T // B, parts, d]
 
+    flat_key, flat_value = (t.contiguous().view(batch * groups * total, d) for t in (key, value))  # token rows
+    token_base = torch.arange(batch * groups, device=query.device).view(batch, groups, 1, 1, 1) * total
     scale = 1.0 / math.sqrt(d)
     size = chunk_size or total
     q = query.unflatten(1, (groups, group))  # [b, G, g, n, d]
@@ -212,16 +214,12 @@ def _block_attention(query, key, value, chunk_size: int | None, block_size: int,
             if selection == "group":
                 chosen = chosen.sum(2, keepdim=True)  # [b, G, 1, r, candidates]: one choice per group
             index = chosen.topk(k, dim=-1).indices  # [b, G, g or 1, r, k]
-            width = block_size * d
-            blocks_k, blocks_v = (t[:, :, : candidates * block_size].reshape(batch * groups * candidates, width)
-                                  for t in (key, value))  # [b·G·candidates, B·d]: one row per block
-            base = torch.arange(batch * groups, device=query.device).view(batch, groups, 1, 1, 1) * candidates
-            flat = (index + base).flatten()  # [b·G·g'·r·k] rows of the blocks
-            sel_k, sel_v = (t.index_select(0, flat).view(*index.shape, block_size, d).flatten(-3, -2)
-                            for t in (blocks_k, blocks_v))  # [b, G, g', r, k·B, d]
+            pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
+            flat = (pos + token_base).flatten()  # [b·G·g'·r·k·B] rows of flat_key: the selected blocks' tokens
+            sel_k, sel_v = (t.index_select(0, flat).view(*pos.shape, d)
+                            for t in (flat_key, flat_value))  # [b, G, g', r, k·B, d]
             selected = _per_row(rows, sel_k.transpose(-1, -2)) * scale  # [b, G, g, r, k·B]
             if sink_size:  # sink tokens inside a retrieved block are already attended as sinks
-                pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
                 selected = selected.masked_fill(pos < sinks, float("-inf"))
             scores.append(selected)
         weights = torch.softmax(torch.cat(scores, dim=-1), dim=-1)  # [b, G, g, r, m + s + k·B]
