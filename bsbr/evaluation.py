@@ -6,6 +6,10 @@ perplexity of the variant, KL divergence of its next-token distribution from the
 the greedy tokens and the cosine similarity of the final hidden states. The per-token metrics themselves are in
 :mod:`bsbr.metrics`; this module runs the models and restricts the metrics to the positions being scored.
 
+Notebook 02's steps are here too: :func:`one_chunk_logit_differences` (one chunk is the original),
+:func:`collect_variant_metrics` (every variant on every window), :func:`similarity_table` and :func:`per_chunk_table`
+(what the report shows), :func:`seed_retrieval_ratio` and :func:`gpt2_perplexity` (the GPT-2 path).
+
 Shapes: ``input_ids`` ``[batch, n]``; hidden states ``[batch, n, hidden]``; logits ``[batch, n, vocab]``. The
 logits at position ``t`` predict token ``t + 1``, so next-token metrics exist for positions ``0 .. n - 2``.
 """
