@@ -320,3 +320,40 @@ def dense_terraced(q, k, v, chunk_size, module, sink=0, retrieve=True):
         lin = lin * older
         out[:, h] = ((a + lin) @ v[:, kv]) / (a + lin).sum(-1, keepdim=True)
     return out
+
+
+def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group"):
+    """Block retrieval (:mod:`bsbr.blocks`) written out token by token: for every token and head an explicit ``[n]``
+    mask (local region, sinks, its selected blocks), the block scores summed over its key/value group's heads
+    (``selection="group"``) from per-block min/max or mean keys, the best ``top_k`` candidates by sorting."""
+    batch, heads, n, d = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for t in range(n):
+            local_start = max(0, (t // chunk_size - 1) * chunk_size)
+            candidates = local_start // block_size
+            for h in range(heads):
+                kv = h // group
+                score_heads = range(kv * group, (kv + 1) * group) if selection == "group" else [h]
+                scores = []
+                for j in range(candidates):
+                    keys = k[b, kv, j * block_size: (j + 1) * block_size]  # [B, d]
+                    total = 0.0
+                    for hh in score_heads:
+                        query = q[b, hh, t]
+                        if summary == "minmax":
+                            total += torch.maximum(query * keys.amin(0), query * keys.amax(0)).sum()
+                        else:
+                            total += (query * keys.mean(0)).sum()
+                    scores.append(float(total))
+                chosen = sorted(range(candidates), key=lambda j: -scores[j])[:top_k]
+                allowed = torch.zeros(n, dtype=torch.bool)
+                allowed[local_start: t + 1] = True
+                allowed[: min(sink_size, t + 1)] = True
+                for j in chosen:
+                    allowed[j * block_size: (j + 1) * block_size] = True
+                logits = (k[b, kv] @ q[b, h, t]) / math.sqrt(d)  # [n]
+                weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=0)
+                out[b, h, t] = weights @ v[b, kv]
+    return out

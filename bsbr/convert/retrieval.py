@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import BSBRState, StateCompression, bsbr_attention, chunk_mean
+from bsbr.blocks import BlocksState, _block_attention, check_block_settings
 from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
 from bsbr.terraced import DEFAULT_MIX_LOGIT, TerracedRetrieval, terraced_step
 from bsbr.utils import check_sink_size
@@ -330,3 +331,70 @@ class TerracedMode(RetrievalMode):
 #: ``retrieval`` name -> mode: the one place a retrieval mode plugs in.
 RETRIEVAL_MODES: dict[str, type[RetrievalMode]] = {"seed": SeedMode, "normalized": NormalizedMode,
                                                    "terraced": TerracedMode}
+
+
+class BlocksMode(RetrievalMode):
+    """``retrieval="blocks"``: exact attention on the local region (own chunk up to the token plus the previous chunk),
+    the sink tokens and the top-k earlier blocks each token selects with its own query (:mod:`bsbr.blocks`,
+    :func:`bsbr.blocks.block_attention`). No learned parameters (the meta projections every converted layer has are
+    unused).
+
+    ``compression_factor`` must be None. Options: ``block_size`` (default ``chunk_size``; divides it), ``top_k`` (4;
+    more than the candidate blocks means all), ``summary`` (``"minmax"``: Quest's bound, or ``"mean"``),
+    ``sink_size`` (0), ``selection`` (``"group"``: one choice per key/value group, scores summed over its query
+    heads; or ``"head"``), ``dense_layers`` (indices of the layers left as the original full causal attention,
+    e.g. ``(0, 1)`` as Quest does). With ``layer.retrieval = False``: the local region and the sinks only.
+    Streaming state: :class:`bsbr.blocks.BlocksState` (every token's keys/values and the block summaries: a KV
+    cache, O(tokens)). Attended tokens per query: at most ``2·chunk_size + sink_size + top_k·block_size``.
+    Sources: Quest (arXiv 2406.10774), InfLLM (arXiv 2402.04617), MoBA (arXiv 2502.13189).
+    """
+
+    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers")
+
+    @staticmethod
+    def add_modules(layer, compression_factor, **options) -> None:
+        unknown = sorted(set(options) - set(BlocksMode.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for retrieval='blocks'; accepted: {list(BlocksMode.OPTIONS)}")
+        if compression_factor is not None:
+            raise ValueError(f"compression_factor must be None for retrieval='blocks' (it keeps exact keys and values), "
+                             f"got {compression_factor!r}")
+        settings = {"block_size": layer.chunk_size, "top_k": 4, "summary": "minmax", "sink_size": 0,
+                    "selection": "group", **options}
+        dense = settings.pop("dense_layers", ())
+        num_layers = layer.config.num_hidden_layers
+        if isinstance(dense, (str, bytes)) or not hasattr(dense, "__iter__") or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in dense):
+            raise ValueError(f"dense_layers must be layer indices in [0, {num_layers}), got {dense!r}")
+        check_block_settings(layer.chunk_size, **settings)
+        layer.blocks_options = settings
+        layer.dense_layers = tuple(sorted(set(dense)))
+        layer.compression = None
+
+    @staticmethod
+    def _run(layer, query, key, value, dropout_p, state, return_state):
+        options = layer.blocks_options
+        if layer.layer_idx in layer.dense_layers:  # the original full causal attention (over the cache)
+            return _block_attention(query, key, value, None, options["block_size"], 0, 0, options["summary"],
+                                    "group", dropout_p, state, return_state)
+        return _block_attention(query, key, value, layer.chunk_size, options["block_size"],
+                                options["top_k"] if layer.retrieval else 0, options["sink_size"], options["summary"],
+                                options["selection"], dropout_p, state, return_state)
+
+    @staticmethod
+    def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        if layer.layer_idx in layer.dense_layers:
+            return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
+                                                  enable_gqa=key.shape[1] != query.shape[1])
+        return BlocksMode._run(layer, query, key, value, dropout_p, None, False)
+
+    @staticmethod
+    def step(layer, hidden_states, query, key, value, state: BlocksState | None, dropout_p: float):
+        return BlocksMode._run(layer, query, key, value, dropout_p, state, True)
+
+    @staticmethod
+    def settings(layer) -> tuple[int | None, dict]:
+        return None, {**layer.blocks_options, "dense_layers": list(layer.dense_layers)}
+
+
+RETRIEVAL_MODES["blocks"] = BlocksMode
