@@ -8,7 +8,10 @@ and values, then hands them to its retrieval mode, named by ``retrieval=`` in :f
 * ``"normalized"`` (:class:`NormalizedMode`): the retrieved chunks share the local softmax's normaliser through
   positive feature maps, optional exact attention-sink tokens (:mod:`bsbr.normalized`);
 * ``"terraced"`` (:class:`TerracedMode`): an exact region of the own and the previous chunk plus sink tokens, every
-  older chunk summed into GQA-shared feature-space states under the same normaliser (:mod:`bsbr.terraced`).
+  older chunk summed into GQA-shared feature-space states under the same normaliser (:mod:`bsbr.terraced`);
+* ``"blocks"`` (:class:`BlocksMode`): exact attention on the own and previous chunk, sink tokens and the top-k earlier
+  blocks each token's own query selects against per-block key summaries (Quest's min/max bound or mean keys;
+  :mod:`bsbr.blocks`); its cache keeps every token's keys and values.
 
 A new mode is one class with the four static methods of :class:`RetrievalMode` and one entry in
 :data:`RETRIEVAL_MODES`; every family, the cache, padding, checkpoints and ``set_retrieval`` then take it.
@@ -182,7 +185,8 @@ class SeedMode(RetrievalMode):
     @staticmethod
     def add_modules(layer, compression_factor, **options) -> None:
         if options:
-            raise ValueError(f"options {sorted(options)} apply to retrieval='normalized' only")
+            raise ValueError(f"retrieval='seed' takes no options, got {sorted(options)}; options belong to the other "
+                             f"modes ({sorted(set(RETRIEVAL_MODES) - {'seed'})})")
         weight = layer.meta_q_proj.weight
         layer.compression = (None if compression_factor is None
                              else StateCompression(layer.head_dim, compression_factor).to(weight.device, weight.dtype))
