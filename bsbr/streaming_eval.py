@@ -75,6 +75,13 @@ def kv_cache_nbytes(config, tokens: int, element_size: int = 4) -> int:
     return element_size * config.num_hidden_layers * 2 * config.num_key_value_heads * d * int(tokens)
 
 
+def _check_state_args(tokens: int, chunk_size: int, sink_size: int, feature_dim: int) -> None:
+    """ValueError for negative ``tokens``/``sink_size`` or non-positive ``chunk_size``/``feature_dim``."""
+    check_positive_int(chunk_size=chunk_size, feature_dim=feature_dim)
+    if tokens < 0 or sink_size < 0:
+        raise ValueError(f"tokens and sink_size must be >= 0, got {tokens} and {sink_size}")
+
+
 def normalized_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int, feature_dim: int,
                             element_size: int = 4) -> int:
     """Bytes of a :class:`bsbr.convert.BSBRCache` of a normalised-retrieval BSBR model (retrieval on) after ``tokens``
@@ -92,9 +99,7 @@ def normalized_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int
     Raises:
         ValueError: negative ``tokens``/``sink_size`` or non-positive ``chunk_size``/``feature_dim``.
     """
-    check_positive_int(chunk_size=chunk_size, feature_dim=feature_dim)
-    if tokens < 0 or sink_size < 0:
-        raise ValueError(f"tokens and sink_size must be >= 0, got {tokens} and {sink_size}")
+    _check_state_args(tokens, chunk_size, sink_size, feature_dim)
     if tokens == 0:
         return 0
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -125,9 +130,7 @@ def terraced_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int, 
     Raises:
         ValueError: negative ``tokens``/``sink_size`` or non-positive ``chunk_size``/``feature_dim``.
     """
-    check_positive_int(chunk_size=chunk_size, feature_dim=feature_dim)
-    if tokens < 0 or sink_size < 0:
-        raise ValueError(f"tokens and sink_size must be >= 0, got {tokens} and {sink_size}")
+    _check_state_args(tokens, chunk_size, sink_size, feature_dim)
     if tokens == 0:
         return 0
     kv_heads = config.num_key_value_heads

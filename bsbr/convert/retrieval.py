@@ -134,6 +134,25 @@ def seed_step(layer, hidden_states, query, key, value, state: BSBRState | None, 
 # --- the modes -----------------------------------------------------------------------------------------------------
 
 
+def _feature_dim(head_dim: int, compression_factor, feature_dim, mode: str):
+    """The Hedgehog features per half of a feature-map mode: ``head_dim / compression_factor`` when compressed (a
+    contradicting ``feature_dim`` is an error), else ``feature_dim`` as given (None: the mode's default, ``head_dim``).
+
+    Raises ValueError naming ``compression_factor`` (not a positive integer dividing ``head_dim``) or ``feature_dim``.
+    """
+    if compression_factor is None:
+        return feature_dim
+    if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) \
+            or compression_factor < 1 or head_dim % compression_factor:
+        raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim={head_dim} for "
+                         f"{mode} retrieval, got {compression_factor!r}")
+    compressed = head_dim // compression_factor
+    if feature_dim is not None and feature_dim != compressed:
+        raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
+                         f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
+    return compressed
+
+
 class RetrievalMode:
     """What a retrieval mode provides to a converted layer (all static: the layer holds the modules and flags).
 
@@ -229,17 +248,7 @@ class NormalizedMode(RetrievalMode):
         if unknown:
             raise ValueError(f"unknown options {unknown} for retrieval='normalized'; accepted: "
                              f"{list(NormalizedMode.OPTIONS)}")
-        feature_dim = options.pop("feature_dim", None)
-        if compression_factor is not None:
-            if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) \
-                    or compression_factor < 1 or layer.head_dim % compression_factor:
-                raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim="
-                                 f"{layer.head_dim} for normalized retrieval, got {compression_factor!r}")
-            compressed = layer.head_dim // compression_factor
-            if feature_dim is not None and feature_dim != compressed:
-                raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
-                                 f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
-            feature_dim = compressed
+        feature_dim = _feature_dim(layer.head_dim, compression_factor, options.pop("feature_dim", None), "normalized")
         check_sink_size(options.get("sink_size", 0), layer.chunk_size)
         weight = layer.meta_q_proj.weight
         layer.compression = None
@@ -293,19 +302,9 @@ class TerracedMode(RetrievalMode):
         unknown = sorted(set(options) - set(TerracedMode.OPTIONS))
         if unknown:
             raise ValueError(f"unknown options {unknown} for retrieval='terraced'; accepted: {list(TerracedMode.OPTIONS)}")
-        feature_dim = options.pop("feature_dim", None)
+        feature_dim = _feature_dim(layer.head_dim, compression_factor, options.pop("feature_dim", None), "terraced")
         if feature_dim is not None:
             check_positive_int(feature_dim=feature_dim)
-        if compression_factor is not None:
-            if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) \
-                    or compression_factor < 1 or layer.head_dim % compression_factor:
-                raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim="
-                                 f"{layer.head_dim} for terraced retrieval, got {compression_factor!r}")
-            compressed = layer.head_dim // compression_factor
-            if feature_dim is not None and feature_dim != compressed:
-                raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
-                                 f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
-            feature_dim = compressed
         sink_size = options.get("sink_size", 0)
         check_sink_size(sink_size, layer.chunk_size)
         weight = layer.meta_q_proj.weight
