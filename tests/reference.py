@@ -290,3 +290,15 @@ def dense_attention(q, k, v, allowed, scale):
     """Plain softmax attention with an explicit ``[n, n]`` bool mask (True = may attend)."""
     scores = (q @ k.transpose(-1, -2)) * scale
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def dense_local_softmax(q, k, v, chunk_size, sink=0):
+    """Own-chunk causal softmax attention plus ``sink`` sink tokens with its log-normaliser, written out with an
+    explicit ``[n, n]`` mask (keys repeated to the query heads): ``(output [b, h, n, d], lse [b, h, n])``."""
+    heads, n, d = q.shape[1], q.shape[2], q.shape[3]
+    k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    position = torch.arange(n)
+    chunk = position // chunk_size
+    seen = ((chunk[:, None] == chunk[None, :]) | (position[None, :] < sink)) & (position[None, :] <= position[:, None])
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~seen, float("-inf"))  # [b, h, n, n]
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
