@@ -11,15 +11,16 @@ joins ``l_t`` in one shared normaliser (LoLCATs, Zhang et al. 2024, arXiv 2410.1
 Two forms of one operator (flash-linear-attention keeps ``naive`` beside ``chunk`` the same way):
 
 * :func:`local_softmax_attention` (fused): ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` returns
-  ``(out, logsumexp)``. The own-chunk part is one causal call on the chunks laid side by side as the batch,
-  ``[batch·chunks, heads, C, d]`` (the partial last chunk, if any, is a second causal call of its own length); the
-  sinks are one non-causal call of every token after chunk 0 over the ``k`` sink keys; the two parts are merged by
-  their log-normalisers (``l = logaddexp(l_own, l_sink)``, ``o = e^(l_own-l) o_own + e^(l_sink-l) o_sink``).
-  GQA: the kernel takes ``kv_heads`` dividing ``heads`` itself (query head ``h`` uses key/value head
-  ``h // (heads / kv_heads)``, HF ``repeat_kv`` order), so keys and values are never repeated.
-  Memory: no score tensor is written out (the kernel works in tiles); O(n·d) per head for the inputs and outputs
-  (a copy of q/k/v/out when the chunk-major reshape is not a view: batch > 1 with a partial last chunk or a
-  head-major layout).
+  ``(out, logsumexp)``. The chunks are laid side by side as the kernel's batch, ``[batch·chunks, heads, C, d]``, in
+  one causal call. Sinks: chunks after 0 get the ``k`` sink keys/values prepended, ``[k + C]`` keys, and ``k``
+  placeholder (zero) queries in front of their ``C`` queries, whose outputs are dropped; the kernel's causal mask
+  (query ``i`` sees keys ``0..i``) then gives query ``j`` exactly the sinks and its chunk up to ``j``, in one
+  softmax, so nothing is merged afterwards. Chunk 0 (which holds the sinks) is its own call, and so is a partial
+  last chunk (its own length). GQA: the kernel takes ``kv_heads`` dividing ``heads`` itself (query head ``h`` uses
+  key/value head ``h // (heads / kv_heads)``, HF ``repeat_kv`` order), so keys and values are never repeated.
+  Memory: no score tensor is written out (the kernel works in tiles). Copies, O(n·d) per head: the blocks with
+  sinks prepended (queries ``(1 + k/C)×``, keys and values per key/value head), the outputs back to
+  ``[batch, heads, n, d]``; a chunk-major view of the inputs themselves is free for batch 1.
 * :func:`local_softmax_attention_naive` (written out): ``[batch, heads, chunks, C, C]`` score blocks, O(n·C) per
   head, any dtype and device. The fused form falls back to it where the kernel cannot run: a device other than
   CPU, a dtype other than float32/float64 (the kernel's bfloat16/float16 path returns a float32 ``lse`` and rounds
@@ -157,33 +158,39 @@ def local_softmax_attention(query, key, value, chunk_size: int, sink_size: int =
     _check(query, key, value, chunk_size, sink_size)
     if not fused_kernel_supports(query, key, value):
         return local_softmax_attention_naive(query, key, value, chunk_size, sink_size)
-    batch, heads, n, _ = query.shape
-    full, size = n // chunk_size, chunk_size
-    outputs, lses = [], []
-    if full:  # the whole chunks side by side as the kernel's batch
+    batch, heads, n, d = query.shape
+    size, full = chunk_size, n // chunk_size
+    sinks = sink_size if n > size else 0
 
-        def blocks(x):  # [batch, h, n, d] -> [batch·full, h, C, d]
-            return x[:, :, : full * size].unflatten(2, (full, size)).transpose(1, 2).flatten(0, 1)
+    def attend(start: int, stop: int, width: int, with_sinks: bool):
+        """Tokens ``start..stop-1``, ``m`` chunks of ``width``, side by side as the kernel's batch; with the sink
+        tokens prepended to each chunk's keys (and as many placeholder queries, whose outputs are dropped), so that
+        one causal call gives every real query its sinks and its chunk up to itself."""
+        def blocks(x):  # [batch, h, n, d] -> [batch, m, h, width, d]
+            return x[:, :, start:stop].unflatten(2, (-1, width)).transpose(1, 2)
 
-        output, lse = softmax_attention_with_lse(blocks(query), blocks(key), blocks(value), is_causal=True)
-        outputs.append(output.unflatten(0, (batch, full)).transpose(1, 2).flatten(2, 3))  # [batch, heads, full·C, d]
-        lses.append(lse.unflatten(0, (batch, full)).transpose(1, 2).flatten(2, 3))  # [batch, heads, full·C]
-    if n > full * size:  # the partial last chunk: its own causal call
-        rest = slice(full * size, n)
-        output, lse = softmax_attention_with_lse(query[:, :, rest], key[:, :, rest], value[:, :, rest], is_causal=True)
-        outputs.append(output)
-        lses.append(lse)
-    output, lse = (torch.cat(outputs, dim=2), torch.cat(lses, dim=2)) if len(outputs) > 1 else (outputs[0], lses[0])
-    if sink_size == 0 or n <= size:
-        return output, lse
-    # Tokens after chunk 0 also see the sink tokens: a non-causal call over them, merged in log space.
-    sink_out, sink_lse = softmax_attention_with_lse(query[:, :, size:], key[:, :, :sink_size],
-                                                    value[:, :, :sink_size])  # [b, h, n-C, d], [b, h, n-C]
-    own_lse = lse[:, :, size:]
-    tail_lse = torch.logaddexp(own_lse, sink_lse)
-    tail = (torch.exp(own_lse - tail_lse)[..., None] * output[:, :, size:]
-            + torch.exp(sink_lse - tail_lse)[..., None] * sink_out)
-    return torch.cat([output[:, :, :size], tail], dim=2), torch.cat([lse[:, :, :size], tail_lse], dim=2)
+        q, k, v = blocks(query), blocks(key), blocks(value)
+        m, prefix = q.shape[1], sinks if with_sinks else 0
+        if prefix:
+            q = torch.cat([q.new_zeros(batch, m, heads, prefix, d), q], dim=3)  # [batch, m, heads, k + width, d]
+            k, v = (torch.cat([x[:, None, :, :prefix].expand(-1, m, -1, -1, -1), y], dim=3)
+                    for x, y in ((key, k), (value, v)))  # [batch, m, kv_heads, k + width, d]
+        output, lse = softmax_attention_with_lse(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=True)
+        output = output[:, :, prefix:].unflatten(0, (batch, m)).transpose(1, 2).flatten(2, 3)  # [b, h, m·width, d]
+        return output, lse[:, :, prefix:].unflatten(0, (batch, m)).transpose(1, 2).flatten(2, 3)  # [b, h, m·width]
+
+    parts = []
+    if full and sinks:  # chunk 0 holds the sinks already; chunks 1.. see them in front of their own keys
+        parts.append(attend(0, size, size, False))
+        if full > 1:
+            parts.append(attend(size, full * size, size, True))
+    elif full:
+        parts.append(attend(0, full * size, size, False))
+    if n > full * size:  # the partial last chunk: its own call
+        parts.append(attend(full * size, n, n - full * size, full > 0 and sinks > 0))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
 
 
 def local_softmax_attention_naive(query, key, value, chunk_size: int,
