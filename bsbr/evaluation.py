@@ -6,18 +6,30 @@ perplexity of the variant, KL divergence of its next-token distribution from the
 the greedy tokens and the cosine similarity of the final hidden states. The per-token metrics themselves are in
 :mod:`bsbr.metrics`; this module runs the models and restricts the metrics to the positions being scored.
 
+Notebook 02's steps are here too: :func:`one_chunk_logit_differences` (one chunk is the original),
+:func:`collect_variant_metrics` (every variant on every window), :func:`similarity_table` and :func:`per_chunk_table`
+(what the report shows), :func:`seed_retrieval_ratio` and :func:`gpt2_perplexity` (the GPT-2 path).
+
 Shapes: ``input_ids`` ``[batch, n]``; hidden states ``[batch, n, hidden]``; logits ``[batch, n, vocab]``. The
 logits at position ``t`` predict token ``t + 1``, so next-token metrics exist for positions ``0 .. n - 2``.
 """
 
 from __future__ import annotations
 
+import sys
+
+import pandas as pd
 import torch
+from tqdm import tqdm
 
 from bsbr import metrics as M
+from bsbr.convert import converted_copy, load_pretrained, set_retrieval
+from bsbr.data import token_windows
+from bsbr.masks import band_mask
 
-__all__ = ["chunk_means", "final_hidden_and_logits", "per_token_metrics", "positions_from", "score_against_reference",
-           "seed_retrieval_ratio"]
+__all__ = ["chunk_means", "collect_variant_metrics", "final_hidden_and_logits", "gpt2_perplexity", "one_chunk_logit_differences",
+           "per_chunk_table", "per_token_metrics", "positions_from", "score_against_reference", "seed_perplexity",
+           "seed_retrieval_ratio", "similarity_table"]
 
 
 def final_hidden_and_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -108,3 +120,183 @@ def seed_retrieval_ratio(base, converted, input_ids: torch.Tensor, chunk_size: i
         ratio = ((with_retrieval - local).norm(dim=-1) / local.norm(dim=-1))[0, chunk_size:]  # tokens after chunk 0
         rows.append({"layer": index, "median_ratio": ratio.median().item(), "p90_ratio": ratio.quantile(0.9).item()})
     return rows
+
+
+def one_chunk_logit_differences(base, input_ids: torch.Tensor, **normalized_options) -> dict[str, float]:
+    """How far each variant's logits are from the original's when the whole text is one chunk (nothing to retrieve).
+
+    On ``input_ids`` ``[batch, n]`` the Llama- or GPT-2-family ``base`` is compared with its seed-formula and
+    normalised BSBR conversions at ``chunk_size = n`` (``normalized_options`` go to the normalised one, e.g.
+    ``sink_size``) and with itself under a sliding-window mask of width ``n`` (:func:`bsbr.masks.band_mask`): all
+    three must be the original up to fp32 rounding. A window of ``n // 2`` tokens is the control that must differ
+    (the mask is used).
+
+    Returns:
+        ``{"seed", "normalized", "sliding_window", "half_window", "max_abs_logit"}``: the max |logit difference| to
+        the original of each (logit units), and the largest |logit| of the original (the scale). ``base`` is
+        unchanged (the conversions are copies). Runs under ``torch.inference_mode()``.
+    Raises:
+        ValueError: ``input_ids`` not ``[batch, n]`` with ``n >= 2``.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [batch, n] with n >= 2, got shape {tuple(input_ids.shape)}")
+    n = input_ids.shape[1]
+    with torch.inference_mode():
+        _, reference = final_hidden_and_logits(base, input_ids)  # [batch, n, vocab]
+
+        def difference(lm, mask=None) -> float:
+            return (final_hidden_and_logits(lm, input_ids, mask)[1] - reference).abs().max().item()
+
+        return {"seed": difference(converted_copy(base, n)),
+                "normalized": difference(converted_copy(base, n, retrieval="normalized", **normalized_options)),
+                "sliding_window": difference(base, band_mask(n, n)),
+                "half_window": difference(base, band_mask(n, n // 2)),
+                "max_abs_logit": reference.abs().max().item()}
+
+
+def collect_variant_metrics(base, windows: torch.Tensor, variants: dict, topk=(1,),
+                            tolerances: dict[str, float] | None = None) -> dict:
+    """Run the original model and every variant on each window and keep the variants' per-token metrics.
+
+    Args:
+        base: the original causal LM; windows: ``[windows, n]`` token ids, run one window at a time.
+        variants: ``{(chunk_size, name): (lm, attention_mask, retrieval)}``: ``lm`` runs with ``attention_mask``
+            (None, or a 4-D mask such as :func:`bsbr.masks.band_mask`) after ``set_retrieval(lm, retrieval)`` when
+            ``retrieval`` is not None (one converted model can serve with and without retrieval).
+        topk: the ``top<k>`` agreements kept; tolerances: name -> the max |logit difference| to the original allowed
+            on a variant's first chunk, where it retrieves nothing (default 1e-4, logit units).
+    Returns:
+        ``{(chunk_size, name): {metric: [per-token tensor per window]}}`` (:func:`per_token_metrics`: ``[1, n]``,
+        ``nll`` ``[1, n - 1]``) plus ``(0, "original")``: ``{"nll": [...]}``, the input of :func:`similarity_table`
+        and :func:`per_chunk_table`. Every converted ``lm`` is left with retrieval on. Shows tqdm progress (one step
+        per forward).
+    Raises:
+        RuntimeError: a variant's first chunk differs from the original's by more than its tolerance.
+    """
+    tolerances = tolerances or {}
+    collected = {}
+    jobs = [(w, key) for w in range(windows.shape[0]) for key in [(0, "original"), *variants]]
+    with torch.inference_mode():
+        for w, key in tqdm(jobs, desc="windows × variants", unit="forward", file=sys.stdout, ascii=True, ncols=100):
+            x = windows[w : w + 1]  # [1, n]
+            if key == (0, "original"):  # first for every window: the reference of the variants that follow
+                hidden, logits = final_hidden_and_logits(base, x)
+                collected.setdefault(key, {}).setdefault("nll", []).append(M.token_nll(logits, x))
+                continue
+            lm, mask, retrieval = variants[key]
+            if retrieval is not None:
+                set_retrieval(lm, retrieval)
+            hidden_v, logits_v = final_hidden_and_logits(lm, x, mask)
+            for name, value in per_token_metrics(hidden, logits, hidden_v, logits_v, x, topk).items():
+                collected.setdefault(key, {}).setdefault(name, []).append(value)
+            first_chunk_diff = (logits_v[:, : key[0]] - logits[:, : key[0]]).abs().max().item()
+            if first_chunk_diff > tolerances.get(key[1], 1e-4):
+                raise RuntimeError(f"{key}: the first chunk differs from the original by {first_chunk_diff}")
+    for lm, _, retrieval in variants.values():
+        if retrieval is not None:
+            set_retrieval(lm, True)
+    return collected
+
+
+def similarity_table(collected: dict, seq_len: int, labels: dict[str, str], topk=(1,)) -> pd.DataFrame:
+    """One row per (chunk size, variant): perplexity and similarity to the original, scored after the first chunk.
+
+    Args:
+        collected: :func:`collect_variant_metrics`: ``{(chunk_size, variant): {metric: [per-token tensor [1, n] per
+            window]}}`` (``nll`` ``[1, n - 1]``), plus ``(0, "original")`` holding the original's ``{"nll": [...]}``.
+        seq_len: the window length ``n`` (tokens); labels: variant -> label; topk: the ``top<k>`` columns.
+    Returns:
+        ``[seq_len, chunk_size, variant, label, num_chunks, windows, tokens_scored, ppl, ppl_original, ppl_ratio,
+        nll, kl, cos, mse, top<k>...]`` sorted by chunk size and variant: every metric is the mean over the positions
+        ``>= chunk_size`` of every window (nll in nats/token, kl in nats/token), ``ppl_original`` the original's on
+        the same tokens.
+    Raises:
+        KeyError: no ``(0, "original")`` entry, or a variant without a label.
+    """
+    original = collected[(0, "original")]["nll"]
+    rows = []
+    for (c, variant), values in collected.items():
+        if variant == "original":
+            continue
+        summary = M.summarize({name: positions_from(parts, c) for name, parts in values.items()})
+        original_nll = positions_from(original, c)
+        rows.append({"seq_len": seq_len, "chunk_size": c, "variant": variant, "label": labels[variant],
+                     "num_chunks": -(-seq_len // c), "windows": len(original), "tokens_scored": original_nll.numel(),
+                     "ppl": summary["ppl"], "ppl_original": M.perplexity(original_nll),
+                     "ppl_ratio": summary["ppl"] / M.perplexity(original_nll), "nll": summary["nll"],
+                     "kl": summary["kl"], "cos": summary["cos"], "mse": summary["mse"],
+                     **{f"top{k}": summary[f"top{k}"] for k in topk}})
+    return pd.DataFrame(rows).sort_values(["chunk_size", "variant"]).reset_index(drop=True)
+
+
+def per_chunk_table(collected: dict, seq_len: int, chunk_sizes) -> pd.DataFrame:
+    """Every metric of :func:`similarity_table`'s ``collected`` per chunk index, averaged over windows: where the
+    damage happens.
+
+    A variant is grouped by its own chunk size; the original's ``nll`` (key ``(0, "original")``) by each of
+    ``chunk_sizes`` for comparison. Each value is the mean over windows, then over the positions of chunk ``i``
+    (all positions, the first chunk included; the last chunk may be shorter, and ``nll`` has ``n - 1`` positions).
+
+    Returns:
+        ``[seq_len, chunk_size, variant, chunk_index, metric, value]`` sorted by the first five (long format).
+    """
+    columns = ["seq_len", "chunk_size", "variant", "chunk_index", "metric", "value"]
+    rows = [{"seq_len": seq_len, "chunk_size": size, "variant": variant, "chunk_index": index, "metric": name,
+             "value": value}
+            for (c, variant), values in collected.items()
+            for size in ([c] if variant != "original" else chunk_sizes)
+            for name, parts in values.items()
+            for index, value in enumerate(chunk_means(parts, size))]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(["seq_len", "chunk_size", "variant", "metric", "chunk_index"]).reset_index(drop=True)
+
+
+def seed_perplexity(lm, input_ids: torch.Tensor, chunk_size: int, desc: str = "windows") -> dict:
+    """Perplexity of a pretrained causal LM and of its seed-formula BSBR conversion at ``chunk_size``, on every
+    window of ``input_ids`` ``[windows, n]``, scored after the first chunk (the logits at ``chunk_size .. n - 2``).
+
+    Returns:
+        ``{"chunk_size", "tokens_scored", "original_ppl", "seed_ppl"}`` (perplexities rounded to 4 decimals). ``lm``
+        is unchanged (the conversion is a copy). Shows one tqdm step per window (``desc``).
+    Raises:
+        ValueError: ``chunk_size`` not an integer in ``[1, n - 1)``.
+    """
+    n = input_ids.shape[1]
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size < n - 1:
+        raise ValueError(f"chunk_size must be an integer in [1, n - 1 = {n - 1}), got {chunk_size!r}")
+    bsbr_lm = converted_copy(lm, chunk_size)
+    nll = {"original": [], "seed": []}  # per window [1, n - 1 - chunk_size]
+    with torch.inference_mode():
+        for w in tqdm(range(input_ids.shape[0]), desc=desc, unit="window", file=sys.stdout, ascii=True, ncols=100):
+            x = input_ids[w : w + 1]
+            nll["original"].append(M.token_nll(lm(x).logits, x)[:, chunk_size:])
+            nll["seed"].append(M.token_nll(bsbr_lm(x).logits, x)[:, chunk_size:])
+    return {"chunk_size": chunk_size, "tokens_scored": sum(p.numel() for p in nll["original"]),
+            **{f"{k}_ppl": round(M.perplexity(torch.cat(v, 1)), 4) for k, v in nll.items()}}
+
+
+def gpt2_perplexity(gpt2_model: str | None, documents, seq_len: int, num_windows: int, chunk_size: int) -> dict:
+    """The GPT-2 path of the conversion experiment: load ``gpt2_model`` (a hub id or local folder, with
+    :func:`bsbr.convert.load_pretrained`), cut ``num_windows`` windows of ``seq_len`` tokens from ``documents`` with
+    its own tokenizer, and measure :func:`seed_perplexity` at ``chunk_size``.
+
+    A model that cannot be loaded (no hub, no cache) is reported, not raised.
+
+    Returns:
+        ``{"model": gpt2_model, "status": "measured", "chunk_size", "tokens_scored", "original_ppl", "seed_ppl"}``,
+        or ``{"model", "status": "skipped", "reason"}`` when ``gpt2_model`` is None or its loading failed (the reason
+        names the exception and the first line of its message).
+    Raises:
+        ValueError: ``chunk_size`` not in ``[1, seq_len - 1)`` (from :func:`seed_perplexity`).
+    """
+    if gpt2_model is None:
+        return {"model": gpt2_model, "status": "skipped", "reason": "gpt2_model is None"}
+    try:
+        gpt2, tokenizer = load_pretrained(gpt2_model)
+    except Exception as error:  # noqa: BLE001 - no hub, no cache: report and go on
+        message = (str(error).strip().splitlines() or [""])[0].rstrip(".")
+        return {"model": gpt2_model, "status": "skipped",
+                "reason": f"load_pretrained({gpt2_model!r}) failed: {type(error).__name__}: {message}"}
+    input_ids = token_windows(tokenizer, documents, seq_len, num_windows)  # [num_windows, seq_len]
+    return {"model": gpt2_model, "status": "measured",
+            **seed_perplexity(gpt2, input_ids, chunk_size, desc="gpt2 windows")}

@@ -3,30 +3,37 @@
 A notebook's first code cell after ``parameters`` calls :func:`start_experiment` with its parameters; it
 
 * changes to the repository root, so ``data/...`` and ``reports/...`` mean the same under papermill and JupyterLab;
-* silences what would clutter a report (transformers' download/de-quantisation progress bars, the IProgress
-  warning of ``tqdm.auto`` in a kernel), sets the plot theme, torch's threads and seed;
+* silences what would clutter a report (transformers' download/de-quantisation progress bars), sets the plot theme, torch's threads and seed;
 * creates the stage's output folder and the metrics file's folder;
 * prints the parameters and the provenance (git revision, torch, device, threads, CPU, load average);
 
-and returns an :class:`Experiment`. The last cell writes the headline numbers with :func:`write_metrics`
+and returns an :class:`Experiment`. The notebooks that study the calibrated conversion of stage
+``02_conversion_similarity`` load it with :func:`load_base_and_conversion`. The last cell writes the headline numbers with :func:`write_metrics`
 (atomically: a half-written metrics file never exists).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from bsbr.provenance import git_revision, machine_info
 from bsbr.paths import find_repo_root
 
-__all__ = ["CORPUS_DIR", "Experiment", "check_ints", "model_description", "start_experiment", "write_json",
-           "write_metrics"]
+__all__ = ["CORPUS_DIR", "BaseAndConversion", "Experiment", "check_ints", "load_base_and_conversion",
+           "model_description", "start_experiment", "write_json", "write_metrics"]
+
+# tqdm.auto warns "IProgress not found" when it is *imported* in a kernel without ipywidgets (transformers imports
+# it), so the filter must exist before transformers is: a notebook imports bsbr.experiment first.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 #: Output folder of the ``prepare_corpus`` stage, relative to the repository root.
 CORPUS_DIR = Path("data/corpus")
@@ -79,7 +86,6 @@ def start_experiment(params: dict, threads: int | None = None, seed: int | None 
     import torch
     from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto (imported by transformers)
     hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would flood the log and the report
     hf_logging.set_verbosity_error()
     sns.set_theme(style="whitegrid", context="notebook")
@@ -114,6 +120,48 @@ def model_description(model: str | None) -> str:
 
     info = json.loads((default_model_path().parent / "model.json").read_text())
     return f"{info['gguf_file']} (from {info['package']}=={info['version']})"
+
+
+class BaseAndConversion(NamedTuple):
+    """What :func:`load_base_and_conversion` loaded."""
+
+    base: Any  #: the original model (``AutoModelForCausalLM``, fp32, eval mode)
+    tokenizer: Any  #: its tokenizer
+    converted: Any  #: a copy of ``base`` with the conversion file loaded into it (eval mode)
+    settings: dict  #: ``bsbr.convert.checkpoint.conversion_settings(converted)``
+    seconds: float  #: wall-clock load time of both (seconds)
+
+
+def load_base_and_conversion(calibrated_path: str | os.PathLike, model: str | None = None) -> BaseAndConversion:
+    """Load the original model and a converted copy of it from a ``save_conversion`` file, and print what was loaded
+    (the model with its GGUF sha256 when it is the embedded default, the file, its settings and the time).
+
+    Args:
+        calibrated_path: the file ``bsbr.convert.save_conversion`` wrote (stage ``02_conversion_similarity`` writes
+            ``data/02_conversion_similarity/calibrated.safetensors``).
+        model: what ``bsbr.convert.load_pretrained`` loads; None: the embedded SmolLM2 GGUF.
+    Returns:
+        :class:`BaseAndConversion` ``(base, tokenizer, converted, settings, seconds)``; ``base`` is left unconverted.
+    Raises:
+        ValueError: no file at ``calibrated_path`` (checked before anything is loaded).
+    """
+    if not Path(calibrated_path).is_file():
+        raise ValueError(f"calibrated_path: no file {str(calibrated_path)!r} (run stage 02_conversion_similarity, or "
+                         "pass a save_conversion file)")
+    from bsbr.convert import default_model_path, load_conversion, load_pretrained
+    from bsbr.convert.checkpoint import conversion_settings
+
+    print(f"model: {model_description(model)}")
+    if model is None:
+        sha256 = json.loads((default_model_path().parent / "model.json").read_text())["gguf_sha256"]
+        print(f"gguf sha256: {sha256}")
+    started = time.perf_counter()
+    base, tokenizer = load_pretrained(model)
+    converted = load_conversion(copy.deepcopy(base), calibrated_path).eval()
+    settings = conversion_settings(converted)
+    seconds = time.perf_counter() - started
+    print(f"loaded the model and {calibrated_path} ({settings}) in {seconds:.1f} s")
+    return BaseAndConversion(base, tokenizer, converted, settings, seconds)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -13,10 +13,11 @@ import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 
-from bsbr.scaling import MODE_LABEL, MODES, find_fit
+# bsbr.scaling (the benchmark stack) is imported by the scaling figures only: a notebook that draws other figures
+# does not load it, so its DVC stage does not depend on it.
 
-__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_convergence", "plot_decode",
-           "plot_final_and_memory", "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
+__all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_calibration_and_scale",
+           "plot_conversion_similarity", "plot_convergence", "plot_decode", "plot_final_and_memory", "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
            "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
 
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -29,6 +30,8 @@ COLORS = {
     "sliding_window": _TAB10[4], "hopfield": _TAB10[5], "gau": _TAB10[6],
     "bsbr_core": _TAB10[9], "sdpa_core": _TAB10[8], "own_chunk": _TAB10[7],
     "calibrated": _TAB10[0], "original": _TAB10[3],
+    # the other variants of the conversion notebook: a darker / lighter shade of the attention they are a form of
+    "seed": "#393b79", "normalized": "#aec7e8", "own_chunk_sinks": "#c7c7c7", "sliding_window_sinks": "#c5b0d5",
 }
 
 
@@ -86,6 +89,8 @@ def plot_model_scaling(results, fits, seq_lens):
     Returns:
         the figure (two panels; a panel without positive values stays empty).
     """
+    from bsbr.scaling import find_fit
+
     fig, axes = _figure(2, (12, 4.5))
     plotted = results.assign(peak_MiB=results.peak_bytes / 2**20)
     for ax, column, quantity, ylabel in ((axes[0], "median_s", "time", "forward time, median (s)"),
@@ -114,6 +119,8 @@ def plot_attention_times(times, fits, impls, seq_lens):
         times: ``bsbr.scaling.extrapolate_times`` (seconds); fits: ``bsbr.scaling.power_law_fits`` by impl and mode.
         impls: the impls drawn; seq_lens: the x ticks (tokens).
     """
+    from bsbr.scaling import MODE_LABEL, MODES, find_fit
+
     fig, axes = _figure(2, (12, 4.8))
     for ax, mode in zip(axes, MODES):
         for impl in impls:
@@ -169,6 +176,8 @@ def plot_decode(decode, positions):
 def plot_gflops(gflops, rate: float, impls, seq_lens):
     """Achieved GFLOP/s (counted FLOPs / median time) against length, one panel per mode, with the machine's fp32
     matmul ``rate`` (GFLOP/s) and 30 % of it as reference lines."""
+    from bsbr.scaling import MODE_LABEL, MODES
+
     fig, axes = _figure(2, (12, 4.5), sharey=True)
     for ax, mode in zip(axes, MODES):
         for impl in impls:
@@ -228,6 +237,73 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int)
             errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
         ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length} tokens ({trials} trials / point)",
                ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
+    return fig
+
+
+def plot_conversion_similarity(head, labels: dict):
+    """Converted-model variants against the original at one chunk size, one bar per variant in ``color(variant)``:
+    perplexity (log axis, with the original's and 1.25× it as vertical lines), KL(original ‖ variant) (nats/token),
+    top-1 agreement and final hidden-state cosine.
+
+    Args:
+        head: ``bsbr.evaluation.similarity_table`` rows of one chunk size indexed by variant (``ppl``,
+            ``ppl_original``, ``kl``, ``top1``, ``cos``).
+        labels: variant -> label, in plotting order (top to bottom); variants not in ``head`` are left out.
+    """
+    order = [v for v in labels if v in head.index]
+    fig, axes = _figure(4, (18, 4.6))
+    panels = [("ppl", "perplexity (log scale)"), ("kl", "KL(original ‖ variant), nats/token"),
+              ("top1", "top-1 agreement with the original"), ("cos", "cosine similarity, final hidden states")]
+    for ax, (column, label) in zip(axes, panels):
+        ax.barh([labels[v] for v in order], head.loc[order, column], color=[color(v) for v in order])
+        if column == "ppl":
+            ax.axvline(head.ppl_original.iloc[0], color="black", lw=1.5, label="original")
+            ax.axvline(1.25 * head.ppl_original.iloc[0], color="black", lw=1, ls="--", label="1.25 × original")
+            ax.set_xscale("log")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set(xlabel=label)
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    return fig
+
+
+def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chunk_size: int, calibration_split: str):
+    """Where a conversion goes wrong: next-token NLL per chunk (one line per variant, the original dashed), the
+    per-layer relative output error before and after calibration, and the seed formula's retrieved/local ratio per
+    layer (median, band up to p90, one colour per chunk size).
+
+    Args:
+        per_chunk: ``bsbr.evaluation.per_chunk_table`` (the ``nll`` rows at ``chunk_size`` are drawn).
+        calibration: ``bsbr.convert.calibrate_attention_transfer`` rows (``layer``, ``own_chunk_rel_mse``,
+            ``initial_rel_mse``, ``final_rel_mse``).
+        scale: ``[chunk_size, layer, median_ratio, p90_ratio]`` (``bsbr.evaluation.seed_retrieval_ratio``).
+        labels: variant -> legend label; chunk_size: tokens; calibration_split: named in the title.
+    """
+    fig, axes = _figure(3, (18, 4.4))
+    c = chunk_size
+    data = per_chunk[(per_chunk.metric == "nll") & (per_chunk.chunk_size == c)]
+    for variant, group in data.groupby("variant"):
+        axes[0].plot(group.chunk_index * c + c / 2, group.value, "--" if variant == "original" else "-", marker="o",
+                     color=color(variant), label=labels.get(variant, variant))
+    axes[0].set(yscale="log", xlabel="token position (chunk centre)", ylabel="next-token NLL (nats), chunk mean",
+                title=f"per chunk, chunk {c}")
+    axes[0].legend(fontsize=7)
+    for column, variant, label in (("own_chunk_rel_mse", "own_chunk_sinks", "own chunk + sinks"),
+                                   ("initial_rel_mse", "normalized", "normalised, before"),
+                                   ("final_rel_mse", "calibrated", "normalised, calibrated")):
+        axes[1].plot(calibration.layer, calibration[column], marker="o", color=color(variant), label=label)
+    axes[1].set(yscale="log", xlabel="layer", ylabel="relative MSE of the attention output",
+                title=f"calibration ({calibration_split} text), per layer")
+    axes[1].legend(fontsize=8)
+    sizes = sorted(scale.chunk_size.unique())
+    colors = dict(zip(sizes, plt.get_cmap("viridis")(np.linspace(0, 1, max(len(sizes), 2)))))
+    for size, group in scale.groupby("chunk_size"):
+        axes[2].plot(group.layer, group.median_ratio, marker="o", color=colors[size], label=f"chunk {size}, median")
+        axes[2].fill_between(group.layer, group.median_ratio, group.p90_ratio, color=colors[size], alpha=0.2)
+    axes[2].set(yscale="log", xlabel="layer", ylabel="‖retrieved‖ / ‖local‖ (band: up to p90)",
+                title="seed formula: size of the retrieved term")
+    axes[2].legend(fontsize=8)
     return fig
 
 

@@ -32,7 +32,7 @@ from bsbr.convert.cache import BSBRCache
 from bsbr.measure import proc_status_bytes
 
 __all__ = ["StreamResult", "binned_nll", "cache_nbytes", "kv_cache_nbytes", "normalized_cache_nbytes", "stream_nll",
-           "stream_schedule"]
+           "stream_schedule", "terraced_cache_nbytes"]
 
 
 def cache_nbytes(cache) -> int:
@@ -103,6 +103,37 @@ def normalized_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int
     chunk_values = heads * 2 * feature_dim * (d + 1)
     per_layer = 2 * kv_heads * (p + k) * d + config.hidden_size + c * (chunk_values + kv_heads * d) \
         + (chunk_values if c >= 1 else 0)
+    return element_size * config.num_hidden_layers * per_layer
+
+
+def terraced_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int, feature_dim: int,
+                          element_size: int = 4, retrieve: bool = True) -> int:
+    """Bytes of a :class:`bsbr.convert.BSBRCache` of a terraced-retrieval model (:mod:`bsbr.terraced`) after
+    ``tokens`` tokens of one row: the :class:`bsbr.terraced.TerracedState` formula summed over the layers.
+
+    Per layer, with ``p = tokens % chunk_size``, ``P = chunk_size`` once a chunk has finished (``tokens >=
+    chunk_size``, else 0), ``k = min(sink_size, tokens)``, ``G`` key/value heads, head_dim ``d``, ``2f`` features:
+    ``element_size · G · (2·(p + P + k)·d + 2f·(d + 1))`` (the current and previous chunk's keys and values, the sinks,
+    and the GQA-shared ``S [2f, d]``, ``z [2f]`` of all older chunks; without the ``2f·(d + 1)`` term when
+    ``retrieve`` is False), 0 before the first token. Bounded by ``element_size · G · (2·(2C - 1 + k)·d + 2f·(d + 1))``
+    whatever the length, against ``element_size · 2·G·d`` per token for a KV cache.
+
+    Args:
+        config: the model's Llama-family config; tokens: >= 0; chunk_size: >= 1; sink_size: >= 0; feature_dim:
+            ``f`` (features per half of the Hedgehog map); element_size: bytes per value (4 for fp32); retrieve: the
+            layers' retrieval switch.
+    Raises:
+        ValueError: negative ``tokens``/``sink_size`` or non-positive ``chunk_size``/``feature_dim``.
+    """
+    check_positive_int(chunk_size=chunk_size, feature_dim=feature_dim)
+    if tokens < 0 or sink_size < 0:
+        raise ValueError(f"tokens and sink_size must be >= 0, got {tokens} and {sink_size}")
+    if tokens == 0:
+        return 0
+    kv_heads = config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    p, previous, k = tokens % chunk_size, (chunk_size if tokens >= chunk_size else 0), min(sink_size, tokens)
+    per_layer = kv_heads * (2 * (p + previous + k) * d + (2 * feature_dim * (d + 1) if retrieve else 0))
     return element_size * config.num_hidden_layers * per_layer
 
 

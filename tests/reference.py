@@ -292,6 +292,73 @@ def dense_attention(q, k, v, allowed, scale):
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
 
 
+def dense_terraced(q, k, v, chunk_size, module, sink=0, retrieve=True):
+    """The terraced formula written out: explicit [n, n] masks of the exact region (own chunk up to t, the whole
+    previous chunk, the first ``sink`` tokens) and of the retrieved region (chunks <= i-2, sinks excluded), plain
+    exponentials, one loop over query heads; key features per key/value head (``module.key_map.weight[h // group]``).
+    ``(e^a·exact @ v + g·φq φkᵀ·older @ v) / (row sums)``."""
+    batch, heads, n, d = q.shape
+    group = heads // k.shape[1]
+    position = torch.arange(n)
+    chunk = position // chunk_size
+    causal = position[None, :] <= position[:, None]
+    exact = causal & ((chunk[None, :] == chunk[:, None]) | (chunk[None, :] == chunk[:, None] - 1)
+                      | (position[None, :] < sink))  # [n, n]
+    older = (chunk[None, :] <= chunk[:, None] - 2) & (position[None, :] >= sink) & retrieve  # [n, n]
+
+    def phi(x, w):
+        p = (x * d**-0.25) @ w
+        return torch.cat([torch.exp(p) / torch.exp(p).sum(-1, keepdim=True),
+                          torch.exp(-p) / torch.exp(-p).sum(-1, keepdim=True)], -1)
+
+    out = torch.empty_like(q)
+    for h in range(heads):
+        kv = h // group
+        g = math.exp(module.mix_logit[h].item())
+        a = torch.exp(q[:, h] @ k[:, kv].transpose(-1, -2) / math.sqrt(d)) * exact  # [batch, n, n]
+        lin = g * (phi(q[:, h], module.query_map.weight[h]) @ phi(k[:, kv], module.key_map.weight[kv]).transpose(-1, -2))
+        lin = lin * older
+        out[:, h] = ((a + lin) @ v[:, kv]) / (a + lin).sum(-1, keepdim=True)
+    return out
+
+
+def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group"):
+    """Block retrieval (:mod:`bsbr.blocks`) written out token by token: for every token and head an explicit ``[n]``
+    mask (local region, sinks, its selected blocks), the block scores summed over its key/value group's heads
+    (``selection="group"``) from per-block min/max or mean keys, the best ``top_k`` candidates by sorting."""
+    batch, heads, n, d = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for t in range(n):
+            local_start = max(0, (t // chunk_size - 1) * chunk_size)
+            candidates = local_start // block_size
+            for h in range(heads):
+                kv = h // group
+                score_heads = range(kv * group, (kv + 1) * group) if selection == "group" else [h]
+                scores = []
+                for j in range(candidates):
+                    keys = k[b, kv, j * block_size: (j + 1) * block_size]  # [B, d]
+                    total = 0.0
+                    for hh in score_heads:
+                        query = q[b, hh, t]
+                        if summary == "minmax":
+                            total += torch.maximum(query * keys.amin(0), query * keys.amax(0)).sum()
+                        else:
+                            total += (query * keys.mean(0)).sum()
+                    scores.append(float(total))
+                chosen = sorted(range(candidates), key=lambda j: -scores[j])[:top_k]
+                allowed = torch.zeros(n, dtype=torch.bool)
+                allowed[local_start: t + 1] = True
+                allowed[: min(sink_size, t + 1)] = True
+                for j in chosen:
+                    allowed[j * block_size: (j + 1) * block_size] = True
+                logits = (k[b, kv] @ q[b, h, t]) / math.sqrt(d)  # [n]
+                weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=0)
+                out[b, h, t] = weights @ v[b, kv]
+    return out
+
+
 def dense_local_softmax(q, k, v, chunk_size, sink=0):
     """Own-chunk causal softmax attention plus ``sink`` sink tokens with its log-normaliser, written out with an
     explicit ``[n, n]`` mask (keys repeated to the query heads): ``(output [b, h, n, d], lse [b, h, n])``."""

@@ -109,3 +109,91 @@ def test_seed_retrieval_ratio_is_zero_in_the_first_chunk_only(tiny_llama):
     assert all(layer.self_attn.retrieval for layer in seed.model.layers)  # left on
     # tokens of the first chunk retrieve nothing: including them lowers the median (4 zeros out of 12)
     assert all(w["median_ratio"] <= r["median_ratio"] for w, r in zip(whole, rows))
+
+
+# --- notebook 02's checks and tables ---------------------------------------------------------------------------
+
+def test_one_chunk_logit_differences_are_rounding_and_the_half_window_control_is_not():
+    from bsbr.evaluation import one_chunk_logit_differences
+    from tests.conftest import tiny_llama as build_tiny_llama
+
+    base = build_tiny_llama()
+    ids = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(3))
+    diffs = one_chunk_logit_differences(base, ids, sink_size=2)
+    assert set(diffs) == {"seed", "normalized", "sliding_window", "half_window", "max_abs_logit"}
+    assert diffs["seed"] <= 1e-5 and diffs["sliding_window"] <= 1e-5 and diffs["normalized"] <= 1e-4
+    assert diffs["half_window"] > 1e-3  # 12 of 24 tokens visible: the mask is honoured
+    with torch.inference_mode():
+        assert diffs["max_abs_logit"] == pytest.approx(base(ids).logits.abs().max().item(), rel=1e-6)
+    assert not any(type(m).__name__.startswith("BSBR") for m in base.modules())  # the conversions were copies
+    with pytest.raises(ValueError, match="input_ids must be"):
+        one_chunk_logit_differences(base, ids[0])
+
+
+def _collected():
+    """Hand-made per-token values of one window of 8 tokens: the original and one variant at chunk size 4."""
+    original_nll = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])  # [1, n - 1]
+    variant = {"nll": [original_nll + 1], "kl": [torch.arange(8.0)[None]], "cos": [torch.full((1, 8), 0.5)],
+               "mse": [torch.ones(1, 8)], "top1": [torch.tensor([[1.0, 1, 1, 1, 1, 0, 1, 0]])]}
+    return {(0, "original"): {"nll": [original_nll]}, (4, "seed"): variant}
+
+
+def test_similarity_table_scores_the_positions_after_the_first_chunk():
+    from bsbr.evaluation import similarity_table
+
+    table = similarity_table(_collected(), 8, {"seed": "BSBR, seed"}, topk=(1,))
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row.seq_len, row.chunk_size, row.variant, row.label) == (8, 4, "seed", "BSBR, seed")
+    assert (row.num_chunks, row.windows, row.tokens_scored) == (2, 1, 3)  # nll positions 4, 5, 6
+    assert row.nll == pytest.approx(7.0) and row.ppl == pytest.approx(math.exp(7.0))  # mean of 6, 7, 8
+    assert row.ppl_original == pytest.approx(math.exp(6.0)) and row.ppl_ratio == pytest.approx(math.e)
+    assert row.kl == pytest.approx(5.5) and row.cos == pytest.approx(0.5) and row.mse == pytest.approx(1.0)
+    assert row.top1 == pytest.approx(0.5)  # positions 4..7: 1, 0, 1, 0
+    with pytest.raises(KeyError):
+        similarity_table({(4, "seed"): _collected()[(4, "seed")]}, 8, {"seed": "x"})
+
+
+def test_per_chunk_table_means_each_chunk_and_groups_the_original_by_every_size():
+    from bsbr.evaluation import per_chunk_table
+
+    table = per_chunk_table(_collected(), 8, [4, 8])
+    assert list(table.columns) == ["seq_len", "chunk_size", "variant", "chunk_index", "metric", "value"]
+    original = table[table.variant == "original"]
+    assert list(zip(original.chunk_size, original.chunk_index, original.value)) == [
+        (4, 0, 2.5), (4, 1, 6.0), (8, 0, 4.0)]  # nll has 7 positions: the last chunk of 4 holds 3
+    kl = table[(table.variant == "seed") & (table.metric == "kl")]
+    assert list(kl.value) == [1.5, 5.5] and set(table[table.variant == "seed"].chunk_size) == {4}
+    assert list(table[table.variant == "seed"].metric.unique()) == ["cos", "kl", "mse", "nll", "top1"]  # sorted
+
+
+def test_seed_perplexity_is_the_written_out_perplexity_of_both_models():
+    from bsbr.convert import converted_copy
+    from bsbr.evaluation import seed_perplexity
+    from tests.conftest import tiny_gpt2
+
+    lm = tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(4))
+    result = seed_perplexity(lm, ids, 8)
+    bsbr_lm = converted_copy(lm, 8)
+    with torch.inference_mode():
+        expected = {name: math.exp(torch.cat([M.token_nll(m(ids[w : w + 1]).logits, ids[w : w + 1])[:, 8:]
+                                              for w in range(2)], 1).mean().item())
+                    for name, m in (("original", lm), ("seed", bsbr_lm))}
+    assert result["chunk_size"] == 8 and result["tokens_scored"] == 2 * 23
+    assert result["original_ppl"] == pytest.approx(expected["original"], abs=1e-4)
+    assert result["seed_ppl"] == pytest.approx(expected["seed"], abs=1e-4)
+    assert result["seed_ppl"] != result["original_ppl"]  # the second chunk onwards retrieves
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        seed_perplexity(lm, ids, 31)
+
+
+def test_gpt2_perplexity_reports_a_model_it_cannot_load(tmp_path):
+    from bsbr.evaluation import gpt2_perplexity
+
+    assert gpt2_perplexity(None, ["text"], 64, 1, 32) == {"model": None, "status": "skipped",
+                                                          "reason": "gpt2_model is None"}
+    result = gpt2_perplexity(str(tmp_path), ["text"], 64, 1, 32)  # a folder without a checkpoint
+    assert result["model"] == str(tmp_path) and result["status"] == "skipped"
+    assert result["reason"].startswith(f"load_pretrained({str(tmp_path)!r}) failed: ")
+    assert "\n" not in result["reason"] and not result["reason"].endswith(".")

@@ -76,3 +76,37 @@ def test_start_experiment_rejects_bad_arguments_before_any_work(tmp_path, monkey
 
 def test_model_description_names_a_hub_id_as_given():
     assert model_description("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+
+
+def test_load_base_and_conversion_names_a_missing_file_before_loading(tmp_path):
+    from bsbr.experiment import load_base_and_conversion
+
+    with pytest.raises(ValueError, match=r"calibrated_path: no file .*missing\.safetensors"):
+        load_base_and_conversion(tmp_path / "missing.safetensors")
+
+
+def test_load_base_and_conversion_loads_the_original_and_the_file(normalized_checkpoint, capsys):
+    from bsbr.convert import BSBRLlamaAttention
+    from bsbr.experiment import load_base_and_conversion
+
+    base, tokenizer, converted, settings, seconds = load_base_and_conversion(normalized_checkpoint)
+    assert settings["retrieval"] == "normalized" and settings["chunk_size"] == 128
+    assert settings["normalized_options"]["sink_size"] == 4 and seconds > 0
+    assert not any(isinstance(m, BSBRLlamaAttention) for m in base.modules())  # the original stays unconverted
+    assert sum(isinstance(m, BSBRLlamaAttention) for m in converted.modules()) == base.config.num_hidden_layers
+    assert not converted.training and tokenizer.encode("a", add_special_tokens=False)
+    printed = capsys.readouterr().out
+    assert "model: " in printed and f"loaded the model and {normalized_checkpoint} (" in printed
+    assert "gguf sha256: " in printed
+
+
+def test_importing_bsbr_experiment_silences_the_iprogress_warning_of_tqdm_auto():
+    # tqdm.auto warns when imported in a kernel without ipywidgets: a notebook's first import must already filter it.
+    import subprocess
+    import sys
+
+    code = ("import warnings, bsbr.experiment; "
+            "warnings.warn('IProgress not found. Please update jupyter and ipywidgets.'); print('done')")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout == "done\n" and "IProgress" not in proc.stderr

@@ -79,3 +79,59 @@ def test_passkey_and_training_figures_draw_what_they_are_given():
     assert [line.get_label() for line in lines.lines] == ["bsbr (exponent 1.00)", "gau (exponent 1.00)"]
     assert list(lines.lines[1].get_ydata()) == [2.0, 4.0]
     plt.close("all")
+
+
+def _conversion_tables():
+    variants = ["seed", "normalized", "calibrated", "own_chunk", "own_chunk_sinks", "sliding_window",
+                "sliding_window_sinks"]
+    head = pd.DataFrame({"variant": variants, "ppl": np.linspace(20, 80, 7), "ppl_original": 18.0,
+                         "kl": np.linspace(0.1, 0.7, 7), "top1": np.linspace(0.9, 0.3, 7), "cos": 0.9}).set_index("variant")
+    labels = {v: f"label {v}" for v in variants}
+    per_chunk = pd.DataFrame([{"seq_len": 64, "chunk_size": 32, "variant": v, "chunk_index": i, "metric": m,
+                               "value": 1.0 + i} for v in ["original", "seed"] for i in (0, 1) for m in ("nll", "kl")])
+    calibration = pd.DataFrame({"layer": [0, 1], "own_chunk_rel_mse": [0.5, 0.6], "initial_rel_mse": [0.4, 0.5],
+                                "final_rel_mse": [0.1, 0.2]})
+    scale = pd.DataFrame({"chunk_size": [16, 16, 32, 32], "layer": [0, 1, 0, 1], "median_ratio": [1.0, 2.0, 3.0, 4.0],
+                          "p90_ratio": [2.0, 3.0, 4.0, 5.0]})
+    return head, labels, per_chunk, calibration, scale
+
+
+def test_conversion_variants_have_distinct_fixed_colours():
+    head, *_ = _conversion_tables()
+    assert len({color(v) for v in [*head.index, "original"]}) == len(head) + 1
+
+
+def test_plot_conversion_similarity_draws_one_bar_per_variant_in_its_colour():
+    from matplotlib.colors import to_hex
+
+    from bsbr.plotting import plot_conversion_similarity
+
+    head, labels, *_ = _conversion_tables()
+    labels = {"calibrated": "cal", "seed": "seed", "absent": "not drawn"}  # plotting order, top to bottom
+    fig = plot_conversion_similarity(head, labels)
+    axes = fig.axes
+    assert len(axes) == 4 and axes[0].get_xscale() == "log"
+    assert [to_hex(p.get_facecolor()) for p in axes[0].patches] == [color("calibrated"), color("seed")]
+    assert [p.get_width() for p in axes[1].patches] == [head.kl["calibrated"], head.kl["seed"]]
+    assert [line.get_xdata()[0] for line in axes[0].lines] == [18.0, 22.5]  # the original and 1.25× it
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["cal", "seed"]
+    plt.close(fig)
+
+
+def test_plot_calibration_and_scale_draws_the_tables():
+    from matplotlib.colors import to_hex
+
+    from bsbr.plotting import plot_calibration_and_scale
+
+    _, labels, per_chunk, calibration, scale = _conversion_tables()
+    fig = plot_calibration_and_scale(per_chunk, calibration, scale, labels, 32, "train")
+    first, second, third = fig.axes
+    assert [(line.get_label(), to_hex(line.get_color()), line.get_linestyle()) for line in first.lines] == [
+        ("original", color("original"), "--"), ("label seed", color("seed"), "-")]
+    assert list(first.lines[1].get_xdata()) == [16.0, 48.0] and list(first.lines[1].get_ydata()) == [1.0, 2.0]
+    assert [to_hex(line.get_color()) for line in second.lines] == [color("own_chunk_sinks"), color("normalized"),
+                                                                  color("calibrated")]
+    assert list(second.lines[2].get_ydata()) == [0.1, 0.2] and "train" in second.get_title()
+    assert [line.get_label() for line in third.lines] == ["chunk 16, median", "chunk 32, median"]
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    plt.close(fig)

@@ -80,9 +80,10 @@ class BSBRConvertedAttention(nn.Module):
         chunk_size: tokens per chunk (>= 1).
         compression_factor: None or a positive integer: chunk-state compression of the retrieval mode (``"seed"``:
             dividing ``head_dim**2``; ``"normalized"``: dividing ``head_dim``).
-        retrieval: a key of :data:`bsbr.convert.retrieval.RETRIEVAL_MODES` (``"seed"``, ``"normalized"``).
-        **options: the retrieval mode's options (``"normalized"``: ``feature_dim``, ``mix_logit``, ``tie_qk``,
-            ``sink_size``).
+        retrieval: a key of :data:`bsbr.convert.retrieval.RETRIEVAL_MODES` (``"seed"``, ``"normalized"``,
+            ``"terraced"``, ``"blocks"``).
+        **options: the retrieval mode's options (listed by its class in :mod:`bsbr.convert.retrieval`; e.g.
+            ``"normalized"``: ``feature_dim``, ``mix_logit``, ``tie_qk``, ``sink_size``).
 
     Modules: the family's pretrained projections, ``meta_q_proj`` and ``meta_k_proj`` (new, initialised from the
     query and key projections: meta-query ``r_i`` from the mean hidden state of chunk ``i-1``, meta-key ``h_j`` from

@@ -1,11 +1,13 @@
 """Calibrate a BSBR-converted model's new parameters by attention transfer, layer by layer.
 
 Only the parameters conversion adds are trained (``meta_q_proj``, ``meta_k_proj`` and the normalised retrieval's
-feature maps and mix logits, :mod:`bsbr.normalized`); every pretrained weight stays frozen. Each converted
+feature maps and mix logits, :mod:`bsbr.normalized`; the terraced retrieval's feature maps and mix logits,
+:mod:`bsbr.terraced`); every pretrained weight stays frozen. Each converted
 attention layer is fitted to reproduce the *original* layer's attention output (after ``o_proj``) on the
 original model's own hidden states entering that layer (teacher forcing), with a mean squared error over the tokens
-that retrieve (after the first chunk). Since the projections and RoPE are frozen, queries, keys, values and the
-local softmax part are computed once per layer; a training step only recomputes the retrieval.
+that retrieve (after the first chunk; after the first two for ``"terraced"``). Since the projections and RoPE are
+frozen, queries, keys, values and the exact softmax part are computed once per layer; a training step only recomputes
+the retrieval.
 
     captured = capture_attention_io(original, input_ids)            # one pass of the original model
     stats = calibrate_attention_transfer(converted, captured, steps=60)
@@ -29,8 +31,12 @@ from bsbr._checks import check_positive_int
 from bsbr.attention import chunk_mean
 from bsbr.convert.llama import BSBRLlamaAttention
 from bsbr.normalized import chunk_local_softmax
+from bsbr.terraced import terraced_exact
 
-__all__ = ["LayerIO", "calibrate_attention_transfer", "capture_attention_io"]
+__all__ = ["CALIBRATED_MODES", "LayerIO", "calibrate_attention_transfer", "capture_attention_io"]
+
+#: the retrieval modes :func:`calibrate_attention_transfer` fits
+CALIBRATED_MODES = ("normalized", "terraced")
 
 
 @dataclass
@@ -87,16 +93,17 @@ def calibrate_attention_transfer(
     progress: bool = True,
     student_input_ids: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Fit each normalised-retrieval :class:`bsbr.convert.llama.BSBRLlamaAttention` of ``model`` (converted with
-    ``retrieval="normalized"``) to the original layer's output, in place. Llama family only (the captured ``cos``/
-    ``sin`` are its RoPE).
+    """Fit each :class:`bsbr.convert.llama.BSBRLlamaAttention` of ``model`` converted with ``retrieval="normalized"``
+    or ``"terraced"`` (:data:`CALIBRATED_MODES`) to the original layer's output, in place. Llama family only (the
+    captured ``cos``/``sin`` are its RoPE).
 
     Args:
-        model: a converted Llama-family model whose attention layers use ``retrieval="normalized"`` (in module order,
-            matching ``captured``); its pretrained weights are not changed.
+        model: a converted Llama-family model whose attention layers use ``retrieval="normalized"`` or
+            ``"terraced"`` (in module order, matching ``captured``); its pretrained weights are not changed.
         captured: :func:`capture_attention_io` of the original model.
         steps: full-batch Adam steps per layer (>= 1).
-        lr: learning rate of the feature maps; meta_lr: of ``meta_q_proj``/``meta_k_proj``; mix_lr: of the mix logits.
+        lr: learning rate of the feature maps; meta_lr: of ``meta_q_proj``/``meta_k_proj`` (``"normalized"`` only:
+            ``"terraced"`` does not route); mix_lr: of the mix logits.
         progress: show a tqdm bar over layers.
         student_input_ids: None = teacher forcing (each layer sees the original model's hidden states). Or the
             ``[batch, n]`` ids ``captured`` was made from: each layer then sees the hidden states of the converted
@@ -104,19 +111,22 @@ def calibrate_attention_transfer(
             layer learns to absorb upstream errors. Needs a ``LlamaForCausalLM``/``LlamaModel``-like ``model``
             (``embed_tokens``, ``layers``, ``rotary_emb``).
     Returns:
-        one dict per layer: ``layer``, ``own_chunk_rel_mse`` (own-chunk attention, with the sink tokens if any), ``initial_rel_mse``,
-        ``final_rel_mse`` (MSE over the retrieving tokens divided by the target's mean square), ``mean_share``
-        (mean retrieved share ``s`` after calibration), ``seconds``.
+        one dict per layer: ``layer``, ``own_chunk_rel_mse`` (the mode without retrieval: own-chunk attention with
+        the sink tokens if any; for ``"terraced"`` its exact region), ``initial_rel_mse``, ``final_rel_mse`` (MSE
+        over the retrieving tokens divided by the target's mean square), ``mean_share`` (mean retrieved share ``s``
+        after calibration), ``seconds``.
     Raises:
-        ValueError: no normalised layers, a count that differs from ``captured``, or ``steps < 1``.
+        ValueError: no normalised/terraced layers, a count that differs from ``captured``, or ``steps < 1``.
     """
     check_positive_int(steps=steps)
-    layers = [m for m in model.modules() if isinstance(m, BSBRLlamaAttention) and m.retrieval_mode == "normalized"]
+    layers = [m for m in model.modules()
+              if isinstance(m, BSBRLlamaAttention) and m.retrieval_mode in CALIBRATED_MODES]
     if not layers:
-        raise ValueError("model has no Llama attention converted with retrieval='normalized'; see "
+        raise ValueError(f"model has no Llama attention converted with retrieval in {list(CALIBRATED_MODES)}; see "
                          "bsbr.convert.convert_to_bsbr")
     if len(layers) != len(captured):
-        raise ValueError(f"model has {len(layers)} normalised attention layers but captured holds {len(captured)}")
+        raise ValueError(f"model has {len(layers)} normalised/terraced attention layers but captured holds "
+                         f"{len(captured)}")
     stats = []
     student = None
     if student_input_ids is not None:
@@ -133,29 +143,38 @@ def calibrate_attention_transfer(
         with torch.no_grad():
             hidden = io.hidden if student is None else decoder_layers[index].input_layernorm(student)
             query, key, value = layer._project(hidden, (io.cos, io.sin))
-            local = chunk_local_softmax(query, key, value, size, layer.normalized.sink_size)  # frozen: computed once
-            target = io.output[:, size:]  # [batch, n - C, hidden]: tokens that retrieve
+            terraced = layer.retrieval_mode == "terraced"
+            retrieval = layer.terraced if terraced else layer.normalized
+            start = 2 * size if terraced else size  # first token that retrieves
+            local = (terraced_exact if terraced else chunk_local_softmax)(query, key, value, size,
+                                                                          retrieval.sink_size)  # frozen: computed once
+            target = io.output[:, start:]  # [batch, n - start, hidden]: tokens that retrieve
             batch, heads = query.shape[:2]
-            own = layer.o_proj(local[0][:, :, size:].transpose(1, 2).reshape(batch, -1, heads * layer.head_dim))
+            own = layer.o_proj(local[0][:, :, start:].transpose(1, 2).reshape(batch, -1, heads * layer.head_dim))
         if target.shape[1] == 0:
-            raise ValueError(f"sequences of {io.hidden.shape[1]} tokens hold one chunk of {size}: nothing to calibrate")
-        params = [{"params": list(layer.normalized.query_map.parameters()) + (
-                      [] if layer.normalized.key_map is layer.normalized.query_map
-                      else list(layer.normalized.key_map.parameters())), "lr": lr},
-                  {"params": [layer.normalized.mix_logit], "lr": mix_lr},
-                  {"params": list(layer.meta_q_proj.parameters()) + list(layer.meta_k_proj.parameters()),
-                   "lr": meta_lr}]
+            raise ValueError(f"sequences of {io.hidden.shape[1]} tokens hold no token that retrieves (chunk {size}, "
+                             f"retrieval={layer.retrieval_mode!r}): nothing to calibrate")
+        params = [{"params": list(retrieval.query_map.parameters()) + (
+                      [] if retrieval.key_map is retrieval.query_map else list(retrieval.key_map.parameters())),
+                   "lr": lr},
+                  {"params": [retrieval.mix_logit], "lr": mix_lr}]
+        if not terraced:  # the terraced retrieval sums every older chunk: no meta projections to fit
+            params.append({"params": list(layer.meta_q_proj.parameters()) + list(layer.meta_k_proj.parameters()),
+                           "lr": meta_lr})
         trained = [p for group in params for p in group["params"]]
         for p in trained:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params)
 
         def predict(return_mix=False):
-            meta_query, meta_key = layer.meta_from_means(chunk_mean(hidden, size))
-            result = layer.normalized(query, key, value, meta_query, meta_key, size, local=local,
-                                      return_mix=return_mix)
+            if terraced:
+                result = layer.terraced(query, key, value, size, local=local, return_mix=return_mix)
+            else:
+                meta_query, meta_key = layer.meta_from_means(chunk_mean(hidden, size))
+                result = layer.normalized(query, key, value, meta_query, meta_key, size, local=local,
+                                          return_mix=return_mix)
             out = result[0] if return_mix else result
-            out = out[:, :, size:].transpose(1, 2).reshape(batch, -1, heads * layer.head_dim)  # [b, n - C, h·d]
+            out = out[:, :, start:].transpose(1, 2).reshape(batch, -1, heads * layer.head_dim)  # [b, n - start, h·d]
             bias = None if layer.o_proj.bias is None else layer.o_proj.bias.detach()
             out = nn.functional.linear(out, layer.o_proj.weight.detach(), bias)  # frozen: no gradient kept
             return (out, result[1]) if return_mix else out
@@ -173,7 +192,7 @@ def calibrate_attention_transfer(
         with torch.no_grad():
             prediction, share = predict(return_mix=True)
             row = {"layer": index, "own_chunk_rel_mse": _relative_mse(own, target), "initial_rel_mse": initial,
-                   "final_rel_mse": _relative_mse(prediction, target), "mean_share": share[:, :, size:].mean().item(),
+                   "final_rel_mse": _relative_mse(prediction, target), "mean_share": share[:, :, start:].mean().item(),
                    "seconds": time.perf_counter() - started}
         if student is not None:
             with torch.no_grad():

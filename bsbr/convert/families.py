@@ -75,9 +75,11 @@ def convert_to_bsbr(model, chunk_size: int, compression_factor: int | None = Non
             ``"seed"`` (a learned linear map of ``K_jᵀV_j``) and ``head_dim`` for ``"normalized"`` (fewer learned
             features).
         retrieval: a key of :data:`bsbr.convert.retrieval.RETRIEVAL_MODES`: ``"seed"`` (the seed's formula: local
-            softmax output plus the unnormalised retrieved term) or ``"normalized"`` (local softmax and retrieved part
-            share one normaliser, :mod:`bsbr.normalized`); ``options`` go to the latter (``feature_dim``,
-            ``mix_logit``, ``tie_qk``, ``sink_size``).
+            softmax output plus the unnormalised retrieved term), ``"normalized"`` (local softmax and retrieved part
+            share one normaliser, :mod:`bsbr.normalized`), ``"terraced"`` (exact own + previous chunk + sinks, older
+            chunks in GQA-shared states under the same normaliser, :mod:`bsbr.terraced`) or ``"blocks"`` (exact
+            attention on the top-k blocks each query selects, :mod:`bsbr.blocks`); ``options`` go to the mode
+            (e.g. ``sink_size``; the mode's class in :mod:`bsbr.convert.retrieval` lists them).
     Returns:
         ``model`` itself (same object and type), converted: ``model(input_ids).logits`` runs BSBR attention;
         ``model.config.use_cache`` is False; ``generate`` uses a :class:`bsbr.convert.cache.BSBRCache`.

@@ -6,13 +6,18 @@ and values, then hands them to its retrieval mode, named by ``retrieval=`` in :f
 * ``"seed"`` (:class:`SeedMode`): the seed formula, :func:`bsbr.attention.bsbr_attention` (local causal softmax
   within the chunk plus the unnormalised ``q·Σ_j w_ij K_jᵀV_j``), optional learned compression of ``K_jᵀV_j``;
 * ``"normalized"`` (:class:`NormalizedMode`): the retrieved chunks share the local softmax's normaliser through
-  positive feature maps, optional exact attention-sink tokens (:mod:`bsbr.normalized`).
+  positive feature maps, optional exact attention-sink tokens (:mod:`bsbr.normalized`);
+* ``"terraced"`` (:class:`TerracedMode`): an exact region of the own and the previous chunk plus sink tokens, every
+  older chunk summed into GQA-shared feature-space states under the same normaliser (:mod:`bsbr.terraced`);
+* ``"blocks"`` (:class:`BlocksMode`): exact attention on the own and previous chunk, sink tokens and the top-k earlier
+  blocks each token's own query selects against per-block key summaries (Quest's min/max bound or mean keys;
+  :mod:`bsbr.blocks`); its cache keeps every token's keys and values.
 
 A new mode is one class with the four static methods of :class:`RetrievalMode` and one entry in
 :data:`RETRIEVAL_MODES`; every family, the cache, padding, checkpoints and ``set_retrieval`` then take it.
 
 Every mode switches off with the layer's ``retrieval = False`` (:func:`bsbr.convert.base.set_retrieval`): causal
-attention within each token's own chunk (the "no retrieval" reference).
+attention within each token's own chunk (the "no retrieval" reference; ``"terraced"`` keeps its whole exact region).
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import torch.nn.functional as F
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import BSBRState, StateCompression, bsbr_attention, chunk_mean
+from bsbr.blocks import BlocksState, _block_attention, check_block_settings
 from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
+from bsbr.terraced import DEFAULT_MIX_LOGIT, TerracedRetrieval, terraced_step
 from bsbr.utils import check_sink_size
 
-__all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "chunk_local_attention", "seed_step"]
+__all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "TerracedMode", "chunk_local_attention",
+           "seed_step"]
 
 
 def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float = 0.0) -> torch.Tensor:
@@ -177,7 +185,8 @@ class SeedMode(RetrievalMode):
     @staticmethod
     def add_modules(layer, compression_factor, **options) -> None:
         if options:
-            raise ValueError(f"options {sorted(options)} apply to retrieval='normalized' only")
+            raise ValueError(f"retrieval='seed' takes no options, got {sorted(options)}; options belong to the other "
+                             f"modes ({sorted(set(RETRIEVAL_MODES) - {'seed'})})")
         weight = layer.meta_q_proj.weight
         layer.compression = (None if compression_factor is None
                              else StateCompression(layer.head_dim, compression_factor).to(weight.device, weight.dtype))
@@ -259,5 +268,137 @@ class NormalizedMode(RetrievalMode):
         return layer.compression_factor, options
 
 
+class TerracedMode(RetrievalMode):
+    """``retrieval="terraced"``: :func:`bsbr.terraced.terraced_attention`, module ``layer.terraced``
+    (:class:`bsbr.terraced.TerracedRetrieval`): each token attends exactly to its chunk up to itself, the whole previous
+    chunk and the sink tokens; all older chunks (sinks excluded) are summed into Hedgehog feature-space states per
+    key/value head, read by every query head of the group inside the same softmax normaliser, weighted by a per-head
+    gain ``exp(mix_logit)``. No chunk routing: the layer's meta projections are unused (and untrained).
+
+    ``compression_factor = c``: None or a positive integer dividing ``head_dim``: ``feature_dim = head_dim / c``
+    learned features per half (``feature_dim`` must then be None or equal to it). Options: ``feature_dim`` (default
+    ``head_dim``), ``mix_logit`` (default ``-2.2``: LoLCATs' ``sigmoid(-2.2) ≈ 0.1``), ``sink_size`` (0, at most
+    ``chunk_size``). Attention dropout is not applied; the streaming step needs ``dropout_p = 0``. Streaming state:
+    :class:`bsbr.terraced.TerracedState` (O(C·d + f·d) per key/value head, constant in the length). With
+    ``layer.retrieval = False``: the exact region alone (own + previous chunk + sinks).
+    Source: LoLCATs (Zhang et al. 2024, arXiv 2410.10254), Hedgehog (arXiv 2402.04347), attention sinks (Xiao et al.
+    2023, arXiv 2309.17453).
+    """
+
+    new_modules = ("terraced",)
+    OPTIONS = ("feature_dim", "mix_logit", "sink_size")
+
+    @staticmethod
+    def add_modules(layer, compression_factor, **options) -> None:
+        unknown = sorted(set(options) - set(TerracedMode.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for retrieval='terraced'; accepted: {list(TerracedMode.OPTIONS)}")
+        feature_dim = options.pop("feature_dim", None)
+        if feature_dim is not None:
+            check_positive_int(feature_dim=feature_dim)
+        if compression_factor is not None:
+            if isinstance(compression_factor, bool) or not isinstance(compression_factor, int) \
+                    or compression_factor < 1 or layer.head_dim % compression_factor:
+                raise ValueError(f"compression_factor must be None or a positive integer dividing head_dim="
+                                 f"{layer.head_dim} for terraced retrieval, got {compression_factor!r}")
+            compressed = layer.head_dim // compression_factor
+            if feature_dim is not None and feature_dim != compressed:
+                raise ValueError(f"feature_dim={feature_dim} contradicts compression_factor={compression_factor} "
+                                 f"(which sets feature_dim = head_dim / compression_factor = {compressed}); pass one")
+            feature_dim = compressed
+        sink_size = options.get("sink_size", 0)
+        check_sink_size(sink_size, layer.chunk_size)
+        weight = layer.meta_q_proj.weight
+        layer.compression = None
+        layer.compression_factor = compression_factor
+        layer.terraced = TerracedRetrieval(layer.num_heads, layer.num_key_value_heads, layer.head_dim, feature_dim,
+                                           options.get("mix_logit", DEFAULT_MIX_LOGIT),
+                                           sink_size).to(weight.device, weight.dtype)
+
+    @staticmethod
+    def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        return layer.terraced(query, key, value, layer.chunk_size, retrieve=layer.retrieval)
+
+    @staticmethod
+    def step(layer, hidden_states, query, key, value, state, dropout_p: float):
+        return terraced_step(layer.terraced, layer.chunk_size, query, key, value, state, retrieve=layer.retrieval,
+                             dropout_p=dropout_p)
+
+    @staticmethod
+    def settings(layer) -> tuple[int | None, dict]:
+        options = {"sink_size": layer.terraced.sink_size}
+        if layer.compression_factor is None:  # else it sets feature_dim: stored once, as compression_factor
+            options["feature_dim"] = layer.terraced.key_map.feature_dim
+        return layer.compression_factor, options
+
+
 #: ``retrieval`` name -> mode: the one place a retrieval mode plugs in.
-RETRIEVAL_MODES: dict[str, type[RetrievalMode]] = {"seed": SeedMode, "normalized": NormalizedMode}
+RETRIEVAL_MODES: dict[str, type[RetrievalMode]] = {"seed": SeedMode, "normalized": NormalizedMode,
+                                                   "terraced": TerracedMode}
+
+
+class BlocksMode(RetrievalMode):
+    """``retrieval="blocks"``: exact attention on the local region (own chunk up to the token plus the previous chunk),
+    the sink tokens and the top-k earlier blocks each token selects with its own query (:mod:`bsbr.blocks`,
+    :func:`bsbr.blocks.block_attention`). No learned parameters (the meta projections every converted layer has are
+    unused).
+
+    ``compression_factor`` must be None. Options: ``block_size`` (default ``chunk_size``; divides it), ``top_k`` (4;
+    more than the candidate blocks means all), ``summary`` (``"minmax"``: Quest's bound, or ``"mean"``),
+    ``sink_size`` (0), ``selection`` (``"group"``: one choice per key/value group, scores summed over its query
+    heads; or ``"head"``), ``dense_layers`` (indices of the layers left as the original full causal attention,
+    e.g. ``(0, 1)`` as Quest does). With ``layer.retrieval = False``: the local region and the sinks only.
+    Streaming state: :class:`bsbr.blocks.BlocksState` (every token's keys/values and the block summaries: a KV
+    cache, O(tokens)). Attended tokens per query: at most ``2·chunk_size + sink_size + top_k·block_size``.
+    Sources: Quest (arXiv 2406.10774), InfLLM (arXiv 2402.04617), MoBA (arXiv 2502.13189).
+    """
+
+    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers")
+
+    @staticmethod
+    def add_modules(layer, compression_factor, **options) -> None:
+        unknown = sorted(set(options) - set(BlocksMode.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for retrieval='blocks'; accepted: {list(BlocksMode.OPTIONS)}")
+        if compression_factor is not None:
+            raise ValueError(f"compression_factor must be None for retrieval='blocks' (it keeps exact keys and values), "
+                             f"got {compression_factor!r}")
+        settings = {"block_size": layer.chunk_size, "top_k": 4, "summary": "minmax", "sink_size": 0,
+                    "selection": "group", **options}
+        dense = settings.pop("dense_layers", ())
+        num_layers = layer.config.num_hidden_layers
+        if isinstance(dense, (str, bytes)) or not hasattr(dense, "__iter__") or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in dense):
+            raise ValueError(f"dense_layers must be layer indices in [0, {num_layers}), got {dense!r}")
+        check_block_settings(layer.chunk_size, **settings)
+        layer.blocks_options = settings
+        layer.dense_layers = tuple(sorted(set(dense)))
+        layer.compression = None
+
+    @staticmethod
+    def _run(layer, query, key, value, dropout_p, state, return_state):
+        options = layer.blocks_options
+        if layer.layer_idx in layer.dense_layers:  # the original full causal attention (over the cache)
+            return _block_attention(query, key, value, None, options["block_size"], 0, 0, options["summary"],
+                                    "group", dropout_p, state, return_state)
+        return _block_attention(query, key, value, layer.chunk_size, options["block_size"],
+                                options["top_k"] if layer.retrieval else 0, options["sink_size"], options["summary"],
+                                options["selection"], dropout_p, state, return_state)
+
+    @staticmethod
+    def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
+        if layer.layer_idx in layer.dense_layers:
+            return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
+                                                  enable_gqa=key.shape[1] != query.shape[1])
+        return BlocksMode._run(layer, query, key, value, dropout_p, None, False)
+
+    @staticmethod
+    def step(layer, hidden_states, query, key, value, state: BlocksState | None, dropout_p: float):
+        return BlocksMode._run(layer, query, key, value, dropout_p, state, True)
+
+    @staticmethod
+    def settings(layer) -> tuple[int | None, dict]:
+        return None, {**layer.blocks_options, "dense_layers": list(layer.dense_layers)}
+
+
+RETRIEVAL_MODES["blocks"] = BlocksMode

@@ -46,8 +46,8 @@ def test_normalized_conversion_handles_padding_like_each_row_alone():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(retrieval="fancy"), r"retrieval must be one of \['seed', 'normalized'\]"),
-    (dict(sink_size=2), "apply to retrieval='normalized' only"),
+    (dict(retrieval="fancy"), r"retrieval must be one of \['seed', 'normalized'"),
+    (dict(sink_size=2), "retrieval='seed' takes no options"),
     (dict(retrieval="normalized", compression_factor=3), "dividing head_dim=16"),
     (dict(retrieval="normalized", compression_factor=4, feature_dim=8), "contradicts compression_factor=4"),
     (dict(retrieval="normalized", sink_size=9), r"sink_size must be an integer in \[0, chunk_size=8\], got 9"),

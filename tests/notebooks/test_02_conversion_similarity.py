@@ -154,6 +154,7 @@ def test_notebook_provenance_plots_and_no_errors(conversion_smoke):
     for line in ("git revision:", "torch ", "threads:", "gguf sha256: ", "seq_len = 64", "windows × variants: 100%",
                  "calibrating layers: 100%", "with load_conversion: max |logit difference|"):
         assert line in printed
+    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
     if conversion_smoke["metrics"]["gpt2"]["status"] == "skipped":
         assert "NOTE: GPT-2 path skipped" in printed
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2

@@ -81,6 +81,8 @@ def test_executed_notebook_has_provenance_figures_and_no_errors(smoke):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     for line in ("git revision:", "threads: 1", "CPU:", "seq_len = 512", "window 0: layers: 100%"):
         assert line in printed
+    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
+    assert "model: SmolLM2-135M-Instruct.Q4_1.gguf" in printed and "loaded the model and " in printed
     for figure in ("attention_maps.png", "per_layer.png"):
         assert (smoke["out"] / figure).stat().st_size > 1000
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2

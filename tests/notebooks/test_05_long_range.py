@@ -96,4 +96,6 @@ def test_metrics_match_tables_and_notebook_ran_clean(smoke):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     for line in ("git revision:", "threads: 1", "CPU:", "samples: 100%", "The secret number is"):
         assert line in printed
+    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
+    assert "model: SmolLM2-135M-Instruct.Q4_1.gguf" in printed and "loaded the model and " in printed
     assert (smoke["out"] / "accuracy.png").stat().st_size > 1000

@@ -168,5 +168,7 @@ def test_executed_notebook_has_provenance_progress_and_no_errors(smoke):
     for line in ("git revision:", "threads: 1", "CPU:", "max_tokens = 600", "bsbr stream: 100%", "original stream: 100%",
                  "cache bytes equal their formula after every call: True"):
         assert line in printed, line
+    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
+    assert "model: SmolLM2-135M-Instruct.Q4_1.gguf" in printed and "loaded the model and " in printed
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert (smoke["out"] / "long_documents.png").stat().st_size > 1000

@@ -1,0 +1,164 @@
+"""retrieval="blocks" for converted models (bsbr.convert.retrieval.BlocksMode over bsbr.blocks): tiny random Llama
+(GQA 4/2 heads, head_dim 16) and GPT-2, chunk 4, block 2, top-2, one sink unless stated. Logit tolerance 1e-4 (float32)
+for cached/padded paths and 1e-5 against the original model; the layer's maths against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsbr.convert import BSBRCache, convert_to_bsbr, converted_copy, load_conversion, save_conversion, set_retrieval
+from bsbr.convert.checkpoint import conversion_settings
+from bsbr.convert.retrieval import BlocksMode
+from tests.conftest import tiny_gpt2, tiny_llama
+from tests.convert.test_cache import feed_in_pieces, greedy_reference, padded_batch, tokens
+from tests.reference import dense_block_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-4
+SETTINGS = dict(block_size=2, top_k=2, summary="minmax", sink_size=1)
+
+
+def blocks_model(family="llama", chunk_size=4, seed=0, attn_implementation="sdpa", **options):
+    model = tiny_gpt2(attn_implementation, seed=seed) if family == "gpt2" else tiny_llama(attn_implementation, seed)
+    model = convert_to_bsbr(model, chunk_size, retrieval="blocks", **{**SETTINGS, **options})
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def first_attention(model):
+    return model.transformer.h[0].attn if model.config.model_type == "gpt2" else model.model.layers[0].self_attn
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_everything_reachable_equals_the_original(family):
+    original = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    x = tokens(2, 23)
+    with torch.no_grad():
+        expected = original(x).logits
+        for options in ({"block_size": 4}, {"top_k": 100}, {"dense_layers": [0, 1]}):
+            chunk = 32 if "block_size" in options else 4  # one chunk; every block retrieved; every layer dense
+            got = converted_copy(original, chunk, retrieval="blocks", **{**SETTINGS, **options})(x).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        partial = converted_copy(original, 4, retrieval="blocks", **SETTINGS)(x).logits
+    assert (partial - expected).abs().max() > 1e-3  # with 4-token chunks and top-2 it is not the original
+
+
+@pytest.mark.parametrize(("summary", "selection", "retrieval"), [("minmax", "group", True), ("mean", "head", True),
+                                                                 ("minmax", "group", False)])
+def test_layer_maths_is_the_reference(summary, selection, retrieval):
+    model = blocks_model(summary=summary, selection=selection)
+    layer = first_attention(model).double()
+    set_retrieval(model, retrieval)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 31, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    got = BlocksMode.attend(layer, None, q, k, v, 0.0)
+    expected = dense_block_attention(q, k, v, 4, 2, 2 if retrieval else 0, 1, summary, selection)
+    assert (got - expected).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_through_the_model(family):
+    model = blocks_model(family)
+    x = tokens(1, 29)
+    with torch.no_grad():
+        base = model(x).logits
+        for t in (3, 12, 20):
+            y = x.clone()
+            y[0, t] = (y[0, t] + 37) % 100
+            out = model(y).logits
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-6, rtol=0)
+            assert (out[:, t:] - base[:, t:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("pieces", [(1,) * 23, (3, 1, 6, 2, 11), (5, 5, 13)])
+def test_pieces_with_cache_equal_full_forward(family, pieces):
+    model = blocks_model(family, dense_layers=[1])
+    x = tokens(2, 23)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = BSBRCache(model.config.num_hidden_layers)
+        torch.testing.assert_close(feed_in_pieces(model, x, pieces, cache), full, atol=ATOL, rtol=0)
+    # every token's keys and values (2 rows, 2 layers, G·d = 32 or 64 values each) plus 11 blocks' min and max
+    width = 64 if family == "gpt2" else 32
+    assert cache.nbytes() == 4 * 2 * 2 * width * (2 * 23 + 2 * 11)
+
+
+def test_pieces_in_float64_are_tighter():
+    model = blocks_model(summary="mean").double()
+    x = tokens(1, 27)
+    with torch.no_grad():
+        full = model(x).logits
+        pieces = feed_in_pieces(model, x, (1, 4, 2, 7, 13), BSBRCache(2))
+    assert (pieces - full).abs().max() <= 1e-10
+
+
+def test_retrieval_off_is_local_and_sinks_with_the_cache():
+    model = set_retrieval(blocks_model(), False)
+    x = tokens(2, 19)
+    with torch.no_grad():
+        full = model(x).logits
+        torch.testing.assert_close(feed_in_pieces(model, x, (2, 9, 8), BSBRCache(2)), full, atol=ATOL, rtol=0)
+        assert (full - set_retrieval(model, True)(x).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_rows_alone(family, side):
+    model = blocks_model(family)
+    ids, mask, rows = padded_batch((13, 6, 17, 9), 17, side)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(logits[i, mask[i].bool()], model(row[None]).logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("family", "attn_implementation"), [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
+def test_ragged_batched_generation_equals_each_prompt_alone(family, attn_implementation):
+    model = blocks_model(family, attn_implementation=attn_implementation)
+    ids, mask, rows = padded_batch((7, 3, 11), 11, "left")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             return_dict_in_generate=True)
+        assert isinstance(out.cache, BSBRCache)
+        for i, row in enumerate(rows):
+            alone = model.generate(row[None], max_new_tokens=8, do_sample=False)
+            torch.testing.assert_close(out.sequences[i, 11:], alone[0, len(row):], atol=0, rtol=0)
+            torch.testing.assert_close(alone, greedy_reference(model, row[None], 8), atol=0, rtol=0)
+
+
+def test_settings_round_trip_through_a_checkpoint(tmp_path):
+    options = dict(block_size=2, top_k=3, summary="mean", sink_size=2, selection="head", dense_layers=[1])
+    model = convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", **options)
+    path = tmp_path / "blocks.safetensors"
+    save_conversion(model, path)
+    loaded = load_conversion(tiny_llama(), path)
+    assert conversion_settings(loaded) == conversion_settings(model)
+    assert conversion_settings(model)["normalized_options"] == options
+    x = tokens(1, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"summary": "median"}, "summary"), ({"block_size": 3}, "block_size"), ({"top_k": 0}, "top_k"),
+    ({"sink_size": -1}, "sink_size"), ({"selection": "layer"}, "selection"), ({"dense_layers": [2]}, "dense_layers"),
+    ({"dense_layers": "0"}, "dense_layers"), ({"window": 3}, "unknown options"), ({"compression_factor": 4},
+                                                                                  "compression_factor")])
+def test_bad_settings_raise_naming_the_argument(options, match):
+    with pytest.raises(ValueError, match=match):
+        convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", **options)
+
+
+def test_padded_generation_with_and_without_cache_agree_also_for_beam_search():
+    model = blocks_model(top_k=1)
+    ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
+    with torch.no_grad():
+        for beams in (1, 3):  # beam search reorders the cache rows
+            cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False)
+            full = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False,
+                                  use_cache=False)
+            torch.testing.assert_close(cached, full, atol=0, rtol=0)

@@ -1,0 +1,152 @@
+"""Block retrieval (bsbr.blocks): against the written-out reference (tests.reference.dense_block_attention, float64,
+<= 1e-10), full causal attention when everything is reachable, causality through the routing, streaming == one call,
+bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbr.blocks import BlocksState, block_attention, block_scores, block_summaries
+from tests.reference import dense_block_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def qkv(batch=2, heads=4, kv_heads=2, n=37, d=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, d, generator=g, dtype=dtype)
+    k = torch.randn(batch, kv_heads, n, d, generator=g, dtype=dtype)
+    v = torch.randn(batch, kv_heads, n, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+# (heads, kv_heads, n, chunk_size, block_size, top_k, sink_size)
+SHAPES = [(4, 2, 37, 8, 2, 2, 0), (4, 2, 37, 8, 4, 1, 3), (4, 2, 41, 6, 3, 3, 2), (3, 3, 29, 4, 2, 2, 1),
+          (4, 1, 33, 8, 8, 2, 5), (4, 2, 37, 8, 2, 100, 1)]
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize(("heads", "kv_heads", "n", "chunk_size", "block_size", "top_k", "sink_size"), SHAPES)
+def test_matches_the_written_out_reference(heads, kv_heads, n, chunk_size, block_size, top_k, sink_size, summary,
+                                           selection):
+    q, k, v = qkv(heads=heads, kv_heads=kv_heads, n=n, seed=n + top_k)
+    got = block_attention(q, k, v, chunk_size, block_size, top_k, sink_size, summary, selection)
+    expected = dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size, summary, selection)
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_selection_differs_between_tokens_and_between_heads_of_a_group():
+    """Per-token selection is exercised: tokens of one chunk pick different blocks; head-wise choices differ from the
+    group's pooled one (so the reference comparisons above cover distinct rules)."""
+    q, k, _ = qkv(n=64)
+    summaries = block_summaries(k, 4)[:, :, :12]  # the candidates of chunk 2 (chunk 8)
+    rows = q[:, :, 16:24].unflatten(1, (2, 2))  # [b, G, g, r, d]
+    per_head = block_scores(rows, summaries).topk(2, dim=-1).indices
+    pooled = block_scores(rows, summaries).sum(2).topk(2, dim=-1).indices
+    assert len({tuple(sorted(x)) for x in pooled[0, 0].tolist()}) > 1  # tokens differ
+    assert not torch.equal(per_head.sort(-1).values, pooled[:, :, None].expand_as(per_head).sort(-1).values)
+
+
+def test_quest_bound_is_an_upper_bound_on_every_key_in_the_block_and_mean_is_the_mean_score():
+    q, k, _ = qkv(n=32)
+    scores = block_scores(q[:, :2], block_summaries(k, 8, "minmax"))  # [b, G=2, n, blocks]: heads 0, 1 vs G 0, 1
+    exact = (q[:, :2] @ k.transpose(-1, -2)).unflatten(-1, (4, 8)).amax(-1)  # per-head max q·k per block
+    assert (scores >= exact - 1e-12).all()
+    mean = block_scores(q[:, :2], block_summaries(k, 8, "mean"), "mean")
+    torch.testing.assert_close(mean, (q[:, :2] @ k.transpose(-1, -2)).unflatten(-1, (4, 8)).mean(-1))
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+def test_everything_reachable_is_full_causal_attention(summary):
+    q, k, v = qkv(n=37)
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for chunk_size, top_k in ((40, 1), (20, 1), (8, 100), (4, 9)):  # local covers all, or top_k does
+        got = block_attention(q, k, v, chunk_size, 4, top_k, summary=summary)
+        assert (got - full).abs().max() <= 1e-12, (chunk_size, top_k)
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_causal_including_the_routing(selection):
+    """Changing token t (its query, key and value) changes nothing before t; it does change later tokens' choices."""
+    q, k, v = qkv(n=48)
+    args = (8, 4, 2, 1, "minmax", selection)
+    base = block_attention(q, k, v, *args)
+    for t in (0, 5, 17, 30, 47):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, t] += 5.0
+        k2[:, :, t] += 5.0
+        v2[:, :, t] -= 3.0
+        out = block_attention(q2, k2, v2, *args)
+        torch.testing.assert_close(out[:, :, :t], base[:, :, :t], atol=1e-12, rtol=0)
+        assert (out[:, :, t:] - base[:, :, t:]).abs().max() > 1e-3
+    # a key far back moves its block's summary: later tokens retrieve it, earlier ones cannot see the difference
+    k2 = k.clone()
+    k2[:, :, 5] = 50 * q[:, :, 40].unflatten(1, (2, 2)).sum(2)
+    scores = block_scores(q[:, :, 40:41].unflatten(1, (2, 2)), block_summaries(k2, 4)[:, :, :6]).sum(2)
+    assert bool((scores.argmax(-1) == 1).all())  # token 40 now picks block 1 (positions 4..7)
+    out = block_attention(q, k2, v, *args)
+    torch.testing.assert_close(out[:, :, :5], base[:, :, :5], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pieces", [(1,) * 29, (5, 1, 9, 3, 11), (8, 8, 13), (29,)])
+def test_streaming_in_pieces_equals_one_call(pieces, dtype):
+    q, k, v = qkv(n=29, dtype=dtype)
+    args = (8, 2, 2, 3, "minmax", "group")
+    full = block_attention(q, k, v, *args)
+    outs, state, start = [], None, 0
+    for size in pieces:
+        out, state = block_attention(q[:, :, start: start + size], k[:, :, start: start + size],
+                                     v[:, :, start: start + size], *args, state=state, return_state=True)
+        outs.append(out)
+        start += size
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (torch.cat(outs, 2) - full).abs().max() <= tolerance
+    assert isinstance(state, BlocksState) and state.num_tokens == 29
+    assert state.summaries.shape == (2, 2, 14, 2, 8)
+    assert state.nbytes() == (2 * 2 * 29 * 8 * 2 + 2 * 2 * 14 * 2 * 8) * q.element_size()
+
+
+def test_bad_input_raises_naming_the_argument():
+    q, k, v = qkv(n=8)
+    with pytest.raises(ValueError, match="top_k"):
+        block_attention(q, k, v, 4, 2, 0)
+    with pytest.raises(ValueError, match="block_size"):
+        block_attention(q, k, v, 4, 3, 1)
+    with pytest.raises(ValueError, match="summary"):
+        block_attention(q, k, v, 4, 2, 1, summary="median")
+    with pytest.raises(ValueError, match="selection"):
+        block_attention(q, k, v, 4, 2, 1, selection="layer")
+    with pytest.raises(ValueError, match="sink_size"):
+        block_attention(q, k, v, 4, 2, 1, sink_size=-1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        block_attention(q, k, v, 0, 2, 1)
+    with pytest.raises(ValueError, match="divide"):
+        block_attention(q, k[:, :1].expand(2, 3, 8, 8), v[:, :1].expand(2, 3, 8, 8), 4, 2, 1)
+    _, state = block_attention(q, k, v, 4, 2, 1, return_state=True)
+    with pytest.raises(ValueError, match="state"):
+        block_attention(q, k, v, 4, 2, 1, summary="mean", state=state)
+
+
+def test_no_tensor_grows_with_n_squared():
+    """Every tensor the op creates (recorded at dispatch) is far smaller than an [n, n] score matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    n = 1024
+    q, k, v = qkv(batch=1, heads=2, kv_heads=1, n=n, d=4, dtype=torch.float32)
+    with Largest():
+        block_attention(q, k, v, 32, 8, 2, sink_size=4)
+    assert Largest.numel == 2 * n * 4  # the largest is the output [1, 2, n, 4]: nothing near n² = 1,048,576
