@@ -6,6 +6,9 @@ Each command measures one point (see :mod:`bsbr.benchmarks`; the helpers are :mo
     python -m bsbr.bench attention --impl bsbr --mode forward --seq-len 16384 --threads 2 --json
         [--hidden-dim 512 --num-heads 8 --chunk-size 128 --batch-size 1 --repeats 3 --warmup 1 --seed 0
          --max-timed-s 5]     (--impl: bsbr.benchmarks.ATTENTION_IMPLS, --mode forward|backward|decode)
+    python -m bsbr.bench attention --impl llama_normalized --seq-len 8192 --hidden-dim 576 --num-heads 9
+        --num-kv-heads 3 --chunk-size 256 --sink-size 4 --threads 2 --json
+                              (one SmolLM2-shaped layer, converted; --impl llama_original: the original)
     python -m bsbr.bench matmul --threads 2 --json [--repeats 5]
     python -m bsbr.bench model --model bsbr --seq-len 4096 --config '{"vocab_size": 1024, ...}' --json
     python -m bsbr.bench --model bsbr --seq-len 4096 ...      (the original form of ``model``)
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     attention.add_argument("--num-heads", type=int, default=8)
     attention.add_argument("--chunk-size", type=int, default=128)
     attention.add_argument("--max-timed-s", type=float, default=None)
+    attention.add_argument("--num-kv-heads", type=int, default=None, help="llama_* impls: key/value heads")
+    attention.add_argument("--sink-size", type=int, default=4, help="llama_normalized: attention-sink tokens")
 
     matmul = commands.add_parser("matmul", help="the machine's fp32 matmul rate (matmul_throughput)")
     for sub in (model, attention, matmul):
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "attention":
         result = measure_attention_in_process(args.impl, args.mode, args.seq_len, args.hidden_dim, args.num_heads,
                                               args.chunk_size, args.batch_size, args.repeats, args.warmup,
-                                              args.threads, args.seed, args.max_timed_s)
+                                              args.threads, args.seed, args.max_timed_s, args.num_kv_heads,
+                                              args.sink_size)
         unit = "per token" if args.mode == "decode" else "per call"
         text = (f"{result['impl']} {result['mode']} seq_len={result['seq_len']}: median {result['median_s']:.4g} s "
                 f"{unit} (mean {result['mean_s']:.4g}, min {result['min_s']:.4g}, max {result['max_s']:.4g}, "

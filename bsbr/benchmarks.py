@@ -28,6 +28,13 @@ Three kinds of point, each measured in its own process (see *Per point*):
   chunkwise, φk, v)`` with ``φ = elu + 1``
   linear_
   recurrent
+  llama_     one pretrained-shaped attention layer and its conversion (random weights, nothing downloaded): a
+  original,  ``LlamaAttention`` (``hidden_dim``, ``num_heads`` query / ``num_key_value_heads`` key-value heads, RoPE)
+  llama_     called as the decoder layer calls it, ``layer(hidden_states, position_embeddings=(cos, sin))``, with
+  normalized torch's fused causal SDPA (``llama_original``), and that layer converted by
+             ``convert_to_bsbr(..., chunk_size, retrieval="normalized", sink_size=sink_size)`` (``llama_normalized``:
+             the same projections and RoPE, normalised retrieval, :mod:`bsbr.normalized`); SmolLM2-135M's shapes
+             are ``hidden_dim=576, num_heads=9, num_key_value_heads=3`` (head_dim 64)
   ========== =====================================================================================================
 
   The cores get random per-head tensors laid out as the modules produce them (views
@@ -98,10 +105,12 @@ from bsbr.baselines.linear import elu_feature_map, linear_attention_chunkwise, l
 from bsbr.measure import (check_threads_timeout, memory_baseline, memory_peak, run_isolated, set_threads,
                           time_summary, timed_calls)
 from bsbr.registry import available_models, build_attention, build_model
+from bsbr.utils import check_sink_size
 
 __all__ = [
     "ATTENTION_IMPLS",
     "ATTENTION_MODES",
+    "CONVERTED_IMPLS",
     "CORE_IMPLS",
     "FLOP_IMPLS",
     "MATMUL_SHAPES",
@@ -126,8 +135,10 @@ MODULE_IMPLS = tuple(sorted(available_models(), key=lambda name: (
     _REPORT_ORDER.index(name) if name in _REPORT_ORDER else len(_REPORT_ORDER), name)))
 #: ``impl`` values that are operators on per-head tensors (no projections).
 CORE_IMPLS = ("bsbr_core", "sdpa_core", "delta_chunkwise", "delta_recurrent", "linear_chunkwise", "linear_recurrent")
-#: ``impl`` values of :func:`measure_attention`: the modules, then the cores.
-ATTENTION_IMPLS = MODULE_IMPLS + CORE_IMPLS
+#: ``impl`` values that are a pretrained model family's attention layer, original and converted (forward/backward).
+CONVERTED_IMPLS = ("llama_original", "llama_normalized")
+#: ``impl`` values of :func:`measure_attention`: the modules, the cores, then the converted layers.
+ATTENTION_IMPLS = MODULE_IMPLS + CORE_IMPLS + CONVERTED_IMPLS
 #: ``impl`` values with a FLOP count (:func:`attention_flop_terms`); the others report ``flops=None``.
 FLOP_IMPLS = ("bsbr", "standard", "bsbr_core", "sdpa_core")
 #: ``mode`` values of :func:`measure_attention`; ``decode`` needs a module (one of :data:`MODULE_IMPLS`).
@@ -214,9 +225,12 @@ def measure_forward(name: str, config: dict, seq_len: int, batch_size: int = 1, 
 # ----------------------------------------------------------------------------- attention modules and cores
 
 
-def check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size) -> None:
+def check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size,
+                         num_key_value_heads=None, sink_size=0) -> None:
     """Raise ValueError naming the argument unless ``impl``/``mode`` are known (``decode`` only for a module in
-    :data:`MODULE_IMPLS`) and the sizes positive, with ``hidden_dim`` divisible by ``num_heads``."""
+    :data:`MODULE_IMPLS`) and the sizes positive, with ``hidden_dim`` divisible by ``num_heads``, which
+    ``num_key_value_heads`` (None = ``num_heads``) divides, and (``llama_normalized``) ``0 <= sink_size <=
+    chunk_size``."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
     if mode not in ATTENTION_MODES:
@@ -226,6 +240,12 @@ def check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size,
                          f"got {impl!r}")
     check_positive_int(seq_len=seq_len, chunk_size=chunk_size, batch_size=batch_size)
     check_heads(hidden_dim, num_heads)
+    if num_key_value_heads is not None:
+        check_positive_int(num_key_value_heads=num_key_value_heads)
+        if num_heads % num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({num_key_value_heads}) must divide num_heads ({num_heads})")
+    if impl == "llama_normalized":
+        check_sink_size(sink_size, chunk_size)
 
 
 def attention_flop_terms(impl: str, seq_len: int, hidden_dim: int = 512, num_heads: int = 8,
@@ -279,10 +299,36 @@ def attention_flops(impl: str, seq_len: int, hidden_dim: int = 512, num_heads: i
     return forward * (3 if mode == "backward" else 1)
 
 
-def _attention_call(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size, generator):
+def _llama_call(impl, seq_len, hidden_dim, num_heads, num_key_value_heads, chunk_size, sink_size, batch_size,
+                generator, grad):
+    """``(call, leaves, module)`` of one random-weight ``LlamaAttention`` (``llama_original``) or its conversion
+    (``llama_normalized``), called as a decoder layer calls it; RoPE's ``(cos, sin)`` are computed once, outside."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    from bsbr.convert import BSBRLlamaAttention
+
+    config = LlamaConfig(vocab_size=32, hidden_size=hidden_dim, intermediate_size=4 * hidden_dim, num_hidden_layers=1,
+                         num_attention_heads=num_heads, num_key_value_heads=num_key_value_heads or num_heads,
+                         max_position_embeddings=seq_len, attn_implementation="sdpa")
+    layer = LlamaAttention(config, layer_idx=0)
+    if impl == "llama_normalized":
+        layer = BSBRLlamaAttention(layer, chunk_size, retrieval="normalized", sink_size=sink_size)
+    layer.eval()
+    hidden_states = torch.randn(batch_size, seq_len, hidden_dim, generator=generator, requires_grad=grad)
+    with torch.no_grad():
+        position_embeddings = LlamaRotaryEmbedding(config)(hidden_states, torch.arange(seq_len)[None])
+    return (lambda: layer(hidden_states, position_embeddings=position_embeddings)[0]), [hidden_states], layer
+
+
+def _attention_call(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size, generator,
+                    num_key_value_heads=None, sink_size=0):
     """Build what ``impl`` runs and return ``(call, leaves, module)``: ``call()`` -> output tensor."""
     grad = mode == "backward"
     head_dim = hidden_dim // num_heads
+    if impl in CONVERTED_IMPLS:
+        return _llama_call(impl, seq_len, hidden_dim, num_heads, num_key_value_heads, chunk_size, sink_size,
+                           batch_size, generator, grad)
     if impl in MODULE_IMPLS:
         module = build_attention(impl, hidden_dim, num_heads, **({"chunk_size": chunk_size} if impl == "bsbr" else {}))
         module.eval()  # dropout is 0 anyway; eval keeps the modules on their inference branches
@@ -311,19 +357,21 @@ def _attention_call(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batc
 
 def measure_attention_in_process(impl: str, mode: str, seq_len: int, hidden_dim: int = 512, num_heads: int = 8,
                                  chunk_size: int = 128, batch_size: int = 1, repeats: int = 3, warmup: int = 1,
-                                 threads: int | None = None, seed: int = 0, max_timed_s: float | None = None) -> dict:
+                                 threads: int | None = None, seed: int = 0, max_timed_s: float | None = None,
+                                 num_key_value_heads: int | None = None, sink_size: int = 4) -> dict:
     """:func:`measure_attention` in *this* process (its child side, and the CLI): arguments and result as there;
     the memory is this process's, so it is only meaningful in a fresh one.
 
     Raises:
         ValueError: as :func:`check_attention_args`.
     """
-    check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size)
+    check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size, num_key_value_heads,
+                         sink_size)
     used_threads = set_threads(threads)
     torch.manual_seed(seed)  # the module's weights
     generator = torch.Generator().manual_seed(seed)  # the inputs
     call, leaves, module = _attention_call(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size,
-                                           generator)
+                                           generator, num_key_value_heads, sink_size)
     extra = {}
     if mode == "forward":
         baseline, memory_method = memory_baseline()
@@ -366,6 +414,8 @@ def measure_attention_in_process(impl: str, mode: str, seq_len: int, hidden_dim:
         "num_heads": num_heads,
         "chunk_size": chunk_size,
         "batch_size": batch_size,
+        **({"num_key_value_heads": num_key_value_heads or num_heads, "sink_size": sink_size}
+           if impl in CONVERTED_IMPLS else {}),
         "warmup": warmup,
         "threads": used_threads,
         **time_summary(times),
@@ -386,7 +436,8 @@ def measure_attention_in_process(impl: str, mode: str, seq_len: int, hidden_dim:
 def measure_attention(impl: str, seq_len: int, mode: str = "forward", hidden_dim: int = 512, num_heads: int = 8,
                       chunk_size: int = 128, batch_size: int = 1, repeats: int = 3, warmup: int = 1,
                       threads: int | None = None, seed: int = 0, max_timed_s: float | None = None,
-                      timeout: float | None = None) -> dict:
+                      timeout: float | None = None, num_key_value_heads: int | None = None,
+                      sink_size: int = 4) -> dict:
     """Time and memory of one attention module or core at one length, in a fresh process (module docstring).
 
     Args:
@@ -404,9 +455,11 @@ def measure_attention(impl: str, seq_len: int, mode: str = "forward", hidden_dim
         max_timed_s: stop timing once the timed calls total more than this many seconds (at least one call is
             timed; ``repeats`` in the result is the number done); None = always ``repeats``.
         timeout: seconds before the measuring process is killed (None = no limit).
+        num_key_value_heads, sink_size: the converted layers' (:data:`CONVERTED_IMPLS`) key/value heads (None =
+            ``num_heads``) and attention-sink tokens (``llama_normalized``); the other impls ignore them.
     Returns:
         dict with the inputs (``impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size, warmup,
-        threads``), ``repeats`` (timed calls done), ``median_s, mean_s, min_s, max_s, times_s`` (seconds per
+        threads``; ``num_key_value_heads, sink_size`` for :data:`CONVERTED_IMPLS`), ``repeats`` (timed calls done), ``median_s, mean_s, min_s, max_s, times_s`` (seconds per
         call; per token in ``decode``), ``baseline_rss_bytes, peak_rss_bytes, peak_bytes, memory_method``,
         ``flops`` and ``gflops_per_s`` (None in ``decode``); ``decode`` adds ``position`` (= ``seq_len``),
         ``prefill_s``, ``state_bytes`` and ``state_tokens`` (of the final state).
@@ -414,7 +467,8 @@ def measure_attention(impl: str, seq_len: int, mode: str = "forward", hidden_dim
         ValueError: an argument above out of range, naming it (before anything runs). RuntimeError: the
         measuring process failed or timed out (its traceback tail is in the message), e.g. out of memory.
     """
-    check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size)
+    check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size, num_key_value_heads,
+                         sink_size)
     check_positive_int(repeats=repeats)
     check_int_at_least(0, warmup=warmup)
     check_threads_timeout(threads, timeout)
@@ -423,7 +477,7 @@ def measure_attention(impl: str, seq_len: int, mode: str = "forward", hidden_dim
         raise ValueError(f"max_timed_s must be a positive number of seconds or None, got {max_timed_s!r}")
     kwargs = dict(impl=impl, mode=mode, seq_len=seq_len, hidden_dim=hidden_dim, num_heads=num_heads,
                   chunk_size=chunk_size, batch_size=batch_size, repeats=repeats, warmup=warmup, threads=threads,
-                  seed=seed, max_timed_s=max_timed_s)
+                  seed=seed, max_timed_s=max_timed_s, num_key_value_heads=num_key_value_heads, sink_size=sink_size)
     return run_isolated(measure_attention_in_process, kwargs, f"{impl!r} {mode} at seq_len={seq_len}", timeout)
 
 

@@ -110,31 +110,16 @@ def chunk_local_softmax(query, key, value, chunk_size: int, sink_size: int = 0) 
     Returns:
         ``(output [batch, heads, n, d], lse [batch, heads, n])``: ``lse_t = logsumexp_u q_t·k_u/sqrt(d)`` over the
         keys ``u`` token ``t`` sees (its chunk up to ``t``, and the sink tokens).
-    Memory: ``[batch, heads, chunks, C, C]`` score blocks, O(n·C) per head.
+    Runs on torch's fused CPU attention kernel, differentiable in both outputs
+    (:func:`bsbr.local_attention.local_softmax_attention`); where that kernel cannot run (not CPU, a dtype other
+    than float32/float64) it writes the softmax out in ``[batch, heads, chunks, C, C]`` score blocks, O(n·C) per head
+    (:func:`bsbr.local_attention.local_softmax_attention_naive`).
     Raises:
         ValueError: bad ``chunk_size`` or ``sink_size``.
     """
-    check_positive_int(chunk_size=chunk_size)
-    check_sink_size(sink_size, chunk_size)
-    batch, heads, n, d = query.shape
-    key, value = repeat_kv(key, heads, "key"), repeat_kv(value, heads, "value")
-    q, k, v = (_blocks(t, chunk_size) for t in (query, key, value))  # [batch, heads, chunks, C, d]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, chunks, C, C]
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))  # padded keys come after every real query: masked too
-    lse = torch.logsumexp(scores, dim=-1)  # [batch, heads, chunks, C]
-    output = torch.exp(scores - lse[..., None]) @ v  # [batch, heads, chunks, C, d]
-    output, lse = output.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
-    if sink_size == 0 or n <= chunk_size:
-        return output, lse
-    # Tokens after chunk 0 also see the sink tokens: merge the two softmax parts in log space.
-    sink_scores = query[:, :, chunk_size:] @ key[:, :, :sink_size].transpose(-1, -2) / math.sqrt(d)  # [b, h, n-C, k]
-    sink_lse = torch.logsumexp(sink_scores, dim=-1)  # [batch, heads, n - C]
-    sink_out = torch.exp(sink_scores - sink_lse[..., None]) @ value[:, :, :sink_size]  # [batch, heads, n - C, d]
-    tail_lse = torch.logaddexp(lse[:, :, chunk_size:], sink_lse)
-    tail = (torch.exp(lse[:, :, chunk_size:] - tail_lse)[..., None] * output[:, :, chunk_size:]
-            + torch.exp(sink_lse - tail_lse)[..., None] * sink_out)
-    return torch.cat([output[:, :, :chunk_size], tail], dim=2), torch.cat([lse[:, :, :chunk_size], tail_lse], dim=2)
+    from bsbr.local_attention import local_softmax_attention
+
+    return local_softmax_attention(query, key, value, chunk_size, sink_size)
 
 
 def _feature_maps(feature_map):

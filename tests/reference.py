@@ -357,3 +357,15 @@ def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, s
                 weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=0)
                 out[b, h, t] = weights @ v[b, kv]
     return out
+
+
+def dense_local_softmax(q, k, v, chunk_size, sink=0):
+    """Own-chunk causal softmax attention plus ``sink`` sink tokens with its log-normaliser, written out with an
+    explicit ``[n, n]`` mask (keys repeated to the query heads): ``(output [b, h, n, d], lse [b, h, n])``."""
+    heads, n, d = q.shape[1], q.shape[2], q.shape[3]
+    k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    position = torch.arange(n)
+    chunk = position // chunk_size
+    seen = ((chunk[:, None] == chunk[None, :]) | (position[None, :] < sink)) & (position[None, :] <= position[:, None])
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~seen, float("-inf"))  # [b, h, n, n]
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)

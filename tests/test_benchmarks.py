@@ -3,11 +3,16 @@ No timing is asserted."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 import bsbr
-from bsbr.benchmarks import (ATTENTION_IMPLS, CORE_IMPLS, FLOP_IMPLS, MODULE_IMPLS, attention_flop_terms,
-                             attention_flops, matmul_throughput, measure_attention, measure_forward)
+from bsbr.bench import main as bench_main
+from bsbr.benchmarks import (ATTENTION_IMPLS, CONVERTED_IMPLS, CORE_IMPLS, FLOP_IMPLS, MODULE_IMPLS, _attention_call,
+                             attention_flop_terms, attention_flops, matmul_throughput, measure_attention,
+                             measure_forward)
 
 TINY = dict(vocab_size=64, hidden_dim=256, num_layers=1, num_heads=4, ff_dim=1024)
 
@@ -15,7 +20,7 @@ TINY = dict(vocab_size=64, hidden_dim=256, num_layers=1, num_heads=4, ff_dim=102
 def test_module_impls_are_the_registered_architectures_in_report_order():
     assert sorted(MODULE_IMPLS) == bsbr.available_models()
     assert MODULE_IMPLS[:7] == ("bsbr", "standard", "linear", "delta_net", "sliding_window", "hopfield", "gau")
-    assert ATTENTION_IMPLS == MODULE_IMPLS + CORE_IMPLS and set(FLOP_IMPLS) <= set(ATTENTION_IMPLS)
+    assert ATTENTION_IMPLS == MODULE_IMPLS + CORE_IMPLS + CONVERTED_IMPLS and set(FLOP_IMPLS) <= set(ATTENTION_IMPLS)
 
 
 def test_measure_forward_in_fresh_subprocesses():
@@ -238,3 +243,60 @@ def test_build_attention_is_the_layer_build_model_uses():
         bsbr.build_attention("mamba", 32, 2)
     with pytest.raises(ValueError, match="FLOP count"):
         attention_flop_terms("delta_chunkwise", 64)
+
+
+# ----------------------------------------------------------------------------- a converted layer vs the original
+
+LLAMA = dict(hidden_dim=32, num_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("impl, mode", [("llama_original", "forward"), ("llama_normalized", "backward")])
+def test_measure_attention_converted_layer_points(impl, mode):
+    result = measure_attention(impl, 20, mode, **LLAMA, chunk_size=8, sink_size=2, repeats=2, warmup=1, threads=1)
+    assert {key: result[key] for key in ("impl", "mode", "seq_len", "hidden_dim", "num_heads", "num_key_value_heads",
+                                         "chunk_size", "sink_size", "repeats")} == dict(
+        impl=impl, mode=mode, seq_len=20, **LLAMA, chunk_size=8, sink_size=2, repeats=2)
+    assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
+    assert result["flops"] is None and result["peak_bytes"] == result["peak_rss_bytes"] - result["baseline_rss_bytes"]
+
+
+def _layer_output(impl, chunk_size, seq_len=20):
+    torch.manual_seed(0)  # the layer's weights, as measure_attention_in_process seeds them
+    call, leaves, layer = _attention_call(impl, "forward", seq_len, LLAMA["hidden_dim"], LLAMA["num_heads"],
+                                          chunk_size, 1, torch.Generator().manual_seed(0),
+                                          LLAMA["num_key_value_heads"], 2)
+    with torch.no_grad():
+        return call(), leaves[0], layer
+
+
+def test_converted_layer_point_is_the_original_layer_converted():
+    original, hidden, layer = _layer_output("llama_original", 8)
+    assert type(layer).__name__ == "LlamaAttention" and layer.config._attn_implementation == "sdpa"
+    assert (layer.num_key_value_groups, layer.head_dim) == (2, 8)
+    one_chunk, same_hidden, converted = _layer_output("llama_normalized", 32)  # one chunk: exactly the original
+    assert type(converted).__name__ == "BSBRLlamaAttention" and converted.normalized.sink_size == 2
+    assert torch.equal(hidden, same_hidden) and torch.equal(converted.q_proj.weight, layer.q_proj.weight)
+    assert original.shape == (1, 20, 32) and (one_chunk - original).abs().max() < 1e-5
+    chunked, _, _ = _layer_output("llama_normalized", 8)  # three chunks: chunk 0 (8 tokens) still exact
+    assert (chunked[:, :8] - original[:, :8]).abs().max() < 1e-5 and (chunked - original).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(num_key_value_heads=0), "num_key_value_heads"),
+    (dict(sink_size=9), "sink_size"),
+    (dict(mode="decode"), "streams through a module"),
+])
+def test_measure_attention_converted_layer_rejects_bad_arguments(kwargs, match):
+    args = dict(impl="llama_normalized", seq_len=16, hidden_dim=32, num_heads=4, chunk_size=8) | kwargs
+    with pytest.raises(ValueError, match=match):
+        measure_attention(**args)
+
+
+def test_cli_converted_layer_takes_key_value_heads_and_sinks(capsys):
+    assert bench_main(["attention", "--impl", "llama_normalized", "--seq-len", "24", "--hidden-dim", "32",
+                       "--num-heads", "4", "--num-kv-heads", "2", "--chunk-size", "8", "--sink-size", "3",
+                       "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["impl"], result["num_key_value_heads"], result["sink_size"], result["chunk_size"]) == (
+        "llama_normalized", 2, 3, 8)
