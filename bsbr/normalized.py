@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from bsbr._checks import check_int_at_least, check_positive_int
+from bsbr.local_attention import local_softmax_attention
 from bsbr.utils import check_sink_size, repeat_kv
 
 __all__ = [
@@ -117,8 +118,6 @@ def chunk_local_softmax(query, key, value, chunk_size: int, sink_size: int = 0) 
     Raises:
         ValueError: bad ``chunk_size`` or ``sink_size``.
     """
-    from bsbr.local_attention import local_softmax_attention
-
     return local_softmax_attention(query, key, value, chunk_size, sink_size)
 
 
