@@ -21,7 +21,7 @@ Three kinds of point, each measured in its own process (see *Per point*):
   bsbr_core  ``bsbr.attention.bsbr_attention(query, key, value, meta_query, meta_key, chunk_size)``
   sdpa_core  ``torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)``
   delta_     DeltaNet's delta rule, ``delta_rule_chunkwise(q, k, v, beta, 64)`` / ``delta_rule_recurrent(q, k, v,
-  chunkwise, beta)`` (the token loop), on unit-norm ``q, k`` and ``beta`` in (0, 1): the issue-4 operator pair
+  chunkwise, beta)`` (the token loop), on unit-norm ``q, k`` and ``beta`` in (0, 1): the operator pair whose speed-up is a target in report 01
   delta_
   recurrent
   linear_    linear attention, ``linear_attention_chunkwise(φq, φk, v, 64)`` / ``linear_attention_recurrent(φq,

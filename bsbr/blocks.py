@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from bsbr._checks import check_int_at_least, check_positive_int
 
-__all__ = ["SELECTIONS", "SUMMARIES", "BlocksState", "block_attention", "block_scores", "block_summaries",
-           "check_block_settings"]
+__all__ = ["SELECTIONS", "SUMMARIES", "BlocksState", "block_attention", "block_attention_unchecked", "block_scores",
+           "block_summaries", "check_block_settings"]
 
 #: block summaries, name -> number of ``[d]`` vectors stored per block
 SUMMARIES: dict[str, int] = {"minmax": 2, "mean": 1}
@@ -144,8 +144,8 @@ def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: 
         ValueError: bad settings (:func:`check_block_settings`), shapes, or a state of another block size/summary.
     """
     check_block_settings(chunk_size, block_size, top_k, sink_size, summary, selection)
-    return _block_attention(query, key, value, chunk_size, block_size, top_k, sink_size, summary, selection,
-                            dropout_p, state, return_state)
+    return block_attention_unchecked(query, key, value, chunk_size, block_size, top_k, sink_size, summary,
+                                     selection, dropout_p, state, return_state)
 
 
 def _check_inputs(query, key, value, state, block_size, summary):
@@ -170,10 +170,13 @@ def _per_row(left, right):
     return (left[..., None, :] @ right).squeeze(-2)
 
 
-def _block_attention(query, key, value, chunk_size: int | None, block_size: int, top_k: int, sink_size: int,
-                     summary: str, selection: str, dropout_p: float, state: BlocksState | None, return_state: bool):
-    """:func:`block_attention` without the settings checks; also ``top_k = 0`` (local + sinks only) and
-    ``chunk_size = None`` (one chunk: full causal attention over the cache)."""
+def block_attention_unchecked(query, key, value, chunk_size: int | None, block_size: int, top_k: int,
+                              sink_size: int, summary: str, selection: str, dropout_p: float,
+                              state: BlocksState | None, return_state: bool):
+    """:func:`block_attention` without its settings checks (the caller has made them, e.g. a converted layer at
+    construction), and with two settings it refuses: ``top_k = 0`` (local region + sinks only: the retrieval-off
+    reference) and ``chunk_size = None`` (one chunk: full causal attention over the cache, a dense layer).
+    Shapes, returns and input errors as :func:`block_attention`."""
     _check_inputs(query, key, value, state, block_size, summary)
     batch, heads, n, d = query.shape
     groups = key.shape[1]

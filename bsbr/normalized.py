@@ -54,6 +54,7 @@ __all__ = [
     "chunk_local_softmax",
     "normalized_bsbr_attention",
     "normalized_step",
+    "split_chunks",
 ]
 
 
@@ -89,8 +90,9 @@ class HedgehogFeatureMap(nn.Module):
 
 
 
-def _blocks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[batch, heads, n, ...]`` -> ``[batch, heads, chunks, chunk_size, ...]``, zero rows appended to the last."""
+def split_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[batch, heads, n, ...]`` -> ``[batch, heads, chunks, chunk_size, ...]`` with ``chunks = ceil(n / chunk_size)``;
+    zero rows are appended to the last chunk (callers mask or drop them)."""
     n = x.shape[2]
     chunks = -(-n // chunk_size)
     pad = chunks * chunk_size - n
@@ -209,7 +211,7 @@ def normalized_bsbr_attention(
     mixed_states = torch.einsum("bhij,bhjfd->bhifd", weights, states)  # [batch, heads, chunks-1, F, d]
     mixed_norms = weights @ normalizers  # [batch, heads, chunks-1, F]
 
-    query_features = _blocks(query_map(query[:, :, start:]), chunk_size)  # [batch, heads, chunks-1, C, F]
+    query_features = split_chunks(query_map(query[:, :, start:]), chunk_size)  # [batch, heads, chunks-1, C, F]
     numerator = query_features @ mixed_states  # [batch, heads, chunks-1, C, d]
     denominator = (query_features @ mixed_norms[..., None]).squeeze(-1)  # [batch, heads, chunks-1, C], > 0
     numerator, denominator = numerator.flatten(2, 3)[:, :, : n - start], denominator.flatten(2, 3)[:, :, : n - start]

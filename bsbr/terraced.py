@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from bsbr._checks import check_int_at_least, check_positive_int
-from bsbr.normalized import HedgehogFeatureMap, _blocks, chunk_local_softmax
+from bsbr.normalized import HedgehogFeatureMap, chunk_local_softmax, split_chunks
 from bsbr.utils import check_sink_size, repeat_kv
 
 __all__ = ["DEFAULT_MIX_LOGIT", "TerracedRetrieval", "TerracedState", "terraced_attention", "terraced_exact",
@@ -89,7 +89,7 @@ def terraced_exact(query, key, value, chunk_size: int, sink_size: int = 0) -> tu
         return own
     size, later = chunk_size, n - chunk_size  # tokens of chunks >= 1 also see all of chunk i - 1
     key, value = repeat_kv(key, heads, "key"), repeat_kv(value, heads, "value")
-    q = _blocks(query[:, :, size:], size)  # [batch, heads, m, C, d], m = chunks - 1
+    q = split_chunks(query[:, :, size:], size)  # [batch, heads, m, C, d], m = chunks - 1
     m = q.shape[2]
     previous_k = key[:, :, : m * size].unflatten(2, (m, size))  # [batch, heads, m, C, d]: whole chunks 0..m-1
     previous_v = value[:, :, : m * size].unflatten(2, (m, size))
@@ -166,7 +166,7 @@ def terraced_attention(query, key, value, chunk_size: int, query_map, key_map, m
     states = (key_features.transpose(-1, -2) @ values).cumsum(2)  # [batch, G, stored, F, d]: row i-2 = S_i
     normalizers = key_features.sum(3).cumsum(2)  # [batch, G, stored, F]
 
-    query_features = _blocks(query_map(query[:, :, start:]), size)  # [batch, H, stored, C, F]
+    query_features = split_chunks(query_map(query[:, :, start:]), size)  # [batch, H, stored, C, F]
     numerator, denominator = _readout(query_features, states, normalizers)  # [b, H, stored, C, (d)]
     numerator, denominator = numerator.flatten(2, 3)[:, :, : n - start], denominator.flatten(2, 3)[:, :, : n - start]
     # Z = 0 only when every retrievable token is a sink (chunk 2 with sink_size = chunk_size): N = 0 too.

@@ -1,4 +1,4 @@
-"""BSBRForCausalLM (issue 3): logits, HF-convention next-token loss, tied/untied head, streaming forward,
+"""BSBRForCausalLM: logits, HF-convention next-token loss, tied/untied head, streaming forward,
 generation through the streaming state (greedy == argmax of repeated full forwards, seeded sampling reproducible,
 top_k=1 == greedy), padding, and argument checks.
 

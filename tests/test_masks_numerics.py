@@ -1,4 +1,4 @@
-"""Padding masks and numerics (issue 3).
+"""Padding masks and numerics.
 
 Padding: left, right or both, bool or integer masks. Padded outputs are zeros; real positions equal the same
 sequence run alone (max |difference| <= 1e-5); padded inputs never reach real outputs; rows made only of padding are

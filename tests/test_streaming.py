@@ -1,4 +1,4 @@
-"""Streaming (issue 3): a sequence fed in pieces through the returned ``state`` gives the outputs of one full forward,
+"""Streaming: a sequence fed in pieces through the returned ``state`` gives the outputs of one full forward,
 for BSBRAttention with and without compression and its model trunk (every architecture: tests/test_contract.py);
 the BSBR state holds chunk states, not every token, and its size follows ``BSBRAttention.state_nbytes``; states
 never leak between rows or calls; stateful misuse raises.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import BSBRState, StateCompression, bsbr_attention, chunk_mean
-from bsbr.blocks import BlocksState, _block_attention, check_block_settings
+from bsbr.blocks import BlocksState, block_attention_unchecked, check_block_settings
 from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
 from bsbr.terraced import DEFAULT_MIX_LOGIT, TerracedRetrieval, terraced_step
 from bsbr.utils import check_sink_size
@@ -378,11 +378,11 @@ class BlocksMode(RetrievalMode):
     def _run(layer, query, key, value, dropout_p, state, return_state):
         options = layer.blocks_options
         if layer.layer_idx in layer.dense_layers:  # the original full causal attention (over the cache)
-            return _block_attention(query, key, value, None, options["block_size"], 0, 0, options["summary"],
-                                    "group", dropout_p, state, return_state)
-        return _block_attention(query, key, value, layer.chunk_size, options["block_size"],
-                                options["top_k"] if layer.retrieval else 0, options["sink_size"], options["summary"],
-                                options["selection"], dropout_p, state, return_state)
+            return block_attention_unchecked(query, key, value, None, options["block_size"], 0, 0,
+                                             options["summary"], "group", dropout_p, state, return_state)
+        return block_attention_unchecked(query, key, value, layer.chunk_size, options["block_size"],
+                                         options["top_k"] if layer.retrieval else 0, options["sink_size"],
+                                         options["summary"], options["selection"], dropout_p, state, return_state)
 
     @staticmethod
     def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:

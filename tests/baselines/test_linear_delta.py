@@ -1,4 +1,4 @@
-"""Linear attention and DeltaNet baselines (issue 4): the recurrent, chunkwise and naive forms of each operator
+"""Linear attention and DeltaNet baselines: the recurrent, chunkwise and naive forms of each operator
 agree (forward, backward, carried state), the layers equal their written-out references, keep a length-free state,
 get gradients everywhere, and run in half precision. Causality, streaming, padding and argument/state checks are
 the contract every architecture keeps (tests/test_contract.py).

@@ -1,4 +1,4 @@
-"""Efficient causal baselines (issue 4): SlidingWindowAttention, HopfieldAttention, GAU.
+"""Efficient causal baselines: SlidingWindowAttention, HopfieldAttention, GAU.
 
 Each fast module is compared with a plain reference written here (a dense ``n × n`` band mask, a dense causal softmax
 iterated ``num_updates`` times, explicit loops over tokens and chunks for GAU), then checked for what is its own: the

@@ -516,6 +516,6 @@ def test_real_disjoint_manifest_adds_up(corpus):
             assert st["documents"] == len(docs) + len(st["documents_dropped"])
             assert st["bytes_removed"] == sum(rows[d["doc_id"]]["removed_bytes"] for d in docs) + sum(
                 x["bytes"] for x in dj["dropped_documents"] if x["doc_id"] in st["documents_dropped"])
-    # the pydoc topics overlapped train heavily before the cut (issue 14 measured 57-71% early in validation)
+    # the pydoc topics overlapped train heavily before the cut (57-71% of the bytes early in validation were measured in such spans)
     assert dj["splits"]["validation"]["pydoc"]["overlap_before"] > 0.3
     assert all(rows[d["doc_id"]]["removed_bytes"] == 0 for d in splits["train"])
