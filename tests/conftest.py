@@ -126,6 +126,19 @@ def run_notebook_smoke(out: Path, section: str, overrides: dict) -> dict:
 CHECKPOINT_CHUNK, CHECKPOINT_SINKS = 128, 4
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct and its tokenizer (data/model, from `dvc repro fetch_model`); fails with what to
+    run when the checkpoint is missing."""
+    from bsbr.convert import default_model_path, load_pretrained
+
+    try:
+        default_model_path()
+    except FileNotFoundError as error:
+        pytest.fail(f"the real-model tests need the SmolLM2 checkpoint: {error}")
+    return load_pretrained()
+
+
 @pytest.fixture(scope="session")
 def normalized_checkpoint(tmp_path_factory) -> Path:
     """An uncalibrated normalised-retrieval conversion of the embedded SmolLM2 (chunk 128, 4 sink tokens) written with

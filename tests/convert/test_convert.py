@@ -14,7 +14,6 @@ from bsbr.convert import (
     BSBRLlamaAttention,
     convert_to_bsbr,
     converted_copy,
-    default_model_path,
     load_pretrained,
     set_retrieval,
 )
@@ -200,15 +199,6 @@ def test_a_kv_cache_other_than_bsbrcache_is_rejected():
 
 
 # --- the real checkpoint (data/model, from `dvc repro fetch_model`) --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        default_model_path()
-    except FileNotFoundError as error:
-        pytest.fail(f"the real-model tests need the SmolLM2 checkpoint: {error}")
-    return load_pretrained()
 
 
 @pytest.fixture(scope="module")

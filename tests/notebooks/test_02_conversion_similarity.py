@@ -12,17 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bsbr.convert import BSBRLlamaAttention, default_model_path, load_pretrained
+from bsbr.convert import BSBRLlamaAttention, default_model_path
 from tests.conftest import ROOT, run_notebook_cli
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        default_model_path()
-    except FileNotFoundError as error:
-        pytest.fail(f"the real-model tests need the SmolLM2 checkpoint: {error}")
-    return load_pretrained()
 
 
 # --- notebook 02, smoke parameters --------------------------------------------------------------------------
