@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from bsbr._checks import check_positive_int
+from bsbr._checks import check_int_at_least, check_positive_int
 
 SPLITS = ("train", "validation", "test")
 
@@ -92,3 +92,36 @@ def token_windows(
             f"the documents give only {len(ids)} (EOS separators included)"
         )
     return torch.tensor(ids[:needed], dtype=torch.long).view(num_windows, seq_len)  # [num_windows, seq_len]
+
+
+def source_windows(
+    tokenizer,
+    documents: Iterable[Mapping],
+    seq_len: int,
+    num_windows: int,
+    *,
+    skip: int = 0,
+) -> dict[str, torch.Tensor]:
+    """:func:`token_windows` of each source separately: the documents of one ``"source"`` (e.g. ``"pydoc"``,
+    ``"shakespeare"``) joined by EOS, windows ``skip … skip + num_windows − 1`` of them (``skip`` leaves the first
+    windows to another use, e.g. evaluation windows and a disjoint curve window from one split).
+
+    Returns:
+        ``{source: LongTensor [num_windows, seq_len]}`` in the order the sources first appear in ``documents``.
+    Raises:
+        ValueError: a document without ``"source"``; ``skip`` negative; a source too short (the message names it
+            and gives the counts); or as :func:`token_windows`.
+    """
+    check_int_at_least(0, skip=skip)
+    by_source: dict[str, list] = {}
+    for index, doc in enumerate(documents):
+        if not isinstance(doc, Mapping) or "source" not in doc:
+            raise ValueError(f"documents[{index}] has no 'source' key: source_windows needs load_split's dicts")
+        by_source.setdefault(doc["source"], []).append(doc)
+    windows = {}
+    for source, docs in by_source.items():
+        try:
+            windows[source] = token_windows(tokenizer, docs, seq_len, skip + num_windows)[skip:]
+        except ValueError as error:
+            raise ValueError(f"source {source!r}: {error}") from None
+    return windows

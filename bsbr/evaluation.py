@@ -27,9 +27,9 @@ from bsbr.convert import converted_copy, load_pretrained, set_retrieval
 from bsbr.data import token_windows
 from bsbr.masks import band_mask
 
-__all__ = ["chunk_means", "collect_variant_metrics", "final_hidden_and_logits", "gpt2_perplexity", "one_chunk_logit_differences",
-           "per_chunk_table", "per_token_metrics", "positions_from", "score_against_reference", "seed_perplexity",
-           "seed_retrieval_ratio", "similarity_table"]
+__all__ = ["chunk_means", "collect_variant_metrics", "final_hidden_and_logits", "gpt2_perplexity",
+           "one_chunk_logit_differences", "per_chunk_table", "per_token_metrics", "perplexity_from", "positions_from",
+           "score_against_reference", "seed_perplexity", "seed_retrieval_ratio", "similarity_table"]
 
 
 def final_hidden_and_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -122,17 +122,37 @@ def seed_retrieval_ratio(base, converted, input_ids: torch.Tensor, chunk_size: i
     return rows
 
 
+def perplexity_from(lm, windows: torch.Tensor, start: int, attention_mask: torch.Tensor | None = None) -> float:
+    """Perplexity of ``lm`` on every window of ``windows`` ``[windows, n]`` (run one at a time, under
+    ``attention_mask``: None or a 4-D mask such as :func:`bsbr.masks.band_mask`), scoring the predictions made at
+    positions ``start .. n - 2``. Runs under ``torch.inference_mode()``.
+
+    Raises:
+        ValueError: ``windows`` not ``[windows, n]``, or ``start`` not an integer in ``[0, n - 1)``.
+    """
+    if windows.dim() != 2:
+        raise ValueError(f"windows must be [windows, n], got shape {tuple(windows.shape)}")
+    n = windows.shape[1]
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n - 1:
+        raise ValueError(f"start must be an integer in [0, n - 1 = {n - 1}), got {start!r}")
+    with torch.inference_mode():
+        nll = torch.cat([M.token_nll(final_hidden_and_logits(lm, w[None], attention_mask)[1], w[None])[:, start:]
+                         for w in windows])  # [windows, n - 1 - start]
+    return M.perplexity(nll)
+
+
 def one_chunk_logit_differences(base, input_ids: torch.Tensor, **normalized_options) -> dict[str, float]:
     """How far each variant's logits are from the original's when the whole text is one chunk (nothing to retrieve).
 
-    On ``input_ids`` ``[batch, n]`` the Llama- or GPT-2-family ``base`` is compared with its seed-formula and
-    normalised BSBR conversions at ``chunk_size = n`` (``normalized_options`` go to the normalised one, e.g.
-    ``sink_size``) and with itself under a sliding-window mask of width ``n`` (:func:`bsbr.masks.band_mask`): all
-    three must be the original up to fp32 rounding. A window of ``n // 2`` tokens is the control that must differ
+    On ``input_ids`` ``[batch, n]`` the Llama- or GPT-2-family ``base`` is compared with its seed-formula,
+    normalised and (Llama family) terraced BSBR conversions at ``chunk_size = n`` (``normalized_options`` go to the
+    normalised and terraced ones, e.g. ``sink_size``) and with itself under a sliding-window mask of width ``n``
+    (:func:`bsbr.masks.band_mask`): all must be the original up to fp32 rounding. A window of ``n // 2`` tokens is the control that must differ
     (the mask is used).
 
     Returns:
-        ``{"seed", "normalized", "sliding_window", "half_window", "max_abs_logit"}``: the max |logit difference| to
+        ``{"seed", "normalized", "terraced", "sliding_window", "half_window", "max_abs_logit"}`` (``"terraced"``
+        only for a Llama-family ``base``): the max |logit difference| to
         the original of each (logit units), and the largest |logit| of the original (the scale). ``base`` is
         unchanged (the conversions are copies). Runs under ``torch.inference_mode()``.
     Raises:
@@ -147,8 +167,11 @@ def one_chunk_logit_differences(base, input_ids: torch.Tensor, **normalized_opti
         def difference(lm, mask=None) -> float:
             return (final_hidden_and_logits(lm, input_ids, mask)[1] - reference).abs().max().item()
 
+        terraced = ({} if base.config.model_type == "gpt2" else
+                    {"terraced": difference(converted_copy(base, n, retrieval="terraced", **normalized_options))})
         return {"seed": difference(converted_copy(base, n)),
                 "normalized": difference(converted_copy(base, n, retrieval="normalized", **normalized_options)),
+                **terraced,
                 "sliding_window": difference(base, band_mask(n, n)),
                 "half_window": difference(base, band_mask(n, n // 2)),
                 "max_abs_logit": reference.abs().max().item()}

@@ -17,8 +17,9 @@ import pandas as pd
 # does not load it, so its DVC stage does not depend on it.
 
 __all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_calibration_and_scale",
-           "plot_conversion_similarity", "plot_convergence", "plot_decode", "plot_final_and_memory", "plot_gflops", "plot_layers", "plot_long_documents", "plot_memory_curves",
-           "plot_model_scaling", "plot_passkey_accuracy", "save_figure"]
+           "plot_convergence", "plot_conversion_similarity", "plot_decode", "plot_final_and_memory", "plot_gflops",
+           "plot_layers", "plot_long_documents", "plot_lora_curves", "plot_memory_curves", "plot_model_scaling",
+           "plot_passkey_accuracy", "plot_ratio_intervals", "save_figure"]
 
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -32,6 +33,10 @@ COLORS = {
     "calibrated": _TAB10[0], "original": _TAB10[3],
     # the other variants of the conversion notebook: a darker / lighter shade of the attention they are a form of
     "seed": "#393b79", "normalized": "#aec7e8", "own_chunk_sinks": "#c7c7c7", "sliding_window_sinks": "#c5b0d5",
+    # the terraced conversion (BSBR's blues, darker = more calibration) and its sliding-window controls (purples)
+    "normalized_calibrated": "#6b6ecf", "terraced_exact": "#9edae5", "terraced": "#6baed6",
+    "terraced_transfer": "#2171b5", "terraced_lora": "#08306b",
+    "sliding_256_sinks": "#c5b0d5", "sliding_512_sinks": "#9467bd", "sliding_512_sinks_lora": "#54278f",
 }
 
 
@@ -265,6 +270,56 @@ def plot_conversion_similarity(head, labels: dict):
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticklabels([])
+    return fig
+
+
+def plot_ratio_intervals(table, labels: dict, reference_label: str = "original"):
+    """Perplexity ratio to the reference with its interval, one row per variant in ``color(variant)``, one panel per
+    text source (a vertical line at 1).
+
+    Args:
+        table: rows ``source``, ``variant``, ``ratio``, ``ratio_low``, ``ratio_high``, ``tokens`` (e.g.
+            :func:`bsbr.intervals.bootstrap_table` with a ``source`` column); one panel per source in order of
+            appearance.
+        labels: variant -> label, in plotting order (top to bottom); variants not in ``table`` are left out.
+        reference_label: what the ratio is taken to (x-axis label).
+    """
+    sources = list(dict.fromkeys(table.source))
+    fig, axes = _figure(len(sources), (6 * len(sources), 0.45 * len(labels) + 1.6), sharey=True)
+    axes[0].invert_yaxis()  # shared y: the first variant on top in every panel
+    for ax, source in zip(axes, sources):
+        rows = table[table.source == source].set_index("variant")
+        order = [v for v in labels if v in rows.index]
+        y = np.arange(len(order))
+        r = rows.loc[order]
+        ax.errorbar(r.ratio, y, xerr=[r.ratio - r.ratio_low, r.ratio_high - r.ratio], fmt="none", ecolor="black",
+                    capsize=3, lw=1)
+        ax.scatter(r.ratio, y, c=[color(v) for v in order], s=60, zorder=3, edgecolor="black", linewidth=0.5)
+        ax.axvline(1.0, color="black", lw=1, ls="--")
+        ax.set_yticks(y, [labels[v] for v in order])
+        ax.set(xlabel=f"perplexity ÷ {reference_label} (95% block-bootstrap interval)",
+               title=f"{source}: {int(rows.tokens.iloc[0]):,} scored tokens")
+        ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_lora_curves(curves, labels: dict, reference: float | None = None):
+    """Perplexity on held-out curve windows against training steps, one line per run in ``color(run)``.
+
+    Args:
+        curves: rows ``run``, ``step``, ``ppl`` (and optionally ``seconds``).
+        labels: run -> legend label.
+        reference: the original model's perplexity on the same tokens (a dashed line), or None.
+    """
+    fig, axes = _figure(1, (7, 4.2))
+    ax = axes[0]
+    for run, group in curves.groupby("run", sort=False):
+        ax.plot(group.step, group.ppl, marker="o", color=color(run), label=labels.get(run, run))
+    if reference is not None:
+        ax.axhline(reference, color=color("original"), ls="--", lw=1, label="original")
+    ax.set(xlabel="LoRA steps", ylabel="perplexity, curve windows")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
     return fig
 
 

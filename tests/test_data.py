@@ -99,3 +99,22 @@ def test_load_split_errors(tmp_path):
         load_split(tmp_path, "valid")
     with pytest.raises(FileNotFoundError, match="prepare_corpus"):
         load_split(tmp_path, "test")
+
+
+def test_source_windows_cut_each_source_separately_and_skip():
+    from bsbr.data import source_windows
+
+    docs = [{"source": "a", "text": "abc"}, {"source": "b", "text": "xyzw"}, {"source": "a", "text": "de"}]
+    tok = CharTokenizer()
+    windows = source_windows(tok, docs, 2, 2)
+    assert list(windows) == ["a", "b"]  # order of first appearance
+    assert windows["a"].tolist() == [_ids("ab"), _ids("c") + [tok.eos_token_id]]  # a's documents only, EOS-joined
+    assert windows["b"].tolist() == [_ids("xy"), _ids("zw")]
+    skipped = source_windows(tok, docs, 2, 1, skip=1)
+    assert skipped["a"].tolist() == windows["a"][1:].tolist() and skipped["b"].tolist() == windows["b"][1:].tolist()
+    with pytest.raises(ValueError, match="source 'b'"):
+        source_windows(tok, docs, 2, 3)
+    with pytest.raises(ValueError, match="skip"):
+        source_windows(tok, docs, 2, 1, skip=-1)
+    with pytest.raises(ValueError, match=r"documents\[0\] has no 'source'"):
+        source_windows(tok, ["plain text"], 2, 1)

@@ -120,8 +120,9 @@ def test_one_chunk_logit_differences_are_rounding_and_the_half_window_control_is
     base = build_tiny_llama()
     ids = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(3))
     diffs = one_chunk_logit_differences(base, ids, sink_size=2)
-    assert set(diffs) == {"seed", "normalized", "sliding_window", "half_window", "max_abs_logit"}
+    assert set(diffs) == {"seed", "normalized", "terraced", "sliding_window", "half_window", "max_abs_logit"}
     assert diffs["seed"] <= 1e-5 and diffs["sliding_window"] <= 1e-5 and diffs["normalized"] <= 1e-4
+    assert diffs["terraced"] <= 1e-4
     assert diffs["half_window"] > 1e-3  # 12 of 24 tokens visible: the mask is honoured
     with torch.inference_mode():
         assert diffs["max_abs_logit"] == pytest.approx(base(ids).logits.abs().max().item(), rel=1e-6)
@@ -197,3 +198,24 @@ def test_gpt2_perplexity_reports_a_model_it_cannot_load(tmp_path):
     assert result["model"] == str(tmp_path) and result["status"] == "skipped"
     assert result["reason"].startswith(f"load_pretrained({str(tmp_path)!r}) failed: ")
     assert "\n" not in result["reason"] and not result["reason"].endswith(".")
+
+
+def test_perplexity_from_scores_the_positions_from_start_under_the_mask():
+    from bsbr.evaluation import perplexity_from
+    from bsbr.masks import band_mask
+    from bsbr.metrics import token_nll
+    from tests.conftest import tiny_llama as build_tiny_llama
+
+    lm = build_tiny_llama()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        nll = token_nll(lm(ids).logits, ids)[:, 5:]  # [2, 10]: predictions at positions 5..14
+        masked = token_nll(lm(ids, attention_mask=band_mask(16, 4)).logits, ids)[:, 5:]
+    assert perplexity_from(lm, ids, 5) == pytest.approx(nll.mean().exp().item(), rel=1e-6)
+    assert perplexity_from(lm, ids, 5, band_mask(16, 4)) == pytest.approx(masked.mean().exp().item(), rel=1e-6)
+    assert perplexity_from(lm, ids, 5, band_mask(16, 4)) != pytest.approx(perplexity_from(lm, ids, 5), rel=1e-3)
+    for bad in (-1, 15, 2.0):
+        with pytest.raises(ValueError, match="start must be"):
+            perplexity_from(lm, ids, bad)
+    with pytest.raises(ValueError, match="windows must be"):
+        perplexity_from(lm, ids[0], 0)

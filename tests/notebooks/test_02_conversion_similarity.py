@@ -1,5 +1,5 @@
-"""Notebook 02 (conversion similarity) run as its stage runs it, with smoke parameters: tables, metrics, the
-calibrated file and the report's provenance."""
+"""Notebook 02 (conversion similarity) run as its stage runs it, with smoke parameters: the perplexity table with
+intervals, the paired comparisons, both calibration stages' files reloaded, the metrics and the report's provenance."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import torch
 from bsbr.convert import BSBRLlamaAttention, default_model_path
 from tests.conftest import ROOT, run_notebook_cli
 
-
-# --- notebook 02, smoke parameters --------------------------------------------------------------------------
-
-NOTEBOOK_SMOKE = {"seq_len": 64, "chunk_sizes": [32], "calibration_chunk_size": 32, "num_windows": 1,
-                  "calibration_windows": 1, "calibration_steps": 2, "sink_size": 4, "gpt2_model": "gpt2"}
-NOTEBOOK_VARIANTS = ["calibrated", "normalized", "own_chunk", "own_chunk_sinks", "seed", "sliding_window",
-                     "sliding_window_sinks"]  # sorted, as the CSV
+SMOKE = {"seq_len": 128, "windows_per_source": 1, "chunk_size": 32, "sink_size": 4, "transfer_windows_per_source": 1,
+         "transfer_steps": 2, "lora_steps": 2, "lora_eval_every": 1, "lora_seq_len": 96, "curve_windows_per_source": 1,
+         "normalized_calibration_steps": 1, "sliding_windows": [32, 64], "bootstrap_block": 16,
+         "bootstrap_resamples": 200, "gpt2_model": None}
+VARIANTS = ["seed", "own_chunk_sinks", "normalized_calibrated", "terraced_exact", "terraced", "terraced_transfer",
+            "terraced_lora", "sliding_32_sinks", "sliding_64_sinks", "sliding_64_sinks_lora"]
+SOURCES = ["pydoc", "shakespeare"]
+SCORED = 2 * (128 - 1 - 32)  # two windows (one per source), predictions at positions 32..126
 
 
 @pytest.fixture(scope="module")
@@ -36,118 +37,132 @@ def conversion_smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("conversion")
     metrics = out / "metrics" / "02_conversion_similarity.json"
     proc = run_notebook_cli(ROOT / "notebooks" / "02_conversion_similarity.ipynb", "02_conversion_similarity", out,
-                            overrides={**NOTEBOOK_SMOKE, "out_dir": str(out), "metrics_path": str(metrics)})
+                            overrides={**SMOKE, "out_dir": str(out), "metrics_path": str(metrics)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"out": out, "metrics": json.loads(metrics.read_text()),
             "notebook": nbformat.read(out / "02_conversion_similarity.ipynb", as_version=4)}
 
 
-def test_notebook_writes_sorted_results_csv(conversion_smoke):
-    table = pd.read_csv(conversion_smoke["out"] / "conversion_similarity.csv")
-    assert list(zip(table.seq_len, table.chunk_size, table.variant)) == [(64, 32, v) for v in NOTEBOOK_VARIANTS]
-    # Scored after the first chunk only: logit positions 32..62, each predicting the next token.
-    assert (table.num_chunks == 2).all() and (table.tokens_scored == 31).all()
-    assert table.ppl_original.nunique() == 1 and 1 < table.ppl_original.iloc[0] < 1000
-    assert table.ppl.map(math.isfinite).all() and (table.ppl >= 1).all()
-    assert ((table.top1 <= table.top5) & (table.top5 <= table.top10)).all()
-    assert table.cos.between(-1, 1).all() and (table.kl >= 0).all() and (table.mse >= 0).all()
-    for row in table.itertuples():
-        assert row.ppl == pytest.approx(math.exp(row.nll), rel=1e-9)
-        assert row.ppl_ratio == pytest.approx(row.ppl / row.ppl_original, rel=1e-9)
-    by_variant = table.set_index("variant")
-    # Every variant differs from the original after the first chunk; the seed formula's retrieval swamps the output.
-    assert (by_variant.kl > 1e-3).all()
-    assert by_variant.ppl["seed"] > by_variant.ppl["own_chunk"] > by_variant.ppl_original["own_chunk"]
+def _windows(tokenizer, split="validation", skip=0, seq_len=128):
+    from bsbr.data import load_split, source_windows
+
+    by_source = source_windows(tokenizer, load_split(ROOT / "data" / "corpus", split), seq_len, 1, skip=skip)
+    assert list(by_source) == SOURCES
+    return torch.cat(list(by_source.values()))  # [2, seq_len]
 
 
-def test_notebook_per_chunk_table_shows_first_chunk_exact(conversion_smoke):
-    per_chunk = pd.read_csv(conversion_smoke["out"] / "per_chunk.csv")
-    for variant in NOTEBOOK_VARIANTS:  # the first chunk retrieves nothing and sees everything before it
-        first = per_chunk[(per_chunk.variant == variant) & (per_chunk.chunk_index == 0)].set_index("metric").value
-        assert first["cos"] == pytest.approx(1.0, abs=1e-5) and first["kl"] == pytest.approx(0.0, abs=1e-4)
-        assert first["top1"] == 1.0
-    second = per_chunk[(per_chunk.variant == "seed") & (per_chunk.chunk_index == 1)].set_index("metric").value
-    assert second["kl"] > 0.01
-    original = per_chunk[per_chunk.variant == "original"]
-    assert list(original.chunk_index) == [0, 1] and set(original.metric) == {"nll"}
-    seed_nll = per_chunk[(per_chunk.variant == "seed") & (per_chunk.metric == "nll")].value
-    assert seed_nll.iloc[0] == pytest.approx(original.value.iloc[0], abs=1e-4)
+def test_perplexity_table_has_every_variant_with_intervals_per_source(conversion_smoke):
+    table = pd.read_csv(conversion_smoke["out"] / "perplexity.csv")
+    assert list(dict.fromkeys(table.source)) == ["all", *SOURCES]
+    for source, group in table.groupby("source", sort=False):
+        assert list(group.variant) == ["original", *VARIANTS]
+        assert (group.tokens == (SCORED if source == "all" else SCORED // 2)).all()
+        assert (group.windows == (2 if source == "all" else 1)).all()
+    assert ((table.ppl_low <= table.ppl) & (table.ppl <= table.ppl_high)).all()
+    assert ((table.ratio_low <= table.ratio) & (table.ratio <= table.ratio_high)).all()
+    original = table[table.variant == "original"]
+    assert (original.ratio == 1).all() and (original.ratio_low == 1).all() and (original.ratio_high == 1).all()
+    every = table[table.source == "all"].set_index("variant")
+    for variant in VARIANTS:
+        assert every.ratio[variant] == pytest.approx(every.ppl[variant] / every.ppl["original"], rel=1e-9)
+    # the seed formula's unnormalised retrieved term swamps the output; a window as wide as the exact span with the
+    # same sinks sees the same tokens as the exact region except the previous chunk's part: the two stay close
+    assert every.ratio["seed"] > 10 * every.ratio["terraced_exact"]
+    assert every.kl.drop("original").gt(0).all() and every.top1.drop("original").between(0, 1).all()
 
 
-def test_notebook_measures_retrieved_term_per_layer(conversion_smoke):
-    scale = pd.read_csv(conversion_smoke["out"] / "retrieval_scale.csv")
-    assert list(scale.layer) == list(range(30)) and (scale.chunk_size == 32).all()
-    assert (scale.median_ratio > 0).all() and (scale.p90_ratio >= scale.median_ratio).all()
-
-
-def test_notebook_calibration_table(conversion_smoke):
-    table = pd.read_csv(conversion_smoke["out"] / "calibration.csv")
-    assert list(table.layer) == list(range(30))
-    for column in ("own_chunk_rel_mse", "initial_rel_mse", "final_rel_mse", "seconds"):
-        assert (table[column] >= 0).all() and table[column].map(math.isfinite).all()
-    assert table.final_rel_mse.median() <= table.initial_rel_mse.median()
-    assert table.mean_share.between(0, 1).all()
-
-
-def test_notebook_calibrated_file_reloads_with_the_reported_perplexity(conversion_smoke, smollm2):
+def test_the_scored_nll_is_the_reloaded_models_nll(conversion_smoke, smollm2):
     from bsbr import metrics as M
-    from bsbr.convert import load_conversion
-    from bsbr.data import load_split, token_windows
+    from bsbr.convert import load_conversion, load_lora
 
     original, tokenizer = smollm2
-    reloaded = load_conversion(copy.deepcopy(original), conversion_smoke["out"] / "calibrated.safetensors")
-    layers = [m for m in reloaded.modules() if isinstance(m, BSBRLlamaAttention) and m.retrieval_mode == "normalized"]
-    assert len(layers) == 30 and all(m.chunk_size == 32 and m.normalized.sink_size == 4 for m in layers)
-    x = token_windows(tokenizer, load_split(ROOT / "data" / "corpus", "validation"), 64, 1)  # the notebook's window
+    out = conversion_smoke["out"]
+    windows = _windows(tokenizer)
+    terraced = load_conversion(copy.deepcopy(original), out / "terraced.safetensors")
+    layers = [m for m in terraced.modules() if isinstance(m, BSBRLlamaAttention)]
+    assert len(layers) == 30 and all(m.retrieval_mode == "terraced" and m.chunk_size == 32 for m in layers)
+    lora = load_lora(load_conversion(copy.deepcopy(original), out / "terraced.safetensors"),
+                     out / "terraced_lora.safetensors")
     with torch.inference_mode():
-        ppl = M.perplexity(M.token_nll(reloaded(x).logits, x)[:, 32:])
-    metrics = conversion_smoke["metrics"]
-    assert ppl == pytest.approx(metrics["perplexity"]["calibrated"], rel=1e-4)
-    assert metrics["calibration"]["reload_max_abs_logit_diff"] <= 1e-4
+        nll = {"original": M.token_nll(original(windows).logits, windows)[:, 32:],
+               "terraced_transfer": M.token_nll(terraced(windows).logits, windows)[:, 32:],
+               "terraced_lora": M.token_nll(lora(windows).logits, windows)[:, 32:]}
+    table = pd.read_csv(out / "perplexity.csv")
+    every = table[table.source == "all"].set_index("variant")
+    for name, values in nll.items():
+        assert every.ppl[name] == pytest.approx(M.perplexity(values), rel=1e-4)
+    pydoc = table[table.source == "pydoc"].set_index("variant")
+    assert pydoc.ppl["terraced_lora"] == pytest.approx(M.perplexity(nll["terraced_lora"][:1]), rel=1e-4)
+    assert every.ppl["terraced_lora"] != pytest.approx(every.ppl["terraced_transfer"], rel=1e-6)  # LoRA moved it
 
 
-def test_notebook_metrics_json_matches_csv(conversion_smoke):
+def test_paired_comparisons_and_their_verdicts(conversion_smoke):
+    paired = pd.read_csv(conversion_smoke["out"] / "paired.csv")
+    assert len(paired) == 7 * 3 and set(paired.source) == {"all", *SOURCES}
+    assert ((paired.ratio_low <= paired.ratio) & (paired.ratio <= paired.ratio_high)).all()
+    for row in paired.itertuples():
+        expected = "better" if row.ratio_high < 1 else "worse" if row.ratio_low > 1 else "not separated"
+        assert row.verdict == expected
+    table = pd.read_csv(conversion_smoke["out"] / "perplexity.csv")
+    every = table[table.source == "all"].set_index("variant")
+    for row in paired[paired.source == "all"].itertuples():
+        assert row.ratio == pytest.approx(every.ppl[row.numerator] / every.ppl[row.denominator], rel=1e-9)
+
+
+def test_lora_curve_both_runs_same_steps(conversion_smoke):
+    curve = pd.read_csv(conversion_smoke["out"] / "lora_curve.csv")
+    assert list(dict.fromkeys(curve.run)) == ["terraced_lora", "sliding_64_sinks_lora"]
+    for _, group in curve.groupby("run"):
+        assert list(group.step) == [0, 1, 2] and group.ppl.map(math.isfinite).all()
+        assert math.isnan(group.loss.iloc[0]) and (group.loss.iloc[1:] >= 0).all()
+
+
+def test_calibration_table_both_modes(conversion_smoke):
+    table = pd.read_csv(conversion_smoke["out"] / "calibration.csv")
+    for mode in ("normalized", "terraced"):
+        rows = table[table.retrieval == mode]
+        assert list(rows.layer) == list(range(30))
+        assert rows[["own_chunk_rel_mse", "initial_rel_mse", "final_rel_mse"]].map(math.isfinite).all().all()
+        assert rows.mean_share.between(0, 1).all()
+
+
+def test_metrics_json_goals_state_and_files(conversion_smoke):
     metrics = conversion_smoke["metrics"]
-    table = pd.read_csv(conversion_smoke["out"] / "conversion_similarity.csv").set_index(["chunk_size", "variant"])
-    assert metrics["seq_len"] == 64 and metrics["num_windows"] == 1 and metrics["split"] == "validation"
-    assert metrics["calibration_chunk_size"] == 32 and metrics["tokens_scored"] == 31
-    assert metrics["exact_max_abs_logit_diff"] <= 5e-4  # the normalised one-chunk check (seed and window: 1e-4)
-    assert metrics["original_ppl"] == pytest.approx(table.ppl_original.iloc[0], abs=1e-4)  # JSON: 4 decimals
-    assert set(metrics["perplexity"]) == {"original", *NOTEBOOK_VARIANTS}
-    for variant in NOTEBOOK_VARIANTS:
-        assert metrics["perplexity"][variant] == pytest.approx(table.loc[(32, variant)].ppl, rel=1e-6, abs=1e-4)
-    for variant in NOTEBOOK_VARIANTS:
-        similarity = metrics["similarity"][variant]
-        assert similarity["kl"] == pytest.approx(table.loc[(32, variant)].kl, abs=1e-4)
-        assert similarity["top1_agreement"] == pytest.approx(table.loc[(32, variant)].top1, abs=1e-4)
-    ppl = metrics["perplexity"]
-    assert metrics["retrieval_helps"] == (ppl["calibrated"] < min(ppl["own_chunk"], ppl["own_chunk_sinks"]))
-    assert metrics["calibrated_within_1_25x"] == (ppl["calibrated"] <= 1.25 * ppl["original"])
+    table = pd.read_csv(conversion_smoke["out"] / "perplexity.csv")
+    assert metrics["seq_len"] == 128 and metrics["chunk_size"] == 32 and metrics["windows"] == 2
+    assert metrics["sources"] == SOURCES and metrics["tokens_scored"] == SCORED
+    assert max(metrics["exact_max_abs_logit_diff"].values()) <= 5e-4
+    for source, group in table.groupby("source"):
+        for row in group.itertuples():
+            assert metrics["perplexity"][source][row.variant]["ppl"] == pytest.approx(row.ppl, abs=1e-4)
+    allowed = {"met", "missed", "undecided (the interval straddles it)"}
+    assert set(metrics["goals"]) == {"within_1_05x", "within_1_02x", "beats_sliding_window_same_lora",
+                                     "retrieval_helps", "state_40960_within_0_3x"}
+    assert all(v in allowed for v in metrics["goals"].values())
+    lora = metrics["perplexity"]["all"]["terraced_lora"]
+    expected = "met" if lora["ratio_high"] <= 1.05 else "missed" if lora["ratio_low"] > 1.05 else \
+        "undecided (the interval straddles it)"
+    assert metrics["goals"]["within_1_05x"] == expected
+    # SmolLM2: 30 layers × 3 key/value heads × head_dim 64, fp32 keys and values
+    assert metrics["state"]["40960"]["kv_cache_bytes"] == 30 * 2 * 3 * 64 * 40960 * 4
+    assert metrics["state"]["40960"]["ratio"] < metrics["state"]["2048"]["ratio"] < 1
     calibration = metrics["calibration"]
-    assert calibration["steps"] == 2 and calibration["windows"] == 1 and calibration["tokens"] == 64
-    assert calibration["split"] == "train" and calibration["sink_size"] == 4 and calibration["seconds"] > 0
-    head = metrics["chunk_sizes"]["32"]
-    assert set(head) == {"bsbr_ppl", "local_only_ppl", "original_ppl", "cos_sim", "kl", "top1_agreement"}
-    assert head["bsbr_ppl"] == pytest.approx(table.loc[(32, "seed")].ppl, rel=1e-6, abs=1e-4)
-    assert head["local_only_ppl"] == pytest.approx(table.loc[(32, "own_chunk")].ppl, rel=1e-6, abs=1e-4)
-    assert head["top1_agreement"] == pytest.approx(table.loc[(32, "seed")].top1, abs=1e-4)
-    assert metrics["gpt2"]["model"] == "gpt2" and metrics["gpt2"]["status"] in {"skipped", "measured"}
-    if metrics["gpt2"]["status"] == "measured":
-        assert math.isfinite(metrics["gpt2"]["original_ppl"]) and math.isfinite(metrics["gpt2"]["seed_ppl"])
-    assert len(metrics["gguf_sha256"]) == 64
+    assert calibration["transfer"]["tokens"] == 2 * 128 and calibration["lora"]["steps"] == 2
+    assert calibration["reload_max_abs_logit_diff"] <= 1e-4 and calibration["terraced_total_seconds"] > 0
+    assert metrics["gpt2"]["status"] == "skipped" and len(metrics["gguf_sha256"]) == 64
+    for name in ("calibrated.safetensors", "terraced.safetensors", "terraced_lora.safetensors",
+                 "sliding_window_lora.safetensors", "perplexity_ratios.png", "lora_curve.png",
+                 "per_chunk_and_layer.png"):
+        assert (conversion_smoke["out"] / name).stat().st_size > 1000
 
 
-def test_notebook_provenance_plots_and_no_errors(conversion_smoke):
+def test_provenance_and_no_errors(conversion_smoke):
     nb = conversion_smoke["notebook"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    for line in ("git revision:", "torch ", "threads:", "gguf sha256: ", "seq_len = 64", "windows × variants: 100%",
-                 "calibrating layers: 100%", "with load_conversion: max |logit difference|"):
+    for line in ("git revision:", "torch ", "threads:", "gguf sha256: ", "seq_len = 128", "windows × variants: 100%",
+                 "calibrating layers: 100%", "reloaded with load_conversion", "LoRA reloaded"):
         assert line in printed
-    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
-    if conversion_smoke["metrics"]["gpt2"]["status"] == "skipped":
-        assert "NOTE: GPT-2 path skipped" in printed
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
-    for name in ("conversion_similarity.png", "per_chunk_and_layer.png", "calibrated.safetensors"):
-        assert (conversion_smoke["out"] / name).stat().st_size > 1000
+    assert "IProgress" not in printed
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
