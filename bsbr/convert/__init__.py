@@ -15,7 +15,7 @@ from __future__ import annotations
 from bsbr.convert.base import BSBRConvertedAttention, set_retrieval
 from bsbr.convert.cache import BSBRCache
 from bsbr.convert.calibrate import calibrate_attention_transfer, capture_attention_io
-from bsbr.convert.checkpoint import load_conversion, save_conversion
+from bsbr.convert.checkpoint import base_model_fingerprint, load_conversion, save_conversion
 from bsbr.convert.families import FAMILIES, SUPPORTED_FAMILIES, convert_to_bsbr, converted_copy
 from bsbr.convert.gpt2 import BSBRGPT2Attention
 from bsbr.convert.llama import BSBRLlamaAttention
@@ -30,6 +30,7 @@ __all__ = [
     "BSBRConvertedAttention",
     "BSBRGPT2Attention",
     "BSBRLlamaAttention",
+    "base_model_fingerprint",
     "calibrate_attention_transfer",
     "capture_attention_io",
     "chunk_local_attention",
