@@ -86,7 +86,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
         rank: ``r``, the adapters' rank (integer >= 1).
         alpha: ``lora_alpha`` (finite, > 0): the update is scaled by ``alpha / rank``.
         target_modules: last name parts of the ``nn.Linear`` modules to adapt; each must match at least one.
-    Memory: ``rank · (in + out)`` parameters per adapted projection (SmolLM2-135M, rank 8, q/k/v/o: 1.8 M).
+    Memory: ``rank · (in + out)`` parameters per adapted projection (SmolLM2-135M, rank 8, q/k/v/o: 0.92 M).
     Raises:
         ValueError: a bad ``rank``/``alpha``/``target_modules`` (empty, or a name matching no ``nn.Linear``), or a
             ``model`` that already holds LoRA; the model is then unchanged.
@@ -169,7 +169,7 @@ def train_lora_distillation(
             ``torch.no_grad``) before the first step, every ``eval_every`` steps and after the last step.
         eval_fn: returns a dict of metrics, merged into that step's row (keys other than step/loss/seconds).
         progress: show a tqdm bar with the loss.
-        seed: seeds torch's RNG for the steps (the global RNG state is restored after).
+        seed: integer >= 0 seeding torch's RNG for the steps (the global RNG state is restored after).
     Returns:
         one row per step ``{"step", "loss" (KL in nats, before that step's update), "seconds" (training time since
         the start, evaluations excluded)}``, plus a ``"step": 0`` row (``loss`` None) when evaluating, with the

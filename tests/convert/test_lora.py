@@ -267,3 +267,14 @@ def test_bad_lora_files_raise(tmp_path):
     with pytest.raises(ValueError, match=r"unexpected \['model.extra.lora_A.default.weight'\]"):
         load_lora(fresh, broken)
     assert not any("lora" in name for name, _ in fresh.named_modules())  # refused before adding adapters
+
+
+def test_real_model_keeps_its_fingerprint_and_logits_under_lora(smollm2):
+    base, tokenizer = smollm2
+    student = add_lora(converted_copy(base, 64, retrieval="terraced", sink_size=4))
+    assert base_model_fingerprint(student) == base_model_fingerprint(base)
+    assert sum(p.numel() for p in lora_parameters(student).values()) == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
+    x = tokenizer("LoRA starts as the identity: B is zero.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(student(x).logits, converted_copy(base, 64, retrieval="terraced",
+                                                                     sink_size=4)(x).logits, atol=0, rtol=0)
