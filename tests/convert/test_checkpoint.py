@@ -3,6 +3,8 @@ adds (round trip, tied maps, bad files). Tiny random models, nothing downloaded.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -149,3 +151,84 @@ def test_set_retrieval_still_switches_normalized_layers_to_own_chunk():
     with torch.no_grad():
         own = set_retrieval(model, False)(x).logits
         torch.testing.assert_close(own, set_retrieval(reference, False)(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fingerprint_is_the_pretrained_checkpoints(tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from bsbr.convert.checkpoint import base_model_fingerprint
+
+    original = base_model_fingerprint(tiny_llama())
+    assert original == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100,
+                        "weights_sha256": original["weights_sha256"]}
+    assert len(original["weights_sha256"]) == 64
+    converted = converted_copy(tiny_llama(), 8, retrieval="terraced", sink_size=2)
+    perturb_new_parameters(converted)
+    lora = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), converted_copy(tiny_llama(), 8))
+    assert base_model_fingerprint(converted) == original == base_model_fingerprint(lora)
+    assert base_model_fingerprint(tiny_llama(seed=1))["weights_sha256"] != original["weights_sha256"]
+    gpt2 = base_model_fingerprint(tiny_gpt2())
+    assert (gpt2["model_type"], gpt2["num_key_value_heads"], gpt2["head_dim"]) == ("gpt2", 4, 16)
+    assert base_model_fingerprint(converted_copy(tiny_gpt2(), 8)) == gpt2
+    with pytest.raises(ValueError, match="model must be a transformers model"):
+        base_model_fingerprint(torch.nn.Linear(2, 2))
+
+
+def test_load_refuses_another_base_model_or_setting(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "c.safetensors"
+    save_conversion(converted_copy(tiny_llama(), 8, retrieval="normalized"), path)
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()["base_model"])["hidden_size"] == 64
+    other = tiny_llama(seed=1)
+    before = [type(m) for m in other.modules()]
+    with pytest.raises(ValueError, match=r"calibrated on a different base model.*weights_sha256 [0-9a-f]{64} vs "):
+        load_conversion(other, path)
+    assert [type(m) for m in other.modules()] == before  # refused before converting
+    with pytest.raises(ValueError, match="calibrated for chunk_size=8, asked for chunk_size=16"):
+        load_conversion(tiny_llama(), path, chunk_size=16)
+    with pytest.raises(ValueError, match="calibrated for retrieval='normalized', asked for retrieval='terraced'"):
+        load_conversion(tiny_llama(), path, retrieval="terraced")
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        load_conversion(tiny_llama(), path, chunk_size=0)
+    with pytest.raises(ValueError, match="retrieval must be None or one of"):
+        load_conversion(tiny_llama(), path, retrieval="fancy")
+    loaded = load_conversion(tiny_llama(), path, chunk_size=8, retrieval="normalized")
+    assert conversion_settings(loaded)["chunk_size"] == 8
+
+
+def test_files_without_a_fingerprint_still_load(tmp_path):
+    model = converted_copy(tiny_llama(), 8)
+    perturb_new_parameters(model)
+    tensors = {name: p.detach().clone() for name, p in new_parameters(model).items()}
+    metadata = {"format": "bsbr-conversion", "version": "1", "model_type": "llama", "chunk_size": "8",
+                "compression_factor": "null", "retrieval": "seed", "normalized_options": "{}"}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    x = tokens()
+    assert conversion_settings(load_conversion(tiny_llama(seed=1), old))["chunk_size"] == 8  # nothing to check against
+    with torch.no_grad():
+        torch.testing.assert_close(load_conversion(tiny_llama(), old)(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    import bsbr.convert.checkpoint as checkpoint
+
+    model = converted_copy(tiny_llama(), 8)
+    path = tmp_path / "c.safetensors"
+
+    def broken_writer(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        save_conversion(model, path)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+    monkeypatch.undo()
+    save_conversion(model, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
