@@ -36,7 +36,7 @@ COLORS = {
     # the terraced conversion (BSBR's blues, darker = more calibration) and its sliding-window controls (purples)
     "normalized_calibrated": "#6b6ecf", "terraced_exact": "#9edae5", "terraced": "#6baed6",
     "terraced_transfer": "#2171b5", "terraced_lora": "#08306b",
-    "sliding_256_sinks": "#c5b0d5", "sliding_512_sinks": "#9467bd", "sliding_512_sinks_lora": "#54278f",
+    "sliding_chunk_sinks": "#c5b0d5", "sliding_span_sinks": "#9467bd", "sliding_span_sinks_lora": "#54278f",
 }
 
 

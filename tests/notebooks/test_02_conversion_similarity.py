@@ -17,10 +17,10 @@ from tests.conftest import ROOT, run_notebook_cli
 
 SMOKE = {"seq_len": 128, "windows_per_source": 1, "chunk_size": 32, "sink_size": 4, "transfer_windows_per_source": 1,
          "transfer_steps": 2, "lora_steps": 2, "lora_eval_every": 1, "lora_seq_len": 96, "curve_windows_per_source": 1,
-         "normalized_calibration_steps": 1, "sliding_windows": [32, 64], "bootstrap_block": 16,
+         "normalized_calibration_steps": 1, "bootstrap_block": 16,
          "bootstrap_resamples": 200, "gpt2_model": None}
 VARIANTS = ["seed", "own_chunk_sinks", "normalized_calibrated", "terraced_exact", "terraced", "terraced_transfer",
-            "terraced_lora", "sliding_32_sinks", "sliding_64_sinks", "sliding_64_sinks_lora"]
+            "terraced_lora", "sliding_chunk_sinks", "sliding_span_sinks", "sliding_span_sinks_lora"]
 SOURCES = ["pydoc", "shakespeare"]
 SCORED = 2 * (128 - 1 - 32)  # two windows (one per source), predictions at positions 32..126
 
@@ -64,7 +64,7 @@ def test_perplexity_table_has_every_variant_with_intervals_per_source(conversion
     assert (original.ratio == 1).all() and (original.ratio_low == 1).all() and (original.ratio_high == 1).all()
     every = table[table.source == "all"].set_index("variant")
     for variant in VARIANTS:
-        assert every.ratio[variant] == pytest.approx(every.ppl[variant] / every.ppl["original"], rel=1e-9)
+        assert every.ratio[variant] == pytest.approx(every.ppl[variant] / every.ppl["original"], rel=1e-5)  # CSV: 6 digits
     # the seed formula's unnormalised retrieved term swamps the output; a window as wide as the exact span with the
     # same sinks sees the same tokens as the exact region except the previous chunk's part: the two stay close
     assert every.ratio["seed"] > 10 * every.ratio["terraced_exact"]
@@ -106,12 +106,12 @@ def test_paired_comparisons_and_their_verdicts(conversion_smoke):
     table = pd.read_csv(conversion_smoke["out"] / "perplexity.csv")
     every = table[table.source == "all"].set_index("variant")
     for row in paired[paired.source == "all"].itertuples():
-        assert row.ratio == pytest.approx(every.ppl[row.numerator] / every.ppl[row.denominator], rel=1e-9)
+        assert row.ratio == pytest.approx(every.ppl[row.numerator] / every.ppl[row.denominator], rel=1e-5)
 
 
 def test_lora_curve_both_runs_same_steps(conversion_smoke):
     curve = pd.read_csv(conversion_smoke["out"] / "lora_curve.csv")
-    assert list(dict.fromkeys(curve.run)) == ["terraced_lora", "sliding_64_sinks_lora"]
+    assert list(dict.fromkeys(curve.run)) == ["terraced_lora", "sliding_span_sinks_lora"]
     for _, group in curve.groupby("run"):
         assert list(group.step) == [0, 1, 2] and group.ppl.map(math.isfinite).all()
         assert math.isnan(group.loss.iloc[0]) and (group.loss.iloc[1:] >= 0).all()
