@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def check_int_at_least(minimum: int, **values) -> None:
     """Raise ValueError unless every keyword value is an ``int`` >= ``minimum`` (``bool`` is rejected)."""
@@ -13,6 +15,13 @@ def check_int_at_least(minimum: int, **values) -> None:
 def check_positive_int(**values) -> None:
     """Raise ValueError unless every keyword value is an ``int`` >= 1 (``bool`` is rejected)."""
     check_int_at_least(1, **values)
+
+
+def check_positive_number(**values) -> None:
+    """Raise ValueError unless every keyword value is a finite ``int``/``float`` > 0 (``bool`` is rejected)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
 
 def check_heads(hidden_dim, num_heads) -> None:

@@ -297,9 +297,15 @@ def plot_ratio_intervals(table, labels: dict, reference_label: str = "original")
         ax.scatter(r.ratio, y, c=[color(v) for v in order], s=60, zorder=3, edgecolor="black", linewidth=0.5)
         ax.axvline(1.0, color="black", lw=1, ls="--")
         ax.set_yticks(y, [labels[v] for v in order])
-        ax.set(xlabel=f"perplexity ÷ {reference_label} (95% block-bootstrap interval)",
+        ax.set(xscale="log", xlabel=f"perplexity ÷ {reference_label}",
                title=f"{source}: {int(rows.tokens.iloc[0]):,} scored tokens")
-        ax.grid(axis="x", alpha=0.3)
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(mticker.FuncFormatter(
+            lambda value, _: f"{value:g}" if round(value, 6) in (1.05, 1.1, 1.2, 1.5, 2, 3, 5) else ""))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    fig.text(0.5, -0.01, "dots: perplexity ratio on the same tokens; bars: 95% block-bootstrap interval (paired)",
+             ha="center", fontsize=8)
     return fig
 
 

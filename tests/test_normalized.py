@@ -199,3 +199,17 @@ def test_calibration_fits_only_new_parameters(student):
         target = captured[0].output[:, 8:]
         rel = ((out[:, 8:] - target).pow(2).mean() / target.pow(2).mean()).item()
         assert rel == pytest.approx(stats[0]["final_rel_mse"], rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0.0}, {"lr": float("nan")}, {"meta_lr": -1e-4},
+                                 {"mix_lr": float("inf")}, {"lr": True}])
+def test_calibration_refuses_a_setting_out_of_range_before_any_work(bad):
+    from bsbr.convert.calibrate import capture_attention_io, calibrate_attention_transfer
+
+    base = tiny_llama()
+    captured = capture_attention_io(base, torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0)))
+    model = converted_copy(base, 8, retrieval="normalized", sink_size=1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        calibrate_attention_transfer(model, captured, progress=False, **bad)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from bsbr._checks import check_positive_int
+from bsbr._checks import check_positive_int, check_positive_number
 from bsbr.attention import chunk_mean
 from bsbr.convert.llama import BSBRLlamaAttention
 from bsbr.normalized import chunk_local_softmax
@@ -116,9 +116,11 @@ def calibrate_attention_transfer(
         over the retrieving tokens divided by the target's mean square), ``mean_share`` (mean retrieved share ``s``
         after calibration), ``seconds``.
     Raises:
-        ValueError: no normalised/terraced layers, a count that differs from ``captured``, or ``steps < 1``.
+        ValueError: no normalised/terraced layers, a count that differs from ``captured``, ``steps < 1`` or a learning
+            rate that is not a finite positive number (named).
     """
     check_positive_int(steps=steps)
+    check_positive_number(lr=lr, meta_lr=meta_lr, mix_lr=mix_lr)
     layers = [m for m in model.modules()
               if isinstance(m, BSBRLlamaAttention) and m.retrieval_mode in CALIBRATED_MODES]
     if not layers:

@@ -27,7 +27,6 @@ adapters are Hugging Face PEFT's (``peft.inject_adapter_in_model``).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from bsbr._checks import check_int_at_least, check_positive_int
+from bsbr._checks import check_int_at_least, check_positive_int, check_positive_number
 from bsbr.convert.checkpoint import base_model_fingerprint, check_base_model, save_file_atomic
 
 __all__ = ["LORA_FORMAT", "LORA_TARGET_MODULES", "add_lora", "load_lora", "lora_parameters", "lora_settings",
@@ -50,12 +49,6 @@ LORA_FORMAT = "bsbr-lora"
 #: the attention projections LoLCATs adapts (Llama-family names)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _ADAPTER = "default"  # PEFT's adapter name: parameters are ``<module>.lora_A.default.weight``
-
-
-def _check_positive_number(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -92,7 +85,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
             ``model`` that already holds LoRA; the model is then unchanged.
     """
     check_positive_int(rank=rank)
-    _check_positive_number(alpha=alpha)
+    check_positive_number(alpha=alpha)
     if _lora_layers(model):
         raise ValueError("model already holds LoRA adapters; add them to a model without (e.g. a fresh copy)")
     _targets(model, target_modules)
@@ -179,7 +172,7 @@ def train_lora_distillation(
             LoRA, a ``teacher`` that is the student or is in training mode.
     """
     check_int_at_least(0, steps=steps, eval_every=eval_every, seed=seed)
-    _check_positive_number(lr=lr)
+    check_positive_number(lr=lr)
     if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
             or input_ids.dtype.is_complex or input_ids.dtype == torch.bool or input_ids.numel() == 0):
         raise ValueError(f"input_ids must be a non-empty 2-D integer tensor [num_sequences, seq_len], got "
