@@ -18,7 +18,8 @@ A LoRA'd projection computes ``W x + (alpha / rank) · B A x`` with ``A [rank, i
 File layout (:func:`save_lora`): safetensors tensors named by their parameter names in the model
 (``…q_proj.lora_A.default.weight``), metadata ``{"format": "bsbr-lora", "version": "1", "rank", "alpha",
 "target_modules" (JSON), "base_model" (JSON, :func:`bsbr.convert.checkpoint.base_model_fingerprint`),
-"settings" (JSON)}``.
+"conversion" (JSON: :func:`bsbr.convert.checkpoint.conversion_settings` of the model the adapters were trained in, or
+null for an unconverted model), "settings" (JSON)}``.
 
 Sources: LoLCATs (Zhang et al. 2024, arXiv 2410.10254, stage 2); LoRA (Hu et al. 2021, arXiv 2106.09685); the
 adapters are Hugging Face PEFT's (``peft.inject_adapter_in_model``).
@@ -40,7 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bsbr._checks import check_int_at_least, check_positive_int, check_positive_number
-from bsbr.convert.checkpoint import base_model_fingerprint, check_base_model, save_file_atomic
+from bsbr.convert.base import BSBRConvertedAttention
+from bsbr.convert.checkpoint import base_model_fingerprint, check_base_model, conversion_settings, save_file_atomic
 
 __all__ = ["LORA_FORMAT", "LORA_TARGET_MODULES", "add_lora", "load_lora", "lora_parameters", "lora_settings",
            "save_lora", "train_lora_distillation"]
@@ -244,6 +246,12 @@ def _lora_config(model: nn.Module) -> tuple[int, float, list[str]]:
     return first.r[_ADAPTER], float(first.lora_alpha[_ADAPTER]), targets
 
 
+def _conversion(model: nn.Module) -> dict | None:
+    """:func:`bsbr.convert.checkpoint.conversion_settings` of a converted ``model``, None for an unconverted one."""
+    converted = any(isinstance(module, BSBRConvertedAttention) for module in model.modules())
+    return conversion_settings(model) if converted else None
+
+
 def save_lora(model: nn.Module, path: str | os.PathLike, settings: dict | None = None) -> None:
     """Write ``model``'s LoRA tensors (:func:`lora_parameters`) to ``path`` (safetensors, atomically: a temporary file
     in the same folder, then ``os.replace``), with its rank, alpha, target modules, base-model fingerprint and
@@ -263,7 +271,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, settings: dict | None =
     tensors = {name: p.detach().contiguous().cpu() for name, p in lora_parameters(model).items()}
     metadata = {"format": LORA_FORMAT, "version": "1", "rank": str(rank), "alpha": json.dumps(alpha),
                 "target_modules": json.dumps(targets), "base_model": json.dumps(base_model_fingerprint(model)),
-                "settings": settings_json}
+                "conversion": json.dumps(_conversion(model)), "settings": settings_json}
     save_file_atomic(tensors, path, metadata)
 
 
@@ -279,7 +287,7 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[str, dict, dict]:
 
 
 def lora_settings(path: str | os.PathLike) -> dict:
-    """``{"rank", "alpha", "target_modules", "base_model", "settings"}`` stored by :func:`save_lora` at ``path``.
+    """``{"rank", "alpha", "target_modules", "base_model", "conversion", "settings"}`` stored by :func:`save_lora` at ``path``.
 
     Raises:
         FileNotFoundError: no file at ``path``. ValueError: not a file written by :func:`save_lora`.
@@ -290,7 +298,7 @@ def lora_settings(path: str | os.PathLike) -> dict:
 def _settings(metadata: dict[str, str]) -> dict:
     return {"rank": int(metadata["rank"]), "alpha": json.loads(metadata["alpha"]),
             "target_modules": json.loads(metadata["target_modules"]), "base_model": json.loads(metadata["base_model"]),
-            "settings": json.loads(metadata["settings"])}
+            "conversion": json.loads(metadata.get("conversion", "null")), "settings": json.loads(metadata["settings"])}
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -302,7 +310,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         FileNotFoundError: no file at ``path``.
         ValueError: not a file written by :func:`save_lora`; a ``model`` of another checkpoint than the file was
             trained on (its :func:`bsbr.convert.checkpoint.base_model_fingerprint` differs); a ``model`` that already
-            holds LoRA; stored tensors whose names or shapes do not match the adapters ``model`` gets (e.g. converted
+            holds LoRA; a ``model`` converted with other settings than the one the adapters were trained in (or
+            converted where that one was not, or the reverse); stored tensors whose names or shapes do not match the adapters ``model`` gets (e.g. converted
             vs not, another architecture). The message names them; ``model`` is then unchanged.
     """
     path, metadata, tensors = _read(path, tensors=True)
@@ -310,6 +319,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     check_base_model(model, metadata["base_model"], path)
     if _lora_layers(model):
         raise ValueError("model already holds LoRA adapters; load onto a model without (e.g. a fresh copy)")
+    if "conversion" in metadata:  # files written before the key existed are not checked
+        trained_in, given = json.loads(metadata["conversion"]), _conversion(model)
+        if trained_in != given:
+            raise ValueError(f"{path} holds adapters trained in a model with conversion {trained_in}, but model has "
+                             f"conversion {given}: convert it the same way first (bsbr.convert.load_conversion)")
     rank = settings["rank"]
     expected = {}
     for name, linear in _targets(model, settings["target_modules"]):  # the names and shapes PEFT will give them

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from bsbr.convert import (LORA_TARGET_MODULES, add_lora, converted_copy, load_conversion, load_lora, lora_parameters,
                           lora_settings, save_conversion, save_lora, set_retrieval, train_lora_distillation)
-from bsbr.convert.checkpoint import base_model_fingerprint
+from bsbr.convert.checkpoint import base_model_fingerprint, conversion_settings
 from bsbr.masks import band_mask
 from tests.conftest import tiny_llama, tokens
 
@@ -145,7 +145,22 @@ def test_save_and_load_round_trip(tmp_path, converted):
     assert set(lora_parameters(loaded)) == set(lora_parameters(model))
     assert lora_settings(path) == {"rank": 4, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"],
                                    "base_model": base_model_fingerprint(tiny_llama()),
+                                   "conversion": conversion_settings(model) if converted else None,
                                    "settings": {"window": 512, "sinks": 4}}
+
+
+def test_load_refuses_adapters_trained_in_another_conversion(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_lora(add_lora(converted_copy(tiny_llama(), **CONVERTED)), path)
+    with pytest.raises(ValueError, match="trained in a model with conversion .* but model has conversion None"):
+        load_lora(tiny_llama(), path)  # the original, unconverted
+    other = {**CONVERTED, "chunk_size": CONVERTED["chunk_size"] * 2}
+    with pytest.raises(ValueError, match="trained in a model with conversion"):
+        load_lora(converted_copy(tiny_llama(), **other), path)
+    plain = tmp_path / "plain.safetensors"
+    save_lora(add_lora(tiny_llama()), plain)
+    with pytest.raises(ValueError, match="conversion None, but model has conversion"):
+        load_lora(converted_copy(tiny_llama(), **CONVERTED), plain)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

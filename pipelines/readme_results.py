@@ -1,0 +1,97 @@
+"""Write the README's result paragraphs from the metrics files, so every number there is one a run produced.
+
+    python pipelines/readme_results.py           # rewrite the marked blocks of README.md
+    python pipelines/readme_results.py --check   # exit 1 (and name the block) if README.md differs from the metrics
+
+A block sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md; NAME is a stage whose
+``reports/metrics/NAME.json`` a formatter below turns into Markdown. Blocks without a formatter are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+METRICS = REPO_ROOT / "reports" / "metrics"
+
+
+def _ratio(row: dict) -> str:
+    return f"{row['ratio']:.3f}× [{row['ratio_low']:.3f}, {row['ratio_high']:.3f}]"
+
+
+def conversion_similarity(m: dict) -> str:
+    """Report 02: the terraced conversion against the original and the no-retrieval references."""
+    ppl, paired, goals, cal = m["perplexity"]["all"], m["paired"], m["goals"], m["calibration"]
+    span = 2 * m["chunk_size"]
+    lora = cal["lora"]
+    return (
+        f"* **Conversion of SmolLM2-135M-Instruct** (`reports/02_conversion_similarity.html`; {m['windows']} "
+        f"{m['split']} windows of {m['seq_len']:,} tokens, {m['windows_per_source']} from each source "
+        f"({', '.join(m['sources'])}), chunk {m['chunk_size']}, {m['sink_size']} sinks, {m['tokens_scored']:,} tokens "
+        f"scored after the first chunk; perplexity ratios to the original ({ppl['original']['ppl']:.2f}) with 95% "
+        f"block-bootstrap intervals). Terraced retrieval (own + previous chunk exact, older chunks in feature-space "
+        f"states) after attention transfer and LoRA: **{_ratio(ppl['terraced_lora'])}** (goal ≤ 1.05×: "
+        f"{goals['within_1_05x']}). Against the sliding window {span} + sinks given the same LoRA budget "
+        f"({_ratio(ppl['sliding_span_sinks_lora'])}): paired ratio "
+        f"**{_ratio(paired['terraced_lora/sliding_span_sinks_lora']['all'])}** (goal below 1: "
+        f"{goals['beats_sliding_window_same_lora']}). Does retrieval help? terraced + transfer ÷ its exact region "
+        f"alone: **{_ratio(paired['terraced_transfer/terraced_exact']['all'])}** ({goals['retrieval_helps']}). "
+        f"Without training: exact region alone {_ratio(ppl['terraced_exact'])}, sliding window {span} + sinks "
+        f"{_ratio(ppl['sliding_span_sinks'])}, own chunk + sinks {_ratio(ppl['own_chunk_sinks'])}; the earlier "
+        f"normalised retrieval, calibrated: {_ratio(ppl['normalized_calibrated'])}; the seed formula "
+        f"{ppl['seed']['ratio']:.2g}×. Calibration: {cal['transfer']['seconds'] / 60:.1f} min of attention transfer "
+        f"+ {lora['seconds']['terraced_lora'] / 60:.1f} min of LoRA (rank {lora['rank']}, {lora['steps']} steps of "
+        f"{lora['seq_len']:,} tokens) on {cal['threads']} threads. State after 40,960 tokens: "
+        f"{m['state']['40960']['ratio']:.4f}× the KV cache. Files: `data/02_conversion_similarity/terraced.safetensors` "
+        f"+ `terraced_lora.safetensors` (`load_conversion`, `load_lora`)."
+    )
+
+
+FORMATTERS = {"02_conversion_similarity": conversion_similarity}
+
+
+BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)
+
+
+def render(readme: str, metrics_dir: Path = METRICS) -> str:
+    """``readme`` with every block that has a formatter and a metrics file rewritten from that file."""
+    def block(match: re.Match) -> str:
+        name = match.group(1)
+        path = metrics_dir / f"{name}.json"
+        if name not in FORMATTERS or not path.is_file():
+            return match.group(0)
+        return f"<!-- results:{name} -->\n{FORMATTERS[name](json.loads(path.read_text()))}\n<!-- /results:{name} -->"
+    return BLOCK.sub(block, readme)
+
+
+def stale_blocks(readme: str, metrics_dir: Path = METRICS) -> list[str]:
+    """Names of the blocks of ``readme`` whose text differs from what their metrics file gives."""
+    wanted = dict(BLOCK.findall(render(readme, metrics_dir)))
+    return [name for name, text in BLOCK.findall(readme) if wanted[name] != text]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md is stale")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    if args.check:
+        stale = stale_blocks(current)
+        if stale:
+            print(f"README.md is stale for {stale}: run python pipelines/readme_results.py", file=sys.stderr)
+        return 1 if stale else 0
+    wanted = render(current)
+    if wanted != current:
+        tmp = README.with_suffix(".md.tmp")  # written whole, then renamed
+        tmp.write_text(wanted)
+        tmp.replace(README)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

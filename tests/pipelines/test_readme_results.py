@@ -1,0 +1,30 @@
+"""pipelines/readme_results.py: the README's result blocks are what the metrics files give."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "pipelines"))  # the stage scripts are top-level modules
+import readme_results  # noqa: E402
+
+
+def test_readme_result_blocks_match_the_metrics_files():
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- results:02_conversion_similarity -->" in readme
+    assert readme_results.stale_blocks(readme) == [], "run python pipelines/readme_results.py"
+
+
+def test_a_changed_metric_makes_its_block_stale_and_render_rewrites_it(tmp_path):
+    metrics = json.loads((ROOT / "reports" / "metrics" / "02_conversion_similarity.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    metrics["perplexity"]["all"]["terraced_lora"]["ratio"] = 1.2345
+    (tmp_path / "02_conversion_similarity.json").write_text(json.dumps(metrics))
+    assert readme_results.stale_blocks(readme, tmp_path) == ["02_conversion_similarity"]
+    rewritten = readme_results.render(readme, tmp_path)
+    assert "1.234×" in rewritten or "1.235×" in rewritten
+    assert readme_results.stale_blocks(rewritten, tmp_path) == []
+    assert rewritten.replace(readme_results.BLOCK.search(rewritten).group(2), "") == \
+        readme.replace(readme_results.BLOCK.search(readme).group(2), "")  # nothing outside the block changed
