@@ -3,6 +3,7 @@ token windows cut from them.
 
     docs = load_split("data/corpus", "validation")                     # list of dicts
     ids = token_windows(tokenizer, docs, seq_len=1024, num_windows=8)  # LongTensor [8, 1024]
+    ids, sources = source_windows(tokenizer, docs, seq_len=4096, windows_per_source=2)  # [4, 4096], 4 names
 """
 
 from __future__ import annotations
@@ -92,3 +93,36 @@ def token_windows(
             f"the documents give only {len(ids)} (EOS separators included)"
         )
     return torch.tensor(ids[:needed], dtype=torch.long).view(num_windows, seq_len)  # [num_windows, seq_len]
+
+
+def source_windows(tokenizer, documents: Iterable[Mapping], seq_len: int, windows_per_source: int,
+                   sources: Iterable[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """:func:`token_windows` cut from each source's documents separately, so every source is represented.
+
+    Args:
+        tokenizer: as :func:`token_windows`.
+        documents: dicts with ``"text"`` and ``"source"`` keys (as from :func:`load_split`).
+        seq_len: tokens per window, >= 1; windows_per_source: windows from each source, >= 1.
+        sources: the sources to draw from, in this order; None = every source in ``documents``, sorted by name.
+    Returns:
+        ``(ids, names)``: LongTensor ``[len(sources) · windows_per_source, seq_len]`` (the windows of the first source,
+        then the next one's, ...) and the source of each row.
+    Raises:
+        ValueError: ``seq_len``/``windows_per_source`` not an int >= 1; a source with no document or too few tokens
+            (naming it).
+    """
+    check_positive_int(seq_len=seq_len, windows_per_source=windows_per_source)
+    documents = list(documents)
+    names = sorted({doc["source"] for doc in documents}) if sources is None else list(sources)
+    if not names:
+        raise ValueError("documents: no document given")
+    parts = []
+    for name in names:
+        chosen = [doc for doc in documents if doc["source"] == name]
+        if not chosen:
+            raise ValueError(f"sources: no document has source {name!r}")
+        try:
+            parts.append(token_windows(tokenizer, chosen, seq_len, windows_per_source))
+        except ValueError as error:
+            raise ValueError(f"source {name!r}: {error}") from None
+    return torch.cat(parts), [name for name in names for _ in range(windows_per_source)]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bsbr.data import load_split, token_windows
+from bsbr.data import load_split, source_windows, token_windows
 
 
 class CharTokenizer:
@@ -99,3 +99,24 @@ def test_load_split_errors(tmp_path):
         load_split(tmp_path, "valid")
     with pytest.raises(FileNotFoundError, match="prepare_corpus"):
         load_split(tmp_path, "test")
+
+
+def test_source_windows_draws_each_source_separately_in_name_order():
+    docs = [{"text": "abcdef", "source": "shakespeare"}, {"text": "xy", "source": "pydoc"},
+            {"text": "zw", "source": "pydoc"}, {"text": "ghij", "source": "shakespeare"}]
+    ids, names = source_windows(CharTokenizer(), docs, seq_len=2, windows_per_source=2)
+    assert names == ["pydoc", "pydoc", "shakespeare", "shakespeare"]
+    assert ids.tolist() == [_ids("xy"), [0, ord("z")], _ids("ab"), _ids("cd")]
+    ids, names = source_windows(CharTokenizer(), docs, seq_len=3, windows_per_source=1, sources=["shakespeare"])
+    assert names == ["shakespeare"] and ids.tolist() == [_ids("abc")]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sources=["news"]), "no document has source 'news'"),
+    (dict(windows_per_source=3), "source 'pydoc'"),
+    (dict(windows_per_source=0), "windows_per_source"),
+])
+def test_source_windows_rejects_missing_sources_and_short_text(kwargs, match):
+    docs = [{"text": "xy", "source": "pydoc"}, {"text": "abcdef", "source": "shakespeare"}]
+    with pytest.raises(ValueError, match=match):
+        source_windows(CharTokenizer(), docs, **{"seq_len": 2, "windows_per_source": 1, **kwargs})
