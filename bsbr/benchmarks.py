@@ -32,8 +32,9 @@ Three kinds of point, each measured in its own process (see *Per point*):
   original,  ``LlamaAttention`` (``hidden_dim``, ``num_heads`` query / ``num_key_value_heads`` key-value heads, RoPE)
   llama_     called as the decoder layer calls it, ``layer(hidden_states, position_embeddings=(cos, sin))``, with
   normalized torch's fused causal SDPA (``llama_original``), and that layer converted by
-             ``convert_to_bsbr(..., chunk_size, retrieval="normalized", sink_size=sink_size)`` (``llama_normalized``:
-             the same projections and RoPE, normalised retrieval, :mod:`bsbr.normalized`); SmolLM2-135M's shapes
+  llama_     ``convert_to_bsbr(..., chunk_size, retrieval=..., sink_size=sink_size)`` (``llama_normalized``:
+  terraced   the same projections and RoPE, normalised retrieval, :mod:`bsbr.normalized`; ``llama_terraced``:
+             terraced retrieval, :mod:`bsbr.terraced`, uncompressed); SmolLM2-135M's shapes
              are ``hidden_dim=576, num_heads=9, num_key_value_heads=3`` (head_dim 64)
   ========== =====================================================================================================
 
@@ -136,7 +137,7 @@ MODULE_IMPLS = tuple(sorted(available_models(), key=lambda name: (
 #: ``impl`` values that are operators on per-head tensors (no projections).
 CORE_IMPLS = ("bsbr_core", "sdpa_core", "delta_chunkwise", "delta_recurrent", "linear_chunkwise", "linear_recurrent")
 #: ``impl`` values that are a pretrained model family's attention layer, original and converted (forward/backward).
-CONVERTED_IMPLS = ("llama_original", "llama_normalized")
+CONVERTED_IMPLS = ("llama_original", "llama_normalized", "llama_terraced")
 #: ``impl`` values of :func:`measure_attention`: the modules, the cores, then the converted layers.
 ATTENTION_IMPLS = MODULE_IMPLS + CORE_IMPLS + CONVERTED_IMPLS
 #: ``impl`` values with a FLOP count (:func:`attention_flop_terms`); the others report ``flops=None``.
@@ -229,7 +230,7 @@ def check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size,
                          num_key_value_heads=None, sink_size=0) -> None:
     """Raise ValueError naming the argument unless ``impl``/``mode`` are known (``decode`` only for a module in
     :data:`MODULE_IMPLS`) and the sizes positive, with ``hidden_dim`` divisible by ``num_heads``, which
-    ``num_key_value_heads`` (None = ``num_heads``) divides, and (``llama_normalized``) ``0 <= sink_size <=
+    ``num_key_value_heads`` (None = ``num_heads``) divides, and (``llama_normalized``, ``llama_terraced``) ``0 <= sink_size <=
     chunk_size``."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
@@ -244,7 +245,7 @@ def check_attention_args(impl, mode, seq_len, hidden_dim, num_heads, chunk_size,
         check_positive_int(num_key_value_heads=num_key_value_heads)
         if num_heads % num_key_value_heads:
             raise ValueError(f"num_key_value_heads ({num_key_value_heads}) must divide num_heads ({num_heads})")
-    if impl == "llama_normalized":
+    if impl in ("llama_normalized", "llama_terraced"):
         check_sink_size(sink_size, chunk_size)
 
 
@@ -302,7 +303,7 @@ def attention_flops(impl: str, seq_len: int, hidden_dim: int = 512, num_heads: i
 def _llama_call(impl, seq_len, hidden_dim, num_heads, num_key_value_heads, chunk_size, sink_size, batch_size,
                 generator, grad):
     """``(call, leaves, module)`` of one random-weight ``LlamaAttention`` (``llama_original``) or its conversion
-    (``llama_normalized``), called as a decoder layer calls it; RoPE's ``(cos, sin)`` are computed once, outside."""
+    (``llama_normalized``, ``llama_terraced``), called as a decoder layer calls it; RoPE's ``(cos, sin)`` are computed once, outside."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
@@ -312,8 +313,8 @@ def _llama_call(impl, seq_len, hidden_dim, num_heads, num_key_value_heads, chunk
                          num_attention_heads=num_heads, num_key_value_heads=num_key_value_heads or num_heads,
                          max_position_embeddings=seq_len, attn_implementation="sdpa")
     layer = LlamaAttention(config, layer_idx=0)
-    if impl == "llama_normalized":
-        layer = BSBRLlamaAttention(layer, chunk_size, retrieval="normalized", sink_size=sink_size)
+    if impl in ("llama_normalized", "llama_terraced"):  # compression None: feature_dim = head_dim
+        layer = BSBRLlamaAttention(layer, chunk_size, retrieval=impl.removeprefix("llama_"), sink_size=sink_size)
     layer.eval()
     hidden_states = torch.randn(batch_size, seq_len, hidden_dim, generator=generator, requires_grad=grad)
     with torch.no_grad():
@@ -456,7 +457,8 @@ def measure_attention(impl: str, seq_len: int, mode: str = "forward", hidden_dim
             timed; ``repeats`` in the result is the number done); None = always ``repeats``.
         timeout: seconds before the measuring process is killed (None = no limit).
         num_key_value_heads, sink_size: the converted layers' (:data:`CONVERTED_IMPLS`) key/value heads (None =
-            ``num_heads``) and attention-sink tokens (``llama_normalized``); the other impls ignore them.
+            ``num_heads``) and attention-sink tokens (``llama_normalized``, ``llama_terraced``); the other impls
+            ignore them.
     Returns:
         dict with the inputs (``impl, mode, seq_len, hidden_dim, num_heads, chunk_size, batch_size, warmup,
         threads``; ``num_key_value_heads, sink_size`` for :data:`CONVERTED_IMPLS`), ``repeats`` (timed calls done), ``median_s, mean_s, min_s, max_s, times_s`` (seconds per

@@ -3,6 +3,7 @@ token windows cut from them.
 
     docs = load_split("data/corpus", "validation")                     # list of dicts
     ids = token_windows(tokenizer, docs, seq_len=1024, num_windows=8)  # LongTensor [8, 1024]
+    ids, sources = source_windows(tokenizer, docs, seq_len=4096, windows_per_source=2)  # [4, 4096], 4 names
 """
 
 from __future__ import annotations

@@ -250,7 +250,8 @@ def test_build_attention_is_the_layer_build_model_uses():
 LLAMA = dict(hidden_dim=32, num_heads=4, num_key_value_heads=2)
 
 
-@pytest.mark.parametrize("impl, mode", [("llama_original", "forward"), ("llama_normalized", "backward")])
+@pytest.mark.parametrize("impl, mode", [("llama_original", "forward"), ("llama_normalized", "backward"),
+                                        ("llama_terraced", "forward")])
 def test_measure_attention_converted_layer_points(impl, mode):
     result = measure_attention(impl, 20, mode, **LLAMA, chunk_size=8, sink_size=2, repeats=2, warmup=1, threads=1)
     assert {key: result[key] for key in ("impl", "mode", "seq_len", "hidden_dim", "num_heads", "num_key_value_heads",
@@ -279,6 +280,15 @@ def test_converted_layer_point_is_the_original_layer_converted():
     assert original.shape == (1, 20, 32) and (one_chunk - original).abs().max() < 1e-5
     chunked, _, _ = _layer_output("llama_normalized", 8)  # three chunks: chunk 0 (8 tokens) still exact
     assert (chunked[:, :8] - original[:, :8]).abs().max() < 1e-5 and (chunked - original).abs().max() > 1e-3
+
+
+def test_terraced_layer_point_is_exact_over_its_first_two_chunks():
+    original, hidden, _ = _layer_output("llama_original", 8)
+    terraced, same_hidden, layer = _layer_output("llama_terraced", 8)
+    assert type(layer).__name__ == "BSBRLlamaAttention" and layer.retrieval_mode == "terraced"
+    assert layer.terraced.sink_size == 2 and layer.compression_factor is None and torch.equal(hidden, same_hidden)
+    # own chunk + the whole previous chunk: tokens 0..15 see everything before them; token 16 on retrieves
+    assert (terraced[:, :16] - original[:, :16]).abs().max() < 1e-5 and (terraced - original).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bsbr.data import load_split, token_windows
+from bsbr.data import load_split, source_windows, token_windows
 
 
 class CharTokenizer:

@@ -1,5 +1,5 @@
-"""Notebook 03 (chunk size × compression ablation) runs through the pipeline runner with smoke parameters on the
-embedded SmolLM2 and writes consistent, checkable tables."""
+"""Notebook 03 (chunk size × state compression of the terraced conversion) runs through the pipeline runner with smoke
+parameters on the embedded SmolLM2 and writes consistent, checkable tables and metrics."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import pytest
 
 from tests.conftest import ROOT, run_notebook_smoke
 
-SMOKE = {"seq_len": 160, "num_windows": 1, "chunk_sizes": [32, 64], "compression_factors": [None, 8],
-         "sink_size": 2, "calibration_steps": 1, "calibration_windows": 1, "timing_seq_len": 128,
-         "timing_repeats": 1, "threads": 1}
-LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 30, 9, 3, 64, 576  # SmolLM2-135M
+# The notebook's own defaults shrunk further (params.yaml holds the full profile, so every key is overridden).
+SMOKE = {"seq_len": 256, "windows_per_source": 1, "chunk_sizes": [32, 64], "compression_factors": [None, 4],
+         "sink_size": 4, "score_from": None, "calibration_steps": 1, "calibration_windows": 1,
+         "state_tokens": [2048, 40960], "state_goal_chunk_size": 256, "state_goal_ratio": 0.3,
+         "timing_seq_lens": [256], "timing_chunk_sizes": [32, 64], "timing_goal_min_chunk": 64, "timing_repeats": 2,
+         "threads": 1}
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
+KINDS = ["exact_region", "uncalibrated", "calibrated", "calibrated"]
 
 
 @pytest.fixture(scope="module")
@@ -23,85 +27,116 @@ def ablation(tmp_path_factory):
             pytest.fail(f"notebook 03 needs data/corpus/{split}.jsonl: run `dvc repro prepare_corpus`")
     run = run_notebook_smoke(tmp_path_factory.mktemp("ablation"), "03_chunk_size_ablation", SMOKE)
     out = run["out"]
-    return {**run, "table": pd.read_csv(out / "ablation.csv"), "original": pd.read_csv(out / "original.csv"),
-            "layers": pd.read_csv(out / "layer_timing.csv")}
+    return {**run, "quality": pd.read_csv(out / "quality.csv"), "state": pd.read_csv(out / "state.csv"),
+            "timing": pd.read_csv(out / "layer_timing.csv"), "calibration": pd.read_csv(out / "calibration.csv")}
 
 
-def state_bytes(chunk_size, factor, n=SMOKE["seq_len"], sinks=SMOKE["sink_size"]):
-    """NormalizedState bytes of all layers after n tokens, written out from the shapes (fp32)."""
-    f = HEAD_DIM // factor
-    p, c = n % chunk_size, n // chunk_size
-    per_chunk = HEADS * 2 * f * HEAD_DIM + HEADS * 2 * f + KV_HEADS * HEAD_DIM  # F_j, z_j, h_j
-    mixed = HEADS * 2 * f * HEAD_DIM + HEADS * 2 * f
-    current = 2 * KV_HEADS * (p + sinks) * HEAD_DIM + HIDDEN  # partial and sink keys/values, hidden-state sum
-    return LAYERS * 4 * (current + c * per_chunk + mixed)
+def terraced_bytes(tokens, chunk_size, feature_dim, sinks=SMOKE["sink_size"], retrieve=True):
+    """TerracedState bytes of all layers after ``tokens`` tokens, written out from the shapes (fp32)."""
+    p, previous = tokens % chunk_size, chunk_size if tokens >= chunk_size else 0
+    per_layer = KV_HEADS * (2 * (p + previous + sinks) * HEAD_DIM + (2 * feature_dim * (HEAD_DIM + 1) if retrieve else 0))
+    return 4 * LAYERS * per_layer
 
 
 def test_one_row_per_configuration_sorted(ablation):
-    table = ablation["table"]
-    bsbr = [("bsbr", c, f) for c in SMOKE["chunk_sizes"] for f in (1, 8)]
-    own = [("own_chunk", c, 0) for c in SMOKE["chunk_sizes"]]
-    assert list(zip(table.variant, table.chunk_size, table.compression_factor)) == bsbr + own
+    quality = ablation["quality"]
+    expected = [("original", 0, 0)] + [(kind, c, f) for c in SMOKE["chunk_sizes"]
+                                       for kind, f in zip(KINDS, [0, 1, 1, 4])]
+    assert list(zip(quality.kind, quality.chunk_size, quality.compression_factor)) == expected
+    assert (quality.tokens == 2 * (SMOKE["seq_len"] - 1 - 2 * max(SMOKE["chunk_sizes"]))).all()  # 2 sources
 
 
-def test_quality_columns_are_consistent(ablation):
-    table, original = ablation["table"], ablation["original"].iloc[0]
-    assert 1 < original.perplexity < 1000 and original.kl_to_original == 0 and original.top1_agreement == 1
-    assert table.perplexity.map(math.isfinite).all() and (table.perplexity >= 1).all()
-    assert (table.kl_to_original > 1e-4).all()  # every variant changes the predictions after the largest chunk
-    assert table.top1_agreement.between(0, 1).all() and table.hidden_cosine.between(-1, 1).all()
-    for row in table.itertuples():
-        assert row.perplexity_vs_original == pytest.approx(row.perplexity / original.perplexity, rel=1e-5)
-        own = table[(table.variant == "own_chunk") & (table.chunk_size == row.chunk_size)].perplexity.item()
-        assert row.perplexity_vs_own_chunk == pytest.approx(row.perplexity / own, rel=1e-5)
+def test_perplexities_carry_intervals_and_consistent_ratios(ablation):
+    quality = ablation["quality"].set_index("variant")
+    original = quality.loc["original"]
+    assert 1 < original.ppl < 1000 and original.kl_to_original == 0 and original.top1_agreement == 1
+    for name, row in quality.iterrows():
+        assert row.ppl_low <= row.ppl <= row.ppl_high and row.vs_original_low <= row.vs_original <= row.vs_original_high
+        assert row.vs_original == pytest.approx(row.ppl / original.ppl, rel=1e-5)
+        if name == "original":
+            continue
+        exact = quality.loc[f"exact_region c{row.chunk_size}"]
+        assert row.vs_exact_region == pytest.approx(row.ppl / exact.ppl, rel=1e-5)
+        assert row.vs_exact_region_low <= row.vs_exact_region <= row.vs_exact_region_high
+        assert row.kl_to_original > 1e-4 and 0 < row.top1_agreement < 1  # every variant retrieves or drops context
+        assert row.gains_on_exact_region == (row.vs_exact_region_high < 1)
+    assert (quality.loc[[f"exact_region c{c}" for c in SMOKE["chunk_sizes"]], "vs_exact_region"] == 1).all()
 
 
-def test_state_bytes_follow_the_shapes_and_shrink_with_compression(ablation):
-    table = ablation["table"].set_index(["variant", "chunk_size", "compression_factor"])
-    kv = LAYERS * 2 * KV_HEADS * SMOKE["seq_len"] * HEAD_DIM * 4
-    assert (ablation["table"].kv_cache_bytes == kv).all() and ablation["original"].kv_cache_bytes.item() == kv
-    for c in SMOKE["chunk_sizes"]:
-        for f in (1, 8):
-            assert table.loc[("bsbr", c, f), "state_bytes"] == state_bytes(c, f)
-        assert table.loc[("bsbr", c, 8), "state_bytes"] < table.loc[("bsbr", c, 1), "state_bytes"]
-        # own chunk: only the partial chunk's and the sink tokens' keys/values and the hidden-state sum
-        p = SMOKE["seq_len"] % c
-        assert table.loc[("own_chunk", c, 0), "state_bytes"] == LAYERS * 4 * (
-            2 * KV_HEADS * (p + SMOKE["sink_size"]) * HEAD_DIM + HIDDEN)
-    assert ablation["table"].state_vs_kv_cache.tolist() == pytest.approx(
-        (ablation["table"].state_bytes / kv).tolist(), rel=1e-5)  # CSV keeps 6 significant digits
+def test_measured_state_bytes_equal_the_formula(ablation):
+    quality = ablation["quality"]
+    n = SMOKE["seq_len"]
+    for row in quality[quality.kind != "original"].itertuples():
+        expected = terraced_bytes(n, row.chunk_size, row.feature_dim or HEAD_DIM, retrieve=row.kind != "exact_region")
+        assert row.state_bytes_measured == row.state_bytes_formula == expected
+    kv = 4 * LAYERS * 2 * KV_HEADS * HEAD_DIM * n
+    assert (quality.kv_cache_bytes == kv).all()
+    assert quality[quality.kind == "original"].state_bytes_measured.item() == kv
 
 
-def test_calibration_rows_and_layer_timing(ablation):
-    calibration = pd.read_csv(ablation["out"] / "calibration.csv")
+def test_state_table_and_goal(ablation):
+    state, goal = ablation["state"], ablation["metrics"]["state_goal"]
+    row = state[(state.tokens == 40960) & (state.chunk_size == 256) & (state.variant == "terraced")
+                & (state.compression_factor == 1)].iloc[0]
+    kv = 4 * LAYERS * 2 * KV_HEADS * HEAD_DIM * 40960
+    assert row.state_bytes == terraced_bytes(40960, 256, HEAD_DIM) and row.kv_cache_bytes == kv
+    assert goal == {"met": True, "chunk_size": 256, "tokens": 40960, "state_bytes": int(row.state_bytes),
+                    "kv_cache_bytes": kv, "state_vs_kv_cache": pytest.approx(row.state_bytes / kv), "goal_ratio": 0.3}
+    # compression shrinks the state; the exact region alone keeps no feature-space state
+    at = state[(state.tokens == 2048) & (state.chunk_size == 64)].set_index(["variant", "compression_factor"])
+    assert at.loc[("terraced", 4), "state_bytes"] < at.loc[("terraced", 1), "state_bytes"]
+    assert at.loc[("exact_region", 0), "state_bytes"] == terraced_bytes(2048, 64, HEAD_DIM, retrieve=False)
+
+
+def test_exactness_checks_passed(ablation):
+    exactness = ablation["metrics"]["exactness"]
+    assert exactness["passed"] and exactness["state_bytes_measured_equals_formula"]
+    assert exactness["first_two_chunks_max_logit_diff"] <= exactness["tolerance"] == 1e-3
+    assert exactness["streamed_vs_full_max_logit_diff"] <= 1e-3
+
+
+def test_layer_timing_rows_verdicts_and_peak_memory(ablation):
+    timing = ablation["timing"]
+    n = SMOKE["timing_seq_lens"][0]
+    assert list(zip(timing.seq_len, timing.variant, timing.chunk_size)) == [
+        (n, "original", 0), (n, "terraced", 32), (n, "terraced", 64)]
+    assert ((timing.min_s <= timing.median_s) & (timing.median_s <= timing.max_s)).all()
+    assert (timing.repeats == SMOKE["timing_repeats"]).all() and timing.load_1min.notna().all()
+    assert (timing.peak_bytes >= n * 576 * 4).all()  # at least the layer's fp32 output: a fresh process per point
+    original = timing.iloc[0]
+    for row in timing.iloc[1:].itertuples():
+        times = [float(t) for t in row.times_s.split()]
+        expected = ("faster" if max(times) < original.min_s else "slower" if min(times) > original.max_s else "tie")
+        assert row.verdict == expected
+        assert row.speedup_vs_original == pytest.approx(original.median_s / row.median_s, rel=1e-4)
+    metrics = ablation["metrics"]
+    verdict_64 = timing.verdict.iloc[2]
+    assert metrics["layer_goal_no_slower"] == {"seq_len": n, "met": {"64": verdict_64 != "slower"}}
+    assert metrics["layer_goal_faster"] == {"seq_len": n, "met": {"64": {"faster": True, "slower": False}.get(verdict_64)}}
+
+
+def test_calibration_rows_and_metrics(ablation):
+    calibration, metrics, quality = ablation["calibration"], ablation["metrics"], ablation["quality"]
     assert len(calibration) == LAYERS * 4 and (calibration.final_rel_mse >= 0).all()
     assert sorted(set(zip(calibration.chunk_size, calibration.compression_factor))) == [
-        (c, f) for c in SMOKE["chunk_sizes"] for f in (1, 8)]
-    layers = ablation["layers"]
-    assert list(zip(layers.variant, layers.chunk_size, layers.compression_factor)) == [
-        ("bsbr", c, f) for c in SMOKE["chunk_sizes"] for f in (1, 8)] + [("original", 0, 0)]
-    assert (layers.median_s > 0).all() and (layers.seq_len == SMOKE["timing_seq_len"]).all()
-    original = layers[layers.variant == "original"].median_s.item()
-    assert layers.speedup_vs_original.tolist() == pytest.approx((original / layers.median_s).tolist(), rel=1e-5)
+        (c, f) for c in SMOKE["chunk_sizes"] for f in (1, 4)]
+    calibrated = quality[quality.kind == "calibrated"]
+    best = calibrated.loc[calibrated.ppl.idxmin()]
+    assert metrics["best_calibrated"]["chunk_size"] == best.chunk_size
+    assert metrics["best_calibrated"]["perplexity"] == pytest.approx(best.ppl, rel=1e-5)
+    assert metrics["original_perplexity"] == pytest.approx(quality.ppl.iloc[0], rel=1e-5)
+    assert metrics["calibrated_gaining_on_exact_region"] == f"{calibrated.gains_on_exact_region.sum()}/4"
+    assert metrics["calibration_steps"] == 1 and metrics["scored_tokens"] == quality.tokens.iloc[0]
+    assert all(math.isfinite(v) and v > 0 for v in metrics["run_seconds"].values())
 
 
-def test_metrics_match_the_tables(ablation):
-    metrics, table = ablation["metrics"], ablation["table"]
-    bsbr = table[table.variant == "bsbr"]
-    best = bsbr.loc[bsbr.perplexity.idxmin()]
-    # the CSV keeps 6 significant digits, the metrics JSON full precision
-    assert metrics["best"] == {"chunk_size": best.chunk_size, "compression_factor": best.compression_factor,
-                               "perplexity": pytest.approx(best.perplexity, rel=1e-5),
-                               "perplexity_vs_original": pytest.approx(best.perplexity_vs_original, rel=1e-5)}
-    assert metrics["original_perplexity"] == pytest.approx(ablation["original"].perplexity.item(), rel=1e-5)
-    assert metrics["retrieval_beats_own_chunk"] == f"{(bsbr.perplexity_vs_own_chunk < 1).sum()}/{len(bsbr)}"
-    assert metrics["scored_tokens"] == SMOKE["seq_len"] - max(SMOKE["chunk_sizes"]) - 1
-    assert metrics["calibration_steps"] == 1
-
-
-def test_executed_notebook_has_provenance_figure_and_no_errors(ablation):
-    outputs = [o for cell in ablation["notebook"].cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+def test_executed_notebook_has_findings_figure_and_no_errors(ablation):
+    cells = [cell for cell in ablation["notebook"].cells if cell.cell_type == "code"]
+    outputs = [o for cell in cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert "git revision:" in text and "streamed vs full forward" in text
+    assert "git revision:" in text and "streamed vs full forward" in text and "first two chunks vs the original" in text
+    findings = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
+    assert "Goal 2, state vs KV cache: met" in findings and "Goal 3a" in findings
+    assert "<details>" in "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
     assert (ablation["out"] / "tradeoff.png").stat().st_size > 1000
