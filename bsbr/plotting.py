@@ -329,7 +329,19 @@ def plot_lora_curves(curves, labels: dict, reference: float | None = None):
     return fig
 
 
-def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chunk_size: int, calibration_split: str):
+#: the calibration panel's three series per retrieval mode: (column, colour name, label)
+_CALIBRATION_SERIES = {
+    "normalized": (("own_chunk_rel_mse", "own_chunk_sinks", "own chunk + sinks"),
+                   ("initial_rel_mse", "normalized", "normalised, before"),
+                   ("final_rel_mse", "calibrated", "normalised, calibrated")),
+    "terraced": (("own_chunk_rel_mse", "terraced_exact", "exact region alone (no retrieval)"),
+                 ("initial_rel_mse", "terraced", "terraced, before"),
+                 ("final_rel_mse", "terraced_transfer", "terraced, after attention transfer")),
+}
+
+
+def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chunk_size: int, calibration_split: str,
+                               retrieval: str = "normalized"):
     """Where a conversion goes wrong: next-token NLL per chunk (one line per variant, the original dashed), the
     per-layer relative output error before and after calibration, and the seed formula's retrieved/local ratio per
     layer (median, band up to p90, one colour per chunk size).
@@ -340,7 +352,12 @@ def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chun
             ``initial_rel_mse``, ``final_rel_mse``).
         scale: ``[chunk_size, layer, median_ratio, p90_ratio]`` (``bsbr.evaluation.seed_retrieval_ratio``).
         labels: variant -> legend label; chunk_size: tokens; calibration_split: named in the title.
+        retrieval: the mode ``calibration`` was fitted for, ``"normalized"`` or ``"terraced"`` (names the series).
+    Raises:
+        ValueError: another ``retrieval``.
     """
+    if retrieval not in _CALIBRATION_SERIES:
+        raise ValueError(f"retrieval must be one of {sorted(_CALIBRATION_SERIES)}, got {retrieval!r}")
     fig, axes = _figure(3, (18, 4.4))
     c = chunk_size
     data = per_chunk[(per_chunk.metric == "nll") & (per_chunk.chunk_size == c)]
@@ -349,10 +366,8 @@ def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chun
                      color=color(variant), label=labels.get(variant, variant))
     axes[0].set(yscale="log", xlabel="token position (chunk centre)", ylabel="next-token NLL (nats), chunk mean",
                 title=f"per chunk, chunk {c}")
-    axes[0].legend(fontsize=7)
-    for column, variant, label in (("own_chunk_rel_mse", "own_chunk_sinks", "own chunk + sinks"),
-                                   ("initial_rel_mse", "normalized", "normalised, before"),
-                                   ("final_rel_mse", "calibrated", "normalised, calibrated")):
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+    for column, variant, label in _CALIBRATION_SERIES[retrieval]:
         axes[1].plot(calibration.layer, calibration[column], marker="o", color=color(variant), label=label)
     axes[1].set(yscale="log", xlabel="layer", ylabel="relative MSE of the attention output",
                 title=f"calibration ({calibration_split} text), per layer")

@@ -24,6 +24,9 @@ def _ratio(row: dict) -> str:
     return f"{row['ratio']:.3f}× [{row['ratio_low']:.3f}, {row['ratio_high']:.3f}]"
 
 
+_ANSWER = {"better": "**yes**", "worse": "**no, it makes the model worse**", "not separated": "**not separated**"}
+
+
 def conversion_similarity(m: dict) -> str:
     """Report 02: the terraced conversion against the original and the no-retrieval references."""
     ppl, paired, goals, cal = m["perplexity"]["all"], m["paired"], m["goals"], m["calibration"]
@@ -39,8 +42,9 @@ def conversion_similarity(m: dict) -> str:
         f"{goals['within_1_05x']}). Against the sliding window {span} + sinks given the same LoRA budget "
         f"({_ratio(ppl['sliding_span_sinks_lora'])}): paired ratio "
         f"**{_ratio(paired['terraced_lora/sliding_span_sinks_lora']['all'])}** (goal below 1: "
-        f"{goals['beats_sliding_window_same_lora']}). Does retrieval help? terraced + transfer ÷ its exact region "
-        f"alone: **{_ratio(paired['terraced_transfer/terraced_exact']['all'])}** ({goals['retrieval_helps']}). "
+        f"{goals['beats_sliding_window_same_lora']}). Does retrieval help? "
+        f"{_ANSWER[paired['terraced_transfer/terraced_exact']['all']['verdict']]}: terraced + transfer ÷ its exact "
+        f"region alone **{_ratio(paired['terraced_transfer/terraced_exact']['all'])}**. "
         f"Without training: exact region alone {_ratio(ppl['terraced_exact'])}, sliding window {span} + sinks "
         f"{_ratio(ppl['sliding_span_sinks'])}, own chunk + sinks {_ratio(ppl['own_chunk_sinks'])}; the earlier "
         f"normalised retrieval, calibrated: {_ratio(ppl['normalized_calibrated'])}; the seed formula "
@@ -52,7 +56,37 @@ def conversion_similarity(m: dict) -> str:
     )
 
 
-FORMATTERS = {"02_conversion_similarity": conversion_similarity}
+def chunk_size_ablation(m: dict) -> str:
+    """Report 03: chunk size × compression of the calibrated terraced conversion, its state and one layer's speed."""
+    best, state = m["best_calibrated"], m["state_goal"]
+    low, high = m["original_perplexity_interval"]
+    verdict = {True: "met", False: "missed", None: "undecided"}
+    times = m["layer_median_s"]
+
+    def layer(goal: dict) -> str:
+        n = goal["seq_len"]
+        original = next(v for k, v in times.items() if k.startswith("original") and k.endswith(f"n{n}"))
+        return (f"at {n:,} tokens the original layer (fused SDPA) takes {original * 1e3:.0f} ms; terraced "
+                + ", ".join(f"chunk {c} {times[f'terraced c{c} n{n}'] * 1e3:.0f} ms ({verdict[v]})"
+                            for c, v in goal["met"].items()))
+
+    return (
+        f"* **Chunk size × compression** (`reports/03_chunk_size_ablation.html`; terraced retrieval calibrated by "
+        f"attention transfer, {m['calibration_steps']} steps/layer; {m['scored_tokens']:,} validation tokens of both "
+        f"sources scored where every configuration retrieves; original perplexity {m['original_perplexity']:.2f} "
+        f"[{low:.2f}, {high:.2f}]). Best calibrated: chunk {best['chunk_size']}, compression "
+        f"÷{best['compression_factor']}: {best['perplexity']:.2f} ({best['vs_original']:.3f}× the original, "
+        f"{best['vs_exact_region']:.3f}× its exact region alone [{best['vs_exact_region_interval'][0]:.3f}, "
+        f"{best['vs_exact_region_interval'][1]:.3f}]); {m['calibrated_gaining_on_exact_region']} calibrated "
+        f"configurations beat the exact region of their chunk size (paired interval below 1). **State** at chunk "
+        f"{state['chunk_size']}, uncompressed, after {state['tokens']:,} tokens: {state['state_vs_kv_cache']:.4f}× the "
+        f"fp32 KV cache (goal ≤ {state['goal_ratio']}×: {verdict[state['met']]}). **One attention layer** (goal: no "
+        f"slower at the first length, faster at the last): {layer(m['layer_goal_no_slower'])}; "
+        f"{layer(m['layer_goal_faster'])}."
+    )
+
+
+FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation}
 
 
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)

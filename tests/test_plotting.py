@@ -135,3 +135,10 @@ def test_plot_calibration_and_scale_draws_the_tables():
     assert [line.get_label() for line in third.lines] == ["chunk 16, median", "chunk 32, median"]
     assert all(ax.get_yscale() == "log" for ax in fig.axes)
     plt.close(fig)
+    fig = plot_calibration_and_scale(per_chunk, calibration, scale, labels, 32, "train", retrieval="terraced")
+    assert [(line.get_label(), to_hex(line.get_color())) for line in fig.axes[1].lines] == [
+        ("exact region alone (no retrieval)", color("terraced_exact")), ("terraced, before", color("terraced")),
+        ("terraced, after attention transfer", color("terraced_transfer"))]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="retrieval must be one of"):
+        plot_calibration_and_scale(per_chunk, calibration, scale, labels, 32, "train", retrieval="seed")
