@@ -66,9 +66,12 @@ def chunk_size_ablation(m: dict) -> str:
     def layer(goal: dict) -> str:
         n = goal["seq_len"]
         original = next(v for k, v in times.items() if k.startswith("original") and k.endswith(f"n{n}"))
-        return (f"at {n:,} tokens the original layer (fused SDPA) takes {original * 1e3:.0f} ms; terraced "
-                + ", ".join(f"chunk {c} {times[f'terraced c{c} n{n}'] * 1e3:.0f} ms ({verdict[v]})"
-                            for c, v in goal["met"].items()))
+        peaks = m["layer_peak_bytes"]
+        original_peak = next(v for k, v in peaks.items() if k.startswith("original") and k.endswith(f"n{n}"))
+        return (f"at {n:,} tokens the original layer (fused SDPA) takes {original * 1e3:.0f} ms, peak "
+                f"{original_peak / 2**20:.0f} MiB; terraced "
+                + ", ".join(f"chunk {c} {times[f'terraced c{c} n{n}'] * 1e3:.0f} ms ({verdict[v]}), peak "
+                            f"{peaks[f'terraced c{c} n{n}'] / 2**20:.0f} MiB" for c, v in goal["met"].items()))
 
     return (
         f"* **Chunk size × compression** (`reports/03_chunk_size_ablation.html`; terraced retrieval calibrated by "
