@@ -213,10 +213,15 @@ def test_files_without_a_fingerprint_still_load(tmp_path):
         torch.testing.assert_close(load_conversion(tiny_llama(), old)(x).logits, model(x).logits, atol=0, rtol=0)
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
+@pytest.mark.parametrize("saver", ["save_conversion", "save_lora"])
+def test_save_is_atomic(tmp_path, monkeypatch, saver):
     import bsbr.convert.checkpoint as checkpoint
+    from bsbr.convert import add_lora, save_lora
 
     model = converted_copy(tiny_llama(), 8)
+    if saver == "save_lora":
+        model = add_lora(model)
+    save = {"save_conversion": save_conversion, "save_lora": save_lora}[saver]
     path = tmp_path / "c.safetensors"
 
     def broken_writer(tensors, filename, metadata=None):
@@ -226,9 +231,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_file", broken_writer)
     with pytest.raises(OSError, match="disk full"):
-        save_conversion(model, path)
+        save(model, path)
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
     monkeypatch.undo()
-    save_conversion(model, path)
+    save(model, path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
     assert oct(path.stat().st_mode & 0o777) == "0o644"

@@ -163,26 +163,6 @@ def test_load_refuses_adapters_trained_in_another_conversion(tmp_path):
         load_lora(converted_copy(tiny_llama(), **CONVERTED), plain)
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
-    import bsbr.convert.checkpoint as checkpoint
-
-    model = add_lora(tiny_llama())
-    path = tmp_path / "lora.safetensors"
-
-    def broken_writer(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint, "save_file", broken_writer)
-    with pytest.raises(OSError, match="disk full"):
-        save_lora(model, path)
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
-    save_lora(model, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
-
-
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rank=0), "rank must be an integer >= 1"),
     (dict(rank=2.0), "rank must be an integer >= 1"),
