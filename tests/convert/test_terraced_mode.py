@@ -13,6 +13,7 @@ from bsbr.convert import (BSBRCache, BSBRConvertedAttention, convert_to_bsbr, co
 from bsbr.convert.checkpoint import conversion_settings, new_parameters
 from bsbr.streaming_eval import terraced_cache_nbytes
 from tests.conftest import tiny_gpt2, tiny_llama
+from tests.convert.test_cache import padded_batch
 from tests.reference import dense_terraced
 
 ATOL = 1e-4
@@ -41,16 +42,6 @@ def terraced(family="llama", chunk_size=4, sink_size=1, seed=0, **options):
 
 def layers(model):
     return [m for m in model.modules() if isinstance(m, BSBRConvertedAttention)]
-
-
-def padded_batch(lengths, total, side="left", seed=2):
-    rows = [ids(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)]
-    out = torch.zeros(len(rows), total, dtype=torch.long)
-    mask = torch.zeros(len(rows), total, dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(total - len(row), total) if side == "left" else slice(0, len(row))
-        out[i, span], mask[i, span] = row, 1
-    return out, mask, rows
 
 
 # --- the maths ------------------------------------------------------------------------------------------------------
@@ -142,7 +133,7 @@ def test_pieces_with_cache_equal_full_forward(family, pieces):
 @pytest.mark.parametrize("compression,sink", [(None, 1), (4, 3)])
 def test_cache_bytes_measured_equal_formula(retrieve, compression, sink):
     model = set_retrieval(terraced("llama", 4, sink_size=sink, compression_factor=compression), retrieve)
-    mask_ids, mask, _ = padded_batch((10, 3), 10)
+    mask_ids, mask, _ = padded_batch((10, 3), 10, "left")
     cache = BSBRCache(2)
     with torch.no_grad():
         model(mask_ids, attention_mask=mask, cache=cache)
@@ -184,7 +175,7 @@ def test_padded_batch_equals_rows_alone(family, side):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_ragged_batched_generation_equals_each_prompt_alone(family):
     model = terraced(family, 5, compression_factor=4)
-    padded, mask, rows = padded_batch((7, 3, 11), 11)
+    padded, mask, rows = padded_batch((7, 3, 11), 11, "left")
     with torch.no_grad():
         batched = model.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False)
         for i, row in enumerate(rows):
@@ -195,7 +186,7 @@ def test_ragged_batched_generation_equals_each_prompt_alone(family):
 
 def test_padded_generation_with_and_without_cache_agree_also_for_beam_search():
     model = terraced("llama", 4)
-    padded, mask, _ = padded_batch((7, 3, 11), 11)
+    padded, mask, _ = padded_batch((7, 3, 11), 11, "left")
     with torch.no_grad():
         for beams in (1, 3):
             cached = model.generate(padded, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False)
@@ -206,7 +197,7 @@ def test_padded_generation_with_and_without_cache_agree_also_for_beam_search():
 
 def test_one_chunk_generation_equals_the_pretrained_model_with_its_kv_cache():
     original = tiny_llama()
-    padded, mask, _ = padded_batch((7, 3, 11), 11)
+    padded, mask, _ = padded_batch((7, 3, 11), 11, "left")
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         expected = original.generate(padded, **settings)
