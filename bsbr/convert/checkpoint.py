@@ -31,7 +31,7 @@ from bsbr.convert.families import convert_to_bsbr
 from bsbr.convert.retrieval import RETRIEVAL_MODES
 
 __all__ = ["CONVERSION_FORMAT", "base_model_fingerprint", "check_base_model", "conversion_settings", "load_conversion",
-           "new_parameters", "save_conversion", "save_file_atomic"]
+           "new_parameters", "read_safetensors", "save_conversion", "save_file_atomic"]
 
 CONVERSION_FORMAT = "bsbr-conversion"
 _META_MODULES = ("meta_q_proj", "meta_k_proj")  # every mode's; a mode adds its own (RetrievalMode.new_modules)
@@ -99,6 +99,25 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def read_safetensors(path: str | os.PathLike, file_format: str, what: str,
+                     tensors: bool = True) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
+    """Open a safetensors file this package wrote: ``(path as str, metadata, {name: tensor})`` (the tensors only when
+    ``tensors``; else ``{}``).
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (``what`` names the kind, e.g. "conversion").
+        ValueError: its metadata ``format`` is not ``file_format``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} file at {path}")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != file_format:
+            raise ValueError(f"{path} is not a {file_format} file (metadata format={metadata.get('format')!r})")
+        return path, metadata, {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
 
 
 def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -174,14 +193,7 @@ def load_conversion(model: nn.Module, path: str | os.PathLike, chunk_size: int |
         check_positive_int(chunk_size=chunk_size)
     if retrieval is not None and retrieval not in RETRIEVAL_MODES:
         raise ValueError(f"retrieval must be None or one of {list(RETRIEVAL_MODES)}, got {retrieval!r}")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no conversion file at {path}")
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != CONVERSION_FORMAT:
-            raise ValueError(f"{path} is not a {CONVERSION_FORMAT} file (metadata format={metadata.get('format')!r})")
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    path, metadata, tensors = read_safetensors(path, CONVERSION_FORMAT, "conversion")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type != metadata["model_type"]:
         raise ValueError(f"{path} holds a conversion of a {metadata['model_type']!r} model, got model_type="

@@ -36,13 +36,13 @@ from collections.abc import Callable
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 from bsbr._checks import check_int_at_least, check_positive_int, check_positive_number
 from bsbr.convert.base import BSBRConvertedAttention
-from bsbr.convert.checkpoint import base_model_fingerprint, check_base_model, conversion_settings, save_file_atomic
+from bsbr.convert.checkpoint import (base_model_fingerprint, check_base_model, conversion_settings, read_safetensors,
+                                     save_file_atomic)
 
 __all__ = ["LORA_FORMAT", "LORA_TARGET_MODULES", "add_lora", "load_lora", "lora_parameters", "lora_settings",
            "save_lora", "train_lora_distillation"]
@@ -275,24 +275,13 @@ def save_lora(model: nn.Module, path: str | os.PathLike, settings: dict | None =
     save_file_atomic(tensors, path, metadata)
 
 
-def _read(path: str | os.PathLike, tensors: bool) -> tuple[str, dict, dict]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no LoRA file at {path}")
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != LORA_FORMAT:
-            raise ValueError(f"{path} is not a {LORA_FORMAT} file (metadata format={metadata.get('format')!r})")
-        return path, metadata, {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
-
-
 def lora_settings(path: str | os.PathLike) -> dict:
     """``{"rank", "alpha", "target_modules", "base_model", "conversion", "settings"}`` stored by :func:`save_lora` at ``path``.
 
     Raises:
         FileNotFoundError: no file at ``path``. ValueError: not a file written by :func:`save_lora`.
     """
-    return _settings(_read(path, tensors=False)[1])
+    return _settings(read_safetensors(path, LORA_FORMAT, "LoRA", tensors=False)[1])
 
 
 def _settings(metadata: dict[str, str]) -> dict:
@@ -314,7 +303,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             converted where that one was not, or the reverse); stored tensors whose names or shapes do not match the adapters ``model`` gets (e.g. converted
             vs not, another architecture). The message names them; ``model`` is then unchanged.
     """
-    path, metadata, tensors = _read(path, tensors=True)
+    path, metadata, tensors = read_safetensors(path, LORA_FORMAT, "LoRA")
     settings = _settings(metadata)
     check_base_model(model, metadata["base_model"], path)
     if _lora_layers(model):
