@@ -206,33 +206,36 @@ def train_lora_distillation(
             raise ValueError(f"eval_fn must return a dict without the keys step/loss/seconds, got {metrics!r}")
         row.update(metrics)
 
-    if eval_every:
-        rows.append({"step": 0, "loss": None, "seconds": 0.0})
-        evaluate(rows[-1])
     bar = tqdm(range(1, steps + 1), desc="LoRA distillation", unit="step", disable=not progress, file=sys.stdout,
                ascii=True, ncols=100)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for step in bar:
-            started = time.perf_counter()
-            student.train()
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, step / warmup) if warmup else lr
-            sequence = input_ids[(step - 1) % input_ids.shape[0]][None]  # [1, seq_len]
-            with torch.no_grad():
-                target = _next_token_logp(teacher, sequence, teacher_attention_mask).to(device)  # [seq_len, vocab]
-            prediction = _next_token_logp(student, sequence, student_attention_mask)
-            loss = nn.functional.kl_div(prediction, target, log_target=True, reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seconds += time.perf_counter() - started
-            rows.append({"step": step, "loss": loss.item(), "seconds": seconds})
-            bar.set_postfix(kl=f"{rows[-1]['loss']:.4f}")
-            if eval_every and (step % eval_every == 0 or step == steps):
-                evaluate(rows[-1])
-    optimizer.zero_grad(set_to_none=True)
-    student.eval()
+    try:
+        if eval_every:
+            rows.append({"step": 0, "loss": None, "seconds": 0.0})
+            evaluate(rows[-1])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for step in bar:
+                started = time.perf_counter()
+                student.train()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * min(1.0, step / warmup) if warmup else lr
+                sequence = input_ids[(step - 1) % input_ids.shape[0]][None]  # [1, seq_len]
+                with torch.no_grad():
+                    target = _next_token_logp(teacher, sequence, teacher_attention_mask).to(device)  # [n, vocab]
+                prediction = _next_token_logp(student, sequence, student_attention_mask)
+                loss = nn.functional.kl_div(prediction, target, log_target=True, reduction="batchmean")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                seconds += time.perf_counter() - started
+                rows.append({"step": step, "loss": loss.item(), "seconds": seconds})
+                bar.set_postfix(kl=f"{rows[-1]['loss']:.4f}")
+                if eval_every and (step % eval_every == 0 or step == steps):
+                    evaluate(rows[-1])
+    finally:  # also after an error: no gradients kept, eval mode
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        student.eval()
     return rows
 
 
@@ -326,7 +329,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     add_lora(model, rank, settings["alpha"], settings["target_modules"])
     parameters = lora_parameters(model)
     if set(parameters) != set(expected):
-        raise RuntimeError(f"PEFT named the adapters differently than expected: {sorted(set(parameters) ^ set(expected))}")
+        raise RuntimeError(f"PEFT named the adapters differently than expected: "
+                           f"{sorted(set(parameters) ^ set(expected))}")
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(tensors[name])

@@ -273,3 +273,21 @@ def test_real_model_keeps_its_fingerprint_and_logits_under_lora(smollm2):
     with torch.no_grad():
         torch.testing.assert_close(student(x).logits, converted_copy(base, 64, retrieval="terraced",
                                                                      sink_size=4)(x).logits, atol=0, rtol=0)
+
+
+def test_warm_up_then_constant_lr_and_a_bad_eval_fn(monkeypatch):
+    teacher = tiny_llama()
+    student = add_lora(copy.deepcopy(teacher), rank=2)
+    lrs, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train_lora_distillation(student, teacher, tokens(3, 8), 30, lr=0.3, progress=False)
+    assert lrs == pytest.approx([0.1, 0.2] + [0.3] * 28)  # min(10, 30 // 10) = 3 warm-up steps
+    with pytest.raises(ValueError, match="eval_fn must return a dict without the keys"):
+        train_lora_distillation(student, teacher, tokens(1, 8), 2, eval_every=1, eval_fn=lambda m: {"loss": 1.0},
+                                progress=False)
+    assert not student.training and all(p.grad is None for p in student.parameters())
