@@ -48,19 +48,23 @@ import torch.nn.functional as F
 
 from bsbr._checks import check_int_at_least, check_positive_int
 
-__all__ = ["SELECTIONS", "SUMMARIES", "BlocksState", "block_attention", "block_attention_unchecked", "block_scores",
-           "block_summaries", "check_block_settings"]
+__all__ = ["POSITIONS", "SELECTIONS", "SUMMARIES", "BlocksState", "GrowingTensor", "block_attention",
+           "block_attention_unchecked", "block_scores", "block_summaries", "check_block_settings", "rope_rotate"]
 
 #: block summaries, name -> number of ``[d]`` vectors stored per block
 SUMMARIES: dict[str, int] = {"minmax": 2, "mean": 1}
 #: selection granularities: one choice per key/value group (scores summed over its query heads) or per query head
 SELECTIONS = ("group", "head")
+#: where retrieved blocks and sinks sit relative to the query: their own positions, or compact ones (module doc)
+POSITIONS = ("original", "compact")
 
 
-def check_block_settings(chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group") -> None:
+def check_block_settings(chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group",
+                         positions="original", rope_inv_freq=None) -> None:
     """Raise ValueError naming the argument unless: ``chunk_size``, ``block_size`` and ``top_k`` are integers >= 1,
     ``block_size`` divides ``chunk_size``, ``sink_size`` is an integer >= 0, ``summary`` is a key of
-    :data:`SUMMARIES` and ``selection`` one of :data:`SELECTIONS`."""
+    :data:`SUMMARIES`, ``selection`` one of :data:`SELECTIONS`, ``positions`` one of :data:`POSITIONS`, and
+    ``rope_inv_freq`` a 1-D tensor exactly when ``positions="compact"``."""
     check_positive_int(chunk_size=chunk_size, block_size=block_size, top_k=top_k)
     check_int_at_least(0, sink_size=sink_size)
     if chunk_size % block_size:
@@ -70,17 +74,40 @@ def check_block_settings(chunk_size, block_size, top_k, sink_size=0, summary="mi
         raise ValueError(f"summary must be one of {list(SUMMARIES)}, got {summary!r}")
     if not isinstance(selection, str) or selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
+    if not isinstance(positions, str) or positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
+    if positions == "compact" and (not isinstance(rope_inv_freq, torch.Tensor) or rope_inv_freq.dim() != 1):
+        raise ValueError("rope_inv_freq must be the RoPE inverse frequencies, a 1-D tensor [head_dim / 2], with "
+                         f"positions='compact'; got {type(rope_inv_freq).__name__}")
+    if positions == "original" and rope_inv_freq is not None:
+        raise ValueError("rope_inv_freq is only used with positions='compact'; pass None with positions='original'")
 
 
-def block_summaries(key: torch.Tensor, block_size: int, summary: str = "minmax") -> torch.Tensor:
-    """Summaries of the complete blocks of ``key [batch, kv_heads, n, d]``: ``[batch, kv_heads, n // block_size,
-    parts, d]`` (``parts`` = 2 for ``"minmax"``: min then max per channel; 1 for ``"mean"``). A trailing partial
-    block is left out (it is never a candidate)."""
+def block_summaries(key: torch.Tensor, block_size: int, summary: str = "minmax", sink_size: int = 0,
+                    start: int = 0) -> torch.Tensor:
+    """Summaries of the complete blocks of ``key [batch, kv_heads, n, d]`` (token ``i`` at position ``start + i``;
+    ``start`` a multiple of ``block_size``): ``[batch, kv_heads, n // block_size, parts, d]`` (``parts`` = 2 for
+    ``"minmax"``: min then max per channel; 1 for ``"mean"``). A trailing partial block is left out (it is never a
+    candidate). Sink tokens (positions ``< sink_size``, attended by every token anyway) are left out of their block's
+    summary, so their large keys do not make the first block look relevant to every query; a block of sink tokens
+    only gets a zero summary (:func:`block_attention` never selects it)."""
     batch, groups, n, d = key.shape
-    blocks = key[:, :, : n // block_size * block_size].unflatten(2, (n // block_size, block_size))  # [b, G, nb, B, d]
+    nb = n // block_size
+    blocks = key[:, :, : nb * block_size].unflatten(2, (nb, block_size))  # [b, G, nb, B, d]
+    sinks = max(0, min(sink_size - start, nb * block_size))  # sink tokens among these keys (the first ones)
+    if sinks:
+        keep = (torch.arange(nb * block_size, device=key.device) >= sinks).view(nb, block_size, 1)
+        any_kept = keep.any(1)  # [nb, 1]
     if summary == "minmax":
-        return torch.stack([blocks.amin(3), blocks.amax(3)], dim=3)  # [b, G, nb, 2, d]
-    return blocks.mean(3, keepdim=True)  # [b, G, nb, 1, d]
+        if not sinks:
+            return torch.stack([blocks.amin(3), blocks.amax(3)], dim=3)  # [b, G, nb, 2, d]
+        low = blocks.masked_fill(~keep, float("inf")).amin(3)
+        high = blocks.masked_fill(~keep, float("-inf")).amax(3)
+        return torch.stack([low, high], dim=3).masked_fill(~any_kept[:, None], 0.0)
+    if not sinks:
+        return blocks.mean(3, keepdim=True)  # [b, G, nb, 1, d]
+    total = (blocks * keep).sum(3, keepdim=True)
+    return total / keep.sum(1).clamp(min=1).view(nb, 1, 1)
 
 
 def block_scores(query: torch.Tensor, summaries: torch.Tensor, summary: str = "minmax") -> torch.Tensor:
@@ -97,32 +124,111 @@ def block_scores(query: torch.Tensor, summaries: torch.Tensor, summary: str = "m
     return query @ keys(0)
 
 
+class GrowingTensor:
+    """A tensor extended along dim 2 in a preallocated buffer whose capacity doubles when full, so appending ``n``
+    rows costs O(n) amortised (no copy of what is already there), as a KV cache must for O(1) decode steps.
+
+    Several :class:`BlocksState` objects may view one buffer (each its first ``length`` rows). Appending to a view
+    that is not the buffer's newest (a state continued twice, e.g. one row's state shared by two beams) copies it into
+    a new buffer first, so no view ever sees another's rows: states behave as if never changed in place.
+    """
+
+    def __init__(self, data: torch.Tensor, length: int):
+        self.data, self.length = data, length
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "GrowingTensor":
+        """A buffer holding ``tensor`` (copied into room for as many rows again)."""
+        grown = cls(tensor.new_empty(*tensor.shape[:2], max(2 * tensor.shape[2], 16), *tensor.shape[3:]), 0)
+        return grown.extended(0, tensor)
+
+    def view(self, length: int) -> torch.Tensor:
+        """The first ``length`` rows (a view, no copy)."""
+        return self.data[:, :, :length]
+
+    def extended(self, length: int, new: torch.Tensor) -> "GrowingTensor":
+        """The buffer holding the first ``length`` rows followed by ``new`` (this one, written in place, when
+        ``length`` is its newest length and there is room; otherwise a new one with doubled capacity)."""
+        n = new.shape[2]
+        grown = self
+        if length != self.length or length + n > self.data.shape[2]:
+            data = new.new_empty(*new.shape[:2], max(2 * (length + n), 16), *new.shape[3:])
+            data[:, :, :length] = self.data[:, :, :length]
+            grown = GrowingTensor(data, length)
+        grown.data[:, :, length: length + n] = new
+        grown.length = length + n
+        return grown
+
+    def capacity_nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
 @dataclass
 class BlocksState:
-    """Streaming state of :func:`block_attention` after ``num_tokens`` tokens (a KV cache plus block summaries).
+    """Streaming state of :func:`block_attention` after ``num_tokens`` tokens (a KV cache plus block summaries),
+    kept in :class:`GrowingTensor` buffers so that appending a token costs O(1) amortised.
 
     * ``key, value``: ``[batch, kv_heads, num_tokens, d]`` — every token's keys and values (positions applied);
-    * ``summaries``: ``[batch, kv_heads, num_tokens // block_size, parts, d]`` — the finished blocks' summaries.
+    * ``summaries``: ``[batch, kv_heads, num_tokens // block_size, parts, d]`` — the finished blocks' summaries;
+    * ``retrieved_key``: with ``positions="compact"``, ``[batch, kv_heads, num_tokens, d]`` — each key moved to the
+      position it has when retrieved (its block starting at ``sink_size``); None otherwise.
 
-    Size: ``element_size · batch · kv_heads · d · (2·num_tokens + parts·(num_tokens // block_size))`` bytes.
-    ``block_size`` and ``summary`` are checked when the state is passed back.
+    Size (:meth:`nbytes`, the rows in use): ``element_size · batch · kv_heads · d · (2·num_tokens (3· with compact
+    positions) + parts·(num_tokens // block_size))`` bytes; the buffers hold up to twice that
+    (:meth:`capacity_nbytes`). ``block_size``, ``summary`` and ``positions`` are checked when the state is passed back.
     """
 
     block_size: int
     summary: str
     num_tokens: int
-    key: torch.Tensor
-    value: torch.Tensor
-    summaries: torch.Tensor
+    buffers: dict
+    positions: str = "original"
+
+    @property
+    def key(self) -> torch.Tensor:
+        return self.buffers["key"].view(self.num_tokens)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.buffers["value"].view(self.num_tokens)
+
+    @property
+    def summaries(self) -> torch.Tensor:
+        return self.buffers["summaries"].view(self.num_tokens // self.block_size)
+
+    @property
+    def retrieved_key(self) -> torch.Tensor | None:
+        buffer = self.buffers.get("retrieved_key")
+        return None if buffer is None else buffer.view(self.num_tokens)
 
     def nbytes(self) -> int:
-        """Bytes held by the state's tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.key, self.value, self.summaries))
+        """Bytes of the rows in use (keys, values, summaries, compact-position keys)."""
+        views = [self.key, self.value, self.summaries] + ([self.retrieved_key] if "retrieved_key" in self.buffers
+                                                          else [])
+        return sum(t.numel() * t.element_size() for t in views)
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated by the buffers (at most about twice :meth:`nbytes`)."""
+        return sum(buffer.capacity_nbytes() for buffer in self.buffers.values())
+
+
+def rope_rotate(x: torch.Tensor, shift, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x [..., n, d]`` (RoPE'd vectors) moved by ``shift`` positions (a number or a tensor broadcasting to
+    ``x.shape[:-1]``), with RoPE's rotate-half layout (Su et al. 2021, arXiv 2104.09864; transformers'
+    ``apply_rotary_pos_emb``): channel pairs ``(i, i + d/2)`` turn by ``shift · inv_freq[i]``. RoPE is relative, so
+    rotating a RoPE'd query by ``δ`` is the same as having computed it at its position + ``δ``. Angles in float64."""
+    shift = torch.as_tensor(shift, dtype=torch.float64, device=x.device)
+    angle = shift[..., None] * inv_freq.to(device=x.device, dtype=torch.float64)  # [..., d/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: int, sink_size: int = 0,
                     summary: str = "minmax", selection: str = "group", dropout_p: float = 0.0,
-                    state: BlocksState | None = None, return_state: bool = False):
+                    state: BlocksState | None = None, return_state: bool = False, *, positions: str = "original",
+                    rope_inv_freq: torch.Tensor | None = None):
     """Exact attention on the local region, the sinks and the top-k earlier blocks each token selects (module doc).
 
     Args:
@@ -138,17 +244,22 @@ def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: 
         state: None, or a :class:`BlocksState` the ``n`` tokens continue (they are positions ``state.num_tokens
             ..``).
         return_state: also return the new :class:`BlocksState`.
+        positions: ``"original"`` (every key where it is) or ``"compact"`` (sinks and retrieved blocks moved close
+            to the query, so no distance exceeds ``sink_size + block_size + 2·chunk_size``; module doc).
+        rope_inv_freq: ``[d / 2]`` RoPE inverse frequencies of ``query`` and ``key`` (needed by ``"compact"``).
     Returns:
         ``[batch, heads, n, d]``, or ``(output, new_state)`` with ``return_state``.
     Raises:
-        ValueError: bad settings (:func:`check_block_settings`), shapes, or a state of another block size/summary.
+        ValueError: bad settings (:func:`check_block_settings`), shapes, or a state of another block size, summary
+            or positions.
     """
-    check_block_settings(chunk_size, block_size, top_k, sink_size, summary, selection)
+    check_block_settings(chunk_size, block_size, top_k, sink_size, summary, selection, positions, rope_inv_freq)
     return block_attention_unchecked(query, key, value, chunk_size, block_size, top_k, sink_size, summary,
-                                     selection, dropout_p, state, return_state)
+                                     selection, dropout_p, state, return_state, positions=positions,
+                                     rope_inv_freq=rope_inv_freq)
 
 
-def _check_inputs(query, key, value, state, block_size, summary):
+def _check_inputs(query, key, value, state, block_size, summary, positions):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [batch, heads, n, head_dim]")
@@ -158,8 +269,9 @@ def _check_inputs(query, key, value, state, block_size, summary):
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"key has {key.shape[1]} heads, which must divide the {query.shape[1]} query heads")
     if state is not None and (not isinstance(state, BlocksState) or state.block_size != block_size
-                              or state.summary != summary or state.key.shape[:2] != key.shape[:2]):
-        raise ValueError("state must be a BlocksState of the same batch, kv_heads, block_size and summary")
+                              or state.summary != summary or state.positions != positions
+                              or state.key.shape[:2] != key.shape[:2]):
+        raise ValueError("state must be a BlocksState of the same batch, kv_heads, block_size, summary and positions")
 
 
 def _per_row(left, right):
@@ -172,26 +284,43 @@ def _per_row(left, right):
 
 def block_attention_unchecked(query, key, value, chunk_size: int | None, block_size: int, top_k: int,
                               sink_size: int, summary: str, selection: str, dropout_p: float,
-                              state: BlocksState | None, return_state: bool):
+                              state: BlocksState | None, return_state: bool, *, positions: str = "original",
+                              rope_inv_freq: torch.Tensor | None = None):
     """:func:`block_attention` without its settings checks (the caller has made them, e.g. a converted layer at
     construction), and with two settings it refuses: ``top_k = 0`` (local region + sinks only: the retrieval-off
     reference) and ``chunk_size = None`` (one chunk: full causal attention over the cache, a dense layer).
     Shapes, returns and input errors as :func:`block_attention`."""
-    _check_inputs(query, key, value, state, block_size, summary)
+    _check_inputs(query, key, value, state, block_size, summary, positions)
     batch, heads, n, d = query.shape
     groups = key.shape[1]
     group = heads // groups
     offset = 0 if state is None else state.num_tokens
-    if state is not None:
-        key, value = torch.cat([state.key, key], dim=2), torch.cat([state.value, value], dim=2)  # [b, G, T, d]
     total = offset + n
-    done = 0 if state is None else state.summaries.shape[2]
-    summaries = block_summaries(key[:, :, done * block_size:], block_size, summary)  # the newly finished blocks
-    if state is not None:
-        summaries = torch.cat([state.summaries, summaries], dim=2)  # [b, G, T // B, parts, d]
+    compact = positions == "compact"
+    new = {"key": key, "value": value}
+    if compact:  # each key as retrieved: its block moved to start at position sink_size
+        pos = torch.arange(offset, total, device=key.device)
+        new["retrieved_key"] = rope_rotate(key, sink_size - pos // block_size * block_size, rope_inv_freq)
+    done = offset // block_size
+    if state is None:
+        buffers = {name: GrowingTensor.of(t) if return_state else GrowingTensor(t.contiguous(), n) for name, t in new.items()}
+    else:
+        buffers = {name: state.buffers[name].extended(offset, t) for name, t in new.items()}
+    key, value = buffers["key"].view(total), buffers["value"].view(total)  # [b, G, T, d]
+    retrieved_key = buffers["retrieved_key"].view(total) if compact else key
+    fresh = block_summaries(retrieved_key[:, :, done * block_size:], block_size, summary, sink_size,
+                            done * block_size)  # the newly finished blocks
+    if state is None:
+        buffers["summaries"] = GrowingTensor.of(fresh) if return_state else GrowingTensor(fresh, fresh.shape[2])
+    else:
+        buffers["summaries"] = state.buffers["summaries"].extended(done, fresh)
+    summaries = buffers["summaries"].view(total // block_size)  # [b, G, T // B, parts, d]
 
-    flat_key, flat_value = (t.contiguous().view(batch * groups * total, d) for t in (key, value))  # token rows
-    token_base = torch.arange(batch * groups, device=query.device).view(batch, groups, 1, 1, 1) * total
+    source = buffers["retrieved_key"] if compact else buffers["key"]
+    capacity = source.data.shape[2]  # token rows of the (contiguous) buffers, gathered without copying them
+    flat_key = source.data.view(batch * groups * capacity, d)
+    flat_value = buffers["value"].data.view(batch * groups * capacity, d)
+    token_base = torch.arange(batch * groups, device=query.device).view(batch, groups, 1, 1, 1) * capacity
     scale = 1.0 / math.sqrt(d)
     size = chunk_size or total
     q = query.unflatten(1, (groups, group))  # [b, G, g, n, d]
@@ -200,6 +329,9 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
         first, stop = max(offset, chunk * size), min(total, (chunk + 1) * size)  # query positions [first, stop)
         rows = q[:, :, :, first - offset: stop - offset]  # [b, G, g, r, d]
         local_start = 0 if chunk_size is None else max(0, (chunk - 1) * size)
+        # the query as the sinks and retrieved blocks see it: with compact positions, at sink_size + block_size +
+        # (its offset in the local region), so sinks and blocks lie at most sink_size + block_size + 2·chunk back
+        far_rows = rope_rotate(rows, sink_size + block_size - local_start, rope_inv_freq) if compact else rows
         query_pos = torch.arange(first, stop, device=query.device)
         key_pos = torch.arange(local_start, stop, device=query.device)
         scores = [(rows @ key[:, :, None, local_start:stop].transpose(-1, -2)) * scale]  # [b, G, g, r, m]
@@ -207,21 +339,22 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
         values = [value[:, :, None, local_start:stop]]  # [b, G, 1, m, d]
         sinks = min(sink_size, local_start)
         if sinks:
-            scores.append((rows @ key[:, :, None, :sinks].transpose(-1, -2)) * scale)  # [b, G, g, r, s]
+            scores.append((far_rows @ key[:, :, None, :sinks].transpose(-1, -2)) * scale)  # [b, G, g, r, s]
             values.append(value[:, :, None, :sinks])
         candidates = local_start // block_size
-        k = min(top_k, candidates)
+        sink_blocks = min(sink_size // block_size, candidates)  # blocks of sink tokens only are never candidates
+        k = min(top_k, candidates - sink_blocks)
         selected = None
         if k:
-            chosen = block_scores(rows, summaries[:, :, :candidates], summary)  # [b, G, g, r, candidates]
+            chosen = block_scores(far_rows, summaries[:, :, sink_blocks:candidates], summary)  # [b, G, g, r, c]
             if selection == "group":
                 chosen = chosen.sum(2, keepdim=True)  # [b, G, 1, r, candidates]: one choice per group
-            index = chosen.topk(k, dim=-1).indices  # [b, G, g or 1, r, k]
+            index = chosen.topk(k, dim=-1).indices + sink_blocks  # [b, G, g or 1, r, k]
             pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
             flat = (pos + token_base).flatten()  # [b·G·g'·r·k·B] rows of flat_key: the selected blocks' tokens
             sel_k, sel_v = (t.index_select(0, flat).view(*pos.shape, d)
                             for t in (flat_key, flat_value))  # [b, G, g', r, k·B, d]
-            selected = _per_row(rows, sel_k.transpose(-1, -2)) * scale  # [b, G, g, r, k·B]
+            selected = _per_row(far_rows, sel_k.transpose(-1, -2)) * scale  # [b, G, g, r, k·B]
             if sink_size:  # sink tokens inside a retrieved block are already attended as sinks
                 selected = selected.masked_fill(pos < sinks, float("-inf"))
             scores.append(selected)
@@ -236,4 +369,4 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
     output = torch.cat(outputs, dim=3).flatten(1, 2)  # [b, H, n, d]
     if not return_state:
         return output
-    return output, BlocksState(block_size, summary, total, key, value, summaries)
+    return output, BlocksState(block_size, summary, total, buffers, positions)

@@ -325,7 +325,8 @@ def dense_terraced(q, k, v, chunk_size, module, sink=0, retrieve=True):
 def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group"):
     """Block retrieval (:mod:`bsbr.blocks`) written out token by token: for every token and head an explicit ``[n]``
     mask (local region, sinks, its selected blocks), the block scores summed over its key/value group's heads
-    (``selection="group"``) from per-block min/max or mean keys, the best ``top_k`` candidates by sorting."""
+    (``selection="group"``) from per-block min/max or mean keys of its non-sink tokens, the best ``top_k`` candidates
+    by sorting (blocks of sink tokens only are no candidates)."""
     batch, heads, n, d = q.shape
     group = heads // k.shape[1]
     out = torch.zeros_like(q)
@@ -337,8 +338,9 @@ def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, s
                 kv = h // group
                 score_heads = range(kv * group, (kv + 1) * group) if selection == "group" else [h]
                 scores = []
-                for j in range(candidates):
-                    keys = k[b, kv, j * block_size: (j + 1) * block_size]  # [B, d]
+                usable = [j for j in range(candidates) if (j + 1) * block_size > sink_size]
+                for j in usable:
+                    keys = k[b, kv, max(j * block_size, sink_size): (j + 1) * block_size]  # [B or fewer, d]
                     total = 0.0
                     for hh in score_heads:
                         query = q[b, hh, t]
@@ -347,7 +349,7 @@ def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, s
                         else:
                             total += (query * keys.mean(0)).sum()
                     scores.append(float(total))
-                chosen = sorted(range(candidates), key=lambda j: -scores[j])[:top_k]
+                chosen = [usable[i] for i in sorted(range(len(usable)), key=lambda i: -scores[i])[:top_k]]
                 allowed = torch.zeros(n, dtype=torch.bool)
                 allowed[local_start: t + 1] = True
                 allowed[: min(sink_size, t + 1)] = True
@@ -369,3 +371,67 @@ def dense_local_softmax(q, k, v, chunk_size, sink=0):
     seen = ((chunk[:, None] == chunk[None, :]) | (position[None, :] < sink)) & (position[None, :] <= position[:, None])
     scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~seen, float("-inf"))  # [b, h, n, n]
     return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def rope_at(x, positions, inv_freq):
+    """RoPE (rotate-half layout, as transformers' ``apply_rotary_pos_emb``) of raw vectors ``x [..., n, d]`` at the
+    explicit ``positions [n]``, written out from cos/sin tables."""
+    angle = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]  # [n, d/2]
+    cos = torch.cat([angle.cos(), angle.cos()], dim=-1).to(x.dtype)
+    sin = torch.cat([angle.sin(), angle.sin()], dim=-1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def dense_block_attention_compact(q_raw, k_raw, v, inv_freq, chunk_size, block_size, top_k, sink_size=0,
+                                  summary="minmax", selection="group"):
+    """Block retrieval with ``positions="compact"`` written out token by token from *raw* (un-rotated) queries and
+    keys: token ``t`` (local region from ``L``) sits at position ``sink_size + block_size + t - L``, a local key ``s``
+    at ``sink_size + block_size + s - L``, a sink ``s`` at ``s``, and token ``i`` of any retrieved block at
+    ``sink_size + i``; RoPE is applied at those explicit positions (:func:`rope_at`), blocks are scored with the
+    query at its position against the summary of the block's keys at theirs."""
+    batch, heads, n, d = q_raw.shape
+    group = heads // k_raw.shape[1]
+    out = torch.zeros_like(q_raw)
+    one = torch.ones(1, dtype=torch.long)
+    for b in range(batch):
+        for t in range(n):
+            local_start = max(0, (t // chunk_size - 1) * chunk_size)
+            q_pos = sink_size + block_size + t - local_start
+            candidates = local_start // block_size
+            usable = [j for j in range(candidates) if (j + 1) * block_size > sink_size]
+            for h in range(heads):
+                kv = h // group
+                score_heads = range(kv * group, (kv + 1) * group) if selection == "group" else [h]
+                scores = []
+                for j in usable:
+                    first = max(j * block_size, sink_size)
+                    placed = rope_at(k_raw[b, kv, first: (j + 1) * block_size],
+                                     sink_size + torch.arange(first - j * block_size, block_size), inv_freq)
+                    total = 0.0
+                    for hh in score_heads:
+                        query = rope_at(q_raw[b, hh, t][None], q_pos * one, inv_freq)[0]
+                        if summary == "minmax":
+                            total += torch.maximum(query * placed.amin(0), query * placed.amax(0)).sum()
+                        else:
+                            total += (query * placed.mean(0)).sum()
+                    scores.append(float(total))
+                chosen = [usable[i] for i in sorted(range(len(usable)), key=lambda i: -scores[i])[:top_k]]
+                keys, values = [], []
+                for s in range(min(sink_size, local_start)):  # sinks before the local region, at their own place
+                    keys.append(rope_at(k_raw[b, kv, s][None], s * one, inv_freq)[0])
+                    values.append(v[b, kv, s])
+                for j in chosen:
+                    for p in range(max(j * block_size, sink_size), (j + 1) * block_size):
+                        keys.append(rope_at(k_raw[b, kv, p][None], (sink_size + p - j * block_size) * one,
+                                            inv_freq)[0])
+                        values.append(v[b, kv, p])
+                for s in range(local_start, t + 1):
+                    keys.append(rope_at(k_raw[b, kv, s][None], (sink_size + block_size + s - local_start) * one,
+                                        inv_freq)[0])
+                    values.append(v[b, kv, s])
+                query = rope_at(q_raw[b, h, t][None], q_pos * one, inv_freq)[0]
+                weights = torch.softmax(torch.stack(keys) @ query / math.sqrt(d), dim=0)
+                out[b, h, t] = weights @ torch.stack(values)
+    return out

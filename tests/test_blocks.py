@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr.blocks import BlocksState, block_attention, block_scores, block_summaries
-from tests.reference import dense_block_attention
+from bsbr.blocks import BlocksState, block_attention, block_scores, block_summaries, rope_rotate
+from tests.reference import dense_block_attention, dense_block_attention_compact, rope_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,3 +150,86 @@ def test_no_tensor_grows_with_n_squared():
     with Largest():
         block_attention(q, k, v, 32, 8, 2, sink_size=4)
     assert Largest.numel == 2 * n * 4  # the largest is the output [1, 2, n, 4]: nothing near n² = 1,048,576
+
+
+def rope_inputs(n=37, heads=4, kv_heads=2, d=8, seed=0):
+    """Raw q, k, v, inverse frequencies (base 10,000) and the RoPE'd q, k at positions 0..n-1."""
+    q, k, v = qkv(heads=heads, kv_heads=kv_heads, n=n, d=d, seed=seed)
+    inv_freq = 1.0 / (10_000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    positions = torch.arange(n)
+    return q, k, v, inv_freq, rope_at(q, positions, inv_freq), rope_at(k, positions, inv_freq)
+
+
+def test_rope_rotate_moves_a_rope_vector_by_the_shift():
+    q, _, _, inv_freq, q_rot, _ = rope_inputs(n=12)
+    moved = rope_rotate(q_rot, torch.tensor(-7.0), inv_freq)  # every position 7 back: positions -7..4
+    torch.testing.assert_close(moved, rope_at(q, torch.arange(12) - 7, inv_freq), atol=1e-12, rtol=0)
+    per_token = rope_rotate(q_rot, torch.arange(12) * 3, inv_freq)  # token i to position 4·i
+    torch.testing.assert_close(per_token, rope_at(q, torch.arange(12) * 4, inv_freq), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize(("n", "chunk_size", "block_size", "top_k", "sink_size"),
+                         [(37, 8, 4, 1, 3), (41, 6, 3, 2, 2), (33, 8, 2, 3, 5), (37, 8, 4, 100, 0)])
+def test_compact_positions_match_the_written_out_reference(n, chunk_size, block_size, top_k, sink_size, summary,
+                                                           selection):
+    q, k, v, inv_freq, q_rot, k_rot = rope_inputs(n=n, seed=n + top_k)
+    got = block_attention(q_rot, k_rot, v, chunk_size, block_size, top_k, sink_size, summary, selection,
+                          positions="compact", rope_inv_freq=inv_freq)
+    expected = dense_block_attention_compact(q, k, v, inv_freq, chunk_size, block_size, top_k, sink_size, summary,
+                                             selection)
+    assert (got - expected).abs().max() <= 1e-10
+    original = block_attention(q_rot, k_rot, v, chunk_size, block_size, top_k, sink_size, summary, selection)
+    assert (got - original)[:, :, 2 * chunk_size:].abs().max() > 1e-3  # compact positions do change the result
+    torch.testing.assert_close(got[:, :, :chunk_size], original[:, :, :chunk_size], atol=1e-12, rtol=0)  # chunk 0
+
+
+@pytest.mark.parametrize("pieces", [(1,) * 29, (5, 1, 9, 3, 11), (29,)])
+def test_compact_streaming_in_pieces_equals_one_call(pieces):
+    q, k, v, inv_freq, q_rot, k_rot = rope_inputs(n=29)
+    args = (8, 2, 2, 3, "minmax", "group")
+    kwargs = {"positions": "compact", "rope_inv_freq": inv_freq}
+    full = block_attention(q_rot, k_rot, v, *args, **kwargs)
+    outs, state, start = [], None, 0
+    for size in pieces:
+        piece = slice(start, start + size)
+        out, state = block_attention(q_rot[:, :, piece], k_rot[:, :, piece], v[:, :, piece], *args, state=state,
+                                     return_state=True, **kwargs)
+        outs.append(out)
+        start += size
+    assert (torch.cat(outs, 2) - full).abs().max() <= 1e-12
+    assert state.positions == "compact" and state.retrieved_key.shape == k.shape
+    with pytest.raises(ValueError, match="positions"):
+        block_attention(q_rot[:, :, :1], k_rot[:, :, :1], v[:, :, :1], *args, state=state)
+
+
+def test_state_appends_in_place_and_a_state_continued_twice_is_not_corrupted():
+    q, k, v = qkv(n=40)
+    args = (8, 2, 2, 3, "mean", "group")
+    _, state = block_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], *args, return_state=True)
+    buffer = state.buffers["key"].data
+    assert buffer.shape[2] == 40  # room for as many tokens again
+    _, longer = block_attention(q[:, :, 20:30], k[:, :, 20:30], v[:, :, 20:30], *args, state=state,
+                                return_state=True)
+    assert longer.buffers["key"].data is buffer  # appended in place: no copy of the first 20 tokens
+    assert state.key.shape[2] == 20 and state.nbytes() < longer.nbytes() <= longer.capacity_nbytes()
+    # continue the older state again with different tokens: it must not see (or overwrite) the first continuation
+    other, forked = block_attention(-q[:, :, 20:30], -k[:, :, 20:30], -v[:, :, 20:30], *args, state=state,
+                                    return_state=True)
+    assert forked.buffers["key"].data is not buffer
+    expected = block_attention(torch.cat([q[:, :, :20], -q[:, :, 20:30]], 2), torch.cat([k[:, :, :20], -k[:, :, 20:30]], 2),
+                               torch.cat([v[:, :, :20], -v[:, :, 20:30]], 2), *args)[:, :, 20:]
+    assert (other - expected).abs().max() <= 1e-12
+    last, _ = block_attention(q[:, :, 30:40], k[:, :, 30:40], v[:, :, 30:40], *args, state=longer, return_state=True)
+    assert (last - block_attention(q, k, v, *args)[:, :, 30:]).abs().max() <= 1e-12
+
+
+def test_compact_settings_are_checked():
+    q, k, v = qkv(n=8)
+    with pytest.raises(ValueError, match="positions"):
+        block_attention(q, k, v, 4, 2, 1, positions="relative")
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        block_attention(q, k, v, 4, 2, 1, positions="compact")
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        block_attention(q, k, v, 4, 2, 1, rope_inv_freq=torch.ones(4))

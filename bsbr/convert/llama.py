@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaModel, LlamaRotaryEmbedding,
+                                                      apply_rotary_pos_emb)
 
 from bsbr.convert.base import BSBRConvertedAttention
 
@@ -92,6 +93,20 @@ class BSBRLlamaAttention(BSBRConvertedAttention):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         return query, key, value
+
+    def rope_inverse_frequencies(self) -> torch.Tensor:
+        """``[head_dim / 2]`` float32: the RoPE inverse frequencies of this model (what ``positions="compact"`` of
+        block retrieval rotates keys and queries with).
+
+        Raises:
+            ValueError: a RoPE whose rotation is not a fixed rotation per position (``"dynamic"`` frequencies, or an
+                attention scaling other than 1 as in YaRN/LongRoPE): moving a key by a shift would not be exact.
+        """
+        rotary = LlamaRotaryEmbedding(self.config)
+        if rotary.rope_type == "dynamic" or abs(rotary.attention_scaling - 1.0) > 1e-12:
+            raise ValueError(f"positions='compact' needs a fixed RoPE rotation; this model's rope_type "
+                             f"{rotary.rope_type!r} (attention scaling {rotary.attention_scaling}) is not supported")
+        return rotary.inv_freq.to(self.q_proj.weight.device)
 
     def _output(self, attention: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attention)

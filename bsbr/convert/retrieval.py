@@ -346,13 +346,17 @@ class BlocksMode(RetrievalMode):
     more than the candidate blocks means all), ``summary`` (``"minmax"``: Quest's bound, or ``"mean"``),
     ``sink_size`` (0), ``selection`` (``"group"``: one choice per key/value group, scores summed over its query
     heads; or ``"head"``), ``dense_layers`` (indices of the layers left as the original full causal attention,
-    e.g. ``(0, 1)`` as Quest does). With ``layer.retrieval = False``: the local region and the sinks only.
+    e.g. ``(0, 1)`` as Quest does), ``positions`` (``"original"``: every key at its own RoPE position; or
+    ``"compact"``: sinks at 0..sink_size-1, each retrieved block at sink_size.., the local region right after, so no
+    RoPE distance exceeds ``sink_size + block_size + 2·chunk_size`` however long the input — StreamingLLM's and
+    InfLLM's answer to positions beyond the trained range; RoPE models only, no dense layers). With
+    ``layer.retrieval = False``: the local region and the sinks only.
     Streaming state: :class:`bsbr.blocks.BlocksState` (every token's keys/values and the block summaries: a KV
     cache, O(tokens)). Attended tokens per query: at most ``2·chunk_size + sink_size + top_k·block_size``.
     Sources: Quest (arXiv 2406.10774), InfLLM (arXiv 2402.04617), MoBA (arXiv 2502.13189).
     """
 
-    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers")
+    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers", "positions")
 
     @staticmethod
     def add_modules(layer, compression_factor, **options) -> None:
@@ -363,13 +367,22 @@ class BlocksMode(RetrievalMode):
             raise ValueError(f"compression_factor must be None for retrieval='blocks' (it keeps exact keys and values), "
                              f"got {compression_factor!r}")
         settings = {"block_size": layer.chunk_size, "top_k": 4, "summary": "minmax", "sink_size": 0,
-                    "selection": "group", **options}
+                    "selection": "group", "positions": "original", **options}
         dense = settings.pop("dense_layers", ())
         num_layers = layer.config.num_hidden_layers
         if isinstance(dense, (str, bytes)) or not hasattr(dense, "__iter__") or any(
                 isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in dense):
             raise ValueError(f"dense_layers must be layer indices in [0, {num_layers}), got {dense!r}")
-        check_block_settings(layer.chunk_size, **settings)
+        inv_freq = None
+        if settings["positions"] == "compact":
+            if not hasattr(layer, "rope_inverse_frequencies"):
+                raise ValueError(f"positions='compact' needs a RoPE model; {type(layer).__name__} has none")
+            if dense:
+                raise ValueError(f"dense_layers={dense!r} attend at original positions; with positions='compact' "
+                                 "every layer must be a block-retrieval layer (pass dense_layers=())")
+            inv_freq = layer.rope_inverse_frequencies()
+        check_block_settings(layer.chunk_size, **settings, rope_inv_freq=inv_freq)
+        layer.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # moves with the model, never saved
         layer.blocks_options = settings
         layer.dense_layers = tuple(sorted(set(dense)))
         layer.compression = None
@@ -382,7 +395,8 @@ class BlocksMode(RetrievalMode):
                                              options["summary"], "group", dropout_p, state, return_state)
         return block_attention_unchecked(query, key, value, layer.chunk_size, options["block_size"],
                                          options["top_k"] if layer.retrieval else 0, options["sink_size"],
-                                         options["summary"], options["selection"], dropout_p, state, return_state)
+                                         options["summary"], options["selection"], dropout_p, state, return_state,
+                                         positions=options["positions"], rope_inv_freq=layer.rope_inv_freq)
 
     @staticmethod
     def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:

@@ -137,7 +137,7 @@ def test_settings_round_trip_through_a_checkpoint(tmp_path):
     save_conversion(model, path)
     loaded = load_conversion(tiny_llama(), path)
     assert conversion_settings(loaded) == conversion_settings(model)
-    assert conversion_settings(model)["normalized_options"] == options
+    assert conversion_settings(model)["normalized_options"] == {**options, "positions": "original"}
     x = tokens(1, 21)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
@@ -162,3 +162,49 @@ def test_padded_generation_with_and_without_cache_agree_also_for_beam_search():
             full = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, do_sample=False,
                                   use_cache=False)
             torch.testing.assert_close(cached, full, atol=0, rtol=0)
+
+
+def test_compact_positions_layer_maths_is_the_reference():
+    """positions="compact" in a converted Llama: the layer's RoPE frequencies and the written-out reference, which
+    applies RoPE to raw queries/keys at the scheme's explicit positions."""
+    from tests.reference import dense_block_attention_compact, rope_at
+
+    model = blocks_model(positions="compact", summary="mean", selection="head")
+    layer = first_attention(model).double()
+    inv_freq = layer.rope_inv_freq.double()
+    torch.testing.assert_close(inv_freq, model.model.rotary_emb.inv_freq.double(), atol=0, rtol=0)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 29, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    positions = torch.arange(29)
+    got = BlocksMode.attend(layer, None, rope_at(q, positions, inv_freq), rope_at(k, positions, inv_freq), v, 0.0)
+    expected = dense_block_attention_compact(q, k, v, inv_freq, 4, 2, 2, 1, "mean", "head")
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_compact_positions_through_the_model_cache_padding_and_generation():
+    original = tiny_llama()
+    x = tokens(2, 23)
+    model = blocks_model(positions="compact")
+    with torch.no_grad():
+        one_chunk = converted_copy(original, 32, retrieval="blocks", **SETTINGS, positions="compact")(x).logits
+        torch.testing.assert_close(one_chunk, original(x).logits, atol=1e-5, rtol=0)
+        full = model(x).logits
+        assert (full - blocks_model()(x).logits).abs().max() > 1e-3  # the positions matter
+        torch.testing.assert_close(feed_in_pieces(model, x, (3, 1, 6, 2, 11), BSBRCache(2)), full, atol=ATOL,
+                                   rtol=0)
+        y = x.clone()
+        y[:, 12] = (y[:, 12] + 37) % 100
+        torch.testing.assert_close(model(y).logits[:, :12], full[:, :12], atol=1e-6, rtol=0)  # causal
+        ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        torch.testing.assert_close(cached, model.generate(ids, attention_mask=mask, max_new_tokens=6,
+                                                          do_sample=False, use_cache=False), atol=0, rtol=0)
+
+
+def test_compact_positions_need_rope_and_no_dense_layers():
+    with pytest.raises(ValueError, match="RoPE"):
+        convert_to_bsbr(tiny_gpt2(), 4, retrieval="blocks", positions="compact")
+    with pytest.raises(ValueError, match="dense_layers"):
+        convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", positions="compact", dense_layers=[0])
+    with pytest.raises(ValueError, match="positions"):
+        convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", positions="relative")
