@@ -48,7 +48,8 @@ EXTERNAL_RESOURCE = re.compile(
 
 
 #: A tqdm status line: "desc:  40%|####      | 12/30 [00:07<03:28,  7.18s/layer, loss=0.3]" or, without a total,
-#: "desc: 12it [00:03,  4.00it/s]". Matched by its bar (``NN%|...| N``) or its time bracket (``[elapsed<``, ``[elapsed,``).
+#: "desc: 12it [00:03,  4.00it/s]". Matched by its bar (``NN%|...| N``) or its time bracket (``[elapsed<``,
+#: ``[elapsed,``).
 PROGRESS_LINE = re.compile(r"\d{1,3}%\|.*\|\s*\d|\[(?:\d+:)?\d\d:\d\d(?:<|,\s)")
 
 #: Output MIME types of interactive widgets (tqdm.notebook bars); a static page cannot show them.
@@ -69,8 +70,7 @@ def without_progress_bars(text: str) -> str:
     dropped bar leaves at the start."""
     kept, dropped = [], False
     for line in re.findall(r"[^\n]*\n|[^\n]+", text):  # lines split at "\n" only (str.splitlines splits at "\r")
-        body = line.rstrip("\r\n")
-        final = body.rsplit("\r", 1)[-1]
+        final = line.rstrip("\r\n").rsplit("\r", 1)[-1]
         if PROGRESS_LINE.search(final):
             dropped = True
         else:
