@@ -7,12 +7,13 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup repro test lab clean-venv
 
-# Install the pinned environment into .venv (re-done when pyproject.toml changes).
+# Install the pinned environment into .venv (re-done when pyproject.toml or this recipe changes). The lab extra
+# is part of it: the tests start the JupyterLab server `make lab` runs (tests/pipelines/test_lab.py).
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=25"
-	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev,lab]"
 	touch $@
 
 # The main job: every pipeline stage with the default profile (params.yaml).
@@ -24,11 +25,11 @@ test: setup
 	dvc repro prepare_corpus
 	python -m pytest
 
-# JupyterLab with the project's environment as kernel "Python (bsbr)".
+# JupyterLab with the project's environment as kernel "Python (bsbr)". Jupyter refuses to start as root (the
+# default user in containers) without --allow-root, so root (effective uid 0) gets it; nobody else does.
 lab: setup
-	$(VENV)/bin/python -m pip install --quiet -e ".[lab]"
 	$(VENV)/bin/python -m ipykernel install --sys-prefix --name bsbr --display-name "Python (bsbr)"
-	jupyter lab notebooks/
+	jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 clean-venv:
 	rm -rf $(VENV)

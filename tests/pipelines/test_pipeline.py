@@ -343,6 +343,94 @@ def test_report_is_offline_and_hides_code(scaling_smoke, tmp_path):
     assert "\r" not in html  # progress-bar redraws collapsed
 
 
+def _stream(name: str, text: str):
+    return nbformat.v4.new_output("stream", name=name, text=text)
+
+
+def _noisy_notebook(path: Path) -> Path:
+    """An executed notebook whose outputs hold what a terminal shows: tqdm bars written in pieces to stdout and
+    stderr, a widget bar, warnings, a model-hub retry with its traceback; and what a report shows."""
+    gguf = "".join(f"\rConverting and de-quantizing GGUF tensors...: {p:3d}%|{'█' * (p // 10):<10}| "
+                   f"{p * 272 // 100}/272 [00:01<00:00, 192.28it/s]" for p in (0, 50, 100)) + "\n"
+    load = _new_code_cell_with([
+        _stream("stderr", "/venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found.\n"
+                          "  from .autonotebook import tqdm as notebook_tqdm\n"),
+        _stream("stderr", gguf),
+        _stream("stderr", "Loading weights: 100%|##########| 272/272 [00:00<00:00, 1871.22it/s]\n"),
+        _stream("stderr", "Traceback (most recent call last):\n  File \"hub.py\", line 1, in get\n"
+                          "requests.exceptions.ConnectionError: Max retries exceeded with url: /gpt2\n"
+                          "Retrying in 1s [Retry 1/5].\n"),
+        _stream("stdout", "\rcalibrating layers:   0%|          | 0/30 [00:00<?, ?layer/s]"),
+        _stream("stdout", "\rcalibrating layers: 100%|##########| 30/30 [03:25<00:00,  6.86s/layer, own=0.006]"),
+        _stream("stdout", "\n"),
+        _stream("stdout", "loaded LlamaForCausalLM in 14.0 s: 30 layers\n"),
+    ])
+    widget = _new_code_cell_with([nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2, "version_minor": 0},
+        "text/plain": "windows:   0%|          | 0/10 [00:00<?, ?it/s]"})])
+    results = _new_code_cell_with([
+        _stream("stdout", "\n12 windows × 11 models in 540.5 s\nsteps: 12it [00:03,  4.00it/s]\n"
+                          "step 1\rstep 2 of 2\n"),
+        _stream("stderr", "/work/bsbr/x.py:3: FutureWarning: the default will change\n"),
+        nbformat.v4.new_output("execute_result", execution_count=3,
+                               data={"text/html": "<table><tr><td>perplexity 13.7</td></tr></table>",
+                                     "text/plain": "perplexity 13.7"}),
+    ])
+    nb = new_notebook(cells=[new_markdown_cell("# 09 · Noisy outputs\n\nThe question."), load, widget, results])
+    nbformat.write(nb, path)
+    return path
+
+
+def _new_code_cell_with(outputs: list):
+    cell = new_code_cell("pass")
+    cell.outputs = outputs
+    return cell
+
+
+TERMINAL_TEXT = ("it/s", "s/layer", "%|", "Loading weights", "Converting and de-quantizing GGUF tensors",
+                 "calibrating layers", "Warning", "Traceback", "Retry", "ConnectionError", "0/10", "step 1", "\r",
+                 'data-mime-type="application/vnd.jupyter.stderr"', "widget-view")
+
+
+def test_report_leaves_terminal_output_out(tmp_path):
+    notebook = _noisy_notebook(tmp_path / "09_noisy.ipynb")
+    before = notebook.read_bytes()
+    report = tmp_path / "09_noisy.html"
+    assert render_report.main([str(notebook), str(report)]) == 0
+    html = report.read_text()
+    assert [text for text in TERMINAL_TEXT if text in html] == []
+    # what the run printed for the reader stays, each line once, in order
+    kept = ["loaded LlamaForCausalLM in 14.0 s: 30 layers", "12 windows × 11 models in 540.5 s", "step 2 of 2",
+            "<td>perplexity 13.7</td>"]
+    assert [html.count(text) for text in kept] == [1, 1, 1, 1]
+    assert sorted(kept, key=html.index) == kept
+    stdout_blocks = html.count('class="jp-RenderedText jp-OutputArea-output" data-mime-type="text/plain"')
+    assert stdout_blocks == 2  # one per cell that printed something for the reader
+    assert notebook.read_bytes() == before  # the executed notebook keeps its bars
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\rbar:  0%|    | 0/3 [00:00<?, ?it/s]\rbar: 100%|####| 3/3 [00:01<00:00,  2.9it/s]\n\nnext\n", "next\n"),
+    ("x: 12it [00:03,  4.00it/s]\ndone", "done"),
+    ("LoRA distillation:  40%|####      | 20/50 [1:02:07<1:33:10, 186.3s/step, loss=0.31]\n", ""),
+    ("step 1\rstep 2 of 2\r\nsummary\n", "step 2 of 2\nsummary\n"),
+    ("\nplain, no bar: 50% | 3/6 [a, b]\n", "\nplain, no bar: 50% | 3/6 [a, b]\n"),  # untouched, leading blank line too
+])
+def test_without_progress_bars(text, expected):
+    assert render_report.without_progress_bars(text) == expected
+
+
+def test_failed_notebook_is_not_rendered(tmp_path, capsys):
+    cell = _new_code_cell_with([nbformat.v4.new_output("error", ename="ValueError", evalue="chunk_size must be > 0",
+                                                       traceback=["Traceback", "ValueError: chunk_size must be > 0"])])
+    notebook = tmp_path / "09_failed.ipynb"
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# 09 · Failed"), cell]), notebook)
+    report = tmp_path / "09_failed.html"
+    assert render_report.main([str(notebook), str(report)]) == 1
+    assert "cell 1 raised ValueError: chunk_size must be > 0" in capsys.readouterr().err
+    assert not report.exists()
+
+
 def test_external_resource_detector():
     bad = ['<script src="https://cdn.example/x.js"></script>', "<link rel='stylesheet' href='http://x/y.css'>",
            '<img src="//x/y.png">', "<style>@import url(https://fonts.example/css);</style>"]
