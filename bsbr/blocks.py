@@ -60,16 +60,21 @@ POSITIONS = ("original", "compact")
 
 
 def check_block_settings(chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group",
-                         positions="original", rope_inv_freq=None) -> None:
+                         positions="original", rope_inv_freq=None, page_size=None) -> None:
     """Raise ValueError naming the argument unless: ``chunk_size``, ``block_size`` and ``top_k`` are integers >= 1,
     ``block_size`` divides ``chunk_size``, ``sink_size`` is an integer >= 0, ``summary`` is a key of
     :data:`SUMMARIES`, ``selection`` one of :data:`SELECTIONS`, ``positions`` one of :data:`POSITIONS`, and
-    ``rope_inv_freq`` a 1-D tensor exactly when ``positions="compact"``."""
+    ``rope_inv_freq`` a 1-D tensor exactly when ``positions="compact"``, and ``page_size`` None or an integer >= 1
+    dividing ``block_size``."""
     check_positive_int(chunk_size=chunk_size, block_size=block_size, top_k=top_k)
     check_int_at_least(0, sink_size=sink_size)
     if chunk_size % block_size:
         raise ValueError(f"block_size={block_size} must divide chunk_size={chunk_size} (blocks may not straddle "
                          "chunks)")
+    if page_size is not None:
+        check_positive_int(page_size=page_size)
+        if block_size % page_size:
+            raise ValueError(f"page_size={page_size} must divide block_size={block_size} (a block is whole pages)")
     if not isinstance(summary, str) or summary not in SUMMARIES:
         raise ValueError(f"summary must be one of {list(SUMMARIES)}, got {summary!r}")
     if not isinstance(selection, str) or selection not in SELECTIONS:
@@ -169,13 +174,14 @@ class BlocksState:
     kept in :class:`GrowingTensor` buffers so that appending a token costs O(1) amortised.
 
     * ``key, value``: ``[batch, kv_heads, num_tokens, d]`` — every token's keys and values (positions applied);
-    * ``summaries``: ``[batch, kv_heads, num_tokens // block_size, parts, d]`` — the finished blocks' summaries;
+    * ``summaries``: ``[batch, kv_heads, num_tokens // page_size, parts, d]`` — the finished pages' summaries;
     * ``retrieved_key``: with ``positions="compact"``, ``[batch, kv_heads, num_tokens, d]`` — each key moved to the
       position it has when retrieved (its block starting at ``sink_size``); None otherwise.
 
     Size (:meth:`nbytes`, the rows in use): ``element_size · batch · kv_heads · d · (2·num_tokens (3· with compact
-    positions) + parts·(num_tokens // block_size))`` bytes; the buffers hold up to twice that
-    (:meth:`capacity_nbytes`). ``block_size``, ``summary`` and ``positions`` are checked when the state is passed back.
+    positions) + parts·(num_tokens // page_size))`` bytes; the buffers hold up to twice that
+    (:meth:`capacity_nbytes`). ``block_size``, ``page_size``, ``summary`` and ``positions`` are checked when the state
+    is passed back.
     """
 
     block_size: int
@@ -183,6 +189,7 @@ class BlocksState:
     num_tokens: int
     buffers: dict
     positions: str = "original"
+    page_size: int | None = None  # None: one page per block
 
     @property
     def key(self) -> torch.Tensor:
@@ -194,7 +201,7 @@ class BlocksState:
 
     @property
     def summaries(self) -> torch.Tensor:
-        return self.buffers["summaries"].view(self.num_tokens // self.block_size)
+        return self.buffers["summaries"].view(self.num_tokens // (self.page_size or self.block_size))
 
     @property
     def retrieved_key(self) -> torch.Tensor | None:
@@ -228,7 +235,7 @@ def rope_rotate(x: torch.Tensor, shift, inv_freq: torch.Tensor) -> torch.Tensor:
 def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: int, sink_size: int = 0,
                     summary: str = "minmax", selection: str = "group", dropout_p: float = 0.0,
                     state: BlocksState | None = None, return_state: bool = False, *, positions: str = "original",
-                    rope_inv_freq: torch.Tensor | None = None):
+                    rope_inv_freq: torch.Tensor | None = None, page_size: int | None = None):
     """Exact attention on the local region, the sinks and the top-k earlier blocks each token selects (module doc).
 
     Args:
@@ -247,19 +254,23 @@ def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: 
         positions: ``"original"`` (every key where it is) or ``"compact"`` (sinks and retrieved blocks moved close
             to the query, so no distance exceeds ``sink_size + block_size + 2·chunk_size``; module doc).
         rope_inv_freq: ``[d / 2]`` RoPE inverse frequencies of ``query`` and ``key`` (needed by ``"compact"``).
+        page_size: tokens per summarised page (divides ``block_size``; None: the block is one page). A block's score
+            is the best score of its pages (Quest scores 16-token pages), so one relevant token in a large block is
+            not averaged away.
     Returns:
         ``[batch, heads, n, d]``, or ``(output, new_state)`` with ``return_state``.
     Raises:
         ValueError: bad settings (:func:`check_block_settings`), shapes, or a state of another block size, summary
             or positions.
     """
-    check_block_settings(chunk_size, block_size, top_k, sink_size, summary, selection, positions, rope_inv_freq)
+    check_block_settings(chunk_size, block_size, top_k, sink_size, summary, selection, positions, rope_inv_freq,
+                         page_size)
     return block_attention_unchecked(query, key, value, chunk_size, block_size, top_k, sink_size, summary,
                                      selection, dropout_p, state, return_state, positions=positions,
-                                     rope_inv_freq=rope_inv_freq)
+                                     rope_inv_freq=rope_inv_freq, page_size=page_size)
 
 
-def _check_inputs(query, key, value, state, block_size, summary, positions):
+def _check_inputs(query, key, value, state, block_size, summary, positions, page_size):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [batch, heads, n, head_dim]")
@@ -270,8 +281,10 @@ def _check_inputs(query, key, value, state, block_size, summary, positions):
         raise ValueError(f"key has {key.shape[1]} heads, which must divide the {query.shape[1]} query heads")
     if state is not None and (not isinstance(state, BlocksState) or state.block_size != block_size
                               or state.summary != summary or state.positions != positions
+                              or state.page_size != page_size
                               or state.key.shape[:2] != key.shape[:2]):
-        raise ValueError("state must be a BlocksState of the same batch, kv_heads, block_size, summary and positions")
+        raise ValueError("state must be a BlocksState of the same batch, kv_heads, block_size, page_size, summary and "
+                         "positions")
 
 
 def _per_row(left, right):
@@ -285,12 +298,14 @@ def _per_row(left, right):
 def block_attention_unchecked(query, key, value, chunk_size: int | None, block_size: int, top_k: int,
                               sink_size: int, summary: str, selection: str, dropout_p: float,
                               state: BlocksState | None, return_state: bool, *, positions: str = "original",
-                              rope_inv_freq: torch.Tensor | None = None):
+                              rope_inv_freq: torch.Tensor | None = None, page_size: int | None = None):
     """:func:`block_attention` without its settings checks (the caller has made them, e.g. a converted layer at
     construction), and with two settings it refuses: ``top_k = 0`` (local region + sinks only: the retrieval-off
     reference) and ``chunk_size = None`` (one chunk: full causal attention over the cache, a dense layer).
     Shapes, returns and input errors as :func:`block_attention`."""
-    _check_inputs(query, key, value, state, block_size, summary, positions)
+    _check_inputs(query, key, value, state, block_size, summary, positions, page_size)
+    page = page_size or block_size
+    pages_per_block = block_size // page
     batch, heads, n, d = query.shape
     groups = key.shape[1]
     group = heads // groups
@@ -301,20 +316,20 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
     if compact:  # each key as retrieved: its block moved to start at position sink_size
         pos = torch.arange(offset, total, device=key.device)
         new["retrieved_key"] = rope_rotate(key, sink_size - pos // block_size * block_size, rope_inv_freq)
-    done = offset // block_size
+    done = offset // page  # pages summarised so far
     if state is None:
         buffers = {name: GrowingTensor.of(t) if return_state else GrowingTensor(t.contiguous(), n) for name, t in new.items()}
     else:
         buffers = {name: state.buffers[name].extended(offset, t) for name, t in new.items()}
     key, value = buffers["key"].view(total), buffers["value"].view(total)  # [b, G, T, d]
     retrieved_key = buffers["retrieved_key"].view(total) if compact else key
-    fresh = block_summaries(retrieved_key[:, :, done * block_size:], block_size, summary, sink_size,
-                            done * block_size)  # the newly finished blocks
+    fresh = block_summaries(retrieved_key[:, :, done * page:], page, summary, sink_size,
+                            done * page)  # the newly finished pages
     if state is None:
         buffers["summaries"] = GrowingTensor.of(fresh) if return_state else GrowingTensor(fresh, fresh.shape[2])
     else:
         buffers["summaries"] = state.buffers["summaries"].extended(done, fresh)
-    summaries = buffers["summaries"].view(total // block_size)  # [b, G, T // B, parts, d]
+    summaries = buffers["summaries"].view(total // page)  # [b, G, T // page, parts, d]
 
     source = buffers["retrieved_key"] if compact else buffers["key"]
     capacity = source.data.shape[2]  # token rows of the (contiguous) buffers, gathered without copying them
@@ -346,7 +361,14 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
         k = min(top_k, candidates - sink_blocks)
         selected = None
         if k:
-            chosen = block_scores(far_rows, summaries[:, :, sink_blocks:candidates], summary)  # [b, G, g, r, c]
+            chosen = block_scores(far_rows, summaries[:, :, sink_blocks * pages_per_block:
+                                                      candidates * pages_per_block], summary)  # [b, G, g, r, pages]
+            if pages_per_block > 1:  # a block scores its best page; pages of sink tokens only do not count
+                sink_pages = sink_size // page - sink_blocks * pages_per_block
+                if sink_pages > 0:
+                    chosen = chosen.masked_fill(torch.arange(chosen.shape[-1], device=chosen.device) < sink_pages,
+                                                float("-inf"))
+                chosen = chosen.unflatten(-1, (-1, pages_per_block)).amax(-1)  # [b, G, g, r, blocks]
             if selection == "group":
                 chosen = chosen.sum(2, keepdim=True)  # [b, G, 1, r, candidates]: one choice per group
             index = chosen.topk(k, dim=-1).indices + sink_blocks  # [b, G, g or 1, r, k]
@@ -369,4 +391,4 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
     output = torch.cat(outputs, dim=3).flatten(1, 2)  # [b, H, n, d]
     if not return_state:
         return output
-    return output, BlocksState(block_size, summary, total, buffers, positions)
+    return output, BlocksState(block_size, summary, total, buffers, positions, page_size)

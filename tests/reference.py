@@ -322,33 +322,42 @@ def dense_terraced(q, k, v, chunk_size, module, sink=0, retrieve=True):
     return out
 
 
-def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group"):
+def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group",
+                          page_size=None):
     """Block retrieval (:mod:`bsbr.blocks`) written out token by token: for every token and head an explicit ``[n]``
     mask (local region, sinks, its selected blocks), the block scores summed over its key/value group's heads
-    (``selection="group"``) from per-block min/max or mean keys of its non-sink tokens, the best ``top_k`` candidates
-    by sorting (blocks of sink tokens only are no candidates)."""
+    (``selection="group"``) from per-page min/max or mean keys of its non-sink tokens (a block scores its best page;
+    one page per block without ``page_size``), the best ``top_k`` candidates by sorting (blocks of sink tokens only
+    are no candidates)."""
     batch, heads, n, d = q.shape
     group = heads // k.shape[1]
+    page = page_size or block_size
     out = torch.zeros_like(q)
     for b in range(batch):
         for t in range(n):
             local_start = max(0, (t // chunk_size - 1) * chunk_size)
             candidates = local_start // block_size
+            usable = [j for j in range(candidates) if (j + 1) * block_size > sink_size]
             for h in range(heads):
                 kv = h // group
                 score_heads = range(kv * group, (kv + 1) * group) if selection == "group" else [h]
                 scores = []
-                usable = [j for j in range(candidates) if (j + 1) * block_size > sink_size]
                 for j in usable:
-                    keys = k[b, kv, max(j * block_size, sink_size): (j + 1) * block_size]  # [B or fewer, d]
                     total = 0.0
                     for hh in score_heads:
                         query = q[b, hh, t]
-                        if summary == "minmax":
-                            total += torch.maximum(query * keys.amin(0), query * keys.amax(0)).sum()
-                        else:
-                            total += (query * keys.mean(0)).sum()
-                    scores.append(float(total))
+                        best = -math.inf
+                        for start in range(j * block_size, (j + 1) * block_size, page):
+                            if start + page <= sink_size:
+                                continue  # a page of sink tokens only
+                            keys = k[b, kv, max(start, sink_size): start + page]  # [page or fewer, d]
+                            if summary == "minmax":
+                                score = torch.maximum(query * keys.amin(0), query * keys.amax(0)).sum()
+                            else:
+                                score = (query * keys.mean(0)).sum()
+                            best = max(best, float(score))
+                        total += best
+                    scores.append(total)
                 chosen = [usable[i] for i in sorted(range(len(usable)), key=lambda i: -scores[i])[:top_k]]
                 allowed = torch.zeros(n, dtype=torch.bool)
                 allowed[local_start: t + 1] = True

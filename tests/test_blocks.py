@@ -38,6 +38,22 @@ def test_matches_the_written_out_reference(heads, kv_heads, n, chunk_size, block
     assert (got - expected).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize(("n", "chunk_size", "block_size", "page_size", "top_k", "sink_size"),
+                         [(37, 8, 4, 2, 1, 3), (41, 12, 6, 2, 2, 5), (33, 8, 8, 1, 2, 0), (45, 8, 4, 4, 2, 4)])
+def test_pages_match_the_written_out_reference(n, chunk_size, block_size, page_size, top_k, sink_size, summary,
+                                               selection):
+    q, k, v = qkv(n=n, seed=n + page_size)
+    got = block_attention(q, k, v, chunk_size, block_size, top_k, sink_size, summary, selection, page_size=page_size)
+    expected = dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size, summary, selection,
+                                     page_size)
+    assert (got - expected).abs().max() <= 1e-10
+    if page_size < block_size:  # pages change which blocks win
+        whole = block_attention(q, k, v, chunk_size, block_size, top_k, sink_size, summary, selection)
+        assert (got - whole).abs().max() > 1e-6
+
+
 def test_selection_differs_between_tokens_and_between_heads_of_a_group():
     """Per-token selection is exercised: tokens of one chunk pick different blocks; head-wise choices differ from the
     group's pooled one (so the reference comparisons above cover distinct rules)."""
@@ -223,6 +239,29 @@ def test_state_appends_in_place_and_a_state_continued_twice_is_not_corrupted():
     assert (other - expected).abs().max() <= 1e-12
     last, _ = block_attention(q[:, :, 30:40], k[:, :, 30:40], v[:, :, 30:40], *args, state=longer, return_state=True)
     assert (last - block_attention(q, k, v, *args)[:, :, 30:]).abs().max() <= 1e-12
+
+
+def test_pages_stream_in_pieces_and_are_checked():
+    q, k, v, inv_freq, q_rot, k_rot = rope_inputs(n=29)
+    args = (8, 4, 2, 3, "minmax", "head")
+    kwargs = {"positions": "compact", "rope_inv_freq": inv_freq, "page_size": 2}
+    full = block_attention(q_rot, k_rot, v, *args, **kwargs)
+    outs, state, start = [], None, 0
+    for size in (5, 1, 9, 3, 11):
+        piece = slice(start, start + size)
+        out, state = block_attention(q_rot[:, :, piece], k_rot[:, :, piece], v[:, :, piece], *args, state=state,
+                                     return_state=True, **kwargs)
+        outs.append(out)
+        start += size
+    assert (torch.cat(outs, 2) - full).abs().max() <= 1e-12
+    assert state.summaries.shape == (2, 2, 14, 2, 8)  # one summary per 2-token page
+    with pytest.raises(ValueError, match="page_size"):
+        block_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], 8, 4, 1, page_size=3)
+    with pytest.raises(ValueError, match="page_size"):
+        block_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], 8, 4, 1, page_size=0)
+    with pytest.raises(ValueError, match="state"):
+        block_attention(q_rot[:, :, :1], k_rot[:, :, :1], v[:, :, :1], *args, state=state,
+                        **{**kwargs, "page_size": None})
 
 
 def test_compact_settings_are_checked():

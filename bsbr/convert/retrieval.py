@@ -349,14 +349,16 @@ class BlocksMode(RetrievalMode):
     e.g. ``(0, 1)`` as Quest does), ``positions`` (``"original"``: every key at its own RoPE position; or
     ``"compact"``: sinks at 0..sink_size-1, each retrieved block at sink_size.., the local region right after, so no
     RoPE distance exceeds ``sink_size + block_size + 2·chunk_size`` however long the input — StreamingLLM's and
-    InfLLM's answer to positions beyond the trained range; RoPE models only, no dense layers). With
+    InfLLM's answer to positions beyond the trained range; RoPE models only, no dense layers), ``page_size`` (None:
+    one summary per block; or tokens per summarised page, dividing ``block_size``: a block scores its best page, as
+    Quest scores 16-token pages). With
     ``layer.retrieval = False``: the local region and the sinks only.
     Streaming state: :class:`bsbr.blocks.BlocksState` (every token's keys/values and the block summaries: a KV
     cache, O(tokens)). Attended tokens per query: at most ``2·chunk_size + sink_size + top_k·block_size``.
     Sources: Quest (arXiv 2406.10774), InfLLM (arXiv 2402.04617), MoBA (arXiv 2502.13189).
     """
 
-    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers", "positions")
+    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers", "positions", "page_size")
 
     @staticmethod
     def add_modules(layer, compression_factor, **options) -> None:
@@ -367,7 +369,7 @@ class BlocksMode(RetrievalMode):
             raise ValueError(f"compression_factor must be None for retrieval='blocks' (it keeps exact keys and values), "
                              f"got {compression_factor!r}")
         settings = {"block_size": layer.chunk_size, "top_k": 4, "summary": "minmax", "sink_size": 0,
-                    "selection": "group", "positions": "original", **options}
+                    "selection": "group", "positions": "original", "page_size": None, **options}
         dense = settings.pop("dense_layers", ())
         num_layers = layer.config.num_hidden_layers
         if isinstance(dense, (str, bytes)) or not hasattr(dense, "__iter__") or any(
@@ -396,7 +398,8 @@ class BlocksMode(RetrievalMode):
         return block_attention_unchecked(query, key, value, layer.chunk_size, options["block_size"],
                                          options["top_k"] if layer.retrieval else 0, options["sink_size"],
                                          options["summary"], options["selection"], dropout_p, state, return_state,
-                                         positions=options["positions"], rope_inv_freq=layer.rope_inv_freq)
+                                         positions=options["positions"], rope_inv_freq=layer.rope_inv_freq,
+                                         page_size=options["page_size"])
 
     @staticmethod
     def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:

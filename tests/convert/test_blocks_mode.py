@@ -137,7 +137,7 @@ def test_settings_round_trip_through_a_checkpoint(tmp_path):
     save_conversion(model, path)
     loaded = load_conversion(tiny_llama(), path)
     assert conversion_settings(loaded) == conversion_settings(model)
-    assert conversion_settings(model)["normalized_options"] == {**options, "positions": "original"}
+    assert conversion_settings(model)["normalized_options"] == {**options, "positions": "original", "page_size": None}
     x = tokens(1, 21)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
