@@ -211,15 +211,16 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
     Raises:
         ValueError: no values, a non-finite value, or ``confidence`` outside (0, 1).
     """
+    import numpy as np
     from scipy import stats
 
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if x.numel() == 0 or not torch.isfinite(x).all():
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0 or not np.isfinite(x).all():
         raise ValueError(f"values must be a non-empty set of finite numbers, got {x.tolist()}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    mean = x.mean().item()
-    if x.numel() < 2:
+    mean = float(x.mean())
+    if x.size < 2:
         return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.5 + confidence / 2, x.numel() - 1) * x.std(unbiased=True).item() / math.sqrt(x.numel())
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return mean, mean - half, mean + half
