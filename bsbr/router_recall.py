@@ -18,8 +18,9 @@ References at the same budget ``k`` (blocks; ``k·block_size`` tokens):
   (each block is drawn with probability ``k/m``) — :func:`chance_recall`.
 
 Routers: :func:`block_router_scores` (a token's own RoPE'd query against per-block key summaries, Quest's
-``"minmax"`` bound or ``"mean"`` keys, :func:`bsbr.blocks.block_scores`; per query head or per key/value group, the
-group's scores summed as ``selection="group"`` in :mod:`bsbr.blocks`, its one choice then scored per query head) and
+``"minmax"`` bound or ``"mean"`` keys, :func:`bsbr.blocks.block_scores`, optionally a block's best page; per query
+head or per key/value group, the group's scores summed as ``selection="group"`` in :mod:`bsbr.blocks`, its one choice
+then scored per query head — the blocks :func:`bsbr.blocks.block_attention` attends, a test checks it) and
 :func:`chunk_router_scores` (the seed's meta-query/meta-key routing of a normalised BSBR conversion, one choice per
 chunk from the previous chunk's mean hidden state, :func:`bsbr.analysis.retrieval_weights`; its blocks are chunks).
 
@@ -117,36 +118,32 @@ def chance_recall(candidates: torch.Tensor, k: int) -> torch.Tensor:
     return (m.clamp(max=k) / m).masked_fill(m == 0, float("nan"))
 
 
-def _sink_free_summaries(key: torch.Tensor, block_size: int, summary: str, sink_size: int) -> torch.Tensor:
-    """:func:`bsbr.blocks.block_summaries` with the sink tokens left out of their block's summary (a block of sink
-    tokens only is never a candidate, its summary is left as is)."""
-    summaries = block_summaries(key, block_size, summary)  # [b, G, blocks, parts, d]
-    partial = sink_size // block_size  # the block where the sinks end, when they end inside it
-    if sink_size % block_size and partial < summaries.shape[2]:
-        end = (partial + 1) * block_size
-        summaries = summaries.clone()
-        summaries[:, :, partial] = block_summaries(key[:, :, sink_size:end], end - sink_size, summary)[:, :, 0]
-    return summaries
-
-
 def block_router_scores(query: torch.Tensor, key: torch.Tensor, block_size: int, summary: str = "minmax",
-                        selection: str = "head", sink_size: int = 0) -> torch.Tensor:
-    """Scores of every query token against every complete block, as block retrieval ranks them.
+                        selection: str = "head", sink_size: int = 0, page_size: int | None = None) -> torch.Tensor:
+    """Scores of every query token against every complete block, as block retrieval ranks them
+    (:func:`bsbr.blocks.block_attention_unchecked`).
 
     Args:
         query: ``[batch, heads, n, d]``; key: ``[batch, kv_heads, n, d]`` (RoPE'd; ``kv_heads`` divides ``heads``).
         block_size: tokens per block (>= 1).
         summary: ``"minmax"`` (Quest's bound) or ``"mean"`` (:data:`bsbr.blocks.SUMMARIES`); the sink tokens
-            (positions ``< sink_size``) are left out of their block's summary.
+            (positions ``< sink_size``) are left out of the summaries (:func:`bsbr.blocks.block_summaries`).
         selection: ``"head"`` (every query head its own scores) or ``"group"`` (the scores of a key/value group's
             query heads summed, and repeated to each of them: one shared choice).
+        page_size: None (one summary per block), or tokens per summarised page (divides ``block_size``): a block
+            scores its best page (Quest scores 16-token pages); pages of sink tokens only do not count.
     Returns:
-        ``[batch, heads, n, n // block_size]``.
+        ``[batch, heads, n, n // block_size]``; a block of sink tokens only scores ``-inf`` with pages (it is never a
+        candidate).
     Raises:
-        ValueError: bad ``block_size``/``sink_size``, an unknown ``summary``/``selection``, or shapes.
+        ValueError: bad ``block_size``/``sink_size``/``page_size``, an unknown ``summary``/``selection``, or shapes.
     """
     check_positive_int(block_size=block_size)
     check_int_at_least(0, sink_size=sink_size)
+    if page_size is not None:
+        check_positive_int(page_size=page_size)
+        if block_size % page_size:
+            raise ValueError(f"page_size={page_size} must divide block_size={block_size}")
     if not isinstance(summary, str) or summary not in SUMMARIES:
         raise ValueError(f"summary must be one of {list(SUMMARIES)}, got {summary!r}")
     if not isinstance(selection, str) or selection not in SELECTIONS:
@@ -157,8 +154,13 @@ def block_router_scores(query: torch.Tensor, key: torch.Tensor, block_size: int,
                          f"{list(query.shape)}, {list(key.shape)}")
     batch, heads, n, d = query.shape
     groups = key.shape[1]
-    summaries = _sink_free_summaries(key, block_size, summary, sink_size)  # [b, G, blocks, parts, d]
-    scores = block_scores(query.unflatten(1, (groups, heads // groups)), summaries, summary)  # [b, G, g, n, blocks]
+    page = page_size or block_size
+    blocks = n // block_size
+    summaries = block_summaries(key[:, :, : blocks * block_size], page, summary, sink_size)  # [b, G, pages, parts, d]
+    scores = block_scores(query.unflatten(1, (groups, heads // groups)), summaries, summary)  # [b, G, g, n, pages]
+    if page < block_size:  # a block scores its best page; pages of sink tokens only do not count
+        sink_pages = torch.arange(scores.shape[-1], device=scores.device) < sink_size // page
+        scores = scores.masked_fill(sink_pages, float("-inf")).unflatten(-1, (blocks, block_size // page)).amax(-1)
     if selection == "group":
         scores = scores.sum(2, keepdim=True).expand_as(scores)  # one choice per group, repeated to its heads
     return scores.flatten(1, 2)  # [b, H, n, blocks]

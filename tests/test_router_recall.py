@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bsbr.analysis import causal_attention_probs, chunk_mass, retrieval_weights
+from bsbr.blocks import block_attention
 from bsbr.router_recall import (analysed_rows, block_router_scores, candidate_blocks, chance_recall,
                                 chunk_router_scores, layer_query_key, recency_scores, t_interval, top_k_recall)
 from tests.conftest import tiny_llama, tokens
@@ -99,38 +100,79 @@ def test_chance_is_the_exact_mean_over_all_k_subsets(k):
     assert torch.isnan(chance[:16]).all()
 
 
-def reference_block_scores(q, k, block_size, summary, selection, sink_size):
-    """Loop over heads, tokens, blocks; sinks left out of their block, group scores summed over the group's heads."""
+def reference_block_scores(q, k, block_size, summary, selection, sink_size, page_size=None):
+    """Loop over heads, tokens, blocks and pages; sinks left out of their page, a block scored by its best page, group
+    scores summed over the group's heads."""
     batch, heads, n, d = q.shape
     group = heads // k.shape[1]
+    page = page_size or block_size
     out = torch.zeros(batch, heads, n, n // block_size, dtype=q.dtype)
     for b, h, t, j in itertools.product(range(batch), range(heads), range(n), range(n // block_size)):
         kv = h // group
-        keys = k[b, kv, max(j * block_size, sink_size): (j + 1) * block_size]
-        if keys.shape[0] == 0:
+        if (j + 1) * block_size <= sink_size:
             continue  # a block of sinks only: never a candidate
         total = 0.0
         for hh in (range(kv * group, (kv + 1) * group) if selection == "group" else [h]):
-            query = q[b, hh, t]
-            if summary == "minmax":
-                total += torch.maximum(query * keys.amin(0), query * keys.amax(0)).sum()
-            else:
-                total += (query * keys.mean(0)).sum()
+            query, best = q[b, hh, t], float("-inf")
+            for start in range(j * block_size, (j + 1) * block_size, page):
+                keys = k[b, kv, max(start, sink_size): start + page]
+                if keys.shape[0] == 0:
+                    continue  # a page of sinks only does not count
+                if summary == "minmax":
+                    score = torch.maximum(query * keys.amin(0), query * keys.amax(0)).sum()
+                else:
+                    score = (query * keys.mean(0)).sum()
+                best = max(best, float(score))
+            total += best
         out[b, h, t, j] = total
     return out
 
 
 @pytest.mark.parametrize("summary", ["minmax", "mean"])
 @pytest.mark.parametrize("selection", ["head", "group"])
-@pytest.mark.parametrize("sinks", [0, 3])
-def test_block_router_scores_match_reference(summary, selection, sinks):
+@pytest.mark.parametrize("sinks, page", [(0, None), (3, None), (0, 2), (3, 2), (5, 2)])
+def test_block_router_scores_match_reference(summary, selection, sinks, page):
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 13, 5, dtype=torch.float64), torch.randn(2, 2, 13, 5, dtype=torch.float64)
-    got = block_router_scores(q, k, 4, summary, selection, sinks)  # 3 complete blocks, a partial one left out
-    expected = reference_block_scores(q, k, 4, summary, selection, sinks)
+    got = block_router_scores(q, k, 4, summary, selection, sinks, page)  # 3 complete blocks, a partial one left out
+    expected = reference_block_scores(q, k, 4, summary, selection, sinks, page)
     assert got.shape == (2, 4, 13, 3)
     candidates = reference_candidates(13, 4, 4, sinks)
     torch.testing.assert_close(got.masked_fill(~candidates, 0), expected.masked_fill(~candidates, 0))
+
+
+def test_pages_bound_the_block_summary_from_below():
+    """Quest's bound of a page is at most that of its block (a page's min/max lie inside the block's)."""
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 2, 32, 6), torch.randn(1, 1, 32, 6)
+    whole = block_router_scores(q, k, 8, "minmax", "head")
+    paged = block_router_scores(q, k, 8, "minmax", "head", page_size=2)
+    assert (paged <= whole + 1e-5).all() and not torch.allclose(paged, whole)
+
+
+@pytest.mark.parametrize("summary, selection, page", [("minmax", "group", None), ("mean", "head", None),
+                                                      ("minmax", "head", 2), ("mean", "group", 2)])
+def test_the_router_selects_what_block_attention_attends(summary, selection, page):
+    """block_attention's output equals exact attention over the local region, the sinks and the top-k candidates of
+    block_router_scores: the analysis scores blocks as the operation does."""
+    torch.manual_seed(5)
+    n, chunk, block, k_top, sinks = 40, 8, 4, 2, 3
+    q, k, v = (torch.randn(1, h, n, 6, dtype=torch.float64) for h in (4, 2, 2))
+    got = block_attention(q, k, v, chunk, block, k_top, sinks, summary, selection, page_size=page)
+    scores = block_router_scores(q, k, block, summary, selection, sinks, page)[0]  # [H, n, blocks]
+    candidates = candidate_blocks(n, chunk, block, sinks)
+    expected = torch.empty_like(q)
+    for h, t in itertools.product(range(4), range(n)):
+        local_start = max(0, (t // chunk - 1) * chunk)
+        allowed = torch.zeros(n, dtype=torch.bool)
+        allowed[local_start: t + 1] = True
+        allowed[: min(sinks, t + 1)] = True
+        js = [j for j in range(n // block) if candidates[t, j]]
+        for j in sorted(js, key=lambda j: -float(scores[h, t, j]))[:k_top]:
+            allowed[j * block: (j + 1) * block] = True
+        logits = (k[0, h // 2] @ q[0, h, t]) / math.sqrt(6)
+        expected[0, h, t] = torch.softmax(logits.masked_fill(~allowed, float("-inf")), 0) @ v[0, h // 2]
+    torch.testing.assert_close(got, expected)
 
 
 def test_group_selection_is_scored_per_query_head():
@@ -216,6 +258,8 @@ def test_t_interval_matches_scipy():
     (lambda: block_router_scores(torch.ones(1, 2, 8, 4), torch.ones(1, 1, 8, 4), 4, "mean", "token"),
      "selection must be one of"),
     (lambda: block_router_scores(torch.ones(1, 3, 8, 4), torch.ones(1, 2, 8, 4), 4), "query \\[b, h, n, d\\]"),
+    (lambda: block_router_scores(torch.ones(1, 2, 8, 4), torch.ones(1, 1, 8, 4), 4, page_size=3),
+     "page_size=3 must divide block_size=4"),
     (lambda: chunk_router_scores(torch.ones(1, 2, 2), 16, 4), "weights must be"),
     (lambda: t_interval([]), "non-empty"),
     (lambda: t_interval([1.0, 2.0], 1.5), "confidence"),
