@@ -11,8 +11,9 @@ from tests.conftest import CHECKPOINT_CHUNK, CHECKPOINT_SINKS, run_notebook_smok
 CHUNK, SINKS, SEQ_LEN, BLOCK, BUDGETS = CHECKPOINT_CHUNK, CHECKPOINT_SINKS, 640, 64, [128, 256]
 LAYERS, HEADS = 30, 9  # SmolLM2-135M
 SMOKE = {"split": "validation", "seq_len": SEQ_LEN, "windows_per_source": 1, "block_size": BLOCK, "budgets": BUDGETS,
-         "summaries": ["minmax", "mean"], "confidence": 0.95, "threads": 1}
-ROUTERS = ["minmax_head", "minmax_group", "mean_head", "mean_group"]
+         "summaries": ["minmax", "mean"], "page_size": 16, "paged_summaries": ["minmax"], "confidence": 0.95,
+         "threads": 1}
+ROUTERS = ["minmax_head", "minmax_group", "mean_head", "mean_group", "minmax_p16_head", "minmax_p16_group"]
 
 
 @pytest.fixture(scope="module")
