@@ -1,9 +1,8 @@
 """Analysis helpers shared by the attention-analysis (04) and long-range (05) notebooks.
 
 * attention maps: :func:`causal_attention_probs` (the original model's softmax attention of one layer),
-  :func:`normalized_bsbr_effective_attention` (the per-key weights that a normalised BSBR layer, see
-  :mod:`bsbr.normalized`, effectively puts on every earlier token), :func:`chunk_mass` (attention mass per key
-  chunk), :func:`rank_agreement` (Spearman rank correlation and top-k overlap of two rankings of chunks);
+  :func:`chunk_mass` (attention mass per key chunk or block, sinks apart) and :func:`retrieval_weights` (a normalised
+  BSBR layer's chunk routing); :mod:`bsbr.router_recall` builds the router-recall measurement on them;
 * the passkey task: :func:`passkey_sample` (a fact at a controlled depth of real filler text, a question at the end)
   and :func:`answer_exact_match` (greedy exact match of the answer scored with one teacher-forced forward);
 * :func:`wilson_interval` (binomial confidence interval of an accuracy).
@@ -25,32 +24,33 @@ __all__ = [
     "answer_exact_match",
     "causal_attention_probs",
     "chunk_mass",
-    "normalized_bsbr_effective_attention",
     "passkey_sample",
-    "rank_agreement",
     "retrieval_weights",
-    "spearman",
     "wilson_interval",
 ]
 
 
-def causal_attention_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def causal_attention_probs(query: torch.Tensor, key: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Causal softmax attention probabilities ``softmax_u(q_t·k_u / sqrt(d))`` over ``u <= t``.
 
     Args:
         query: ``[batch, heads, n, d]``; key: ``[batch, kv_heads, n, d]`` (``kv_heads`` divides ``heads``).
+        start: only the query rows ``t = start .. n-1`` are computed (``0 <= start < n``).
     Returns:
-        ``[batch, heads, n, n]``, zero above the diagonal, every row summing to 1 (memory ``heads·n²`` values).
+        ``[batch, heads, n - start, n]``, zero above the diagonal (key ``u > t``), every row summing to 1 (memory
+        ``heads·(n - start)·n`` values).
     Raises:
-        ValueError: shapes that do not match.
+        ValueError: shapes that do not match, or ``start`` outside ``[0, n)``.
     """
     if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]:
         raise ValueError(f"query [b, h, n, d] and key [b, kv_h, n, d] expected, got {list(query.shape)}, "
                          f"{list(key.shape)}")
     n, d = query.shape[2:]
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < n:
+        raise ValueError(f"start must be an integer in [0, {n}), got {start!r}")
     key = repeat_kv(key, query.shape[1], "key")
-    scores = query @ key.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, n, n]
-    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    scores = query[:, :, start:] @ key.transpose(-1, -2) / math.sqrt(d)  # [batch, heads, n - start, n]
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()[start:]
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
@@ -80,138 +80,29 @@ def retrieval_weights(meta_query: torch.Tensor, meta_key: torch.Tensor, num_chun
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
 
 
-def normalized_bsbr_effective_attention(query, key, meta_query, meta_key, chunk_size: int, feature_map,
-                                        mix_logit: torch.Tensor, sink_size: int = 0) -> torch.Tensor:
-    """The attention map a normalised BSBR layer effectively applies: ``output_t = Σ_u A_tu v_u``.
-
-    For token ``t`` in chunk ``i`` (see :mod:`bsbr.normalized` for ``l_t, φ, w, g, s_t``): own-chunk keys
-    ``u <= t`` and the sink tokens get ``(1 - s_t) · softmax(q_t·k_u/sqrt(d))`` (the local softmax), a non-sink key
-    ``u`` of an earlier chunk ``j`` gets ``s_t · w_ij · φ(q_t)·φ(k_u) / Z_t`` with
-    ``Z_t = Σ_j w_ij Σ_{u∈j} φ(q_t)·φ(k_u)``. Chunk 0 is causal softmax attention. Every row sums to 1, and
-    ``A @ value`` equals :func:`bsbr.normalized.normalized_bsbr_attention` (tests check it); the retrieved
-    share of row ``t`` (``s_t``) is the row's mass on earlier-chunk keys that are not sinks.
-
-    Args:
-        query: ``[batch, heads, n, d]``; key: ``[batch, kv_heads, n, d]``; meta_query, meta_key, chunk_size,
-            mix_logit ``[heads]``, sink_size: as :func:`bsbr.normalized.normalized_bsbr_attention`.
-        feature_map: a pair ``(query_map, key_map)`` of callables (e.g. ``layer.normalized.query_map`` and
-            ``key_map``), or one callable for both.
-    Returns:
-        ``[batch, heads, n, n]`` (dense: ``heads·n²`` values; meant for analysis windows of a few thousand tokens).
-    Raises:
-        ValueError: bad ``chunk_size``/``sink_size`` or shapes.
-    """
-    check_positive_int(chunk_size=chunk_size)
-    check_sink_size(sink_size, chunk_size)
-    query_map, key_map = feature_map if isinstance(feature_map, (tuple, list)) else (feature_map, feature_map)
-    batch, heads, n, d = query.shape
-    key = repeat_kv(key, heads, "key")
-    if key.shape != query.shape:
-        raise ValueError(f"key must be [batch, kv_heads, {n}, {d}], got {list(key.shape)}")
-    position = torch.arange(n, device=query.device)
-    chunk = position // chunk_size  # [n]
-    causal = position[None, :] <= position[:, None]  # [n (query), n (key)]
-    sink = (position[None, :] < sink_size) & (chunk[:, None] > 0)  # sinks, seen exactly after chunk 0
-    local = causal & ((chunk[None, :] == chunk[:, None]) | sink)  # [n, n]
-    scores = (query @ key.transpose(-1, -2) / math.sqrt(d)).masked_fill_(~local, float("-inf"))  # [b, heads, n, n]
-    lse = torch.logsumexp(scores, dim=-1)  # [batch, heads, n]
-    local_probs = scores.sub_(lse[..., None]).exp_()  # in place: [batch, heads, n, n]
-    num_chunks = -(-n // chunk_size)
-    if num_chunks == 1:
-        return local_probs
-    # Retrieved part: kernel φ(q_t)·φ(k_u) on non-sink keys of earlier chunks, weighted by w_{chunk(t), chunk(u)}.
-    padded = num_chunks * chunk_size
-    query_features = torch.nn.functional.pad(query_map(query), (0, 0, 0, padded - n))  # [b, heads, padded, F]
-    key_features = torch.nn.functional.pad(key_map(key), (0, 0, 0, padded - n))
-    key_features[:, :, :sink_size] = 0  # the sink tokens are attended exactly, not retrieved
-    retrieved = query_features @ key_features.transpose(-1, -2)  # [batch, heads, padded, padded], >= 0
-    weights = retrieval_weights(meta_query, meta_key, num_chunks)  # [batch, heads, chunks-1, chunks-1]
-    full = torch.zeros(batch, heads, num_chunks, num_chunks, dtype=weights.dtype, device=weights.device)
-    full[:, :, 1:, :-1] = weights  # [b, h, query chunk i, key chunk j], zero unless j < i
-    blocks = retrieved.view(batch, heads, num_chunks, chunk_size, num_chunks, chunk_size)
-    blocks.mul_(full[:, :, :, None, :, None].to(blocks.dtype))  # in place: w_{chunk(t), chunk(u)} φ(q_t)·φ(k_u)
-    retrieved = retrieved[:, :, :n, :n]
-    z = retrieved.sum(-1)  # [batch, heads, n]: Z_t (0 in chunk 0)
-    z_safe = z.clamp_min(torch.finfo(z.dtype).tiny)
-    share = torch.sigmoid(mix_logit.to(lse.dtype)[:, None] + torch.log(z_safe) - lse)  # [batch, heads, n]
-    share = torch.where(chunk > 0, share, torch.zeros_like(share))
-    return local_probs.mul_((1 - share)[..., None]).add_(retrieved.mul_((share / z_safe)[..., None]))  # in place
-
-
 def chunk_mass(probs: torch.Tensor, chunk_size: int, sink_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention mass per key chunk, the first ``sink_size`` tokens counted apart.
 
     Args:
-        probs: ``[..., n, n]`` attention weights (query rows, key columns).
+        probs: ``[..., rows, n]`` attention weights (query rows, e.g. ``n`` of them or the rows from
+            :func:`causal_attention_probs` with ``start``; ``n`` key columns).
         chunk_size: tokens per chunk (>= 1); the last chunk may be partial.
         sink_size: keys ``0..sink_size-1`` go to the sink mass instead of chunk 0 (``0 <= sink_size <= chunk_size``).
     Returns:
-        ``(mass [..., n, chunks], sink [..., n])``: ``mass[..., t, j]`` = Σ of row ``t`` over the non-sink keys of
+        ``(mass [..., rows, chunks], sink [..., rows])``: ``mass[..., t, j]`` = Σ of row ``t`` over the non-sink keys of
         chunk ``j``; ``mass.sum(-1) + sink`` = the row sums.
     Raises:
-        ValueError: bad ``chunk_size``/``sink_size`` or a non-square map.
+        ValueError: bad ``chunk_size``/``sink_size`` or ``probs`` with fewer than 2 dimensions.
     """
     check_positive_int(chunk_size=chunk_size)
     check_sink_size(sink_size, chunk_size)
     n = probs.shape[-1]
-    if probs.dim() < 2 or probs.shape[-2] != n:
-        raise ValueError(f"probs must be [..., n, n], got {list(probs.shape)}")
+    if probs.dim() < 2:
+        raise ValueError(f"probs must be [..., rows, n], got {list(probs.shape)}")
     chunks = -(-n // chunk_size)
     sink = probs[..., :sink_size].sum(-1)
     rest = torch.nn.functional.pad(probs[..., sink_size:], (sink_size, chunks * chunk_size - n))  # sinks zeroed
     return rest.unflatten(-1, (chunks, chunk_size)).sum(-1), sink
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..m along the last dim, ties get their average rank (as scipy.stats.rankdata)."""
-    order = x.argsort(dim=-1, stable=True)
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks.scatter_(-1, order, torch.arange(1, x.shape[-1] + 1, dtype=torch.float64).expand_as(x).contiguous())
-    equal = x[..., :, None] == x[..., None, :]  # [..., m, m]
-    return (equal * ranks[..., None, :]).sum(-1) / equal.sum(-1)  # mean rank of each tie group
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation along the last dim (Pearson correlation of the average ranks).
-
-    Args:
-        a, b: ``[..., m]`` with ``m >= 2``.
-    Returns:
-        ``[...]`` float64 in [-1, 1]; NaN where either side is constant (as scipy.stats.spearmanr).
-    Raises:
-        ValueError: shapes differ or ``m < 2``.
-    """
-    if a.shape != b.shape or a.shape[-1] < 2:
-        raise ValueError(f"a and b must have the same shape [..., m >= 2], got {list(a.shape)}, {list(b.shape)}")
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    denominator = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
-    value = (ra * rb).sum(-1) / denominator
-    return torch.where(denominator > 0, value.clamp(-1.0, 1.0), torch.full_like(value, float("nan")))
-
-
-def rank_agreement(predicted: torch.Tensor, reference: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """How well ``predicted`` scores rank the items that ``reference`` ranks highest (along the last dim).
-
-    Args:
-        predicted, reference: ``[..., m]`` (e.g. BSBR's routing weights and the original model's mass on ``m``
-            earlier chunks); ``m >= 2``.
-        k: top-k size (>= 1); ``min(k, m)`` is used.
-    Returns:
-        ``{"spearman": [...], "topk_overlap": [...], "topk_chance": [...]}``: Spearman correlation
-        (:func:`spearman`), ``|top-k(predicted) ∩ top-k(reference)| / k`` and its expectation for a random ranking
-        (``k / m``). Ties in the top-k are broken by index (``torch.topk``).
-    Raises:
-        ValueError: shapes differ, ``m < 2`` or bad ``k``.
-    """
-    check_positive_int(k=k)
-    correlation = spearman(predicted, reference)
-    m = predicted.shape[-1]
-    k = min(k, m)
-    top_p = torch.nn.functional.one_hot(predicted.topk(k, dim=-1).indices, m).sum(-2)  # [..., m] 0/1
-    top_r = torch.nn.functional.one_hot(reference.topk(k, dim=-1).indices, m).sum(-2)
-    overlap = (top_p * top_r).sum(-1).double() / k
-    return {"spearman": correlation, "topk_overlap": overlap, "topk_chance": torch.full_like(overlap, k / m)}
 
 
 def wilson_interval(successes, trials, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -1,19 +1,19 @@
-"""Notebook 04 (attention maps, original vs calibrated normalised BSBR) through the pipeline runner with smoke
-parameters: 512 validation tokens, chunk 128 (an uncalibrated normalised conversion saved into tmp_path), 1 thread."""
+"""Notebook 04 (router recall per layer) through the pipeline runner with smoke parameters: one 640-token validation
+window per source, chunk 128 (an uncalibrated normalised conversion saved into tmp_path), blocks of 64, 1 thread."""
 
 from __future__ import annotations
-
 
 import pandas as pd
 import pytest
 
 from tests.conftest import CHECKPOINT_CHUNK, CHECKPOINT_SINKS, run_notebook_smoke
 
-CHUNK, SINKS, SEQ_LEN, TOP_K = CHECKPOINT_CHUNK, CHECKPOINT_SINKS, 512, 2
+CHUNK, SINKS, SEQ_LEN, BLOCK, BUDGETS = CHECKPOINT_CHUNK, CHECKPOINT_SINKS, 640, 64, [128, 256]
 LAYERS, HEADS = 30, 9  # SmolLM2-135M
-SMOKE = {"split": "validation", "seq_len": SEQ_LEN, "num_windows": 1, "top_k": TOP_K, "map_layers": [0, 29],
-         "map_bin": 8, "threads": 1}
-SHARES = ["own_chunk_share", "earlier_chunks_share", "sink_share"]
+SMOKE = {"split": "validation", "seq_len": SEQ_LEN, "windows_per_source": 1, "block_size": BLOCK, "budgets": BUDGETS,
+         "summaries": ["minmax", "mean"], "page_size": 16, "paged_summaries": ["minmax"], "confidence": 0.95,
+         "threads": 1}
+ROUTERS = ["minmax_head", "minmax_group", "mean_head", "mean_group", "minmax_p16_head", "minmax_p16_group"]
 
 
 @pytest.fixture(scope="module")
@@ -22,67 +22,81 @@ def smoke(tmp_path_factory, normalized_checkpoint):
                               {**SMOKE, "calibrated_path": str(normalized_checkpoint)})
 
 
-def test_per_head_and_per_layer_tables(smoke):
-    per_head = pd.read_csv(smoke["out"] / "per_head.csv")
-    assert list(zip(per_head.layer, per_head["head"])) == [(l, h) for l in range(LAYERS) for h in range(HEADS)]
-    # the original's mass is split exactly between own chunk, earlier chunks and sinks; BSBR's too
-    assert (per_head[SHARES].sum(axis=1) - 1).abs().max() < 1e-4
-    bsbr = per_head[["bsbr_own_chunk_share", "bsbr_retrieved_share", "bsbr_sink_share"]].sum(axis=1)
-    assert (bsbr - 1).abs().max() < 1e-4
-    assert (per_head.first_token_share <= per_head.sink_share + 1e-6).all()
-    assert (per_head.previous_chunk_share <= per_head.earlier_chunks_share + 1e-6).all()
-    for column in ("map_tv", "chunk_tv", *SHARES, "bsbr_retrieved_share"):
-        assert per_head[column].between(0, 1 + 1e-6).all(), column
-    assert (per_head.chunk_tv <= per_head.map_tv + 1e-6).all()  # coarser partition, smaller total variation
-    for predictor in ("routing", "effective", "recency"):
-        assert per_head[f"spearman_{predictor}"].between(-1, 1).all()
-        assert per_head[f"topk_overlap_{predictor}"].between(0, 1).all()
-    # query chunks 2 and 3 have 2 and 3 earlier chunks: chance top-2 overlap (2/2 + 2/3) / 2
-    assert per_head.topk_chance.to_numpy() == pytest.approx(5 / 6)
-    per_layer = pd.read_csv(smoke["out"] / "per_layer.csv")
-    assert per_layer.layer.tolist() == list(range(LAYERS))
-    expected = per_head.drop(columns="head").groupby("layer").mean().reset_index()
-    pd.testing.assert_frame_equal(per_layer, expected, check_exact=False, rtol=1e-9)
+def test_per_layer_table_covers_every_configuration_and_orders_the_references(smoke):
+    per_layer = pd.read_csv(smoke["out"] / "recall_per_layer.csv")
+    configs = {(64, 128, 2), (64, 256, 4), (128, 128, 1), (128, 256, 2)}  # (block, budget, k)
+    assert set(zip(per_layer.block_size, per_layer.budget, per_layer.k)) == configs
+    for (block, budget), part in per_layer.groupby(["block_size", "budget"]):
+        methods = ROUTERS + (["meta"] if block == CHUNK else []) + ["recency", "chance", "oracle", "candidate_share"]
+        assert sorted(part.method) == sorted(methods * LAYERS)
+        wide = part.pivot(index="layer", columns="method", values="recall")
+        assert wide.index.tolist() == list(range(LAYERS))
+        for name in methods:
+            assert wide[name].between(0, 1 + 1e-9).all(), name
+            if name != "candidate_share":  # the oracle bounds every router and recency, per query and so on average
+                assert (wide[name] <= wide.oracle + 1e-6).all(), name
+    assert (per_layer.windows == 2).all()
+    # chance is exact: block 64, budget 128 (k = 2): chunk 3 has 4 candidates, chunk 4 has 6 (128 queries each)
+    chance = per_layer[(per_layer.method == "chance") & (per_layer.block_size == 64) & (per_layer.budget == 128)]
+    assert chance.recall.to_numpy() == pytest.approx((2 / 4 + 2 / 6) / 2, rel=1e-5)
+    assert (chance.queries == 2 * 256).all()
+    # block 128, budget 256 (k = 2): only chunk 4 (3 candidates) has more than 2
+    chance = per_layer[(per_layer.method == "chance") & (per_layer.block_size == 128) & (per_layer.budget == 256)]
+    assert chance.recall.to_numpy() == pytest.approx(2 / 3, rel=1e-5) and (chance.queries == 2 * 128).all()
+    # the interval brackets the mean; a verdict follows its interval
+    assert (per_layer.low <= per_layer.recall + 1e-9).all() and (per_layer.recall <= per_layer.high + 1e-9).all()
+    routers = per_layer[per_layer.method.isin(ROUTERS + ["meta"])]
+    assert ((routers.verdict == "beats") == (routers.vs_recency_low > 0)).all()
+    assert ((routers.verdict == "loses") == (routers.vs_recency_high < 0)).all()
 
 
-def test_chunk_ranking_rows_and_recency(smoke):
-    ranks = pd.read_csv(smoke["out"] / "chunk_ranking.csv")
-    expected = sorted((0, l, h, i, p) for l in range(LAYERS) for h in range(HEADS) for i in (2, 3)
-                      for p in ("effective", "recency", "routing"))
-    assert list(zip(ranks.window, ranks.layer, ranks["head"], ranks.query_chunk, ranks.predictor)) == expected
-    assert (ranks.earlier_chunks == ranks.query_chunk).all()
-    # with 2 earlier chunks Spearman is ±1 and top-2 overlap is 1 for every predictor
-    two = ranks[ranks.query_chunk == 2]
-    assert set(two.spearman.round(9)) <= {-1.0, 1.0} and (two.topk_overlap == 1).all()
-    # uncalibrated conversion: meta projections are copies of q/k, still the routing weights are not recency
-    assert ranks[ranks.predictor == "routing"].spearman.std() > 0
+def test_candidate_share_is_the_same_at_both_block_sizes(smoke):
+    per_layer = pd.read_csv(smoke["out"] / "recall_per_layer.csv")
+    share = per_layer[(per_layer.method == "candidate_share") & (per_layer.budget == 128)]
+    wide = share.pivot(index="layer", columns="block_size", values="recall")  # same queries, same candidate tokens
+    assert wide[64].to_numpy() == pytest.approx(wide[128].to_numpy(), abs=1e-5)
 
 
-def test_maps_reproduce_the_layers_and_metrics_match_tables(smoke):
+def test_per_window_rows_and_metrics_match_the_tables(smoke):
+    per_window = pd.read_csv(smoke["out"] / "recall_per_window.csv")
+    assert sorted(set(zip(per_window.window, per_window.source))) == [(0, "pydoc"), (1, "shakespeare")]
+    per_layer = pd.read_csv(smoke["out"] / "recall_per_layer.csv")
+    mean = per_window.groupby(["layer", "block_size", "budget", "method"]).recall.mean().reset_index()
+    merged = per_layer.merge(mean, on=["layer", "block_size", "budget", "method"], suffixes=("", "_windows"))
+    assert len(merged) == len(per_layer)
+    assert (merged.recall - merged.recall_windows).abs().max() < 1e-5
     metrics = smoke["metrics"]
     assert metrics["chunk_size"] == CHUNK and metrics["sink_size"] == SINKS and metrics["seq_len"] == SEQ_LEN
-    assert max(metrics["max_abs_output_diff"].values()) <= 1e-3  # asserted in the notebook too
-    per_layer = pd.read_csv(smoke["out"] / "per_layer.csv")
-    mean = per_layer.mean()
-    assert metrics["original"]["own_chunk"] == pytest.approx(mean.own_chunk_share, abs=1e-4)
-    assert metrics["original"]["first_token"] == pytest.approx(mean.first_token_share, abs=1e-4)
-    assert metrics["bsbr"]["retrieved"] == pytest.approx(mean.bsbr_retrieved_share, abs=1e-4)
-    assert metrics["spearman"]["routing"] == pytest.approx(mean.spearman_routing, abs=1e-4)
-    assert metrics["topk_overlap"]["recency"] == pytest.approx(mean.topk_overlap_recency, abs=1e-4)
-    assert sum(metrics["original"][k] for k in ("own_chunk", "earlier_chunks", "sink")) == pytest.approx(1, abs=1e-3)
-    # SmolLM2 parks much of its attention on the first token (attention sink)
-    assert metrics["original"]["first_token"] > 0.2
-    assert 0 <= metrics["layers_routing_beats_recency"] <= LAYERS
+    assert metrics["windows"] == 2 and metrics["layers"] == LAYERS and metrics["headline_budget"] == BUDGETS[0]
+    assert metrics["max_abs_output_diff"] <= 1e-3  # asserted in the notebook too
+    best = metrics["best_router"]
+    headline = per_layer[(per_layer.budget == BUDGETS[0]) & per_layer.method.isin(ROUTERS + ["meta"])]
+    by_router = headline.groupby(["method", "block_size"]).recall.mean()
+    assert (best["method"], best["block_size"]) == by_router.idxmax()
+    rows = headline[(headline.method == best["method"]) & (headline.block_size == best["block_size"])]
+    assert best["layers_beats_recency"] == int((rows.verdict == "beats").sum())
+    assert best["recall"] == pytest.approx(rows.recall.mean(), abs=1e-4)
+    assert metrics["goal_met"] == (best["layers_beats_recency"] >= metrics["goal_layers"])
+    assert metrics["best_router_by_budget"]["128"] == best
+    second = metrics["best_router_by_budget"]["256"]
+    by_router = per_layer[(per_layer.budget == 256) & per_layer.method.isin(ROUTERS + ["meta"])].groupby(
+        ["method", "block_size"]).recall.mean()
+    assert (second["method"], second["block_size"]) == by_router.idxmax()
+    assert metrics["layers_beating_recency"][f"{best['method']}_b{best['block_size']}"] == best["layers_beats_recency"]
+    assert len(metrics["recall"]) == len(ROUTERS) * 2 + 1  # the query routers at blocks 64 and 128, meta at 128
 
 
-def test_executed_notebook_has_provenance_figures_and_no_errors(smoke):
-    outputs = [o for c in smoke["notebook"].cells if c.cell_type == "code" for o in c.outputs]
+def test_report_opens_with_the_findings_and_has_no_errors_or_stderr(smoke):
+    cells = [c for c in smoke["notebook"].cells if c.cell_type == "code"]
+    outputs = [o for c in cells for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    for line in ("git revision:", "threads: 1", "CPU:", "seq_len = 512", "window 0: layers: 100%"):
-        assert line in printed
-    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
-    assert "model: SmolLM2-135M-Instruct.Q4_1.gguf" in printed and "loaded the model and " in printed
-    for figure in ("attention_maps.png", "per_layer.png"):
-        assert (smoke["out"] / figure).stat().st_size > 1000
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]  # no warnings, no bars
+    first = outputs[0]  # the setup and measurement cells print nothing: the findings come first
+    assert "What is analysed" in first["data"]["text/markdown"] and "Goal:" in first["data"]["text/markdown"]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    for line in ("git revision:", "threads: 1", "CPU:", "seq_len = 640", "window 1 (shakespeare): 30 layers",
+                 "model: SmolLM2-135M-Instruct.Q4_1.gguf"):
+        assert line in html, line
+    assert "IProgress" not in html and "de-quantizing" not in html
+    assert (smoke["out"] / "recall_per_layer.png").stat().st_size > 1000
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
