@@ -395,7 +395,7 @@ def goal_verdicts(cells: pd.DataFrame, by_length: pd.DataFrame, attended: pd.Dat
         rows.append({"key": "not_below_original", "goal": goal, "verdict": partial("met" if worst.gap >= 0 else "missed"),
                      "evidence": f"largest shortfall at {int(worst.length)} tokens, depth {worst.depth:g}: "
                                  f"{worst.accuracy:.2f} vs the original's {worst.accuracy_original:.2f} "
-                                 f"({int(worst.trials)} trials each)"})
+                                 f"(n = {int(worst.trials)} each)"})
     at = attended[(attended.variant == variant) & (attended.length == goals["attended_at"])]
     goal = f"≤ {goals['attended_tokens']:,} attended tokens per query at {goals['attended_at']:,}"
     if at.empty:
