@@ -41,14 +41,14 @@ class PasskeyVariant:
             with ``summary`` and ``blocks_options``), ``"blocks_off"`` (the same conversion with retrieval off: the
             exact region), ``"terraced"`` (notebook 02's terraced conversion + LoRA files, retrieval on).
         summary: the block key summary of a ``"blocks"`` variant (``"minmax"``: Quest's bound; ``"mean"``).
-        past_trained_range: may run lengths past the model's trained positions (``long_lengths``); True only once
-            its positions stay inside the trained range however long the input (no variant yet).
+
+    Whether a variant may run past the model's trained positions (``long_lengths``) depends on its settings:
+    :func:`reach_settings` ``["past_trained_range"]``.
     """
 
     label: str
     build: str
     summary: str | None = None
-    past_trained_range: bool = False
 
 
 #: Variant name -> :class:`PasskeyVariant`, in table order.
@@ -163,12 +163,16 @@ def variant_mask(name: str, seq_len: int, window: int, window_sinks: int):
 
 def reach_settings(name: str, model, window: int, window_sinks: int) -> dict:
     """What a variant's queries can reach, from the built model's settings: ``{"chunk_size", "sink_size",
-    "retrieved", "window", "dense_layers", "states"}`` — the local region is the own chunk up to the token plus the
-    previous chunk (``chunk_size`` None: none), ``retrieved`` the tokens of the top-k blocks (``top_k·block_size``),
-    ``window`` a sliding window's width (None: none), ``dense_layers`` the layers with full causal attention,
-    ``states`` whether older chunks are read from compressed states (terraced)."""
+    "retrieved", "window", "dense_layers", "states", "past_trained_range"}`` — the local region is the own chunk up
+    to the token plus the previous chunk (``chunk_size`` None: none), ``retrieved`` the tokens of the top-k blocks
+    (``top_k·block_size``), ``window`` a sliding window's width (None: none), ``dense_layers`` the layers with full
+    causal attention, ``states`` whether older chunks are read from compressed states (terraced),
+    ``past_trained_range`` whether it may run past the trained positions: a blocks conversion with
+    ``positions="compact"`` (no RoPE distance beyond ``sink_size + block_size + 2·chunk_size``, however long the
+    input; :class:`bsbr.convert.retrieval.BlocksMode`)."""
     build = VARIANTS[name].build
-    reach = {"chunk_size": None, "sink_size": 0, "retrieved": 0, "window": None, "dense_layers": 0, "states": False}
+    reach = {"chunk_size": None, "sink_size": 0, "retrieved": 0, "window": None, "dense_layers": 0, "states": False,
+             "past_trained_range": False}
     if build == "original":
         return {**reach, "dense_layers": model.config.num_hidden_layers}
     if build == "band_mask":
@@ -179,6 +183,7 @@ def reach_settings(name: str, model, window: int, window_sinks: int) -> dict:
     if build == "terraced":
         return {**reach, "states": True}
     reach["dense_layers"] = len(options.get("dense_layers", ()))
+    reach["past_trained_range"] = options.get("positions", "original") == "compact"
     if build == "blocks":
         reach["retrieved"] = options["top_k"] * options["block_size"]
     return reach

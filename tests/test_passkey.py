@@ -150,13 +150,17 @@ def test_reach_and_attended_tokens_from_each_variant_s_settings():
                                                                      "blocks_mean", "exact_region")}
     reach = {name: reach_settings(name, model, window=6, window_sinks=2) for name, model in built.items()}
     assert reach["blocks_minmax"] == {"chunk_size": 8, "sink_size": 1, "retrieved": 8, "window": None,
-                                      "dense_layers": 0, "states": False}
+                                      "dense_layers": 0, "states": False, "past_trained_range": False}
+    assert not any(r["past_trained_range"] for r in reach.values())  # every key at its own RoPE position
     assert reach["exact_region"]["retrieved"] == 0 and reach["exact_region"]["chunk_size"] == 8
     counts = {name: [attended_tokens(r, n) for n in (10, 100)] for name, r in reach.items()}
     assert counts == {"original": [10, 100], "sliding_window": [8, 8], "blocks_minmax": [10, 25],
                       "blocks_mean": [10, 25], "exact_region": [10, 17]}
     dense = build_variant("blocks_minmax", base, 8, {**options, "dense_layers": [0]})
     assert attended_tokens(reach_settings("blocks_minmax", dense, 6, 2), 100) == 100  # a dense layer attends all
+    for name in ("blocks_mean", "exact_region"):  # compact positions: no RoPE distance grows with the input
+        compact = build_variant(name, base, 8, {**options, "positions": "compact"})
+        assert reach_settings(name, compact, 6, 2) == {**reach[name], "past_trained_range": True}
     terraced = {"chunk_size": 8, "sink_size": 1, "retrieved": 0, "window": None, "dense_layers": 0, "states": True}
     assert attended_tokens(terraced, 100) == 17  # the exact tokens; the states are not counted
 
