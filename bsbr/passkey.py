@@ -398,7 +398,7 @@ def goal_verdicts(cells: pd.DataFrame, by_length: pd.DataFrame, attended: pd.Dat
         paired["gap"] = paired.accuracy - paired.accuracy_original
         worst = paired.sort_values(["gap", "length", "depth"]).iloc[0]
         rows.append({"key": "not_below_original", "goal": goal, "verdict": partial("met" if worst.gap >= 0 else "missed"),
-                     "evidence": f"largest shortfall at {int(worst.length)} tokens, depth {worst.depth:g}: "
+                     "evidence": f"smallest margin at {int(worst.length)} tokens, depth {worst.depth:g}: "
                                  f"{worst.accuracy:.2f} vs the original's {worst.accuracy_original:.2f} "
                                  f"(n = {int(worst.trials)} each)"})
     at = attended[(attended.variant == variant) & (attended.length == goals["attended_at"])]

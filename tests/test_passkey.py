@@ -253,7 +253,7 @@ def test_goal_verdicts_met_missed_and_not_measured():
     rows = goal_verdicts(cells, by_length, attended, "b")
     assert [r["verdict"] for r in rows[:2]] == ["missed", "missed"]
     assert rows[0]["evidence"].startswith("lowest cell 4096 tokens, depth 0.9: 0.90")
-    assert rows[1]["evidence"] == ("largest shortfall at 4096 tokens, depth 0.9: 0.90 vs the original's 1.00 "
+    assert rows[1]["evidence"] == ("smallest margin at 4096 tokens, depth 0.9: 0.90 vs the original's 1.00 "
                                    "(n = 10 each)")
     # a profile at 2048 only: holds so far but is not measured at the other trained lengths; no original; 8k budget
     short = cells[cells.length == 2048]
