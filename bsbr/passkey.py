@@ -97,7 +97,8 @@ FULL_PROFILE = {"lengths": list(TRAINED_LENGTHS), "long_lengths": list(GOALS["lo
 def _check_lengths(name, values, allow_empty=False):
     if not isinstance(values, list) or (not values and not allow_empty) or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 64 for n in values):
-        raise ValueError(f"{name} must be a {'' if allow_empty else 'non-empty '}list of integers >= 64, got {values!r}")
+        kind = "list" if allow_empty else "non-empty list"
+        raise ValueError(f"{name} must be a {kind} of integers >= 64, got {values!r}")
 
 
 def check_passkey_parameters(split, lengths, long_lengths, depths, variants, blocks_options, check_generate) -> None:
@@ -397,7 +398,8 @@ def goal_verdicts(cells: pd.DataFrame, by_length: pd.DataFrame, attended: pd.Dat
         paired = mine.merge(original, on=["length", "depth"], suffixes=("", "_original"))
         paired["gap"] = paired.accuracy - paired.accuracy_original
         worst = paired.sort_values(["gap", "length", "depth"]).iloc[0]
-        rows.append({"key": "not_below_original", "goal": goal, "verdict": partial("met" if worst.gap >= 0 else "missed"),
+        rows.append({"key": "not_below_original", "goal": goal,
+                     "verdict": partial("met" if worst.gap >= 0 else "missed"),
                      "evidence": f"smallest margin at {int(worst.length)} tokens, depth {worst.depth:g}: "
                                  f"{worst.accuracy:.2f} vs the original's {worst.accuracy_original:.2f} "
                                  f"(n = {int(worst.trials)} each)"})
@@ -468,7 +470,8 @@ def out_of_reach(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[~trials.fact_visible_exact_region.astype(bool) & ~trials.fact_visible_window.astype(bool)]
 
 
-def headline_table(by_length: pd.DataFrame, far: pd.DataFrame, attended: pd.DataFrame, variants, lengths) -> pd.DataFrame:
+def headline_table(by_length: pd.DataFrame, far: pd.DataFrame, attended: pd.DataFrame, variants,
+                   lengths) -> pd.DataFrame:
     """The "what we found" table: one row per variant (its :data:`VARIANTS` label), per length its accuracy with
     Wilson interval and n (:func:`format_accuracy`; ``—`` where it did not run), the out-of-reach accuracy (all
     lengths pooled: :func:`out_of_reach`), and the attended tokens per query at each of its lengths (``"772 at

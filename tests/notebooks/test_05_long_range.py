@@ -105,9 +105,9 @@ def test_accuracy_cells_counts_and_wilson_intervals(smoke):
 def test_attended_tokens_follow_each_variant_s_settings(smoke):
     attended = pd.read_csv(smoke["out"] / "attended_tokens.csv").set_index("variant")
     local = 2 * CHUNK + SINKS
-    assert attended.attended_tokens.to_dict() == {"blocks_mean": local + TOP_K * BLOCK, "blocks_minmax": local + TOP_K * BLOCK,
-                                                  "exact_region": local, "original": 512,
-                                                  "sliding_window": WINDOW + SINKS, "terraced": local}
+    blocks = local + TOP_K * BLOCK
+    assert attended.attended_tokens.to_dict() == {"blocks_mean": blocks, "blocks_minmax": blocks, "exact_region": local,
+                                                  "original": 512, "sliding_window": WINDOW + SINKS, "terraced": local}
     assert attended.states.to_dict() == {v: v == "terraced" for v in VARIANTS}
     assert (attended.length == 512).all()
     variants = pd.read_csv(smoke["out"] / "variants.csv").set_index("variant")
@@ -132,7 +132,7 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
         row = by_length.loc[(512, variant)]
         assert metrics["accuracy"][variant]["512"] == pytest.approx(row.accuracy, abs=1e-4)
         assert metrics["ci95"][variant]["512"] == pytest.approx([row.ci_low, row.ci_high], abs=1e-4)
-    assert metrics["chunk_size"] == CHUNK and metrics["sink_size"] == SINKS and metrics["max_position_embeddings"] == 8192
+    assert (metrics["chunk_size"], metrics["sink_size"], metrics["max_position_embeddings"]) == (CHUNK, SINKS, 8192)
     assert metrics["out_of_reach_trials"] == TRIALS and metrics["trials_per_headline_cell"] == TRIALS * len(DEPTHS)
     trials = pd.read_csv(smoke["out"] / "trials.csv")
     far = trials[trials.depth == 0.05].groupby("variant").correct.mean()  # depth 0.05: out of reach
@@ -156,8 +156,8 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     correct = int(trials[trials.variant == "original"].correct.sum())
     assert f"({correct}/4)" in first
     html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
-    for line in ("git revision:", "threads: 1", "CPU:", "The secret number is", "model: SmolLM2-135M-Instruct.Q4_1.gguf",
-                 "-p trials=8", "Appendix C"):
+    for line in ("git revision:", "threads: 1", "CPU:", "The secret number is",
+                 "model: SmolLM2-135M-Instruct.Q4_1.gguf", "-p trials=8", "Appendix C"):
         assert line in html, line
     assert "samples:" not in html and "IProgress" not in html
     assert (smoke["out"] / "accuracy.png").stat().st_size > 1000
