@@ -140,6 +140,7 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     assert metrics["out_of_reach_accuracy"]["exact_region"] == 0 == metrics["out_of_reach_accuracy"]["sliding_window"]
     assert metrics["attended_tokens"]["blocks_mean"] == {"512": 2 * CHUNK + SINKS + TOP_K * BLOCK}
     assert metrics["headline_trials_needed"] == 39 and metrics["full_profile_estimated_hours"] > 0
+    assert metrics["machine"]["threads"] == 1 and metrics["machine"]["cores"] >= 1  # the timings' machine header
     for variant in ("blocks_minmax", "blocks_mean"):  # 512 tokens is below every goal length
         assert metrics["goals"][variant] == {"accuracy_to_8k": "not measured", "not_below_original": "not measured",
                                              "attended_at_8k": "met", "accuracy_past_8k": "not measured"}
