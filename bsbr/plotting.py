@@ -37,6 +37,9 @@ COLORS = {
     "normalized_calibrated": "#6b6ecf", "terraced_exact": "#9edae5", "terraced": "#6baed6",
     "terraced_transfer": "#2171b5", "terraced_lora": "#08306b",
     "sliding_chunk_sinks": "#c5b0d5", "sliding_span_sinks": "#9467bd", "sliding_span_sinks_lora": "#54278f",
+    # the passkey notebook's block retrieval (greens, one shade per key summary) and its exact region alone (the same
+    # region as terraced_exact)
+    "blocks_minmax": "#238b45", "blocks_mean": "#74c476", "exact_region": "#9edae5",
 }
 
 
@@ -219,7 +222,7 @@ def plot_layers(layers, seq_lens):
 def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int):
     """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (first
     panel, log₂ axis), then accuracy against fact depth, one panel per length; variants side by side (small x
-    offsets), one colour each.
+    offsets), one colour each, the legend right of the panels.
 
     Args:
         by_length: ``[length, variant, accuracy, ci_low, ci_high]``; cells: the same per ``[length, depth, variant]``.
@@ -227,7 +230,7 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int)
     """
     lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
     offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
-    fig, axes = _figure(1 + len(lengths), (5.2 * (1 + len(lengths)), 4.3))
+    fig, axes = _figure(1 + len(lengths), (5.2 * (1 + len(lengths)) + 3.5, 4.3))
     for variant in variants:
         group = by_length[by_length.variant == variant]
         errorbars(axes[0], np.log2(group.length) + offsets[variant] * 2, group, variant, labels[variant])
@@ -235,13 +238,14 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int)
     axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
     axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
                 title=f"all depths pooled ({len(depths) * trials} trials / point)")
-    axes[0].legend(fontsize=8)
     for ax, length in zip(axes[1:], lengths):
         for variant in variants:
             group = cells[(cells.length == length) & (cells.variant == variant)]
             errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
         ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length} tokens ({trials} trials / point)",
                ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
+    handles, names = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, names, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)  # off the data
     return fig
 
 

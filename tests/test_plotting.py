@@ -69,6 +69,9 @@ def test_passkey_and_training_figures_draw_what_they_are_given():
     pooled, per_depth = fig.axes
     assert [c.get_label() for c in pooled.containers] == ["O", "C"]
     assert pooled.get_title() == "all depths pooled (4 trials / point)" and per_depth.get_title() == "512 tokens (2 trials / point)"
+    legend = per_depth.get_legend()  # one legend, right of the last panel (off the data)
+    assert pooled.get_legend() is None and [t.get_text() for t in legend.get_texts()] == ["O", "C"]
+    assert legend.get_bbox_to_anchor().x0 > per_depth.get_window_extent().x1
     summary = pd.DataFrame({"model": ["bsbr", "gau"], "final_val_ppl_mean": [3.0, 2.0], "final_val_ppl_min": [2.9, 1.9],
                             "final_val_ppl_max": [3.1, 2.1]})
     memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,

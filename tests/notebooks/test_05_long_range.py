@@ -1,50 +1,81 @@
-"""Notebook 05 (passkey retrieval: original, normalised BSBR, own chunk, sliding window) through the pipeline runner
-with smoke parameters: 512-token contexts, chunk 128 (an uncalibrated normalised conversion saved into tmp_path),
-two depths, two trials, 1 thread."""
+"""Notebook 05 (passkey retrieval: original, block retrieval with both summaries, the exact region alone, the terraced
+conversion, a sliding window) through the pipeline runner with smoke parameters: 512-token contexts, chunk 128,
+32-token blocks, top-2, 4 sinks, an uncalibrated terraced conversion with zero LoRA saved into tmp_path, two depths,
+two trials, 1 thread."""
 
 from __future__ import annotations
 
+import copy
 
 import pandas as pd
 import pytest
 
 from bsbr.analysis import wilson_interval
-from tests.conftest import CHECKPOINT_CHUNK, CHECKPOINT_SINKS, run_notebook_smoke
+from tests.conftest import run_notebook_smoke
 
-CHUNK, SINKS, WINDOW = CHECKPOINT_CHUNK, CHECKPOINT_SINKS, 128
-LENGTHS, DEPTHS, TRIALS = [512], [0.1, 0.9], 2
-VARIANTS = ["calibrated", "original", "own_chunk", "sliding_window"]  # sorted
-SMOKE = {"split": "validation", "lengths": LENGTHS, "depths": DEPTHS, "trials": TRIALS, "window": WINDOW,
-         "window_sinks": SINKS, "check_generate": True, "threads": 1, "seed": 0}
+CHUNK, SINKS, WINDOW, BLOCK, TOP_K = 128, 4, 256, 32, 2
+LENGTHS, DEPTHS, TRIALS = [512], [0.05, 0.95], 2
+VARIANTS = ["blocks_mean", "blocks_minmax", "exact_region", "original", "sliding_window", "terraced"]  # sorted
+SMOKE = {"split": "validation", "lengths": LENGTHS, "long_lengths": [], "depths": DEPTHS, "trials": TRIALS,
+         "variants": ["original", "blocks_minmax", "blocks_mean", "exact_region", "terraced", "sliding_window"],
+         "chunk_size": CHUNK, "blocks_options": {"block_size": BLOCK, "top_k": TOP_K, "selection": "group",
+                                                 "sink_size": SINKS, "dense_layers": []},
+         "window": WINDOW, "window_sinks": SINKS, "check_generate": True, "threads": 1, "seed": 0}
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, normalized_checkpoint):
+def terraced_files(tmp_path_factory):
+    """An uncalibrated terraced conversion of the embedded SmolLM2 (chunk 128, 4 sinks) and a LoRA on it (zero
+    update, as PEFT initialises it), written as notebook 02 writes them."""
+    import torch
+
+    from bsbr.convert import add_lora, converted_copy, load_pretrained, save_conversion, save_lora
+
+    folder = tmp_path_factory.mktemp("terraced")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base, _ = load_pretrained()
+        terraced = converted_copy(base, CHUNK, retrieval="terraced", sink_size=SINKS)
+        save_conversion(terraced, folder / "terraced.safetensors")
+        save_lora(add_lora(copy.deepcopy(terraced), rank=2), folder / "terraced_lora.safetensors")
+    finally:
+        torch.set_num_threads(threads)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, terraced_files):
     return run_notebook_smoke(tmp_path_factory.mktemp("long_range"), "05_long_range",
-                              {**SMOKE, "calibrated_path": str(normalized_checkpoint)})
+                              {**SMOKE, "terraced_path": str(terraced_files / "terraced.safetensors"),
+                               "terraced_lora_path": str(terraced_files / "terraced_lora.safetensors")})
 
 
 def test_trials_table_is_paired_and_respects_what_each_variant_sees(smoke):
     trials = pd.read_csv(smoke["out"] / "trials.csv", dtype={"passkey": str})
     expected = [(n, d, v, t) for n in LENGTHS for d in DEPTHS for v in VARIANTS for t in range(TRIALS)]
     assert list(zip(trials.length, trials.depth, trials.variant, trials.trial)) == expected
-    # every variant scores the same samples: one passkey and fact position per (length, depth, trial)
-    per_sample = trials.groupby(["length", "depth", "trial"])[["passkey", "fact_start"]].nunique()
+    # every variant scores the same samples: one passkey, filler start and fact position per (length, depth, trial)
+    per_sample = trials.groupby(["length", "depth", "trial"])[["passkey", "filler_start", "fact_start"]].nunique()
     assert (per_sample == 1).all().all()
+    assert trials.filler_start.nunique() == len(LENGTHS) * len(DEPTHS) * TRIALS  # every cell from its own place
     assert trials.passkey.str.fullmatch(r"\d{5}").all()
     assert trials.groupby("variant").passkey.apply(tuple).nunique() == 1
     # visibility flags from the geometry: the answer's first prediction is at answer_start - 1
     query = trials.answer_start - 1
+    region_start = ((query // CHUNK - 1) * CHUNK).clip(lower=0)
     assert (trials.fact_visible_own_chunk == (trials.fact_start // CHUNK == query // CHUNK)).all()
+    assert (trials.fact_visible_exact_region == (trials.fact_start >= region_start)).all()
     assert (trials.fact_visible_window == (query - trials.fact_start < WINDOW)).all()
-    assert (trials.fact_visible_window[trials.depth == 0.9]).all() and not trials.fact_visible_window[trials.depth == 0.1].any()
+    late, early = trials.depth == 0.95, trials.depth == 0.05
+    assert trials.fact_visible_exact_region[late].all() and not trials.fact_visible_exact_region[early].any()
+    assert trials.fact_visible_window[late].all() and not trials.fact_visible_window[early].any()
     # without retrieval a 5-digit number cannot be guessed: correct only where the fact is in view
-    local = trials[trials.variant == "own_chunk"]
-    assert not (local.correct & ~local.fact_visible_own_chunk).any()
-    window = trials[trials.variant == "sliding_window"]
-    assert not (window.correct & ~window.fact_visible_window).any()
-    # the original model finds the passkey at short context
-    assert trials[trials.variant == "original"].correct.all()
+    for variant, flag in (("exact_region", "fact_visible_exact_region"), ("sliding_window", "fact_visible_window")):
+        mine = trials[trials.variant == variant]
+        assert not (mine.correct & ~mine[flag]).any()
+    # the original model finds the passkey where the fact is close (the far one it may miss: a measurement)
+    assert trials[(trials.variant == "original") & late].correct.all()
     assert (trials.answer_logprob <= 0).all()
     assert (trials.correct <= (trials.answer_logprob > -20)).all()
 
@@ -65,37 +96,69 @@ def test_accuracy_cells_counts_and_wilson_intervals(smoke):
     assert list(zip(by_length.length, by_length.variant)) == [(n, v) for n in LENGTHS for v in VARIANTS]
     assert (by_length.trials == TRIALS * len(DEPTHS)).all()
     assert by_length.correct.tolist() == trials.groupby(["length", "variant"]).correct.sum().tolist()
+    far = pd.read_csv(smoke["out"] / "accuracy_out_of_reach.csv")
+    assert far.variant.tolist() == VARIANTS and (far.trials == TRIALS).all()  # depth 0.05: out of reach
     times = pd.read_csv(smoke["out"] / "forward_times.csv")
     assert (times.forwards == TRIALS * len(DEPTHS)).all() and (times.median_s > 0).all() and (times.threads == 1).all()
+
+
+def test_attended_tokens_follow_each_variant_s_settings(smoke):
+    attended = pd.read_csv(smoke["out"] / "attended_tokens.csv").set_index("variant")
+    local = 2 * CHUNK + SINKS
+    blocks = local + TOP_K * BLOCK
+    assert attended.attended_tokens.to_dict() == {"blocks_mean": blocks, "blocks_minmax": blocks, "exact_region": local,
+                                                  "original": 512, "sliding_window": WINDOW + SINKS, "terraced": local}
+    assert attended.states.to_dict() == {v: v == "terraced" for v in VARIANTS}
+    assert (attended.length == 512).all()
+    variants = pd.read_csv(smoke["out"] / "variants.csv").set_index("variant")
+    assert not variants.past_trained_range.any() and variants.loc["blocks_minmax", "retrieved"] == TOP_K * BLOCK
 
 
 def test_one_forward_score_equals_greedy_generation(smoke):
     check = pd.read_csv(smoke["out"] / "generate_check.csv", dtype={"generated": str, "answer": str},
                         keep_default_na=False)
-    assert check.variant.tolist() == ["original", "calibrated"]
+    assert check.variant.tolist() == ["original", "blocks_minmax"]
     assert (check.greedy_correct == check.one_forward_correct).all()
     assert (check.greedy_correct == (check.generated == check.answer)).all()  # the greedy text is the answer
-    # each variant is checked on a trial it got right where there is one: the original's is a real success
-    assert check.set_index("variant").loc["original", "greedy_correct"]
+    assert check.set_index("variant").loc["original", "greedy_correct"]  # a real success: the original got it
     assert (check.length == min(LENGTHS)).all()
-    assert smoke["metrics"]["generate_check"] == {"original": True, "calibrated": True}
+    assert smoke["metrics"]["generate_check"] == {"original": True, "blocks_minmax": True}
 
 
-def test_metrics_match_tables_and_notebook_ran_clean(smoke):
+def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     metrics = smoke["metrics"]
     by_length = pd.read_csv(smoke["out"] / "accuracy_by_length.csv").set_index(["length", "variant"])
     for variant in VARIANTS:
         row = by_length.loc[(512, variant)]
         assert metrics["accuracy"][variant]["512"] == pytest.approx(row.accuracy, abs=1e-4)
         assert metrics["ci95"][variant]["512"] == pytest.approx([row.ci_low, row.ci_high], abs=1e-4)
-    assert metrics["chunk_size"] == CHUNK and metrics["max_position_embeddings"] == 8192
-    assert metrics["out_of_reach_trials"] == TRIALS  # depth 0.1: before the question's chunk and window
-    assert metrics["out_of_reach_accuracy"]["own_chunk"] == 0 and metrics["out_of_reach_accuracy"]["original"] == 1
-    outputs = [o for c in smoke["notebook"].cells if c.cell_type == "code" for o in c.outputs]
+    assert (metrics["chunk_size"], metrics["sink_size"], metrics["max_position_embeddings"]) == (CHUNK, SINKS, 8192)
+    assert metrics["out_of_reach_trials"] == TRIALS and metrics["trials_per_headline_cell"] == TRIALS * len(DEPTHS)
+    trials = pd.read_csv(smoke["out"] / "trials.csv")
+    far = trials[trials.depth == 0.05].groupby("variant").correct.mean()  # depth 0.05: out of reach
+    assert metrics["out_of_reach_accuracy"] == pytest.approx(far.to_dict(), abs=1e-4)
+    assert metrics["out_of_reach_accuracy"]["exact_region"] == 0 == metrics["out_of_reach_accuracy"]["sliding_window"]
+    assert metrics["attended_tokens"]["blocks_mean"] == {"512": 2 * CHUNK + SINKS + TOP_K * BLOCK}
+    assert metrics["headline_trials_needed"] == 39 and metrics["full_profile_estimated_hours"] > 0
+    assert metrics["machine"]["threads"] == 1 and metrics["machine"]["cores"] >= 1  # the timings' machine header
+    for variant in ("blocks_minmax", "blocks_mean"):  # 512 tokens is below every goal length
+        assert metrics["goals"][variant] == {"accuracy_to_8k": "not measured", "not_below_original": "not measured",
+                                             "attended_at_8k": "met", "accuracy_past_8k": "not measured"}
+    goals = pd.read_csv(smoke["out"] / "goals.csv")
+    assert goals[goals.key == "attended_at_8k"].evidence.tolist() == ["324 tokens per query (from the settings)"] * 2
+    cells = smoke["notebook"].cells
+    outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    for line in ("git revision:", "threads: 1", "CPU:", "samples: 100%", "The secret number is"):
-        assert line in printed
-    assert "IProgress" not in printed  # importing bsbr.experiment first filters tqdm.auto's warning
-    assert "model: SmolLM2-135M-Instruct.Q4_1.gguf" in printed and "loaded the model and " in printed
+    # the page: no progress bar, warning or stderr; the first output is the "what we found" box
+    assert not [o for o in outputs if o.output_type == "stream"]
+    first = outputs[0]["data"]["text/html"]
+    assert first.count("What we found") == 1 and "n = 4</b> per headline cell" in first and "n ≥ 39" in first
+    assert "blocks retrieval, min/max keys (Quest)" in first
+    correct = int(trials[trials.variant == "original"].correct.sum())
+    assert f"({correct}/4)" in first
+    html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
+    for line in ("git revision:", "threads: 1", "CPU:", "The secret number is",
+                 "model: SmolLM2-135M-Instruct.Q4_1.gguf", "-p trials=8", "Appendix C"):
+        assert line in html, line
+    assert "samples:" not in html and "IProgress" not in html
     assert (smoke["out"] / "accuracy.png").stat().st_size > 1000
