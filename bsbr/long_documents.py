@@ -22,7 +22,7 @@ from bsbr.data import SPLITS, load_split
 from bsbr.experiment import check_ints
 from bsbr.streaming_eval import binned_nll, stream_nll
 
-__all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST", "VARIANTS",
+__all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "DECODE_STEP_SECONDS", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST", "VARIANTS",
            "check_long_document_parameters", "choose_play", "decode_goal", "decode_latency", "decode_positions",
            "estimate_stream_seconds", "flatness", "held_out_plays", "late_perplexity", "memory_table",
            "perplexity_bins", "steps_table", "stream_matches_full_forward", "stream_windows"]
@@ -40,10 +40,15 @@ FLAT_RATIO = 1.5
 DECODE_RATIO = 1.5
 #: Seconds to stream ``n`` tokens from position 0 in 256-token pieces on 2 quiet threads of this project's machine
 #: (2-core x86), modelled as ``a·n + b·n²/2`` (``a`` per token, ``b`` per token and token of context: the original's
-#: attention over its growing KV cache). Measured with short runs (1k-token spans at 0.5k–8.7k of context, CPU time on
-#: one thread scaled by the 2-thread speed-up of the blocks run; see the report of the run for its actual times).
-STREAM_COST = {"blocks": (4.5e-3, 0.0), "exact_region": (3.5e-3, 0.0), "original": (2.0e-3, 2.0e-7),
-               "original_fresh": (2.0e-3, 2.0e-7), "normalized": (6.0e-3, 0.0)}
+#: attention over its growing KV cache), for SmolLM2-135M at chunk 256, blocks of 64, top-4. Measured 2026-12-01 on a
+#: shared machine (load 5–6 on 2 cores) as CPU seconds of 1k-token spans on one thread — blocks 12.5 ms per token at
+#: 0.5k–4.6k of context, exact region 4.8 ms, the original 3.95 ms at 0.5k–1.5k and 8.35 ms at 4.1k–4.6k — and scaled
+#: by 0.36, the ratio of those blocks figures to the 4.5 ms per token that blocks take on 2 quiet threads. An
+#: estimate, not a measurement: each run prints its own times beside it. ``normalized`` is not measured (a guess).
+STREAM_COST = {"blocks": (4.5e-3, 0.0), "exact_region": (1.7e-3, 0.0), "original": (0.95e-3, 4.75e-7),
+               "original_fresh": (0.95e-3, 4.75e-7), "normalized": (6.0e-3, 0.0)}
+#: Seconds of one single-token decode step in the same conditions (the same scaling of ~130 ms CPU under load).
+DECODE_STEP_SECONDS = 0.05
 
 
 def check_long_document_parameters(*, splits, min_stream_tokens, max_tokens, variants, blocks, chunk_size, piece_size,
@@ -98,7 +103,7 @@ def choose_play(plays, splits, min_play_tokens: int, eos_token_id: int) -> Simpl
     plays concatenated in split order, then doc_id order, separated by EOS, until the length is reached.
 
     Returns:
-        namespace ``split`` (of the play, or the splits joined by ``+``), ``title``, ``doc_ids``, ``tokens`` (list of
+        namespace ``split`` (of the play, or the splits of the joined plays, joined by ``+``), ``title``, ``doc_ids``, ``tokens`` (list of
         ids), ``note`` (a sentence saying which text it is).
     """
     long_enough = [p for p in plays if len(p[2]) >= min_play_tokens]
@@ -115,7 +120,8 @@ def choose_play(plays, splits, min_play_tokens: int, eos_token_id: int) -> Simpl
         if len(tokens) >= min_play_tokens:
             break
     title = " + ".join(doc_ids)
-    return SimpleNamespace(split="+".join(splits), title=title, doc_ids=doc_ids, tokens=tokens,
+    used = [s for s in splits if s in {split for split, doc, _ in plays if doc["doc_id"] in doc_ids}]
+    return SimpleNamespace(split="+".join(used), title=title, doc_ids=doc_ids, tokens=tokens,
                            note=f"no held-out play has {min_play_tokens} tokens: {len(doc_ids)} plays concatenated "
                                 f"({title}), separated by EOS")
 
@@ -144,15 +150,18 @@ def decode_positions(end: int, decode_every: int, decode_steps: int) -> list[int
     return [p for p in positions if p >= 0]
 
 
-def estimate_stream_seconds(windows: dict, cost: dict | None = None) -> dict:
+def estimate_stream_seconds(windows: dict, decode_calls: dict | None = None, cost: dict | None = None,
+                            step_seconds: float = DECODE_STEP_SECONDS) -> dict:
     """Estimated seconds to stream each window ``(start, end)`` (``windows`` as :func:`stream_windows`) from a fresh
-    cache: ``a·n + b·n²/2`` with ``n = end − start`` and ``(a, b) = cost[variant]`` (default :data:`STREAM_COST`)."""
+    cache: ``a·n + b·n²/2`` with ``n = end − start`` and ``(a, b) = cost[variant]`` (default :data:`STREAM_COST`),
+    plus ``step_seconds`` per single-token decode call (``decode_calls``: variant -> calls; default none)."""
     cost = STREAM_COST if cost is None else cost
+    decode_calls = decode_calls or {}
     estimate = {}
     for name, (start, end) in windows.items():
         a, b = cost[name]
         n = end - start
-        estimate[name] = a * n + b * n * n / 2
+        estimate[name] = a * n + b * n * n / 2 + step_seconds * decode_calls.get(name, 0)
     return estimate
 
 

@@ -66,7 +66,8 @@ def test_held_out_plays_and_the_shortest_long_enough_play(tmp_path):
     assert catalogue.doc_id.tolist() == ["t1", "v2", "v3"]  # sorted by split, then doc_id
     play = choose_play(plays, ["validation", "test"], 5, eos_token_id=0)
     assert (play.split, play.title, play.doc_ids, len(play.tokens)) == ("validation", "B", ["v2"], 5)
-    assert choose_play(plays, ["validation", "test"], 9, eos_token_id=0).doc_ids == ["v2", "v3"]  # 5 + EOS + 3
+    two = choose_play(plays, ["validation", "test"], 9, eos_token_id=0)
+    assert two.doc_ids == ["v2", "v3"] and two.split == "validation"  # 5 + EOS + 3, both from validation
     joined = choose_play(plays, ["validation", "test"], 10, eos_token_id=0)
     assert joined.doc_ids == ["v2", "v3", "t1"] and joined.tokens == [1] * 5 + [0] + [1] * 3 + [0] + [1] * 6
     assert joined.split == "validation+test" and joined.note.startswith("no held-out play has 10 tokens: 3 plays")
@@ -94,8 +95,10 @@ def test_windows_decode_positions_and_the_time_estimate():
     assert decode_positions(16, 8, 3) == [5, 13]  # the end is a multiple: no second group there
     assert decode_positions(2, 8, 3) == []
     estimate = estimate_stream_seconds({"blocks": (0, 100), "original_fresh": (50, 150)},
-                                       {"blocks": (0.01, 0.0), "original_fresh": (0.001, 1e-5)})
+                                       cost={"blocks": (0.01, 0.0), "original_fresh": (0.001, 1e-5)})
     assert estimate == pytest.approx({"blocks": 1.0, "original_fresh": 0.1 + 1e-5 * 100 * 100 / 2})
+    with_steps = estimate_stream_seconds({"blocks": (0, 100)}, {"blocks": 8}, {"blocks": (0.01, 0.0)}, 0.5)
+    assert with_steps == pytest.approx({"blocks": 5.0})
     assert set(STREAM_COST) >= {"blocks", "exact_region", "original", "original_fresh", "normalized"}
 
 
