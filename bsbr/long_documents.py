@@ -22,7 +22,8 @@ from bsbr.data import SPLITS, load_split
 from bsbr.experiment import check_ints
 from bsbr.streaming_eval import binned_nll, stream_nll
 
-__all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "DECODE_STEP_SECONDS", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST", "VARIANTS",
+__all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "DECODE_STEP_SECONDS", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST",
+           "VARIANTS",
            "check_long_document_parameters", "choose_play", "decode_goal", "decode_latency", "decode_positions",
            "estimate_stream_seconds", "flatness", "held_out_plays", "late_perplexity", "memory_table",
            "perplexity_bins", "steps_table", "stream_matches_full_forward", "stream_windows"]
@@ -32,7 +33,7 @@ NLL_TOLERANCE = 1e-3
 #: The variants a run may stream, in report order.
 VARIANTS = ("blocks", "exact_region", "original", "original_fresh", "normalized")
 #: Options of ``retrieval="blocks"`` the notebook passes on (:class:`bsbr.convert.retrieval.BlocksMode`).
-BLOCK_OPTIONS = ("block_size", "top_k", "summary", "selection", "sink_size", "positions")
+BLOCK_OPTIONS = ("block_size", "top_k", "summary", "selection", "sink_size", "positions", "page_size")
 #: The quality goal: no full perplexity bin at or beyond ``flat_from`` above ``FLAT_RATIO`` × the median of the bins
 #: that end by ``flat_from``.
 FLAT_RATIO = 1.5
@@ -103,8 +104,8 @@ def choose_play(plays, splits, min_play_tokens: int, eos_token_id: int) -> Simpl
     plays concatenated in split order, then doc_id order, separated by EOS, until the length is reached.
 
     Returns:
-        namespace ``split`` (of the play, or the splits of the joined plays, joined by ``+``), ``title``, ``doc_ids``, ``tokens`` (list of
-        ids), ``note`` (a sentence saying which text it is).
+        namespace ``split`` (of the play, or the splits of the joined plays, joined by ``+``), ``title``,
+        ``doc_ids``, ``tokens`` (list of ids), ``note`` (a sentence saying which text it is).
     """
     long_enough = [p for p in plays if len(p[2]) >= min_play_tokens]
     if long_enough:

@@ -157,24 +157,26 @@ def terraced_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int, 
 
 
 def blocks_cache_nbytes(config, tokens: int, block_size: int, summary: str = "minmax", positions: str = "original",
-                        element_size: int = 4) -> int:
+                        element_size: int = 4, page_size: int | None = None) -> int:
     """Bytes in use (:meth:`bsbr.convert.BSBRCache.nbytes`) of a block-retrieval model (``retrieval="blocks"``,
     :class:`bsbr.blocks.BlocksState`) after ``tokens`` tokens of one row, retrieval on or off alike (the state keeps
     every token either way).
 
     Per layer, with ``G`` key/value heads and head_dim ``d``: ``element_size · G · d · (r·tokens + parts·(tokens //
-    block_size))`` — every token's key and value (``r = 2``; ``r = 3`` with ``positions="compact"``, which also keeps
-    each key rotated to its retrieved position) and ``parts`` summary vectors per finished block (2 for ``"minmax"``,
-    1 for ``"mean"``). Per token that is ``r/2`` times a KV cache's ``2·G·d`` values, plus the summaries.
+    page))`` — every token's key and value (``r = 2``; ``r = 3`` with ``positions="compact"``, which also keeps
+    each key rotated to its retrieved position) and ``parts`` summary vectors per finished page (2 for ``"minmax"``,
+    1 for ``"mean"``; ``page = page_size or block_size``). Per token that is ``r/2`` times a KV cache's ``2·G·d``
+    values, plus the summaries.
 
     Args:
         config: the model's Llama-family config; tokens: >= 0; block_size: >= 1; summary: a key of
             :data:`bsbr.blocks.SUMMARIES`; positions: one of :data:`bsbr.blocks.POSITIONS`; element_size: bytes per
-            value (4 for fp32).
+            value (4 for fp32); page_size: tokens per summarised page (None: one per block).
     Raises:
-        ValueError: negative ``tokens``, ``block_size`` not a positive integer, an unknown ``summary`` or ``positions``.
+        ValueError: negative ``tokens``, ``block_size``/``page_size`` not a positive integer, an unknown ``summary``
+            or ``positions``.
     """
-    check_positive_int(block_size=block_size)
+    check_positive_int(block_size=block_size, page_size=page_size or block_size)
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0, got {tokens}")
     if summary not in SUMMARIES:
@@ -182,7 +184,8 @@ def blocks_cache_nbytes(config, tokens: int, block_size: int, summary: str = "mi
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rows = (3 if positions == "compact" else 2) * int(tokens) + SUMMARIES[summary] * (int(tokens) // block_size)
+    pages = int(tokens) // (page_size or block_size)
+    rows = (3 if positions == "compact" else 2) * int(tokens) + SUMMARIES[summary] * pages
     return element_size * config.num_hidden_layers * config.num_key_value_heads * d * rows
 
 

@@ -86,12 +86,14 @@ def test_cache_bytes_follow_the_formulas_after_every_call():
     assert normalized_cache_nbytes(config, 0, CHUNK, SINKS, feature_dim) == 0 == cache_nbytes(DynamicCache())
 
 
-@pytest.mark.parametrize(("summary", "positions", "retrieval"), [("mean", "compact", True), ("minmax", "original", True),
-                                                                 ("mean", "compact", False)])
-def test_block_retrieval_cache_bytes_follow_the_formula(summary, positions, retrieval):
+@pytest.mark.parametrize(("summary", "positions", "retrieval", "page_size"),
+                         [("mean", "compact", True, None), ("minmax", "original", True, None),
+                          ("mean", "compact", False, None), ("minmax", "compact", True, 2)])
+def test_block_retrieval_cache_bytes_follow_the_formula(summary, positions, retrieval, page_size):
     config = tiny_llama().config
     model = set_retrieval(convert_to_bsbr(tiny_llama(seed=3), 8, retrieval="blocks", block_size=4, top_k=2,
-                                          summary=summary, sink_size=2, positions=positions), retrieval)
+                                          summary=summary, sink_size=2, positions=positions, page_size=page_size),
+                          retrieval)
     ids = text(45)
     with torch.inference_mode():
         reference = M.token_nll(model(ids).logits, ids)[0]  # [44]
@@ -100,10 +102,11 @@ def test_block_retrieval_cache_bytes_follow_the_formula(summary, positions, retr
     torch.testing.assert_close(run.nll, reference, atol=2e-5, rtol=1e-5)
     rows = 3 if positions == "compact" else 2
     parts = 1 if summary == "mean" else 2
-    for step in run.steps:  # 2 layers · 2 kv heads · head_dim 16 · 4 bytes · (rows per token, summaries per block)
+    page = page_size or 4
+    for step in run.steps:  # 2 layers · 2 kv heads · head_dim 16 · 4 bytes · (rows per token, summaries per page)
         end = step["end"]
-        assert step["cache_bytes"] == blocks_cache_nbytes(config, end, 4, summary, positions) \
-            == 2 * 2 * 16 * 4 * (rows * end + parts * (end // 4)), step
+        assert step["cache_bytes"] == blocks_cache_nbytes(config, end, 4, summary, positions, page_size=page_size) \
+            == 2 * 2 * 16 * 4 * (rows * end + parts * (end // page)), step
     # the buffers double when full: at least what is in use, at most about twice it (and 16 rows at the start)
     used, allocated = cache_nbytes(cache), cache_capacity_nbytes(cache)
     assert used <= allocated <= 2 * used + 2 * 2 * 16 * 4 * 16 * (rows + parts)
