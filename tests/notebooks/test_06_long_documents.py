@@ -151,8 +151,9 @@ def test_executed_notebook_has_findings_provenance_and_no_errors(smoke):
         assert line in printed, line
     assert "IProgress" not in printed
     findings = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
-    for phrase in ("Goal 1, flat perplexity", "Goal 2, flat decode step", "Memory per token", "Load average"):
+    for phrase in ("Goal 1, flat perplexity", "Goal 2, flat decode step", "**Memory**", "Load average"):
         assert phrase in findings, phrase
+    assert "<b>Memory per token of context</b>" in "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     appendix = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert appendix.count("<details>") == 7
     headings = [c.source for c in nb.cells if c.cell_type == "markdown"]
