@@ -155,7 +155,9 @@ def test_executed_notebook_has_findings_provenance_and_no_errors(smoke):
         assert phrase in findings, phrase
     assert "<b>Memory per token of context</b>" in "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     appendix = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
-    assert appendix.count("<details>") == 7
+    assert appendix.count("<details>") == 8 and "Run log" in appendix and "git revision:" in appendix
+    # the run's own lines go to stderr (the terminal and the run-log appendix), never before the findings
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stdout"]
     headings = [c.source for c in nb.cells if c.cell_type == "markdown"]
     assert headings[0].startswith("# 06") and "**Question.**" in headings[0] and headings[1] == "## What we found"
     assert (smoke["out"] / "long_documents.png").stat().st_size > 1000
