@@ -389,44 +389,53 @@ def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chun
 def plot_long_documents(bins, latency, steps, *, colors: dict, labels: dict, flat_from: int, reference_ppl: float,
                         ratio: float, trained_context: int | None):
     """The long-document figure, one colour per variant (``colors``/``labels``: variant -> colour name of
-    :data:`COLORS` / legend text; ``original_fresh`` dashed): perplexity per bin against position (log axis) with
-    the goal line ``ratio × reference_ppl`` beyond ``flat_from`` and the trained context, single-token decode latency
-    (median, min–max band, ms) against context, and cache memory (MiB, bytes in use) against position.
+    :data:`COLORS` / legend text; ``original_fresh`` and ``exact_region`` dashed; the legend in a panel of its own):
+    perplexity per bin against position (log axis when it spans more than 10×) with the goal line ``ratio ×
+    reference_ppl`` beyond ``flat_from`` and the trained context, single-token decode latency (median, min–max band,
+    ms) against context, and cache memory (MiB, bytes in use) against position.
 
     Args:
         bins, latency, steps: the tables of :mod:`bsbr.long_documents` (``perplexity_bins``, ``decode_latency``,
             ``steps_table``).
     """
-    fig, axes = _figure(3, (19, 4.8))
+    fig, axes = _figure(4, (23, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 0.55]})
+    styles = {"original_fresh": "--", "exact_region": (0, (4, 3))}  # exact region dashed: its cache equals blocks'
     ax = axes[0]
     for name, group in bins.groupby("variant"):
         ax.plot((group.start + group.end) / 2, group.ppl, marker="o", ms=3, color=color(colors[name]),
-                ls="--" if name == "original_fresh" else "-", label=labels[name])
+                ls=styles.get(name, "-"), label=labels[name])
     if np.isfinite(reference_ppl):
         ax.axhline(ratio * reference_ppl, color="black", lw=1, ls="--",
                    label=f"goal: {ratio:g} × blocks' median before {flat_from}")
         ax.axvline(flat_from, color="black", lw=0.8, ls=":")
     if trained_context and trained_context < bins.end.max():
         ax.axvline(trained_context, color="gray", lw=1, ls=":", label=f"max_position_embeddings {trained_context}")
-    ax.set(xlabel="position (tokens)", ylabel="perplexity per bin", yscale="log", title="perplexity against position")
+    wide = bins.ppl.max() > 10 * bins.ppl.min()  # a log axis only where a collapse spans decades
+    ax.set(xlabel="position (tokens)", ylabel="perplexity per bin", yscale="log" if wide else "linear",
+           title="perplexity against position")
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(mticker.FuncFormatter(
+        lambda value, _: f"{value:g}" if value > 0 and round(value / 10 ** np.floor(np.log10(value))) in (2, 5) else ""))
     ax = axes[1]
     for name, group in latency.groupby("variant"):
-        ax.plot(group.context, group.median_s * 1e3, marker="o", color=color(colors[name]), label=labels[name])
+        ax.plot(group.context, group.median_s * 1e3, marker="o", color=color(colors[name]), ls=styles.get(name, "-"),
+                label=labels[name])
         ax.fill_between(group.context, group.min_s * 1e3, group.max_s * 1e3, color=color(colors[name]), alpha=0.2)
     ax.set(xlabel="context (tokens)", ylabel="ms per step", title="single-token decode step (median, min–max)")
     ax.set_ylim(bottom=0)
     ax = axes[2]
     for name, group in steps.groupby("variant"):
-        ax.plot(group.end, group.cache_bytes / 2**20, color=color(colors[name]),
-                ls="--" if name == "original_fresh" else "-", label=labels[name])
+        ax.plot(group.end, group.cache_bytes / 2**20, color=color(colors[name]), ls=styles.get(name, "-"),
+                label=labels[name])
     ax.set(xlabel="position (tokens)", ylabel="MiB", title="cache in use (nbytes)")
     handles, names = [], []
-    for ax in axes:
+    for ax in axes[:3]:
         for handle, name in zip(*ax.get_legend_handles_labels()):
             if name not in names:
                 handles.append(handle)
                 names.append(name)
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    axes[3].axis("off")  # the legend's own panel, right of the data
+    axes[3].legend(handles, names, loc="center left", fontsize=8, frameon=False)
     return fig
 
 
