@@ -1,7 +1,11 @@
-"""The long-document experiment (notebook ``06_long_documents``): pick a held-out play, check that streaming equals one
-full forward, and turn the streamed runs of a BSBR model and the original (:func:`bsbr.streaming_eval.stream_nll`)
-into tables — every call, per-token NLL, perplexity bins, decode latency per position, linear fits — and the numbers
-of the conclusion.
+"""The long-document experiment (notebook ``06_long_documents``): held-out plays streamed to tens of thousands of
+tokens through several variants of one model, and the tables and goal verdicts of its report.
+
+Variants (:data:`VARIANTS`): ``blocks`` (the converted model with block retrieval, :mod:`bsbr.blocks`),
+``exact_region`` (the same conversion with retrieval off: own + previous chunk and the sinks — the control that
+locates a collapse), ``original`` (the pretrained model with its KV cache, as far as the machine allows),
+``original_fresh`` (the original started fresh on the last stretch of the stream: the model's own perplexity on that
+text, the reference for the late bins) and, optionally, ``normalized`` (the calibrated normalised BSBR).
 
 Units: positions and lengths in tokens, times in seconds, memory in bytes, NLL in nats.
 """
@@ -16,30 +20,62 @@ import torch
 
 from bsbr.data import SPLITS, load_split
 from bsbr.experiment import check_ints
-from bsbr.streaming_eval import binned_nll, kv_cache_nbytes, normalized_cache_nbytes, stream_nll
+from bsbr.streaming_eval import binned_nll, stream_nll
 
-__all__ = ["NLL_TOLERANCE", "bytes_per_token", "check_long_document_parameters", "choose_play", "decode_latency",
-           "held_out_plays", "line_fit", "perplexity_bins", "predict", "steps_table", "stream_fits",
-           "stream_matches_full_forward", "stream_summary", "token_nll_table"]
+__all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "DECODE_STEP_SECONDS", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST",
+           "VARIANTS",
+           "check_long_document_parameters", "choose_play", "decode_goal", "decode_latency", "decode_positions",
+           "estimate_stream_seconds", "flatness", "held_out_plays", "late_perplexity", "memory_table",
+           "perplexity_bins", "steps_table", "stream_matches_full_forward", "stream_windows"]
 
 #: Max |NLL difference| (nats) allowed between the stream and one full forward on the first tokens.
 NLL_TOLERANCE = 1e-3
+#: The variants a run may stream, in report order.
+VARIANTS = ("blocks", "exact_region", "original", "original_fresh", "normalized")
+#: Options of ``retrieval="blocks"`` the notebook passes on (:class:`bsbr.convert.retrieval.BlocksMode`).
+BLOCK_OPTIONS = ("block_size", "top_k", "summary", "selection", "sink_size", "positions", "page_size")
+#: The quality goal: no full perplexity bin at or beyond ``flat_from`` above ``FLAT_RATIO`` × the median of the bins
+#: that end by ``flat_from``.
+FLAT_RATIO = 1.5
+#: The decode goal: the slowest single-token step of the last decode group at most ``DECODE_RATIO`` × its median.
+DECODE_RATIO = 1.5
+#: Seconds to stream ``n`` tokens from position 0 in 256-token pieces on 2 quiet threads of this project's machine
+#: (2-core x86), modelled as ``a·n + b·n²/2`` (``a`` per token, ``b`` per token and token of context: the original's
+#: attention over its growing KV cache), for SmolLM2-135M at chunk 256, blocks of 64, top-4. Measured 2026-12-01 on a
+#: shared machine (load 5–6 on 2 cores) as CPU seconds of 1k-token spans on one thread — blocks 12.5 ms per token at
+#: 0.5k–4.6k of context, exact region 4.8 ms, the original 3.95 ms at 0.5k–1.5k and 8.35 ms at 4.1k–4.6k — and scaled
+#: by 0.36, the ratio of those blocks figures to the 4.5 ms per token that blocks take on 2 quiet threads. An
+#: estimate, not a measurement: each run prints its own times beside it. ``normalized`` is not measured (a guess).
+STREAM_COST = {"blocks": (4.5e-3, 0.0), "exact_region": (1.7e-3, 0.0), "original": (0.95e-3, 4.75e-7),
+               "original_fresh": (0.95e-3, 4.75e-7), "normalized": (6.0e-3, 0.0)}
+#: Seconds of one single-token decode step in the same conditions (the same scaling of ~130 ms CPU under load).
+DECODE_STEP_SECONDS = 0.05
 
 
-def check_long_document_parameters(splits, min_play_tokens, max_tokens, piece_size, decode_every, decode_steps,
-                                   original_max_tokens, bin_size, threads) -> None:
-    """Raise ValueError naming the parameter unless the token counts are integers >= 1 (``max_tokens`` and
-    ``original_max_tokens`` may be None: as far as possible), ``threads`` >= 0, ``decode_steps < decode_every``, and
-    ``splits`` held-out corpus splits (never ``train``: the calibration text)."""
-    check_ints(1, min_play_tokens=min_play_tokens, piece_size=piece_size, decode_every=decode_every,
-               bin_size=bin_size)
+def check_long_document_parameters(*, splits, min_stream_tokens, max_tokens, variants, blocks, chunk_size, piece_size,
+                                   decode_every, decode_steps, original_max_tokens, fresh_tokens, bin_size, flat_from,
+                                   threads) -> None:
+    """Raise ValueError naming the parameter unless: token counts are integers >= 1 (``max_tokens`` and
+    ``original_max_tokens`` may be None: the whole text), ``threads`` >= 0, ``decode_steps < decode_every``,
+    ``bin_size`` divides ``flat_from``, ``splits`` are held-out corpus splits (never ``train``: the calibration
+    text), ``variants`` distinct names of :data:`VARIANTS` including ``"blocks"``, and ``blocks`` a dict of
+    :data:`BLOCK_OPTIONS` (their values are checked by the conversion)."""
+    check_ints(1, min_stream_tokens=min_stream_tokens, chunk_size=chunk_size, piece_size=piece_size,
+               decode_every=decode_every, decode_steps=decode_steps, fresh_tokens=fresh_tokens, bin_size=bin_size,
+               flat_from=flat_from)
     check_ints(0, threads=threads)
     check_ints(1, allow_none=True, max_tokens=max_tokens, original_max_tokens=original_max_tokens)
-    check_ints(1, decode_steps=decode_steps)
     if decode_steps >= decode_every:
         raise ValueError(f"decode_steps ({decode_steps}) must be smaller than decode_every ({decode_every})")
-    if not splits or "train" in splits or any(s not in SPLITS for s in splits):
+    if flat_from % bin_size:
+        raise ValueError(f"bin_size ({bin_size}) must divide flat_from ({flat_from}): bins before and beyond it")
+    if not isinstance(splits, (list, tuple)) or not splits or "train" in splits or any(s not in SPLITS for s in splits):
         raise ValueError(f"splits must be held-out splits among {[s for s in SPLITS if s != 'train']}, got {splits!r}")
+    if (not isinstance(variants, (list, tuple)) or "blocks" not in variants or len(set(variants)) != len(variants)
+            or any(v not in VARIANTS for v in variants)):
+        raise ValueError(f"variants must be distinct names among {list(VARIANTS)} including 'blocks', got {variants!r}")
+    if not isinstance(blocks, dict) or set(blocks) - set(BLOCK_OPTIONS):
+        raise ValueError(f"blocks must be a dict of options among {list(BLOCK_OPTIONS)}, got {blocks!r}")
 
 
 def held_out_plays(tokenizer, corpus_dir, splits) -> tuple[list, pd.DataFrame]:
@@ -68,8 +104,8 @@ def choose_play(plays, splits, min_play_tokens: int, eos_token_id: int) -> Simpl
     plays concatenated in split order, then doc_id order, separated by EOS, until the length is reached.
 
     Returns:
-        namespace ``split`` (of the play, or the splits joined by ``+``), ``title``, ``doc_ids``, ``tokens`` (list of
-        ids), ``note`` (a sentence saying which text it is).
+        namespace ``split`` (of the play, or the splits of the joined plays, joined by ``+``), ``title``,
+        ``doc_ids``, ``tokens`` (list of ids), ``note`` (a sentence saying which text it is).
     """
     long_enough = [p for p in plays if len(p[2]) >= min_play_tokens]
     if long_enough:
@@ -85,9 +121,49 @@ def choose_play(plays, splits, min_play_tokens: int, eos_token_id: int) -> Simpl
         if len(tokens) >= min_play_tokens:
             break
     title = " + ".join(doc_ids)
-    return SimpleNamespace(split="+".join(splits), title=title, doc_ids=doc_ids, tokens=tokens,
+    used = [s for s in splits if s in {split for split, doc, _ in plays if doc["doc_id"] in doc_ids}]
+    return SimpleNamespace(split="+".join(used), title=title, doc_ids=doc_ids, tokens=tokens,
                            note=f"no held-out play has {min_play_tokens} tokens: {len(doc_ids)} plays concatenated "
-                                f"({title})")
+                                f"({title}), separated by EOS")
+
+
+def stream_windows(streamed: int, variants, original_max_tokens: int | None, fresh_tokens: int,
+                   bin_size: int) -> dict:
+    """The positions ``(start, end)`` each variant streams: ``[0, streamed)``; the original ``[0, min(streamed,
+    original_max_tokens))``; ``original_fresh`` the last ``fresh_tokens`` or more: from ``streamed − fresh_tokens``
+    rounded down to a multiple of ``bin_size`` (so its bins are the others' bins), or 0, to ``streamed``."""
+    windows = {}
+    for name in variants:
+        if name == "original":
+            windows[name] = (0, streamed if original_max_tokens is None else min(streamed, original_max_tokens))
+        elif name == "original_fresh":
+            windows[name] = (max(0, (streamed - fresh_tokens) // bin_size * bin_size), streamed)
+        else:
+            windows[name] = (0, streamed)
+    return windows
+
+
+def decode_positions(end: int, decode_every: int, decode_steps: int) -> list[int]:
+    """Where a stream of ``end`` tokens switches to ``decode_steps`` single-token steps: each group ends at a multiple
+    of ``decode_every`` below ``end``, and the last at ``end`` (the longest context measured):
+    ``[k·decode_every − decode_steps] + [end − decode_steps]`` (positions >= 0 only)."""
+    positions = [k - decode_steps for k in range(decode_every, end, decode_every)] + [end - decode_steps]
+    return [p for p in positions if p >= 0]
+
+
+def estimate_stream_seconds(windows: dict, decode_calls: dict | None = None, cost: dict | None = None,
+                            step_seconds: float = DECODE_STEP_SECONDS) -> dict:
+    """Estimated seconds to stream each window ``(start, end)`` (``windows`` as :func:`stream_windows`) from a fresh
+    cache: ``a·n + b·n²/2`` with ``n = end − start`` and ``(a, b) = cost[variant]`` (default :data:`STREAM_COST`),
+    plus ``step_seconds`` per single-token decode call (``decode_calls``: variant -> calls; default none)."""
+    cost = STREAM_COST if cost is None else cost
+    decode_calls = decode_calls or {}
+    estimate = {}
+    for name, (start, end) in windows.items():
+        a, b = cost[name]
+        n = end - start
+        estimate[name] = a * n + b * n * n / 2 + step_seconds * decode_calls.get(name, 0)
+    return estimate
 
 
 def stream_matches_full_forward(lm, cache, input_ids: torch.Tensor, chunk_size: int) -> float:
@@ -99,160 +175,121 @@ def stream_matches_full_forward(lm, cache, input_ids: torch.Tensor, chunk_size: 
     return (run.nll - full).abs().max().item()
 
 
-def steps_table(runs: dict, config, chunk_size: int, sink_size: int, feature_dim: int) -> pd.DataFrame:
-    """Every call of every run (``runs``: model name -> :func:`bsbr.streaming_eval.stream_nll` result), with
-    ``finishes_chunk`` (a BSBR call ending on a chunk boundary, which folds the chunk into the state) and
-    ``expected_cache_bytes`` (:func:`~bsbr.streaming_eval.normalized_cache_nbytes` for ``bsbr``,
-    :func:`~bsbr.streaming_eval.kv_cache_nbytes` for the others), sorted by model and start."""
-    steps = pd.DataFrame([{"model": name, **step} for name, run in runs.items() for step in run.steps])
-    steps["finishes_chunk"] = (steps.model == "bsbr") & (steps.end % chunk_size == 0)
-    steps["expected_cache_bytes"] = [
-        normalized_cache_nbytes(config, end, chunk_size, sink_size, feature_dim) if name == "bsbr"
-        else kv_cache_nbytes(config, end) for name, end in zip(steps.model, steps.end)]
-    return steps.sort_values(["model", "start"]).reset_index(drop=True)
+def steps_table(runs: dict, windows: dict) -> pd.DataFrame:
+    """Every call of every run (``runs``: variant -> :func:`bsbr.streaming_eval.stream_nll` result over its window),
+    positions made absolute (``start``/``end`` + the window's start), sorted by variant and start."""
+    rows = []
+    for name, run in runs.items():
+        offset = windows[name][0]
+        rows += [{"variant": name, **step, "start": step["start"] + offset, "end": step["end"] + offset}
+                 for step in run.steps]
+    return pd.DataFrame(rows).sort_values(["variant", "start"]).reset_index(drop=True)
 
 
-def token_nll_table(runs: dict, input_ids: torch.Tensor) -> pd.DataFrame:
-    """Per position ``t`` (``bsbr`` run's length): the target token ``t + 1`` and each model's NLL of it
-    (``original_nll`` NaN beyond the original's run)."""
-    per_token = pd.DataFrame({"position": np.arange(len(runs["bsbr"].nll)),
-                              "target_token": input_ids[0, 1:len(runs["bsbr"].nll) + 1].numpy(),
-                              "bsbr_nll": runs["bsbr"].nll.numpy()})
-    per_token["original_nll"] = np.nan
-    per_token.loc[: len(runs["original"].nll) - 1, "original_nll"] = runs["original"].nll.numpy()
-    return per_token
+def perplexity_bins(runs: dict, windows: dict, bin_size: int) -> pd.DataFrame:
+    """:func:`bsbr.streaming_eval.binned_nll` of every run with absolute positions (a window's start is a multiple of
+    ``bin_size``, so bin ``i`` covers positions ``[i·bin_size, (i+1)·bin_size)`` in every variant; position ``t``
+    predicts token ``t + 1``): ``[variant, bin, start, end, tokens, nll, ppl, ...]`` sorted by variant and bin. The
+    cumulative columns run from the window's start.
 
-
-def perplexity_bins(runs: dict, bin_size: int) -> pd.DataFrame:
-    """:func:`bsbr.streaming_eval.binned_nll` of every run, with a ``model`` column, sorted by model and bin."""
-    bins = pd.DataFrame([{"model": name, **row} for name, run in runs.items() for row in binned_nll(run.nll, bin_size)])
-    return bins.sort_values(["model", "bin"]).reset_index(drop=True)
-
-
-def decode_latency(steps: pd.DataFrame, decode_every: int) -> pd.DataFrame:
-    """Single-token decode steps grouped by the position ``k·decode_every − 1`` they start at: median/min/max seconds
-    and count of the ordinary steps, and ``chunk_finish_s`` of the BSBR step that finishes a chunk (NaN if none)."""
-    decode = steps[steps.kind == "decode"].copy()
-    decode["position"] = decode.start
-    decode["decode_position"] = decode.groupby("model").position.transform(
-        lambda p: (p + 1) // decode_every * decode_every - 1)  # the first position of its group
-    latency = (decode[~decode.finishes_chunk].groupby(["model", "decode_position"])
-               .seconds.agg(["median", "min", "max", "count"]).reset_index()
-               .rename(columns={"median": "median_s", "min": "min_s", "max": "max_s", "count": "steps"}))
-    finishing = decode[decode.finishes_chunk].set_index(["model", "decode_position"]).seconds.rename("chunk_finish_s")
-    return latency.join(finishing, on=["model", "decode_position"]).sort_values(["model", "decode_position"])
-
-
-def line_fit(x, y) -> tuple[float, float, float]:
-    """Least-squares line ``y = slope·x + intercept``: ``(slope, intercept, r2)``; with fewer than two distinct ``x``,
-    ``(NaN, mean(y) or NaN, NaN)``."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if np.unique(x).size < 2:
-        return float("nan"), float(np.mean(y)) if len(y) else float("nan"), float("nan")
-    slope, intercept = np.polyfit(x, y, 1)
-    residual = y - (slope * x + intercept)
-    total = np.sum((y - y.mean()) ** 2)
-    return float(slope), float(intercept), float(1 - np.sum(residual**2) / total) if total > 0 else 1.0
-
-
-def stream_fits(names, steps: pd.DataFrame, latency: pd.DataFrame, piece_size: int) -> pd.DataFrame:
-    """Per model, :func:`line_fit` against position of: decode latency of an ordinary step (s), cost per token of a
-    full ``piece_size`` piece (s), cache bytes after every call.
-
-    Returns:
-        ``[model, quantity, unit, points, slope_per_token, intercept, r2, x_max]`` sorted by model and quantity.
+    Raises:
+        ValueError: a window start that is not a multiple of ``bin_size``.
     """
     rows = []
-    for name in names:
-        lat = latency[latency.model == name]
-        pieces = steps[(steps.model == name) & (steps.kind == "piece") & (steps.tokens == piece_size)]
-        own = steps[steps.model == name]
-        for quantity, x, y, unit in (("decode_latency", lat.decode_position, lat.median_s, "s"),
-                                     ("piece_time_per_token", pieces.start, pieces.seconds_per_token, "s"),
-                                     ("cache_bytes", own.end, own.cache_bytes, "bytes")):
-            slope, intercept, r2 = line_fit(x, y)
-            rows.append({"model": name, "quantity": quantity, "unit": unit, "points": len(x),
-                         "slope_per_token": slope, "intercept": intercept, "r2": r2,
-                         "x_max": int(np.max(x)) if len(x) else 0})
-    return pd.DataFrame(rows).sort_values(["model", "quantity"]).reset_index(drop=True)
+    for name, run in runs.items():
+        offset = windows[name][0]
+        if offset % bin_size:
+            raise ValueError(f"window of {name} starts at {offset}, not a multiple of bin_size={bin_size}")
+        for row in binned_nll(run.nll, bin_size):
+            rows.append({"variant": name, **row, "bin": row["bin"] + offset // bin_size,
+                         "start": row["start"] + offset, "end": row["end"] + offset})
+    return pd.DataFrame(rows).sort_values(["variant", "bin"]).reset_index(drop=True)
 
 
-def predict(fits: pd.DataFrame, name: str, quantity: str, n):
-    """The fitted line of :func:`stream_fits` for ``(name, quantity)`` at position(s) ``n``."""
-    fit = fits.set_index(["model", "quantity"]).loc[(name, quantity)]
-    return fit.slope_per_token * n + fit.intercept
-
-
-def bytes_per_token(config, chunk_size: int, feature_dim: int) -> dict:
-    """Bytes per token of context: the KV cache's (``original``) and BSBR's chunk states (``bsbr``: one more chunk's
-    state, no sinks, over ``chunk_size``)."""
-    return {"original": kv_cache_nbytes(config, 1),
-            "bsbr": (normalized_cache_nbytes(config, 3 * chunk_size, chunk_size, 0, feature_dim)
-                     - normalized_cache_nbytes(config, 2 * chunk_size, chunk_size, 0, feature_dim)) / chunk_size}
-
-
-def stream_summary(runs: dict, steps, bins, latency, fits, config, *, original_tokens: int, streamed: int,
-                   chunk_size: int, sink_size: int, feature_dim: int, bin_size: int, piece_size: int) -> SimpleNamespace:
-    """The numbers of the conclusion, from the runs and tables above.
+def flatness(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = FLAT_RATIO) -> pd.DataFrame:
+    """The quality goal per variant: over its full bins (``tokens == bin_size``), the median perplexity of the bins
+    that end by ``flat_from`` (``reference_ppl``, ``bins_before``) against the bins that start at or beyond it
+    (``bins_beyond``, ``max_beyond_ppl`` at ``max_beyond_start``, ``exceeding``: how many are above ``ratio ×
+    reference_ppl``, ``first_exceeding_start``), ``max_over_reference``, and ``met`` (no bin exceeds; None when the
+    variant has no full bin before or none beyond).
 
     Returns:
-        namespace with ``common`` (positions both models streamed), perplexities ``ppl_common``/``ppl_after`` (dicts
-        per model: positions before ``common``, and after BSBR's first chunk), ``ppl_bsbr_total``, BSBR's bins
-        (``reference_bin_ppl``: median up to ``max(bin_size, common)``; ``degrade_from``: first bin beyond ``common``
-        above twice that, or None; ``peak_bin``, ``last_bin_ppl``), decode latency (``last_common`` position,
-        ``lat_common`` per model, ``last_bsbr``/``first_bsbr`` positions, ``lat_bsbr_end``, ``lat_bsbr_first``,
-        ``lat_original_end`` from the original's fitted line, ``finish_end``: BSBR's chunk-finishing step), memory
-        (``state_end``, ``kv_end``, ``kv_common``, ``state_common``, ``rss`` per model, ``memory_ratio``), pieces
-        (``original_pieces``, ``piece_early``/``piece_late``: BSBR medians of its first and last quarter),
-        ``slope_us`` (µs per 1,000 tokens), ``bsbr_ppl_loses``, ``latency_wins``.
+        one row per variant, sorted by variant.
     """
-    s = SimpleNamespace(common=original_tokens)
-    bsbr_nll, original_nll = runs["bsbr"].nll, runs["original"].nll
-    n_common = min(len(original_nll), s.common - 1)
+    rows = []
+    for name, group in bins[bins.tokens == bin_size].groupby("variant"):
+        before, beyond = group[group.end <= flat_from], group[group.start >= flat_from]
+        reference = float(before.ppl.median()) if len(before) else float("nan")
+        row = {"variant": name, "bins_before": len(before), "reference_ppl": reference, "bins_beyond": len(beyond),
+               "max_beyond_ppl": float("nan"), "max_beyond_start": None, "max_over_reference": float("nan"),
+               "exceeding": 0, "first_exceeding_start": None, "met": None}
+        if len(before) and len(beyond):
+            peak = beyond.loc[beyond.ppl.idxmax()]
+            over = beyond[beyond.ppl > ratio * reference]
+            row.update(max_beyond_ppl=float(peak.ppl), max_beyond_start=int(peak.start),
+                       max_over_reference=float(peak.ppl) / reference, exceeding=len(over),
+                       first_exceeding_start=int(over.start.iloc[0]) if len(over) else None, met=len(over) == 0)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("variant").reset_index(drop=True)
 
-    def ppl(nll):
-        return float(torch.exp(nll.double().mean()))
 
-    s.ppl_common = {"bsbr": ppl(bsbr_nll[:n_common]), "original": ppl(original_nll[:n_common])}
-    after_first = slice(chunk_size, n_common)  # where BSBR differs from the original (after its first chunk)
-    s.ppl_after = {k: ppl(v[after_first]) if n_common > chunk_size else float("nan")
-                   for k, v in (("bsbr", bsbr_nll), ("original", original_nll))}
-    s.ppl_bsbr_total = ppl(bsbr_nll)
-    bsbr_bins = bins[bins.model == "bsbr"]
-    s.reference_bin_ppl = float(bsbr_bins[bsbr_bins.end <= max(bin_size, s.common)].ppl.median())
-    degraded = bsbr_bins[(bsbr_bins.start >= s.common) & (bsbr_bins.ppl > 2 * s.reference_bin_ppl)]
-    s.degrade_from = int(degraded.start.iloc[0]) if len(degraded) else None
-    s.peak_bin = bsbr_bins.loc[bsbr_bins.ppl.idxmax()]
-    s.last_bin_ppl = float(bsbr_bins.ppl.iloc[-1])
-    s.last_common = latency[latency.decode_position < s.common].groupby("model").decode_position.max().min()
-    lat_at = latency.set_index(["model", "decode_position"])
-    if not pd.isna(s.last_common):
-        s.lat_common = {k: float(lat_at.loc[(k, s.last_common), "median_s"]) for k in runs}
-    else:
-        s.lat_common = {k: float("nan") for k in runs}
-    has_bsbr = (latency.model == "bsbr").any()
-    s.last_bsbr = int(latency[latency.model == "bsbr"].decode_position.max()) if has_bsbr else None
-    s.lat_bsbr_end = float(lat_at.loc[("bsbr", s.last_bsbr), "median_s"]) if s.last_bsbr is not None else float("nan")
-    s.lat_original_end = (float(predict(fits, "original", "decode_latency", s.last_bsbr)) if s.last_bsbr is not None
-                          else float("nan"))
-    s.first_bsbr = int(latency[latency.model == "bsbr"].decode_position.min()) if s.last_bsbr is not None else None
-    s.lat_bsbr_first = (float(lat_at.loc[("bsbr", s.first_bsbr), "median_s"]) if s.first_bsbr is not None
-                        else float("nan"))
-    s.finish_end = (float(lat_at.loc[("bsbr", s.last_bsbr), "chunk_finish_s"]) if s.last_bsbr is not None
-                    else float("nan"))
-    s.state_end = int(steps[steps.model == "bsbr"].cache_bytes.iloc[-1])
-    s.kv_end = kv_cache_nbytes(config, streamed)
-    s.kv_common = int(steps[steps.model == "original"].cache_bytes.iloc[-1])
-    s.state_common = normalized_cache_nbytes(config, s.common, chunk_size, sink_size, feature_dim)
-    s.rss = steps.groupby("model").rss_bytes.max()
-    s.original_pieces = steps[(steps.model == "original") & (steps.kind == "piece")].seconds_per_token
-    bsbr_pieces = steps[(steps.model == "bsbr") & (steps.kind == "piece") & (steps.tokens == piece_size)]
-    quarter = max(1, len(bsbr_pieces) // 4)
-    s.piece_early = float(bsbr_pieces.seconds_per_token.iloc[:quarter].median())
-    s.piece_late = float(bsbr_pieces.seconds_per_token.iloc[-quarter:].median())
-    fit = fits.set_index(["model", "quantity"])
-    s.slope_us = {k: fit.loc[(k, "decode_latency"), "slope_per_token"] * 1e6 * 1000 for k in runs}
-    s.bsbr_ppl_loses = s.ppl_common["bsbr"] > s.ppl_common["original"]
-    s.latency_wins = s.lat_common["bsbr"] < s.lat_common["original"]
-    s.memory_ratio = s.state_end / s.kv_end
-    return s
+def decode_latency(steps: pd.DataFrame) -> pd.DataFrame:
+    """Single-token decode steps grouped by consecutive runs of one variant: ``context`` (tokens in the cache after
+    the group's last step), ``steps``, ``median_s``, ``min_s``, ``max_s``, ``max_over_median``; sorted by variant and
+    context."""
+    decode = steps[steps.kind == "decode"].sort_values(["variant", "start"])
+    group = (decode.start != decode.groupby("variant").end.shift()).cumsum()  # a new group where a run breaks
+    table = decode.groupby([decode.variant, group]).agg(context=("end", "max"), steps=("seconds", "size"),
+                                                        median_s=("seconds", "median"), min_s=("seconds", "min"),
+                                                        max_s=("seconds", "max"))
+    table = table.reset_index(level=0).reset_index(drop=True)
+    table["max_over_median"] = table.max_s / table.median_s
+    return table.sort_values(["variant", "context"]).reset_index(drop=True)
+
+
+def decode_goal(latency: pd.DataFrame, variant: str = "blocks", ratio: float = DECODE_RATIO) -> dict:
+    """The decode goal for ``variant``: its last decode group (the longest context) — ``context``, ``steps``,
+    ``median_s``, ``max_s``, ``max_over_median`` and ``met`` (``max_s <= ratio · median_s``; None without a group);
+    with ``first_context``/``first_median_s`` of its first group (how the ordinary step grows with context)."""
+    group = latency[latency.variant == variant]
+    if group.empty:
+        return {"variant": variant, "met": None}
+    first, last = group.iloc[0], group.iloc[-1]
+    return {"variant": variant, "context": int(last.context), "steps": int(last.steps),
+            "median_s": float(last.median_s), "max_s": float(last.max_s),
+            "max_over_median": float(last.max_over_median), "met": bool(last.max_s <= ratio * last.median_s),
+            "first_context": int(first.context), "first_median_s": float(first.median_s)}
+
+
+def memory_table(final: dict, expected: dict, kv_bytes_per_token: float) -> pd.DataFrame:
+    """Memory per token of every variant, from its cache after the stream.
+
+    Args:
+        final: variant -> ``{"tokens": tokens in the cache, "cache_bytes": bytes in use (nbytes), "capacity_bytes":
+            bytes allocated}``.
+        expected: variant -> bytes the variant's formula gives for those tokens (:mod:`bsbr.streaming_eval`).
+        kv_bytes_per_token: the original's KV cache per token (the reference of ``vs_kv_cache``).
+    Returns:
+        ``[variant, tokens, cache_bytes, capacity_bytes, expected_bytes, bytes_per_token, capacity_per_token,
+        vs_kv_cache]`` in :data:`VARIANTS` order.
+    """
+    rows = []
+    for name in [v for v in VARIANTS if v in final]:
+        f = final[name]
+        per_token = f["cache_bytes"] / f["tokens"]
+        rows.append({"variant": name, "tokens": f["tokens"], "cache_bytes": f["cache_bytes"],
+                     "capacity_bytes": f["capacity_bytes"], "expected_bytes": expected[name],
+                     "bytes_per_token": per_token, "capacity_per_token": f["capacity_bytes"] / f["tokens"],
+                     "vs_kv_cache": per_token / kv_bytes_per_token})
+    return pd.DataFrame(rows)
+
+
+def late_perplexity(bins: pd.DataFrame, start: int, end: int) -> dict:
+    """Perplexity of each variant over the full bins in ``[start, end)`` (token-weighted mean NLL): variant -> ppl
+    (only variants with bins covering the whole range)."""
+    inside = bins[(bins.start >= start) & (bins.end <= end)]
+    result = {}
+    for name, group in inside.groupby("variant"):
+        if group.tokens.sum() == end - start:
+            result[name] = float(np.exp((group.nll * group.tokens).sum() / group.tokens.sum()))
+    return result

@@ -387,62 +387,56 @@ def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chun
     return fig
 
 
-def plot_long_documents(bins, latency, steps, fits, config, *, bin_size: int, decode_steps: int, piece_size: int,
-                        chunk_size: int, streamed: int, original_tokens: int, trained_context: int | None):
-    """The long-document figure, BSBR against the original with its KV cache, against position (tokens): running
-    perplexity (per bin and cumulative), single-token decoding latency (ms) with linear fits, cost per token of a
-    ``piece_size`` piece (ms), and cache / process memory (MiB) with the KV-cache formula extrapolated.
+def plot_long_documents(bins, latency, steps, *, colors: dict, labels: dict, flat_from: int, reference_ppl: float,
+                        ratio: float, trained_context: int | None):
+    """The long-document figure, one colour per variant (``colors``/``labels``: variant -> colour name of
+    :data:`COLORS` / legend text; ``original_fresh`` and ``exact_region`` dashed; the legend in a panel of its own):
+    perplexity per bin against position (log axis when it spans more than 10×) with the goal line ``ratio ×
+    reference_ppl`` beyond ``flat_from`` and the trained context, single-token decode latency (median, min–max band,
+    ms) against context, and cache memory (MiB, bytes in use) against position.
 
     Args:
-        bins, latency, steps, fits: the tables of :mod:`bsbr.long_documents` (``perplexity_bins``,
-            ``decode_latency``, ``steps_table``, ``stream_fits``); config: the model config (KV-cache formula).
-        streamed, original_tokens: tokens each model streamed; trained_context: ``max_position_embeddings`` (a
-            dotted line where it is inside the stream).
+        bins, latency, steps: the tables of :mod:`bsbr.long_documents` (``perplexity_bins``, ``decode_latency``,
+            ``steps_table``).
     """
-    from bsbr.long_documents import predict
-    from bsbr.streaming_eval import kv_cache_nbytes
-
-    labels = {"bsbr": f"BSBR normalised + calibrated (chunk {chunk_size})", "original": "original, KV cache"}
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9.5))
-    ax = axes[0, 0]
-    for name, group in bins.groupby("model"):
-        centre = (group.start + group.end) / 2
-        ax.plot(centre, group.ppl, marker="o", ms=3, color=color(name), label=f"{labels[name]}, per {bin_size}")
-        ax.plot(group.end, group.cumulative_ppl, ls="--", color=color(name), label=f"{labels[name]}, cumulative")
-    if trained_context and trained_context < streamed:
+    fig, axes = _figure(4, (23, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 0.55]})
+    styles = {"original_fresh": "--", "exact_region": (0, (4, 3))}  # exact region dashed: its cache equals blocks'
+    ax = axes[0]
+    for name, group in bins.groupby("variant"):
+        ax.plot((group.start + group.end) / 2, group.ppl, marker="o", ms=3, color=color(colors[name]),
+                ls=styles.get(name, "-"), label=labels[name])
+    if np.isfinite(reference_ppl):
+        ax.axhline(ratio * reference_ppl, color="black", lw=1, ls="--",
+                   label=f"goal: {ratio:g} × blocks' median before {flat_from}")
+        ax.axvline(flat_from, color="black", lw=0.8, ls=":")
+    if trained_context and trained_context < bins.end.max():
         ax.axvline(trained_context, color="gray", lw=1, ls=":", label=f"max_position_embeddings {trained_context}")
-    ax.set(xlabel="position (tokens)", ylabel="perplexity", title="running perplexity")
-    ax.legend(fontsize=7)
-    ax = axes[0, 1]
-    for name, group in latency.groupby("model"):
-        ax.plot(group.decode_position, group.median_s * 1e3, marker="o", color=color(name),
-                label=f"{labels[name]}, median of {decode_steps - (name == 'bsbr')} steps")
-        if name == "bsbr" and group.chunk_finish_s.notna().any():
-            ax.plot(group.decode_position, group.chunk_finish_s * 1e3, marker="x", ls="", color=color(name),
-                    label="BSBR step that finishes a chunk")
-        xs = np.array([0, streamed])
-        ax.plot(xs, predict(fits, name, "decode_latency", xs) * 1e3, ls=":", color=color(name), lw=1,
-                label=f"{name}: linear fit" + (" (extrapolated)" if name == "original" and original_tokens < streamed
-                                               else ""))
-    ax.set(xlabel="position (tokens)", ylabel="ms per token", title="single-token decoding latency")
+    wide = bins.ppl.max() > 10 * bins.ppl.min()  # a log axis only where a collapse spans decades
+    ax.set(xlabel="position (tokens)", ylabel="perplexity per bin", yscale="log" if wide else "linear",
+           title="perplexity against position")
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(mticker.FuncFormatter(
+        lambda value, _: f"{value:g}" if value > 0 and round(value / 10 ** np.floor(np.log10(value))) in (2, 5) else ""))
+    ax = axes[1]
+    for name, group in latency.groupby("variant"):
+        ax.plot(group.context, group.median_s * 1e3, marker="o", color=color(colors[name]), ls=styles.get(name, "-"),
+                label=labels[name])
+        ax.fill_between(group.context, group.min_s * 1e3, group.max_s * 1e3, color=color(colors[name]), alpha=0.2)
+    ax.set(xlabel="context (tokens)", ylabel="ms per step", title="single-token decode step (median, min–max)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax = axes[1, 0]
-    for name, group in steps[(steps.kind == "piece") & (steps.tokens == piece_size)].groupby("model"):
-        ax.plot(group.start, group.seconds_per_token * 1e3, lw=1, color=color(name), label=labels[name])
-    ax.set(xlabel="position of the piece (tokens)", ylabel="ms per token",
-           title=f"cost per token of a {piece_size}-token piece")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax = axes[1, 1]
-    for name, group in steps.groupby("model"):
-        ax.plot(group.end, group.cache_bytes / 2**20, color=color(name), label=f"{labels[name]}: cache")
-        ax.plot(group.end, group.rss_bytes / 2**20, color=color(name), lw=0.8, ls="--", label=f"{name}: process RSS")
-    xs = np.array([original_tokens, streamed])
-    ax.plot(xs, [kv_cache_nbytes(config, int(x)) / 2**20 for x in xs], ls=":", color=color("original"),
-            label="KV cache, formula (extrapolated)")
-    ax.set(xlabel="position (tokens)", ylabel="MiB", title="memory")
-    ax.legend(fontsize=7)
+    ax = axes[2]
+    for name, group in steps.groupby("variant"):
+        ax.plot(group.end, group.cache_bytes / 2**20, color=color(colors[name]), ls=styles.get(name, "-"),
+                label=labels[name])
+    ax.set(xlabel="position (tokens)", ylabel="MiB", title="cache in use (nbytes)")
+    handles, names = [], []
+    for ax in axes[:3]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    axes[3].axis("off")  # the legend's own panel, right of the data
+    axes[3].legend(handles, names, loc="center left", fontsize=8, frameon=False)
     return fig
 
 

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from bsbr._checks import check_positive_int
+from bsbr.blocks import POSITIONS, SUMMARIES
 from bsbr.convert.cache import BSBRCache
 from bsbr.measure import proc_status_bytes
 
-__all__ = ["StreamResult", "binned_nll", "cache_nbytes", "kv_cache_nbytes", "normalized_cache_nbytes", "stream_nll",
-           "stream_schedule", "terraced_cache_nbytes"]
+__all__ = ["StreamResult", "binned_nll", "blocks_cache_nbytes", "cache_capacity_nbytes", "cache_nbytes",
+           "kv_cache_nbytes", "normalized_cache_nbytes", "stream_nll", "stream_schedule", "terraced_cache_nbytes"]
 
 
 def cache_nbytes(cache) -> int:
@@ -57,6 +58,21 @@ def cache_nbytes(cache) -> int:
                     total += tensor.numel() * tensor.element_size()
         return total
     raise TypeError(f"cache must be a bsbr.convert.BSBRCache or a transformers DynamicCache, got {type(cache).__name__}")
+
+
+def cache_capacity_nbytes(cache) -> int:
+    """Bytes *allocated* by a decoding cache's tensors, which may exceed :func:`cache_nbytes` (the rows in use): the
+    block-retrieval state (:class:`bsbr.blocks.BlocksState`) grows in buffers that double when full, so up to about
+    twice its rows are allocated; every other state (and a ``DynamicCache``, which concatenates) allocates what it
+    uses.
+
+    Raises:
+        TypeError: a cache that is neither a :class:`bsbr.convert.BSBRCache` nor a ``DynamicCache``.
+    """
+    if isinstance(cache, BSBRCache):
+        return sum(state.capacity_nbytes() if hasattr(state, "capacity_nbytes") else state.nbytes()
+                   for layer in cache.layers for state in layer.rows or () if state is not None)
+    return cache_nbytes(cache)
 
 
 def kv_cache_nbytes(config, tokens: int, element_size: int = 4) -> int:
@@ -138,6 +154,39 @@ def terraced_cache_nbytes(config, tokens: int, chunk_size: int, sink_size: int, 
     p, previous, k = tokens % chunk_size, (chunk_size if tokens >= chunk_size else 0), min(sink_size, tokens)
     per_layer = kv_heads * (2 * (p + previous + k) * d + (2 * feature_dim * (d + 1) if retrieve else 0))
     return element_size * config.num_hidden_layers * per_layer
+
+
+def blocks_cache_nbytes(config, tokens: int, block_size: int, summary: str = "minmax", positions: str = "original",
+                        element_size: int = 4, page_size: int | None = None) -> int:
+    """Bytes in use (:meth:`bsbr.convert.BSBRCache.nbytes`) of a block-retrieval model (``retrieval="blocks"``,
+    :class:`bsbr.blocks.BlocksState`) after ``tokens`` tokens of one row, retrieval on or off alike (the state keeps
+    every token either way).
+
+    Per layer, with ``G`` key/value heads and head_dim ``d``: ``element_size · G · d · (r·tokens + parts·(tokens //
+    page))`` — every token's key and value (``r = 2``; ``r = 3`` with ``positions="compact"``, which also keeps
+    each key rotated to its retrieved position) and ``parts`` summary vectors per finished page (2 for ``"minmax"``,
+    1 for ``"mean"``; ``page = page_size or block_size``). Per token that is ``r/2`` times a KV cache's ``2·G·d``
+    values, plus the summaries.
+
+    Args:
+        config: the model's Llama-family config; tokens: >= 0; block_size: >= 1; summary: a key of
+            :data:`bsbr.blocks.SUMMARIES`; positions: one of :data:`bsbr.blocks.POSITIONS`; element_size: bytes per
+            value (4 for fp32); page_size: tokens per summarised page (None: one per block).
+    Raises:
+        ValueError: negative ``tokens``, ``block_size``/``page_size`` not a positive integer, an unknown ``summary``
+            or ``positions``.
+    """
+    check_positive_int(block_size=block_size, page_size=page_size or block_size)
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    if summary not in SUMMARIES:
+        raise ValueError(f"summary must be one of {list(SUMMARIES)}, got {summary!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pages = int(tokens) // (page_size or block_size)
+    rows = (3 if positions == "compact" else 2) * int(tokens) + SUMMARIES[summary] * pages
+    return element_size * config.num_hidden_layers * config.num_key_value_heads * d * rows
 
 
 def stream_schedule(num_tokens: int, piece_size: int, decode_positions=(), decode_steps: int = 0) -> list[tuple]:

@@ -1,4 +1,4 @@
-"""bsbr.long_documents: the tables and conclusion numbers of the long-document notebook, on a tiny random Llama and
+"""bsbr.long_documents: windows, tables and goal verdicts of the long-document notebook, on a tiny random Llama and
 hand-made runs."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bsbr.long_documents import (bytes_per_token, check_long_document_parameters, choose_play, decode_latency,
-                                 held_out_plays, line_fit, perplexity_bins, predict, steps_table, stream_fits,
-                                 stream_matches_full_forward, stream_summary, token_nll_table)
-from bsbr.streaming_eval import kv_cache_nbytes, normalized_cache_nbytes
+from bsbr.long_documents import (STREAM_COST, check_long_document_parameters, choose_play, decode_goal, decode_latency,
+                                 decode_positions, estimate_stream_seconds, flatness, held_out_plays, late_perplexity,
+                                 memory_table, perplexity_bins, steps_table, stream_matches_full_forward,
+                                 stream_windows)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,15 +28,22 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+GOOD = dict(splits=["validation"], min_stream_tokens=10, max_tokens=None, variants=["blocks", "original"],
+            blocks={"block_size": 4, "top_k": 2}, chunk_size=8, piece_size=4, decode_every=8, decode_steps=2,
+            original_max_tokens=5, fresh_tokens=4, bin_size=4, flat_from=8, threads=0)
+
+
 def test_check_long_document_parameters_names_the_bad_one():
-    good = dict(splits=["validation"], min_play_tokens=10, max_tokens=None, piece_size=4, decode_every=8,
-                decode_steps=2, original_max_tokens=5, bin_size=4, threads=0)
-    check_long_document_parameters(**good)
+    check_long_document_parameters(**GOOD)
     for key, bad, match in (("splits", ["train"], "splits"), ("splits", ["nope"], "splits"),
                             ("piece_size", 0, "piece_size"), ("max_tokens", 0, "max_tokens"),
-                            ("threads", -1, "threads"), ("decode_steps", 8, "decode_steps")):
+                            ("threads", -1, "threads"), ("decode_steps", 8, "decode_steps"),
+                            ("flat_from", 6, "flat_from"), ("variants", ["original"], "variants"),
+                            ("variants", ["blocks", "blocks"], "variants"), ("variants", ["blocks", "x"], "variants"),
+                            ("blocks", {"top": 2}, "blocks"), ("blocks", [("top_k", 2)], "blocks"),
+                            ("fresh_tokens", 0, "fresh_tokens")):
         with pytest.raises(ValueError, match=match):
-            check_long_document_parameters(**{**good, key: bad})
+            check_long_document_parameters(**{**GOOD, key: bad})
 
 
 class WordTokenizer:
@@ -59,7 +66,8 @@ def test_held_out_plays_and_the_shortest_long_enough_play(tmp_path):
     assert catalogue.doc_id.tolist() == ["t1", "v2", "v3"]  # sorted by split, then doc_id
     play = choose_play(plays, ["validation", "test"], 5, eos_token_id=0)
     assert (play.split, play.title, play.doc_ids, len(play.tokens)) == ("validation", "B", ["v2"], 5)
-    assert choose_play(plays, ["validation", "test"], 9, eos_token_id=0).doc_ids == ["v2", "v3"]  # 5 + EOS + 3
+    two = choose_play(plays, ["validation", "test"], 9, eos_token_id=0)
+    assert two.doc_ids == ["v2", "v3"] and two.split == "validation"  # 5 + EOS + 3, both from validation
     joined = choose_play(plays, ["validation", "test"], 10, eos_token_id=0)
     assert joined.doc_ids == ["v2", "v3", "t1"] and joined.tokens == [1] * 5 + [0] + [1] * 3 + [0] + [1] * 6
     assert joined.split == "validation+test" and joined.note.startswith("no held-out play has 10 tokens: 3 plays")
@@ -76,84 +84,84 @@ def test_stream_matches_one_full_forward_on_a_tiny_llama():
         assert stream_matches_full_forward(model, DynamicCache(), ids, chunk_size=16) < 1e-4
 
 
-def test_line_fit_exact_and_degenerate():
-    assert line_fit([0, 1, 2], [1, 3, 5]) == pytest.approx((2.0, 1.0, 1.0))
-    slope, intercept, r2 = line_fit([3, 3], [1.0, 2.0])
-    assert math.isnan(slope) and intercept == 1.5 and math.isnan(r2)
-    assert line_fit([0, 1], [2.0, 2.0])[2] == 1.0  # a flat line is fitted exactly
+def test_windows_decode_positions_and_the_time_estimate():
+    windows = stream_windows(1000, ["blocks", "exact_region", "original", "original_fresh"], 300, 250, 64)
+    assert windows == {"blocks": (0, 1000), "exact_region": (0, 1000), "original": (0, 300),
+                       "original_fresh": (704, 1000)}  # 1000 − 250 = 750, down to a multiple of 64
+    assert stream_windows(200, ["original", "original_fresh"], None, 500, 64) == {"original": (0, 200),
+                                                                                 "original_fresh": (0, 200)}
+    # groups end at 8, 16 and at the end of the stream (20)
+    assert decode_positions(20, 8, 3) == [5, 13, 17]
+    assert decode_positions(16, 8, 3) == [5, 13]  # the end is a multiple: no second group there
+    assert decode_positions(2, 8, 3) == []
+    estimate = estimate_stream_seconds({"blocks": (0, 100), "original_fresh": (50, 150)},
+                                       cost={"blocks": (0.01, 0.0), "original_fresh": (0.001, 1e-5)})
+    assert estimate == pytest.approx({"blocks": 1.0, "original_fresh": 0.1 + 1e-5 * 100 * 100 / 2})
+    with_steps = estimate_stream_seconds({"blocks": (0, 100)}, {"blocks": 8}, {"blocks": (0.01, 0.0)}, 0.5)
+    assert with_steps == pytest.approx({"blocks": 5.0})
+    assert set(STREAM_COST) >= {"blocks", "exact_region", "original", "original_fresh", "normalized"}
 
 
 def fake_runs():
-    """BSBR over 8 tokens, original over 4; two pieces of 2 tokens then single-token decode steps."""
-    def run(nll, steps):
-        return SimpleNamespace(nll=torch.tensor(nll), steps=steps)
-
+    """blocks over 8 tokens in two pieces and two decode steps; original_fresh over positions 4..8."""
     def step(kind, start, end, seconds, cache):
         return {"kind": kind, "start": start, "end": end, "tokens": end - start, "seconds": seconds,
                 "seconds_per_token": seconds / (end - start), "cache_bytes": cache, "rss_bytes": 100 + end}
 
-    bsbr = run([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0], [
-        step("piece", 0, 2, 0.2, 10), step("piece", 2, 4, 0.4, 20), step("decode", 3, 4, 0.05, 20),
-        step("decode", 4, 5, 0.01, 25), step("piece", 5, 7, 0.6, 30), step("decode", 7, 8, 0.07, 40)])
-    original = run([1.0, 1.0, 1.0], [step("piece", 0, 2, 0.2, 8), step("decode", 3, 4, 0.02, 16)])
-    return {"original": original, "bsbr": bsbr}
+    blocks = SimpleNamespace(nll=torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0]), steps=[
+        step("piece", 0, 3, 0.3, 10), step("decode", 3, 4, 0.05, 20), step("decode", 4, 5, 0.01, 25),
+        step("piece", 5, 6, 0.1, 30), step("decode", 6, 7, 0.02, 35), step("decode", 7, 8, 0.04, 40)])
+    fresh = SimpleNamespace(nll=torch.tensor([2.0, 2.0, 2.0, 2.0]), steps=[step("piece", 0, 4, 0.4, 8)])
+    return {"blocks": blocks, "original_fresh": fresh}, {"blocks": (0, 8), "original_fresh": (4, 8)}
 
 
 def test_tables_from_the_runs():
-    runs = fake_runs()
-    per_token = token_nll_table(runs, torch.arange(9)[None])
-    assert per_token.position.tolist() == list(range(7)) and per_token.target_token.tolist() == list(range(1, 8))
-    assert per_token.original_nll.iloc[:3].tolist() == [1.0] * 3 and per_token.original_nll.iloc[3:].isna().all()
-    bins = perplexity_bins(runs, 4)
-    assert list(zip(bins.model, bins.bin)) == [("bsbr", 0), ("bsbr", 1), ("original", 0)]
-    assert bins.ppl.iloc[0] == pytest.approx(math.exp(1.5)) and bins.ppl.iloc[1] == pytest.approx(math.exp(3.0))
-    steps = pd.DataFrame([{"model": name, **s} for name, run in runs.items() for s in run.steps])
-    steps["finishes_chunk"] = (steps.model == "bsbr") & (steps.end % 4 == 0)
-    latency = decode_latency(steps, decode_every=4)
-    # a position whose only step finishes a chunk (bsbr at 7) has no ordinary step: no row
-    assert list(zip(latency.model, latency.decode_position)) == [("bsbr", 3), ("original", 3)]
-    bsbr3 = latency.iloc[0]
-    assert (bsbr3.median_s, bsbr3.steps, bsbr3.chunk_finish_s) == (0.01, 1, 0.05)  # the step ending at 4 folds a chunk
-    assert math.isnan(latency.iloc[1].chunk_finish_s)
-    fits = stream_fits(["bsbr", "original"], steps, latency, piece_size=2)
-    cache = fits[(fits.model == "bsbr") & (fits.quantity == "cache_bytes")].iloc[0]
-    assert cache.points == 6 and cache.x_max == 8
-    assert predict(fits, "bsbr", "cache_bytes", 0) == pytest.approx(cache.intercept)
-    pieces = fits[(fits.model == "bsbr") & (fits.quantity == "piece_time_per_token")].iloc[0]
-    assert (pieces.slope_per_token, pieces.intercept, pieces.r2) == pytest.approx(
-        line_fit([0, 2, 5], [0.1, 0.2, 0.3]))  # the full pieces' seconds per token against their start
+    runs, windows = fake_runs()
+    steps = steps_table(runs, windows)
+    assert steps.variant.tolist() == ["blocks"] * 6 + ["original_fresh"]
+    assert steps[steps.variant == "original_fresh"][["start", "end"]].values.tolist() == [[4, 8]]  # absolute
+    bins = perplexity_bins(runs, windows, 2)
+    assert list(zip(bins.variant, bins.bin, bins.start)) == [("blocks", i, 2 * i) for i in range(4)] + [
+        ("original_fresh", 2, 4), ("original_fresh", 3, 6)]
+    assert bins.ppl.iloc[:4].tolist() == pytest.approx([math.e, math.exp(2), math.exp(3), math.exp(3)])
+    with pytest.raises(ValueError, match="multiple of bin_size"):
+        perplexity_bins(runs, windows, 3)
+    assert late_perplexity(bins, 4, 8) == pytest.approx({"blocks": math.exp(3), "original_fresh": math.exp(2)})
+    latency = decode_latency(steps)
+    # two groups: steps 3..5 (ending at 5) and 6..8 (ending at 8); the fresh run has none
+    assert latency[["context", "steps"]].values.tolist() == [[5, 2], [8, 2]]
+    assert latency.median_s.tolist() == pytest.approx([0.03, 0.03]) and latency.max_s.tolist() == [0.05, 0.04]
+    assert latency.max_over_median.tolist() == pytest.approx([0.05 / 0.03, 0.04 / 0.03])
+    goal = decode_goal(latency)
+    assert goal == pytest.approx({"variant": "blocks", "context": 8, "steps": 2, "median_s": 0.03, "max_s": 0.04,
+                                  "max_over_median": 0.04 / 0.03, "met": True, "first_context": 5,
+                                  "first_median_s": 0.03})
+    assert not decode_goal(latency, ratio=1.2)["met"] and decode_goal(latency, "original")["met"] is None
 
 
-def test_steps_table_and_bytes_per_token_follow_the_formulas():
-    config = tiny_llama().config
-    runs = {"bsbr": SimpleNamespace(steps=[{"kind": "piece", "start": 0, "end": 8}]),
-            "original": SimpleNamespace(steps=[{"kind": "piece", "start": 0, "end": 6}])}
-    steps = steps_table(runs, config, chunk_size=4, sink_size=1, feature_dim=2)
-    assert steps.model.tolist() == ["bsbr", "original"] and steps.finishes_chunk.tolist() == [True, False]
-    assert steps.expected_cache_bytes.tolist() == [normalized_cache_nbytes(config, 8, 4, 1, 2),
-                                                   kv_cache_nbytes(config, 6)]
-    per_token = bytes_per_token(config, chunk_size=4, feature_dim=2)
-    assert per_token["original"] == 4 * 2 * 2 * 4 * 2  # fp32 · (k, v) · kv heads · head_dim · layers
-    assert per_token["bsbr"] == (normalized_cache_nbytes(config, 12, 4, 0, 2) - normalized_cache_nbytes(config, 8, 4, 0, 2)) / 4
+def test_flatness_verdicts():
+    rows = [("blocks", 0, 1024, 30.0), ("blocks", 1024, 1024, 20.0), ("blocks", 2048, 1024, 22.0),
+            ("blocks", 3072, 1024, 34.0), ("blocks", 4096, 1024, 29.0), ("blocks", 5120, 10, 900.0),
+            ("exact_region", 0, 1024, 30.0), ("exact_region", 1024, 1024, 20.0), ("exact_region", 2048, 1024, 20.0),
+            ("exact_region", 3072, 1024, 40.0), ("original", 0, 1024, 10.0)]
+    bins = pd.DataFrame([{"variant": v, "start": s, "end": s + n, "tokens": n, "ppl": p} for v, s, n, p in rows])
+    table = flatness(bins, flat_from=2048, bin_size=1024).set_index("variant")
+    blocks = table.loc["blocks"]  # reference: median(30, 20) = 25; beyond: 22, 34, 29 (the short last bin ignored)
+    assert (blocks.bins_before, blocks.reference_ppl, blocks.bins_beyond) == (2, 25.0, 3)
+    assert (blocks.max_beyond_ppl, blocks.max_beyond_start, blocks.exceeding) == (34.0, 3072, 0)
+    assert blocks.met and blocks.max_over_reference == pytest.approx(34 / 25)
+    exact = table.loc["exact_region"]  # reference 25: 40 > 1.5 × 25
+    assert not exact.met and exact.exceeding == 1 and exact.first_exceeding_start == 3072
+    strict = flatness(bins, flat_from=2048, bin_size=1024, ratio=1.3).set_index("variant")
+    assert not strict.loc["blocks"].met and strict.loc["blocks"].exceeding == 1
+    assert strict.loc["blocks"].first_exceeding_start == 3072
+    assert table.loc["original"].met is None and table.loc["original"].bins_beyond == 0
 
 
-def test_stream_summary_numbers():
-    runs = fake_runs()
-    config = tiny_llama().config
-    steps = pd.DataFrame([{"model": name, **s} for name, run in runs.items() for s in run.steps])
-    steps["finishes_chunk"] = (steps.model == "bsbr") & (steps.end % 4 == 0)
-    latency = decode_latency(steps, 4)
-    bins = perplexity_bins(runs, 2)
-    fits = stream_fits(["bsbr", "original"], steps, latency, 2)
-    s = stream_summary(runs, steps, bins, latency, fits, config, original_tokens=4, streamed=8, chunk_size=2,
-                       sink_size=0, feature_dim=2, bin_size=2, piece_size=2)
-    assert s.common == 4 and s.ppl_common == pytest.approx({"bsbr": math.exp(4 / 3), "original": math.e})
-    assert s.ppl_after == pytest.approx({"bsbr": math.exp(2.0), "original": math.e})  # position 2 only
-    assert s.reference_bin_ppl == pytest.approx((math.e + math.e**2) / 2)  # median of the bins ending by 4
-    assert s.degrade_from == 4 and int(s.peak_bin.start) == 4 and s.last_bin_ppl == pytest.approx(math.exp(3.0))
-    assert s.last_common == 3 and s.lat_common == {"original": 0.02, "bsbr": 0.01} and s.latency_wins
-    assert (s.first_bsbr, s.last_bsbr) == (3, 3)  # the decode step at 7 finishes a chunk: no ordinary step there
-    assert s.state_end == 40 and s.kv_common == 16 and s.kv_end == kv_cache_nbytes(config, 8)
-    assert s.rss.to_dict() == {"bsbr": 108, "original": 104} and s.bsbr_ppl_loses
-    assert (s.piece_early, s.piece_late) == pytest.approx((0.1, 0.3))  # quarter = 1 of three full pieces
-    assert s.memory_ratio == pytest.approx(40 / kv_cache_nbytes(config, 8))
+def test_memory_table_per_token():
+    table = memory_table({"original": {"tokens": 100, "cache_bytes": 4600, "capacity_bytes": 4600},
+                          "blocks": {"tokens": 200, "cache_bytes": 13800, "capacity_bytes": 20000}},
+                         {"original": 4600, "blocks": 13800}, kv_bytes_per_token=46.0)
+    assert table.variant.tolist() == ["blocks", "original"]  # VARIANTS order
+    assert table.bytes_per_token.tolist() == [69.0, 46.0] and table.vs_kv_cache.tolist() == pytest.approx([1.5, 1.0])
+    assert table.capacity_per_token.tolist() == [100.0, 46.0]

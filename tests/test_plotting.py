@@ -145,3 +145,31 @@ def test_plot_calibration_and_scale_draws_the_tables():
     plt.close(fig)
     with pytest.raises(ValueError, match="retrieval must be one of"):
         plot_calibration_and_scale(per_chunk, calibration, scale, labels, 32, "train", retrieval="seed")
+
+
+def test_plot_long_documents_one_style_per_variant_and_a_legend_panel():
+    from bsbr.plotting import plot_long_documents
+
+    bins = pd.DataFrame({"variant": ["blocks", "blocks", "exact_region", "exact_region", "original_fresh"],
+                         "start": [0, 4, 0, 4, 4], "end": [4, 8, 4, 8, 8], "ppl": [20.0, 22.0, 20.0, 30.0, 25.0]})
+    latency = pd.DataFrame({"variant": ["blocks", "blocks"], "context": [4, 8], "median_s": [0.02, 0.021],
+                            "min_s": [0.019, 0.02], "max_s": [0.03, 0.022]})
+    steps = pd.DataFrame({"variant": ["blocks", "exact_region", "original_fresh"], "end": [8, 8, 8],
+                          "cache_bytes": [3 * 2**20, 3 * 2**20, 2**20]})
+    labels = {"blocks": "blocks", "exact_region": "exact region", "original_fresh": "fresh"}
+    colors = {"blocks": "blocks_mean", "exact_region": "exact_region", "original_fresh": "original"}
+    fig = plot_long_documents(bins, latency, steps, colors=colors, labels=labels, flat_from=4, reference_ppl=20.0,
+                              ratio=1.5, trained_context=6)
+    ppl, decode, memory, legend = fig.axes
+    assert ppl.get_yscale() == "linear"  # 20–30: no collapse spanning decades
+    assert [line.get_color() for line in ppl.lines[:3]] == [COLORS["blocks_mean"], COLORS["exact_region"],
+                                                            COLORS["original"]]
+    assert ppl.lines[3].get_ydata()[0] == pytest.approx(30.0)  # the goal line, 1.5 × 20
+    assert list(memory.lines[0].get_ydata()) == [3.0] and memory.lines[1].get_linestyle() != "-"
+    assert not legend.axison and [t.get_text() for t in legend.get_legend().get_texts()] == [
+        "blocks", "exact region", "fresh", "goal: 1.5 × blocks' median before 4", "max_position_embeddings 6"]
+    bins.loc[1, "ppl"] = 900.0
+    fig2 = plot_long_documents(bins, latency, steps, colors=colors, labels=labels, flat_from=4, reference_ppl=20.0,
+                               ratio=1.5, trained_context=None)
+    assert fig2.axes[0].get_yscale() == "log"
+    plt.close("all")

@@ -11,8 +11,9 @@ from transformers import DynamicCache
 
 from bsbr import metrics as M
 from bsbr.convert import BSBRCache, convert_to_bsbr
-from bsbr.streaming_eval import (binned_nll, cache_nbytes, kv_cache_nbytes, normalized_cache_nbytes, stream_nll,
-                                 stream_schedule)
+from bsbr.convert import set_retrieval
+from bsbr.streaming_eval import (binned_nll, blocks_cache_nbytes, cache_capacity_nbytes, cache_nbytes, kv_cache_nbytes,
+                                 normalized_cache_nbytes, stream_nll, stream_schedule)
 from tests.conftest import tiny_llama
 
 CHUNK, SINKS, LENGTH = 5, 2, 37
@@ -83,6 +84,41 @@ def test_cache_bytes_follow_the_formulas_after_every_call():
         - normalized_cache_nbytes(config, 2 * CHUNK, CHUNK, SINKS, feature_dim)
     assert growth == 4 * 2 * (4 * 2 * feature_dim * 17 + 2 * 16)
     assert normalized_cache_nbytes(config, 0, CHUNK, SINKS, feature_dim) == 0 == cache_nbytes(DynamicCache())
+
+
+@pytest.mark.parametrize(("summary", "positions", "retrieval", "page_size"),
+                         [("mean", "compact", True, None), ("minmax", "original", True, None),
+                          ("mean", "compact", False, None), ("minmax", "compact", True, 2)])
+def test_block_retrieval_cache_bytes_follow_the_formula(summary, positions, retrieval, page_size):
+    config = tiny_llama().config
+    model = set_retrieval(convert_to_bsbr(tiny_llama(seed=3), 8, retrieval="blocks", block_size=4, top_k=2,
+                                          summary=summary, sink_size=2, positions=positions, page_size=page_size),
+                          retrieval)
+    ids = text(45)
+    with torch.inference_mode():
+        reference = M.token_nll(model(ids).logits, ids)[0]  # [44]
+    cache = BSBRCache(config.num_hidden_layers)
+    run = stream_nll(model, ids, cache, piece_size=6, decode_positions=[15, 31], decode_steps=3)
+    torch.testing.assert_close(run.nll, reference, atol=2e-5, rtol=1e-5)
+    rows = 3 if positions == "compact" else 2
+    parts = 1 if summary == "mean" else 2
+    page = page_size or 4
+    for step in run.steps:  # 2 layers · 2 kv heads · head_dim 16 · 4 bytes · (rows per token, summaries per page)
+        end = step["end"]
+        assert step["cache_bytes"] == blocks_cache_nbytes(config, end, 4, summary, positions, page_size=page_size) \
+            == 2 * 2 * 16 * 4 * (rows * end + parts * (end // page)), step
+    # the buffers double when full: at least what is in use, at most about twice it (and 16 rows at the start)
+    used, allocated = cache_nbytes(cache), cache_capacity_nbytes(cache)
+    assert used <= allocated <= 2 * used + 2 * 2 * 16 * 4 * 16 * (rows + parts)
+    assert cache_capacity_nbytes(DynamicCache()) == 0
+    with pytest.raises(ValueError, match="summary"):
+        blocks_cache_nbytes(config, 4, 4, "max")
+    with pytest.raises(ValueError, match="positions"):
+        blocks_cache_nbytes(config, 4, 4, positions="near")
+    with pytest.raises(ValueError, match="block_size"):
+        blocks_cache_nbytes(config, 4, 0)
+    with pytest.raises(TypeError, match="cache must be"):
+        cache_capacity_nbytes(object())
 
 
 def test_max_tokens_prefix_matches_the_full_stream():
