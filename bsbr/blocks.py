@@ -130,21 +130,30 @@ def block_scores(query: torch.Tensor, summaries: torch.Tensor, summary: str = "m
 
 
 class GrowingTensor:
-    """A tensor extended along dim 2 in a preallocated buffer whose capacity doubles when full, so appending ``n``
-    rows costs O(n) amortised (no copy of what is already there), as a KV cache must for O(1) decode steps.
+    """A tensor extended along dim 2 in a preallocated buffer whose capacity grows by :attr:`GROWTH` when full, so
+    appending ``n`` rows costs O(n) amortised (no copy of what is already there), as a KV cache must for O(1) decode
+    steps.
 
     Several :class:`BlocksState` objects may view one buffer (each its first ``length`` rows). Appending to a view
     that is not the buffer's newest (a state continued twice, e.g. one row's state shared by two beams) copies it into
     a new buffer first, so no view ever sees another's rows: states behave as if never changed in place.
     """
 
+    #: capacity factor when a buffer is full: 1.5 (not 2) keeps the spare room, and the peak while copying, smaller
+    GROWTH = 1.5
+
     def __init__(self, data: torch.Tensor, length: int):
         self.data, self.length = data, length
 
     @classmethod
+    def capacity(cls, rows: int) -> int:
+        """Rows allocated for a buffer that must hold ``rows``: ``max(16, ceil(GROWTH · rows))``."""
+        return max(16, math.ceil(cls.GROWTH * rows))
+
+    @classmethod
     def of(cls, tensor: torch.Tensor) -> "GrowingTensor":
-        """A buffer holding ``tensor`` (copied into room for as many rows again)."""
-        grown = cls(tensor.new_empty(*tensor.shape[:2], max(2 * tensor.shape[2], 16), *tensor.shape[3:]), 0)
+        """A buffer holding ``tensor`` (copied into :meth:`capacity` rows)."""
+        grown = cls(tensor.new_empty(*tensor.shape[:2], cls.capacity(tensor.shape[2]), *tensor.shape[3:]), 0)
         return grown.extended(0, tensor)
 
     def view(self, length: int) -> torch.Tensor:
@@ -153,11 +162,11 @@ class GrowingTensor:
 
     def extended(self, length: int, new: torch.Tensor) -> "GrowingTensor":
         """The buffer holding the first ``length`` rows followed by ``new`` (this one, written in place, when
-        ``length`` is its newest length and there is room; otherwise a new one with doubled capacity)."""
+        ``length`` is its newest length and there is room; otherwise a new one of :meth:`capacity` rows)."""
         n = new.shape[2]
         grown = self
         if length != self.length or length + n > self.data.shape[2]:
-            data = new.new_empty(*new.shape[:2], max(2 * (length + n), 16), *new.shape[3:])
+            data = new.new_empty(*new.shape[:2], self.capacity(length + n), *new.shape[3:])
             data[:, :, :length] = self.data[:, :, :length]
             grown = GrowingTensor(data, length)
         grown.data[:, :, length: length + n] = new
@@ -179,7 +188,7 @@ class BlocksState:
       position it has when retrieved (its block starting at ``sink_size``); None otherwise.
 
     Size (:meth:`nbytes`, the rows in use): ``element_size · batch · kv_heads · d · (2·num_tokens (3· with compact
-    positions) + parts·(num_tokens // page_size))`` bytes; the buffers hold up to twice that
+    positions) + parts·(num_tokens // page_size))`` bytes; the buffers hold up to 1.5 times that
     (:meth:`capacity_nbytes`). ``block_size``, ``page_size``, ``summary`` and ``positions`` are checked when the state
     is passed back.
     """
@@ -215,7 +224,7 @@ class BlocksState:
         return sum(t.numel() * t.element_size() for t in views)
 
     def capacity_nbytes(self) -> int:
-        """Bytes allocated by the buffers (at most about twice :meth:`nbytes`)."""
+        """Bytes allocated by the buffers (at most about 1.5 times :meth:`nbytes`)."""
         return sum(buffer.capacity_nbytes() for buffer in self.buffers.values())
 
 

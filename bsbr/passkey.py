@@ -41,6 +41,8 @@ class PasskeyVariant:
             with ``summary`` and ``blocks_options``), ``"blocks_off"`` (the same conversion with retrieval off: the
             exact region), ``"terraced"`` (notebook 02's terraced conversion + LoRA files, retrieval on).
         summary: the block key summary of a ``"blocks"`` variant (``"minmax"``: Quest's bound; ``"mean"``).
+        positions: the ``positions`` option of a ``"blocks"`` variant when it overrides ``blocks_options``
+            (``"compact"``: RoPE distances kept inside the trained range).
 
     Whether a variant may run past the model's trained positions (``long_lengths``) depends on its settings:
     :func:`reach_settings` ``["past_trained_range"]``.
@@ -49,6 +51,7 @@ class PasskeyVariant:
     label: str
     build: str
     summary: str | None = None
+    positions: str | None = None
 
 
 #: Variant name -> :class:`PasskeyVariant`, in table order.
@@ -56,6 +59,8 @@ VARIANTS: dict[str, PasskeyVariant] = {
     "original": PasskeyVariant("original (full attention)", "original"),
     "blocks_minmax": PasskeyVariant("blocks retrieval, min/max keys (Quest)", "blocks", summary="minmax"),
     "blocks_mean": PasskeyVariant("blocks retrieval, mean keys", "blocks", summary="mean"),
+    "blocks_mean_compact": PasskeyVariant("blocks retrieval, mean keys, compact positions", "blocks", summary="mean",
+                                          positions="compact"),
     "exact_region": PasskeyVariant("exact region only (own + previous chunk + sinks)", "blocks_off"),
     "terraced": PasskeyVariant("terraced + states (02: transfer + LoRA)", "terraced"),
     "sliding_window": PasskeyVariant("sliding window + sinks (original)", "band_mask"),
@@ -152,6 +157,8 @@ def build_variant(name: str, base, chunk_size: int, blocks_options: dict, terrac
     options = dict(blocks_options)
     if variant.summary is not None:
         options["summary"] = variant.summary
+    if variant.positions is not None:
+        options["positions"] = variant.positions
     model = converted_copy(base, chunk_size, retrieval="blocks", **options).eval()
     return set_retrieval(model, variant.build == "blocks")
 

@@ -39,7 +39,7 @@ COLORS = {
     "sliding_chunk_sinks": "#c5b0d5", "sliding_span_sinks": "#9467bd", "sliding_span_sinks_lora": "#54278f",
     # the passkey notebook's block retrieval (greens, one shade per key summary) and its exact region alone (the same
     # region as terraced_exact)
-    "blocks_minmax": "#238b45", "blocks_mean": "#74c476", "exact_region": "#9edae5",
+    "blocks_minmax": "#238b45", "blocks_mean": "#74c476", "blocks_mean_compact": "#00441b", "exact_region": "#9edae5",
 }
 
 

@@ -62,8 +62,8 @@ def cache_nbytes(cache) -> int:
 
 def cache_capacity_nbytes(cache) -> int:
     """Bytes *allocated* by a decoding cache's tensors, which may exceed :func:`cache_nbytes` (the rows in use): the
-    block-retrieval state (:class:`bsbr.blocks.BlocksState`) grows in buffers that double when full, so up to about
-    twice its rows are allocated; every other state (and a ``DynamicCache``, which concatenates) allocates what it
+    block-retrieval state (:class:`bsbr.blocks.BlocksState`) grows in buffers that grow by 1.5× when full, so up to
+    about 1.5 times its rows are allocated; every other state (and a ``DynamicCache``, which concatenates) allocates what it
     uses.
 
     Raises:

@@ -225,7 +225,7 @@ def test_state_appends_in_place_and_a_state_continued_twice_is_not_corrupted():
     args = (8, 2, 2, 3, "mean", "group")
     _, state = block_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], *args, return_state=True)
     buffer = state.buffers["key"].data
-    assert buffer.shape[2] == 40  # room for as many tokens again
+    assert buffer.shape[2] == 30  # room for half as many tokens again (GrowingTensor.GROWTH = 1.5)
     _, longer = block_attention(q[:, :, 20:30], k[:, :, 20:30], v[:, :, 20:30], *args, state=state,
                                 return_state=True)
     assert longer.buffers["key"].data is buffer  # appended in place: no copy of the first 20 tokens
