@@ -25,7 +25,8 @@ from bsbr.masks import band_mask
 
 __all__ = ["FULL_PROFILE", "GOALS", "HEADLINE_HALF_WIDTH", "TRAINED_LENGTHS", "VARIANTS", "PasskeyVariant",
            "accuracy_table", "answer_logits", "attended_tokens", "build_variant", "check_passkey_parameters",
-           "filler_starts", "format_accuracy", "goal_verdicts", "headline_table", "out_of_reach", "passkey_trials",
+           "answer_logprob_table", "filler_starts", "format_accuracy", "goal_verdicts", "headline_table", "out_of_reach",
+           "passkey_trials",
            "profile_seconds", "reach_settings", "score_trial", "summarize_trials", "token_stream",
            "trials_for_half_width", "variant_mask"]
 
@@ -475,6 +476,40 @@ def out_of_reach(trials: pd.DataFrame) -> pd.DataFrame:
     """The trials whose fact neither the exact region nor the sliding window sees (only these test long-range
     retrieval): rows of ``trials`` with ``fact_visible_exact_region`` and ``fact_visible_window`` both False."""
     return trials[~trials.fact_visible_exact_region.astype(bool) & ~trials.fact_visible_window.astype(bool)]
+
+
+def answer_logprob_table(trials: pd.DataFrame, reference: str = "original", resamples: int = 2000,
+                         seed: int = 0) -> pd.DataFrame:
+    """The answer's log-probability per variant and its paired difference from ``reference`` on the same samples:
+    a graded view of retrieval where exact match is all-or-nothing (a model that almost recalls the number scores
+    near its reference, one that cannot see the fact some 20 nats lower).
+
+    Args:
+        trials: rows of :func:`score_trial` (``length, depth, trial, variant, answer_logprob``), every variant on the
+            same samples (e.g. :func:`out_of_reach`).
+        reference: the variant the differences are taken from.
+        resamples, seed: the percentile bootstrap over samples (paired: a resample draws whole samples).
+    Returns:
+        one row per variant (in order of appearance): ``variant, samples, mean_logprob, difference, ci_low, ci_high``
+        (nats; ``difference`` = variant − reference, its 95 % bootstrap interval).
+    Raises:
+        ValueError: ``reference`` absent, or variants scored on different samples.
+    """
+    wide = trials.pivot_table(index=["length", "depth", "trial"], columns="variant", values="answer_logprob",
+                              sort=False)
+    if reference not in wide.columns:
+        raise ValueError(f"reference: no trials of {reference!r} (variants: {list(wide.columns)})")
+    if wide.isna().any().any():
+        raise ValueError("trials: every variant must be scored on the same samples")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(wide), size=(resamples, len(wide)))
+    rows = []
+    for variant in dict.fromkeys(trials.variant):
+        diff = (wide[variant] - wide[reference]).to_numpy()
+        low, high = np.percentile(diff[picks].mean(1), [2.5, 97.5])
+        rows.append({"variant": variant, "samples": len(wide), "mean_logprob": float(wide[variant].mean()),
+                     "difference": float(diff.mean()), "ci_low": float(low), "ci_high": float(high)})
+    return pd.DataFrame(rows)
 
 
 def headline_table(by_length: pd.DataFrame, far: pd.DataFrame, attended: pd.DataFrame, variants,

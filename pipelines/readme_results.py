@@ -89,7 +89,77 @@ def chunk_size_ablation(m: dict) -> str:
     )
 
 
-FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation}
+def _router(method: str) -> str:
+    """``minmax_p8_head`` -> ``min/max keys, 8-token pages, per head``."""
+    parts = method.split("_")
+    words = ["min/max keys (Quest)" if parts[0] == "minmax" else "mean keys" if parts[0] == "mean" else parts[0]]
+    words += [f"{p[1:]}-token pages" if p.startswith("p") and p[1:].isdigit() else f"per {p}" for p in parts[1:]]
+    return ", ".join(words)
+
+
+def attention_analysis(m: dict) -> str:
+    """Report 04: router recall of the original's attention mass at an equal token budget."""
+    best = m["best_router"]
+    budget = m["headline_budget"]
+    meta = m["recall"].get(f"meta_b{m['chunk_size']}")
+    meta_layers = m["layers_beating_recency"].get(f"meta_b{m['chunk_size']}")
+    mean_group = f"mean_p8_group_b{m['block_size']}"
+    text = (
+        f"* **Which earlier blocks does a token need?** (`reports/04_attention_analysis.html`; the original SmolLM2's "
+        f"attention, {m['layers']} layers × {m['heads']} heads, {m['windows']} {m['split']} windows of "
+        f"{m['seq_len']:,} tokens from {' and '.join(m['sources'])}; recall = the share of a query's attention mass "
+        f"on the retrievable earlier blocks that a router's top-k blocks hold, {budget} retrieved tokens, blocks of "
+        f"{m['block_size']}). Best router — {_router(best['method'])}: recall **{best['recall']:.3f}** against "
+        f"recency {best['recency']:.3f}, chance {best['chance']:.3f} and the oracle {best['oracle']:.3f}; it beats "
+        f"recency in **{best['layers_beats_recency']} of {m['layers']} layers** (goal ≥ {m['goal_layers']}: "
+        f"{'met' if m['goal_met'] else 'missed'}; 95% t-intervals across windows).")
+    if mean_group in m["recall"]:
+        text += (f" The router the passkey and long-document experiments use ({_router(mean_group.rsplit('_b', 1)[0])}):"
+                 f" {m['recall'][mean_group]:.3f}, {m['layers_beating_recency'][mean_group]} layers.")
+    if meta is not None:
+        text += (f" The seed's meta-query/meta-key chunk routing (calibrated, chunks of {m['chunk_size']}): "
+                 f"{meta:.3f}, beating recency in {meta_layers} layers.")
+    return text
+
+
+_PASSKEY_NAMES = {"original": "the original", "blocks_mean": "blocks (mean keys)",
+                  "blocks_mean_compact": "blocks (mean keys, compact positions)",
+                  "blocks_minmax": "blocks (Quest's min/max)", "exact_region": "exact region alone",
+                  "terraced": "terraced + LoRA", "sliding_window": "sliding window + sinks"}
+
+
+def long_range(m: dict) -> str:
+    """Report 05: passkey retrieval, exact match and the answer's log-probability out of reach."""
+    lengths = m["lengths"]
+    opts = m["blocks_options"]
+    acc = "; ".join(
+        f"{_PASSKEY_NAMES.get(v, v)} " + ", ".join(
+            f"{m['accuracy'][v][str(n)]:.1f} [{m['ci95'][v][str(n)][0]:.2f}, {m['ci95'][v][str(n)][1]:.2f}]"
+            for n in lengths)
+        for v in m["accuracy"])
+    text = (
+        f"* **Passkey retrieval** (`reports/05_long_range.html`; held-out text, {', '.join(f'{n:,}' for n in lengths)} "
+        f"tokens, {len(m['depths'])} depths × {m['trials_per_cell']} trials: n = {m['trials_per_headline_cell']} per "
+        f"length and variant, Wilson 95% intervals; block retrieval: chunk {m['chunk_size']}, top {opts['top_k']} "
+        f"blocks of {opts['block_size']} scored by their best {opts.get('page_size') or opts['block_size']}-token "
+        f"page, {opts['sink_size']} sinks, at most {max(m['attended_tokens']['blocks_mean'].values())} tokens "
+        f"attended per query). Exact-match accuracy by length ({', '.join(f'{n:,}' for n in lengths)}): {acc}.")
+    worst = min(lengths, key=lambda n: m["accuracy"]["original"][str(n)])
+    if m["accuracy"]["original"][str(worst)] < 0.95:
+        text += (f" The original itself reaches only {m['accuracy']['original'][str(worst)]:.1f} at {worst:,} tokens, "
+                 f"so exact match cannot test the ≥ 95% goal on this task.")
+    lp = m.get("out_of_reach_answer_logprob")
+    if lp:
+        text += (f" With the fact out of reach of the exact region and the window ({m['out_of_reach_trials']} "
+                 f"samples), the answer's log-probability (nats) minus the original's, paired, 95% bootstrap: " +
+                 "; ".join(f"{_PASSKEY_NAMES.get(v, v)} **{r['minus_original']:+.2f}** [{r['ci95'][0]:+.2f}, "
+                           f"{r['ci95'][1]:+.2f}]" for v, r in lp.items() if v != "original") +
+                 f" (the original's mean: {lp['original']['mean']:.2f}).")
+    return text
+
+
+FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,
+              "04_attention_analysis": attention_analysis, "05_long_range": long_range}
 
 
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)

@@ -326,3 +326,23 @@ def test_out_of_reach_and_headline_table():
                                           "1.00 [0.21, 1.00] (1/1)", "2,048 at 2,048; 4,096 at 4,096"]
     assert table.iloc[1, 2:].tolist() == ["—", "1.00 [0.21, 1.00] (1/1)", "772 at 2,048"]
     assert table.iloc[2, 1:].tolist() == ["—", "—", "—", "516 at 2,048 (+ states)"]
+
+
+def test_answer_logprob_table_pairs_samples_and_bootstraps_the_mean_difference():
+    from bsbr.passkey import answer_logprob_table
+
+    rows = []
+    for i, (ref, other) in enumerate([(-1.0, -3.0), (-2.0, -2.5), (-4.0, -20.0)]):
+        for variant, value in (("original", ref), ("blocks_mean", other)):
+            rows.append({"length": 1024, "depth": 0.5, "trial": i, "variant": variant, "answer_logprob": value})
+    table = answer_logprob_table(pd.DataFrame(rows), resamples=500).set_index("variant")
+    assert table.loc["original", "difference"] == 0 and table.loc["original", "ci_low"] == 0
+    assert table.loc["blocks_mean", "mean_logprob"] == pytest.approx(-25.5 / 3)
+    assert table.loc["blocks_mean", "difference"] == pytest.approx((-2.0 - 0.5 - 16.0) / 3)
+    # every resample mean lies between the smallest and the largest paired difference
+    assert -16.0 <= table.loc["blocks_mean", "ci_low"] <= table.loc["blocks_mean", "ci_high"] <= -0.5
+    assert table.loc["blocks_mean", "samples"] == 3
+    with pytest.raises(ValueError, match="reference"):
+        answer_logprob_table(pd.DataFrame(rows), reference="terraced")
+    with pytest.raises(ValueError, match="same samples"):
+        answer_logprob_table(pd.DataFrame(rows[:-1]))

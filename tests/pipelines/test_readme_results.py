@@ -28,3 +28,16 @@ def test_a_changed_metric_makes_its_block_stale_and_render_rewrites_it(tmp_path)
     assert readme_results.stale_blocks(rewritten, tmp_path) == []
     assert rewritten.replace(readme_results.BLOCK.search(rewritten).group(2), "") == \
         readme.replace(readme_results.BLOCK.search(readme).group(2), "")  # nothing outside the block changed
+
+
+def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_metrics():
+    readme = (ROOT / "README.md").read_text()
+    names = [match.group(1) for match in readme_results.BLOCK.finditer(readme)]
+    assert {"04_attention_analysis", "05_long_range"} <= set(names)
+    assert all(name in readme_results.FORMATTERS for name in names)
+    metrics = json.loads((ROOT / "reports" / "metrics" / "05_long_range.json").read_text())
+    weak = min(metrics["accuracy"]["original"].values()) < 0.95
+    assert ("cannot test the ≥ 95% goal" in readme_results.long_range(metrics)) == weak
+    for length in metrics["accuracy"]["original"]:
+        metrics["accuracy"]["original"][length] = 1.0
+    assert "cannot test" not in readme_results.long_range(metrics)
