@@ -158,8 +158,41 @@ def long_range(m: dict) -> str:
     return text
 
 
+def _flat(row: dict) -> str:
+    if row["met"] is None:
+        return "no bins past it"
+    return (f"{'met' if row['met'] else 'missed'}: {row['exceeding']} bins above 1.5× its median before "
+            f"({row['reference_ppl']:.1f}), the highest {row['max_beyond_ppl']:,.1f} at {row['max_beyond_start']:,}")
+
+
+def long_documents(m: dict) -> str:
+    """Report 06: a long held-out stream through block retrieval with compact positions vs the original."""
+    b, early, late, flat, dec = m["blocks"], m["perplexity_original_range"], m["perplexity_late"], m["flatness"], \
+        m["decode"]
+    lo, hi = m["late_range"]
+    return (
+        f"* **Long documents** (`reports/06_long_documents.html`; {m['text']} ({m['text_split']}), "
+        f"{m['tokens_streamed']:,} tokens streamed in pieces of {m['piece_size']}; block retrieval: chunk "
+        f"{m['chunk_size']}, top {b['top_k']} blocks of {b['block_size']} by mean keys per {b['page_size']}-token "
+        f"page, {b['sink_size']} sinks, positions {b['positions']}). Perplexity over the trained range "
+        f"(0–{m['original_range_end']:,}): blocks {early['blocks']:.2f}, its exact region alone "
+        f"{early['exact_region']:.2f}, the original {early['original']:.2f}. On the last stretch "
+        f"({lo:,}–{hi:,}): blocks **{late['blocks']:.2f}**, exact region {late['exact_region']:.2f}, the original "
+        f"started fresh there {late['original_fresh']:.2f}; the original's own KV cache, streamed to "
+        f"{m['windows']['original'][1]:,}: flatness {_flat(flat['original'])}. "
+        f"Flatness goal for blocks (no 1,024-token bin past {m['flat_from']:,} above 1.5× the median before): "
+        f"{_flat(flat['blocks'])}; exact region alone {_flat(flat['exact_region'])}. Decode at "
+        f"{dec['context']:,} tokens: slowest of {dec['steps']} steps {dec['max_over_median']:.2f}× the median "
+        f"({dec['median_s'] * 1000:.0f} ms; {dec['first_median_s'] * 1000:.0f} ms at {dec['first_context']:,}; goal "
+        f"≤ {m['decode_ratio']}×: {'met' if dec['met'] else 'missed'}). Cache: "
+        f"{m['memory_bytes_per_token']['blocks']:,.0f} bytes per token "
+        f"({m['memory_vs_kv_cache']['blocks']:.2f}× the original's KV cache). Load average "
+        f"{m['load_average']['before'][0]:.2f} before, {m['load_average']['after'][0]:.2f} after.")
+
+
 FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,
-              "04_attention_analysis": attention_analysis, "05_long_range": long_range}
+              "04_attention_analysis": attention_analysis, "05_long_range": long_range,
+              "06_long_documents": long_documents}
 
 
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)
