@@ -384,7 +384,9 @@ class BlocksMode(RetrievalMode):
                                  "every layer must be a block-retrieval layer (pass dense_layers=())")
             inv_freq = layer.rope_inverse_frequencies()
         check_block_settings(layer.chunk_size, **settings, rope_inv_freq=inv_freq)
-        layer.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # moves with the model, never saved
+        # float64 on the CPU and not a buffer: model.half()/.to(bfloat16) must not round the frequencies (a shift of
+        # 60,000 positions would turn by wrong angles); block_attention moves them to the input's device per call
+        object.__setattr__(layer, "rope_inv_freq", None if inv_freq is None else inv_freq.detach().double().cpu())
         layer.blocks_options = settings
         layer.dense_layers = tuple(sorted(set(dense)))
         layer.compression = None

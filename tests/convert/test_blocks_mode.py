@@ -201,6 +201,13 @@ def test_compact_positions_through_the_model_cache_padding_and_generation():
                                                           do_sample=False, use_cache=False), atol=0, rtol=0)
 
 
+def test_compact_positions_keep_float64_frequencies_when_the_model_is_cast():
+    model = blocks_model(positions="compact").to(torch.bfloat16)
+    inv_freq = first_attention(model).rope_inv_freq
+    assert inv_freq.dtype == torch.float64  # not rounded to bfloat16 with the weights
+    torch.testing.assert_close(inv_freq, tiny_llama().model.rotary_emb.inv_freq.double(), atol=0, rtol=0)
+
+
 def test_compact_positions_need_rope_and_no_dense_layers():
     with pytest.raises(ValueError, match="RoPE"):
         convert_to_bsbr(tiny_gpt2(), 4, retrieval="blocks", positions="compact")
