@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from bsbr._checks import check_int_at_least, check_positive_int
 
 __all__ = ["POSITIONS", "SELECTIONS", "SUMMARIES", "BlocksState", "GrowingTensor", "block_attention",
-           "block_attention_unchecked", "block_scores", "block_summaries", "check_block_settings", "rope_rotate"]
+           "best_page_scores", "block_attention_unchecked", "block_scores", "block_summaries", "check_block_settings",
+           "rope_rotate"]
 
 #: block summaries, name -> number of ``[d]`` vectors stored per block
 SUMMARIES: dict[str, int] = {"minmax": 2, "mean": 1}
@@ -175,6 +176,15 @@ class GrowingTensor:
 
     def capacity_nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+def best_page_scores(scores: torch.Tensor, pages_per_block: int, sink_pages: int = 0) -> torch.Tensor:
+    """Block scores from page scores ``[..., pages]`` (consecutive ``pages_per_block`` pages form a block): each
+    block scores its best page, the first ``sink_pages`` pages (sink tokens only) not counting. Returns
+    ``[..., pages // pages_per_block]``."""
+    if sink_pages > 0:
+        scores = scores.masked_fill(torch.arange(scores.shape[-1], device=scores.device) < sink_pages, float("-inf"))
+    return scores.unflatten(-1, (-1, pages_per_block)).amax(-1)
 
 
 @dataclass
@@ -373,11 +383,8 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
             chosen = block_scores(far_rows, summaries[:, :, sink_blocks * pages_per_block:
                                                       candidates * pages_per_block], summary)  # [b, G, g, r, pages]
             if pages_per_block > 1:  # a block scores its best page; pages of sink tokens only do not count
-                sink_pages = sink_size // page - sink_blocks * pages_per_block
-                if sink_pages > 0:
-                    chosen = chosen.masked_fill(torch.arange(chosen.shape[-1], device=chosen.device) < sink_pages,
-                                                float("-inf"))
-                chosen = chosen.unflatten(-1, (-1, pages_per_block)).amax(-1)  # [b, G, g, r, blocks]
+                chosen = best_page_scores(chosen, pages_per_block,
+                                          sink_size // page - sink_blocks * pages_per_block)  # [b, G, g, r, blocks]
             if selection == "group":
                 chosen = chosen.sum(2, keepdim=True)  # [b, G, 1, r, candidates]: one choice per group
             index = chosen.topk(k, dim=-1).indices + sink_blocks  # [b, G, g or 1, r, k]

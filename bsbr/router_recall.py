@@ -39,7 +39,7 @@ import math
 import torch
 
 from bsbr._checks import check_int_at_least, check_positive_int
-from bsbr.blocks import SELECTIONS, SUMMARIES, block_scores, block_summaries
+from bsbr.blocks import SELECTIONS, SUMMARIES, best_page_scores, block_scores, block_summaries
 
 __all__ = ["analysed_rows", "block_router_scores", "candidate_blocks", "chance_recall", "chunk_router_scores",
            "layer_query_key", "recency_scores", "t_interval", "top_k_recall"]
@@ -159,8 +159,7 @@ def block_router_scores(query: torch.Tensor, key: torch.Tensor, block_size: int,
     summaries = block_summaries(key[:, :, : blocks * block_size], page, summary, sink_size)  # [b, G, pages, parts, d]
     scores = block_scores(query.unflatten(1, (groups, heads // groups)), summaries, summary)  # [b, G, g, n, pages]
     if page < block_size:  # a block scores its best page; pages of sink tokens only do not count
-        sink_pages = torch.arange(scores.shape[-1], device=scores.device) < sink_size // page
-        scores = scores.masked_fill(sink_pages, float("-inf")).unflatten(-1, (blocks, block_size // page)).amax(-1)
+        scores = best_page_scores(scores, block_size // page, sink_size // page)
     if selection == "group":
         scores = scores.sum(2, keepdim=True).expand_as(scores)  # one choice per group, repeated to its heads
     return scores.flatten(1, 2)  # [b, H, n, blocks]
