@@ -26,9 +26,11 @@ Causality, including the routing: a candidate block lies entirely before ``t``'s
 only its own keys, so nothing at or after ``t + 1`` changes ``t``'s output or which blocks ``t`` retrieves.
 With ``chunk_size >= n`` (one chunk), or ``top_k`` covering every candidate, this is full causal attention.
 
-Memory: the op walks the query chunks; for a chunk it holds ``[chunk, 2·chunk]`` local scores and the
-``top_k·block_size`` gathered keys/values per token (per group, or per head with ``selection="head"``):
-O(n·(2·chunk_size + sink_size + top_k·block_size)) in all, never an ``[n, n]`` tensor.
+Memory: the op walks the query chunks; for a chunk it holds ``[chunk, 2·chunk]`` local scores and either the
+``top_k·block_size`` gathered keys/values per token (per group, or per head with ``selection="head"``) or, when the
+chunk's rows agree enough, one gathered union of the blocks they selected, scored by all of them and masked per row
+(:data:`UNION_GATHER_RATIO` bounds its size): O(n·(2·chunk_size + sink_size + UNION_GATHER_RATIO·top_k·block_size))
+in all, never an ``[n, n]`` tensor.
 
 Streaming: :class:`BlocksState` keeps every token's keys and values (exact retrieval needs them: a KV cache) plus the
 summaries of the finished blocks; :func:`block_attention` with ``state=`` continues it, each new token selecting from
@@ -58,6 +60,17 @@ SUMMARIES: dict[str, int] = {"minmax": 2, "mean": 1}
 SELECTIONS = ("group", "head")
 #: where retrieved blocks and sinks sit relative to the query: their own positions, or compact ones (module doc)
 POSITIONS = ("original", "compact")
+#: each slice of :data:`UNION_ROWS` rows of a query chunk gathers the union of the blocks its rows selected once (and
+#: masks, per row, the union's blocks the row did not select) when the largest union ``U`` of the chunk has
+#: ``U · heads_per_group <= UNION_GATHER_RATIO · top_k · choosers_per_group``; otherwise each row gathers its own
+#: ``top_k`` blocks. Both give the same output. A union is one matmul over up to ``UNION_GATHER_RATIO · top_k ·
+#: block_size / heads_per_group`` keys per row instead of a per-row gather of ``top_k · block_size`` (memory-bound);
+#: on CPUs the matmul is the faster of the two while the bound holds, and the bound keeps the work per row constant
+#: in n (the op stays linear in n; the softmax still covers only the row's own selection).
+UNION_GATHER_RATIO = 32
+#: rows per slice of a query chunk that share one gathered union (fewer rows: smaller unions, more matmuls; one slice
+#: per chunk of up to 256 rows by default)
+UNION_ROWS = 256
 
 
 def check_block_settings(chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group",
@@ -306,6 +319,42 @@ def _check_inputs(query, key, value, state, block_size, summary, positions, page
                          "positions")
 
 
+def _slice_unions(index, candidates: int, size: int):
+    """The union of the blocks the rows of each slice of ``size`` rows selected.
+
+    Args:
+        index: ``[b, G, g', r, k]`` selected block ids in ``[0, candidates)``; size: rows per slice (the last slice is
+            padded with copies of the last row).
+    Returns:
+        ``(blocks [S, U], member [b, G, g', S, size, U])``: slice ``j``'s union in ``blocks[j, :count_j]`` (the rest
+        are blocks no row of the slice selected, never members), and whether a row selected each; ``S = ceil(r /
+        size)``, ``U`` the largest union.
+    """
+    rows = index.shape[3]
+    slices = -(-rows // size)
+    padded = torch.cat([index, index[:, :, :, -1:].expand(*index.shape[:3], slices * size - rows, -1)], dim=3)
+    padded = padded.unflatten(3, (slices, size))  # [b, G, g', S, s, k]
+    used = torch.zeros(slices, candidates, dtype=torch.bool, device=index.device)
+    used.scatter_(1, padded.movedim(3, 0).reshape(slices, -1), True)
+    width = int(used.sum(1).max())
+    blocks = torch.sort(used.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]  # [S, U]
+    slot = torch.zeros(slices, candidates, dtype=torch.long, device=index.device)
+    slot.scatter_(1, blocks, torch.arange(width, device=index.device).expand(slices, width))
+    which = torch.arange(slices, device=index.device).view(slices, *(1,) * (padded.dim() - 1))
+    where = slot[which, padded.movedim(3, 0)]  # [S, b, G, g', s, k]: each choice's place in its slice's union
+    member = torch.zeros(*padded.shape[:-1], width, dtype=torch.bool, device=index.device)
+    member.scatter_(-1, where.movedim(0, 3), True)
+    return blocks, member
+
+
+def _sliced_values(weights, values, size: int):
+    """``weights [b, G, g, r, x]`` times one gathered value set per slice of ``size`` rows ``values [b, G, 1, S, x,
+    d]`` (the rows padded to ``S·size``) -> ``[b, G, g, r, d]``."""
+    rows, slices = weights.shape[3], values.shape[3]
+    padded = F.pad(weights, (0, 0, 0, slices * size - rows)).unflatten(3, (slices, size))  # [b, G, g, S, s, x]
+    return (padded @ values).flatten(3, 4)[:, :, :, :rows]
+
+
 def _per_row(left, right):
     """Row-wise products: ``left [b, G, g, r, x]`` times ``right [b, G, g or 1, r, x, y]`` -> ``[b, G, g, r, y]``; a
     group's shared selection (``g`` = 1 in ``right``) is multiplied without copying it per head."""
@@ -388,13 +437,30 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
             if selection == "group":
                 chosen = chosen.sum(2, keepdim=True)  # [b, G, 1, r, candidates]: one choice per group
             index = chosen.topk(k, dim=-1).indices + sink_blocks  # [b, G, g or 1, r, k]
-            pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
-            flat = (pos + token_base).flatten()  # [b·G·g'·r·k·B] rows of flat_key: the selected blocks' tokens
-            sel_k, sel_v = (t.index_select(0, flat).view(*pos.shape, d)
-                            for t in (flat_key, flat_value))  # [b, G, g', r, k·B, d]
-            selected = _per_row(far_rows, sel_k.transpose(-1, -2)) * scale  # [b, G, g, r, k·B]
-            if sink_size:  # sink tokens inside a retrieved block are already attended as sinks
-                selected = selected.masked_fill(pos < sinks, float("-inf"))
+            union = _slice_unions(index, candidates, min(UNION_ROWS, rows.shape[3]))
+            if union[0].shape[1] * group <= UNION_GATHER_RATIO * k * index.shape[2]:
+                # per slice of rows, one gather of the union of their blocks and one matmul; each row masks the
+                # union's blocks it did not select
+                sliced, (blocks, member) = True, union  # [S, U] block ids, [b, G, g', S, s, U]
+                pos = (blocks[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
+                keep = member.repeat_interleave(block_size, dim=-1)  # [b, G, g', S, s, U·B]
+                if sink_size:  # sink tokens inside a retrieved block are already attended as sinks
+                    keep = keep & (pos >= sinks)[:, None]
+                sel_k, sel_v = retrieved_key[:, :, None, pos], value[:, :, None, pos]  # [b, G, 1, S, U·B, d]
+                slices, per_slice = member.shape[3:5]
+                padded = F.pad(far_rows, (0, 0, 0, slices * per_slice - far_rows.shape[3])).unflatten(
+                    3, (slices, per_slice))
+                selected = (padded @ sel_k.transpose(-1, -2)) * scale  # [b, G, g, S, s, U·B]
+                selected = selected.masked_fill(~keep, float("-inf")).flatten(3, 4)[:, :, :, : rows.shape[3]]
+            else:  # rows disagree too much: gather each row's own k blocks
+                sliced = False
+                pos = (index[..., None] * block_size + torch.arange(block_size, device=query.device)).flatten(-2)
+                flat = (pos + token_base).flatten()  # [b·G·g'·r·k·B] rows of flat_key: the selected blocks' tokens
+                sel_k, sel_v = (t.index_select(0, flat).view(*pos.shape, d)
+                                for t in (flat_key, flat_value))  # [b, G, g', r, k·B, d]
+                selected = _per_row(far_rows, sel_k.transpose(-1, -2)) * scale  # [b, G, g, r, k·B]
+                if sink_size:  # sink tokens inside a retrieved block are already attended as sinks
+                    selected = selected.masked_fill(pos < sinks, float("-inf"))
             scores.append(selected)
         weights = torch.softmax(torch.cat(scores, dim=-1), dim=-1)  # [b, G, g, r, m + s + k·B]
         if dropout_p:
@@ -402,7 +468,7 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
         parts = weights.split([s.shape[-1] for s in scores], dim=-1)
         out = sum(w @ v for w, v in zip(parts[: len(values)], values))  # [b, G, g, r, d]
         if selected is not None:
-            out = out + _per_row(parts[-1], sel_v)
+            out = out + (_sliced_values(parts[-1], sel_v, per_slice) if sliced else _per_row(parts[-1], sel_v))
         outputs.append(out)
     output = torch.cat(outputs, dim=3).flatten(1, 2)  # [b, H, n, d]
     if not return_state:

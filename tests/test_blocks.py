@@ -1,6 +1,7 @@
 """Block retrieval (bsbr.blocks): against the written-out reference (tests.reference.dense_block_attention, float64,
 <= 1e-10), full causal attention when everything is reachable, causality through the routing, streaming == one call,
-bad input."""
+bad input. Every test runs twice: with each query chunk gathering the union of its rows' blocks once, and with every
+row gathering its own blocks (bsbr.blocks.UNION_GATHER_RATIO forced either way)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bsbr.blocks
 from bsbr.blocks import BlocksState, block_attention, block_scores, block_summaries, rope_rotate
 from tests.reference import dense_block_attention, dense_block_attention_compact, rope_at
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "gather")
+
+#: UNION_GATHER_RATIO values forcing each path: every slice of rows gathers its union / every row its own blocks. The
+#: union path runs with slices of 3 rows, so a chunk has several slices and the last one is padded.
+GATHERS = {"union": 10**9, "per_row": 0}
+DEFAULT_UNION_GATHER_RATIO = bsbr.blocks.UNION_GATHER_RATIO
+
+
+@pytest.fixture(params=sorted(GATHERS))
+def gather(request, monkeypatch):
+    monkeypatch.setattr(bsbr.blocks, "UNION_GATHER_RATIO", GATHERS[request.param])
+    monkeypatch.setattr(bsbr.blocks, "UNION_ROWS", 3)
+    return request.param
+
+
+def test_the_forced_path_is_the_path_taken(gather, monkeypatch):
+    calls = []
+    per_row = bsbr.blocks._per_row
+    monkeypatch.setattr(bsbr.blocks, "_per_row", lambda *a: calls.append(1) or per_row(*a))
+    q, k, v = qkv(n=37)
+    out = block_attention(q, k, v, chunk_size=8, block_size=2, top_k=2)
+    assert torch.allclose(out, dense_block_attention(q, k, v, 8, 2, 2), atol=1e-10, rtol=0)
+    assert bool(calls) == (gather == "per_row")
 
 
 def qkv(batch=2, heads=4, kv_heads=2, n=37, d=8, seed=0, dtype=torch.float64):
@@ -147,25 +171,34 @@ def test_bad_input_raises_naming_the_argument():
         block_attention(q, k, v, 4, 2, 1, summary="mean", state=state)
 
 
-def test_no_tensor_grows_with_n_squared():
-    """Every tensor the op creates (recorded at dispatch) is far smaller than an [n, n] score matrix."""
+def test_no_tensor_grows_with_n_squared(gather, monkeypatch):
+    """Every tensor the op creates (recorded at dispatch) is far smaller than an [n, n] score matrix: at n = 4,096 none
+    exceeds the output [1, 2, n, 4], and from n = 1,024 to 4,096 the largest grows at most linearly (the cache), not
+    16× as n². The union path runs at its default bound (a union allowed to grow to every candidate block would grow
+    with n)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Largest(TorchDispatchMode):
-        numel = 0
+    if gather == "union":
+        monkeypatch.setattr(bsbr.blocks, "UNION_GATHER_RATIO", DEFAULT_UNION_GATHER_RATIO)
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
+    def largest(n):
+        sizes = []
 
-    n = 1024
-    q, k, v = qkv(batch=1, heads=2, kv_heads=1, n=n, d=4, dtype=torch.float32)
-    with Largest():
-        block_attention(q, k, v, 32, 8, 2, sink_size=4)
-    assert Largest.numel == 2 * n * 4  # the largest is the output [1, 2, n, 4]: nothing near n² = 1,048,576
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                sizes.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                             if isinstance(t, torch.Tensor))
+                return out
+
+        q, k, v = qkv(batch=1, heads=2, kv_heads=1, n=n, d=4, dtype=torch.float32)
+        with Record():
+            block_attention(q, k, v, 32, 8, 2, sink_size=4)
+        return max(sizes)
+
+    small, large = largest(1024), largest(4096)
+    assert large == 2 * 4096 * 4  # the output: nothing near n² = 16,777,216
+    assert large <= 4 * small  # linear growth at most
 
 
 def rope_inputs(n=37, heads=4, kv_heads=2, d=8, seed=0):
