@@ -3,7 +3,8 @@
 * attention maps: :func:`causal_attention_probs` (the original model's softmax attention of one layer),
   :func:`chunk_mass` (attention mass per key chunk or block, sinks apart) and :func:`retrieval_weights` (a normalised
   BSBR layer's chunk routing); :mod:`bsbr.router_recall` builds the router-recall measurement on them;
-* the passkey task: :func:`passkey_sample` (a fact at a controlled depth of real filler text, a question at the end)
+* the passkey tasks (:data:`PASSKEY_TEMPLATES`): :func:`passkey_sample` (a fact at a controlled depth of filler —
+  Mohtashami & Jaggi's repeated sentences, :func:`repeated_filler`, or real text —, a question at the end)
   and :func:`answer_exact_match` (greedy exact match of the answer scored with one teacher-forced forward);
 * :func:`wilson_interval` (binomial confidence interval of an accuracy).
 
@@ -14,6 +15,7 @@ queries carry RoPE; GQA keys are repeated to the query heads in HF ``repeat_kv``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +26,10 @@ __all__ = [
     "answer_exact_match",
     "causal_attention_probs",
     "chunk_mass",
+    "PASSKEY_TEMPLATES",
+    "PasskeyTemplate",
     "passkey_sample",
+    "repeated_filler",
     "retrieval_weights",
     "wilson_interval",
 ]
@@ -138,43 +143,105 @@ PASSKEY_QUESTION = "\nWhat is the secret number? The secret number is"
 PASSKEY_ANSWER = " {passkey}"
 
 
-def passkey_sample(tokenizer, filler_ids: torch.Tensor, length: int, depth: float, passkey: str) -> dict:
-    """One passkey / fact-retrieval sequence of exactly ``length`` tokens, in the style of Mohtashami & Jaggi 2023
-    (arXiv 2305.16300), with real text as filler.
+@dataclass(frozen=True)
+class PasskeyTemplate:
+    """The texts of one passkey task (``{passkey}`` is replaced in ``fact`` and ``answer``).
 
-    Layout: ``filler[:p] + fact + filler[p:m] + question + answer`` where ``m`` filler tokens fill the length,
-    ``p = round(depth · m)``; fact, question and answer are :data:`PASSKEY_FACT`, :data:`PASSKEY_QUESTION`,
-    :data:`PASSKEY_ANSWER` with ``passkey`` inserted, each tokenized alone (``add_special_tokens=False``).
+    Attributes:
+        prefix: text before the filler ("" for none), e.g. a task description.
+        fact: the sentence hidden at a depth of the filler.
+        question: the text that ends the context.
+        answer: the continuation scored (exact match of greedy decoding).
+        filler: the sentence repeated as filler, or None: the filler is real text the caller supplies.
+    """
+
+    prefix: str
+    fact: str
+    question: str
+    answer: str
+    filler: str | None
+
+
+#: Passkey tasks by name:
+#:
+#: * ``"passkey"`` — Mohtashami & Jaggi 2023 (arXiv 2305.16300; their ``landmark-attention`` repository's passkey
+#:   test, also used by Quest and InfLLM): a task description, the sentence "The grass is green. The sky is blue. The
+#:   sun is yellow. Here we go. There and back again." repeated as filler, the pass-key line, the question; the
+#:   parts joined by newlines as there;
+#: * ``"fact_in_text"`` — the same kind of fact hidden in real held-out text (the filler the caller gives), with no
+#:   task description: harder, the filler competes with the fact.
+PASSKEY_TEMPLATES: dict[str, PasskeyTemplate] = {
+    "passkey": PasskeyTemplate(
+        prefix="There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+               "I will quiz you about the important information there.\n",
+        fact="\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n",
+        question="\nWhat is the pass key? The pass key is",
+        answer=" {passkey}",
+        filler="The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "),
+    "fact_in_text": PasskeyTemplate(prefix="", fact=PASSKEY_FACT, question=PASSKEY_QUESTION, answer=PASSKEY_ANSWER,
+                                    filler=None),
+}
+
+
+def repeated_filler(tokenizer, template: PasskeyTemplate, num_tokens: int) -> torch.Tensor:
+    """``num_tokens`` tokens of ``template.filler`` repeated (tokenized once, the token sequence repeated and cut).
+
+    Returns:
+        LongTensor ``[num_tokens]``.
+    Raises:
+        ValueError: ``template.filler`` is None (the task's filler is real text) or ``num_tokens`` < 1.
+    """
+    check_positive_int(num_tokens=num_tokens)
+    if template.filler is None:
+        raise ValueError("template has no repeated filler: its filler is real text the caller supplies")
+    sentence = tokenizer.encode(template.filler, add_special_tokens=False)
+    return torch.tensor((sentence * (num_tokens // len(sentence) + 1))[:num_tokens], dtype=torch.long)
+
+
+def passkey_sample(tokenizer, filler_ids: torch.Tensor, length: int, depth: float, passkey: str,
+                   template: PasskeyTemplate = PASSKEY_TEMPLATES["fact_in_text"]) -> dict:
+    """One passkey / fact-retrieval sequence of exactly ``length`` tokens, in the style of Mohtashami & Jaggi 2023
+    (arXiv 2305.16300).
+
+    Layout: ``prefix + filler[:p] + fact + filler[p:m] + question + answer`` where ``m`` filler tokens fill the
+    length, ``p = round(depth · m)``; prefix, fact, question and answer are the ``template``'s texts
+    (:data:`PASSKEY_TEMPLATES`) with ``passkey`` inserted, each tokenized alone (``add_special_tokens=False``).
 
     Args:
         tokenizer: has ``encode(text, add_special_tokens=False) -> list[int]``.
-        filler_ids: 1-D LongTensor of held-out text tokens, at least ``m`` of them (the first ``m`` are used).
+        filler_ids: 1-D LongTensor of filler tokens (held-out text, or :func:`repeated_filler`), at least ``m`` of
+            them (the first ``m`` are used).
         length: total tokens (answer included).
         depth: where the fact goes, as a fraction of the filler in [0, 1] (0 = start, 1 = right before the question).
         passkey: the secret (e.g. ``"48213"``).
+        template: the task's texts (default: the fact in real text).
     Returns:
         ``{"input_ids": LongTensor [length], "answer_start": int (first answer token), "fact_start": int,
         "fact_end": int (exclusive), "answer_ids": list[int]}``.
     Raises:
-        ValueError: bad ``length``/``depth``/``passkey``, or too little filler for ``length``.
+        ValueError: bad ``length``/``depth``/``passkey``/``template``, or too little filler for ``length``.
     """
     check_positive_int(length=length)
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
     if not isinstance(passkey, str) or not passkey:
         raise ValueError(f"passkey must be a non-empty string, got {passkey!r}")
+    if not isinstance(template, PasskeyTemplate):
+        raise ValueError(f"template must be a PasskeyTemplate (PASSKEY_TEMPLATES), got {template!r}")
+    prefix = tokenizer.encode(template.prefix, add_special_tokens=False) if template.prefix else []
     fact, question, answer = (tokenizer.encode(text.format(passkey=passkey), add_special_tokens=False)
-                              for text in (PASSKEY_FACT, PASSKEY_QUESTION, PASSKEY_ANSWER))
-    filler_len = length - len(fact) - len(question) - len(answer)
+                              for text in (template.fact, template.question, template.answer))
+    filler_len = length - len(prefix) - len(fact) - len(question) - len(answer)
     if filler_len < 0:
-        raise ValueError(f"length must be >= {length - filler_len} (fact + question + answer), got {length}")
+        raise ValueError(f"length must be >= {length - filler_len} (prefix + fact + question + answer), got {length}")
     if filler_ids.dim() != 1 or filler_ids.shape[0] < filler_len:
         raise ValueError(f"filler_ids must be 1-D with >= {filler_len} tokens, got {list(filler_ids.shape)}")
     split = round(depth * filler_len)
     filler = filler_ids[:filler_len].tolist()
-    ids = filler[:split] + fact + filler[split:] + question + answer
+    ids = prefix + filler[:split] + fact + filler[split:] + question + answer
+    fact_start = len(prefix) + split
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "answer_start": length - len(answer),
-            "fact_start": split, "fact_end": split + len(fact), "answer_ids": answer}
+            "fact_start": fact_start, "fact_end": fact_start + len(fact), "answer_ids": answer}
 
 
 def answer_exact_match(logits: torch.Tensor, input_ids: torch.Tensor, answer_start: int) -> torch.Tensor:

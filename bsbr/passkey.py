@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bsbr.analysis import answer_exact_match, passkey_sample, wilson_interval
+from bsbr.analysis import PASSKEY_TEMPLATES, answer_exact_match, passkey_sample, repeated_filler, wilson_interval
 from bsbr.convert import converted_copy, load_conversion, load_lora, set_retrieval
 from bsbr.convert.checkpoint import conversion_settings
 from bsbr.data import token_windows
@@ -107,12 +107,16 @@ def _check_lengths(name, values, allow_empty=False):
         raise ValueError(f"{name} must be a {kind} of integers >= 64, got {values!r}")
 
 
-def check_passkey_parameters(split, lengths, long_lengths, depths, variants, blocks_options, check_generate) -> None:
-    """Raise ValueError naming the parameter unless ``split`` is held out (not ``"train"``: the calibration text),
+def check_passkey_parameters(split, lengths, long_lengths, depths, variants, blocks_options, check_generate,
+                             task="fact_in_text") -> None:
+    """Raise ValueError naming the parameter unless ``task`` names a :data:`bsbr.analysis.PASSKEY_TEMPLATES` entry,
+    ``split`` is held out (not ``"train"``: the calibration text),
     ``lengths`` a non-empty list of integers >= 64 (tokens), ``long_lengths`` a list of such integers (may be empty),
     ``depths`` a non-empty list of numbers in [0, 1], ``variants`` distinct names of :data:`VARIANTS`,
     ``blocks_options`` a dict of ``retrieval="blocks"`` options without ``summary`` (each blocks variant sets its own;
     the converter checks the rest), ``check_generate`` a bool."""
+    if not isinstance(task, str) or task not in PASSKEY_TEMPLATES:
+        raise ValueError(f"task must be one of {sorted(PASSKEY_TEMPLATES)}, got {task!r}")
     if split == "train":
         raise ValueError("split must be a held-out split ('validation' or 'test'): the calibration used 'train'")
     _check_lengths("lengths", lengths)
@@ -270,28 +274,38 @@ def filler_starts(stream_tokens: int, lengths, depths, trials: int) -> dict[tupl
     return {cell: i * stride for i, cell in enumerate(cells)}
 
 
-def passkey_trials(tokenizer, stream: torch.Tensor, lengths, depths, trials: int, seed: int) -> list[dict]:
+def passkey_trials(tokenizer, stream: torch.Tensor | None, lengths, depths, trials: int, seed: int,
+                   task: str = "fact_in_text") -> list[dict]:
     """Every (length, depth, trial) sample once; the variants all score these.
 
-    Each cell takes its filler from ``stream[start:]`` (:func:`filler_starts`, recorded as ``filler_start``); each
-    sample gets its own 5-digit passkey drawn from ``torch.Generator().manual_seed(seed)`` in (length, depth, trial)
-    order. The same arguments give the same samples.
+    ``task`` names a :data:`bsbr.analysis.PASSKEY_TEMPLATES` entry. With real-text filler (``"fact_in_text"``) each
+    cell takes its filler from ``stream[start:]`` (:func:`filler_starts`, recorded as ``filler_start``); with a
+    repeated filler (``"passkey"``: Mohtashami & Jaggi's sentences) every cell has the same filler, ``stream`` is not
+    read (may be None) and ``filler_start`` is None. Each sample gets its own 5-digit passkey drawn from
+    ``torch.Generator().manual_seed(seed)`` in (length, depth, trial) order. The same arguments give the same samples.
 
     Returns:
         dicts ``{length, depth, trial, filler_start, passkey, input_ids, answer_start, fact_start, fact_end,
         answer_ids}`` (:func:`bsbr.analysis.passkey_sample`), in (length, depth, trial) order.
     Raises:
-        ValueError: ``stream`` too short (:func:`filler_starts`).
+        ValueError: unknown ``task``; ``stream`` too short (:func:`filler_starts`).
     """
-    starts = filler_starts(len(stream), lengths, depths, trials)
+    if task not in PASSKEY_TEMPLATES:
+        raise ValueError(f"task must be one of {sorted(PASSKEY_TEMPLATES)}, got {task!r}")
+    template = PASSKEY_TEMPLATES[task]
+    if template.filler is None:
+        starts = filler_starts(len(stream), lengths, depths, trials)
+    else:
+        repeated = repeated_filler(tokenizer, template, max(lengths))
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for length in lengths:
         for depth in depths:
             for trial in range(trials):
                 passkey = str(int(torch.randint(10_000, 100_000, (1,), generator=generator)))
-                start = starts[(length, depth, trial)]
-                sample = passkey_sample(tokenizer, stream[start:], length, depth, passkey)
+                start = starts[(length, depth, trial)] if template.filler is None else None
+                filler = stream[start:] if template.filler is None else repeated
+                sample = passkey_sample(tokenizer, filler, length, depth, passkey, template)
                 samples.append({"length": length, "depth": depth, "trial": trial, "filler_start": start,
                                 "passkey": passkey, **sample})
     return samples

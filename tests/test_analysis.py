@@ -15,7 +15,9 @@ from bsbr.analysis import (
     answer_exact_match,
     causal_attention_probs,
     chunk_mass,
+    PASSKEY_TEMPLATES,
     passkey_sample,
+    repeated_filler,
     retrieval_weights,
     wilson_interval,
 )
@@ -129,6 +131,31 @@ def test_passkey_sample_layout(depth):
         passkey_sample(tok, filler, 200, 1.5, "48213")
     with pytest.raises(ValueError, match="filler_ids"):
         passkey_sample(tok, filler[:10], 200, depth, "48213")
+
+
+def test_passkey_sample_with_a_template_puts_its_prefix_first_and_repeated_filler_is_the_sentence_cut():
+    tok = CharTokenizer()
+    template = PASSKEY_TEMPLATES["passkey"]
+    filler = repeated_filler(tok, template, 300)
+    sentence = tok.encode(template.filler)
+    assert filler.tolist() == (sentence * 4)[:300]
+    sample = passkey_sample(tok, filler, 400, 0.5, "48213", template)
+    ids = sample["input_ids"].tolist()
+    prefix = tok.encode(template.prefix)
+    fact = tok.encode(template.fact.format(passkey="48213"))
+    question = tok.encode(template.question)
+    filler_len = 400 - len(prefix) - len(fact) - len(question) - len(" 48213")
+    assert ids[:len(prefix)] == prefix
+    assert sample["fact_start"] == len(prefix) + round(0.5 * filler_len)
+    assert ids[sample["fact_start"]:sample["fact_end"]] == fact
+    assert ids[len(prefix):sample["fact_start"]] + ids[sample["fact_end"]:sample["answer_start"] - len(question)] \
+        == filler[:filler_len].tolist()
+    with pytest.raises(ValueError, match="template"):
+        passkey_sample(tok, filler, 400, 0.5, "48213", "passkey")
+    with pytest.raises(ValueError, match="template"):
+        repeated_filler(tok, PASSKEY_TEMPLATES["fact_in_text"], 10)
+    with pytest.raises(ValueError, match="num_tokens"):
+        repeated_filler(tok, template, 0)
 
 
 def test_answer_exact_match_equals_greedy_generation():

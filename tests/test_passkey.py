@@ -19,6 +19,7 @@ from bsbr.passkey import (FULL_PROFILE, GOALS, VARIANTS, accuracy_table, answer_
                           build_variant, check_passkey_parameters, filler_starts, format_accuracy, goal_verdicts,
                           headline_table, out_of_reach, passkey_trials, profile_seconds, reach_settings, score_trial,
                           summarize_trials, token_stream, trials_for_half_width, variant_mask)
+from bsbr.analysis import PASSKEY_TEMPLATES
 from tests.conftest import tiny_llama, tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -287,14 +288,40 @@ def test_profile_seconds_measured_and_extrapolated_per_variant():
         profile_seconds(times, {"c": [100]}, 1)
 
 
+def test_passkey_task_uses_mohtashami_and_jaggis_texts_and_the_same_filler_in_every_cell():
+    tok = CharTokenizer()
+    samples = passkey_trials(tok, None, [600], [0.0, 0.5, 1.0], 2, seed=0, task="passkey")
+    template = PASSKEY_TEMPLATES["passkey"]
+    prefix = template.prefix
+    for s in samples:
+        text = tok.decode(s["input_ids"].tolist())
+        assert s["filler_start"] is None and len(text) == 600
+        assert text.startswith("There is an important info hidden inside a lot of irrelevant text.")
+        fact = f"\nThe pass key is {s['passkey']}. Remember it. {s['passkey']} is the pass key.\n"
+        assert text[s["fact_start"]:s["fact_end"]] == fact
+        assert text.endswith(f"\nWhat is the pass key? The pass key is {s['passkey']}")
+        filler = text[len(prefix):s["fact_start"]] + text[s["fact_end"]:-len(
+            f"\nWhat is the pass key? The pass key is {s['passkey']}")]
+        sentence = template.filler
+        assert filler == (sentence * (len(filler) // len(sentence) + 1))[:len(filler)]  # the sentence repeated, cut
+    depth0 = [s for s in samples if s["depth"] == 0.0]
+    assert all(s["fact_start"] == len(prefix) for s in depth0)  # right after the task description
+    assert len({s["passkey"] for s in samples}) == len(samples)
+    again = passkey_trials(tok, None, [600], [0.0, 0.5, 1.0], 2, seed=0, task="passkey")
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(samples, again))
+    with pytest.raises(ValueError, match="task"):
+        passkey_trials(tok, None, [600], [0.5], 1, seed=0, task="needle")
+
+
 def test_check_passkey_parameters_names_the_bad_one():
     check_passkey_parameters("validation", [64], [], [0.0, 1], list(VARIANTS), {"top_k": 4}, True)
-    good = ("test", [64], [16384], [0.5], ["original"], {}, True)
+    good = ("test", [64], [16384], [0.5], ["original"], {}, True, "passkey")
+    check_passkey_parameters(*good)
     for position, value, match in ((0, "train", "split"), (1, [63], "lengths"), (1, [], "lengths"),
                                    (2, [32], "long_lengths"), (2, None, "long_lengths"), (3, [1.5], "depths"),
                                    (4, ["original", "original"], "variants"), (4, ["calibrated"], "variants"),
                                    (5, {"summary": "mean"}, "blocks_options"), (5, [4], "blocks_options"),
-                                   (6, 1, "check_generate")):
+                                   (6, 1, "check_generate"), (7, "secret", "task"), (7, None, "task")):
         args = list(good)
         args[position] = value
         with pytest.raises(ValueError, match=match):
