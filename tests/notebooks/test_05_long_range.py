@@ -158,7 +158,7 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     correct = int(trials[trials.variant == "original"].correct.sum())
     assert f"({correct}/4)" in first
     html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
-    for line in ("git revision:", "threads: 1", "CPU:", "The secret number is",
+    for line in ("git revision:", "threads: 1", "CPU:", "The pass key is",
                  "model: SmolLM2-135M-Instruct.Q4_1.gguf", "-p trials=8", "Appendix C"):
         assert line in html, line
     assert "samples:" not in html and "IProgress" not in html
