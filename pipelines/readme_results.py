@@ -137,8 +137,10 @@ def long_range(m: dict) -> str:
             f"{m['accuracy'][v][str(n)]:.1f} [{m['ci95'][v][str(n)][0]:.2f}, {m['ci95'][v][str(n)][1]:.2f}]"
             for n in lengths)
         for v in m["accuracy"])
+    task = {"passkey": "Mohtashami & Jaggi's passkey test (repeated-sentence filler)",
+            "fact_in_text": "a fact in held-out text"}.get(m.get("task", "fact_in_text"), m.get("task"))
     text = (
-        f"* **Passkey retrieval** (`reports/05_long_range.html`; held-out text, {', '.join(f'{n:,}' for n in lengths)} "
+        f"* **Passkey retrieval** (`reports/05_long_range.html`; {task}, {', '.join(f'{n:,}' for n in lengths)} "
         f"tokens, {len(m['depths'])} depths × {m['trials_per_cell']} trials: n = {m['trials_per_headline_cell']} per "
         f"length and variant, Wilson 95% intervals; block retrieval: chunk {m['chunk_size']}, top {opts['top_k']} "
         f"blocks of {opts['block_size']} scored by their best {opts.get('page_size') or opts['block_size']}-token "
@@ -147,7 +149,7 @@ def long_range(m: dict) -> str:
     worst = min(lengths, key=lambda n: m["accuracy"]["original"][str(n)])
     if m["accuracy"]["original"][str(worst)] < 0.95:
         text += (f" The original itself reaches only {m['accuracy']['original'][str(worst)]:.1f} at {worst:,} tokens, "
-                 f"so exact match cannot test the ≥ 95% goal on this task.")
+                 f"so exact match cannot test the ≥ 95% goal there.")
     lp = m.get("out_of_reach_answer_logprob")
     if lp:
         text += (f" With the fact out of reach of the exact region and the window ({m['out_of_reach_trials']} "

@@ -41,3 +41,7 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     for length in metrics["accuracy"]["original"]:
         metrics["accuracy"]["original"][length] = 1.0
     assert "cannot test" not in readme_results.long_range(metrics)
+    metrics["task"] = "passkey"
+    assert "Mohtashami & Jaggi's passkey test" in readme_results.long_range(metrics)
+    metrics["task"] = "fact_in_text"
+    assert "a fact in held-out text" in readme_results.long_range(metrics)
