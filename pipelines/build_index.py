@@ -72,7 +72,8 @@ class Headline:
     ``label`` and ``goal`` may name metrics as ``{dotted.path}`` (filled with their values). ``value``: a dotted path,
     or a function of the metrics dict. ``interval``: paths of the low and high ends, or one path of a ``[low, high]``
     list. ``target``: the path of a ``{value, comparison, threshold, status}`` record (sets value, goal and verdict).
-    ``verdict``: the path of ``met``/``missed``/``pass``/``FAIL``/true/false (a dict of them: met if all are met).
+    ``verdict``: the path of ``met``/``missed``/``pass``/``FAIL``/true/false (a dict of them: met if all are met),
+    or a function of the metrics dict returning one.
     """
 
     label: str
@@ -80,8 +81,14 @@ class Headline:
     unit: str = ""
     interval: tuple[str, str] | str | None = None
     goal: str = ""
-    verdict: str | None = None
+    verdict: str | Callable[[dict], object] | None = None
     target: str | None = None
+
+
+def below_one(low: float, high: float) -> bool | None:
+    """A ratio's goal "below 1" by its interval: met if the whole interval is below 1, missed if it is wholly at or
+    above 1, undecided (None) if it straddles 1."""
+    return True if high < 1 else False if low >= 1 else None
 
 
 #: Which numbers each report leads with (2-3 per report): the questions' decisive numbers and their goals.
@@ -110,8 +117,8 @@ HEADLINES: dict[str, list[Headline]] = {
                  "state_goal.state_vs_kv_cache", "×", None, "≤ {state_goal.goal_ratio}×", "state_goal.met"),
         Headline("best calibrated configuration's perplexity ÷ its exact region's", "best_calibrated.vs_exact_region",
                  "×", "best_calibrated.vs_exact_region_interval", "below 1× (retrieval helps)",
-                 None),
-        Headline("one layer faster than the original at {layer_goal_faster.seq_len} tokens, chunks 128-512",
+                 lambda m: below_one(*m["best_calibrated"]["vs_exact_region_interval"])),
+        Headline("one layer faster than the original at {layer_goal_faster.seq_len} tokens, by chunk size",
                  lambda m: ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in m["layer_goal_faster"]["met"].items()),
                  goal="faster in every chunk size", verdict="layer_goal_faster.met"),
     ],
@@ -228,7 +235,8 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
         verdict = target["status"]
     else:
         value = spec.value(metrics) if callable(spec.value) else lookup(metrics, spec.value)
-        verdict = lookup(metrics, spec.verdict) if spec.verdict else None
+        verdict = (spec.verdict(metrics) if callable(spec.verdict) else
+                   lookup(metrics, spec.verdict) if spec.verdict else None)
     text = format_value("", value) + (spec.unit if not isinstance(value, (dict, str)) else "")
     if spec.interval:
         low, high = (lookup(metrics, spec.interval) if isinstance(spec.interval, str)

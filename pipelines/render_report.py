@@ -116,8 +116,8 @@ class TerminalOutputFilter(Preprocessor):
 SUMMARY_HEADING = re.compile(r"^(what we found|conclusions?|summary)\b", re.IGNORECASE)
 APPENDIX_HEADING = re.compile(r"^appendi(x|ces)\b", re.IGNORECASE)
 #: "What we found" as a heading inside a cell's rendered output (HTML ``<h1-4>`` or a markdown ``#`` line).
-SUMMARY_IN_OUTPUT = re.compile(r"<h[1-4][^>]*>\s*(what we found|conclusions?)\b|^#{1,4}\s+(what we found|conclusions?)\b",
-                               re.IGNORECASE | re.MULTILINE)
+SUMMARY_IN_OUTPUT = re.compile(r"<h[1-4][^>]*>\s*(what we found|conclusions?)\b"
+                               r"|^#{1,4}\s+(what we found|conclusions?)\b", re.IGNORECASE | re.MULTILINE)
 
 _LAYOUT_CSS = """
 main { max-width: 1400px; margin: 0 auto; box-sizing: border-box; }
@@ -170,11 +170,11 @@ def report_layout(nb) -> dict:
     cells = nb.cells
     tags = [set(cell.metadata.get("tags", [])) for cell in cells]
     question = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown"), None)
-    first_heading = [i for i, cell in enumerate(cells) if _headings(cell)]
+    heading_cells = [i for i, cell in enumerate(cells) if _headings(cell)]
 
     appendix, appendix_titles = {}, []
-    for i in first_heading:
-        level, text = _headings(cells[i])[0]
+    for i in heading_cells:
+        text = _headings(cells[i])[0][1]
         if APPENDIX_HEADING.match(text) and i not in appendix:
             appendix_titles.append((text, _section(cells, i)))
             appendix.update(dict.fromkeys(_section(cells, i)))
@@ -182,11 +182,13 @@ def report_layout(nb) -> dict:
 
     summary = [i for i in range(len(cells)) if "summary" in tags[i]]
     if not summary:
-        heading = next((i for i in first_heading if SUMMARY_HEADING.match(_headings(cells[i])[0][1])), None)
+        heading = next((i for i in heading_cells if SUMMARY_HEADING.match(_headings(cells[i])[0][1])), None)
         if heading is not None:
             summary = _section(cells, heading)
     if not summary:
-        summary = [i for i, cell in enumerate(cells) if cell.cell_type == "code" and SUMMARY_IN_OUTPUT.search(_output_text(cell))][:1]
+        printed = [i for i, cell in enumerate(cells)
+                   if cell.cell_type == "code" and SUMMARY_IN_OUTPUT.search(_output_text(cell))]
+        summary = printed[:1]
     if not summary and appendix_titles:
         i = appendix_titles[0][1][0] - 1
         while i > (question or 0) and cells[i].cell_type == "code" and cells[i].get("outputs"):
@@ -203,8 +205,8 @@ def report_layout(nb) -> dict:
             figure = before[-1] if before else after[0] if after else None
 
     # set-up: the code cells between the question and the first heading (parameters, provenance, run log)
-    first_section = next((i for i in first_heading if i > (question or 0)), len(cells))
-    placed = set(summary) | set(appendix) | set(tagged_appendix) | {question, figure}
+    first_section = next((i for i in heading_cells if i > (question or 0)), len(cells))
+    placed = set(summary) | set(appendix) | set(tagged_appendix) | {question, figure} - {None}
     setup = [i for i in range((question or 0) + 1, first_section) if i not in placed]
     setup += [i for i in range(len(cells)) if tags[i] & {"parameters", "injected-parameters"} and i not in placed
               and i not in setup]
@@ -243,7 +245,8 @@ def arrange(html: str, nb) -> str:
         text = soup.new_tag("div", attrs={"class": "what-we-found-text"})
         for i in layout["summary"]:
             text.append(cell(i))
-        if not re.search(r"what we found", " ".join(h.get_text() for h in text.find_all(re.compile("^h[1-4]$"))), re.I):
+        headings = " ".join(h.get_text() for h in text.find_all(re.compile("^h[1-4]$")))
+        if not re.search(r"what we found", headings, re.IGNORECASE):
             heading = soup.new_tag("h2")
             heading.string = "What we found"
             box.append(heading)

@@ -620,3 +620,9 @@ def test_headline_values_are_the_metrics():
                                                   {"a": True, "b": True}, {"a": True, "b": False})] == [
         "met", "missed", "undecided", "met", "missed", "not measured", "met", "missed"]
     assert set(build_index.HEADLINES) == {p.stem for p in NOTEBOOKS}
+    assert [build_index.below_one(*interval) for interval in ((0.9, 0.99), (1.0, 1.1), (0.997, 1.001))] == [
+        True, False, None]
+    ablation = json.loads((ROOT / "reports" / "metrics" / "03_chunk_size_ablation.json").read_text())
+    best = build_index.headline_rows("03_chunk_size_ablation", ablation)[1]
+    low, high = ablation["best_calibrated"]["vs_exact_region_interval"]
+    assert best["verdict"] == ("met" if high < 1 else "missed" if low >= 1 else "undecided")
