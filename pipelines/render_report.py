@@ -123,7 +123,8 @@ _LAYOUT_CSS = """
 main { max-width: 1400px; margin: 0 auto; box-sizing: border-box; }
 section.what-we-found { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 1em;
   align-items: start; border: 2px solid #2b6cb0; border-radius: 6px; padding: 0.4em 1em; margin: 0.8em 0 1.2em; }
-section.what-we-found > h2 { grid-column: 1 / -1; margin: 0.3em 0 0; }
+section.what-we-found > h2 { grid-column: 1 / -1; margin: 0.3em 0 0;
+  font-family: var(--jp-content-font-family, system-ui, sans-serif); }
 section.what-we-found > .what-we-found-figure { position: sticky; top: 0; }
 @media (max-width: 900px) { section.what-we-found { grid-template-columns: minmax(0, 1fr); } }
 details.appendix { border-top: 1px solid #ccc; margin: 0.6em 0; padding: 0.3em 0; }
