@@ -1,22 +1,31 @@
-"""Build reports/index.html: one row per report with its headline numbers, and the provenance of the run.
+"""Build reports/index.html: a one-screen dashboard of the experiment reports.
 
     python pipelines/build_index.py [--reports reports] [--params params.yaml]
 
-Reports are the ``NN_name.html`` files in ``--reports`` (sorted by name); each row links the report, shows its
-title (the HTML ``<title>``) and the numbers of ``reports/metrics/NN_name.json`` (nested keys joined with ``.``;
-the ``machine`` header is shown once, under provenance). Provenance: git revision (``+dirty`` if tracked files
-changed), torch version, CPU model, torch threads, and every params.yaml section.
-The page is self-contained (inline CSS, no scripts, relative links) and deterministic apart from the provenance.
+Reports are the ``NN_name.html`` files in ``--reports`` (sorted by name). The first screen holds Figure 1 (BSBR
+against the six baselines: whole-model forward time and peak memory from ``01_scaling``, validation perplexity after
+training from scratch from ``07_training``; drawn from the metrics files, inline PNG) and one row per report: its
+question (the report's ``<title>``), the headline numbers chosen in :data:`HEADLINES` with their goal and
+met/missed (read from ``reports/metrics/NN_name.json``), and the revision the report was run at (the
+``git revision:`` its provenance cell printed) with that commit's date. Below: the provenance of this build and each
+run's machine header, and, folded in ``<details>``, every metric of every report and every params.yaml section.
+The page is self-contained (inline CSS and image, no scripts, relative links) and deterministic apart from the
+provenance of the build.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import io
 import json
 import re
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dvc.utils.serialize import parse_yaml
 
@@ -26,15 +35,139 @@ sys.path.insert(0, str(REPO_ROOT))
 from bsbr.provenance import git_revision, machine_info  # noqa: E402
 
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
+#: The revision a report's provenance cell printed: ``git revision: <sha>[+dirty]``.
+REVISION = re.compile(r"git revision:\s*([0-9a-f]{7,40}(?:\+dirty)?|unknown)")
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.35em 0.7em; text-align: left; vertical-align: top; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0.6em 1.2em; max-width: 1400px; color: #222;
+  font-size: 14px; box-sizing: border-box; }
+h1 { font-size: 1.5em; margin: 0.2em 0; }
+h2 { font-size: 1.2em; margin: 1em 0 0.4em; }
+p.lead { margin: 0.2em 0 0.6em; color: #444; }
+figure { margin: 0 0 0.4em; display: flex; gap: 1em; align-items: center; }
+figure img { max-width: 72%; height: auto; display: block; }
+figcaption { font-size: 0.85em; color: #555; }
+@media (max-width: 1000px) { figure { display: block; } figure img { max-width: 100%; } }
+table { border-collapse: collapse; margin: 0.4em 0; width: 100%; }
+th, td { border: 1px solid #ddd; padding: 0.2em 0.45em; text-align: left; vertical-align: top;
+  overflow-wrap: anywhere; }
 th { background: #f3f3f3; }
 td.num { font-family: ui-monospace, monospace; white-space: nowrap; }
-pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+td.report { width: 24%; }
+.run { font-size: 0.85em; color: #555; }
+td.met, td.missed, td.other { white-space: nowrap; }
+.met { color: #1a7f37; font-weight: bold; }
+.missed { color: #c0392b; font-weight: bold; }
+.other { color: #7a6500; }
+.table-scroll { max-width: 100%; overflow-x: auto; }
+details { margin: 0.4em 0; }
+details > summary { cursor: pointer; font-weight: bold; }
 """
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One headline number of a report, read from its metrics file.
+
+    ``label`` and ``goal`` may name metrics as ``{dotted.path}`` (filled with their values). ``value``: a dotted path,
+    or a function of the metrics dict. ``interval``: paths of the low and high ends, or one path of a ``[low, high]``
+    list. ``target``: the path of a ``{value, comparison, threshold, status}`` record (sets value, goal and verdict).
+    ``verdict``: the path of ``met``/``missed``/``pass``/``FAIL``/true/false (a dict of them: met if all are met),
+    or a function of the metrics dict returning one.
+    """
+
+    label: str
+    value: str | Callable[[dict], object] | None = None
+    unit: str = ""
+    interval: tuple[str, str] | str | None = None
+    goal: str = ""
+    verdict: str | Callable[[dict], object] | None = None
+    target: str | None = None
+
+
+def below_one(low: float, high: float) -> bool | None:
+    """A ratio's goal "below 1" by its interval: met if the whole interval is below 1, missed if it is wholly at or
+    above 1, undecided (None) if it straddles 1."""
+    return True if high < 1 else False if low >= 1 else None
+
+
+#: Which numbers each report leads with (2-3 per report): the questions' decisive numbers and their goals.
+HEADLINES: dict[str, list[Headline]] = {
+    "01_scaling": [
+        Headline("BSBR attention module forward speed-up over full attention at 16,384 tokens", unit="×",
+                 target="attention.targets.module_forward_speedup_16384"),
+        Headline("the same at 65,536 tokens", unit="×", target="attention.targets.module_forward_speedup_65536"),
+        Headline("BSBR decode latency per token at position 32,768 ÷ at 1,024", unit="×",
+                 target="attention.targets.bsbr_decode_latency_32768_vs_1024"),
+    ],
+    "02_conversion_similarity": [
+        Headline("perplexity of terraced + transfer + LoRA ÷ the original's", "perplexity.all.terraced_lora.ratio",
+                 "×", ("perplexity.all.terraced_lora.ratio_low", "perplexity.all.terraced_lora.ratio_high"),
+                 "≤ 1.05×", "goals.within_1_05x"),
+        Headline("÷ sliding window + sinks with the same LoRA budget (paired)",
+                 "paired.terraced_lora/sliding_span_sinks_lora.all.ratio", "×",
+                 ("paired.terraced_lora/sliding_span_sinks_lora.all.ratio_low",
+                  "paired.terraced_lora/sliding_span_sinks_lora.all.ratio_high"),
+                 "below 1×", "goals.beats_sliding_window_same_lora"),
+        Headline("decoder state ÷ the KV cache after 40,960 tokens", "state.40960.ratio", "×", None, "≤ 0.3×",
+                 "goals.state_40960_within_0_3x"),
+    ],
+    "03_chunk_size_ablation": [
+        Headline("decoder state ÷ the fp32 KV cache, chunk {state_goal.chunk_size}, {state_goal.tokens} tokens",
+                 "state_goal.state_vs_kv_cache", "×", None, "≤ {state_goal.goal_ratio}×", "state_goal.met"),
+        Headline("best calibrated configuration's perplexity ÷ its exact region's", "best_calibrated.vs_exact_region",
+                 "×", "best_calibrated.vs_exact_region_interval", "below 1× (retrieval helps)",
+                 lambda m: below_one(*m["best_calibrated"]["vs_exact_region_interval"])),
+        Headline("one layer faster than the original at {layer_goal_faster.seq_len} tokens, by chunk size",
+                 lambda m: ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in m["layer_goal_faster"]["met"].items()),
+                 goal="faster in every chunk size", verdict="layer_goal_faster.met"),
+    ],
+    "04_attention_analysis": [
+        Headline("recall of the best router ({best_router.method}, blocks of {best_router.block_size}) at a "
+                 "{headline_budget}-token budget", "best_router.recall"),
+        Headline("recall of the recency baseline, same budget", "best_router.recency"),
+        Headline("layers (of {layers}) where the best router beats recency", "best_router.layers_beats_recency",
+                 goal="≥ {goal_layers} layers", verdict="goal_met"),
+    ],
+    "05_long_range": [
+        Headline("passkey accuracy of block retrieval (mean keys, compact positions) by length",
+                 "accuracy.blocks_mean_compact", goal="≥ 95% in every cell to 8,192 tokens",
+                 verdict="goals.blocks_mean_compact.accuracy_to_8k"),
+        Headline("the original's accuracy (full attention), same samples", "accuracy.original"),
+        Headline("answer log-prob minus the original's, fact out of reach (nats)",
+                 "out_of_reach_answer_logprob.blocks_mean_compact.minus_original", "",
+                 "out_of_reach_answer_logprob.blocks_mean_compact.ci95", "never below the original",
+                 "goals.blocks_mean_compact.not_below_original"),
+    ],
+    "06_long_documents": [
+        Headline("highest perplexity bin beyond {flat_from} tokens ÷ the median before (block retrieval)",
+                 lambda m: m["flatness"]["blocks"]["max_beyond_ppl"] / m["flatness"]["blocks"]["reference_ppl"], "×",
+                 goal="≤ {flat_ratio}×", verdict="flatness.blocks.met"),
+        Headline("slowest decode step ÷ median at {decode.context} tokens of context", "decode.max_over_median", "×",
+                 goal="≤ {decode_ratio}×", verdict="decode.met"),
+        Headline("memory per token of context ÷ the KV cache (block retrieval)", "memory_vs_kv_cache.blocks", "×"),
+    ],
+    "07_training": [
+        Headline("steps to validation loss {target_val_loss}: fastest ({fastest})", "fastest_steps_to_target"),
+        Headline("steps to the same loss: BSBR", "models.bsbr.steps_to_target"),
+        Headline("final validation perplexity of BSBR (min-max over seeds); best: {best_final}",
+                 "models.bsbr.final_val_ppl_mean", "",
+                 ("models.bsbr.final_val_ppl_min", "models.bsbr.final_val_ppl_max")),
+    ],
+}
+
+#: The architectures of Figure 1, in the order of bsbr.available_models() as the notebooks plot them.
+FIGURE_MODELS = ("bsbr", "standard", "linear", "delta_net", "sliding_window", "hopfield", "gau")
+
+
+def lookup(metrics: dict, path: str):
+    """``lookup({"a": {"b": 1}}, "a.b") == 1``; KeyError naming the path if it is absent."""
+    value = metrics
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(f"metrics have no {path!r} (no {key!r})")
+        value = value[key]
+    return value
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:
@@ -52,32 +185,142 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
 
 
 def format_value(name: str, value) -> str:
-    """Human-readable number: bytes as MiB, seconds with 4 significant digits, None as n/a."""
+    """Human-readable number: bytes as MiB, floats with 3 significant digits, None as n/a."""
     if value is None:
         return "n/a"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {format_value(key, item)}" for key, item in value.items())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if name.endswith("_bytes"):
         return f"{value / 2**20:,.1f} MiB"
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+        return f"{value:.3g}"
+    return f"{value:,}"
 
 
-def report_title(path: Path) -> str:
-    match = re.search(r"<title>(.*?)</title>", path.read_text(encoding="utf-8"), re.DOTALL)
-    return html.unescape(match.group(1).strip()) if match else path.stem
+def verdict_word(value) -> str:
+    """met / missed / the recorded word (undecided, not measured, ...); a dict of verdicts is met if all are."""
+    if isinstance(value, dict):
+        words = {verdict_word(item) for item in value.values()}
+        return words.pop() if len(words) == 1 else "missed" if "missed" in words else "undecided"
+    if value is True or str(value).lower() in ("met", "pass"):
+        return "met"
+    if value is False or str(value).lower() in ("missed", "fail"):
+        return "missed"
+    return "undecided" if value is None else str(value)
+
+
+def _fill(text: str, metrics: dict) -> str:
+    return re.sub(r"\{([\w./]+)\}", lambda m: format_value(m.group(1), lookup(metrics, m.group(1))), text)
+
+
+def headline_rows(name: str, metrics: dict) -> list[dict]:
+    """The report's :data:`HEADLINES` read from its metrics: ``{label, value, goal, verdict}`` strings (verdict ""
+    where the headline has no goal). KeyError if the metrics lack a named key."""
+    rows = []
+    for spec in HEADLINES.get(name, []):
+        try:
+            rows.append(_headline_row(spec, metrics))
+        except KeyError as error:  # the notebook no longer writes a key this table names: say so in the page
+            rows.append({"label": spec.label, "value": "", "goal": spec.goal, "verdict": f"missing: {error.args[0]}"})
+    return rows
+
+
+def _headline_row(spec: Headline, metrics: dict) -> dict:
+    goal, verdict = _fill(spec.goal, metrics), None
+    if spec.target:
+        target = lookup(metrics, spec.target)
+        value, goal = target["value"], f"{target['comparison']} {format_value('', target['threshold'])}{spec.unit}"
+        verdict = target["status"]
+    else:
+        value = spec.value(metrics) if callable(spec.value) else lookup(metrics, spec.value)
+        verdict = (spec.verdict(metrics) if callable(spec.verdict) else
+                   lookup(metrics, spec.verdict) if spec.verdict else None)
+    text = format_value("", value) + (spec.unit if not isinstance(value, (dict, str)) else "")
+    if spec.interval:
+        low, high = (lookup(metrics, spec.interval) if isinstance(spec.interval, str)
+                     else [lookup(metrics, path) for path in spec.interval])
+        text += f" [{format_value('', low)}, {format_value('', high)}]"
+    return {"label": _fill(spec.label, metrics), "value": text, "goal": goal,
+            "verdict": verdict_word(verdict) if (spec.verdict or spec.target) else ""}
+
+
+def report_title(text: str, fallback: str) -> str:
+    match = re.search(r"<title>(.*?)</title>", text, re.DOTALL)
+    return html.unescape(match.group(1).strip()) if match else fallback
+
+
+def commit_date(revision: str) -> str:
+    """The commit date (YYYY-MM-DD) of ``revision`` in this repository, or "" if git does not know it."""
+    sha = revision.removesuffix("+dirty")
+    if not re.fullmatch(r"[0-9a-f]{7,40}", sha):
+        return ""
+    proc = subprocess.run(["git", "show", "-s", "--format=%cs", sha], cwd=REPO_ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def collect(reports_dir: Path) -> list[dict]:
-    """One dict per report: name, file, title, metrics (flat dict; empty if no metrics file), machine."""
+    """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine, revision, date."""
     rows = []
     for path in sorted(p for p in reports_dir.glob("*.html") if REPORT_NAME.match(p.name)):
+        text = path.read_text(encoding="utf-8")
         metrics_path = reports_dir / "metrics" / f"{path.stem}.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        rows.append({"name": path.stem, "file": path.name, "title": report_title(path),
-                     "metrics": flatten(metrics), "machine": metrics.get("machine")})
+        revision = REVISION.search(text)
+        revision = revision.group(1) if revision else "unknown"
+        rows.append({"name": path.stem, "file": path.name, "title": report_title(text, path.stem),
+                     "metrics": metrics, "machine": metrics.get("machine"), "revision": revision,
+                     "date": commit_date(revision)})
     return rows
+
+
+def summary_figure(metrics_by_name: dict[str, dict]) -> bytes | None:
+    """Figure 1 as PNG bytes: BSBR and the six baselines (one colour each, bsbr.plotting.COLORS) on whole-model
+    forward time and peak memory (01_scaling, at its ``seq_len``) and on validation perplexity after training from
+    scratch (07_training, mean with the min-max over seeds). None if neither metrics file is there."""
+    scaling, training = metrics_by_name.get("01_scaling", {}), metrics_by_name.get("07_training", {})
+    if not scaling.get("models") and not training.get("models"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bsbr.plotting import COLORS
+
+    panels = []
+    if scaling.get("models"):
+        n = format_value("", scaling["seq_len"])
+        panels.append((f"speed: forward time, {n} tokens (s)",
+                       {m: (v["median_s"], v["min_s"], v["max_s"]) for m, v in scaling["models"].items()}))
+        panels.append((f"memory: peak, {n} tokens (MiB)",
+                       {m: (v["peak_bytes"] / 2**20,) * 3 for m, v in scaling["models"].items()}))
+    if training.get("models"):
+        steps = training.get("setup", {}).get("steps")
+        panels.append((f"quality: val. perplexity after {steps} steps" if steps else "quality: val. perplexity",
+                       {m: (v["final_val_ppl_mean"], v["final_val_ppl_min"], v["final_val_ppl_max"])
+                        for m, v in training["models"].items()}))
+    models = [m for m in FIGURE_MODELS if any(m in values for _, values in panels)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.2), sharey=True, squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        for y, model in enumerate(models):
+            if model not in values:
+                continue
+            mid, low, high = values[model]
+            ax.barh(y, mid, color=COLORS[model], height=0.7)
+            if high > low:
+                ax.errorbar(mid, y, xerr=[[mid - low], [high - mid]], color="black", capsize=2, linewidth=0.8)
+        ax.set_title(title, fontsize=8.5)
+        ax.tick_params(labelsize=7.5)
+        ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+    axes[0][0].set_yticks(range(len(models)), models)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def build_index(reports_dir: Path, params_file: Path) -> str:
@@ -85,38 +328,69 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     esc = html.escape
     rows = collect(reports_dir)
     body = ["<h1>BSBR experiment reports</h1>",
-            "<p>Each report is a notebook run by <code>dvc repro</code> and rendered without code; "
-            "numbers are the headline metrics each notebook writes to <code>reports/metrics/</code>.</p>",
-            "<table>", "<tr><th>report</th><th>title</th><th>headline numbers</th></tr>"]
+            "<p class='lead'>Each report is a notebook run by <code>dvc repro</code> and rendered without code; the "
+            "numbers below are read from <code>reports/metrics/</code>. Open a report for its question, what it "
+            "found, and the method.</p>"]
+    table = ["<div class='table-scroll'><table>",
+             "<tr><th>report and its question</th><th>headline number</th><th>value</th><th>goal</th>"
+             "<th>verdict</th></tr>"]
     for row in rows:
-        numbers = "".join(f"<tr><td>{esc(key)}</td><td class='num'>{esc(format_value(key, value))}</td></tr>"
-                          for key, value in sorted(row["metrics"].items()))
-        numbers = f"<table>{numbers}</table>" if numbers else "<em>no metrics file</em>"
-        body.append(f"<tr><td><a href='{esc(row['file'])}'>{esc(row['name'])}</a></td>"
-                    f"<td>{esc(row['title'])}</td><td>{numbers}</td></tr>")
-    body.append("</table>")
+        numbers = headline_rows(row["name"], row["metrics"]) if row["metrics"] else []
+        numbers = numbers or [{"label": "no headline numbers" if row["metrics"] else "no metrics file",
+                               "value": "", "goal": "", "verdict": ""}]
+        run = f"run at {row['revision'][:10]}{'+dirty' if row['revision'].endswith('+dirty') else ''}"
+        run += f", {row['date']}" if row["date"] else ""
+        first = (f"<td class='report' rowspan='{len(numbers)}'><a href='{esc(row['file'])}'>{esc(row['title'])}</a>"
+                 f"<br><span class='run'>{esc(row['name'])}, {esc(run)}</span></td>")
+        for i, number in enumerate(numbers):
+            verdict = number["verdict"]
+            css = "met" if verdict == "met" else "missed" if verdict == "missed" else "other"
+            table.append(f"<tr>{first if i == 0 else ''}<td>{esc(number['label'])}</td>"
+                         f"<td class='num'>{esc(number['value'])}</td><td>{esc(number['goal'])}</td>"
+                         f"<td class='{css}'>{esc(verdict)}</td></tr>")
+    table.append("</table></div>")
+    figure = summary_figure({row["name"]: row["metrics"] for row in rows})
+    if figure is not None:
+        body += ["<figure><img alt='Figure 1: BSBR against the six baselines' src='data:image/png;base64,"
+                 f"{base64.b64encode(figure).decode()}'>",
+                 "<figcaption><b>Figure 1.</b> BSBR against the six baselines, one colour each: whole-model forward "
+                 "time (bar: median, whiskers: min-max of the repeats) and peak memory from 01_scaling; validation "
+                 "perplexity after training from scratch (bar: mean, whiskers: min-max over seeds) from "
+                 "07_training. Timings are this project's CPU runs (machine headers below).</figcaption></figure>"]
+    else:
+        body.append("<p>Figure 1 needs reports/metrics/01_scaling.json or 07_training.json.</p>")
+    body += table
 
     here = machine_info()
-    provenance = [("git revision", git_revision(REPO_ROOT)), ("torch", here["torch"]),
-                  ("CPU", f"{here['cpu']} ({here['cores']} logical CPUs)"),
-                  ("torch threads (default here)", str(here["threads"])), ("python", here["python"])]
-    for row in rows:
-        if row["machine"]:
-            provenance.append((f"machine header of {row['name']}",
-                               ", ".join(f"{k}={v}" for k, v in sorted(row["machine"].items()))))
-    body += ["<h2>Provenance</h2>", "<table>"]
+    provenance = [("index built at", git_revision(REPO_ROOT)), ("torch", here["torch"]),
+                  ("CPU", f"{here['cpu']} ({here['cores']} logical CPUs)"), ("python", here["python"])]
+    body += ["<h2>Provenance</h2>", "<div class='table-scroll'><table>",
+             "<tr><th>what</th><th>value</th></tr>"]
     body += [f"<tr><th>{esc(key)}</th><td>{esc(value)}</td></tr>" for key, value in provenance]
-    body.append("</table>")
+    for row in rows:
+        header = ", ".join(f"{k}={v}" for k, v in sorted(row["machine"].items())) if row["machine"] else "none"
+        body.append(f"<tr><th>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
+                    f"{', ' + esc(row['date']) if row['date'] else ''}; machine header: {esc(header)}</td></tr>")
+    body.append("</table></div>")
+
+    body.append("<h2>All metrics</h2>")
+    for row in rows:
+        flat = flatten(row["metrics"])
+        cells = "".join(f"<tr><td>{esc(key)}</td><td class='num'>{esc(format_value(key, value))}</td></tr>"
+                        for key, value in sorted(flat.items()))
+        body.append(f"<details><summary>{esc(row['name'])}: {len(flat)} metrics</summary>"
+                    f"<div class='table-scroll'><table>{cells}</table></div></details>")
     # read as DVC reads it (YAML 1.2): the values dvc.lock records, e.g. 1e-3 is 0.001
     params = parse_yaml(params_file.read_text(), str(params_file)) if params_file.is_file() else {}
-    body += [f"<h3>{esc(params_file.name)}</h3>", "<table>", "<tr><th>section</th><th>key</th><th>value</th></tr>"]
+    cells = []
     for section, values in (params or {}).items():
         items = values.items() if isinstance(values, dict) else [("", values)]
-        for key, value in items:
-            body.append(f"<tr><td>{esc(str(section))}</td><td>{esc(str(key))}</td>"
-                        f"<td class='num'>{esc(json.dumps(value))}</td></tr>")
-    body.append("</table>")
+        cells += [f"<tr><td>{esc(str(section))}</td><td>{esc(str(key))}</td>"
+                  f"<td class='num'>{esc(json.dumps(value))}</td></tr>" for key, value in items]
+    body.append(f"<details><summary>{esc(params_file.name)}</summary><div class='table-scroll'><table>"
+                "<tr><th>section</th><th>key</th><th>value</th></tr>" + "".join(cells) + "</table></div></details>")
     return ("<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
             "<title>BSBR experiment reports</title>\n"
             f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 

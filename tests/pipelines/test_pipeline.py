@@ -6,6 +6,7 @@ import ast
 import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -440,33 +441,188 @@ def test_external_resource_detector():
     assert not any(render_report.EXTERNAL_RESOURCE.search(s) for s in good)
 
 
-def test_index_lists_every_report_with_its_numbers(tmp_path):
+PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
+
+
+def _figure_output():
+    return nbformat.v4.new_output("display_data", data={"image/png": PNG_1PX, "text/plain": "<Figure>"})
+
+
+def _markdown_output(text: str):
+    return nbformat.v4.new_output("display_data", data={"text/markdown": text, "text/plain": text})
+
+
+def _report_notebook(path: Path, summary_heading: bool = True) -> Path:
+    """question, parameters, a provenance print, a results section with a figure, 'What we found' with a computed
+    markdown output, and an appendix with a wide table."""
+    params = new_code_cell("x = 1", metadata={"tags": ["parameters"]})
+    provenance = _new_code_cell_with([_stream("stdout", "git revision: 0123abc\nx = 1\n")])
+    figure = _new_code_cell_with([_figure_output()])
+    found = _new_code_cell_with([_markdown_output("**x is 1**: goal x ≥ 1 **met**")])
+    wide = "<table><tr>" + "".join(f"<td>column{i}_with_a_long_name</td>" for i in range(60)) + "</tr></table>"
+    appendix = _new_code_cell_with([nbformat.v4.new_output("display_data", data={"text/html": wide,
+                                                                                "text/plain": "table"})])
+    cells = [new_markdown_cell("# 09 · Does x reach 1?\n\n**The question.** Is x at least 1?"), params, provenance,
+             new_markdown_cell("## Results"), figure,
+             *([new_markdown_cell("## What we found")] if summary_heading else []), found,
+             new_markdown_cell("## Appendix A · Method"), appendix]
+    nbformat.write(new_notebook(cells=cells), path)
+    return path
+
+
+def test_report_layout_puts_what_we_found_first_and_appendices_in_details(tmp_path):
+    notebook = _report_notebook(tmp_path / "09_layout.ipynb")
+    report = tmp_path / "09_layout.html"
+    assert render_report.main([str(notebook), str(report)]) == 0
+    html = report.read_text()
+    assert not SCRIPT_TAG.search(html) and not LINK_TAG.search(html) and not render_report.EXTERNAL_RESOURCE.search(html)
+    soup = render_report.bs4.BeautifulSoup(html, "html.parser")
+    parts = soup.find("main").find_all(recursive=False)
+    names = [part.name if part.name != "div" else "cell" for part in parts]
+    assert names == ["cell", "section", "cell", "details", "details"]
+    assert "Is x at least 1?" in parts[0].get_text()
+    box = parts[1]
+    assert box["class"] == ["what-we-found"]
+    assert [h.get_text(strip=True).rstrip("¶") for h in box.find_all("h2")] == ["What we found"]  # the notebook's own
+    assert "x is 1" in box.get_text() and "met" in box.get_text()
+    assert [img["src"][:22] for img in box.find_all("img")] == ["data:image/png;base64,"]  # the headline figure
+    assert box.find("div", class_="what-we-found-figure").find("img") is not None
+    assert parts[2].get_text(strip=True).rstrip("¶") == "Results"  # the body keeps its heading; its figure moved up
+    setup, appendix = parts[3], parts[4]
+    assert setup["class"] == appendix["class"] == ["appendix"] and not setup.has_attr("open")
+    assert setup.summary.get_text() == "Set-up: parameters, provenance and run log"
+    assert "git revision: 0123abc" in setup.get_text()
+    assert appendix.summary.get_text() == "Appendix A · Method"
+    table = appendix.find("table")
+    assert table.parent["class"] == ["table-scroll"] and "column59_with_a_long_name" in table.get_text()
+    layout_css = soup.head.find_all("style")[-1].string
+    assert ".table-scroll { max-width: 100%; overflow-x: auto; }" in layout_css and "img { max-width: 100%" in layout_css
+    assert render_report.render(notebook) == html  # deterministic
+
+
+def test_report_layout_rules():
+    def layout(cells):
+        return render_report.report_layout(new_notebook(cells=cells))
+
+    question = new_markdown_cell("# 09 · Title")
+    setup = _new_code_cell_with([_stream("stdout", "git revision: abc\n")])
+    figure = _new_code_cell_with([_figure_output()])
+    computed = _new_code_cell_with([_markdown_output("the numbers")])
+    # a "What we found" heading: its section is the summary; the nearest figure before it is the headline figure
+    assert layout([question, setup, new_markdown_cell("## Results"), figure, new_markdown_cell("## What we found"),
+                   computed]) == {"question": [0], "summary": [4, 5], "figure": 3, "body": [2],
+                                  "appendices": [("Set-up: parameters, provenance and run log", [1])]}
+    # a cell tagged summary wins over the heading; a cell tagged headline-figure over the nearest one
+    tagged = _new_code_cell_with([_markdown_output("tagged")])
+    tagged.metadata["tags"] = ["summary"]
+    chosen = _new_code_cell_with([_figure_output()])
+    chosen.metadata["tags"] = ["headline-figure"]
+    result = layout([question, new_markdown_cell("## What we found"), computed, tagged, chosen, figure])
+    assert (result["summary"], result["figure"], result["body"]) == ([3], 4, [1, 2, 5])
+    # the summary printed with its own heading (HTML output), the figure after it
+    printed = _new_code_cell_with([nbformat.v4.new_output("display_data", data={
+        "text/html": "<div><h2>What we found</h2><p>n = 10</p></div>", "text/plain": ""})])
+    result = layout([question, setup, printed, new_markdown_cell("## Accuracy"), figure])
+    assert (result["summary"], result["figure"], result["body"]) == ([2], 4, [3])
+    # no marker: the cells with outputs right before the first appendix
+    result = layout([question, new_code_cell("pass"), computed, figure, new_markdown_cell("## Appendices"), setup])
+    assert (result["summary"], result["figure"]) == ([2], 3)
+    assert result["appendices"] == [("Set-up: parameters, provenance and run log", [1]), ("Appendices", [4, 5])]
+    # nothing marks a summary: no box
+    result = layout([question, setup, figure])
+    assert (result["summary"], result["figure"], result["body"]) == ([], None, [])
+
+
+def _index_fixture(tmp_path: Path) -> tuple[Path, Path]:
     reports = tmp_path / "reports"
     (reports / "metrics").mkdir(parents=True)
+    head = build_index.git_revision(ROOT).removesuffix("+dirty")
+    target = {"value": 5.1298, "comparison": "≥", "threshold": 5.0, "status": "pass", "extrapolated": False}
+    models = {m: {"median_s": 1.0 + i, "min_s": 0.9 + i, "max_s": 1.2 + i, "peak_bytes": (100 + i) * 2**20}
+              for i, m in enumerate(build_index.FIGURE_MODELS)}
+    scaling = {"seq_len": 16384, "models": models, "machine": {"cpu": "Test CPU", "cores": 2},
+               "attention": {"targets": {"module_forward_speedup_16384": target,
+                                         "module_forward_speedup_65536": {**target, "value": 19.2, "threshold": 20.0,
+                                                                          "status": "FAIL"}}}}
     for name, title, metrics in (
-        ("01_scaling", "01 · Scaling", {"seq_len": 16384, "models": {"bsbr": {"median_s": 1.23456, "peak_bytes": 3 * 2**20}},
-                                       "machine": {"cpu": "Test CPU"}}),
-        ("02_conversion_similarity", "02 · Conversion", {"cosine": 0.9876}),
+        ("01_scaling", "01 · Scaling", scaling),
+        ("02_conversion_similarity", "02 · Conversion", {"state": {"40960": {"ratio": 0.00793}},
+                                                         "goals": {"state_40960_within_0_3x": "met"}}),
         ("03_no_metrics", "03 · Draft", None),
     ):
-        (reports / f"{name}.html").write_text(f"<html><head><title>{title}</title></head></html>")
+        (reports / f"{name}.html").write_text(f"<html><head><title>{title}</title></head>"
+                                              f"<body><pre>git revision: {head}</pre></body></html>")
         if metrics is not None:
             (reports / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"01_scaling": {"seq_lens": [256, 512]}}))
+    return reports, params
 
+
+def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
+    reports, params = _index_fixture(tmp_path)
     page = build_index.build_index(reports, params)
-    for name in ("01_scaling", "02_conversion_similarity", "03_no_metrics"):
-        assert f"<a href='{name}.html'>{name}</a>" in page
-    assert "01 · Scaling" in page and "02 · Conversion" in page
-    assert "models.bsbr.median_s" in page and "1.235" in page and "3.0 MiB" in page and "0.9876" in page
-    assert "no metrics file" in page
-    assert "Test CPU" in page and "git revision" in page and "<td>seq_lens</td><td class='num'>[256, 512]</td>" in page
-    assert "torch" in page and "<script" not in page and not LINK_TAG.search(page)
-    assert page.index("01_scaling.html") < page.index("02_conversion_similarity.html") < page.index("03_no_metrics.html")
+    soup = render_report.bs4.BeautifulSoup(page, "html.parser")
+    dashboard = soup.find("table")  # the first table: one row per headline number
+    links = [(a["href"], a.get_text()) for a in dashboard.find_all("a")]
+    assert links == [("01_scaling.html", "01 · Scaling"), ("02_conversion_similarity.html", "02 · Conversion"),
+                     ("03_no_metrics.html", "03 · Draft")]
+    rows = [[td.get_text() for td in tr.find_all("td") if "report" not in (td.get("class") or [])]
+            for tr in dashboard.find_all("tr")[1:]]
+    assert rows[:2] == [
+        ["BSBR attention module forward speed-up over full attention at 16,384 tokens", "5.13×", "≥ 5×", "met"],
+        ["the same at 65,536 tokens", "19.2×", "≥ 20×", "missed"]]
+    assert rows[2][0].startswith("BSBR decode latency") and rows[2][3].startswith(
+        "missing: metrics have no 'attention.targets.bsbr_decode_latency_32768_vs_1024'")
+    assert rows[3][1:] == ["", "≤ 1.05×", "missing: metrics have no 'perplexity.all.terraced_lora.ratio' (no 'perplexity')"]
+    assert rows[5] == ["decoder state ÷ the KV cache after 40,960 tokens", "0.00793×", "≤ 0.3×", "met"]
+    assert rows[6] == ["no metrics file", "", "", ""]
+    # the revision each report was run at, and that commit's date
+    head = build_index.git_revision(ROOT).removesuffix("+dirty")
+    date = subprocess.run(["git", "show", "-s", "--format=%cs", head], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", date)
+    assert dashboard.find("td", class_="report").find(class_="run").get_text() == f"01_scaling, run at {head[:10]}, {date}"
+    # Figure 1 from the metrics, before the table; provenance visible; every metric and params.yaml folded away
+    img = soup.find("figure").find("img")
+    assert img["src"].startswith("data:image/png;base64,") and page.index("<figure>") < page.index("<table>")
+    provenance = soup.find("h2", string="Provenance").find_next("table").get_text()
+    assert "Test CPU" in provenance and "index built at" in provenance and f"revision {head}, {date}" in provenance
+    folded = {d.summary.get_text(): d for d in soup.find_all("details")}
+    assert sorted(folded) == ["01_scaling: 39 metrics", "02_conversion_similarity: 2 metrics", "03_no_metrics: 0 metrics",
+                              "params.yaml"]
+    assert "models.bsbr.peak_bytes" in folded["01_scaling: 39 metrics"].get_text()
+    assert "100.0 MiB" in folded["01_scaling: 39 metrics"].get_text()
+    assert "<td>seq_lens</td><td class='num'>[256, 512]</td>" in page
+    assert "<script" not in page and not LINK_TAG.search(page) and not render_report.EXTERNAL_RESOURCE.search(page)
     assert build_index.build_index(reports, params) == page  # deterministic
-
     assert build_index.main(["--reports", str(reports), "--params", str(params)]) == 0
     assert (reports / "index.html").read_text() == page
-    page = build_index.build_index(reports, params)
-    assert "index.html" not in re.findall(r"href='([^']+)'", page)  # the index does not list itself
+    assert "index.html" not in re.findall(r"href='([^']+)'", build_index.build_index(reports, params))
+
+
+@pytest.mark.parametrize("name", sorted(build_index.HEADLINES))
+def test_every_headline_is_in_its_metrics_file(name):
+    metrics = json.loads((ROOT / "reports" / "metrics" / f"{name}.json").read_text())
+    rows = build_index.headline_rows(name, metrics)
+    assert 2 <= len(rows) <= 3
+    assert all(row["value"] for row in rows), rows
+    assert {row["verdict"] for row in rows} <= {"met", "missed", "undecided", "not measured", ""}
+    assert any(row["verdict"] for row in rows) or name == "07_training"  # 07 states no goal
+
+
+def test_headline_values_are_the_metrics():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "02_conversion_similarity.json").read_text())
+    ratio = metrics["perplexity"]["all"]["terraced_lora"]
+    (first, *_) = build_index.headline_rows("02_conversion_similarity", metrics)
+    assert first["value"] == f"{ratio['ratio']:.3g}× [{ratio['ratio_low']:.3g}, {ratio['ratio_high']:.3g}]"
+    assert first["verdict"] == metrics["goals"]["within_1_05x"]
+    assert [build_index.verdict_word(v) for v in (True, False, None, "pass", "FAIL", "not measured",
+                                                  {"a": True, "b": True}, {"a": True, "b": False})] == [
+        "met", "missed", "undecided", "met", "missed", "not measured", "met", "missed"]
+    assert set(build_index.HEADLINES) == {p.stem for p in NOTEBOOKS}
+    assert [build_index.below_one(*interval) for interval in ((0.9, 0.99), (1.0, 1.1), (0.997, 1.001))] == [
+        True, False, None]
+    ablation = json.loads((ROOT / "reports" / "metrics" / "03_chunk_size_ablation.json").read_text())
+    best = build_index.headline_rows("03_chunk_size_ablation", ablation)[1]
+    low, high = ablation["best_calibrated"]["vs_exact_region_interval"]
+    assert best["verdict"] == ("met" if high < 1 else "missed" if low >= 1 else "undecided")
