@@ -289,3 +289,17 @@ def test_all_seven_layers_operators_and_their_targets(scaling_smoke):
     assert set(metrics["forward_median_s"]) == {"bsbr", "standard", *SCALING_SMOKE["baseline_impls"]}
     assert {k: v["status"] for k, v in metrics["targets"].items()} == targets.status.to_dict()
     assert (out / "layers.png").stat().st_size > 1000
+
+
+def test_what_we_found_states_the_targets_the_load_and_shows_the_time_figure(scaling_smoke):
+    import nbformat
+
+    notebook = nbformat.read(scaling_smoke["notebook"], as_version=4)
+    heading = next(i for i, cell in enumerate(notebook.cells)
+                   if cell.cell_type == "markdown" and cell.source.startswith("## What we found"))
+    outputs = notebook.cells[heading + 1].outputs
+    text = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
+    assert "targets pass" in text and "Load average (1, 5, 15 min): start " in text and "; end " in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the attention time figure
+    everything = "".join(str(o) for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert '"bsbr_vs_standard"' not in everything  # no JSON dump of the metrics in the page
