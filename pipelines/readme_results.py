@@ -144,7 +144,7 @@ def long_range(m: dict) -> str:
         f"tokens, {len(m['depths'])} depths × {m['trials_per_cell']} trials: n = {m['trials_per_headline_cell']} per "
         f"length and variant, Wilson 95% intervals; block retrieval: chunk {m['chunk_size']}, top {opts['top_k']} "
         f"blocks of {opts['block_size']} scored by their best {opts.get('page_size') or opts['block_size']}-token "
-        f"page, {opts['sink_size']} sinks, at most {max(m['attended_tokens']['blocks_mean'].values())} tokens "
+        f"page, {opts['sink_size']} sinks, at most {max(max(m['attended_tokens'][v].values()) for v in m['attended_tokens'] if v.startswith('blocks'))} tokens "
         f"attended per query). Exact-match accuracy by length ({', '.join(f'{n:,}' for n in lengths)}): {acc}.")
     worst = min(lengths, key=lambda n: m["accuracy"]["original"][str(n)])
     if m["accuracy"]["original"][str(worst)] < 0.95:
