@@ -45,3 +45,16 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     assert "Mohtashami & Jaggi's passkey test" in readme_results.long_range(metrics)
     metrics["task"] = "fact_in_text"
     assert "a fact in held-out text" in readme_results.long_range(metrics)
+
+
+def test_training_block_ranks_by_steps_then_final_perplexity():
+    row = lambda steps, ppl, exponent: {"steps_to_target": steps, "final_val_ppl_mean": ppl,
+                                        "final_val_ppl_min": ppl - 1, "final_val_ppl_max": ppl + 1,
+                                        "memory_exponent": exponent}
+    metrics = {"setup": {"hidden_dim": 64, "num_layers": 2, "steps": 100, "tokens_per_run": 102400, "seeds": 3},
+               "target_val_loss": 3.4472,
+               "models": {"bsbr": row(34.64, 23.8, 0.96), "linear": row(None, 31.5, 1.01), "gau": row(24.8, 17.3, 0.94)}}
+    text = readme_results.training(metrics)
+    assert "(seed mean): gau 24.8, bsbr 34.6, linear not reached." in text
+    assert "over seeds): gau 17.3 [16.3, 18.3], bsbr 23.8 [22.8, 24.8], linear 31.5 [30.5, 32.5]." in text
+    assert "exponent 0.94–1.01 in the length for all 3" in text and "3 seeds" in text
