@@ -36,9 +36,10 @@ layer's span.
 Model: :class:`bsbr.CausalLM` on ``bsbr.build_model(name, **config)`` (the trunk every report uses), with one
 addition shared by every architecture: a short causal depthwise convolution over the token embeddings
 (:class:`ShortConvEmbedding`, kernel 3 by default). Binding a key to its value needs each value token to carry the
-token before it; the project's models have no position information (NoPE, :mod:`bsbr.model`), and without this
-convolution not even full attention learned MQAR in 2,500 steps here (validation accuracy stayed at ~25 %, the
-level of guessing among the example's values), while with it full attention passes 95 % within ~200 steps. Zoology
+token before it, and the project's models have no position information (NoPE, :mod:`bsbr.model`). In a probe
+while this module was written (vocabulary 256, 64 tokens, 4 pairs, width 64, 2 layers, batches of 32), full attention
+without the convolution stayed at ~25 % validation accuracy (guessing among the example's 4 values) after 2,500
+steps, with learned absolute positions too after 1,000; with the convolution it reached 99 % in 400 steps. Zoology
 gives every sequence mixer the same help (its ``BaseConv`` short convolution, kernel 3, in each layer).
 
 State sizes (:func:`state_size`) are the values each architecture keeps per sequence after ``seq_len`` tokens to
@@ -116,7 +117,7 @@ def multiquery_ar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: i
     Raises:
         ValueError: a non-integer or too small size (named), an odd ``seq_len``, a ``vocab_size`` too small for
         ``num_pairs`` distinct keys and values, ``power_a`` outside (0, 1], or a negative ``seed``.
-    Source: Arora et al. 2023 (arXiv 2312.04927), Sec. 3 and Appendix; HazyResearch/zoology.
+    Source: the MQAR task of Arora et al. 2023 (arXiv 2312.04927); ``multiquery_ar`` of HazyResearch/zoology.
     """
     check_positive_int(num_examples=num_examples)
     _check_sizes(seq_len, num_pairs, vocab_size)
