@@ -490,7 +490,7 @@ def plot_final_and_memory(summary, memory, exponents, names, memory_seq_lens, me
                        frame.final_val_ppl_max - frame.final_val_ppl_mean])
     axes[0].set(xlabel="final validation perplexity per byte (mean; bars: min–max over seeds)",
                 title="after the equal budget")
-    axes[0].set_xlim(frame.final_val_ppl_min.min() * 0.98, frame.final_val_ppl_max.max() * 1.01)
+    axes[0].set_xlim(0, frame.final_val_ppl_max.max() * 1.05)  # bars start at zero: lengths compare
     for name in names:
         group = memory[memory.model == name]
         axes[1].loglog(group.seq_len, group.peak_bytes / 2**20, marker="o", color=color(name),

@@ -225,9 +225,29 @@ def associative_recall(m: dict) -> str:
     return text + f" Run: {m['run_seconds'] / 60:.1f} min."
 
 
+def training(m: dict) -> str:
+    """Report 07: language-model training from scratch, steps to a target loss and the final perplexity."""
+    setup, models = m["setup"], m["models"]
+    by_steps = sorted((r["steps_to_target"] is None, r["steps_to_target"] or 0, name) for name, r in models.items())
+    by_final = sorted(models, key=lambda name: models[name]["final_val_ppl_mean"])
+    steps = ", ".join(f"{name} {'not reached' if none else f'{value:.1f}'}" for none, value, name in by_steps)
+    final = ", ".join(f"{name} {models[name]['final_val_ppl_mean']:.1f} [{models[name]['final_val_ppl_min']:.1f}, "
+                      f"{models[name]['final_val_ppl_max']:.1f}]" for name in by_final)
+    exponents = [r["memory_exponent"] for r in models.values()]
+    return (
+        f"* **Training from scratch** (`reports/07_training.html`; byte-level, hidden {setup['hidden_dim']}, "
+        f"{setup['num_layers']} layers, {setup['steps']} steps × {setup['tokens_per_run'] // setup['steps']:,} bytes, "
+        f"{setup['seeds']} seeds, one shared learning rate). Steps to the validation loss "
+        f"{m['target_val_loss']:.3f} nats/byte (seed mean): {steps}. Final validation perplexity per byte (mean "
+        f"[min, max] over seeds): {final}. Memory of one training step grows with exponent "
+        f"{min(exponents):.2f}–{max(exponents):.2f} in the length for all {len(models)}. Tiny, short runs: early "
+        f"convergence, not final quality.")
+
+
 FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,
               "04_attention_analysis": attention_analysis, "05_long_range": long_range,
-              "06_long_documents": long_documents, "08_associative_recall": associative_recall}
+              "06_long_documents": long_documents, "07_training": training,
+              "08_associative_recall": associative_recall}
 
 
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)

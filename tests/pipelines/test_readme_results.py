@@ -74,3 +74,16 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
     assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
+
+
+def test_training_block_ranks_by_steps_then_final_perplexity():
+    row = lambda steps, ppl, exponent: {"steps_to_target": steps, "final_val_ppl_mean": ppl,
+                                        "final_val_ppl_min": ppl - 1, "final_val_ppl_max": ppl + 1,
+                                        "memory_exponent": exponent}
+    metrics = {"setup": {"hidden_dim": 64, "num_layers": 2, "steps": 100, "tokens_per_run": 102400, "seeds": 3},
+               "target_val_loss": 3.4472,
+               "models": {"bsbr": row(34.64, 23.8, 0.96), "linear": row(None, 31.5, 1.01), "gau": row(24.8, 17.3, 0.94)}}
+    text = readme_results.training(metrics)
+    assert "(seed mean): gau 24.8, bsbr 34.6, linear not reached." in text
+    assert "over seeds): gau 17.3 [16.3, 18.3], bsbr 23.8 [22.8, 24.8], linear 31.5 [30.5, 32.5]." in text
+    assert "exponent 0.94–1.01 in the length for all 3" in text and "3 seeds" in text
