@@ -147,6 +147,16 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="≤ {decode_ratio}×", verdict="decode.met"),
         Headline("memory per token of context ÷ the KV cache (block retrieval)", "memory_vs_kv_cache.blocks", "×"),
     ],
+    "08_associative_recall": [
+        Headline("full attention's recall accuracy (MQAR, 3 seeds; t-interval)", "architectures.standard.accuracy",
+                 interval=("architectures.standard.ci_low", "architectures.standard.ci_high"), goal="≥ 0.95",
+                 verdict="goals.attention_accuracy.met"),
+        Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values", "architectures.bsbr.accuracy",
+                 interval=("architectures.bsbr.ci_low", "architectures.bsbr.ci_high")),
+        Headline("BSBR minus the sliding window (state {architectures.sliding_window.state_values} values), paired",
+                 lambda m: next(r["difference"] for r in m["goals"]["bsbr_vs"] if r["other"] == "sliding_window"),
+                 interval=None),
+    ],
     "07_training": [
         Headline("steps to validation loss {target_val_loss}: fastest ({fastest})", "fastest_steps_to_target"),
         Headline("steps to the same loss: BSBR", "models.bsbr.steps_to_target"),

@@ -192,6 +192,39 @@ def long_documents(m: dict) -> str:
         f"{m['load_average']['before'][0]:.2f} before, {m['load_average']['after'][0]:.2f} after.")
 
 
+def _percent(a: dict) -> str:
+    """An accuracy (fraction) in percent with its interval when there is one: ``97.6% [95.1, 100]``."""
+    text = f"{100 * a['accuracy']:.1f}%"
+    if a.get("ci_low") is not None and a.get("ci_high") is not None:
+        text += f" [{100 * a['ci_low']:.1f}, {100 * a['ci_high']:.1f}]"
+    return text
+
+
+def associative_recall(m: dict) -> str:
+    """Report 08: MQAR trained from scratch, test accuracy per architecture against its state size."""
+    task, train, goals = m["task"], m["training"], m["goals"]
+    span = m["spans"][0]
+    ranked = sorted(m["architectures"].items(), key=lambda item: -item[1]["accuracy"])
+    attention = goals["attention_accuracy"]
+    text = (
+        f"* **Associative recall (MQAR) from scratch** (`reports/08_associative_recall.html`; Zoology's task: "
+        f"vocabulary {task['vocab_size']:,}, {task['seq_len']} tokens, {task['num_pairs']} pairs, "
+        f"{task['test_answers']:,} test answers per seed; 2 layers of width {m['model']['hidden_dim']} with a "
+        f"kernel-{m['model']['short_conv']} embedding convolution; {train['steps']} steps × {train['batch_size']}, "
+        f"learning rate per architecture from {train['learning_rates']} on validation, {len(train['seeds'])} seeds, "
+        f"95% t-intervals over seeds; chunk/window {span}: "
+        f"{100 * m['outside_fraction'][f'chunk_{span}']:.0f}% of the answers lie outside BSBR's own chunk, "
+        f"{100 * m['outside_fraction'][f'window_{span}']:.0f}% outside the window). Test accuracy (state per "
+        f"sequence, values): " + "; ".join(f"{name} {_percent(a)} ({a['state_values']:,})" for name, a in ranked)
+        + f". Full attention ≥ {100 * attention['goal']:.0f}%: **{'met' if attention['met'] else 'missed'}**"
+        + ("" if attention["met"] else " (the quick tier's budget is too small to learn the task)") + ".")
+    for c in goals["bsbr_vs"]:
+        interval = "" if c["ci_low"] is None else f" [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
+        text += (f" BSBR vs {c['other']} (span {c['span']}): **{c['verdict']}**, {100 * c['difference']:+.1f} "
+                 f"points{interval} with {c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
+    return text + f" Run: {m['run_seconds'] / 60:.1f} min."
+
+
 def training(m: dict) -> str:
     """Report 07: language-model training from scratch, steps to a target loss and the final perplexity."""
     setup, models = m["setup"], m["models"]
@@ -213,7 +246,8 @@ def training(m: dict) -> str:
 
 FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,
               "04_attention_analysis": attention_analysis, "05_long_range": long_range,
-              "06_long_documents": long_documents, "07_training": training}
+              "06_long_documents": long_documents, "07_training": training,
+              "08_associative_recall": associative_recall}
 
 
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)

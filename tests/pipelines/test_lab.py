@@ -1,4 +1,4 @@
-"""`make lab`, the third way users work: its recipe starts as root too, and the server it runs lists the seven
+"""`make lab`, the third way users work: its recipe starts as root too, and the server it runs lists the eight
 notebooks and offers the kernel "Python (bsbr)".
 
 The server test runs the recipe's own commands (read with ``make -n lab``) with the test's interpreter, on a free
@@ -135,11 +135,11 @@ def test_lab_server_lists_the_notebooks_and_the_bsbr_kernel(tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=30)
         assert refused.value.code == 403
 
-        # the recipe opens notebooks/ as the server's root: its contents are the seven notebooks
+        # the recipe opens notebooks/ as the server's root: its contents are the eight notebooks
         root = api(port, token, "contents")
         assert root["path"] == "" and root["type"] == "directory"
         listed = sorted(item["name"] for item in root["content"] if item["type"] == "notebook")
-        assert listed == NOTEBOOKS and len(listed) == 7
+        assert listed == NOTEBOOKS and len(listed) == 8
         opened = api(port, token, f"contents/{NOTEBOOKS[0]}")
         assert opened["type"] == "notebook" and opened["content"]["cells"]
 

@@ -47,6 +47,35 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     assert "a fact in held-out text" in readme_results.long_range(metrics)
 
 
+def _mqar_metrics(standard: float, difference: float, low, high) -> dict:
+    arch = lambda acc, state: {"accuracy": acc, "ci_low": None if low is None else acc - 0.01,
+                               "ci_high": None if high is None else min(1.0, acc + 0.01), "state_values": state}
+    return {
+        "task": {"vocab_size": 256, "seq_len": 64, "num_pairs": 4, "test_answers": 2048},
+        "model": {"hidden_dim": 64, "short_conv": 3},
+        "training": {"steps": 200, "batch_size": 32, "learning_rates": [0.003, 0.01, 0.03], "seeds": [0, 1, 2]},
+        "spans": [8], "outside_fraction": {"chunk_8": 1.0, "window_8": 0.668},
+        "architectures": {"standard": arch(standard, 16768), "bsbr": arch(0.5, 19968), "linear": arch(0.25, 2560)},
+        "goals": {"attention_accuracy": {"goal": 0.95, "value": standard, "met": standard >= 0.95},
+                  "bsbr_vs": [{"other": "linear", "span": 8, "difference": difference, "ci_low": low, "ci_high": high,
+                               "verdict": "BSBR above" if low is not None and low > 0 else "undecided",
+                               "bsbr_state_values": 19968, "other_state_values": 2560}]},
+        "run_seconds": 600.0,
+    }
+
+
+def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
+    text = readme_results.associative_recall(_mqar_metrics(0.976, 0.25, 0.2, 0.3))
+    assert text.index("standard 97.6% [96.6, 98.6] (16,768)") < text.index("bsbr 50.0%") < text.index("linear 25.0%")
+    assert "Full attention ≥ 95%: **met**." in text and "too small" not in text
+    assert "100% of the answers lie outside BSBR's own chunk, 67% outside the window" in text
+    assert "BSBR vs linear (span 8): **BSBR above**, +25.0 points [+20.0, +30.0] with 7.8× its state." in text
+    assert text.endswith("Run: 10.0 min.")
+    missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
+    assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
+    assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
+
+
 def test_training_block_ranks_by_steps_then_final_perplexity():
     row = lambda steps, ppl, exponent: {"steps_to_target": steps, "final_val_ppl_mean": ppl,
                                         "final_val_ppl_min": ppl - 1, "final_val_ppl_max": ppl + 1,

@@ -1,0 +1,159 @@
+"""Notebook 08 (MQAR trained from scratch) runs end to end through the pipeline runner with smoke parameters, and what
+it writes is consistent: every architecture (span-sensitive ones at both spans), one chosen learning rate per point
+picked by validation accuracy, test accuracies and intervals that recompute from the per-seed rows, state sizes from
+bsbr.mqar.state_size, locality fractions from the regenerated test set, and goals that follow the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import bsbr
+from bsbr.analysis import wilson_interval
+from bsbr.mqar import multiquery_ar, outside_fraction, state_size
+from bsbr.training import model_config
+from tests.conftest import ROOT, run_notebook_cli
+
+NOTEBOOK = ROOT / "notebooks" / "08_associative_recall.ipynb"
+SMOKE = {
+    "models": None,  # every architecture
+    "vocab_size": 64,
+    "seq_len": 16,
+    "num_pairs": 2,
+    "train_examples": 64,
+    "val_examples": 16,
+    "test_examples": 24,
+    "hidden_dim": 16,
+    "num_layers": 2,
+    "num_heads": 2,
+    "ff_dim": 32,
+    "spans": [4, 8],
+    "learning_rates": [0.001, 0.01],
+    "seeds": [0, 1],
+    "steps": 6,
+    "batch_size": 8,
+    "warmup_steps": 1,
+    "eval_interval": 3,
+    "threads": 1,
+}
+NAMES = bsbr.available_models()
+SPAN_SENSITIVE = ("bsbr", "gau", "sliding_window")
+POINTS = sorted((name, span) for name in NAMES for span in (SMOKE["spans"] if name in SPAN_SENSITIVE else [4]))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("mqar")
+    metrics = out / "metrics" / "08_associative_recall.json"
+    proc = run_notebook_cli(NOTEBOOK, "08_associative_recall", out,
+                            overrides={**SMOKE, "out_dir": str(out), "metrics_path": str(metrics)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"out": out, "metrics": json.loads(metrics.read_text()),
+            "notebook": nbformat.read(out / "08_associative_recall.ipynb", as_version=4)}
+
+
+def test_sweep_covers_every_point_and_rate_and_chooses_the_best_validation_accuracy(smoke):
+    sweep = pd.read_csv(smoke["out"] / "lr_sweep.csv")
+    assert list(zip(sweep.model, sweep.span, sweep.learning_rate)) == [
+        (name, span, lr) for name, span in POINTS for lr in SMOKE["learning_rates"]]
+    assert (sweep.seed == 0).all() and sweep.val_accuracy.between(0, 1).all()
+    for (name, span), group in sweep.groupby(["model", "span"]):
+        assert group.chosen.sum() == 1
+        best = group.sort_values(["val_accuracy", "val_loss", "learning_rate"], ascending=[False, True, True]).iloc[0]
+        assert group[group.chosen].learning_rate.item() == best.learning_rate
+
+
+def test_per_seed_rows_and_summary_recompute(smoke):
+    per_seed = pd.read_csv(smoke["out"] / "test_per_seed.csv")
+    sweep = pd.read_csv(smoke["out"] / "lr_sweep.csv")
+    summary = pd.read_csv(smoke["out"] / "summary.csv")
+    assert list(zip(per_seed.model, per_seed.span, per_seed.seed)) == [
+        (name, span, seed) for name, span in POINTS for seed in SMOKE["seeds"]]
+    answers = SMOKE["test_examples"] * SMOKE["num_pairs"]
+    assert (per_seed.test_answers == answers).all()
+    assert np.allclose(per_seed.test_accuracy, per_seed.test_correct / answers)
+    chosen = sweep[sweep.chosen].set_index(["model", "span"]).learning_rate
+    tuned = per_seed[per_seed.seed == 0].set_index(["model", "span"])
+    # the seed-0 test row is the sweep's run at the chosen rate (its validation accuracy is the sweep's)
+    for (name, span), lr in chosen.items():
+        assert tuned.loc[(name, span), "learning_rate"] == lr
+        row = sweep[(sweep.model == name) & (sweep.span == span) & sweep.chosen].iloc[0]
+        assert tuned.loc[(name, span), "val_accuracy"] == pytest.approx(row.val_accuracy)
+    assert len(summary) == len(POINTS)
+    metrics = smoke["metrics"]["architectures"]
+    for (name, span), group in per_seed.groupby(["model", "span"]):
+        label = f"{name} ({span})" if name in SPAN_SENSITIVE else name
+        m = metrics[label]
+        mean = group.test_accuracy.mean()
+        half = stats.t.ppf(0.975, len(group) - 1) * group.test_accuracy.std(ddof=1) / math.sqrt(len(group))
+        assert m["accuracy"] == pytest.approx(mean, abs=1e-4)
+        assert m["ci_low"] == pytest.approx(max(0.0, mean - half), abs=1e-4)
+        assert m["ci_high"] == pytest.approx(min(1.0, mean + half), abs=1e-4)
+        low, high = wilson_interval(int(group.test_correct.sum()), int(group.test_answers.sum()))
+        assert (m["wilson_low"], m["wilson_high"]) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+        config = model_config(name, SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"], SMOKE["ff_dim"],
+                              span, vocab_size=SMOKE["vocab_size"])
+        assert m["state_values"] == state_size(name, config, SMOKE["seq_len"], short_conv=3)  # the default kernel
+        assert m["state_bytes"] == 4 * m["state_values"]  # float32
+        assert m["n_seeds"] == 2 and m["answers"] == 2 * answers
+
+
+def test_locality_and_goals_follow_the_data(smoke):
+    metrics = smoke["metrics"]
+    test = multiquery_ar(SMOKE["test_examples"], SMOKE["seq_len"], SMOKE["num_pairs"], SMOKE["vocab_size"], seed=2)
+    for span in SMOKE["spans"]:
+        assert metrics["outside_fraction"][f"chunk_{span}"] == pytest.approx(
+            outside_fraction(*test, SMOKE["num_pairs"], span, "chunk"), abs=1e-4)
+        assert metrics["outside_fraction"][f"window_{span}"] == pytest.approx(
+            outside_fraction(*test, SMOKE["num_pairs"], span, "window"), abs=1e-4)
+        assert metrics["architectures"][f"bsbr ({span})"]["outside_fraction"] == pytest.approx(
+            outside_fraction(*test, SMOKE["num_pairs"], span, "chunk"), abs=1e-4)
+    assert metrics["task"]["test_answers"] == SMOKE["test_examples"] * SMOKE["num_pairs"]
+    goal = metrics["goals"]["attention_accuracy"]
+    assert goal["value"] == metrics["architectures"]["standard"]["accuracy"]
+    assert goal["met"] == (goal["value"] >= goal["goal"])
+    per_seed = pd.read_csv(smoke["out"] / "test_per_seed.csv")
+    comparisons = metrics["goals"]["bsbr_vs"]
+    assert [(c["other"], c["span"]) for c in comparisons] == [
+        ("sliding_window", 4), ("sliding_window", 8), ("linear", 4), ("linear", 8)]
+    for c in comparisons:
+        b = per_seed[(per_seed.model == "bsbr") & (per_seed.span == c["span"])].set_index("seed").test_accuracy
+        other_span = c["span"] if c["other"] == "sliding_window" else 4
+        o = per_seed[(per_seed.model == c["other"]) & (per_seed.span == other_span)].set_index("seed").test_accuracy
+        assert c["difference"] == pytest.approx((b - o).mean(), abs=1e-4)
+        expected = "BSBR above" if c["ci_low"] > 0 else "BSBR below" if c["ci_high"] < 0 else "undecided"
+        assert c["verdict"] == expected
+
+
+def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
+    nb = smoke["notebook"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert markdown and markdown[0].startswith("**What we found**")
+    assert "Goal 1 (standard attention ≥ 95%): " + ("met" if smoke["metrics"]["goals"]["attention_accuracy"]["met"]
+                                                     else "missed") in markdown[0]
+    # nothing printed to stdout before the findings: provenance goes to the appendix
+    first_markdown = next(i for i, o in enumerate(outputs) if "text/markdown" in o.get("data", {}))
+    assert not [o for o in outputs[:first_markdown] if o.output_type == "stream" and o.name == "stdout"]
+    html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
+    assert "git revision:" in html and "Provenance and run log" in html
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    assert (smoke["out"] / "accuracy_vs_state.png").stat().st_size > 5000
+    assert smoke["metrics"]["machine"]["threads"] == 1
+
+
+def test_bad_task_size_fails_before_training(tmp_path):
+    out = tmp_path / "bad"
+    proc = run_notebook_cli(NOTEBOOK, "08_associative_recall", out,
+                            overrides={**SMOKE, "num_pairs": 5, "out_dir": str(out),
+                                       "metrics_path": str(tmp_path / "m.json")})
+    assert proc.returncode == 1
+    assert "ValueError" in proc.stderr and "num_pairs" in proc.stderr
+    assert not (tmp_path / "m.json").exists() and not (out / "08_associative_recall.ipynb").exists()
