@@ -218,6 +218,8 @@ def verdict_word(value) -> str:
         return "met"
     if value is False or str(value).lower() in ("missed", "fail"):
         return "missed"
+    if str(value).startswith("not measured"):  # e.g. "not measured at 8192 (holds at 1024, 2048, 4096)"
+        return "not measured"
     return "undecided" if value is None else str(value)
 
 
