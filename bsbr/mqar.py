@@ -436,19 +436,14 @@ def train_mqar(name: str, config: dict, train: MQARData, validation: MQARData, s
     Source: the task and its training recipe: Arora et al. 2023 (arXiv 2312.04927); AdamW: Loshchilov & Hutter
     2019 (arXiv 1711.05101).
     """
-    from bsbr.training import _autocast, learning_rate_at, resolve_device_dtype
+    from bsbr.training import (_autocast, adamw, check_optimizer_settings, learning_rate_at, optimizer_step,
+                               resolve_device_dtype)
 
     check_positive_int(steps=steps, batch_size=batch_size, eval_batch_size=eval_batch_size)
     check_int_at_least(0, warmup_steps=warmup_steps, seed=seed)
     if eval_interval is not None:
         check_positive_int(eval_interval=eval_interval)
-    if warmup_steps >= steps:
-        raise ValueError(f"warmup_steps must be < steps={steps}, got {warmup_steps}")
-    for key, value, low in (("learning_rate", learning_rate, 0.0), ("grad_clip", grad_clip, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-            raise ValueError(f"{key} must be a number > 0, got {value!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    check_optimizer_settings(steps, warmup_steps, learning_rate, weight_decay, grad_clip)
     for key, data in (("train", train), ("validation", validation)):
         if not isinstance(data, MQARData):
             raise ValueError(f"{key} must be an MQARData (from multiquery_ar), got {type(data).__name__}")
@@ -460,10 +455,7 @@ def train_mqar(name: str, config: dict, train: MQARData, validation: MQARData, s
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
 
     lm = build_mqar_lm(name, config, seed, dtype, short_conv).to(torch_device).train()
-    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95))
+    optimizer = adamw(lm, learning_rate, weight_decay)
     scaler = torch.amp.GradScaler(torch_device.type, enabled=torch_dtype == torch.float16)
     run = MQARRun(name=name, seed=seed, learning_rate=learning_rate, params=sum(p.numel() for p in lm.parameters()))
     n = train.inputs.shape[0]
@@ -478,12 +470,7 @@ def train_mqar(name: str, config: dict, train: MQARData, validation: MQARData, s
         with _autocast(torch_device, torch_dtype):
             logits = lm(x).logits  # [batch, seq_len, vocab]
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(lm, loss, optimizer, scaler, grad_clip)
         value = float(loss.detach())
         elapsed += time.perf_counter() - started
         if not math.isfinite(value):

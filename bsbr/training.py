@@ -45,7 +45,8 @@ from bsbr.measure import check_threads_timeout, memory_baseline, memory_peak, ru
 
 __all__ = ["BYTE_VOCAB_SIZE", "DTYPES", "EOS_BYTE", "TrainingRun", "encode_bytes", "evaluation_windows",
            "FP32_ATTENTION", "evaluate", "learning_rate_at", "measure_train_step_memory", "model_config", "random_windows",
-           "resolve_device_dtype", "steps_to_reach", "train_lm", "build_lm"]
+           "resolve_device_dtype", "steps_to_reach", "train_lm", "build_lm", "adamw", "check_optimizer_settings",
+           "optimizer_step"]
 
 #: Byte-level vocabulary: every UTF-8 byte value is a token.
 BYTE_VOCAB_SIZE = 256
@@ -254,6 +255,38 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def check_optimizer_settings(steps: int, warmup_steps: int, learning_rate, weight_decay, grad_clip) -> None:
+    """Raise ValueError naming the setting unless ``warmup_steps < steps``, ``learning_rate > 0``, ``grad_clip > 0``
+    and ``weight_decay >= 0`` (numbers, not bools); the caller checks ``steps`` and ``warmup_steps`` are integers."""
+    if warmup_steps >= steps:
+        raise ValueError(f"warmup_steps must be < steps={steps}, got {warmup_steps}")
+    for key, value, low in (("learning_rate", learning_rate, 0.0), ("grad_clip", grad_clip, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+            raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+
+
+def adamw(lm: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (β = 0.9, 0.95; Loshchilov & Hutter 2019, arXiv 1711.05101) with decoupled ``weight_decay`` on the
+    matrices only (not biases, norm weights or the token embedding)."""
+    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95))
+
+
+def optimizer_step(lm: torch.nn.Module, loss: torch.Tensor, optimizer, scaler, grad_clip: float) -> None:
+    """One update from ``loss``: backward (scaled by ``scaler`` for float16), global gradient-norm clipping to
+    ``grad_clip``, the optimizer step, gradients cleared."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(lm.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def learning_rate_at(step: int, steps: int, learning_rate: float, warmup_steps: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``steps``: linear warmup from
     ``learning_rate / warmup_steps`` to ``learning_rate`` over ``warmup_steps`` steps, then cosine decay to
@@ -353,13 +386,7 @@ def train_lm(name: str, config: dict, train_stream: torch.Tensor, val_windows: t
     check_positive_int(steps=steps, batch_size=batch_size, seq_len=seq_len, eval_interval=eval_interval,
                        eval_batch_size=eval_batch_size)
     check_int_at_least(0, warmup_steps=warmup_steps, seed=seed)
-    if warmup_steps >= steps:
-        raise ValueError(f"warmup_steps must be < steps={steps}, got {warmup_steps}")
-    for key, value, low in (("learning_rate", learning_rate, 0.0), ("grad_clip", grad_clip, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-            raise ValueError(f"{key} must be a number > 0, got {value!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    check_optimizer_settings(steps, warmup_steps, learning_rate, weight_decay, grad_clip)
     _check_stream(train_stream, seq_len)
     if (not isinstance(val_windows, torch.Tensor) or val_windows.dim() != 2 or val_windows.is_floating_point()
             or val_windows.shape[1] < 2):
@@ -367,10 +394,7 @@ def train_lm(name: str, config: dict, train_stream: torch.Tensor, val_windows: t
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
 
     lm = build_lm(name, config, seed, dtype).to(torch_device).train()
-    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(0.9, 0.95))
+    optimizer = adamw(lm, learning_rate, weight_decay)
     scaler = torch.amp.GradScaler(torch_device.type, enabled=torch_dtype == torch.float16)
     generator = torch.Generator().manual_seed(seed)
     run = TrainingRun(name=name, seed=seed, params=sum(p.numel() for p in lm.parameters()))
@@ -397,12 +421,7 @@ def train_lm(name: str, config: dict, train_stream: torch.Tensor, val_windows: t
         started = time.perf_counter()
         with _autocast(torch_device, torch_dtype):
             loss = lm(batch, labels=batch).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(lm, loss, optimizer, scaler, grad_clip)
         value = float(loss.detach())  # synchronizes the device
         elapsed += time.perf_counter() - started
         if not math.isfinite(value):
