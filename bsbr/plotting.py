@@ -219,33 +219,52 @@ def plot_layers(layers, seq_lens):
     return fig
 
 
-def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int):
+def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int, columns: int = 3):
     """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (first
     panel, log₂ axis), then accuracy against fact depth, one panel per length; variants side by side (small x
-    offsets), one colour each, the legend right of the panels.
+    offsets), one colour each. The panels fill a grid of ``columns`` columns; the legend takes the grid's first free
+    cell (or a row of its own below the grid when none is free), so it never covers data.
 
     Args:
         by_length: ``[length, variant, accuracy, ci_low, ci_high]``; cells: the same per ``[length, depth, variant]``.
         variants: the variants drawn; labels: variant -> legend label; trials: trials per (length, depth) cell.
+        columns: panels per row (>= 1).
+    Raises:
+        ValueError: ``columns`` < 1.
     """
+    if not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be an int >= 1, got {columns!r}")
     lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
     offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
-    fig, axes = _figure(1 + len(lengths), (5.2 * (1 + len(lengths)) + 3.5, 4.3))
+    panels = 1 + len(lengths)
+    columns = min(columns, panels + 1)  # room for the legend's cell
+    rows = -(-(panels + 1) // columns)  # the legend takes one cell
+    fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.5 * rows), squeeze=False)
+    cells_flat = list(grid.flat)
+    axes, spare = cells_flat[:panels], cells_flat[panels:]
     for variant in variants:
         group = by_length[by_length.variant == variant]
         errorbars(axes[0], np.log2(group.length) + offsets[variant] * 2, group, variant, labels[variant])
-    axes[0].set_xticks(np.log2(lengths), [str(n) for n in lengths])
+    axes[0].set_xticks(np.log2(lengths), [f"{n:,}" for n in lengths])
     axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
     axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
-                title=f"all depths pooled ({len(depths) * trials} trials / point)")
-    for ax, length in zip(axes[1:], lengths):
+                title=f"all depths pooled (n = {len(depths) * trials} / point)")
+    for index, (ax, length) in enumerate(zip(axes[1:], lengths), start=1):
         for variant in variants:
             group = cells[(cells.length == length) & (cells.variant == variant)]
             errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
-        ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length} tokens ({trials} trials / point)",
+        ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length:,} tokens (n = {trials} / point)",
                ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
+        if index % columns:
+            ax.set_ylabel("")
+        else:
+            ax.set_ylabel("exact-match accuracy")
     handles, names = axes[0].get_legend_handles_labels()
-    axes[-1].legend(handles, names, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)  # off the data
+    legend_ax = spare[0]  # the grid always leaves one cell free for the legend
+    legend_ax.axis("off")
+    legend_ax.legend(handles, names, loc="center", fontsize=9, frameon=False, title="variant")
+    for ax in spare[1:]:
+        ax.axis("off")
     return fig
 
 

@@ -66,12 +66,19 @@ def test_passkey_and_training_figures_draw_what_they_are_given():
     cells = pd.DataFrame({"length": [512] * 4, "depth": [0.1, 0.9] * 2, "variant": ["original"] * 2 + ["calibrated"] * 2,
                           "accuracy": [1.0, 1.0, 0.0, 1.0], "ci_low": [0.5, 0.5, 0.0, 0.5], "ci_high": [1.0] * 4})
     fig = plot_passkey_accuracy(by_length, cells, ["original", "calibrated"], {"original": "O", "calibrated": "C"}, 2)
-    pooled, per_depth = fig.axes
+    pooled, per_depth, legend_cell = fig.axes  # two panels and the legend's own cell of the grid
     assert [c.get_label() for c in pooled.containers] == ["O", "C"]
-    assert pooled.get_title() == "all depths pooled (4 trials / point)" and per_depth.get_title() == "512 tokens (2 trials / point)"
-    legend = per_depth.get_legend()  # one legend, right of the last panel (off the data)
-    assert pooled.get_legend() is None and [t.get_text() for t in legend.get_texts()] == ["O", "C"]
-    assert legend.get_bbox_to_anchor().x0 > per_depth.get_window_extent().x1
+    assert pooled.get_title() == "all depths pooled (n = 4 / point)" and per_depth.get_title() == "512 tokens (n = 2 / point)"
+    legend = legend_cell.get_legend()  # one legend, in a cell without data
+    assert pooled.get_legend() is None and per_depth.get_legend() is None
+    assert [t.get_text() for t in legend.get_texts()] == ["O", "C"] and not legend_cell.axison
+    assert not legend_cell.lines and not legend_cell.containers
+    wide = plot_passkey_accuracy(pd.concat([by_length, by_length.assign(length=1024)]),
+                                 pd.concat([cells, cells.assign(length=1024)]), ["original", "calibrated"],
+                                 {"original": "O", "calibrated": "C"}, 2, columns=2)
+    assert wide.axes[0].get_gridspec().get_geometry() == (2, 2)  # 3 panels + the legend
+    with pytest.raises(ValueError, match="columns"):
+        plot_passkey_accuracy(by_length, cells, ["original"], {"original": "O"}, 2, columns=0)
     summary = pd.DataFrame({"model": ["bsbr", "gau"], "final_val_ppl_mean": [3.0, 2.0], "final_val_ppl_min": [2.9, 1.9],
                             "final_val_ppl_max": [3.1, 2.1]})
     memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,
