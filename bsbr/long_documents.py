@@ -25,7 +25,7 @@ from bsbr.streaming_eval import binned_nll, stream_nll
 __all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "DECODE_STEP_SECONDS", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST",
            "VARIANTS",
            "check_long_document_parameters", "choose_play", "decode_goal", "decode_latency", "decode_positions",
-           "estimate_stream_seconds", "flatness", "held_out_plays", "late_perplexity", "memory_table",
+           "estimate_stream_seconds", "flatness", "flatness_against_original", "held_out_plays", "late_perplexity", "memory_table",
            "perplexity_bins", "steps_table", "stream_matches_full_forward", "stream_windows"]
 
 #: Max |NLL difference| (nats) allowed between the stream and one full forward on the first tokens.
@@ -231,6 +231,56 @@ def flatness(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = F
                        first_exceeding_start=int(over.start.iloc[0]) if len(over) else None, met=len(over) == 0)
         rows.append(row)
     return pd.DataFrame(rows).sort_values("variant").reset_index(drop=True)
+
+
+def flatness_against_original(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = FLAT_RATIO,
+                              early_reference: str = "original", late_reference: str = "original_fresh") -> pd.DataFrame:
+    """The flatness goal with the text held fixed: a variant's perplexity in a bin divided by the original's on the
+    *same* tokens, where the original is within its trained context — ``early_reference`` (the original's KV-cache
+    stream) in the bins that end by ``flat_from``, ``late_reference`` (the original started fresh on the late stretch)
+    in the bins at or beyond it, less its first bin (almost no context there). Per-bin perplexity on a play swings 2-4× with the text itself (a song, a list of
+    names); the ratio removes that and leaves what the long context costs. ``met`` when no late ratio exceeds
+    ``ratio`` × the median early ratio.
+
+    Args:
+        bins: :func:`perplexity_bins` rows (``variant``, ``start``, ``end``, ``tokens``, ``ppl``).
+        flat_from: the first position of the late stretch (the trained context); bin_size: tokens per full bin.
+        ratio: the allowed growth of the ratio; early_reference, late_reference: the reference variants.
+    Returns:
+        one row per other variant with full bins (sorted): ``bins_before`` / ``bins_beyond`` (paired bins),
+        ``reference_ratio`` (median early ratio), ``max_beyond_ratio`` at ``max_beyond_start``,
+        ``max_over_reference``, ``exceeding``, ``met`` (None without paired bins on both sides).
+    Raises:
+        ValueError: ``ratio`` not above 0, or ``bin_size`` / ``flat_from`` not positive ints.
+    """
+    if not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
+    for name, value in (("bin_size", bin_size), ("flat_from", flat_from)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    full = bins[bins.tokens == bin_size]
+    early = full[(full.variant == early_reference) & (full.end <= flat_from)].set_index("start").ppl
+    late = full[(full.variant == late_reference) & (full.start >= flat_from)].set_index("start").ppl.sort_index()
+    late = late.iloc[1:]  # its first bin has almost no context (as in late_perplexity's range)
+    rows = []
+    for name, group in full[~full.variant.isin([early_reference, late_reference])].groupby("variant"):
+        mine = group.set_index("start").ppl
+        before = (mine / early).dropna()
+        beyond = (mine / late).dropna()
+        row = {"variant": name, "bins_before": len(before), "reference_ratio": float("nan"),
+               "bins_beyond": len(beyond), "max_beyond_ratio": float("nan"), "max_beyond_start": None,
+               "max_over_reference": float("nan"), "exceeding": 0, "met": None}
+        if len(before):
+            row["reference_ratio"] = float(before.median())
+        if len(before) and len(beyond):
+            row.update(max_beyond_ratio=float(beyond.max()), max_beyond_start=int(beyond.idxmax()),
+                       max_over_reference=float(beyond.max()) / row["reference_ratio"],
+                       exceeding=int((beyond > ratio * row["reference_ratio"]).sum()))
+            row["met"] = row["exceeding"] == 0
+        rows.append(row)
+    columns = ["variant", "bins_before", "reference_ratio", "bins_beyond", "max_beyond_ratio", "max_beyond_start",
+               "max_over_reference", "exceeding", "met"]
+    return pd.DataFrame(rows, columns=columns).sort_values("variant").reset_index(drop=True)
 
 
 def decode_latency(steps: pd.DataFrame) -> pd.DataFrame:

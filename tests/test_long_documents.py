@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bsbr.long_documents import (STREAM_COST, check_long_document_parameters, choose_play, decode_goal, decode_latency,
-                                 decode_positions, estimate_stream_seconds, flatness, held_out_plays, late_perplexity,
-                                 memory_table, perplexity_bins, steps_table, stream_matches_full_forward,
-                                 stream_windows)
+                                 decode_positions, estimate_stream_seconds, flatness, flatness_against_original,
+                                 held_out_plays, late_perplexity, memory_table, perplexity_bins, steps_table,
+                                 stream_matches_full_forward, stream_windows)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,6 +156,33 @@ def test_flatness_verdicts():
     assert not strict.loc["blocks"].met and strict.loc["blocks"].exceeding == 1
     assert strict.loc["blocks"].first_exceeding_start == 3072
     assert table.loc["original"].met is None and table.loc["original"].bins_beyond == 0
+
+
+def test_flatness_against_original_holds_the_text_fixed():
+    rows = [("original", 0, 1024, 20.0), ("original", 1024, 1024, 40.0),  # early reference, positions < 2048
+            ("original_fresh", 2048, 1024, 99.0),  # the late reference's first bin: little context, left out
+            ("original_fresh", 3072, 1024, 60.0), ("original_fresh", 4096, 1024, 30.0),  # late reference
+            ("blocks", 0, 1024, 22.0), ("blocks", 1024, 1024, 40.0),  # ratios 1.1, 1.0: median 1.05
+            ("blocks", 2048, 1024, 500.0),  # no reference bin: not compared
+            ("blocks", 3072, 1024, 66.0), ("blocks", 4096, 1024, 36.0), ("blocks", 5120, 10, 900.0),  # 1.1, 1.2
+            ("exact_region", 0, 1024, 20.0), ("exact_region", 1024, 1024, 40.0),  # median 1.0
+            ("exact_region", 3072, 1024, 60.0), ("exact_region", 4096, 1024, 48.0),  # 1.0, 1.6
+            ("normalized", 0, 1024, 30.0)]  # no late bin
+    bins = pd.DataFrame([{"variant": v, "start": s, "end": s + n, "tokens": n, "ppl": p} for v, s, n, p in rows])
+    table = flatness_against_original(bins, flat_from=2048, bin_size=1024).set_index("variant")
+    assert table.index.tolist() == ["blocks", "exact_region", "normalized"]
+    blocks = table.loc["blocks"]  # a late bin of 66 is 2.1× its early median (31), but 1.1× the original's there
+    assert not flatness(bins, flat_from=2048, bin_size=1024).set_index("variant").loc["blocks"].met  # the plain goal
+    assert (blocks.bins_before, blocks.bins_beyond, blocks.max_beyond_start, blocks.exceeding) == (2, 2, 4096, 0)
+    assert blocks.reference_ratio == pytest.approx(1.05) and blocks.max_beyond_ratio == pytest.approx(1.2)
+    assert blocks.max_over_reference == pytest.approx(1.2 / 1.05) and blocks.met
+    exact = table.loc["exact_region"]  # 1.6 > 1.5 × 1.0
+    assert exact.exceeding == 1 and not exact.met and exact.max_beyond_start == 4096
+    assert table.loc["normalized"].met is None and table.loc["normalized"].bins_beyond == 0
+    assert flatness_against_original(bins, 2048, 1024, ratio=1.1).set_index("variant").loc["blocks"].exceeding == 1
+    for bad in (dict(ratio=0), dict(bin_size=0), dict(flat_from=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            flatness_against_original(bins, **{"flat_from": 2048, "bin_size": 1024, **bad})
 
 
 def test_memory_table_per_token():

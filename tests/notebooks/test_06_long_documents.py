@@ -127,6 +127,15 @@ def test_metrics_json_matches_the_data(smoke):
     flat = pd.read_csv(out / "flatness.csv").set_index("variant")
     assert metrics["flatness"]["blocks"]["met"] == bool(flat.loc["blocks", "met"])
     assert metrics["flatness"]["original"]["met"] is None
+    bins = pd.read_csv(out / "perplexity_bins.csv").set_index(["variant", "start"]).ppl
+    paired = metrics["flatness_against_original"]["blocks"]  # blocks / original on the same tokens
+    early = [bins["blocks", s] / bins["original", s] for s in (0, 128)]  # bins ending by flat_from = 256
+    late = bins["blocks", 384] / bins["original_fresh", 384]  # the fresh original's first bin (256) is left out
+    assert (paired["bins_before"], paired["bins_beyond"], paired["exceeding"]) == (2, 1, int(late > 1.5 * np.median(early)))
+    assert paired["reference_ratio"] == pytest.approx(np.median(early), rel=1e-3)
+    assert paired["max_beyond_ratio"] == pytest.approx(late, rel=1e-3)
+    assert paired["met"] == bool(late <= 1.5 * np.median(early))
+    assert set(metrics["flatness_against_original"]) == {"blocks", "exact_region"}
     decode = metrics["decode"]
     last = pd.read_csv(out / "decode_latency.csv").query("variant == 'blocks'").iloc[-1]
     assert decode["context"] == 600 and decode["median_s"] == pytest.approx(last.median_s, rel=1e-3)
@@ -151,11 +160,12 @@ def test_executed_notebook_has_findings_provenance_and_no_errors(smoke):
         assert line in printed, line
     assert "IProgress" not in printed
     findings = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
-    for phrase in ("Goal 1, flat perplexity", "Goal 2, flat decode step", "**Memory**", "Load average"):
+    for phrase in ("Goal 1, flat perplexity", "with the text held fixed", "Goal 2, flat decode step", "**Memory**",
+                   "Load average"):
         assert phrase in findings, phrase
     assert "<b>Memory per token of context</b>" in "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     appendix = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
-    assert appendix.count("<details>") == 8 and "Run log" in appendix and "git revision:" in appendix
+    assert appendix.count("<details>") == 9 and "Run log" in appendix and "git revision:" in appendix
     # the run's own lines go to stderr (the terminal and the run-log appendix), never before the findings
     assert not [o for o in outputs if o.output_type == "stream" and o.name == "stdout"]
     headings = [c.source for c in nb.cells if c.cell_type == "markdown"]
