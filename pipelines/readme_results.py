@@ -167,6 +167,16 @@ def _flat(row: dict) -> str:
             f"({row['reference_ppl']:.1f}), the highest {row['max_beyond_ppl']:,.1f} at {row['max_beyond_start']:,}")
 
 
+def _paired(m: dict) -> str:
+    """The flatness goal with the text held fixed (report 06, when the run measured it)."""
+    row = m.get("flatness_against_original", {}).get("blocks")
+    if not row or row["met"] is None:
+        return ""
+    return (f" With the text held fixed (perplexity ÷ the original's on the same tokens, within its trained context): "
+            f"blocks {row['reference_ratio']:.3f} before, at most {row['max_beyond_ratio']:.3f} after "
+            f"(**{row['max_over_reference']:.2f}×**; {'met' if row['met'] else 'missed'}).")
+
+
 def long_documents(m: dict) -> str:
     """Report 06: a long held-out stream through block retrieval with compact positions vs the original."""
     b, early, late, flat, dec = m["blocks"], m["perplexity_original_range"], m["perplexity_late"], m["flatness"], \
@@ -183,7 +193,7 @@ def long_documents(m: dict) -> str:
         f"started fresh there {late['original_fresh']:.2f}; the original's own KV cache, streamed to "
         f"{m['windows']['original'][1]:,}: flatness {_flat(flat['original'])}. "
         f"Flatness goal for blocks (no 1,024-token bin past {m['flat_from']:,} above 1.5× the median before): "
-        f"{_flat(flat['blocks'])}; exact region alone {_flat(flat['exact_region'])}. Decode at "
+        f"{_flat(flat['blocks'])}; exact region alone {_flat(flat['exact_region'])}.{_paired(m)} Decode at "
         f"{dec['context']:,} tokens: slowest of {dec['steps']} steps {dec['max_over_median']:.2f}× the median "
         f"({dec['median_s'] * 1000:.0f} ms; {dec['first_median_s'] * 1000:.0f} ms at {dec['first_context']:,}; goal "
         f"≤ {m['decode_ratio']}×: {'met' if dec['met'] else 'missed'}). Cache: "
