@@ -200,6 +200,10 @@ def _percent(a: dict) -> str:
     return text
 
 
+#: architectures of report 08 whose chunk or window changes what they compute (their span is worth printing)
+SPAN_SENSITIVE = ("bsbr", "gau", "sliding_window")
+
+
 def associative_recall(m: dict) -> str:
     """Report 08: MQAR trained from scratch, test accuracy per architecture against its state size."""
     task, train, goals = m["task"], m["training"], m["goals"]
@@ -227,7 +231,9 @@ def associative_recall(m: dict) -> str:
     who = {"bsbr": "BSBR", "bsbr_blocks": "BSBR blocks"}
     for c in goals["bsbr_vs"]:
         interval = "" if c["ci_low"] is None else f" [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
-        text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {c['span']}): **{c['verdict']}**, "
+        other_span = c.get("other_span", c["span"])  # shown where the other's own chunk/window differs
+        spans = f"{c['span']} vs {other_span}" if other_span != c["span"] and c["other"] in SPAN_SENSITIVE else c["span"]
+        text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {spans}): **{c['verdict']}**, "
                  f"{100 * c['difference']:+.1f} points{interval} with "
                  f"{c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
     return text + f" Run: {m['run_seconds'] / 60:.1f} min."
