@@ -13,6 +13,12 @@ values, the finished chunks' states and meta-keys, and ``R`` of the current chun
 token at a cost independent of the position. Padding (``attention_mask``) is handled by moving each row's real
 tokens to the front, so chunks always start at the row's first real token.
 
+**Block retrieval** (``retrieval="blocks"`` on :class:`BSBRAttention`): instead of chunk states, every token attends
+in one exact softmax to its local region (own chunk up to itself plus the previous chunk), ``sink_size`` sink tokens
+and the ``top_k`` earlier blocks of ``block_size`` tokens that its own query selects against per-block key summaries
+(:func:`bsbr.blocks.block_attention`, no positions: ``positions="original"``, no RoPE). Its streaming state is a KV
+cache of every token plus the block summaries (:class:`BSBRBlocksState`).
+
 Nothing of size ``seq_len × seq_len`` is built: the local part costs O(seq_len·chunk_size·head_dim) time and
 O(seq_len·chunk_size) memory per head, the chunk states O(num_chunks·head_dim²) memory and the chunk mixing
 O(num_chunks²·head_dim²) time per head.
@@ -32,11 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr._checks import check_int_at_least, check_positive_int, check_state
+from bsbr.blocks import SUMMARIES, BlocksState, block_attention, check_block_settings
 from bsbr.layer import AttentionLayer, attend_packed, pack_padding, validate_attention_mask
 from bsbr.utils import repeat_kv
 
 __all__ = [
+    "RETRIEVALS",
     "BSBRAttention",
+    "BSBRBlocksState",
     "BSBRState",
     "StateCompression",
     "bsbr_attention",
@@ -45,6 +54,12 @@ __all__ = [
     "pack_padding",
     "validate_attention_mask",
 ]
+
+
+#: ``retrieval`` of :class:`BSBRAttention`: chunk-state retrieval (BSBR's own) or exact block retrieval
+RETRIEVALS = ("state", "blocks")
+#: the settings of ``retrieval="blocks"`` (None with ``retrieval="state"``)
+BLOCK_SETTINGS = ("block_size", "top_k", "summary", "sink_size")
 
 
 def chunk_mean(x: torch.Tensor, chunk_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,6 +161,26 @@ class BSBRState:
         """Bytes held by the state's tensors."""
         tensors = (self.partial_key, self.partial_value, self.partial_sum, self.states, self.meta_keys, self.retrieved)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class BSBRBlocksState:
+    """Streaming state of a :class:`BSBRAttention` with ``retrieval="blocks"`` after ``num_tokens`` tokens: ``blocks``,
+    the :class:`bsbr.blocks.BlocksState` of :func:`bsbr.blocks.block_attention` (every token's keys and values
+    ``[batch, heads, num_tokens, d]`` and the finished blocks' summaries ``[batch, heads, num_tokens // block_size,
+    parts, d]``; None before the first token). Size: ``element_size · batch · H · d · (2·num_tokens + parts ·
+    (num_tokens // block_size))`` bytes (``parts`` = 2 for ``"minmax"``, 1 for ``"mean"``) — a KV cache, O(num_tokens).
+    ``chunk_size``, ``batch_size`` and ``owner`` are checked when the state is passed back."""
+
+    chunk_size: int
+    batch_size: int
+    owner: int
+    num_tokens: int
+    blocks: BlocksState | None
+
+    def nbytes(self) -> int:
+        """Bytes of the cached keys, values and summaries (the rows in use)."""
+        return 0 if self.blocks is None else self.blocks.nbytes()
 
 
 def bsbr_attention(
@@ -385,46 +420,107 @@ class BSBRAttention(AttentionLayer):
             multi-head softmax attention with the same ``q_proj/k_proj/v_proj/out_proj``.
         dropout: dropout probability on the local attention weights, in [0, 1).
         compression_factor: None, or a positive integer dividing ``head_dim**2``; chunk states are then stored as
-            ``head_dim**2 / compression_factor`` values (:class:`StateCompression`).
+            ``head_dim**2 / compression_factor`` values (:class:`StateCompression`). ``retrieval="state"`` only.
+        retrieval: ``"state"`` (default: the chunk-state retrieval of the module docstring) or ``"blocks"``: exact
+            softmax attention over the local region (own chunk up to the token and the whole previous chunk), the
+            first ``sink_size`` tokens and the ``top_k`` earlier blocks each token selects with its own query
+            (:func:`bsbr.blocks.block_attention`; no positions, as every model here is NoPE). With ``chunk_size >=
+            seq_len``, or ``top_k`` covering every earlier block, it is standard causal attention. The selection
+            (a top-k) passes no gradient: the router is the query and key projections themselves, trained through
+            the attention on what was selected (as in Quest and MoBA).
+        block_size: tokens per retrievable block, dividing ``chunk_size`` (``"blocks"``: required).
+        top_k: blocks each token retrieves, >= 1; more than the earlier blocks means all of them (``"blocks"``:
+            required).
+        summary: a block's key summary the query scores, ``"minmax"`` (Quest's bound) or ``"mean"``
+            (``"blocks"``: default ``"minmax"``).
+        sink_size: first tokens every token attends, >= 0 (``"blocks"``: default 0).
+            The four block settings are for ``retrieval="blocks"`` only: with ``"state"`` they must be None.
 
-    Parameters: ``q_proj, k_proj, v_proj, out_proj`` (``nn.Linear(hidden_dim, hidden_dim)``), and the
-    meta-projections ``meta_q_proj, meta_k_proj``: the meta-key of chunk ``j`` is ``meta_k_proj`` of the mean
-    hidden state of chunk ``j``; the meta-query of chunk ``i`` is ``meta_q_proj`` of the mean hidden state of
-    chunk ``i-1`` (tokens before chunk ``i`` only), split into heads.
+    Parameters: ``q_proj, k_proj, v_proj, out_proj`` (``nn.Linear(hidden_dim, hidden_dim)``), and, with
+    ``retrieval="state"``, the meta-projections ``meta_q_proj, meta_k_proj``: the meta-key of chunk ``j`` is
+    ``meta_k_proj`` of the mean hidden state of chunk ``j``; the meta-query of chunk ``i`` is ``meta_q_proj`` of the
+    mean hidden state of chunk ``i-1`` (tokens before chunk ``i`` only), split into heads. With ``retrieval="blocks"``
+    the layer has no meta-projections and no compression (the attributes are absent / None): each token routes with
+    its own query, so a blocks layer has exactly the parameters of standard attention.
+
+    Streaming state: :class:`BSBRState` (``"state"``) or :class:`BSBRBlocksState` (``"blocks"``, a KV cache).
 
     Raises:
-        ValueError: on any invalid argument above (see :meth:`forward` for its own: those of
+        ValueError: on any invalid argument above, naming it (see :meth:`forward` for its own: those of
             :meth:`bsbr.layer.AttentionLayer.forward`, and ``chunk_size`` changed since the state was made).
+    Sources: BSBR (module docstring); block retrieval: Quest (arXiv 2406.10774), InfLLM (arXiv 2402.04617), MoBA
+    (arXiv 2502.13189).
     """
 
     state_type = BSBRState
     span_settings = ("chunk_size",)
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
-                 compression_factor: int | None = None):
+                 compression_factor: int | None = None, retrieval: str = "state", block_size: int | None = None,
+                 top_k: int | None = None, summary: str | None = None, sink_size: int | None = None):
         super().__init__(hidden_dim, num_heads, dropout)
         check_positive_int(chunk_size=chunk_size)
-        self.chunk_size = chunk_size
-        self._add_projections("q_proj", "k_proj", "v_proj", "out_proj", "meta_q_proj", "meta_k_proj")
-        self.compression = None if compression_factor is None else StateCompression(self.head_dim, compression_factor)
+        if not isinstance(retrieval, str) or retrieval not in RETRIEVALS:
+            raise ValueError(f"retrieval must be one of {list(RETRIEVALS)}, got {retrieval!r}")
+        self.chunk_size, self.retrieval = chunk_size, retrieval
+        settings = dict(block_size=block_size, top_k=top_k, summary=summary, sink_size=sink_size)
+        if retrieval == "state":
+            given = [name for name, value in settings.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: settings of retrieval='blocks'; with retrieval='state' they "
+                                 "must be None")
+            self._add_projections("q_proj", "k_proj", "v_proj", "out_proj", "meta_q_proj", "meta_k_proj")
+            self.compression = (None if compression_factor is None
+                                else StateCompression(self.head_dim, compression_factor))
+            return
+        if compression_factor is not None:
+            raise ValueError(f"compression_factor must be None with retrieval='blocks' (it keeps exact keys and "
+                             f"values), got {compression_factor!r}")
+        for name in ("block_size", "top_k"):
+            if settings[name] is None:
+                raise ValueError(f"{name} is required with retrieval='blocks' (an integer >= 1)")
+        settings["summary"] = "minmax" if summary is None else summary
+        settings["sink_size"] = 0 if sink_size is None else sink_size
+        check_block_settings(chunk_size, **settings)
+        self.block_size, self.top_k, self.summary, self.sink_size = (settings[name] for name in BLOCK_SETTINGS)
+        self.state_type = BSBRBlocksState
+        self._add_projections("q_proj", "k_proj", "v_proj", "out_proj")
+        self.compression = None
 
     def state_nbytes(self, num_tokens: int, batch_size: int = 1) -> int:
         """Bytes of the :class:`BSBRState` after ``num_tokens`` tokens (parameters' dtype):
         ``element_size · batch · (2·H·p·d + D + H·c·(F + d) + H·d²)`` with ``p = num_tokens % chunk_size``,
         ``c = num_tokens // chunk_size``, ``H`` heads, ``d`` head_dim, ``D`` hidden_dim, ``F = d²`` (or
-        ``d²/compression_factor``). Raises ValueError for negative ``num_tokens`` or ``batch_size < 1``."""
+        ``d²/compression_factor``); with ``retrieval="blocks"`` (:class:`BSBRBlocksState`) ``element_size · batch · H ·
+        d · (2·num_tokens + parts·(num_tokens // block_size))``. Raises ValueError for negative ``num_tokens`` or
+        ``batch_size < 1``."""
         check_int_at_least(0, num_tokens=num_tokens)
         check_positive_int(batch_size=batch_size)
         heads, d = self.num_heads, self.head_dim
+        if self.retrieval == "blocks":  # BSBRBlocksState: every key and value, and the finished blocks' summaries
+            values = heads * d * (2 * num_tokens + SUMMARIES[self.summary] * (num_tokens // self.block_size))
+            return self.q_proj.weight.element_size() * batch_size * values
         features = d * d if self.compression is None else self.compression.encoder.out_features
         partial, finished = num_tokens % self.chunk_size, num_tokens // self.chunk_size
         values = 2 * heads * partial * d + self.hidden_dim + heads * finished * (features + d) + heads * d * d
         return self.q_proj.weight.element_size() * batch_size * values
 
     def _check_state(self, state, batch_size: int, like: torch.Tensor) -> None:
-        _check_state(state, self.chunk_size, batch_size, id(self), like)  # the functional core's check and message
+        if self.retrieval == "state":
+            _check_state(state, self.chunk_size, batch_size, id(self), like)  # the functional core's check and message
+            return
+        check_state(state, BSBRBlocksState, batch_size, id(self), like)
+        if state.chunk_size != self.chunk_size:
+            raise ValueError(f"chunk_size changed between calls: the state was built with chunk_size="
+                             f"{state.chunk_size}, this module uses chunk_size={self.chunk_size}; start a fresh "
+                             "sequence (state=None)")
+        if state.blocks is not None and (state.blocks.key.dtype != like.dtype or state.blocks.key.device != like.device):
+            raise ValueError(f"state holds {state.blocks.key.dtype} on {state.blocks.key.device} but the input is "
+                             f"{like.dtype} on {like.device}; start a fresh sequence (state=None) after .to()")
 
-    def _empty_state(self, batch: int, like: torch.Tensor) -> BSBRState:
+    def _empty_state(self, batch: int, like: torch.Tensor):
+        if self.retrieval == "blocks":
+            return BSBRBlocksState(self.chunk_size, batch, id(self), 0, None)
         heads, d = self.num_heads, self.head_dim
         features = d * d if self.compression is None else self.compression.encoder.out_features
         empty = like.new_zeros(batch, heads, 0, d)
@@ -434,6 +530,8 @@ class BSBRAttention(AttentionLayer):
 
     def _attend(self, hidden_states: torch.Tensor, state: BSBRState | None, return_state: bool):
         """Unpadded core: ``[batch, L, hidden_dim]`` (continuing ``state``) -> output (and the new state)."""
+        if self.retrieval == "blocks":
+            return self._attend_blocks(hidden_states, state, return_state)
         batch, length, _ = hidden_states.shape
         size = self.chunk_size
         seen = 0 if state is None else state.num_tokens
@@ -467,3 +565,18 @@ class BSBRAttention(AttentionLayer):
         new_state.owner = id(self)
         new_state.partial_sum = sums[:, -1] if total % size else torch.zeros_like(sums[:, -1])
         return out, new_state
+
+    def _attend_blocks(self, hidden_states: torch.Tensor, state: BSBRBlocksState | None, return_state: bool):
+        """``retrieval="blocks"``: :func:`bsbr.blocks.block_attention` on the projected heads (one key/value head per
+        query head, so each head selects its own blocks), continuing ``state.blocks``."""
+        q = self.split_heads(self.q_proj(hidden_states))  # [batch, heads, L, head_dim]
+        k = self.split_heads(self.k_proj(hidden_states))
+        v = self.split_heads(self.v_proj(hidden_states))
+        result = block_attention(q, k, v, self.chunk_size, self.block_size, self.top_k, self.sink_size, self.summary,
+                                 "group", self.dropout if self.training else 0.0,
+                                 state=None if state is None else state.blocks, return_state=return_state)
+        out = self.out_proj(self.merge_heads(result[0] if return_state else result))  # [batch, L, hidden_dim]
+        if not return_state:
+            return out
+        blocks = result[1]
+        return out, BSBRBlocksState(self.chunk_size, hidden_states.shape[0], id(self), blocks.num_tokens, blocks)

@@ -112,8 +112,8 @@ class BSBRLayer(TransformerLayer):
     """Pre-norm layer with :class:`bsbr.BSBRAttention` (arguments as in :class:`BSBRModel`)."""
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, ff_dim: int, dropout: float = 0.0,
-                 compression_factor: int | None = None):
-        super().__init__(BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor),
+                 compression_factor: int | None = None, **retrieval):
+        super().__init__(BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor, **retrieval),
                          hidden_dim, ff_dim, dropout)
 
 
@@ -125,15 +125,21 @@ class BSBRModel(TransformerModel):
         chunk_size: BSBR chunk length in tokens.
         dropout: in [0, 1).
         compression_factor: None or a divisor of ``head_dim**2`` (see :class:`bsbr.BSBRAttention`).
+        retrieval, block_size, top_k, summary, sink_size: the layer's retrieval (``"state"``, the default, or
+            ``"blocks"``) and the settings of ``"blocks"`` (see :class:`bsbr.BSBRAttention`).
     ``forward(input_ids[batch, seq_len], attention_mask=None) -> hidden states [batch, seq_len, hidden_dim]``.
     """
 
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, chunk_size: int,
-                 ff_dim: int, dropout: float = 0.0, compression_factor: int | None = None):
+                 ff_dim: int, dropout: float = 0.0, compression_factor: int | None = None, retrieval: str = "state",
+                 block_size: int | None = None, top_k: int | None = None, summary: str | None = None,
+                 sink_size: int | None = None):
+        settings = dict(retrieval=retrieval, block_size=block_size, top_k=top_k, summary=summary, sink_size=sink_size)
         # Validate once up front so errors name the argument before any layer is built.
-        BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor)
+        BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor, **settings)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
-                         lambda: BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor))
+                         lambda: BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor,
+                                               **settings))
 
 
 class StandardModel(TransformerModel):

@@ -28,7 +28,9 @@ at its query position is the value.
 Locality (:func:`answer_distances`, :func:`outside_fraction`): an answer needs the pair's *value* token (its last
 token, position ``2i+1``; the key is one token earlier still). For BSBR's ``chunk_size = c`` the answer lies outside
 the local chunk when the value token is in an earlier chunk than the query (``(2i+1) // c < q // c``): only the
-chunk-state retrieval can then supply it. For a sliding window ``w`` (a query sees itself and the ``w - 1`` tokens
+chunk-state retrieval can then supply it. BSBR with ``retrieval="blocks"`` attends exactly to its own and the previous
+chunk (``kind="own_and_previous"``: outside when ``(2i+1) // c < q // c - 1``); beyond them only a retrieved block
+can supply the answer. For a sliding window ``w`` (a query sees itself and the ``w - 1`` tokens
 before it) it lies outside when the value is more than ``w - 1`` tokens before the query (``q - (2i+1) > w - 1``).
 Stacking ``n`` window layers widens the receptive field to ``n·(w-1)`` tokens; :func:`outside_fraction` measures one
 layer's span.
@@ -60,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr._checks import check_int_at_least, check_positive_int
+from bsbr.blocks import SUMMARIES
 
 __all__ = ["IGNORE_INDEX", "KINDS", "MQARData", "MQARRun", "ShortConvEmbedding", "accuracy_interval",
            "answer_distances", "build_mqar_lm", "evaluate_mqar", "multiquery_ar", "outside_fraction", "state_formula",
@@ -67,8 +70,9 @@ __all__ = ["IGNORE_INDEX", "KINDS", "MQARData", "MQARRun", "ShortConvEmbedding",
 
 #: Label of positions that are not scored (``F.cross_entropy``'s ``ignore_index``).
 IGNORE_INDEX = -100
-#: ``kind`` values of :func:`outside_fraction`: the local region of a chunked layer or of a sliding window.
-KINDS = ("chunk", "window")
+#: ``kind`` values of :func:`outside_fraction`: the local region of a chunked layer (its own chunk), of block retrieval
+#: (its own and the previous chunk) or of a sliding window.
+KINDS = ("chunk", "own_and_previous", "window")
 
 
 class MQARData(NamedTuple):
@@ -189,7 +193,9 @@ def outside_fraction(inputs: torch.Tensor, labels: torch.Tensor, num_pairs: int,
         span: the chunk size (``kind="chunk"``, BSBR's ``chunk_size``) or window size (``kind="window"``, the
             sliding window's ``window_size``), tokens, >= 1.
         kind: ``"chunk"``: outside when the value token is in an earlier chunk (``value // span < query // span``);
-            ``"window"``: outside when the value is more than ``span - 1`` tokens before the query.
+            ``"own_and_previous"``: outside the own and the previous chunk (``value // span < query // span - 1``,
+            the local region of BSBR's ``retrieval="blocks"``); ``"window"``: outside when the value is more than
+            ``span - 1`` tokens before the query.
     Returns:
         a fraction in [0, 1] (0.0 when there is no answer).
     Raises:
@@ -202,7 +208,10 @@ def outside_fraction(inputs: torch.Tensor, labels: torch.Tensor, num_pairs: int,
     if rows.shape[0] == 0:
         return 0.0
     query, value, distance = rows.unbind(1)
-    outside = value // span < query // span if kind == "chunk" else distance > span - 1
+    if kind == "window":
+        outside = distance > span - 1
+    else:
+        outside = value // span < query // span - int(kind == "own_and_previous")
     return float(outside.double().mean())
 
 
@@ -220,14 +229,24 @@ STATE_FORMULAS = {
             "meta-keys, the current chunk's retrieved R, its keys/values and hidden-state sum)",
     "gau": "s·E + p·(2s + E) with E = expansion·D, s = qk_dim, p = L % chunk (Σ k_linᵀv and the current chunk)",
 }
+#: the same for BSBR with ``retrieval="blocks"`` (``b`` = block_size, ``s`` = 2 summary vectors per block for
+#: ``"minmax"``, 1 for ``"mean"``)
+BLOCKS_STATE_FORMULA = ("2·L·D + H·(L // b)·s·d (every key and value, as attention's KV cache, and the finished "
+                        "blocks' key summaries: BSBRBlocksState)")
 
 
-def state_formula(name: str) -> str:
-    """The per-layer state formula of architecture ``name`` as text (for reports). Raises ValueError for an
-    unknown ``name``."""
+def state_formula(name: str, retrieval: str = "state") -> str:
+    """The per-layer state formula of architecture ``name`` (with BSBR's ``retrieval``) as text (for reports).
+    Raises ValueError for an unknown ``name``, or a ``retrieval`` other than ``"state"`` for an architecture other
+    than ``bsbr`` (or not one of ``bsbr.attention.RETRIEVALS``)."""
+    from bsbr.attention import RETRIEVALS
+
     if name not in STATE_FORMULAS:
         raise ValueError(f"name must be one of {sorted(STATE_FORMULAS)}, got {name!r}")
-    return STATE_FORMULAS[name]
+    if retrieval not in RETRIEVALS or (retrieval != "state" and name != "bsbr"):
+        raise ValueError(f"retrieval must be one of {list(RETRIEVALS)} for bsbr ('state' for the others), got "
+                         f"{retrieval!r} for {name!r}")
+    return BLOCKS_STATE_FORMULA if retrieval == "blocks" else STATE_FORMULAS[name]
 
 
 def state_size(name: str, config: dict, seq_len: int, short_conv: int = 0) -> int:
@@ -242,7 +261,10 @@ def state_size(name: str, config: dict, seq_len: int, short_conv: int = 0) -> in
     * ``bsbr``: ``H·c·(F + d) + H·d² + 2·H·p·d + D`` (:class:`bsbr.BSBRState`: ``c = L // chunk_size`` finished
       chunk states ``F = d²`` (``d²/compression_factor`` compressed) with meta-keys, the current chunk's retrieved
       ``R``, its ``p = L % chunk_size`` keys and values and its hidden-state sum);
-    * ``gau``: ``s·E + p·(2s + E)`` (:class:`~bsbr.baselines.gau.GAUState`).
+    * ``gau``: ``s·E + p·(2s + E)`` (:class:`~bsbr.baselines.gau.GAUState`);
+    * ``bsbr`` with ``retrieval="blocks"`` in ``config``: ``2·L·D + H·(L // block_size)·s·d``
+      (:class:`bsbr.attention.BSBRBlocksState`: exact retrieval keeps every key and value, a KV cache like attention's,
+      plus ``s`` = 2 (``"minmax"``) or 1 (``"mean"``) summary vectors per finished block).
 
     With ``short_conv = k > 0`` (:class:`ShortConvEmbedding`) the model also keeps the last ``min(L, k − 1)``
     token embeddings, ``min(L, k − 1)·D`` values once per model. Bytes = values × the element size (4 in float32,
@@ -276,6 +298,9 @@ def state_size(name: str, config: dict, seq_len: int, short_conv: int = 0) -> in
         per_layer = H * (d * d + d)
     elif name == "delta_net":
         per_layer = H * d * d
+    elif name == "bsbr" and settings["retrieval"] == "blocks":
+        parts = SUMMARIES["minmax" if settings["summary"] is None else settings["summary"]]
+        per_layer = 2 * L * D + H * (L // settings["block_size"]) * parts * d
     elif name == "bsbr":
         chunk, factor = settings["chunk_size"], settings["compression_factor"]
         features = d * d if factor is None else d * d // factor

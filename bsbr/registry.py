@@ -71,8 +71,11 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (
-    Architecture("bsbr", BSBRAttention, BSBRModel, {"chunk_size": 128, "compression_factor": None}, "chunk_size",
-                 _ALL_DTYPES),
+    # retrieval="blocks" (exact block retrieval) is a setting of bsbr, not an eighth architecture: its block settings
+    # are None with the default retrieval="state" (tests/test_contract.py runs the contract on both retrievals)
+    Architecture("bsbr", BSBRAttention, BSBRModel, {"chunk_size": 128, "compression_factor": None,
+                                                    "retrieval": "state", "block_size": None, "top_k": None,
+                                                    "summary": None, "sink_size": None}, "chunk_size", _ALL_DTYPES),
     Architecture("standard", StandardAttention, StandardModel, {}, None, _ALL_DTYPES),
     Architecture("linear", LinearAttention, None, {"chunk_size": 64}, "chunk_size", _ALL_DTYPES),
     Architecture("delta_net", DeltaNet, None, {"chunk_size": 64}, "chunk_size", _ALL_DTYPES),
@@ -101,7 +104,9 @@ def build_model(name: str, **config) -> nn.Module:
         name: one of :func:`available_models`.
         **config: ``vocab_size, hidden_dim, num_layers, num_heads, ff_dim`` (required), ``dropout`` (default 0.0),
             plus the architecture's own settings, defaults in ``get_architecture(name).defaults`` (e.g. ``bsbr``:
-            ``chunk_size=128, compression_factor=None``; ``hopfield``: ``beta=None`` meaning 1/sqrt(head_dim)).
+            ``chunk_size=128, compression_factor=None, retrieval="state"`` (``retrieval="blocks"`` with
+            ``block_size``, ``top_k``, ``summary``, ``sink_size``: exact block retrieval); ``hopfield``:
+            ``beta=None`` meaning 1/sqrt(head_dim)).
     Returns:
         a module with ``forward(input_ids[batch, seq_len], attention_mask=None) -> [batch, seq_len, hidden_dim]``.
     Raises:

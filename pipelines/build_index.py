@@ -161,7 +161,8 @@ HEADLINES: dict[str, list[Headline]] = {
         Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values", "architectures.bsbr.accuracy",
                  interval=("architectures.bsbr.ci_low", "architectures.bsbr.ci_high")),
         Headline("BSBR minus the sliding window (state {architectures.sliding_window.state_values} values), paired",
-                 lambda m: next(r["difference"] for r in m["goals"]["bsbr_vs"] if r["other"] == "sliding_window"),
+                 lambda m: next(r["difference"] for r in m["goals"]["bsbr_vs"]
+                               if r["other"] == "sliding_window" and r.get("model", "bsbr") == "bsbr"),
                  interval=None),
     ],
     "07_training": [

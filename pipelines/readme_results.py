@@ -210,6 +210,10 @@ def _percent(a: dict) -> str:
     return text
 
 
+#: architectures of report 08 whose chunk or window changes what they compute (their span is worth printing)
+SPAN_SENSITIVE = ("bsbr", "gau", "sliding_window")
+
+
 def associative_recall(m: dict) -> str:
     """Report 08: MQAR trained from scratch, test accuracy per architecture against its state size."""
     task, train, goals = m["task"], m["training"], m["goals"]
@@ -228,10 +232,20 @@ def associative_recall(m: dict) -> str:
         f"sequence, values): " + "; ".join(f"{name} {_percent(a)} ({a['state_values']:,})" for name, a in ranked)
         + f". Full attention ≥ {100 * attention['goal']:.0f}%: **{'met' if attention['met'] else 'missed'}**"
         + ("" if attention["met"] else " (the quick tier's budget is too small to learn the task)") + ".")
+    blocks = m.get("bsbr_blocks")
+    if blocks is not None:
+        outside = m["outside_fraction"][f"own_and_previous_{blocks['chunk_size']}"]
+        text += (f" BSBR with exact block retrieval (`bsbr_blocks`: chunk {blocks['chunk_size']}, top-{blocks['top_k']} "
+                 f"of {blocks['block_size']}-token blocks, ≤ {blocks['attended_tokens_max']} tokens attended per query): "
+                 f"{100 * outside:.0f}% of the answers lie outside its own and previous chunk.")
+    who = {"bsbr": "BSBR", "bsbr_blocks": "BSBR blocks"}
     for c in goals["bsbr_vs"]:
         interval = "" if c["ci_low"] is None else f" [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
-        text += (f" BSBR vs {c['other']} (span {c['span']}): **{c['verdict']}**, {100 * c['difference']:+.1f} "
-                 f"points{interval} with {c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
+        other_span = c.get("other_span", c["span"])  # shown where the other's own chunk/window differs
+        spans = f"{c['span']} vs {other_span}" if other_span != c["span"] and c["other"] in SPAN_SENSITIVE else c["span"]
+        text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {spans}): **{c['verdict']}**, "
+                 f"{100 * c['difference']:+.1f} points{interval} with "
+                 f"{c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
     return text + f" Run: {m['run_seconds'] / 60:.1f} min."
 
 

@@ -1,13 +1,15 @@
 """BSBR attention: fast path == dense reference, causality (every chunk size, with compression), chunk_size >= seq_len
-== standard attention, gradients, grouped-query heads and its own arguments. Padding, streaming and the common
+== standard attention, gradients, grouped-query heads and its own arguments; the same for ``retrieval="blocks"``
+(against tests.reference.dense_block_attention in float64, causality through the selection, streaming, state size). Padding, streaming and the common
 input checks are the contract every architecture keeps (tests/test_contract.py)."""
 
 import pytest
 import torch
 
+import bsbr
 from bsbr import BSBRAttention, StandardAttention
 from bsbr.attention import bsbr_attention, chunk_mean
-from tests.reference import dense_bsbr, dense_causal_attention
+from tests.reference import dense_block_attention, dense_bsbr, dense_causal_attention
 
 HIDDEN, HEADS = 32, 4
 
@@ -146,3 +148,159 @@ def test_autograd_path_equals_inference_path_over_many_block_groups(compression)
     torch.testing.assert_close(with_grad.detach(), inference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(streamed_grad.detach(), streamed_inference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(streamed_inference, inference[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ retrieval="blocks" (exact block retrieval)
+# Padding, streaming in pieces, dtypes and the common checks: the contract's "bsbr_blocks" case (tests/test_contract.py).
+
+
+def make_blocks(chunk_size=4, block_size=2, top_k=1, summary="minmax", sink_size=0, seed=0):
+    torch.manual_seed(seed)
+    return BSBRAttention(HIDDEN, HEADS, chunk_size, retrieval="blocks", block_size=block_size, top_k=top_k,
+                         summary=summary, sink_size=sink_size).double().eval()
+
+
+def blocks_reference(attn, x):
+    """The layer written out: its projections around tests.reference.dense_block_attention (token by token)."""
+    batch, n, _ = x.shape
+    q, k, v = (getattr(attn, name)(x).view(batch, n, HEADS, -1).transpose(1, 2) for name in ("q_proj", "k_proj", "v_proj"))
+    out = dense_block_attention(q, k, v, attn.chunk_size, attn.block_size, attn.top_k, attn.sink_size, attn.summary)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, n, HIDDEN))
+
+
+def double_input(batch, n, seed=1):
+    return torch.randn(batch, n, HIDDEN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk_size,block_size,top_k,summary,sink_size",
+                         [(4, 2, 1, "minmax", 0), (4, 2, 2, "mean", 1), (6, 3, 1, "minmax", 2), (4, 4, 1, "mean", 0)])
+def test_blocks_match_the_written_out_reference(chunk_size, block_size, top_k, summary, sink_size):
+    attn = make_blocks(chunk_size, block_size, top_k, summary, sink_size)
+    x = double_input(2, 29)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), blocks_reference(attn, x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 16])
+def test_blocks_one_chunk_equals_standard_causal_attention(seq_len):
+    attn = make_blocks(chunk_size=16, block_size=4, top_k=1)
+    standard = StandardAttention(HIDDEN, HEADS).double().eval()
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        getattr(standard, name).load_state_dict(getattr(attn, name).state_dict())
+    x = double_input(3, seq_len)
+    with torch.no_grad():
+        out = attn(x)
+        torch.testing.assert_close(out, standard(x), atol=1e-12, rtol=0)
+        torch.testing.assert_close(out, dense_causal_attention(attn, x), atol=1e-12, rtol=0)
+
+
+def test_blocks_top_k_covering_every_block_is_full_causal_attention():
+    attn = make_blocks(chunk_size=4, block_size=2, top_k=100, sink_size=1)
+    x = double_input(2, 23)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), dense_causal_attention(attn, x), atol=1e-12, rtol=0)
+    # with one block per token it is not: the selection is real
+    selective = make_blocks(chunk_size=4, block_size=2, top_k=1)
+    with torch.no_grad():
+        assert (selective(x) - dense_causal_attention(selective, x)).abs().max() > 1e-3
+
+
+def test_blocks_no_output_depends_on_a_later_token_even_through_the_selection():
+    """Perturbing token p (large, so that later tokens' block choices change) leaves every output before p exactly as
+    it was; p's own output moves. Token 8 sits in a block that is a candidate for tokens 12.. only."""
+    attn = make_blocks(chunk_size=4, block_size=2, top_k=1)
+    n = 23
+    x = double_input(2, n)
+    with torch.no_grad():
+        base = attn(x)
+        q = attn.q_proj(x).view(2, n, HEADS, -1).transpose(1, 2)
+        k_base = attn.k_proj(x).view(2, n, HEADS, -1).transpose(1, 2)
+        moved_selection = False
+        for position in range(n):
+            perturbed = x.clone()
+            perturbed[:, position] += 5.0 * double_input(2, 1, seed=100 + position)[:, 0]
+            out = attn(perturbed)
+            torch.testing.assert_close(out[:, :position], base[:, :position], atol=1e-12, rtol=0)
+            assert (out[:, position] - base[:, position]).abs().max() > 1e-6
+            # the perturbation changes some later token's chosen block (so the test exercises the routing)
+            k_new = attn.k_proj(perturbed).view(2, n, HEADS, -1).transpose(1, 2)
+            moved_selection |= bool((chosen_blocks(q, k_new, 4, 2) != chosen_blocks(q, k_base, 4, 2)).any())
+        assert moved_selection
+
+
+def chosen_blocks(q, k, chunk_size, block_size):
+    """Top-1 block per token and head by Quest's min/max bound (-1 where no block is a candidate yet)."""
+    batch, heads, n, _ = q.shape
+    chosen = torch.full((batch, heads, n), -1)
+    for t in range(n):
+        candidates = max(0, (t // chunk_size - 1) * chunk_size) // block_size
+        if candidates:
+            blocks = k[:, :, : candidates * block_size].unflatten(2, (candidates, block_size))  # [b, h, c, B, d]
+            low, high = blocks.amin(3), blocks.amax(3)
+            query = q[:, :, t, None]  # [b, h, 1, d]
+            chosen[:, :, t] = torch.maximum(query * low, query * high).sum(-1).argmax(-1)
+    return chosen
+
+
+@pytest.mark.parametrize("pieces", [[1] * 21, [3, 2, 7, 1, 8], [4, 4, 13], [20, 1]])
+def test_blocks_streaming_equals_the_full_forward(pieces):
+    attn = make_blocks(chunk_size=4, block_size=2, top_k=1, summary="mean", sink_size=1)
+    x = double_input(2, sum(pieces))
+    with torch.no_grad():
+        full, full_state = attn(x, return_state=True)
+        outputs, state, start = [], None, 0
+        for length in pieces:
+            out, state = attn(x[:, start:start + length], state=state, return_state=True)
+            outputs.append(out)
+            start += length
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=1e-12, rtol=0)
+    assert state.num_tokens == full_state.num_tokens == sum(pieces)
+    # the state is a KV cache plus the block summaries: its bytes are the formula of state_nbytes
+    assert state.nbytes() == full_state.nbytes() == attn.state_nbytes(sum(pieces), batch_size=2)
+    assert state.nbytes() == 8 * 2 * HIDDEN * (2 * sum(pieces) + sum(pieces) // 2)  # float64, mean: 1 part per block
+
+
+def test_blocks_have_no_meta_projections_and_gradients_reach_every_parameter():
+    attn = make_blocks(chunk_size=4, block_size=2, top_k=1).train()
+    names = sorted(name.split(".")[0] for name, _ in attn.named_parameters())
+    assert sorted(set(names)) == ["k_proj", "out_proj", "q_proj", "v_proj"] and attn.compression is None
+    assert not hasattr(attn, "meta_q_proj") and not hasattr(attn, "meta_k_proj")
+    x = double_input(2, 17).requires_grad_()
+    attn(x).square().mean().backward()
+    for name, parameter in attn.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(retrieval="nope"), "retrieval"),
+        (dict(retrieval=None), "retrieval"),
+        (dict(block_size=2), "block_size"),  # a blocks setting with retrieval="state"
+        (dict(top_k=1, summary="mean"), "top_k, summary"),
+        (dict(retrieval="blocks", top_k=1), "block_size"),  # required
+        (dict(retrieval="blocks", block_size=2), "top_k"),
+        (dict(retrieval="blocks", block_size=3, top_k=1), "block_size"),  # does not divide chunk_size=4
+        (dict(retrieval="blocks", block_size=0, top_k=1), "block_size"),
+        (dict(retrieval="blocks", block_size=2, top_k=0), "top_k"),
+        (dict(retrieval="blocks", block_size=2, top_k=1.5), "top_k"),
+        (dict(retrieval="blocks", block_size=2, top_k=1, summary="max"), "summary"),
+        (dict(retrieval="blocks", block_size=2, top_k=1, sink_size=-1), "sink_size"),
+        (dict(retrieval="blocks", block_size=2, top_k=1, compression_factor=2), "compression_factor"),
+    ],
+)
+def test_blocks_bad_configuration_raises_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BSBRAttention(HIDDEN, HEADS, 4, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        bsbr.build_model("bsbr", vocab_size=10, hidden_dim=HIDDEN, num_layers=1, num_heads=HEADS, ff_dim=8,
+                         chunk_size=4, **kwargs)
+
+
+def test_blocks_model_builds_through_the_registry_with_the_standard_parameter_count():
+    config = dict(vocab_size=10, hidden_dim=HIDDEN, num_layers=2, num_heads=HEADS, ff_dim=8)
+    blocks = bsbr.build_model("bsbr", **config, chunk_size=4, retrieval="blocks", block_size=2, top_k=1)
+    assert all(layer.attention.retrieval == "blocks" for layer in blocks.layers)
+    count = lambda model: sum(p.numel() for p in model.parameters())
+    assert count(blocks) == count(bsbr.build_model("standard", **config))
+    assert count(bsbr.build_model("bsbr", **config, chunk_size=4)) == count(blocks) + 2 * 2 * (HIDDEN * HIDDEN + HIDDEN)

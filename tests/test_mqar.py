@@ -85,6 +85,12 @@ def test_answer_distances_and_outside_fraction_by_hand():
     assert outside_fraction(inputs, labels, 2, span=1, kind="window") == 1.0
     assert outside_fraction(inputs, labels, 2, span=11, kind="window") == 0.5
     assert outside_fraction(inputs, labels, 2, span=12, kind="window") == 0.0
+    # own and previous chunk (block retrieval's local region): chunk 4: value 3 (chunk 0) for query 4 (chunk 1)
+    # inside, value 1 (chunk 0) for query 12 (chunk 3) outside; chunk 8: both inside; chunk 2: both outside
+    assert outside_fraction(inputs, labels, 2, span=4, kind="own_and_previous") == 0.5
+    assert outside_fraction(inputs, labels, 2, span=8, kind="own_and_previous") == 0.0
+    assert outside_fraction(inputs, labels, 2, span=2, kind="own_and_previous") == 0.5  # 3//2=1 vs 4//2=2: inside
+    assert outside_fraction(inputs, labels, 2, span=1, kind="own_and_previous") == 0.5  # token 3 is the previous
 
 
 def test_outside_fraction_of_generated_data_with_chunk_of_the_pairs(data):
@@ -115,6 +121,24 @@ def test_state_size_equals_the_states_the_layers_return(name, seq_len):
     kept = sum(state.nbytes() for state in states)  # float32 tensors the model keeps to continue the sequence
     assert state_size(name, config, seq_len) * 4 == kept
     assert isinstance(state_formula(name), str) and state_formula(name)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("seq_len", [5, 16, 21])
+def test_state_size_of_block_retrieval_equals_the_states_the_layers_return(summary, seq_len):
+    config = {**CONFIG, "chunk_size": 8, "retrieval": "blocks", "block_size": 4, "top_k": 1, "summary": summary}
+    model = bsbr.build_model("bsbr", **config).eval()
+    ids = torch.randint(0, V, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, states = model(ids, return_state=True)
+    assert state_size("bsbr", config, seq_len) * 4 == sum(state.nbytes() for state in states)
+    # at the experiment's sizes (D 64, H 4, d 16, L 64, blocks of 4, minmax): attention's KV cache + the summaries
+    sizes = dict(hidden_dim=64, num_heads=4, num_layers=2, chunk_size=4, retrieval="blocks", block_size=4, summary=summary)
+    parts = 2 if summary == "minmax" else 1
+    assert state_size("bsbr", sizes, 64) == state_size("standard", sizes, 64) + 2 * 4 * 16 * parts * 16
+    assert "2·L·D" in state_formula("bsbr", "blocks") and state_formula("bsbr") != state_formula("bsbr", "blocks")
+    with pytest.raises(ValueError, match="retrieval"):
+        state_formula("linear", "blocks")
 
 
 def test_state_size_values_at_the_experiment_sizes():

@@ -1,5 +1,5 @@
 """Notebook 08 (MQAR trained from scratch) runs end to end through the pipeline runner with smoke parameters, and what
-it writes is consistent: every architecture (span-sensitive ones at both spans), one chosen learning rate per point
+it writes is consistent: every architecture (span-sensitive ones at both spans) and BSBR with block retrieval, one chosen learning rate per point
 picked by validation accuracy, test accuracies and intervals that recompute from the per-seed rows, state sizes from
 bsbr.mqar.state_size, locality fractions from the regenerated test set, and goals that follow the numbers."""
 
@@ -44,7 +44,10 @@ SMOKE = {
 }
 NAMES = bsbr.available_models()
 SPAN_SENSITIVE = ("bsbr", "gau", "sliding_window")
-POINTS = sorted((name, span) for name in NAMES for span in (SMOKE["spans"] if name in SPAN_SENSITIVE else [4]))
+#: the notebook's default block-retrieval point (its parameters cell): bsbr with retrieval="blocks"
+BLOCKS = {"chunk_size": 4, "block_size": 4, "top_k": 1, "summary": "minmax", "sink_size": 0}
+POINTS = sorted([(name, span) for name in NAMES for span in (SMOKE["spans"] if name in SPAN_SENSITIVE else [4])]
+                + [("bsbr_blocks", BLOCKS["chunk_size"])])
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,7 @@ def test_per_seed_rows_and_summary_recompute(smoke):
     metrics = smoke["metrics"]["architectures"]
     for (name, span), group in per_seed.groupby(["model", "span"]):
         label = f"{name} ({span})" if name in SPAN_SENSITIVE else name
+        arch = "bsbr" if name == "bsbr_blocks" else name
         m = metrics[label]
         mean = group.test_accuracy.mean()
         half = stats.t.ppf(0.975, len(group) - 1) * group.test_accuracy.std(ddof=1) / math.sqrt(len(group))
@@ -97,9 +101,14 @@ def test_per_seed_rows_and_summary_recompute(smoke):
         assert m["ci_high"] == pytest.approx(min(1.0, mean + half), abs=1e-4)
         low, high = wilson_interval(int(group.test_correct.sum()), int(group.test_answers.sum()))
         assert (m["wilson_low"], m["wilson_high"]) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
-        config = model_config(name, SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"], SMOKE["ff_dim"],
+        config = model_config(arch, SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"], SMOKE["ff_dim"],
                               span, vocab_size=SMOKE["vocab_size"])
-        assert m["state_values"] == state_size(name, config, SMOKE["seq_len"], short_conv=3)  # the default kernel
+        if name == "bsbr_blocks":
+            config.update(retrieval="blocks", **BLOCKS)
+            # a KV cache of every token (as attention's) plus the blocks' min/max summaries
+            assert m["state_values"] == metrics["standard"]["state_values"] + SMOKE["num_layers"] * SMOKE["hidden_dim"] * (
+                SMOKE["seq_len"] // BLOCKS["block_size"]) * 2
+        assert m["state_values"] == state_size(arch, config, SMOKE["seq_len"], short_conv=3)  # the default kernel
         assert m["state_bytes"] == 4 * m["state_values"]  # float32
         assert m["n_seeds"] == 2 and m["answers"] == 2 * answers
 
@@ -114,20 +123,29 @@ def test_locality_and_goals_follow_the_data(smoke):
             outside_fraction(*test, SMOKE["num_pairs"], span, "window"), abs=1e-4)
         assert metrics["architectures"][f"bsbr ({span})"]["outside_fraction"] == pytest.approx(
             outside_fraction(*test, SMOKE["num_pairs"], span, "chunk"), abs=1e-4)
+    blocks_outside = outside_fraction(*test, SMOKE["num_pairs"], BLOCKS["chunk_size"], "own_and_previous")
+    assert metrics["outside_fraction"][f"own_and_previous_{BLOCKS['chunk_size']}"] == pytest.approx(blocks_outside,
+                                                                                                    abs=1e-4)
+    assert metrics["architectures"]["bsbr_blocks"]["outside_fraction"] == pytest.approx(blocks_outside, abs=1e-4)
+    assert metrics["bsbr_blocks"] == {**BLOCKS, "attended_tokens_max": 2 * 4 + 0 + 1 * 4}
     assert metrics["task"]["test_answers"] == SMOKE["test_examples"] * SMOKE["num_pairs"]
     goal = metrics["goals"]["attention_accuracy"]
     assert goal["value"] == metrics["architectures"]["standard"]["accuracy"]
     assert goal["met"] == (goal["value"] >= goal["goal"])
     per_seed = pd.read_csv(smoke["out"] / "test_per_seed.csv")
     comparisons = metrics["goals"]["bsbr_vs"]
-    assert [(c["other"], c["span"]) for c in comparisons] == [
-        ("sliding_window", 4), ("sliding_window", 8), ("linear", 4), ("linear", 8)]
+    assert [(c["model"], c["other"], c["span"]) for c in comparisons] == [
+        ("bsbr", "sliding_window", 4), ("bsbr", "sliding_window", 8), ("bsbr", "linear", 4), ("bsbr", "linear", 8),
+        ("bsbr_blocks", "sliding_window", 4), ("bsbr_blocks", "linear", 4), ("bsbr_blocks", "bsbr", 4),
+        ("bsbr_blocks", "standard", 4)]
     for c in comparisons:
-        b = per_seed[(per_seed.model == "bsbr") & (per_seed.span == c["span"])].set_index("seed").test_accuracy
-        other_span = c["span"] if c["other"] == "sliding_window" else 4
+        b = per_seed[(per_seed.model == c["model"]) & (per_seed.span == c["span"])].set_index("seed").test_accuracy
+        other_span = c["span"] if c["other"] in SPAN_SENSITIVE and c["model"] == "bsbr" else 4
+        assert c["other_span"] == other_span
         o = per_seed[(per_seed.model == c["other"]) & (per_seed.span == other_span)].set_index("seed").test_accuracy
         assert c["difference"] == pytest.approx((b - o).mean(), abs=1e-4)
-        expected = "BSBR above" if c["ci_low"] > 0 else "BSBR below" if c["ci_high"] < 0 else "undecided"
+        who = "BSBR" if c["model"] == "bsbr" else "BSBR blocks"
+        expected = f"{who} above" if c["ci_low"] > 0 else f"{who} below" if c["ci_high"] < 0 else "undecided"
         assert c["verdict"] == expected
 
 

@@ -74,6 +74,20 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
     assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
+    # BSBR with block retrieval: its settings, locality and comparisons, named as such
+    metrics = _mqar_metrics(0.976, 0.25, 0.2, 0.3)
+    metrics["bsbr_blocks"] = {"chunk_size": 4, "block_size": 4, "top_k": 1, "summary": "minmax", "sink_size": 0,
+                              "attended_tokens_max": 12}
+    metrics["outside_fraction"]["own_and_previous_4"] = 0.55
+    metrics["goals"]["bsbr_vs"].append({"model": "bsbr_blocks", "other": "bsbr", "span": 4, "other_span": 8,
+                                        "difference": -0.1,
+                                        "ci_low": -0.2, "ci_high": -0.05, "verdict": "BSBR blocks below",
+                                        "bsbr_state_values": 20608, "other_state_values": 19968})
+    text = readme_results.associative_recall(metrics)
+    assert ("(`bsbr_blocks`: chunk 4, top-1 of 4-token blocks, ≤ 12 tokens attended per query): 55% of the answers "
+            "lie outside its own and previous chunk.") in text
+    assert ("BSBR blocks vs bsbr (span 4 vs 8): **BSBR blocks below**, -10.0 points [-20.0, -5.0] with 1.0× its "
+            "state.") in text
 
 
 def test_training_block_ranks_by_steps_then_final_perplexity():
