@@ -1,6 +1,7 @@
-"""The training experiment's tables (notebook ``07_training``): steps and seconds to a target validation loss per run
-and per architecture, the ranking with its margins and whether they exceed the seed spread, architectures that trained
-identically, and the power laws of training-step memory.
+"""The training experiment's tables (notebook ``07_training``): the learning rate chosen per architecture, steps and
+seconds to a target validation loss per run, each architecture's final loss and steps with a Student-t interval over
+seeds, which pairs of architectures those intervals separate, architectures that trained identically, and the power
+laws of training-step memory.
 
 Runs come from :func:`bsbr.training.train_lm`; losses are in nats per byte (the byte tokenizer), times in seconds,
 memory in bytes, lengths in tokens.
@@ -8,7 +9,7 @@ memory in bytes, lengths in tokens.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import math
 
 import numpy as np
 import pandas as pd
@@ -16,23 +17,36 @@ import pandas as pd
 from bsbr.fitting import fit_power_law
 from bsbr.experiment import check_ints
 from bsbr.registry import available_models
+from bsbr.router_recall import t_interval
 from bsbr.training import steps_to_reach
 
-__all__ = ["SAME_CURVE_TOLERANCE", "check_training_parameters", "convergence_summary", "crossing", "format_steps",
-           "identical_pairs", "memory_fit_lens", "memory_fits", "memory_table", "ranking", "run_row"]
+__all__ = ["SAME_CURVE_TOLERANCE", "check_training_parameters", "choose_learning_rates", "convergence_summary",
+           "crossing", "format_steps", "identical_pairs", "memory_fit_lens", "memory_fits", "memory_table",
+           "run_row", "separations"]
 
 #: nats: two architectures whose validation curves agree this closely for every seed trained identically.
 SAME_CURVE_TOLERANCE = 1e-4
 
 
-def check_training_parameters(models, seeds, *, target_loss, memory_seq_lens, warmup_steps, steps,
-                              **positive) -> list[str]:
+def _number(value, low: float, name: str, high: float | None = None, open_low: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>' if open_low else '>='} {low}" + ("" if high is None else f" and < {high}")
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_training_parameters(models, seeds, *, tune_seed, learning_rates, target_loss, target_margin, confidence,
+                              ngram_orders, memory_seq_lens, warmup_steps, steps, **positive) -> list[str]:
     """Check the training notebook's parameters before anything runs; return the architectures, sorted.
 
     Args:
         models: None (every registered architecture) or distinct names of ``bsbr.available_models()``.
-        seeds: non-empty list of distinct integers >= 0.
-        target_loss: None or a number > 0 (nats/byte).
+        seeds: list of >= 2 distinct integers >= 0 holding ``tune_seed`` (the interval needs two).
+        learning_rates: non-empty list of distinct numbers > 0 (the sweep).
+        target_loss: None (the bigram floor minus ``target_margin``) or a number > 0 (nats/byte).
+        target_margin: a number >= 0 (nats/byte); confidence: in (0, 1).
+        ngram_orders: distinct integers in [1, 7] holding 2 (the bigram floor sets the default target).
         memory_seq_lens: two or more distinct increasing integers >= 2.
         warmup_steps: an integer in ``[0, steps)``.
         steps, **positive: integers >= 1 (``seq_len`` >= 2 and ``hidden_dim`` divisible by ``num_heads`` when given).
@@ -42,9 +56,15 @@ def check_training_parameters(models, seeds, *, target_loss, memory_seq_lens, wa
     names = available_models() if models is None else list(models)
     if sorted(set(names) - set(available_models())) or not names or len(set(names)) != len(names):
         raise ValueError(f"models must be None or distinct names from {available_models()}, got {models!r}")
-    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or not all(
+    if not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
+        raise ValueError(f"seeds must be a list of two or more distinct integers >= 0, got {seeds!r}")
+    if tune_seed not in seeds:
+        raise ValueError(f"tune_seed must be one of seeds {seeds}, got {tune_seed!r}")
+    if not isinstance(learning_rates, list) or not learning_rates or len(set(learning_rates)) != len(learning_rates):
+        raise ValueError(f"learning_rates must be a non-empty list of distinct numbers > 0, got {learning_rates!r}")
+    for i, rate in enumerate(learning_rates):
+        _number(rate, 0.0, f"learning_rates[{i}]")
     check_ints(1, steps=steps, **positive)
     if positive.get("seq_len", 2) < 2:
         raise ValueError(f"seq_len must be >= 2 (one predicted token per window), got {positive['seq_len']}")
@@ -53,14 +73,41 @@ def check_training_parameters(models, seeds, *, target_loss, memory_seq_lens, wa
                          f"({positive['num_heads']})")
     if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or not 0 <= warmup_steps < steps:
         raise ValueError(f"warmup_steps must be an integer in [0, steps={steps}), got {warmup_steps!r}")
-    if target_loss is not None and (isinstance(target_loss, bool) or not isinstance(target_loss, (int, float))
-                                    or not target_loss > 0):
-        raise ValueError(f"target_loss must be None or a number > 0 (nats/byte), got {target_loss!r}")
+    if target_loss is not None:
+        _number(target_loss, 0.0, "target_loss")
+    _number(target_margin, 0.0, "target_margin", open_low=False)
+    _number(confidence, 0.0, "confidence", high=1.0)
+    if (not isinstance(ngram_orders, list) or 2 not in ngram_orders or len(set(ngram_orders)) != len(ngram_orders)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 7 for n in ngram_orders)):
+        raise ValueError(f"ngram_orders must be distinct integers in [1, 7] including 2, got {ngram_orders!r}")
     if (not isinstance(memory_seq_lens, list) or len(memory_seq_lens) < 2
             or sorted(set(memory_seq_lens)) != memory_seq_lens
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in memory_seq_lens)):
         raise ValueError(f"memory_seq_lens must be >= 2 distinct increasing integers >= 2, got {memory_seq_lens!r}")
     return sorted(names)
+
+
+def choose_learning_rates(sweep: pd.DataFrame) -> dict[str, float]:
+    """The learning rate of each architecture with the lowest final validation loss in the sweep.
+
+    Args:
+        sweep: one row per (``model``, ``learning_rate``) with ``final_val_loss`` (nats/byte; NaN or inf for a run
+            that diverged, which is never chosen).
+    Returns:
+        ``{model: learning_rate}``; a tie goes to the smaller rate.
+    Raises:
+        ValueError: missing columns, or an architecture none of whose runs has a finite loss (named).
+    """
+    missing = {"model", "learning_rate", "final_val_loss"} - set(sweep.columns)
+    if missing:
+        raise ValueError(f"sweep must have the columns model, learning_rate, final_val_loss; missing {sorted(missing)}")
+    chosen = {}
+    for name, group in sweep.groupby("model", sort=True):
+        finite = group[np.isfinite(group.final_val_loss.astype(float))]
+        if finite.empty:
+            raise ValueError(f"sweep: every learning rate of {name} diverged ({sorted(group.learning_rate)})")
+        chosen[name] = float(finite.sort_values(["final_val_loss", "learning_rate"]).learning_rate.iloc[0])
+    return chosen
 
 
 def memory_fit_lens(memory_seq_lens: list) -> list:
@@ -69,12 +116,12 @@ def memory_fit_lens(memory_seq_lens: list) -> list:
     return lens if len(lens) >= 2 else memory_seq_lens[-2:]
 
 
-def run_row(name: str, seed: int, run, steps: int, tokens: int) -> dict:
-    """One row of the runs table from a :func:`bsbr.training.train_lm` result: parameters, budget, seconds,
+def run_row(name: str, seed: int, run, steps: int, tokens: int, learning_rate: float) -> dict:
+    """One row of the runs table from a :func:`bsbr.training.train_lm` result: rate, parameters, budget, seconds,
     tokens/s, initial and final losses, final validation perplexity and bits per byte."""
     final = run.evals[-1]
-    return {"model": name, "seed": seed, "params": run.params, "steps": steps, "tokens": tokens,
-            "train_seconds": run.train_seconds, "tokens_per_s": run.tokens_per_s,
+    return {"model": name, "seed": seed, "learning_rate": learning_rate, "params": run.params, "steps": steps,
+            "tokens": tokens, "train_seconds": run.train_seconds, "tokens_per_s": run.tokens_per_s,
             "initial_val_loss": run.evals[0]["val_loss"], "final_train_loss": run.history[-1]["train_loss"],
             "final_val_loss": final["val_loss"], "final_val_ppl": final["val_ppl"], "final_val_bpb": final["val_bpb"]}
 
@@ -89,43 +136,100 @@ def crossing(frame: pd.DataFrame, target: float):
     return step, float(np.interp(step, frame.step, frame.elapsed_s))
 
 
-def convergence_summary(runs: pd.DataFrame, evals: pd.DataFrame, target_loss=None):
-    """Steps and seconds to the target loss, per run and per architecture (its seed-mean curve).
+def convergence_summary(runs: pd.DataFrame, evals: pd.DataFrame, target: float, confidence: float = 0.95):
+    """Per run: steps and seconds to ``target``; per architecture: the final validation loss and the steps to the
+    target as a mean over seeds with its Student-t interval (:func:`bsbr.router_recall.t_interval`).
 
     Args:
-        runs: :func:`run_row` rows; evals: ``[model, seed, step, val_loss, elapsed_s, ...]``.
-        target_loss: nats/byte, or None for the worst architecture's seed-mean final validation loss.
+        runs: :func:`run_row` rows (one per model and seed, at the chosen rate); evals: ``[model, seed, step,
+            val_loss, elapsed_s]`` of the same runs.
+        target: validation loss (nats/byte) of the criterion.
+        confidence: of the t-intervals.
     Returns:
-        (``runs`` with ``steps_to_target``/``seconds_to_target`` per seed, the per-architecture summary sorted by model
-        — final perplexity mean/std/min/max, steps to target of the mean curve and its seed range, seeds reaching it,
-        seconds to target, throughput —, the target, a phrase saying where it came from, the seed-mean curves).
+        (``runs`` with ``steps_to_target``/``seconds_to_target`` per seed (None: not reached), the summary sorted by
+        final loss: ``model, learning_rate, params, seeds, final_val_loss`` (mean) ``, final_val_loss_low/_high``, the
+        same as perplexity (``final_val_ppl``, ``_low``, ``_high`` = exp of the loss bounds) and bits per byte,
+        ``final_val_ppl_min/_max`` over seeds, ``steps_to_target`` (mean over seeds, NaN unless every seed reaches
+        it) ``, steps_to_target_low/_high`` (its interval), ``_min/_max`` (over the seeds that reach it),
+        ``seeds_reaching_target``, ``seconds_to_target`` (mean), ``tokens_per_s_mean``, ``train_seconds_mean``).
+    Raises:
+        ValueError: a target that is not a number > 0, or a model with fewer than two seeds.
     """
-    mean_curves = evals.groupby(["model", "step"], as_index=False)[["val_loss", "elapsed_s"]].mean()
-    final_mean = runs.groupby("model").final_val_loss.mean()
-    target = float(final_mean.max()) if target_loss is None else float(target_loss)
-    source = (f"the worst final seed-mean validation loss ({final_mean.idxmax()})" if target_loss is None
-              else "the target_loss parameter")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+        raise ValueError(f"target must be a number > 0 (nats/byte), got {target!r}")
     per_seed = {(name, seed): crossing(frame, target) for (name, seed), frame in evals.groupby(["model", "seed"])}
     runs = runs.copy()
-    runs["steps_to_target"] = [per_seed[(m, s)][0] for m, s in zip(runs.model, runs.seed)]
-    runs["seconds_to_target"] = [per_seed[(m, s)][1] for m, s in zip(runs.model, runs.seed)]
+    nan = float("nan")
+    for i, column in enumerate(("steps_to_target", "seconds_to_target")):
+        runs[column] = np.array([nan if per_seed[(m, s)][i] is None else per_seed[(m, s)][i]
+                                 for m, s in zip(runs.model, runs.seed)], dtype=np.float64)
     rows = []
     for name, group in runs.groupby("model"):
-        mean_step, mean_seconds = crossing(mean_curves[mean_curves.model == name], target)
-        seed_steps = group.steps_to_target.dropna()
+        if len(group) < 2:
+            raise ValueError(f"runs: {name} has {len(group)} seed(s); the interval needs two or more")
+        loss, loss_low, loss_high = t_interval(group.final_val_loss.to_numpy(), confidence)
+        reached = group.steps_to_target.dropna().astype(float)
+        if len(reached) == len(group):
+            steps, steps_low, steps_high = t_interval(reached.to_numpy(), confidence)
+            seconds = float(group.seconds_to_target.astype(float).mean())
+        else:
+            steps = steps_low = steps_high = seconds = nan
         rows.append({
-            "model": name, "params": int(group.params.iloc[0]), "seeds": len(group),
-            "final_val_loss_mean": group.final_val_loss.mean(),
-            "final_val_ppl_mean": group.final_val_ppl.mean(), "final_val_ppl_std": group.final_val_ppl.std(ddof=1),
-            "final_val_ppl_min": group.final_val_ppl.min(), "final_val_ppl_max": group.final_val_ppl.max(),
-            "final_val_bpb_mean": group.final_val_bpb.mean(),
-            "steps_to_target": mean_step, "steps_to_target_min": seed_steps.min() if len(seed_steps) else None,
-            "steps_to_target_max": seed_steps.max() if len(seed_steps) else None,
-            "seeds_reaching_target": int(len(seed_steps)), "seconds_to_target": mean_seconds,
-            "tokens_per_s_mean": group.tokens_per_s.mean(), "train_seconds_mean": group.train_seconds.mean(),
+            "model": name, "learning_rate": float(group.learning_rate.iloc[0]), "params": int(group.params.iloc[0]),
+            "seeds": len(group),
+            "final_val_loss": loss, "final_val_loss_low": loss_low, "final_val_loss_high": loss_high,
+            "final_val_ppl": math.exp(loss), "final_val_ppl_low": math.exp(loss_low),
+            "final_val_ppl_high": math.exp(loss_high),
+            "final_val_ppl_min": float(group.final_val_ppl.min()), "final_val_ppl_max": float(group.final_val_ppl.max()),
+            "final_val_bpb": loss / math.log(2),
+            "steps_to_target": steps, "steps_to_target_low": steps_low, "steps_to_target_high": steps_high,
+            "steps_to_target_min": float(reached.min()) if len(reached) else nan,
+            "steps_to_target_max": float(reached.max()) if len(reached) else nan,
+            "seeds_reaching_target": int(len(reached)), "seconds_to_target": seconds,
+            "tokens_per_s_mean": float(group.tokens_per_s.mean()), "train_seconds_mean": float(group.train_seconds.mean()),
         })
-    summary = pd.DataFrame(rows).sort_values("model").reset_index(drop=True)
-    return runs, summary, target, source, mean_curves
+    summary = pd.DataFrame(rows).sort_values(["final_val_loss", "model"]).reset_index(drop=True)
+    return runs, summary
+
+
+def separations(summary: pd.DataFrame, runs: pd.DataFrame, column: str, confidence: float = 0.95) -> pd.DataFrame:
+    """Every pair of architectures compared on ``column`` (``"final_val_loss"`` or ``"steps_to_target"``).
+
+    Two verdicts per pair: ``separated`` — the two t-intervals over seeds (``<column>_low/_high`` of ``summary``) do
+    not overlap (conservative); and ``paired_separated`` — the t-interval of the per-seed difference ``a − b`` excludes
+    0 (every architecture trains on the same batches for a seed, so seeds pair). Pairs where either architecture
+    has no interval (a seed that misses the target) are ``separated = False`` with NaN bounds.
+
+    Args:
+        summary: :func:`convergence_summary`'s summary (its row order is kept: ``a`` is the earlier row);
+        runs: its per-seed runs (``model, seed, column``); confidence: of the difference's interval.
+    Returns:
+        ``a, b, a_mean, b_mean, difference, difference_low, difference_high, separated, paired_separated``.
+    Raises:
+        ValueError: ``column`` not one of the two.
+    """
+    if column not in ("final_val_loss", "steps_to_target"):
+        raise ValueError(f"column must be 'final_val_loss' or 'steps_to_target', got {column!r}")
+    values = runs.pivot(index="seed", columns="model", values=column)  # [seeds, models]
+    rows = []
+    order = list(summary.model)
+    by = summary.set_index("model")
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            low_a, high_a, low_b, high_b = (by.loc[a, f"{column}_low"], by.loc[a, f"{column}_high"],
+                                            by.loc[b, f"{column}_low"], by.loc[b, f"{column}_high"])
+            bounds = np.array([low_a, high_a, low_b, high_b], dtype=float)
+            separated = bool(np.isfinite(bounds).all() and (high_a < low_b or high_b < low_a))
+            diff = (values[a].astype(float) - values[b].astype(float)).to_numpy()
+            if np.isfinite(diff).all() and diff.size >= 2:
+                mean, low, high = t_interval(diff, confidence)
+            else:
+                mean = low = high = float("nan")
+            rows.append({"a": a, "b": b, "a_mean": float(by.loc[a, column]), "b_mean": float(by.loc[b, column]),
+                         "difference": mean, "difference_low": low, "difference_high": high,
+                         "separated": separated,
+                         "paired_separated": bool(np.isfinite(low) and (low > 0 or high < 0))})
+    return pd.DataFrame(rows)
 
 
 def identical_pairs(evals: pd.DataFrame, names, tolerance: float = SAME_CURVE_TOLERANCE) -> list[tuple]:
@@ -134,37 +238,6 @@ def identical_pairs(evals: pd.DataFrame, names, tolerance: float = SAME_CURVE_TO
     pivot = evals.pivot_table(index=["seed", "step"], columns="model", values="val_loss")
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
             if float((pivot[a] - pivot[b]).abs().max()) <= tolerance]
-
-
-def ranking(summary: pd.DataFrame, seeds) -> SimpleNamespace:
-    """Who converges first and who ends lowest, with margins.
-
-    Returns:
-        namespace ``ranked`` (by steps to target, then final loss; unreached last), ``fastest``, ``runner_up`` (or
-        None), ``step_margin`` (steps), ``step_ratio`` (runner-up / fastest), ``step_separated`` (the fastest's slowest
-        seed, every seed reaching the target, still beats the runner-up's fastest seed), ``by_final`` (by final loss),
-        ``best_final``, ``second_final``, ``final_margin`` (perplexity), ``final_separated`` (min–max ranges apart).
-    """
-    r = SimpleNamespace()
-    r.ranked = summary.sort_values(["steps_to_target", "final_val_loss_mean"], na_position="last").reset_index(drop=True)
-    r.fastest, r.runner_up = r.ranked.iloc[0], r.ranked.iloc[1] if len(r.ranked) > 1 else None
-    r.by_final = summary.sort_values("final_val_loss_mean").reset_index(drop=True)
-    r.best_final, r.second_final = r.by_final.iloc[0], r.by_final.iloc[1] if len(r.by_final) > 1 else None
-    fastest, runner_up = r.fastest, r.runner_up
-    if runner_up is not None and pd.notna(fastest.steps_to_target) and pd.notna(runner_up.steps_to_target):
-        r.step_margin = float(runner_up.steps_to_target - fastest.steps_to_target)
-        r.step_ratio = (float(runner_up.steps_to_target / fastest.steps_to_target) if fastest.steps_to_target > 0
-                        else None)
-        r.step_separated = bool(pd.notna(fastest.steps_to_target_max) and pd.notna(runner_up.steps_to_target_min)
-                                and fastest.seeds_reaching_target == len(seeds)
-                                and fastest.steps_to_target_max < runner_up.steps_to_target_min)
-    else:
-        r.step_margin, r.step_ratio, r.step_separated = None, None, False
-    r.final_margin = (None if r.second_final is None
-                      else float(r.second_final.final_val_ppl_mean - r.best_final.final_val_ppl_mean))
-    r.final_separated = bool(r.second_final is not None
-                             and r.best_final.final_val_ppl_max < r.second_final.final_val_ppl_min)
-    return r
 
 
 def memory_fits(memory: pd.DataFrame, fit_lens, all_lens) -> pd.DataFrame:

@@ -17,7 +17,7 @@ import pandas as pd
 # does not load it, so its DVC stage does not depend on it.
 
 __all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_calibration_and_scale",
-           "plot_convergence", "plot_conversion_similarity", "plot_decode", "plot_final_and_memory", "plot_gflops",
+           "plot_training", "plot_training_memory", "plot_conversion_similarity", "plot_decode", "plot_gflops",
            "plot_layers", "plot_long_documents", "plot_lora_curves", "plot_memory_curves", "plot_model_scaling",
            "plot_passkey_accuracy", "plot_ratio_intervals", "save_figure"]
 
@@ -461,64 +461,84 @@ def plot_long_documents(bins, latency, steps, *, colors: dict, labels: dict, fla
     return fig
 
 
-def plot_convergence(history, evals, mean_curves, names, identical, target: float, steps: int, eval_interval: int,
-                     time_label: str):
-    """Training curves of every architecture: training loss (seed mean, moving average over ``steps // 20`` steps),
-    validation loss against step (seed mean, min–max band; dashed for an architecture identical to another) and
-    against training seconds, with the ``target`` loss (nats/byte) as a line.
+def plot_training(mean_curves, summary, floors, target: float, names, identical=()):
+    """The training comparison in three panels, one colour per architecture, the count n-gram floors as grey lines:
+    the validation loss against the optimizer step (seed mean at each architecture's chosen learning rate; band:
+    min–max over seeds; dashed for an architecture identical to another), the final validation loss (bars from zero,
+    whiskers: the t-interval over seeds) and the steps to the ``target`` loss (bars from zero, whiskers: the
+    t-interval; no bar where a seed never reached it), and a fourth, narrow panel holding the legend.
 
     Args:
-        history: ``[model, seed, step, train_loss]``; evals: ``[model, seed, step, val_loss]``; mean_curves: the
-            seed-mean ``[model, step, val_loss, elapsed_s]``; identical: pairs that trained identically;
-        time_label: the x label of the wall-clock panel.
+        mean_curves: ``[model, step, val_loss, val_loss_min, val_loss_max]``; summary: the per-architecture table of
+            :func:`bsbr.convergence.convergence_summary`; floors: ``[name, val_loss]`` of the n-gram models;
+        target: nats/byte; names: the architectures in legend order; identical: pairs that trained identically.
     """
-    fig, axes = _figure(3, (18, 4.8))
-    window = max(1, steps // 20)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.4, 1, 1, 0.42]})
+    ax = axes[0]
+    handles = []
     for name in names:
-        curve = history[history.model == name].groupby("step").train_loss.mean()
+        curve = mean_curves[mean_curves.model == name]
         label = name + "".join(f" (= {b})" for a, b in identical if a == name)
-        axes[0].plot(curve.index, curve.rolling(window, min_periods=1).mean(), color=color(name), label=label)
-        val = evals[evals.model == name].groupby("step").val_loss
-        axes[1].plot(val.mean().index, val.mean(), color=color(name), marker=".", label=label,
-                     linestyle="--" if any(a == name for a, _ in identical) else "-")
-        axes[1].fill_between(val.min().index, val.min(), val.max(), color=color(name), alpha=0.15)
-        timed = mean_curves[mean_curves.model == name]
-        axes[2].plot(timed.elapsed_s, timed.val_loss, color=color(name), marker=".", label=name)
-    for ax in axes[1:]:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1)
-    axes[0].set(xlabel="step", ylabel="training loss, nats/byte",
-                title=f"training loss (mean over seeds, {window}-step moving average)")
-    axes[1].set(xlabel="step", ylabel="validation loss, nats/byte",
-                title="validation loss (mean; band: min–max over seeds)")
-    axes[2].set(xlabel=time_label, ylabel="validation loss, nats/byte", title="validation loss against wall-clock time")
-    low = float(evals[evals.step > 0].val_loss.min())
-    high = float(evals[evals.step >= min(steps, eval_interval)].val_loss.max())
-    for ax in axes:
-        ax.set_ylim(low - 0.05, max(high, low + 0.1) + 0.05)
-    axes[1].legend(fontsize=8)
+        (line,) = ax.plot(curve.step, curve.val_loss, color=color(name), marker=".", ms=3, lw=1.3, label=label,
+                          linestyle="--" if any(a == name for a, _ in identical) else "-")
+        ax.fill_between(curve.step, curve.val_loss_min, curve.val_loss_max, color=color(name), alpha=0.15)
+        handles.append(line)
+    floor_styles = [":", "-.", (0, (5, 2)), (0, (1, 3))]
+    for i, floor in enumerate(floors.itertuples()):
+        for a in axes[:2]:
+            f_line = (a.axhline if a is axes[0] else a.axvline)(floor.val_loss, color="grey", lw=1,
+                                                                 linestyle=floor_styles[i % len(floor_styles)],
+                                                                 label=f"{floor.name} floor")
+        handles.append(f_line)
+    (t_line,) = axes[0].plot([], [], color="black", lw=1, label="target")
+    axes[0].axhline(target, color="black", lw=1)
+    handles.append(t_line)
+    top = float(floors.val_loss.max()) + 0.4
+    low = min(float(mean_curves.val_loss.min()), float(floors.val_loss.min()), target) - 0.1
+    ax.set(xlabel="optimizer step", ylabel="validation loss, nats/byte", ylim=(low, top),
+           title="validation loss (seed mean; band: min–max)")
+    order = list(summary.model)
+    y = np.arange(len(order))
+    frame = summary.set_index("model").loc[order]
+    ax = axes[1]
+    ax.barh(y, frame.final_val_loss, color=[color(m) for m in order], height=0.7,
+            xerr=[frame.final_val_loss - frame.final_val_loss_low, frame.final_val_loss_high - frame.final_val_loss],
+            capsize=3)
+    ax.set_yticks(y, order)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(float(frame.final_val_loss_high.max()), float(floors.val_loss.max())) * 1.05)
+    ax.set(xlabel="final validation loss, nats/byte (t-interval)", title="final loss (bars from zero)")
+    ax = axes[2]
+    steps = frame.steps_to_target.astype(float)
+    ax.barh(y, steps.fillna(0), color=[color(m) for m in order], height=0.7,
+            xerr=[(steps - frame.steps_to_target_low).fillna(0), (frame.steps_to_target_high - steps).fillna(0)],
+            capsize=3)
+    for i, name in enumerate(order):
+        if not np.isfinite(steps[name]):
+            ax.text(0, i, f" {int(frame.seeds_reaching_target[name])}/{int(frame.seeds[name])} seeds reach it",
+                    va="center", fontsize=8)
+    ax.set_yticks(y, order)
+    ax.invert_yaxis()
+    finite = frame.steps_to_target_high.astype(float)
+    ax.set_xlim(0, (float(finite[np.isfinite(finite)].max()) if np.isfinite(finite).any() else 1.0) * 1.1)
+    ax.set(xlabel=f"steps to {target:.3g} nats/byte (t-interval)", title="steps to the target (bars from zero)")
+    axes[3].axis("off")  # the legend's own panel, right of the data
+    axes[3].legend(handles=handles, loc="center left", fontsize=8, frameon=False)
     return fig
 
 
-def plot_final_and_memory(summary, memory, exponents, names, memory_seq_lens, memory_batch_size: int):
-    """Final validation perplexity per byte (bars: seed mean, min–max error), and the peak memory of one training
-    step (MiB) against length, log-log, labelled with each architecture's fitted exponent (``exponents``: model ->
-    exponent)."""
-    fig, axes = _figure(2, (14, 4.8))
-    order = list(summary.sort_values("final_val_ppl_mean").model)
-    frame = summary.set_index("model").loc[order]
-    axes[0].barh(order, frame.final_val_ppl_mean, color=[color(m) for m in order],
-                 xerr=[frame.final_val_ppl_mean - frame.final_val_ppl_min,
-                       frame.final_val_ppl_max - frame.final_val_ppl_mean])
-    axes[0].set(xlabel="final validation perplexity per byte (mean; bars: min–max over seeds)",
-                title="after the equal budget")
-    axes[0].set_xlim(0, frame.final_val_ppl_max.max() * 1.05)  # bars start at zero: lengths compare
+def plot_training_memory(memory, exponents, names, memory_seq_lens, memory_batch_size: int):
+    """The peak memory of one training step (MiB) against length, log-log, labelled with each architecture's fitted
+    exponent (``exponents``: model -> exponent)."""
+    fig, axes = _figure(1, (8, 4.4))
+    ax = axes[0]
     for name in names:
         group = memory[memory.model == name]
-        axes[1].loglog(group.seq_len, group.peak_bytes / 2**20, marker="o", color=color(name),
-                       label=f"{name} (exponent {exponents[name]:.2f})")
-    axes[1].set(xlabel="sequence length (tokens)", ylabel="peak memory of one training step, MiB",
-                title=f"training-step memory, batch {memory_batch_size}")
-    axes[1].xaxis.set_minor_locator(mticker.NullLocator())
-    axes[1].set_xticks(memory_seq_lens, [str(n) for n in memory_seq_lens])
-    axes[1].legend(fontsize=8)
+        ax.loglog(group.seq_len, group.peak_bytes / 2**20, marker="o", color=color(name),
+                  label=f"{name} (exponent {exponents[name]:.2f})")
+    ax.set(xlabel="sequence length (tokens)", ylabel="peak memory of one training step, MiB",
+           title=f"training-step memory, batch {memory_batch_size}")
+    ax.xaxis.set_minor_locator(mticker.NullLocator())
+    ax.set_xticks(memory_seq_lens, [str(n) for n in memory_seq_lens])
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig

@@ -9,6 +9,8 @@ Used by ``notebooks/07_training.ipynb``::
     run = train_lm("bsbr", config, train, val, steps=150, batch_size=8, seq_len=128, seed=0)
     run.history, run.evals                                                # lists of dicts (rows of a CSV)
     measure_train_step_memory("bsbr", config, seq_len=4096)               # one step, in a fresh process
+    ngram_floors(train, val, orders=(1, 2, 3))                            # count n-gram losses on the same bytes
+    matched_ff_dims(["bsbr", "gau"], 64, 2, 4, ff_dim=256, chunk_size=32)  # ff_dim per model, params within 5 %
 
 Tokenizer: bytes. Text is UTF-8 encoded and every byte is a token (``vocab_size`` :data:`BYTE_VOCAB_SIZE` = 256);
 documents are joined with the byte :data:`EOS_BYTE` (0x00, NUL, which the corpus does not contain) as the
@@ -38,15 +40,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from bsbr._checks import check_int_at_least, check_positive_int
 from bsbr.measure import check_threads_timeout, memory_baseline, memory_peak, run_isolated, set_threads
 
-__all__ = ["BYTE_VOCAB_SIZE", "DTYPES", "EOS_BYTE", "TrainingRun", "encode_bytes", "evaluation_windows",
-           "FP32_ATTENTION", "evaluate", "learning_rate_at", "measure_train_step_memory", "model_config", "random_windows",
-           "resolve_device_dtype", "steps_to_reach", "train_lm", "build_lm", "adamw", "check_optimizer_settings",
-           "optimizer_step"]
+__all__ = ["BYTE_VOCAB_SIZE", "DTYPES", "EOS_BYTE", "NGRAM_ALPHAS", "NGRAM_NAMES", "ByteNgram", "TrainingRun",
+           "encode_bytes", "evaluation_windows", "FP32_ATTENTION", "evaluate", "learning_rate_at",
+           "matched_ff_dims", "measure_train_step_memory", "model_config", "ngram_floors", "parameter_count",
+           "random_windows", "resolve_device_dtype", "steps_to_reach", "train_lm", "build_lm", "adamw",
+           "check_optimizer_settings", "optimizer_step"]
 
 #: Byte-level vocabulary: every UTF-8 byte value is a token.
 BYTE_VOCAB_SIZE = 256
@@ -158,6 +162,171 @@ def steps_to_reach(steps, losses, target: float) -> float | None:
     return None
 
 
+# ----------------------------------------------------------------------------- n-gram floors
+
+#: Concentrations ``alpha`` tried per order by :func:`ngram_floors` (chosen on a held-out tail of the training bytes).
+NGRAM_ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+#: Names of the n-gram orders in tables.
+NGRAM_NAMES = {1: "unigram", 2: "bigram", 3: "trigram", 4: "4-gram", 5: "5-gram"}
+
+
+def _as_numpy_tokens(tokens, name: str) -> np.ndarray:
+    array = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if array.dtype.kind not in "iu" or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty integer tensor of byte ids, got dtype {array.dtype}")
+    if int(array.min()) < 0 or int(array.max()) >= BYTE_VOCAB_SIZE:
+        raise ValueError(f"{name} must hold byte ids in [0, {BYTE_VOCAB_SIZE}), got [{array.min()}, {array.max()}]")
+    return array.astype(np.int64)
+
+
+def _codes(array: np.ndarray, n: int) -> np.ndarray:
+    """Base-256 codes of the n-grams ending at positions ``n-1 ..`` of the last axis: ``[..., length - n + 1]``."""
+    length = array.shape[-1]
+    code = np.zeros(array.shape[:-1] + (length - n + 1,), dtype=np.int64)
+    for j in range(n):
+        code = code * BYTE_VOCAB_SIZE + array[..., j:length - n + 1 + j]
+    return code
+
+
+class ByteNgram:
+    """Count n-gram model of a byte stream, each order smoothed toward the one below (additive smoothing with the
+    lower order as prior: MacKay & Peto 1995, "A hierarchical Dirichlet language model", Natural Language
+    Engineering 1(3))::
+
+        P_0(x) = 1/256
+        P_n(x | h) = (c(h x) + alpha_n · P_{n-1}(x | h')) / (c(h) + alpha_n)
+
+    ``h`` is the ``n-1`` bytes before ``x``, ``h'`` its last ``n-2``; ``c(h x)`` counts the n-gram in the stream and
+    ``c(h) = Σ_x c(h x)`` (so ``P_1(x) = (c(x) + alpha_1/256) / (N + alpha_1)`` with ``N`` bytes). An unseen context
+    falls back to the lower order exactly. Counts are kept for every order up to ``order``; ``alphas`` are given when
+    scoring, so one set of counts serves every smoothing.
+
+    Args:
+        stream: 1-D integer tensor/array of byte ids ``[n_bytes]``, ``n_bytes >= order``.
+        order: highest order (1 = unigram, 2 = bigram, 3 = trigram, ...; at most 7).
+    Raises:
+        ValueError: ``order`` not an integer in [1, 7], or a stream that is not byte ids or shorter than ``order``.
+    """
+
+    def __init__(self, stream, order: int):
+        check_positive_int(order=order)
+        if order > 7:
+            raise ValueError(f"order must be at most 7 (codes are int64), got {order}")
+        array = _as_numpy_tokens(stream, "stream").ravel()
+        if array.size < order:
+            raise ValueError(f"stream: {array.size} bytes hold no {order}-gram")
+        self.order = order
+        self.tables = []  # per order n: (sorted n-gram codes, counts, sorted context codes, context counts)
+        for n in range(1, order + 1):
+            codes, counts = np.unique(_codes(array, n), return_counts=True)
+            contexts, inverse = np.unique(codes // BYTE_VOCAB_SIZE, return_inverse=True)
+            context_counts = np.bincount(inverse.ravel(), weights=counts, minlength=len(contexts))
+            self.tables.append((codes, counts.astype(np.float64), contexts, context_counts))
+
+    @staticmethod
+    def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
+        index = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+        return np.where(keys[index] == query, values[index], 0.0)
+
+    def nll(self, windows, alphas) -> np.ndarray:
+        """Negative log-likelihood (nats) of every byte but the first of each window, as a model scoring it sees it:
+        position ``t`` is predicted from the bytes before it *in its window*, by the order-``min(order, t+1)``
+        model (the first positions have fewer bytes of context).
+
+        Args:
+            windows: integer byte ids ``[num_windows, seq_len >= 2]`` (e.g. :func:`evaluation_windows`).
+            alphas: ``alpha_1 .. alpha_order``, each a number > 0.
+        Returns:
+            ``float64 [num_windows, seq_len - 1]`` (nats; mean = loss per byte).
+        Raises:
+            ValueError: bad ``windows`` or ``alphas`` (named).
+        """
+        array = _as_numpy_tokens(windows, "windows")
+        if array.ndim != 2 or array.shape[1] < 2:
+            raise ValueError(f"windows must be [num_windows, seq_len >= 2], got shape {list(array.shape)}")
+        alphas = list(alphas)
+        if len(alphas) != self.order or any(isinstance(a, bool) or not isinstance(a, (int, float, np.floating))
+                                            or not a > 0 for a in alphas):
+            raise ValueError(f"alphas must be {self.order} numbers > 0 (one per order), got {alphas!r}")
+        num_windows, length = array.shape
+        prob = np.full((num_windows, length), 1.0 / BYTE_VOCAB_SIZE)  # P_0
+        chosen = prob.copy()  # P_min(order, t+1) at position t
+        for n, (alpha, (codes, counts, contexts, context_counts)) in enumerate(zip(alphas, self.tables), start=1):
+            if n > length:
+                break
+            code = _codes(array, n)  # [num_windows, length - n + 1]: the n-gram ending at position n-1+i
+            joint = self._lookup(codes, counts, code)
+            context = self._lookup(contexts, context_counts, code // BYTE_VOCAB_SIZE)
+            lower = prob[:, n - 1:].copy()
+            prob = np.full((num_windows, length), np.nan)
+            prob[:, n - 1:] = (joint + alpha * lower) / (context + alpha)
+            chosen[:, n - 1:] = prob[:, n - 1:]  # the highest order available at each position wins
+        return -np.log(chosen[:, 1:])
+
+
+def ngram_floors(train_stream, val_windows, orders=(1, 2, 3), alphas=NGRAM_ALPHAS,
+                 holdout_fraction: float = 0.1) -> list[dict]:
+    """Validation loss of count n-gram byte models (:class:`ByteNgram`) estimated on the training bytes and scored on
+    the positions a trained model is scored on (:func:`evaluate`: every byte of ``val_windows`` but the first of each
+    window, context from inside the window): the floors a trained language model should pass.
+
+    Smoothing: ``alpha_n`` of each order is chosen from ``alphas`` by the loss on the last ``holdout_fraction`` of
+    ``train_stream`` when counting on the rest (orders in turn, each with the lower orders' choices), then the counts
+    are taken on the whole stream. The validation windows play no part in the choice.
+
+    Args:
+        train_stream: 1-D integer tensor of byte ids ``[n_bytes]`` (:func:`encode_bytes`).
+        val_windows: ``[num_windows, seq_len >= 2]`` byte ids (:func:`evaluation_windows`).
+        orders: distinct orders to report (integers in [1, 7]); alphas: the grid (numbers > 0).
+        holdout_fraction: in (0, 0.5].
+    Returns:
+        one dict per order, ascending: ``order``, ``name`` (``"bigram"``), ``alpha`` (its chosen concentration),
+        ``alphas`` (the chain ``alpha_1 .. alpha_n``), ``holdout_loss``, ``val_loss`` (nats/byte), ``val_ppl``,
+        ``val_bpb``, ``scored`` (bytes scored), ``train_bytes``.
+    Raises:
+        ValueError: bad ``orders``, ``alphas``, ``holdout_fraction`` or data (named).
+    """
+    orders = sorted(orders) if isinstance(orders, (list, tuple)) else orders
+    if (not isinstance(orders, list) or not orders or len(set(orders)) != len(orders) or any(
+            isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 7 for n in orders)):
+        raise ValueError(f"orders must be distinct integers in [1, 7], got {orders!r}")
+    alphas = list(alphas)
+    if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 for a in alphas):
+        raise ValueError(f"alphas must be a non-empty list of numbers > 0, got {alphas!r}")
+    if isinstance(holdout_fraction, bool) or not isinstance(holdout_fraction, (int, float)) or not (
+            0 < holdout_fraction <= 0.5):
+        raise ValueError(f"holdout_fraction must be a number in (0, 0.5], got {holdout_fraction!r}")
+    stream = _as_numpy_tokens(train_stream, "train_stream").ravel()
+    windows = _as_numpy_tokens(val_windows, "val_windows")
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"val_windows must be [num_windows, seq_len >= 2], got shape {list(windows.shape)}")
+    top = orders[-1]
+    split = int(round(stream.size * (1 - holdout_fraction)))
+    if split < top or stream.size - split < 2:
+        raise ValueError(f"train_stream: {stream.size} bytes are too few to hold out {holdout_fraction} of them")
+    head, tail = ByteNgram(stream[:split], top), stream[split:][None, :]  # tail: one window [1, n_tail]
+    chosen, holdout = [], {}
+    for n in range(1, top + 1):  # each order's alpha given the lower orders' choices
+        part = ByteNgram.__new__(ByteNgram)
+        part.order, part.tables = n, head.tables[:n]
+        losses = {a: float(part.nll(tail, chosen + [a]).mean()) for a in alphas}
+        best = min(alphas, key=lambda a: (losses[a], a))
+        chosen.append(best)
+        holdout[n] = losses[best]
+    full = ByteNgram(stream, top)
+    rows = []
+    for n in orders:
+        part = ByteNgram.__new__(ByteNgram)
+        part.order, part.tables = n, full.tables[:n]
+        nll = part.nll(windows, chosen[:n])
+        loss = float(nll.mean())
+        rows.append({"order": n, "name": NGRAM_NAMES.get(n, f"{n}-gram"), "alpha": chosen[n - 1],
+                     "alphas": list(chosen[:n]), "holdout_loss": holdout[n], "val_loss": loss,
+                     "val_ppl": math.exp(loss), "val_bpb": loss / math.log(2), "scored": int(nll.size),
+                     "train_bytes": int(stream.size)})
+    return rows
+
+
 # ----------------------------------------------------------------------------- models, devices, schedule
 
 
@@ -212,6 +381,53 @@ def build_lm(name: str, config: dict, seed: int = 0, dtype: str = "float32"):
         for layer in lm.model.layers:
             layer.attention = _Float32Attention(layer.attention)
     return lm
+
+
+def parameter_count(name: str, config: dict) -> int:
+    """Parameters of ``bsbr.CausalLM(bsbr.build_model(name, **config))`` (tied head counted once)."""
+    return sum(p.numel() for p in build_lm(name, config).parameters())
+
+
+def matched_ff_dims(names, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int, chunk_size: int,
+                    reference: str = "standard", tolerance: float = 0.05,
+                    vocab_size: int = BYTE_VOCAB_SIZE) -> dict[str, dict]:
+    """Per-architecture feed-forward width that brings each model's parameter count to the reference's.
+
+    Width, depth, heads and the locality length stay common; only ``ff_dim`` (the feed-forward width of every
+    block) moves. The reference count is ``reference`` at ``ff_dim``. A model's count is affine in ``ff_dim``
+    (``2·D + 1`` weights per unit and block), so the width is solved from the counts at ``ff_dim`` and ``ff_dim + 1``,
+    rounded to the nearest integer, and checked by building the model.
+
+    Args:
+        names: architectures of ``bsbr.available_models()``; the other sizes as :func:`model_config`.
+        reference: the architecture whose count at ``ff_dim`` is the target (need not be in ``names``).
+        tolerance: the largest relative difference allowed, ``|params / reference_params - 1|`` (in (0, 1)).
+    Returns:
+        ``{name: {"ff_dim", "params", "relative_difference"}}`` in the order of ``names``; ``"reference_params"``
+        is in each entry too.
+    Raises:
+        ValueError: unknown names, bad sizes or ``tolerance`` (named), or an architecture whose count cannot come
+            within ``tolerance`` by its feed-forward width (the message gives the closest count).
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    names = list(names)
+    sizes = dict(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, chunk_size=chunk_size,
+                 vocab_size=vocab_size)
+    target = parameter_count(reference, model_config(reference, ff_dim=ff_dim, **sizes))
+    result = {}
+    for name in names:
+        at = parameter_count(name, model_config(name, ff_dim=ff_dim, **sizes))
+        slope = parameter_count(name, model_config(name, ff_dim=ff_dim + 1, **sizes)) - at
+        width = max(1, round(ff_dim + (target - at) / slope)) if slope > 0 else ff_dim
+        params = parameter_count(name, model_config(name, ff_dim=width, **sizes))
+        difference = params / target - 1
+        if abs(difference) > tolerance:
+            raise ValueError(f"ff_dim: {name} cannot be matched to {reference}'s {target:,} parameters within "
+                             f"{tolerance:.0%} by its feed-forward width (closest: {params:,} at ff_dim={width})")
+        result[name] = {"ff_dim": width, "params": params, "relative_difference": difference,
+                        "reference_params": target}
+    return result
 
 
 def resolve_device_dtype(device: str = "cpu", dtype: str = "float32") -> tuple[torch.device, torch.dtype]:

@@ -85,6 +85,16 @@ class Headline:
     target: str | None = None
 
 
+def below_floor(metrics: dict, name: str) -> bool | None:
+    """Report 07: architecture ``name``'s final validation loss against the bigram floor by its t-interval: met if the
+    whole interval is below the floor, missed if wholly above, undecided if it straddles it."""
+    floor, row = metrics["ngram_floors"]["bigram"]["val_loss"], metrics["models"][name]
+    low, high = row["final_val_loss_low"], row["final_val_loss_high"]
+    if low is None or high is None:
+        return None
+    return True if high < floor else False if low > floor else None
+
+
 def below_one(low: float, high: float) -> bool | None:
     """A ratio's goal "below 1" by its interval: met if the whole interval is below 1, missed if it is wholly at or
     above 1, undecided (None) if it straddles 1."""
@@ -166,11 +176,13 @@ HEADLINES: dict[str, list[Headline]] = {
                  interval=None),
     ],
     "07_training": [
-        Headline("steps to validation loss {target_val_loss}: fastest ({fastest})", "fastest_steps_to_target"),
-        Headline("steps to the same loss: BSBR", "models.bsbr.steps_to_target"),
-        Headline("final validation perplexity of BSBR (min-max over seeds); best: {best_final}",
-                 "models.bsbr.final_val_ppl_mean", "",
-                 ("models.bsbr.final_val_ppl_min", "models.bsbr.final_val_ppl_max")),
+        Headline("BSBR's final validation loss, nats/byte (t over seeds); bigram floor {ngram_floors.bigram.val_loss}",
+                 "models.bsbr.final_val_loss", interval=("models.bsbr.final_val_loss_low", "models.bsbr.final_val_loss_high"),
+                 goal="below the bigram floor", verdict=lambda m: below_floor(m, "bsbr")),
+        Headline("lowest final validation loss ({best_final}), nats/byte", "best_final_val_loss",
+                 goal="below the bigram floor", verdict=lambda m: below_floor(m, m["best_final"])),
+        Headline("steps to {target_val_loss} nats/byte: fastest ({fastest}; BSBR: {models.bsbr.steps_to_target})",
+                 "fastest_steps_to_target"),
     ],
 }
 

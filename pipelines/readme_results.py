@@ -250,22 +250,43 @@ def associative_recall(m: dict) -> str:
 
 
 def training(m: dict) -> str:
-    """Report 07: language-model training from scratch, steps to a target loss and the final perplexity."""
-    setup, models = m["setup"], m["models"]
-    by_steps = sorted((r["steps_to_target"] is None, r["steps_to_target"] or 0, name) for name, r in models.items())
-    by_final = sorted(models, key=lambda name: models[name]["final_val_ppl_mean"])
-    steps = ", ".join(f"{name} {'not reached' if none else f'{value:.1f}'}" for none, value, name in by_steps)
-    final = ", ".join(f"{name} {models[name]['final_val_ppl_mean']:.1f} [{models[name]['final_val_ppl_min']:.1f}, "
-                      f"{models[name]['final_val_ppl_max']:.1f}]" for name in by_final)
-    exponents = [r["memory_exponent"] for r in models.values()]
+    """Report 07: language-model training from scratch against the n-gram floors: final validation loss and steps to
+    a target below the bigram floor, each with its t-interval over seeds, and which pairs the intervals separate."""
+    setup, models, floors = m["setup"], m["models"], m["ngram_floors"]
+    interval = lambda low, high: "" if low is None else f" [{low:.3f}, {high:.3f}]"
+    by_final = sorted(models, key=lambda name: models[name]["final_val_loss"])
+    by_steps = sorted(models, key=lambda name: (models[name]["steps_to_target"] is None,
+                                                models[name]["steps_to_target"] or 0, models[name]["final_val_loss"]))
+    final = ", ".join(f"{name} {models[name]['final_val_loss']:.3f}"
+                      f"{interval(models[name]['final_val_loss_low'], models[name]['final_val_loss_high'])}"
+                      for name in by_final)
+
+    def steps(name):
+        r = models[name]
+        if r["steps_to_target"] is None:
+            return f"{name} not reached ({r['seeds_reaching_target']}/{setup['seeds']} seeds)"
+        low = "" if r["steps_to_target_low"] is None else f" [{r['steps_to_target_low']:.0f}, {r['steps_to_target_high']:.0f}]"
+        return f"{name} {r['steps_to_target']:.0f}{low}"
+
+    rates = ", ".join(f"{name} {models[name]['learning_rate']:g}" for name in by_final)
+    separated = m["separated"]
+    loads = m.get("load_average") or {}
+    load = ("" if not loads.get("before") else
+            f"; load average {loads['before'][0]:.2f} at the start, {loads['after'][0]:.2f} at the end")
+    floor_text = ", ".join(f"{name} {f['val_loss']:.3f}" for name, f in floors.items())
+    params = [r["params"] for r in models.values()]
     return (
         f"* **Training from scratch** (`reports/07_training.html`; byte-level, hidden {setup['hidden_dim']}, "
-        f"{setup['num_layers']} layers, {setup['steps']} steps × {setup['tokens_per_run'] // setup['steps']:,} bytes, "
-        f"{setup['seeds']} seeds, one shared learning rate). Steps to the validation loss "
-        f"{m['target_val_loss']:.3f} nats/byte (seed mean): {steps}. Final validation perplexity per byte (mean "
-        f"[min, max] over seeds): {final}. Memory of one training step grows with exponent "
-        f"{min(exponents):.2f}–{max(exponents):.2f} in the length for all {len(models)}. Tiny, short runs: early "
-        f"convergence, not final quality.")
+        f"{setup['num_layers']} layers, parameters {min(params):,}–{max(params):,} (matched within "
+        f"{100 * setup['max_param_difference']:.1f}%), {setup['steps']} steps × {setup['tokens_per_run'] // setup['steps']:,} "
+        f"bytes, learning rate per architecture from {setup['learning_rates']} on validation, {setup['seeds']} seeds, "
+        f"95% t-intervals over seeds). Count n-gram floors (nats/byte): {floor_text}. Final validation loss "
+        f"(nats/byte): {final}; below the bigram floor: {', '.join(m['below_bigram_floor']) or 'none'}. Steps to "
+        f"{m['target_val_loss']:.3f} nats/byte ({m['target_source']}): {', '.join(steps(n) for n in by_steps)}. "
+        f"Separated by their intervals: {len(separated['final_val_loss'])} of {separated['pairs']} pairs by final "
+        f"loss ({len(separated['final_val_loss_paired'])} by the seed-paired difference), "
+        f"{len(separated['steps_to_target'])} by steps ({len(separated['steps_to_target_paired'])} paired). "
+        f"Chosen rates: {rates}. Run: {m['run_seconds'] / 60:.1f} min on {m['machine']['threads']} thread(s){load}.")
 
 
 FORMATTERS = {"02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,

@@ -1,31 +1,43 @@
-"""bsbr.convergence: steps to a target loss, ranking with seed spread, identical runs, memory power laws."""
+"""bsbr.convergence: the learning rate per architecture, steps to a target loss, t-intervals over seeds, which pairs
+they separate, identical runs, memory power laws."""
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 import bsbr
-from bsbr.convergence import (check_training_parameters, convergence_summary, crossing, format_steps,
-                              identical_pairs, memory_fit_lens, memory_fits, memory_table, ranking, run_row)
+from bsbr.convergence import (check_training_parameters, choose_learning_rates, convergence_summary, crossing,
+                              format_steps, identical_pairs, memory_fit_lens, memory_fits, memory_table, run_row,
+                              separations)
 
 
 def curves():
-    """Validation losses at steps 0, 10, 20 for two seeds of a (fast), b (slow) and c (= a)."""
-    losses = {("a", 0): [3.0, 1.0, 0.5], ("a", 1): [3.0, 1.5, 0.7], ("b", 0): [3.0, 2.0, 1.0],
-              ("b", 1): [3.0, 2.5, 1.2], ("c", 0): [3.0, 1.0, 0.5], ("c", 1): [3.0, 1.5, 0.7]}
+    """Validation losses at steps 0, 10, 20 for three seeds of a (fast), b (slow) and c (= a)."""
+    losses = {("a", 0): [3.0, 1.0, 0.5], ("a", 1): [3.0, 1.5, 0.7], ("a", 2): [3.0, 1.2, 0.6],
+              ("b", 0): [3.0, 2.0, 1.0], ("b", 1): [3.0, 2.5, 1.2], ("b", 2): [3.0, 2.2, 0.9],
+              ("c", 0): [3.0, 1.0, 0.5], ("c", 1): [3.0, 1.5, 0.7], ("c", 2): [3.0, 1.2, 0.6]}
     return pd.DataFrame([{"model": m, "seed": s, "step": step, "val_loss": loss, "elapsed_s": step / 10}
                          for (m, s), values in losses.items() for step, loss in zip((0, 10, 20), values)])
 
 
 def runs_table(evals):
     last = evals[evals.step == 20]
-    return pd.DataFrame([{"model": r.model, "seed": r.seed, "params": 100, "final_val_loss": r.val_loss,
-                          "final_val_ppl": math.exp(r.val_loss), "final_val_bpb": r.val_loss / math.log(2),
-                          "tokens_per_s": 10.0, "train_seconds": 2.0} for r in last.itertuples()])
+    return pd.DataFrame([{"model": r.model, "seed": r.seed, "learning_rate": 0.01, "params": 100,
+                          "final_val_loss": r.val_loss, "final_val_ppl": math.exp(r.val_loss),
+                          "final_val_bpb": r.val_loss / math.log(2), "tokens_per_s": 10.0, "train_seconds": 2.0}
+                         for r in last.itertuples()])
+
+
+def t_bounds(values):
+    values = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return values.mean() - half, values.mean() + half
 
 
 def test_crossing_interpolates_step_and_seconds():
@@ -35,38 +47,72 @@ def test_crossing_interpolates_step_and_seconds():
     assert crossing(frame, 0.1) == (None, None)
 
 
-def test_convergence_summary_with_the_worst_final_loss_as_target():
+def test_choose_learning_rates_takes_the_lowest_validation_loss():
+    sweep = pd.DataFrame({"model": ["a"] * 3 + ["b"] * 3 + ["c"] * 2,
+                          "learning_rate": [0.001, 0.003, 0.01, 0.001, 0.003, 0.01, 0.003, 0.001],
+                          "final_val_loss": [2.5, 2.1, 2.3, 2.0, float("inf"), 2.0, 1.5, 1.7]})
+    # a: the middle rate; b: a tie (the smaller rate) and a diverged run never chosen; c: order of rows irrelevant
+    assert choose_learning_rates(sweep) == {"a": 0.003, "b": 0.001, "c": 0.003}
+    sweep.loc[sweep.model == "b", "final_val_loss"] = [float("nan"), float("inf"), 1.9]
+    assert choose_learning_rates(sweep)["b"] == 0.01
+    sweep.loc[sweep.model == "b", "final_val_loss"] = float("inf")
+    with pytest.raises(ValueError, match="every learning rate of b diverged"):
+        choose_learning_rates(sweep)
+    with pytest.raises(ValueError, match="final_val_loss"):
+        choose_learning_rates(sweep.drop(columns="final_val_loss"))
+
+
+def test_convergence_summary_intervals_over_seeds():
     evals = curves()
-    runs, summary, target, source, mean_curves = convergence_summary(runs_table(evals), evals)
-    assert target == pytest.approx(1.1) and source == "the worst final seed-mean validation loss (b)"
+    runs, summary = convergence_summary(runs_table(evals), evals, target=1.1)
     per_seed = runs.set_index(["model", "seed"]).steps_to_target
     assert per_seed[("a", 0)] == pytest.approx(10 * 1.9 / 2.0)  # 3.0 -> 1.0 over steps 0-10
     assert per_seed[("a", 1)] == pytest.approx(10 + 10 * 0.4 / 0.8) and per_seed[("b", 0)] == pytest.approx(19.0)
-    assert per_seed[("b", 1)] is None or pd.isna(per_seed[("b", 1)])  # ends at 1.2 > 1.1
+    assert pd.isna(per_seed[("b", 1)])  # ends at 1.2 > 1.1
+    assert list(summary.model) == ["a", "c", "b"]  # by final loss (a and c tie: by name)
     a = summary.set_index("model").loc["a"]
-    # a's mean curve: 3.0, 1.25, 0.6 -> reaches 1.1 between 10 and 20: 10 + 10 · 0.15 / 0.65
-    assert a.steps_to_target == pytest.approx(10 + 10 * 0.15 / 0.65)
+    assert a.final_val_loss == pytest.approx(0.6)
+    assert (a.final_val_loss_low, a.final_val_loss_high) == pytest.approx(t_bounds([0.5, 0.7, 0.6]))
+    assert a.final_val_ppl == pytest.approx(math.exp(0.6)) and a.final_val_ppl_high == pytest.approx(
+        math.exp(a.final_val_loss_high))
+    assert a.final_val_ppl_min == pytest.approx(math.exp(0.5)) and a.final_val_ppl_max == pytest.approx(math.exp(0.7))
+    steps_a = [per_seed[("a", s)] for s in range(3)]
+    assert a.steps_to_target == pytest.approx(np.mean(steps_a))
+    assert (a.steps_to_target_low, a.steps_to_target_high) == pytest.approx(t_bounds(steps_a))
     assert a.seconds_to_target == pytest.approx(a.steps_to_target / 10)
-    assert a.seeds_reaching_target == 2 and a.final_val_ppl_mean == pytest.approx((math.exp(0.5) + math.exp(0.7)) / 2)
+    assert a.seeds_reaching_target == 3 and a.learning_rate == 0.01 and a.seeds == 3
     b = summary.set_index("model").loc["b"]
-    assert b.steps_to_target == pytest.approx(20.0) and b.seeds_reaching_target == 1  # seed 1 ends at 1.2
-    assert mean_curves[mean_curves.model == "b"].val_loss.tolist() == pytest.approx([3.0, 2.25, 1.1])
-    _, _, target, source, _ = convergence_summary(runs_table(evals), evals, target_loss=2)
-    assert (target, source) == (2.0, "the target_loss parameter")
+    assert np.isnan(b.steps_to_target) and np.isnan(b.steps_to_target_low) and b.seeds_reaching_target == 2
+    assert b.steps_to_target_min == pytest.approx(10 + 10 * 1.1 / 1.3) and b.steps_to_target_max == pytest.approx(19.0)
+    with pytest.raises(ValueError, match="target"):
+        convergence_summary(runs_table(evals), evals, target=None)
+    with pytest.raises(ValueError, match="two or more"):
+        convergence_summary(runs_table(evals)[lambda f: f.seed == 0], evals, target=1.1)
 
 
-def test_ranking_margins_and_seed_separation():
+def test_separations_by_interval_and_by_paired_difference():
     evals = curves()
-    _, summary, _, _, _ = convergence_summary(runs_table(evals), evals)
-    rank = ranking(summary, [0, 1])
-    assert rank.fastest.model == "a" and rank.runner_up.model == "c"  # a and c tie; a's final loss sorts first
-    assert rank.step_margin == 0.0 and rank.step_ratio == 1.0 and rank.step_separated is False
-    assert rank.best_final.model == "a" and rank.final_margin == 0.0 and rank.final_separated is False
-    two = ranking(summary[summary.model != "c"].reset_index(drop=True), [0, 1])
-    assert two.runner_up.model == "b" and two.step_margin == pytest.approx(20 - two.fastest.steps_to_target)
-    # a's slowest seed reaches 1.1 at 15, before b's only seed at 19: beyond the spread
-    assert two.step_separated is True and two.final_separated is True
-    assert ranking(summary[summary.model == "a"], [0, 1]).runner_up is None
+    runs, summary = convergence_summary(runs_table(evals), evals, target=1.1)
+    pairs = separations(summary, runs, "final_val_loss").set_index(["a", "b"])
+    assert list(pairs.index) == [("a", "c"), ("a", "b"), ("c", "b")]
+    # a: 0.5/0.7/0.6 and b: 1.0/1.2/0.9: the intervals [0.352, 0.848] and [0.654, 1.41] overlap ...
+    assert t_bounds([0.5, 0.7, 0.6])[1] > t_bounds([1.0, 1.2, 0.9])[0]
+    assert not pairs.loc[("a", "b"), "separated"]
+    # ... but the per-seed differences -0.5, -0.5, -0.3 are consistently negative
+    diff = [-0.5, -0.5, -0.3]
+    assert pairs.loc[("a", "b"), "difference"] == pytest.approx(np.mean(diff))
+    assert (pairs.loc[("a", "b"), "difference_low"], pairs.loc[("a", "b"), "difference_high"]) == pytest.approx(
+        t_bounds(diff))
+    assert bool(pairs.loc[("a", "b"), "paired_separated"])
+    assert not pairs.loc[("a", "c"), "separated"] and not pairs.loc[("a", "c"), "paired_separated"]  # identical
+    assert pairs.loc[("a", "c"), ["difference_low", "difference_high"]].tolist() == [0.0, 0.0]  # no spread
+    far = runs.assign(final_val_loss=np.where(runs.model == "b", runs.final_val_loss + 2, runs.final_val_loss))
+    _, far_summary = convergence_summary(far.assign(final_val_ppl=np.exp(far.final_val_loss)), evals, target=1.1)
+    assert bool(separations(far_summary, far, "final_val_loss").set_index(["a", "b"]).loc[("a", "b"), "separated"])
+    steps = separations(summary, runs, "steps_to_target").set_index(["a", "b"])
+    assert not steps.loc[("a", "b"), "separated"] and np.isnan(steps.loc[("a", "b"), "difference"])  # b misses a seed
+    with pytest.raises(ValueError, match="column"):
+        separations(summary, runs, "params")
 
 
 def test_identical_pairs_and_format_steps():
@@ -92,20 +138,26 @@ def test_memory_fits_and_table():
 def test_run_row():
     run = SimpleNamespace(params=7, train_seconds=2.0, tokens_per_s=5.0, history=[{"train_loss": 2.5}],
                           evals=[{"val_loss": 3.0}, {"val_loss": 1.0, "val_ppl": math.e, "val_bpb": 1 / math.log(2)}])
-    row = run_row("bsbr", 1, run, steps=4, tokens=64)
-    assert row == {"model": "bsbr", "seed": 1, "params": 7, "steps": 4, "tokens": 64, "train_seconds": 2.0,
-                   "tokens_per_s": 5.0, "initial_val_loss": 3.0, "final_train_loss": 2.5, "final_val_loss": 1.0,
-                   "final_val_ppl": math.e, "final_val_bpb": 1 / math.log(2)}
+    row = run_row("bsbr", 1, run, steps=4, tokens=64, learning_rate=0.01)
+    assert row == {"model": "bsbr", "seed": 1, "learning_rate": 0.01, "params": 7, "steps": 4, "tokens": 64,
+                   "train_seconds": 2.0, "tokens_per_s": 5.0, "initial_val_loss": 3.0, "final_train_loss": 2.5,
+                   "final_val_loss": 1.0, "final_val_ppl": math.e, "final_val_bpb": 1 / math.log(2)}
 
 
 def test_check_training_parameters_names_the_bad_one():
-    good = dict(models=None, seeds=[0, 1], target_loss=None, memory_seq_lens=[256, 512], warmup_steps=2, steps=10,
-                batch_size=2, seq_len=8, hidden_dim=8, num_heads=2, threads=1)
+    good = dict(models=None, seeds=[0, 1], tune_seed=0, learning_rates=[0.001, 0.01], target_loss=None,
+                target_margin=0.1, confidence=0.95, ngram_orders=[1, 2, 3], memory_seq_lens=[256, 512],
+                warmup_steps=2, steps=10, batch_size=2, seq_len=8, hidden_dim=8, num_heads=2, threads=1)
     assert check_training_parameters(**good) == sorted(bsbr.available_models())
     for key, bad, match in (("models", ["nope"], "models"), ("models", [], "models"), ("seeds", [0, 0], "seeds"),
-                            ("seeds", [-1], "seeds"), ("steps", 0, "steps"), ("seq_len", 1, "seq_len"),
-                            ("hidden_dim", 9, "hidden_dim"), ("warmup_steps", 10, "warmup_steps"),
-                            ("target_loss", 0, "target_loss"), ("memory_seq_lens", [512, 256], "memory_seq_lens"),
+                            ("seeds", [-1, 0], "seeds"), ("seeds", [0], "seeds"), ("tune_seed", 5, "tune_seed"),
+                            ("learning_rates", [], "learning_rates"), ("learning_rates", [0.1, -1], "learning_rates"),
+                            ("learning_rates", [0.1, 0.1], "learning_rates"), ("steps", 0, "steps"),
+                            ("seq_len", 1, "seq_len"), ("hidden_dim", 9, "hidden_dim"),
+                            ("warmup_steps", 10, "warmup_steps"), ("target_loss", 0, "target_loss"),
+                            ("target_margin", -0.1, "target_margin"), ("confidence", 1.0, "confidence"),
+                            ("ngram_orders", [1, 3], "ngram_orders"), ("ngram_orders", [2, 9], "ngram_orders"),
+                            ("memory_seq_lens", [512, 256], "memory_seq_lens"),
                             ("memory_seq_lens", [256], "memory_seq_lens"), ("threads", 0, "threads")):
         with pytest.raises(ValueError, match=match):
             check_training_parameters(**{**good, key: bad})

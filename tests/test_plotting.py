@@ -12,8 +12,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import bsbr  # noqa: E402
-from bsbr.plotting import (COLORS, color, log_axes, plot_decode, plot_final_and_memory, plot_layers,  # noqa: E402
-                           plot_memory_curves, plot_passkey_accuracy, save_figure)
+from bsbr.plotting import (COLORS, color, log_axes, plot_decode, plot_layers, plot_memory_curves,  # noqa: E402
+                           plot_passkey_accuracy, plot_training, plot_training_memory, save_figure)
 
 
 def test_every_architecture_has_its_own_colour_and_variants_share_their_attention_colour():
@@ -79,13 +79,9 @@ def test_passkey_and_training_figures_draw_what_they_are_given():
     assert wide.axes[0].get_gridspec().get_geometry() == (2, 2)  # 3 panels + the legend
     with pytest.raises(ValueError, match="columns"):
         plot_passkey_accuracy(by_length, cells, ["original"], {"original": "O"}, 2, columns=0)
-    summary = pd.DataFrame({"model": ["bsbr", "gau"], "final_val_ppl_mean": [3.0, 2.0], "final_val_ppl_min": [2.9, 1.9],
-                            "final_val_ppl_max": [3.1, 2.1]})
     memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,
                            "peak_bytes": [2**20, 2**21, 2**21, 2**22]})
-    bars, lines = plot_final_and_memory(summary, memory, pd.Series({"bsbr": 1.0, "gau": 1.0}), ["bsbr", "gau"],
-                                        [256, 512], 1).axes
-    assert [p.get_width() for p in bars.patches] == [2.0, 3.0]  # lowest perplexity first
+    (lines,) = plot_training_memory(memory, pd.Series({"bsbr": 1.0, "gau": 1.0}), ["bsbr", "gau"], [256, 512], 1).axes
     assert [line.get_label() for line in lines.lines] == ["bsbr (exponent 1.00)", "gau (exponent 1.00)"]
     assert list(lines.lines[1].get_ydata()) == [2.0, 4.0]
     plt.close("all")
@@ -179,4 +175,27 @@ def test_plot_long_documents_one_style_per_variant_and_a_legend_panel():
     fig2 = plot_long_documents(bins, latency, steps, colors=colors, labels=labels, flat_from=4, reference_ppl=20.0,
                                ratio=1.5, trained_context=None)
     assert fig2.axes[0].get_yscale() == "log"
+    plt.close("all")
+
+
+def test_training_figure_bars_start_at_zero_and_floors_are_lines():
+    summary = pd.DataFrame({"model": ["gau", "bsbr"], "final_val_loss": [2.0, 2.5], "final_val_loss_low": [1.9, 2.3],
+                            "final_val_loss_high": [2.1, 2.7], "steps_to_target": [100.0, float("nan")],
+                            "steps_to_target_low": [80.0, float("nan")], "steps_to_target_high": [120.0, float("nan")],
+                            "seeds_reaching_target": [3, 1], "seeds": [3, 3]})
+    curves = pd.DataFrame({"model": ["gau"] * 2 + ["bsbr"] * 2, "step": [0, 10] * 2, "val_loss": [5.5, 2.0, 5.5, 2.5],
+                           "val_loss_min": [5.5, 1.9, 5.5, 2.4], "val_loss_max": [5.5, 2.1, 5.5, 2.6]})
+    floors = pd.DataFrame({"name": ["unigram", "bigram"], "val_loss": [3.4, 2.6]})
+    fig = plot_training(curves, summary, floors, 2.5, ["bsbr", "gau"])
+    curve_ax, loss_ax, steps_ax, legend_ax = fig.axes
+    assert [p.get_width() for p in loss_ax.patches] == [2.0, 2.5]  # in the summary's order (lowest loss first)
+    assert loss_ax.get_xlim()[0] == 0 and steps_ax.get_xlim()[0] == 0  # bars start at zero
+    assert [p.get_width() for p in steps_ax.patches] == [100.0, 0.0]  # no bar where a seed missed the target
+    assert "1/3 seeds reach it" in [t.get_text().strip() for t in steps_ax.texts][0]
+    floor_levels = sorted(line.get_ydata()[0] for line in curve_ax.lines if line.get_label().endswith("floor"))
+    assert floor_levels == [2.6, 3.4]
+    assert sorted(line.get_xdata()[0] for line in loss_ax.lines if line.get_label().endswith("floor")) == [2.6, 3.4]
+    labels = [t.get_text() for t in legend_ax.get_legend().get_texts()]
+    assert labels == ["bsbr", "gau", "unigram floor", "bigram floor", "target"]
+    assert not curve_ax.get_legend()  # the legend has its own panel, outside the data
     plt.close("all")

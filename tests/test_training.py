@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import bsbr
 from bsbr.fitting import fit_power_law
-from bsbr.training import (BYTE_VOCAB_SIZE, EOS_BYTE, FP32_ATTENTION, build_lm, encode_bytes, evaluate,
-                           evaluation_windows, learning_rate_at, measure_train_step_memory, model_config,
-                           random_windows, resolve_device_dtype, steps_to_reach, train_lm)
+from bsbr.training import (BYTE_VOCAB_SIZE, EOS_BYTE, FP32_ATTENTION, ByteNgram, build_lm, encode_bytes, evaluate,
+                           evaluation_windows, learning_rate_at, matched_ff_dims, measure_train_step_memory,
+                           model_config, ngram_floors, parameter_count, random_windows, resolve_device_dtype,
+                           steps_to_reach, train_lm)
 
 TINY = dict(hidden_dim=16, num_layers=1, num_heads=2, ff_dim=32, chunk_size=8)
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -210,3 +212,108 @@ def test_train_step_memory_in_a_fresh_process():
         measure_train_step_memory("nope", config, 16)
     with pytest.raises(ValueError, match="dtype"):
         measure_train_step_memory("standard", config, 16, dtype="int8")
+
+
+# ----------------------------------------------------------------------------- n-gram floors
+
+A, B, C = 97, 98, 99  # "a", "b", "c"
+
+
+def test_ngram_probabilities_by_hand():
+    """Stream "abab": unigram counts a 2, b 2 (N = 4); bigrams ab 2, ba 1 (contexts a 2, b 1); trigrams aba 1, bab 1."""
+    model = ByteNgram(torch.tensor([A, B, A, B]), order=3)
+    p1 = lambda count: (count + 256 / 256) / (4 + 256)  # alpha_1 = 256: one pseudo-count spread over the 256 bytes
+    # window "aba": position 1 is b after a (bigram: only one byte of context), position 2 is a after "ab" (trigram)
+    p2_b_a = (2 + 1 * p1(2)) / (2 + 1)  # alpha_2 = 1
+    p2_a_b = (1 + 1 * p1(2)) / (1 + 1)
+    p3_a_ab = (1 + 2 * p2_a_b) / (1 + 2)  # alpha_3 = 2
+    nll = model.nll(torch.tensor([[A, B, A]]), [256, 1, 2])
+    assert nll.shape == (1, 2)
+    assert nll[0].tolist() == pytest.approx([-math.log(p2_b_a), -math.log(p3_a_ab)])
+    # an unseen context falls back to the lower order exactly; an unseen byte keeps the smoothed mass
+    assert model.nll(torch.tensor([[C, B]]), [256, 1, 2])[0, 0] == pytest.approx(-math.log(p1(2)))
+    assert model.nll(torch.tensor([[A, C]]), [256, 1, 2])[0, 0] == pytest.approx(-math.log(1 * p1(0) / 3))
+    # a bigram model on the same window: position 2 from its one byte of context
+    bigram = ByteNgram(torch.tensor([A, B, A, B]), order=2)
+    assert bigram.nll(torch.tensor([[A, B, A]]), [256, 1])[0].tolist() == pytest.approx(
+        [-math.log(p2_b_a), -math.log(p2_a_b)])
+    # probabilities over the 256 bytes sum to one at every position
+    windows = torch.tensor([[A, B, x] for x in range(256)])
+    assert np.exp(-model.nll(windows, [3.0, 0.5, 2.0])[:, 1]).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="alphas"):
+        model.nll(torch.tensor([[A, B]]), [1.0, 1.0])
+    with pytest.raises(ValueError, match="alphas"):
+        model.nll(torch.tensor([[A, B]]), [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="windows"):
+        model.nll(torch.tensor([A, B]), [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="order"):
+        ByteNgram(torch.tensor([A, B]), order=0)
+    with pytest.raises(ValueError, match="stream"):
+        ByteNgram(torch.tensor([A, B]), order=3)
+    with pytest.raises(ValueError, match="stream"):
+        ByteNgram(torch.tensor([0.5, 1.0]), order=1)
+
+
+def test_ngram_floors_on_a_tiny_corpus():
+    rng = np.random.default_rng(0)
+    # each byte of "abc" is followed by the next with probability 0.9: a bigram model is far better than a unigram
+    stream = [A]
+    for _ in range(3000):
+        stream.append(A + (stream[-1] - A + 1) % 3 if rng.random() < 0.9 else int(rng.integers(A, A + 3)))
+    stream = torch.tensor(stream)
+    windows = evaluation_windows(stream[2000:], 16, 8)
+    grid = [0.1, 1.0, 10.0]
+    rows = ngram_floors(stream[:2000], windows, orders=(1, 2, 3), alphas=grid, holdout_fraction=0.25)
+    assert [r["name"] for r in rows] == ["unigram", "bigram", "trigram"]
+    assert rows[0]["val_loss"] > rows[1]["val_loss"] + 0.5  # the bigram structure is learned
+    assert rows[0]["val_loss"] == pytest.approx(math.log(3), abs=0.05)  # three bytes, nearly uniform
+    assert all(r["scored"] == 8 * 15 and r["train_bytes"] == 2000 for r in rows)
+    # each alpha is the grid value with the lowest loss on the held-out last quarter, counting on the rest
+    head, tail = stream[:1500], stream[1500:2000][None, :]
+    chosen = []
+    for n in (1, 2, 3):
+        model = ByteNgram(head, n)
+        losses = [float(model.nll(tail, chosen + [a]).mean()) for a in grid]
+        chosen.append(grid[int(np.argmin(losses))])
+        assert rows[n - 1]["alpha"] == chosen[-1] and rows[n - 1]["holdout_loss"] == pytest.approx(min(losses))
+    # the reported loss: counts on the whole training stream, scored on the windows' positions
+    full = ByteNgram(stream[:2000], 3)
+    assert rows[2]["val_loss"] == pytest.approx(float(full.nll(windows, chosen).mean()))
+    assert rows[1]["val_ppl"] == pytest.approx(math.exp(rows[1]["val_loss"]))
+    assert rows[1]["val_bpb"] == pytest.approx(rows[1]["val_loss"] / math.log(2))
+    for kwargs, match in ((dict(orders=(0, 2)), "orders"), (dict(orders=(2, 2)), "orders"), (dict(alphas=[]), "alphas"),
+                          (dict(alphas=[-1.0]), "alphas"), (dict(holdout_fraction=0.9), "holdout_fraction")):
+        with pytest.raises(ValueError, match=match):
+            ngram_floors(stream[:2000], windows, **kwargs)
+    with pytest.raises(ValueError, match="val_windows"):
+        ngram_floors(stream[:2000], stream[:10])
+
+
+# ----------------------------------------------------------------------------- parameter matching
+
+
+def test_matched_ff_dims_bring_every_count_within_the_tolerance():
+    names = bsbr.available_models()
+    sizes = dict(hidden_dim=16, num_layers=2, num_heads=2, ff_dim=128, chunk_size=8)
+    matched = matched_ff_dims(names, **sizes)
+    reference = parameter_count("standard", model_config("standard", **sizes))
+    assert list(matched) == names
+    for name, entry in matched.items():
+        config = model_config(name, **{**sizes, "ff_dim": entry["ff_dim"]})
+        assert entry["params"] == parameter_count(name, config) == sum(p.numel() for p in build_lm(name, config).parameters())
+        assert entry["reference_params"] == reference
+        assert abs(entry["params"] / reference - 1) <= 0.05 and entry["relative_difference"] == pytest.approx(
+            entry["params"] / reference - 1)
+        # the width is the best one: one unit more or less is not closer
+        for other in (entry["ff_dim"] - 1, entry["ff_dim"] + 1):
+            count = parameter_count(name, model_config(name, **{**sizes, "ff_dim": other}))
+            assert abs(count - reference) >= abs(entry["params"] - reference), (name, other)
+    assert matched["standard"]["ff_dim"] == 128 and matched["standard"]["relative_difference"] == 0
+    # at the default sizes (unmatched: 116k-152k) the bigger layers get a narrower feed-forward block
+    assert matched["gau"]["ff_dim"] < 128 and matched["bsbr"]["ff_dim"] < 128
+    with pytest.raises(ValueError, match="tolerance"):
+        matched_ff_dims(names, **sizes, tolerance=0)
+    with pytest.raises(ValueError, match="ff_dim: gau cannot be matched"):
+        matched_ff_dims(["gau"], **{**sizes, "ff_dim": 1})  # GAU's attention alone outweighs the reference
+    with pytest.raises(ValueError, match="name must be one of"):
+        matched_ff_dims(["nope"], **sizes)

@@ -90,14 +90,25 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
             "state.") in text
 
 
-def test_training_block_ranks_by_steps_then_final_perplexity():
-    row = lambda steps, ppl, exponent: {"steps_to_target": steps, "final_val_ppl_mean": ppl,
-                                        "final_val_ppl_min": ppl - 1, "final_val_ppl_max": ppl + 1,
-                                        "memory_exponent": exponent}
-    metrics = {"setup": {"hidden_dim": 64, "num_layers": 2, "steps": 100, "tokens_per_run": 102400, "seeds": 3},
-               "target_val_loss": 3.4472,
-               "models": {"bsbr": row(34.64, 23.8, 0.96), "linear": row(None, 31.5, 1.01), "gau": row(24.8, 17.3, 0.94)}}
+def test_training_block_ranks_by_loss_and_steps_with_intervals():
+    row = lambda loss, steps, rate, reached=3: {
+        "params": 116480, "learning_rate": rate, "final_val_loss": loss, "final_val_loss_low": loss - 0.01,
+        "final_val_loss_high": loss + 0.01, "steps_to_target": steps, "steps_to_target_low": None if steps is None else steps - 20,
+        "steps_to_target_high": None if steps is None else steps + 20, "seeds_reaching_target": reached}
+    metrics = {"setup": {"hidden_dim": 64, "num_layers": 2, "steps": 500, "tokens_per_run": 512000, "seeds": 3,
+                         "learning_rates": [0.001, 0.003, 0.01], "max_param_difference": 0.0011},
+               "ngram_floors": {"unigram": {"val_loss": 3.445}, "bigram": {"val_loss": 2.636}},
+               "target_val_loss": 2.536, "target_source": "the bigram floor minus 0.100 nats/byte",
+               "below_bigram_floor": ["gau", "bsbr"],
+               "separated": {"final_val_loss": [["gau", "linear"]], "final_val_loss_paired": [["gau", "linear"], ["gau", "bsbr"]],
+                             "steps_to_target": [], "steps_to_target_paired": [], "pairs": 3},
+               "models": {"bsbr": row(2.4, 250.0, 0.003), "linear": row(2.7, None, 0.01, 1), "gau": row(2.3, 300.0, 0.01)},
+               "load_average": {"before": [1.02, 1, 1], "after": [2.0, 2, 2]}, "run_seconds": 720.0,
+               "machine": {"threads": 1}}
     text = readme_results.training(metrics)
-    assert "(seed mean): gau 24.8, bsbr 34.6, linear not reached." in text
-    assert "over seeds): gau 17.3 [16.3, 18.3], bsbr 23.8 [22.8, 24.8], linear 31.5 [30.5, 32.5]." in text
-    assert "exponent 0.94–1.01 in the length for all 3" in text and "3 seeds" in text
+    assert "Final validation loss (nats/byte): gau 2.300 [2.290, 2.310], bsbr 2.400 [2.390, 2.410], linear 2.700" in text
+    assert "below the bigram floor: gau, bsbr." in text and "unigram 3.445, bigram 2.636" in text
+    assert "(the bigram floor minus 0.100 nats/byte): bsbr 250 [230, 270], gau 300 [280, 320], linear not reached (1/3 seeds)" in text
+    assert "1 of 3 pairs by final loss (2 by the seed-paired difference), 0 by steps (0 paired)" in text
+    assert "matched within 0.1%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
+    assert "12.0 min on 1 thread(s); load average 1.02 at the start, 2.00 at the end." in text
