@@ -23,10 +23,10 @@ from bsbr.experiment import check_ints
 from bsbr.streaming_eval import binned_nll, stream_nll
 
 __all__ = ["BLOCK_OPTIONS", "DECODE_RATIO", "DECODE_STEP_SECONDS", "FLAT_RATIO", "NLL_TOLERANCE", "STREAM_COST",
-           "VARIANTS",
-           "check_long_document_parameters", "choose_play", "decode_goal", "decode_latency", "decode_positions",
-           "estimate_stream_seconds", "flatness", "flatness_against_original", "held_out_plays", "late_perplexity", "memory_table",
-           "perplexity_bins", "steps_table", "stream_matches_full_forward", "stream_windows"]
+           "VARIANTS", "check_long_document_parameters", "choose_play", "decode_goal", "decode_latency",
+           "decode_positions", "estimate_stream_seconds", "flatness", "flatness_against_original", "held_out_plays",
+           "late_perplexity", "memory_table", "perplexity_bins", "steps_table", "stream_matches_full_forward",
+           "stream_windows"]
 
 #: Max |NLL difference| (nats) allowed between the stream and one full forward on the first tokens.
 NLL_TOLERANCE = 1e-3
@@ -234,13 +234,14 @@ def flatness(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = F
 
 
 def flatness_against_original(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = FLAT_RATIO,
-                              early_reference: str = "original", late_reference: str = "original_fresh") -> pd.DataFrame:
+                              early_reference: str = "original",
+                              late_reference: str = "original_fresh") -> pd.DataFrame:
     """The flatness goal with the text held fixed: a variant's perplexity in a bin divided by the original's on the
     *same* tokens, where the original is within its trained context — ``early_reference`` (the original's KV-cache
-    stream) in the bins that end by ``flat_from``, ``late_reference`` (the original started fresh on the late stretch)
-    in the bins at or beyond it, less its first bin (almost no context there). Per-bin perplexity on a play swings 2-4× with the text itself (a song, a list of
-    names); the ratio removes that and leaves what the long context costs. ``met`` when no late ratio exceeds
-    ``ratio`` × the median early ratio.
+    stream) in the bins that end by ``flat_from``, ``late_reference`` (the original started fresh on the late
+    stretch) in the bins at or beyond it, less its first bin (almost no context there). Per-bin perplexity on a play
+    swings 2-4× with the text itself (a song, a list of names); the ratio removes that and leaves what the long
+    context costs. ``met`` when no late ratio exceeds ``ratio`` × the median early ratio.
 
     Args:
         bins: :func:`perplexity_bins` rows (``variant``, ``start``, ``end``, ``tokens``, ``ppl``).

@@ -14,10 +14,11 @@
   the page; other printed lines stay, a ``\\r`` redraw collapsed to its final state.
 * A notebook with an error output (a failed run) is not rendered: FailedNotebookError.
 * Layout (:func:`report_layout`, what a reader sees first): the question (the first markdown cell), then a
-  ``<section class="what-we-found">`` box with the run's summary cells and the headline figure beside them, then
-  the body, then collapsed ``<details class="appendix">``: the set-up cells (parameters, provenance, run log) and
-  each "Appendix" section. Summary cells, in order of precedence: cells tagged ``summary``; the section under a
-  markdown heading "What we found" / "Conclusion(s)" / "Summary"; a code cell whose output has such a heading; the
+  ``<section class="what-we-found">`` box with the headline figure across its top (readable) and the run's summary
+  cells below it, then the body, then collapsed ``<details class="appendix">``: the set-up cells (parameters,
+  provenance, run log) and each "Appendix" section. Summary cells, in order of precedence: cells tagged
+  ``summary``; the section under a markdown heading "What we found" / "Conclusion(s)" / "Summary" (the heading
+  becomes the box's own); a code cell whose output has such a heading; the
   run of cells with outputs right before the first appendix heading. Headline figure: a cell tagged
   ``headline-figure``; else the first figure of the summary; else the nearest figure before the summary, else after
   it. Appendices: cells tagged ``appendix`` and every section under a heading "Appendix ..." / "Appendices".
@@ -121,12 +122,14 @@ SUMMARY_IN_OUTPUT = re.compile(r"<h[1-4][^>]*>\s*(what we found|conclusions?)\b"
 
 _LAYOUT_CSS = """
 main { max-width: 1400px; margin: 0 auto; box-sizing: border-box; }
-section.what-we-found { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 1em;
-  align-items: start; border: 2px solid #2b6cb0; border-radius: 6px; padding: 0.4em 1em; margin: 0.8em 0 1.2em; }
-section.what-we-found > h2 { grid-column: 1 / -1; margin: 0.3em 0 0;
+section.what-we-found { display: grid; grid-template-columns: minmax(0, 1fr); gap: 0.6em;
+  border: 2px solid #2b6cb0; border-radius: 6px; padding: 0.4em 1em; margin: 0.8em 0 1.2em; }
+section.what-we-found > h1, section.what-we-found > h2, section.what-we-found > h3 { order: 0; margin: 0.3em 0 0;
   font-family: var(--jp-content-font-family, system-ui, sans-serif); }
-section.what-we-found > .what-we-found-figure { position: sticky; top: 0; }
-@media (max-width: 900px) { section.what-we-found { grid-template-columns: minmax(0, 1fr); } }
+section.what-we-found > .what-we-found-figure { order: 1; }
+section.what-we-found > .what-we-found-text { order: 2; }
+/* the headline figure first, across the box (its legend and labels readable), at most ~60% of the window high */
+section.what-we-found > .what-we-found-figure img { display: block; margin: 0 auto; max-height: 62vh; width: auto; }
 details.appendix { border-top: 1px solid #ccc; margin: 0.6em 0; padding: 0.3em 0; }
 details.appendix > summary { cursor: pointer; font-weight: bold; font-size: 1.1em; padding: 0.3em 0; }
 .table-scroll { max-width: 100%; overflow-x: auto; }
@@ -246,11 +249,14 @@ def arrange(html: str, nb) -> str:
         text = soup.new_tag("div", attrs={"class": "what-we-found-text"})
         for i in layout["summary"]:
             text.append(cell(i))
-        headings = " ".join(h.get_text() for h in text.find_all(re.compile("^h[1-4]$")))
-        if not re.search(r"what we found", headings, re.IGNORECASE):
+        found = [h for h in text.find_all(re.compile("^h[1-4]$")) if re.search(r"what we found", h.get_text(),
+                                                                                re.IGNORECASE)]
+        if found:  # the box's own heading, above the figure
+            heading = found[0].extract()
+        else:
             heading = soup.new_tag("h2")
             heading.string = "What we found"
-            box.append(heading)
+        box.append(heading)
         box.append(text)
         if layout["figure"] is not None:
             figure = soup.new_tag("div", attrs={"class": "what-we-found-figure"})

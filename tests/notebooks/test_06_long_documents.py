@@ -131,7 +131,8 @@ def test_metrics_json_matches_the_data(smoke):
     paired = metrics["flatness_against_original"]["blocks"]  # blocks / original on the same tokens
     early = [bins["blocks", s] / bins["original", s] for s in (0, 128)]  # bins ending by flat_from = 256
     late = bins["blocks", 384] / bins["original_fresh", 384]  # the fresh original's first bin (256) is left out
-    assert (paired["bins_before"], paired["bins_beyond"], paired["exceeding"]) == (2, 1, int(late > 1.5 * np.median(early)))
+    exceeding = int(late > 1.5 * np.median(early))
+    assert (paired["bins_before"], paired["bins_beyond"], paired["exceeding"]) == (2, 1, exceeding)
     assert paired["reference_ratio"] == pytest.approx(np.median(early), rel=1e-3)
     assert paired["max_beyond_ratio"] == pytest.approx(late, rel=1e-3)
     assert paired["met"] == bool(late <= 1.5 * np.median(early))
