@@ -484,6 +484,9 @@ def test_report_layout_puts_what_we_found_first_and_appendices_in_details(tmp_pa
     box = parts[1]
     assert box["class"] == ["what-we-found"]
     assert [h.get_text(strip=True).rstrip("¶") for h in box.find_all("h2")] == ["What we found"]  # the notebook's own
+    children = box.find_all(recursive=False)  # its heading leads the box, then the text and the figure (CSS order)
+    assert children[0].name == "h2" and [c.get("class") for c in children[1:]] == [["what-we-found-text"],
+                                                                                   ["what-we-found-figure"]]
     assert "x is 1" in box.get_text() and "met" in box.get_text()
     assert [img["src"][:22] for img in box.find_all("img")] == ["data:image/png;base64,"]  # the headline figure
     assert box.find("div", class_="what-we-found-figure").find("img") is not None
