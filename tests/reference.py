@@ -1,4 +1,5 @@
-"""Plain, obviously-correct O(n²) references used by the tests: explicit masks, Python loops over chunks."""
+"""Plain, obviously-correct O(n²) references used by the tests: explicit masks, Python loops over chunks; and
+:func:`stream`, a layer fed in pieces through its state."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from bsbr.baselines.linear import LINEAR_ATTENTION_EPS
 from bsbr.convert import BSBRGPT2Attention, BSBRLlamaAttention
+
+
+def stream(layer, x, pieces):
+    """Feed ``x`` ``[batch, seq_len, hidden]`` to ``layer`` in pieces of the given lengths; return (outputs, state)."""
+    assert sum(pieces) == x.shape[1]
+    outputs, state, start = [], None, 0
+    for length in pieces:
+        out, state = layer(x[:, start : start + length], state=state, return_state=True)
+        assert out.shape == (x.shape[0], length, x.shape[2])
+        outputs.append(out)
+        start += length
+    return torch.cat(outputs, dim=1), state
 
 
 def dense_bsbr(attn, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import bsbr
 from bsbr import BSBRAttention, StandardAttention
 from bsbr.attention import bsbr_attention, chunk_mean
-from tests.reference import dense_block_attention, dense_bsbr, dense_causal_attention
+from tests.reference import dense_block_attention, dense_bsbr, dense_causal_attention, stream
 
 HIDDEN, HEADS = 32, 4
 
@@ -248,12 +248,8 @@ def test_blocks_streaming_equals_the_full_forward(pieces):
     x = double_input(2, sum(pieces))
     with torch.no_grad():
         full, full_state = attn(x, return_state=True)
-        outputs, state, start = [], None, 0
-        for length in pieces:
-            out, state = attn(x[:, start:start + length], state=state, return_state=True)
-            outputs.append(out)
-            start += length
-    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=1e-12, rtol=0)
+        streamed, state = stream(attn, x, pieces)
+    torch.testing.assert_close(streamed, full, atol=1e-12, rtol=0)
     assert state.num_tokens == full_state.num_tokens == sum(pieces)
     # the state is a KV cache plus the block summaries: its bytes are the formula of state_nbytes
     assert state.nbytes() == full_state.nbytes() == attn.state_nbytes(sum(pieces), batch_size=2)

@@ -12,6 +12,7 @@ from torch import nn
 
 import bsbr
 from bsbr import BSBRAttention, build_model
+from tests.reference import stream
 
 HIDDEN, HEADS, CHUNK = 32, 4, 4
 HEAD_DIM = HIDDEN // HEADS
@@ -36,18 +37,6 @@ def make_bsbr(compression_factor=None, chunk_size=CHUNK, seed=0):
 
 def random_hidden(batch, seq_len, seed=1):
     return torch.randn(batch, seq_len, HIDDEN, generator=torch.Generator().manual_seed(seed))
-
-
-def stream(layer, x, pieces):
-    """Feed ``x`` ``[batch, seq_len, hidden]`` to ``layer`` in pieces of the given lengths; return (outputs, state)."""
-    assert sum(pieces) == x.shape[1]
-    outputs, state, start = [], None, 0
-    for length in pieces:
-        out, state = layer(x[:, start : start + length], state=state, return_state=True)
-        assert out.shape == (x.shape[0], length, x.shape[2])
-        outputs.append(out)
-        start += length
-    return torch.cat(outputs, dim=1), state
 
 
 def random_pieces(total, high, seed):
