@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from bsbr._checks import check_heads, check_positive_number
 from bsbr.fitting import fit_power_law
 from bsbr.experiment import check_ints
 from bsbr.registry import available_models
@@ -63,18 +64,16 @@ def check_training_parameters(models, seeds, *, tune_seed, learning_rates, targe
         raise ValueError(f"tune_seed must be one of seeds {seeds}, got {tune_seed!r}")
     if not isinstance(learning_rates, list) or not learning_rates or len(set(learning_rates)) != len(learning_rates):
         raise ValueError(f"learning_rates must be a non-empty list of distinct numbers > 0, got {learning_rates!r}")
-    for i, rate in enumerate(learning_rates):
-        _number(rate, 0.0, f"learning_rates[{i}]")
+    check_positive_number(**{f"learning_rates[{i}]": rate for i, rate in enumerate(learning_rates)})
     check_ints(1, steps=steps, **positive)
     if positive.get("seq_len", 2) < 2:
         raise ValueError(f"seq_len must be >= 2 (one predicted token per window), got {positive['seq_len']}")
-    if "hidden_dim" in positive and positive["hidden_dim"] % positive["num_heads"]:
-        raise ValueError(f"hidden_dim ({positive['hidden_dim']}) must be divisible by num_heads "
-                         f"({positive['num_heads']})")
+    if "hidden_dim" in positive:
+        check_heads(positive["hidden_dim"], positive["num_heads"])
     if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or not 0 <= warmup_steps < steps:
         raise ValueError(f"warmup_steps must be an integer in [0, steps={steps}), got {warmup_steps!r}")
     if target_loss is not None:
-        _number(target_loss, 0.0, "target_loss")
+        check_positive_number(target_loss=target_loss)
     _number(target_margin, 0.0, "target_margin", open_low=False)
     _number(confidence, 0.0, "confidence", high=1.0)
     if (not isinstance(ngram_orders, list) or 2 not in ngram_orders or len(set(ngram_orders)) != len(ngram_orders)

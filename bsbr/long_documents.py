@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bsbr._checks import check_positive_int, check_positive_number
 from bsbr.data import SPLITS, load_split
 from bsbr.experiment import check_ints
 from bsbr.streaming_eval import binned_nll, stream_nll
@@ -252,13 +253,10 @@ def flatness_against_original(bins: pd.DataFrame, flat_from: int, bin_size: int,
         ``reference_ratio`` (median early ratio), ``max_beyond_ratio`` at ``max_beyond_start``,
         ``max_over_reference``, ``exceeding``, ``met`` (None without paired bins on both sides).
     Raises:
-        ValueError: ``ratio`` not above 0, or ``bin_size`` / ``flat_from`` not positive ints.
+        ValueError: ``ratio`` not a finite number above 0, or ``bin_size`` / ``flat_from`` not positive ints.
     """
-    if not isinstance(ratio, (int, float)) or not ratio > 0:
-        raise ValueError(f"ratio must be a number > 0, got {ratio!r}")
-    for name, value in (("bin_size", bin_size), ("flat_from", flat_from)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_positive_number(ratio=ratio)
+    check_positive_int(bin_size=bin_size, flat_from=flat_from)
     full = bins[bins.tokens == bin_size]
     early = full[(full.variant == early_reference) & (full.end <= flat_from)].set_index("start").ppl
     late = full[(full.variant == late_reference) & (full.start >= flat_from)].set_index("start").ppl.sort_index()

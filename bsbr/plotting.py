@@ -13,6 +13,8 @@ import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 
+from bsbr._checks import check_positive_int
+
 # bsbr.scaling (the benchmark stack) is imported by the scaling figures only: a notebook that draws other figures
 # does not load it, so its DVC stage does not depend on it.
 
@@ -234,8 +236,7 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int,
     Raises:
         ValueError: ``columns`` < 1.
     """
-    if not isinstance(columns, int) or columns < 1:
-        raise ValueError(f"columns must be an int >= 1, got {columns!r}")
+    check_positive_int(columns=columns)
     lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
     offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
     panels = 1 + len(lengths)
