@@ -15,6 +15,7 @@ and returns an :class:`Experiment`. The notebooks that study the calibrated conv
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import os
@@ -60,6 +61,34 @@ def check_ints(minimum: int = 1, allow_none: bool = False, **values) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             extra = " or None" if allow_none else ""
             raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+#: glibc ``mallopt`` parameters (``<malloc.h>``) and what :func:`keep_freed_memory` sets them to.
+_MALLOPT = {"M_MMAP_THRESHOLD": (-3, 2**31 - 1), "M_TRIM_THRESHOLD": (-1, 2**31 - 1), "M_TOP_PAD": (-2, 2**28)}
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's ``malloc`` keep freed memory for the next allocation instead of handing it back to the OS.
+
+    By default glibc serves a large allocation (above its mmap threshold, at most 32 MiB) from fresh pages of its own
+    ``mmap`` and returns them when it is freed, so a forward pass that allocates and frees tensors of the same sizes
+    chunk after chunk pays a page fault per 4 KiB page every time. This sets ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` to 2 GiB and ``M_TOP_PAD`` to 256 MiB (``mallopt``) for the rest of the process. Measured
+    on this project's 2-core machine: gathering 5,376 blocks of 64 keys (22 MB) took ~29 ms on fresh pages and ~7 ms
+    on reused ones, and an 8,192-token forward of SmolLM2 with block retrieval 58 s and 36 s. The cost: the process
+    keeps the memory of its peak (its resident size does not shrink afterwards). Timings compare like with like
+    only when every timed variant runs in the same process (a notebook calls this once, before its timings).
+
+    Returns:
+        True when every setting was accepted; False where the C library has no ``mallopt`` (macOS, Windows) or
+        refused one — then nothing or only part was changed.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # no mallopt (macOS), no process symbol table (Windows)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([mallopt(param, value) == 1 for param, value in _MALLOPT.values()])
 
 
 def start_experiment(params: dict, threads: int | None = None, seed: int | None = None) -> Experiment:

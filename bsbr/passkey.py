@@ -252,20 +252,24 @@ def token_stream(tokenizer, documents) -> torch.Tensor:
     return torch.tensor(stream, dtype=torch.long)
 
 
-def filler_starts(stream_tokens: int, lengths, depths, trials: int) -> dict[tuple, int]:
+def filler_starts(stream_tokens: int, lengths, depths, trials: int, trials_at: dict | None = None) -> dict[tuple, int]:
     """Where in the stream each (length, depth, trial) cell takes its filler: spread evenly over the whole stream.
 
-    Cells are numbered trial-major (``i = trial·|lengths|·|depths| + length index·|depths| + depth index``) and
-    cell ``i`` starts at ``i·stride``, ``stride = (stream_tokens - max(lengths)) // (cells - 1)``: every cell starts
-    elsewhere, and the trials of one (length, depth) are ``|lengths|·|depths|`` strides apart (a ``1/trials`` share
-    of the stream).
+    Cells are numbered trial-major (``i = trial·|lengths|·|depths| + length index·|depths| + depth index``, skipping
+    the trials a length does not run) and cell ``i`` starts at ``i·stride``, ``stride = (stream_tokens -
+    max(lengths)) // (cells - 1)``: every cell starts elsewhere, and the trials of one (length, depth) are about
+    ``|lengths|·|depths|`` strides apart (a ``1/trials`` share of the stream).
 
+    Args:
+        trials: trials per (length, depth) cell; ``trials_at``: length -> its own count instead (e.g. fewer at the
+            longest lengths), lengths not in it run ``trials``.
     Returns:
         ``{(length, depth, trial): start}`` (tokens).
     Raises:
         ValueError: a stream too short for ``max(lengths)`` tokens from a distinct start for every cell.
     """
-    cells = [(n, d, t) for t in range(trials) for n in lengths for d in depths]
+    count = {n: (trials_at or {}).get(n, trials) for n in lengths}
+    cells = [(n, d, t) for t in range(max(count.values())) for n in lengths for d in depths if t < count[n]]
     room = stream_tokens - max(lengths)
     stride = room // max(len(cells) - 1, 1)
     if room < 0 or (len(cells) > 1 and stride < 1):
@@ -275,7 +279,7 @@ def filler_starts(stream_tokens: int, lengths, depths, trials: int) -> dict[tupl
 
 
 def passkey_trials(tokenizer, stream: torch.Tensor | None, lengths, depths, trials: int, seed: int,
-                   task: str = "fact_in_text") -> list[dict]:
+                   task: str = "fact_in_text", trials_at: dict | None = None) -> list[dict]:
     """Every (length, depth, trial) sample once; the variants all score these.
 
     ``task`` names a :data:`bsbr.analysis.PASSKEY_TEMPLATES` entry. With real-text filler (``"fact_in_text"``) each
@@ -283,25 +287,31 @@ def passkey_trials(tokenizer, stream: torch.Tensor | None, lengths, depths, tria
     repeated filler (``"passkey"``: Mohtashami & Jaggi's sentences) every cell has the same filler, ``stream`` is not
     read (may be None) and ``filler_start`` is None. Each sample gets its own 5-digit passkey drawn from
     ``torch.Generator().manual_seed(seed)`` in (length, depth, trial) order. The same arguments give the same samples.
+    ``trials_at`` maps a length to its own number of trials (lengths not in it run ``trials``).
 
     Returns:
         dicts ``{length, depth, trial, filler_start, passkey, input_ids, answer_start, fact_start, fact_end,
         answer_ids}`` (:func:`bsbr.analysis.passkey_sample`), in (length, depth, trial) order.
     Raises:
-        ValueError: unknown ``task``; ``stream`` too short (:func:`filler_starts`).
+        ValueError: unknown ``task``; a ``trials_at`` entry not a positive integer for one of ``lengths``;
+            ``stream`` too short (:func:`filler_starts`).
     """
     if task not in PASSKEY_TEMPLATES:
         raise ValueError(f"task must be one of {sorted(PASSKEY_TEMPLATES)}, got {task!r}")
+    trials_at = dict(trials_at or {})
+    for n, count in trials_at.items():
+        if n not in lengths or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"trials_at must map lengths of {list(lengths)} to integers >= 1, got {n!r}: {count!r}")
     template = PASSKEY_TEMPLATES[task]
     if template.filler is None:
-        starts = filler_starts(len(stream), lengths, depths, trials)
+        starts = filler_starts(len(stream), lengths, depths, trials, trials_at)
     else:
         repeated = repeated_filler(tokenizer, template, max(lengths))
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for length in lengths:
         for depth in depths:
-            for trial in range(trials):
+            for trial in range(trials_at.get(length, trials)):
                 passkey = str(int(torch.randint(10_000, 100_000, (1,), generator=generator)))
                 start = starts[(length, depth, trial)] if template.filler is None else None
                 filler = stream[start:] if template.filler is None else repeated

@@ -223,7 +223,7 @@ def plot_layers(layers, seq_lens):
     return fig
 
 
-def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int, columns: int = 3):
+def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int | dict, columns: int = 3):
     """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (first
     panel, log₂ axis), then accuracy against fact depth, one panel per length; variants side by side (small x
     offsets), one colour each. The panels fill a grid of ``columns`` columns; the legend takes the grid's first free
@@ -231,13 +231,16 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int,
 
     Args:
         by_length: ``[length, variant, accuracy, ci_low, ci_high]``; cells: the same per ``[length, depth, variant]``.
-        variants: the variants drawn; labels: variant -> legend label; trials: trials per (length, depth) cell.
+        variants: the variants drawn; labels: variant -> legend label; trials: trials per (length, depth) cell, or
+            length -> trials where lengths differ (shown in the panel titles).
         columns: panels per row (>= 1).
     Raises:
         ValueError: ``columns`` < 1.
     """
     check_positive_int(columns=columns)
     lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
+    per_cell = {n: trials[n] if isinstance(trials, dict) else trials for n in lengths}
+    pooled = sorted({len(depths) * t for t in per_cell.values()})
     offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
     panels = 1 + len(lengths)
     columns = min(columns, panels + 1)  # room for the legend's cell
@@ -251,12 +254,12 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int,
     axes[0].set_xticks(np.log2(lengths), [f"{n:,}" for n in lengths])
     axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
     axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
-                title=f"all depths pooled (n = {len(depths) * trials} / point)")
+                title=f"all depths pooled (n = {'–'.join(map(str, pooled[::max(len(pooled) - 1, 1)]))} / point)")
     for index, (ax, length) in enumerate(zip(axes[1:], lengths), start=1):
         for variant in variants:
             group = cells[(cells.length == length) & (cells.variant == variant)]
             errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
-        ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length:,} tokens (n = {trials} / point)",
+        ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length:,} tokens (n = {per_cell[length]} / point)",
                ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
         if index % columns:
             ax.set_ylabel("")

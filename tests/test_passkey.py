@@ -58,6 +58,25 @@ def test_filler_starts_spread_every_cell_over_the_stream_trial_major():
         filler_starts(199, [200], [0.5], 1)
 
 
+def test_filler_starts_and_passkey_trials_take_a_trial_count_per_length():
+    starts = filler_starts(1000, [100, 200], [0.0, 1.0], 2, {200: 1})  # 6 cells, (1000 - 200) // 5 = 160 apart
+    assert starts == {(100, 0.0, 0): 0, (100, 1.0, 0): 160, (200, 0.0, 0): 320, (200, 1.0, 0): 480,
+                      (100, 0.0, 1): 640, (100, 1.0, 1): 800}
+    assert filler_starts(1000, [100, 200], [0.0, 1.0], 2, {}) == filler_starts(1000, [100, 200], [0.0, 1.0], 2)
+    stream = torch.arange(1, 4001) % 90 + 33
+    samples = passkey_trials(CharTokenizer(), stream, [100, 200], [0.0, 1.0], 2, seed=0, trials_at={200: 3})
+    assert [(s["length"], s["depth"], s["trial"]) for s in samples] == (
+        [(100, d, t) for d in (0.0, 1.0) for t in range(2)] + [(200, d, t) for d in (0.0, 1.0) for t in range(3)])
+    plain = passkey_trials(CharTokenizer(), stream, [100, 200], [0.0, 1.0], 2, seed=0)
+    assert [s["passkey"] for s in samples[:4]] == [s["passkey"] for s in plain[:4]]  # drawn in the same order
+    repeated = passkey_trials(CharTokenizer(), None, [600, 700], [0.5], 2, seed=0, task="passkey", trials_at={700: 1})
+    assert [(s["length"], s["trial"], s["filler_start"]) for s in repeated] == [(600, 0, None), (600, 1, None),
+                                                                                (700, 0, None)]
+    for bad in ({300: 1}, {200: 0}, {200: True}, {200: 1.5}):
+        with pytest.raises(ValueError, match="trials_at must map lengths"):
+            passkey_trials(CharTokenizer(), stream, [100, 200], [0.0], 1, seed=0, trials_at=bad)
+
+
 def test_passkey_trials_start_elsewhere_per_cell_and_are_deterministic_by_seed():
     stream = torch.arange(1, 4001) % 90 + 33  # printable characters, no EOS
     samples = passkey_trials(CharTokenizer(), stream, [200], [0.0, 1.0], 2, seed=0)

@@ -77,6 +77,11 @@ def test_passkey_and_training_figures_draw_what_they_are_given():
                                  pd.concat([cells, cells.assign(length=1024)]), ["original", "calibrated"],
                                  {"original": "O", "calibrated": "C"}, 2, columns=2)
     assert wide.axes[0].get_gridspec().get_geometry() == (2, 2)  # 3 panels + the legend
+    mixed = plot_passkey_accuracy(pd.concat([by_length, by_length.assign(length=1024)]),
+                                  pd.concat([cells, cells.assign(length=1024)]), ["original", "calibrated"],
+                                  {"original": "O", "calibrated": "C"}, {512: 2, 1024: 1})  # fewer trials at 1,024
+    assert [ax.get_title() for ax in mixed.axes[:3]] == ["all depths pooled (n = 2–4 / point)",
+                                                         "512 tokens (n = 2 / point)", "1,024 tokens (n = 1 / point)"]
     with pytest.raises(ValueError, match="columns"):
         plot_passkey_accuracy(by_length, cells, ["original"], {"original": "O"}, 2, columns=0)
     memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,

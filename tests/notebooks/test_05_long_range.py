@@ -17,7 +17,8 @@ from tests.conftest import run_notebook_smoke
 CHUNK, SINKS, WINDOW, BLOCK, TOP_K = 128, 4, 256, 32, 2
 LENGTHS, DEPTHS, TRIALS = [512], [0.05, 0.95], 2
 VARIANTS = ["blocks_mean", "blocks_minmax", "exact_region", "original", "sliding_window", "terraced"]  # sorted
-SMOKE = {"task": "passkey", "split": "validation", "lengths": LENGTHS, "long_lengths": [], "depths": DEPTHS, "trials": TRIALS,
+SMOKE = {"task": "passkey", "split": "validation", "lengths": LENGTHS, "long_lengths": [], "long_trials": None, "depths": DEPTHS,
+         "trials": TRIALS,
          "variants": ["original", "blocks_minmax", "blocks_mean", "exact_region", "terraced", "sliding_window"],
          "chunk_size": CHUNK, "blocks_options": {"block_size": BLOCK, "top_k": TOP_K, "selection": "group",
                                                  "sink_size": SINKS, "dense_layers": []},
@@ -142,6 +143,9 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     assert metrics["attended_tokens"]["blocks_mean"] == {"512": 2 * CHUNK + SINKS + TOP_K * BLOCK}
     assert metrics["headline_trials_needed"] == 39 and metrics["full_profile_estimated_hours"] > 0
     assert metrics["machine"]["threads"] == 1 and metrics["machine"]["cores"] >= 1  # the timings' machine header
+    assert metrics["load_average"]["before"] == metrics["machine"]["load_average"]  # and after the forwards
+    assert len(metrics["load_average"]["after"]) == 3 and metrics["freed_memory_kept"] is True
+    assert metrics["long_trials_per_cell"] == TRIALS  # long_trials None: as trials
     for variant in ("blocks_minmax", "blocks_mean"):  # 512 tokens is below every goal length
         assert metrics["goals"][variant] == {"accuracy_to_8k": "not measured", "not_below_original": "not measured",
                                              "attended_at_8k": "met", "accuracy_past_8k": "not measured"}
@@ -158,7 +162,8 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     correct = int(trials[trials.variant == "original"].correct.sum())
     assert f"({correct}/4)" in first
     html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
-    for line in ("git revision:", "threads: 1", "CPU:", "The pass key is",
+    assert "Load average (1 min)" in first
+    for line in ("git revision:", "threads: 1", "CPU:", "The pass key is", "keeps freed memory for reuse",
                  "model: SmolLM2-135M-Instruct.Q4_1.gguf", "-p trials=8", "Appendix C"):
         assert line in html, line
     assert "samples:" not in html and "IProgress" not in html
