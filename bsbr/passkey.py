@@ -496,10 +496,13 @@ def profile_seconds(times: pd.DataFrame, lengths: dict, samples_per_length: int)
     return pd.DataFrame(rows, columns=["variant", "length", "forward_s", "extrapolated", "seconds"])
 
 
-def out_of_reach(trials: pd.DataFrame) -> pd.DataFrame:
+def out_of_reach(trials: pd.DataFrame, lengths=None) -> pd.DataFrame:
     """The trials whose fact neither the exact region nor the sliding window sees (only these test long-range
-    retrieval): rows of ``trials`` with ``fact_visible_exact_region`` and ``fact_visible_window`` both False."""
-    return trials[~trials.fact_visible_exact_region.astype(bool) & ~trials.fact_visible_window.astype(bool)]
+    retrieval): rows of ``trials`` with ``fact_visible_exact_region`` and ``fact_visible_window`` both False; with
+    ``lengths``, only at those lengths (the ones every variant ran, so that the variants are compared on the same
+    samples: ``long_lengths`` are run by the variants past the trained range alone)."""
+    far = trials[~trials.fact_visible_exact_region.astype(bool) & ~trials.fact_visible_window.astype(bool)]
+    return far if lengths is None else far[far.length.isin(list(lengths))]
 
 
 def answer_logprob_table(trials: pd.DataFrame, reference: str = "original", resamples: int = 2000,
@@ -539,9 +542,10 @@ def answer_logprob_table(trials: pd.DataFrame, reference: str = "original", resa
 def headline_table(by_length: pd.DataFrame, far: pd.DataFrame, attended: pd.DataFrame, variants,
                    lengths) -> pd.DataFrame:
     """The "what we found" table: one row per variant (its :data:`VARIANTS` label), per length its accuracy with
-    Wilson interval and n (:func:`format_accuracy`; ``—`` where it did not run), the out-of-reach accuracy (all
-    lengths pooled: :func:`out_of_reach`), and the attended tokens per query at each of its lengths (``"772 at
-    2,048; 772 at 4,096"``; ``(+ states)`` where older chunks are also read from compressed states).
+    Wilson interval and n (:func:`format_accuracy`; ``—`` where it did not run), the out-of-reach accuracy (pooled
+    over the lengths every variant ran: :func:`out_of_reach`), and the attended tokens per query at each of its lengths (``"516 at
+    2,048; 600 at 4,096"``, ``"772 at every length"`` where it does not change, ``"all (= the length)"`` for full
+    attention; ``(+ states)`` where older chunks are also read from compressed states).
 
     Args:
         by_length: :func:`accuracy_table` by ``[length, variant]``; far: :func:`accuracy_table` of the out-of-reach
@@ -556,11 +560,17 @@ def headline_table(by_length: pd.DataFrame, far: pd.DataFrame, attended: pd.Data
         row = {"variant": VARIANTS[variant].label}
         for n in lengths:
             row[f"{n:,} tokens"] = format_accuracy(pooled.loc[(n, variant)]) if (n, variant) in pooled.index else "—"
-        row["fact out of reach (all lengths)"] = format_accuracy(far.loc[variant]) if variant in far.index else "—"
+        row["fact out of reach (lengths all ran)"] = format_accuracy(far.loc[variant]) if variant in far.index else "—"
         mine = counts.loc[variant] if variant in counts.index.get_level_values(0) else None
-        attended_text = [f"{int(r.attended_tokens):,} at {int(n):,}" for n, r in mine.sort_index().iterrows()
-                         ] if mine is not None else []
+        counts_by_length = ({int(n): int(r.attended_tokens) for n, r in mine.sort_index().iterrows()}
+                            if mine is not None else {})
+        if len(counts_by_length) > 1 and all(count == n for n, count in counts_by_length.items()):
+            attended_text = "all (= the length)"
+        elif len(counts_by_length) > 1 and len(set(counts_by_length.values())) == 1:
+            attended_text = f"{next(iter(counts_by_length.values())):,} at every length"
+        else:
+            attended_text = "; ".join(f"{count:,} at {n:,}" for n, count in counts_by_length.items())
         states = mine is not None and bool(mine.states.any())
-        row["attended tokens per query"] = "; ".join(attended_text) + (" (+ states)" if states else "")
+        row["attended tokens per query"] = attended_text + (" (+ states)" if states else "")
         rows.append(row)
     return pd.DataFrame(rows)

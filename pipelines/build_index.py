@@ -95,6 +95,21 @@ def below_floor(metrics: dict, name: str) -> bool | None:
     return True if high < floor else False if low > floor else None
 
 
+def _trained(metrics: dict, variant: str) -> dict:
+    """Report 05: a variant's accuracy by length within the model's trained positions."""
+    limit = metrics["max_position_embeddings"]
+    return {n: a for n, a in metrics["accuracy"][variant].items() if int(n) <= limit}
+
+
+def _past_trained(metrics: dict, variant: str) -> dict | str:
+    """Report 05: a variant's accuracy (with n) by length past the trained positions, or "not measured"."""
+    limit, ci = metrics["max_position_embeddings"], metrics["ci95"][variant]
+    n = len(metrics["depths"]) * metrics.get("long_trials_per_cell", metrics["trials_per_cell"])
+    past = {key: f"{a:.2f} [{ci[key][0]:.2f}, {ci[key][1]:.2f}] (n = {n})"
+            for key, a in metrics["accuracy"][variant].items() if int(key) > limit}
+    return past or "not measured"
+
+
 def below_one(low: float, high: float) -> bool | None:
     """A ratio's goal "below 1" by its interval: met if the whole interval is below 1, missed if it is wholly at or
     above 1, undecided (None) if it straddles 1."""
@@ -141,10 +156,12 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="≥ {goal_layers} layers", verdict="goal_met"),
     ],
     "05_long_range": [
-        Headline("passkey accuracy of block retrieval (mean keys, compact positions) by length",
-                 "accuracy.blocks_mean_compact", goal="≥ 95% in every cell to 8,192 tokens",
-                 verdict="goals.blocks_mean_compact.accuracy_to_8k"),
-        Headline("the original's accuracy (full attention), same samples", "accuracy.original"),
+        Headline("passkey accuracy of block retrieval (mean keys, compact positions) by length, n = "
+                 "{trials_per_headline_cell} each", lambda m: _trained(m, "blocks_mean_compact"),
+                 goal="≥ 95% in every cell to 8,192 tokens", verdict="goals.blocks_mean_compact.accuracy_to_8k"),
+        Headline("the same past the trained 8,192 positions (the original cannot go there)",
+                 lambda m: _past_trained(m, "blocks_mean_compact"), goal="≥ 90% at 16,384 and 32,768",
+                 verdict="goals.blocks_mean_compact.accuracy_past_8k"),
         Headline("answer log-prob minus the original's, fact out of reach (nats)",
                  "out_of_reach_answer_logprob.blocks_mean_compact.minus_original", "",
                  "out_of_reach_answer_logprob.blocks_mean_compact.ci95", "never below the original",

@@ -364,14 +364,33 @@ def test_out_of_reach_and_headline_table():
                              "states": [False, False, False, True]})
     table = headline_table(by_length, accuracy_table(far, ["variant"]), attended,
                            ["original", "blocks_mean", "terraced"], [2048, 4096])
-    assert table.columns.tolist() == ["variant", "2,048 tokens", "4,096 tokens", "fact out of reach (all lengths)",
+    assert table.columns.tolist() == ["variant", "2,048 tokens", "4,096 tokens", "fact out of reach (lengths all ran)",
                                       "attended tokens per query"]
     assert table.variant.tolist() == [VARIANTS[v].label for v in ("original", "blocks_mean", "terraced")]
     low, high = wilson_interval(1, 2)
     assert table.iloc[0, 1:].tolist() == [f"0.50 [{low:.2f}, {high:.2f}] (1/2)", "1.00 [0.21, 1.00] (1/1)",
-                                          "1.00 [0.21, 1.00] (1/1)", "2,048 at 2,048; 4,096 at 4,096"]
+                                          "1.00 [0.21, 1.00] (1/1)", "all (= the length)"]
     assert table.iloc[1, 2:].tolist() == ["—", "1.00 [0.21, 1.00] (1/1)", "772 at 2,048"]
     assert table.iloc[2, 1:].tolist() == ["—", "—", "—", "516 at 2,048 (+ states)"]
+    attended = pd.DataFrame({"variant": ["blocks_mean"] * 3 + ["terraced"] * 2, "length": [4096, 2048, 1024, 2048, 4096],
+                             "attended_tokens": [772, 772, 772, 516, 600], "states": [False] * 3 + [True] * 2})
+    table = headline_table(by_length, accuracy_table(far, ["variant"]), attended, ["blocks_mean", "terraced"], [2048])
+    assert table["attended tokens per query"].tolist() == ["772 at every length", "516 at 2,048; 600 at 4,096 (+ states)"]
+
+
+def test_out_of_reach_at_the_lengths_every_variant_ran_keeps_the_comparison_paired():
+    from bsbr.passkey import answer_logprob_table
+
+    # the blocks variant also ran a long length the original cannot: pooled over every length the samples differ
+    trials = trials_frame(length=[2048, 2048, 16384], depth=[0.05] * 3, trial=[0] * 3,
+                          variant=["original", "blocks_mean", "blocks_mean"], correct=[True, True, False],
+                          answer_logprob=[-1.0, -1.5, -30.0])
+    with pytest.raises(ValueError, match="same samples"):
+        answer_logprob_table(out_of_reach(trials))
+    shared = out_of_reach(trials, [2048])
+    assert shared.length.tolist() == [2048, 2048]
+    table = answer_logprob_table(shared, resamples=50)
+    assert table.set_index("variant").difference.to_dict() == {"original": 0.0, "blocks_mean": -0.5}
 
 
 def test_answer_logprob_table_pairs_samples_and_bootstraps_the_mean_difference():

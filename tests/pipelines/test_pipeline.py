@@ -6,6 +6,7 @@ import ast
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,6 +273,11 @@ def test_runner_executes_with_params_and_fails_cleanly(tmp_path):
     assert proc.returncode == 1 and "boom: x is negative" in proc.stderr
     assert not metrics.exists(), "no metrics may survive a failed run (not even the one it wrote)"
     assert not (out / "00_tiny.ipynb").exists() and not (out / "data.csv").exists()
+    # what the failed run wrote is moved aside, beside the executed notebook with the error, not deleted
+    partial = Path(re.search(r"the 2 files it wrote are moved to (\S+)", proc.stderr).group(1))
+    assert (partial / "data.csv").read_text() == "a\n1\n" and json.loads((partial / "00_tiny.json").read_text()) == {"x": -1}
+    assert (partial.parent / "00_tiny.ipynb").is_file()  # the executed notebook with the error
+    shutil.rmtree(partial.parent)
 
 
 def test_runner_passes_yaml_1_2_numbers_and_records_the_real_output_path(tmp_path):
@@ -611,6 +617,16 @@ def test_every_headline_is_in_its_metrics_file(name):
     assert all(row["value"] for row in rows), rows
     assert {row["verdict"] for row in rows} <= {"met", "missed", "undecided", "not measured", ""}
     assert any(row["verdict"] for row in rows) or name == "07_training"  # 07 states no goal
+
+
+def test_passkey_headlines_split_at_the_trained_positions():
+    metrics = {"max_position_embeddings": 8192, "depths": [0.05, 0.25, 0.5, 0.75, 0.95], "trials_per_cell": 2,
+               "long_trials_per_cell": 1, "accuracy": {"v": {"1024": 1.0, "8192": 0.9, "16384": 0.8}},
+               "ci95": {"v": {"1024": [0.72, 1.0], "8192": [0.6, 0.98], "16384": [0.376, 0.964]}}}
+    assert build_index._trained(metrics, "v") == {"1024": 1.0, "8192": 0.9}
+    assert build_index._past_trained(metrics, "v") == {"16384": "0.80 [0.38, 0.96] (n = 5)"}
+    del metrics["accuracy"]["v"]["16384"]
+    assert build_index._past_trained(metrics, "v") == "not measured"
 
 
 def test_headline_values_are_the_metrics():
