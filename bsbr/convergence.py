@@ -23,7 +23,7 @@ from bsbr.training import steps_to_reach
 
 __all__ = ["SAME_CURVE_TOLERANCE", "check_training_parameters", "choose_learning_rates", "convergence_summary",
            "crossing", "format_steps", "identical_pairs", "memory_fit_lens", "memory_fits", "memory_table",
-           "run_row", "separations"]
+           "rates_at_grid_edge", "run_row", "separations"]
 
 #: nats: two architectures whose validation curves agree this closely for every seed trained identically.
 SAME_CURVE_TOLERANCE = 1e-4
@@ -107,6 +107,35 @@ def choose_learning_rates(sweep: pd.DataFrame) -> dict[str, float]:
             raise ValueError(f"sweep: every learning rate of {name} diverged ({sorted(group.learning_rate)})")
         chosen[name] = float(finite.sort_values(["final_val_loss", "learning_rate"]).learning_rate.iloc[0])
     return chosen
+
+
+def rates_at_grid_edge(chosen: dict, learning_rates) -> dict[str, str]:
+    """The architectures whose chosen learning rate is the lowest or the highest of the swept grid: their best rate
+    may lie outside it (the sweep does not bracket them).
+
+    Args:
+        chosen: ``{model: learning_rate}`` (e.g. from :func:`choose_learning_rates`).
+        learning_rates: the swept rates (numbers > 0).
+    Returns:
+        ``{model: "lowest" | "highest"}`` in ``chosen``'s order, only for models at an edge; ``{}`` for a single
+        rate (no sweep, so nothing to bracket).
+    Raises:
+        ValueError: no rates, or a chosen rate that is not in ``learning_rates`` (named).
+    """
+    grid = sorted(set(float(rate) for rate in learning_rates))
+    if not grid:
+        raise ValueError(f"learning_rates must hold at least one rate, got {learning_rates!r}")
+    edges = {}
+    for name, rate in chosen.items():
+        if float(rate) not in grid:
+            raise ValueError(f"chosen: the rate {rate!r} of {name} is not one of learning_rates {grid}")
+        if len(grid) == 1:
+            continue
+        if float(rate) == grid[0]:
+            edges[name] = "lowest"
+        elif float(rate) == grid[-1]:
+            edges[name] = "highest"
+    return edges
 
 
 def memory_fit_lens(memory_seq_lens: list) -> list:

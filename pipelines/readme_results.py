@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from bsbr.convergence import rates_at_grid_edge
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 METRICS = REPO_ROOT / "reports" / "metrics"
@@ -276,6 +278,14 @@ def long_documents(m: dict) -> str:
         f"{m['load_average']['before'][0]:.2f} before, {m['load_average']['after'][0]:.2f} after.")
 
 
+def _edges(chosen: dict, grid) -> str:
+    """`` At the edge of the rate grid (not bracketed): a (lowest), b (highest).`` or ``""``."""
+    edges = rates_at_grid_edge(chosen, grid)
+    if not edges:
+        return ""
+    return " At the edge of the rate grid (not bracketed): " + ", ".join(f"{n} ({e})" for n, e in edges.items()) + "."
+
+
 def _percent(a: dict) -> str:
     """An accuracy (fraction) in percent with its interval when there is one: ``97.6% [95.1, 100]``."""
     text = f"{100 * a['accuracy']:.1f}%"
@@ -320,6 +330,7 @@ def associative_recall(m: dict) -> str:
         text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {spans}): **{c['verdict']}**, "
                  f"{100 * c['difference']:+.1f} points{interval} with "
                  f"{c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
+    text += _edges({name: a["learning_rate"] for name, a in ranked}, train["learning_rates"])
     return text + f" Run: {m['run_seconds'] / 60:.1f} min."
 
 
@@ -360,7 +371,8 @@ def training(m: dict) -> str:
         f"Separated by their intervals: {len(separated['final_val_loss'])} of {separated['pairs']} pairs by final "
         f"loss ({len(separated['final_val_loss_paired'])} by the seed-paired difference), "
         f"{len(separated['steps_to_target'])} by steps ({len(separated['steps_to_target_paired'])} paired). "
-        f"Chosen rates: {rates}. Run: {m['run_seconds'] / 60:.1f} min on {m['machine']['threads']} thread(s){load}.")
+        f"Chosen rates: {rates}.{_edges({n: models[n]['learning_rate'] for n in by_final}, setup['learning_rates'])} "
+        f"Run: {m['run_seconds'] / 60:.1f} min on {m['machine']['threads']} thread(s){load}.")
 
 
 FORMATTERS = {"01_scaling": scaling, "02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,

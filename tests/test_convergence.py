@@ -13,8 +13,8 @@ from scipy import stats
 
 import bsbr
 from bsbr.convergence import (check_training_parameters, choose_learning_rates, convergence_summary, crossing,
-                              format_steps, identical_pairs, memory_fit_lens, memory_fits, memory_table, run_row,
-                              separations)
+                              format_steps, identical_pairs, memory_fit_lens, memory_fits, memory_table,
+                              rates_at_grid_edge, run_row, separations)
 
 
 def curves():
@@ -60,6 +60,18 @@ def test_choose_learning_rates_takes_the_lowest_validation_loss():
         choose_learning_rates(sweep)
     with pytest.raises(ValueError, match="final_val_loss"):
         choose_learning_rates(sweep.drop(columns="final_val_loss"))
+
+
+def test_rates_at_grid_edge_names_the_unbracketed_architectures():
+    grid = [0.01, 0.001, 0.003]  # unsorted on purpose
+    chosen = {"a": 0.001, "b": 0.003, "c": 0.01, "d": 0.001}
+    assert rates_at_grid_edge(chosen, grid) == {"a": "lowest", "c": "highest", "d": "lowest"}
+    assert rates_at_grid_edge({"b": 0.003}, grid) == {}
+    assert rates_at_grid_edge({"a": 0.001}, [0.001, 0.001]) == {}  # one rate: no sweep, nothing to bracket
+    with pytest.raises(ValueError, match="learning_rates must hold at least one rate"):
+        rates_at_grid_edge({"a": 0.001}, [])
+    with pytest.raises(ValueError, match="rate 0.03 of e is not one of learning_rates"):
+        rates_at_grid_edge({"e": 0.03}, grid)
 
 
 def test_convergence_summary_intervals_over_seeds():

@@ -50,14 +50,16 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
 
 
 def _mqar_metrics(standard: float, difference: float, low, high) -> dict:
-    arch = lambda acc, state: {"accuracy": acc, "ci_low": None if low is None else acc - 0.01,
-                               "ci_high": None if high is None else min(1.0, acc + 0.01), "state_values": state}
+    arch = lambda acc, state, rate: {"accuracy": acc, "ci_low": None if low is None else acc - 0.01,
+                                     "ci_high": None if high is None else min(1.0, acc + 0.01), "state_values": state,
+                                     "learning_rate": rate}
     return {
         "task": {"vocab_size": 256, "seq_len": 64, "num_pairs": 4, "test_answers": 2048},
         "model": {"hidden_dim": 64, "short_conv": 3},
         "training": {"steps": 200, "batch_size": 32, "learning_rates": [0.003, 0.01, 0.03], "seeds": [0, 1, 2]},
         "spans": [8], "outside_fraction": {"chunk_8": 1.0, "window_8": 0.668},
-        "architectures": {"standard": arch(standard, 16768), "bsbr": arch(0.5, 19968), "linear": arch(0.25, 2560)},
+        "architectures": {"standard": arch(standard, 16768, 0.01), "bsbr": arch(0.5, 19968, 0.03),
+                          "linear": arch(0.25, 2560, 0.003)},
         "goals": {"attention_accuracy": {"goal": 0.95, "value": standard, "met": standard >= 0.95},
                   "bsbr_vs": [{"other": "linear", "span": 8, "difference": difference, "ci_low": low, "ci_high": high,
                                "verdict": "BSBR above" if low is not None and low > 0 else "undecided",
@@ -72,7 +74,7 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert "Full attention ≥ 95%: **met**." in text and "too small" not in text
     assert "100% of the answers lie outside BSBR's own chunk, 67% outside the window" in text
     assert "BSBR vs linear (span 8): **BSBR above**, +25.0 points [+20.0, +30.0] with 7.8× its state." in text
-    assert text.endswith("Run: 10.0 min.")
+    assert text.endswith("At the edge of the rate grid (not bracketed): bsbr (highest), linear (lowest). Run: 10.0 min.")
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
     assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
@@ -113,4 +115,5 @@ def test_training_block_ranks_by_loss_and_steps_with_intervals():
     assert "(the bigram floor minus 0.100 nats/byte): bsbr 250 [230, 270], gau 300 [280, 320], linear not reached (1/3 seeds)" in text
     assert "1 of 3 pairs by final loss (2 by the seed-paired difference), 0 by steps (0 paired)" in text
     assert "matched within 0.1%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
+    assert "At the edge of the rate grid (not bracketed): gau (highest), linear (highest). Run:" in text
     assert "12.0 min on 1 thread(s); load average 1.02 at the start, 2.00 at the end." in text
