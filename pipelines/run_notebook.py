@@ -187,18 +187,14 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
         # nothing of a failed run stays where the stage's outputs belong, but what it wrote is moved aside, not
         # deleted: a long scoring loop that fails in its last table keeps its rows (e.g. trials.csv) for a look
         partial = scratch / "partial"
-        moved = 0
-        if metrics is not None and metrics.is_file():
-            partial.mkdir(exist_ok=True)
-            shutil.move(str(metrics), str(partial / metrics.name))
-            moved += 1
-        for path, mtime in _files_under(out).items():
-            if path not in before or mtime >= started:
-                (partial / path.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(path), str(partial / path.relative_to(out)))
-                moved += 1
+        written = [(metrics, partial / metrics.name)] if metrics is not None and metrics.is_file() else []
+        written += [(path, partial / path.relative_to(out)) for path, mtime in _files_under(out).items()
+                    if (path not in before or mtime >= started) and path != metrics]
+        for source, destination in written:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), str(destination))
         log.error("%s failed; the executed notebook with the error is kept at %s%s", notebook, executed,
-                  f"; the {moved} files it wrote are moved to {partial}" if moved else "")
+                  f"; the {len(written)} files it wrote are moved to {partial}" if written else "")
         raise
     shutil.move(str(executed), str(target))
     shutil.rmtree(scratch, ignore_errors=True)
