@@ -5,7 +5,7 @@ A notebook's first code cell after ``parameters`` calls :func:`start_experiment`
 * changes to the repository root, so ``data/...`` and ``reports/...`` mean the same under papermill and JupyterLab;
 * silences what would clutter a report (transformers' download/de-quantisation progress bars), sets the plot theme, torch's threads and seed;
 * creates the stage's output folder and the metrics file's folder;
-* prints the parameters and the provenance (git revision, torch, device, threads, CPU, load average);
+* prints the parameters and the provenance (git revision, params profile, torch, device, threads, CPU, load average);
 
 and returns an :class:`Experiment`. The notebooks that study the calibrated conversion of stage
 ``02_conversion_similarity`` load it with :func:`load_base_and_conversion`. The last cell writes the headline numbers with :func:`write_metrics`
@@ -30,7 +30,7 @@ from bsbr.provenance import git_revision, machine_info
 from bsbr.paths import find_repo_root
 
 __all__ = ["CORPUS_DIR", "BaseAndConversion", "Experiment", "check_ints", "load_base_and_conversion",
-           "model_description", "start_experiment", "write_json", "write_metrics"]
+           "model_description", "profile_of_run", "start_experiment", "write_json", "write_metrics"]
 
 # tqdm.auto warns "IProgress not found" when it is *imported* in a kernel without ipywidgets (transformers imports
 # it), so the filter must exist before transformers is: a notebook imports bsbr.experiment first.
@@ -132,12 +132,24 @@ def start_experiment(params: dict, threads: int | None = None, seed: int | None 
     for key, value in params.items():
         print(f"  {key} = {value!r}")
     print(f"git revision: {revision}")
+    print(f"params profile: {profile_of_run()}")
     print(f"torch {machine['torch']}, device: cpu, threads: {machine['threads']}")
     print(f"CPU: {machine['cpu']} ({machine['cores']} logical CPUs), python {machine['python']}, {machine['platform']}")
     if machine.get("load_average") is not None:
         print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in machine["load_average"]))
     return Experiment(params=dict(params), out_dir=out_dir, metrics_path=metrics_path, machine=machine,
                       revision=revision)
+
+
+#: Set by pipelines/run_notebook.py for the notebook's kernel: the params.yaml profile of the run.
+PROFILE_ENV = "BSBR_PROFILE"
+
+
+def profile_of_run() -> str:
+    """The params.yaml profile this notebook runs with (``quick`` or ``publication``, set by
+    ``pipelines/run_notebook.py`` in ``$BSBR_PROFILE``), or ``"none"`` outside the pipeline (JupyterLab, a test: the
+    notebook's own parameters)."""
+    return os.environ.get(PROFILE_ENV) or "none"
 
 
 def model_description(model: str | None) -> str:

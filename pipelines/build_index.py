@@ -37,6 +37,8 @@ from bsbr.provenance import git_revision, machine_info  # noqa: E402
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
 #: The revision a report's provenance cell printed: ``git revision: <sha>[+dirty]``.
 REVISION = re.compile(r"git revision:\s*([0-9a-f]{7,40}(?:\+dirty)?|unknown)")
+#: The params profile it printed (``params profile: quick``; reports made before profiles existed have none).
+PROFILE = re.compile(r"params profile:\s*(\w+)")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0.6em 1.2em; max-width: 1400px; color: #222;
@@ -310,7 +312,8 @@ def commit_date(revision: str) -> str:
 
 
 def collect(reports_dir: Path) -> list[dict]:
-    """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine, revision, date."""
+    """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine, revision, date,
+    profile (the params profile its provenance printed, or "not recorded")."""
     rows = []
     for path in sorted(p for p in reports_dir.glob("*.html") if REPORT_NAME.match(p.name)):
         text = path.read_text(encoding="utf-8")
@@ -318,9 +321,10 @@ def collect(reports_dir: Path) -> list[dict]:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         revision = REVISION.search(text)
         revision = revision.group(1) if revision else "unknown"
+        profile = PROFILE.search(text)
         rows.append({"name": path.stem, "file": path.name, "title": report_title(text, path.stem),
                      "metrics": metrics, "machine": metrics.get("machine"), "revision": revision,
-                     "date": commit_date(revision)})
+                     "date": commit_date(revision), "profile": profile.group(1) if profile else "not recorded"})
     return rows
 
 
@@ -389,6 +393,7 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
                                "value": "", "goal": "", "verdict": ""}]
         run = f"run at {row['revision'][:10]}{'+dirty' if row['revision'].endswith('+dirty') else ''}"
         run += f", {row['date']}" if row["date"] else ""
+        run += f", {row['profile']} profile" if row["profile"] != "not recorded" else ""
         first = (f"<td class='report' rowspan='{len(numbers)}'><a href='{esc(row['file'])}'>{esc(row['title'])}</a>"
                  f"<br><span class='run'>{esc(row['name'])}, {esc(run)}</span></td>")
         for i, number in enumerate(numbers):
@@ -419,7 +424,8 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     for row in rows:
         header = ", ".join(f"{k}={v}" for k, v in sorted(row["machine"].items())) if row["machine"] else "none"
         body.append(f"<tr><th>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
-                    f"{', ' + esc(row['date']) if row['date'] else ''}; machine header: {esc(header)}</td></tr>")
+                    f"{', ' + esc(row['date']) if row['date'] else ''}; params profile: {esc(row['profile'])}; "
+                    f"machine header: {esc(header)}</td></tr>")
     body.append("</table></div>")
 
     body.append("<h2>All metrics</h2>")

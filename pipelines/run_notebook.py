@@ -5,6 +5,9 @@
 * params.yaml is read as DVC reads it (``dvc.utils.serialize.parse_yaml``: ruamel.yaml, YAML 1.2), so the notebook
   gets the value ``dvc.lock`` records: ``1e-3`` is the float 0.001 (PyYAML's YAML 1.1 would pass the string
   ``"1e-3"``), ``yes`` is the string ``"yes"``. ``-p`` values are parsed the same way.
+* The section's values are those of the profile params.yaml's ``profile`` key names (:func:`load_section`):
+  ``quick`` (the default, what ``make repro`` runs) is the section as written; ``publication`` (the published
+  reports) overrides the keys listed under ``profiles.publication.<section>``.
 * Every key of the section must be a parameter of the notebook's ``parameters`` cell and vice versa
   (``papermill.inspect_notebook``); an unknown or missing key is an error before anything runs.
 * A code line that runs a shell command (``!cmd``, ``x = !cmd``, ``%%bash``/``%%sh``/``%%script``, ``%system``,
@@ -68,10 +71,21 @@ def read_yaml(text: str, path: str | os.PathLike = "<string>"):
     return parse_yaml(text, str(path))
 
 
-def load_section(params_file: Path, section: str) -> dict:
-    """The ``section`` mapping of ``params_file``, read as DVC reads it (:func:`read_yaml`).
+#: The profile whose values are the sections as written (the default); every other profile, named in params.yaml's
+#: ``profiles`` mapping (``publication``: the published reports), overrides some of their keys.
+DEFAULT_PROFILE = "quick"
 
-    Raises ParamsError if it is absent or not a mapping.
+
+def load_section(params_file: Path, section: str, profile: str | None = None) -> dict:
+    """The ``section`` mapping of ``params_file``, read as DVC reads it (:func:`read_yaml`), with the keys of the
+    profile overriding it.
+
+    The profile is ``profile`` if given, else params.yaml's top-level ``profile`` key, else ``"quick"``
+    (:data:`DEFAULT_PROFILE`: the section as written). Any other profile ``P`` takes ``profiles.P.<section>`` (a
+    mapping of some of the section's keys; absent: nothing changes) over the section.
+
+    Raises ParamsError if the section is absent or not a mapping, the profile is not ``"quick"`` or a key of
+    ``profiles``, or the profile's mapping for the section is not a mapping or names keys the section does not have.
     """
     params = read_yaml(Path(params_file).read_text(), params_file) or {}
     if section not in params:
@@ -79,7 +93,43 @@ def load_section(params_file: Path, section: str) -> dict:
     values = params[section]
     if not isinstance(values, dict):
         raise ParamsError(f"{params_file}: section {section!r} must be a mapping, got {type(values).__name__}")
-    return dict(values)
+    values = dict(values)
+    profile = params.get("profile", DEFAULT_PROFILE) if profile is None else profile
+    profiles = params.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ParamsError(f"{params_file}: profiles must be a mapping of profile name to sections, "
+                          f"got {type(profiles).__name__}")
+    if DEFAULT_PROFILE in profiles:
+        raise ParamsError(f"{params_file}: profiles must not define {DEFAULT_PROFILE!r} (the sections as written are "
+                          "it)")
+    if profile == DEFAULT_PROFILE:
+        return values
+    if not isinstance(profile, str) or profile not in profiles:
+        raise ParamsError(f"{params_file}: profile must be {DEFAULT_PROFILE!r} or one of profiles "
+                          f"{sorted(profiles)}, got {profile!r}")
+    if not isinstance(profiles[profile] or {}, dict):
+        raise ParamsError(f"{params_file}: profiles.{profile} must be a mapping of section to values, "
+                          f"got {type(profiles[profile]).__name__}")
+    overlay = (profiles[profile] or {}).get(section) or {}
+    if not isinstance(overlay, dict):
+        raise ParamsError(f"{params_file}: profiles.{profile}.{section} must be a mapping, "
+                          f"got {type(overlay).__name__}")
+    unknown = sorted(set(overlay) - set(values))
+    if unknown:
+        raise ParamsError(f"{params_file}: profiles.{profile}.{section} sets {unknown}, which section {section!r} "
+                          f"does not have (it has {sorted(values)})")
+    values.update(overlay)
+    return values
+
+
+#: Environment variable through which the notebook's kernel learns the profile it runs (bsbr.experiment reads it).
+PROFILE_ENV = "BSBR_PROFILE"
+
+
+def profile_name(params_file: Path) -> str:
+    """params.yaml's top-level ``profile`` (``"quick"`` when absent): the profile :func:`load_section` applies."""
+    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+    return params.get("profile", DEFAULT_PROFILE)
 
 
 def check_parameters(notebook: Path, values: dict, what: str = "params") -> None:
@@ -155,6 +205,7 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
         raise ParamsError(f"notebook {notebook} does not exist")
     check_no_shell(notebook)
     values = load_section(Path(params_file), section)
+    profile = profile_name(Path(params_file))
     check_parameters(notebook, values, f"section {section!r} of {params_file}")
     unknown = sorted(set(overrides or {}) - set(values))
     if unknown:
@@ -174,12 +225,21 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
     started = time.time()
     scratch = Path(tempfile.mkdtemp(prefix=f"{notebook.stem}-"))
     executed = scratch / notebook.name
-    log.info("running %s with %s", notebook, values)
+    log.info("running %s (profile %s) with %s", notebook, profile, values)
     try:
-        papermill.execute_notebook(
-            str(notebook), str(executed), parameters=values, kernel_name="python3",
-            log_output=True, progress_bar=False, cwd=str(REPO_ROOT),
-        )
+        # the kernel inherits the environment: bsbr.experiment.start_experiment prints the profile by the revision
+        previous = os.environ.get(PROFILE_ENV)
+        os.environ[PROFILE_ENV] = str(profile)
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(executed), parameters=values, kernel_name="python3",
+                log_output=True, progress_bar=False, cwd=str(REPO_ROOT),
+            )
+        finally:
+            if previous is None:
+                os.environ.pop(PROFILE_ENV, None)
+            else:
+                os.environ[PROFILE_ENV] = previous
         if metrics is not None and not metrics.is_file():
             raise RuntimeError(f"{notebook} finished but did not write its metrics_path {metrics}")
         _record_output_path(executed, target)

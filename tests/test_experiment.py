@@ -48,6 +48,7 @@ def test_check_ints_names_the_argument():
 def test_start_experiment_changes_to_the_root_creates_folders_and_prints_provenance(tmp_path, capsys, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root / "notebooks")
+    monkeypatch.setenv("BSBR_PROFILE", "quick")  # what pipelines/run_notebook.py sets for the kernel
     threads = torch.get_num_threads()
     out_dir = tmp_path / "out"
     metrics = tmp_path / "metrics" / "00_x.json"
@@ -65,6 +66,16 @@ def test_start_experiment_changes_to_the_root_creates_folders_and_prints_provena
     assert "  n = 3" in printed and "git revision: " in printed and "load average" in printed
     assert exp.out_dir == out_dir and exp.metrics_path == metrics and exp.machine["threads"] == 1
     assert exp.revision == printed.split("git revision: ")[1].split()[0]
+    assert "params profile: quick\n" in printed
+
+
+def test_profile_of_run_is_none_outside_the_pipeline(monkeypatch):
+    from bsbr.experiment import profile_of_run
+
+    monkeypatch.delenv("BSBR_PROFILE", raising=False)
+    assert profile_of_run() == "none"
+    monkeypatch.setenv("BSBR_PROFILE", "publication")
+    assert profile_of_run() == "publication"
 
 
 def test_start_experiment_rejects_bad_arguments_before_any_work(tmp_path, monkeypatch):

@@ -95,8 +95,48 @@ def test_params_section_matches_the_notebook_parameters_cell(stage):
     assert section == Path(notebook).stem, "the params section is named after the notebook"
     declared = papermill.inspect_notebook(str(notebook))
     assert set(PARAMS[section]) == set(declared)
-    # and every key is tracked by DVC, so changing it reruns the stage
-    assert sorted(info["stage"]["params"]) == sorted(f"{section}.{key}" for key in PARAMS[section])
+    # and every key is tracked by DVC, so changing it reruns the stage, with the profile and its overrides
+    assert sorted(info["stage"]["params"]) == sorted([f"{section}.{key}" for key in PARAMS[section]]
+                                                     + ["profile", f"profiles.publication.{section}"])
+
+
+@pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
+def test_every_profile_runs_the_notebook_with_keys_it_declares(stage):
+    """quick (the default) is the section as written; publication overrides only keys the section has, and at
+    least one: each stage runs larger in it."""
+    section, notebook = NOTEBOOK_STAGES[stage]["section"], ROOT / NOTEBOOK_STAGES[stage]["notebook"]
+    assert PARAMS["profile"] == "quick"
+    quick = run_notebook.load_section(ROOT / "params.yaml", section)
+    publication = run_notebook.load_section(ROOT / "params.yaml", section, profile="publication")
+    assert quick == PARAMS[section]
+    run_notebook.check_parameters(notebook, publication)
+    changed = {key for key in quick if quick[key] != publication[key]}
+    assert changed and changed == set(PARAMS["profiles"]["publication"][section])
+
+
+def test_profiles_override_a_section_and_bad_profiles_are_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    section = {"x": 1, "y": [1, 2], "out_dir": "out", "metrics_path": "m.json"}
+    params.write_text(yaml.safe_dump({"profile": "publication", "00_tiny": section,
+                                      "profiles": {"publication": {"00_tiny": {"y": [1, 2, 3]}}}}))
+    assert run_notebook.load_section(params, "00_tiny") == {**section, "y": [1, 2, 3]}
+    assert run_notebook.load_section(params, "00_tiny", profile="quick") == section
+    assert run_notebook.profile_name(params) == "publication"
+    params.write_text(yaml.safe_dump({"00_tiny": section, "profiles": {"publication": {"00_tiny": {"y": [1]}}}}))
+    assert run_notebook.load_section(params, "00_tiny") == section  # no profile key: quick, the section as written
+    assert run_notebook.profile_name(params) == "quick"
+    for document, message in [
+        ({"profile": "fast"}, r"profile must be 'quick' or one of profiles \['publication'\], got 'fast'"),
+        ({"profiles": {"publication": {"00_tiny": {"z": 2}}}}, r"profiles.publication.00_tiny sets \['z'\], which"),
+        ({"profiles": {"publication": {"00_tiny": [1]}}}, r"profiles.publication.00_tiny must be a mapping"),
+        ({"profiles": {"publication": [1]}}, r"profiles.publication must be a mapping of section to values"),
+        ({"profiles": {"quick": {}}}, r"profiles must not define 'quick'"),
+        ({"profiles": [1]}, r"profiles must be a mapping"),
+    ]:
+        base = {"profile": "publication", "00_tiny": section, "profiles": {"publication": {}}}
+        params.write_text(yaml.safe_dump({**base, **document}))
+        with pytest.raises(run_notebook.ParamsError, match=message):
+            run_notebook.load_section(params, "00_tiny")
 
 
 @pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
@@ -146,7 +186,7 @@ def test_params_are_read_as_dvc_reads_them():
 
     dvc_params = load_path(str(ROOT / "params.yaml"), LocalFileSystem())
     for section in NOTEBOOK_STAGES:
-        assert run_notebook.load_section(ROOT / "params.yaml", section) == dvc_params[section]
+        assert run_notebook.load_section(ROOT / "params.yaml", section, profile="quick") == dvc_params[section]
 
 
 def render_items() -> list[str]:
@@ -345,6 +385,7 @@ def test_report_is_offline_and_hides_code(scaling_smoke, tmp_path):
     assert all("jp-mod-noInput" in classes for classes in code_cells)
     assert not re.search(r'class="[^"]*\b(jp-InputPrompt|jp-OutputPrompt)\b', html)
     assert "git revision:" in html and "seq_lens = [64, 128]" in html  # provenance output stays
+    assert "params profile: quick" in html  # params.yaml's default profile, passed to the kernel by the runner
     assert html.count('src="data:image/png;base64,') >= 1
     assert "<title>01 · Forward-pass scaling" in html
     assert "\r" not in html  # progress-bar redraws collapsed
@@ -559,8 +600,9 @@ def _index_fixture(tmp_path: Path) -> tuple[Path, Path]:
                                                          "goals": {"state_40960_within_0_3x": "met"}}),
         ("03_no_metrics", "03 · Draft", None),
     ):
+        profile = "\nparams profile: quick" if name == "01_scaling" else ""  # the others: made before profiles
         (reports / f"{name}.html").write_text(f"<html><head><title>{title}</title></head>"
-                                              f"<body><pre>git revision: {head}</pre></body></html>")
+                                              f"<body><pre>git revision: {head}{profile}</pre></body></html>")
         if metrics is not None:
             (reports / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
     params = tmp_path / "params.yaml"
@@ -590,12 +632,15 @@ def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
     head = build_index.git_revision(ROOT).removesuffix("+dirty")
     date = subprocess.run(["git", "show", "-s", "--format=%cs", head], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", date)
-    assert dashboard.find("td", class_="report").find(class_="run").get_text() == f"01_scaling, run at {head[:10]}, {date}"
+    runs = [td.find(class_="run").get_text() for td in dashboard.find_all("td", class_="report")]
+    assert runs[:2] == [f"01_scaling, run at {head[:10]}, {date}, quick profile",
+                        f"02_conversion_similarity, run at {head[:10]}, {date}"]
     # Figure 1 from the metrics, before the table; provenance visible; every metric and params.yaml folded away
     img = soup.find("figure").find("img")
     assert img["src"].startswith("data:image/png;base64,") and page.index("<figure>") < page.index("<table>")
     provenance = soup.find("h2", string="Provenance").find_next("table").get_text()
     assert "Test CPU" in provenance and "index built at" in provenance and f"revision {head}, {date}" in provenance
+    assert "params profile: quick;" in provenance and "params profile: not recorded;" in provenance
     folded = {d.summary.get_text(): d for d in soup.find_all("details")}
     assert sorted(folded) == ["01_scaling: 39 metrics", "02_conversion_similarity: 2 metrics", "03_no_metrics: 0 metrics",
                               "params.yaml"]
