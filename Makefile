@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev,lab]"
 	touch $@
 
-# The main job: every pipeline stage with the default profile (params.yaml), then README's result blocks rewritten
-# from reports/metrics (a test fails when they disagree).
+# The main job: every pipeline stage with params.yaml's profile (quick by default: ~45 min on 2 cores), then README's
+# result blocks rewritten from reports/metrics (a test fails when they disagree).
 repro: setup
 	dvc repro
 	python pipelines/readme_results.py

@@ -184,7 +184,7 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="≤ {decode_ratio}×", verdict="decode.met"),
     ],  # memory per token (3 rows per token and layer: 3× the KV cache) is in the report's box
     "08_associative_recall": [
-        Headline("full attention's recall accuracy (MQAR, 3 seeds; t-interval)", "architectures.standard.accuracy",
+        Headline("full attention's recall accuracy (MQAR, {architectures.standard.n_seeds} seeds; t-interval)", "architectures.standard.accuracy",
                  interval=("architectures.standard.ci_low", "architectures.standard.ci_high"), goal="≥ 0.95",
                  verdict="goals.attention_accuracy.met"),
         Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values", "architectures.bsbr.accuracy",
@@ -288,8 +288,12 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
         value = spec.value(metrics) if callable(spec.value) else lookup(metrics, spec.value)
         verdict = (spec.verdict(metrics) if callable(spec.verdict) else
                    lookup(metrics, spec.verdict) if spec.verdict else None)
-    text = format_value("", value) + (spec.unit if not isinstance(value, (dict, str)) else "")
-    if spec.interval:
+    # a value the run did not measure (e.g. a length the quick profile does not reach) is a dash, not "n/a×"
+    if value is None:
+        text = "—"
+    else:
+        text = format_value("", value) + (spec.unit if not isinstance(value, (dict, str)) else "")
+    if spec.interval and value is not None:
         low, high = (lookup(metrics, spec.interval) if isinstance(spec.interval, str)
                      else [lookup(metrics, path) for path in spec.interval])
         text += f" [{format_value('', low)}, {format_value('', high)}]"

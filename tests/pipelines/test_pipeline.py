@@ -664,6 +664,23 @@ def test_every_headline_is_in_its_metrics_file(name):
     assert any(row["verdict"] for row in rows) or name == "07_training"  # 07 states no goal
 
 
+#: metrics files of a quick-profile run (params.yaml's default): `make repro` on a fresh clone at 431141d
+QUICK_METRICS = ROOT / "tests" / "pipelines" / "quick_profile_metrics"
+
+
+@pytest.mark.parametrize("name", sorted(build_index.HEADLINES))
+def test_headlines_of_a_quick_profile_run_show_what_it_did_not_measure_as_such(name):
+    metrics = json.loads((QUICK_METRICS / f"{name}.json").read_text())
+    rows = build_index.headline_rows(name, metrics)
+    assert all(row["value"] and "n/a" not in row["value"] for row in rows), rows
+    assert all(row["verdict"] == "not measured" for row in rows if row["value"] == "—")
+    if name == "01_scaling":  # the quick profile times attention to 16,384 tokens: 65,536 is not measured
+        assert rows[1] == {"label": "the same at 65,536 tokens", "value": "—", "goal": "≥ 20×",
+                           "verdict": "not measured"}
+    if name == "08_associative_recall":  # the seeds the run had, not a number written into the label
+        assert rows[0]["label"] == "full attention's recall accuracy (MQAR, 2 seeds; t-interval)"
+
+
 def test_passkey_headlines_split_at_the_trained_positions():
     metrics = {"max_position_embeddings": 8192, "depths": [0.05, 0.25, 0.5, 0.75, 0.95], "trials_per_cell": 2,
                "long_trials_per_cell": 1, "accuracy": {"v": {"1024": 1.0, "8192": 0.9, "16384": 0.8}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from tests.conftest import ROOT
@@ -30,6 +31,23 @@ def test_a_changed_metric_makes_its_block_stale_and_render_rewrites_it(tmp_path)
         return next(m.group(2) for m in readme_results.BLOCK.finditer(text) if m.group(1) == "02_conversion_similarity")
 
     assert rewritten.replace(block_02(rewritten), "") == readme.replace(block_02(readme), "")  # nothing else changed
+
+
+def test_a_quick_profile_run_renders_every_block_and_names_what_it_did_not_measure():
+    """`make repro` (the quick profile) rewrites README from metrics that lack the longest lengths: every block
+    renders, and a target the run did not reach reads "not measured", at its own length."""
+    quick = ROOT / "tests" / "pipelines" / "quick_profile_metrics"  # make repro on a fresh clone at 431141d
+    readme = (ROOT / "README.md").read_text()
+    rewritten = readme_results.render(readme, quick)
+    assert readme_results.stale_blocks(rewritten, quick) == []
+    scaling = json.loads((quick / "01_scaling.json").read_text())
+    ratio = scaling["attention"]["at_longest"]["module_forward_ratio"]
+    assert (f"**not measured (goal ≥ 20×)** at 65,536 (this run's longest: 16,384, BSBR "
+            in readme_results.scaling(scaling))
+    assert f"{ratio:.1f}×); the attention cores alone" in readme_results.scaling(scaling)
+    assert "BSBR's peak growth from 16,384 to 65,536 tokens: not measured (goal ≤ 1.1×)." in rewritten
+    blocks = "".join(match.group(2) for match in readme_results.BLOCK.finditer(rewritten))
+    assert not re.search(r"\b(None|nan|n/a)\b", blocks)
 
 
 def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_metrics():
