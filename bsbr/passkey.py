@@ -24,9 +24,9 @@ from bsbr.data import token_windows
 from bsbr.masks import band_mask
 
 __all__ = ["FULL_PROFILE", "GOALS", "HEADLINE_HALF_WIDTH", "TRAINED_LENGTHS", "VARIANTS", "PasskeyVariant",
-           "accuracy_table", "answer_logits", "attended_tokens", "build_variant", "check_passkey_parameters",
-           "answer_logprob_table", "filler_starts", "format_accuracy", "goal_verdicts", "headline_table", "out_of_reach",
-           "passkey_trials",
+           "accuracy_table", "accuracy_text", "answer_logits", "answer_logprob_table", "attended_tokens",
+           "build_variant", "check_passkey_parameters", "filler_starts", "format_accuracy", "goal_verdicts",
+           "headline_table", "out_of_reach", "passkey_trials",
            "profile_seconds", "reach_settings", "score_trial", "summarize_trials", "token_stream",
            "trials_for_half_width", "variant_mask"]
 
@@ -377,9 +377,29 @@ def accuracy_table(trials: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return table
 
 
+def accuracy_text(accuracy: float, ci_low: float, ci_high: float, trials: int | None = None) -> str:
+    """``"0.50 [0.09, 0.91] (1/2)"``: an exact-match accuracy (fraction in [0, 1]), its interval and, given the number
+    of trials, correct/trials (correct = accuracy × trials, rounded). The one way the report, the index and the
+    README write a passkey accuracy.
+
+    Raises:
+        ValueError: ``accuracy`` outside [0, 1], ``ci_low > ci_high``, or ``trials`` not a positive integer.
+    """
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be a fraction in [0, 1], got {accuracy!r}")
+    if ci_low > ci_high:
+        raise ValueError(f"ci_low ({ci_low!r}) must not exceed ci_high ({ci_high!r})")
+    text = f"{accuracy:.2f} [{ci_low:.2f}, {ci_high:.2f}]"
+    if trials is None:
+        return text
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    return f"{text} ({round(accuracy * trials)}/{trials})"
+
+
 def format_accuracy(row) -> str:
-    """``"0.50 [0.09, 0.91] (1/2)"``: accuracy, Wilson interval, correct/trials."""
-    return f"{row.accuracy:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({int(row.correct)}/{int(row.trials)})"
+    """``"0.50 [0.09, 0.91] (1/2)"``: a row of :func:`accuracy_table` as :func:`accuracy_text` writes it."""
+    return accuracy_text(float(row.accuracy), float(row.ci_low), float(row.ci_high), int(row.trials))
 
 
 def _cell_name(row) -> str:

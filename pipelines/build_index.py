@@ -98,16 +98,21 @@ def below_floor(metrics: dict, name: str) -> bool | None:
 
 
 def _trained(metrics: dict, variant: str) -> dict:
-    """Report 05: a variant's accuracy by length within the model's trained positions."""
-    limit = metrics["max_position_embeddings"]
-    return {n: a for n, a in metrics["accuracy"][variant].items() if int(n) <= limit}
+    """Report 05: a variant's accuracy (Wilson interval, correct/trials) by length within the trained positions."""
+    from bsbr.passkey import accuracy_text  # torch and transformers: loaded only for report 05's headlines
+
+    limit, ci = metrics["max_position_embeddings"], metrics["ci95"][variant]
+    return {n: accuracy_text(a, *ci[n], trials=metrics["trials_per_headline_cell"])
+            for n, a in metrics["accuracy"][variant].items() if int(n) <= limit}
 
 
 def _past_trained(metrics: dict, variant: str) -> dict | str:
     """Report 05: a variant's accuracy (with n) by length past the trained positions, or "not measured"."""
+    from bsbr.passkey import accuracy_text  # torch and transformers: loaded only for report 05's headlines
+
     limit, ci = metrics["max_position_embeddings"], metrics["ci95"][variant]
     n = len(metrics["depths"]) * metrics.get("long_trials_per_cell", metrics["trials_per_cell"])
-    past = {key: f"{a:.2f} [{ci[key][0]:.2f}, {ci[key][1]:.2f}] (n = {n})"
+    past = {key: accuracy_text(a, *ci[key], trials=n)
             for key, a in metrics["accuracy"][variant].items() if int(key) > limit}
     return past or "not measured"
 

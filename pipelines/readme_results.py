@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bsbr.convergence import rates_at_grid_edge
+from bsbr.passkey import accuracy_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -211,7 +212,7 @@ def long_range(m: dict) -> str:
     opts = m["blocks_options"]
     acc = "; ".join(
         f"{_PASSKEY_NAMES.get(v, v)} " + ", ".join(
-            f"{m['accuracy'][v][str(n)]:.1f} [{m['ci95'][v][str(n)][0]:.2f}, {m['ci95'][v][str(n)][1]:.2f}]"
+            accuracy_text(m["accuracy"][v][str(n)], *m["ci95"][v][str(n)], trials=m["trials_per_headline_cell"])
             for n in lengths)
         for v in m["accuracy"])
     task = {"passkey": "Mohtashami & Jaggi's passkey test (repeated-sentence filler)",
@@ -226,10 +227,10 @@ def long_range(m: dict) -> str:
     long_n = len(m["depths"]) * m.get("long_trials_per_cell", m["trials_per_cell"])
     past = {v: [n for n in m.get("long_lengths", []) if str(n) in m["accuracy"][v]] for v in m["accuracy"]}
     if any(past.values()):
-        text += (f" Past SmolLM2's {m['max_position_embeddings']:,} trained positions (n = {long_n} per length): " +
+        text += (f" Past SmolLM2's {m['max_position_embeddings']:,} trained positions: " +
                  "; ".join(f"{_PASSKEY_NAMES.get(v, v)} " + ", ".join(
-                     f"{n:,}: **{m['accuracy'][v][str(n)]:.1f}** [{m['ci95'][v][str(n)][0]:.2f}, "
-                     f"{m['ci95'][v][str(n)][1]:.2f}]" for n in ns)
+                     f"{n:,}: " + accuracy_text(m["accuracy"][v][str(n)], *m["ci95"][v][str(n)], trials=long_n)
+                     for n in ns)
                      + f" (goal ≥ 90%: {m['goals'][v]['accuracy_past_8k']})" for v, ns in past.items() if ns) + ".")
     worst = min(lengths, key=lambda n: m["accuracy"]["original"][str(n)])
     if m["accuracy"]["original"][str(worst)] < 0.95:

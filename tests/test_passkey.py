@@ -150,6 +150,18 @@ def test_accuracy_table_wilson_and_formatting():
     assert format_accuracy(a) == f"0.67 [{a.ci_low:.2f}, {a.ci_high:.2f}] (2/3)"
 
 
+def test_accuracy_text_is_one_format_for_report_index_and_readme():
+    from bsbr.passkey import accuracy_text
+
+    assert accuracy_text(0.8, 0.376, 0.964, trials=5) == "0.80 [0.38, 0.96] (4/5)"
+    assert accuracy_text(1.0, 0.7225, 1.0) == "1.00 [0.72, 1.00]"
+    for args, message in [((1.2, 0.5, 1.0), "accuracy must be a fraction"), ((0.5, 0.9, 0.1), "ci_low"),
+                          ((0.5, 0.1, 0.9, 0), "trials must be a positive integer"),
+                          ((0.5, 0.1, 0.9, 2.0), "trials must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            accuracy_text(*args)
+
+
 def test_trials_for_half_width_is_the_fewest_that_reach_it():
     n = trials_for_half_width(0.15)
     assert n == 39  # z / (2·sqrt(n + z²)) <= 0.15 at n/2 correct

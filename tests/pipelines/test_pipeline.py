@@ -683,10 +683,12 @@ def test_headlines_of_a_quick_profile_run_show_what_it_did_not_measure_as_such(n
 
 def test_passkey_headlines_split_at_the_trained_positions():
     metrics = {"max_position_embeddings": 8192, "depths": [0.05, 0.25, 0.5, 0.75, 0.95], "trials_per_cell": 2,
+               "trials_per_headline_cell": 10,
                "long_trials_per_cell": 1, "accuracy": {"v": {"1024": 1.0, "8192": 0.9, "16384": 0.8}},
                "ci95": {"v": {"1024": [0.72, 1.0], "8192": [0.6, 0.98], "16384": [0.376, 0.964]}}}
-    assert build_index._trained(metrics, "v") == {"1024": 1.0, "8192": 0.9}
-    assert build_index._past_trained(metrics, "v") == {"16384": "0.80 [0.38, 0.96] (n = 5)"}
+    assert build_index._trained(metrics, "v") == {"1024": "1.00 [0.72, 1.00] (10/10)",
+                                                  "8192": "0.90 [0.60, 0.98] (9/10)"}
+    assert build_index._past_trained(metrics, "v") == {"16384": "0.80 [0.38, 0.96] (4/5)"}
     del metrics["accuracy"]["v"]["16384"]
     assert build_index._past_trained(metrics, "v") == "not measured"
 

@@ -63,6 +63,10 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     assert "cannot test" not in readme_results.long_range(metrics)
     metrics["task"] = "passkey"
     assert "Mohtashami & Jaggi's passkey test" in readme_results.long_range(metrics)
+    # each accuracy as the report writes it (bsbr.passkey.accuracy_text), with correct/trials
+    n, low, high = metrics["trials_per_headline_cell"], *metrics["ci95"]["original"]["1024"]
+    assert (f"the original {metrics['accuracy']['original']['1024']:.2f} [{low:.2f}, {high:.2f}] "
+            f"({round(metrics['accuracy']['original']['1024'] * n)}/{n})") in readme_results.long_range(metrics)
     metrics["task"] = "fact_in_text"
     assert "a fact in held-out text" in readme_results.long_range(metrics)
 
