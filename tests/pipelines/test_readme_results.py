@@ -46,6 +46,7 @@ def test_a_quick_profile_run_renders_every_block_and_names_what_it_did_not_measu
             in readme_results.scaling(scaling))
     assert f"{ratio:.1f}×); the attention cores alone" in readme_results.scaling(scaling)
     assert "BSBR's peak growth from 16,384 to 65,536 tokens: not measured (goal ≤ 1.1×)." in rewritten
+    assert "3 depths × 1 trial: n = 3 per length" in rewritten  # report 05 at the quick size
     blocks = "".join(match.group(2) for match in readme_results.BLOCK.finditer(rewritten))
     assert not re.search(r"\b(None|nan|n/a)\b", blocks)
 
