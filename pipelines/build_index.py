@@ -189,7 +189,8 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="≤ {decode_ratio}×", verdict="decode.met"),
     ],  # memory per token (3 rows per token and layer: 3× the KV cache) is in the report's box
     "08_associative_recall": [
-        Headline("full attention's recall accuracy (MQAR, {architectures.standard.n_seeds} seeds; t-interval)", "architectures.standard.accuracy",
+        Headline("full attention's recall accuracy (MQAR, {architectures.standard.n_seeds} seeds; t-interval)",
+                 "architectures.standard.accuracy",
                  interval=("architectures.standard.ci_low", "architectures.standard.ci_high"), goal="≥ 0.95",
                  verdict="goals.attention_accuracy.met"),
         Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values", "architectures.bsbr.accuracy",

@@ -219,7 +219,8 @@ def long_range(m: dict) -> str:
             "fact_in_text": "a fact in held-out text"}.get(m.get("task", "fact_in_text"), m.get("task"))
     text = (
         f"* **Passkey retrieval** (`reports/05_long_range.html`; {task}, {', '.join(f'{n:,}' for n in lengths)} "
-        f"tokens, {len(m['depths'])} depths × {m['trials_per_cell']} trial{'s' if m['trials_per_cell'] != 1 else ''}: n = {m['trials_per_headline_cell']} per "
+        f"tokens, {len(m['depths'])} depths × {m['trials_per_cell']} trial{'s' if m['trials_per_cell'] != 1 else ''}"
+        f": n = {m['trials_per_headline_cell']} per "
         f"length and variant, Wilson 95% intervals; block retrieval: chunk {m['chunk_size']}, top {opts['top_k']} "
         f"blocks of {opts['block_size']} scored by their best {opts.get('page_size') or opts['block_size']}-token "
         f"page, {opts['sink_size']} sinks, at most {max(max(m['attended_tokens'][v].values()) for v in m['attended_tokens'] if v.startswith('blocks'))} tokens "

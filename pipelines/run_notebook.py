@@ -39,6 +39,8 @@ import nbformat
 import papermill
 from dvc.utils.serialize import parse_yaml
 
+from bsbr.experiment import PROFILE_ENV  # the variable through which the kernel learns its profile
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("run_notebook")
 
@@ -120,10 +122,6 @@ def load_section(params_file: Path, section: str, profile: str | None = None) ->
                           f"does not have (it has {sorted(values)})")
     values.update(overlay)
     return values
-
-
-#: Environment variable through which the notebook's kernel learns the profile it runs (bsbr.experiment reads it).
-PROFILE_ENV = "BSBR_PROFILE"
 
 
 def profile_name(params_file: Path) -> str:
