@@ -97,24 +97,26 @@ def below_floor(metrics: dict, name: str) -> bool | None:
     return True if high < floor else False if low > floor else None
 
 
-def _trained(metrics: dict, variant: str) -> dict:
-    """Report 05: a variant's accuracy (Wilson interval, correct/trials) by length within the trained positions."""
+def _accuracy_by_length(metrics: dict, variant: str, past_trained: bool) -> dict:
+    """Report 05: a variant's accuracy (Wilson interval, correct/trials) by length, within the trained positions
+    (n = the headline cell's trials) or past them (n = depths × long trials)."""
     from bsbr.passkey import accuracy_text  # torch and transformers: loaded only for report 05's headlines
 
     limit, ci = metrics["max_position_embeddings"], metrics["ci95"][variant]
-    return {n: accuracy_text(a, *ci[n], trials=metrics["trials_per_headline_cell"])
-            for n, a in metrics["accuracy"][variant].items() if int(n) <= limit}
+    trials = (len(metrics["depths"]) * metrics.get("long_trials_per_cell", metrics["trials_per_cell"])
+              if past_trained else metrics["trials_per_headline_cell"])
+    return {n: accuracy_text(a, *ci[n], trials=trials)
+            for n, a in metrics["accuracy"][variant].items() if (int(n) > limit) == past_trained}
+
+
+def _trained(metrics: dict, variant: str) -> dict:
+    """Report 05: a variant's accuracy by length within the trained positions (:func:`_accuracy_by_length`)."""
+    return _accuracy_by_length(metrics, variant, past_trained=False)
 
 
 def _past_trained(metrics: dict, variant: str) -> dict | str:
-    """Report 05: a variant's accuracy (with n) by length past the trained positions, or "not measured"."""
-    from bsbr.passkey import accuracy_text  # torch and transformers: loaded only for report 05's headlines
-
-    limit, ci = metrics["max_position_embeddings"], metrics["ci95"][variant]
-    n = len(metrics["depths"]) * metrics.get("long_trials_per_cell", metrics["trials_per_cell"])
-    past = {key: accuracy_text(a, *ci[key], trials=n)
-            for key, a in metrics["accuracy"][variant].items() if int(key) > limit}
-    return past or "not measured"
+    """Report 05: a variant's accuracy by length past the trained positions, or "not measured"."""
+    return _accuracy_by_length(metrics, variant, past_trained=True) or "not measured"
 
 
 def below_one(low: float, high: float) -> bool | None:

@@ -56,6 +56,7 @@ def scaling(m: dict) -> str:
     ops = layers["operators"]
     op_len = max(ops, key=int)
     load = m["machine"].get("load_average")
+    growth = goals["bsbr_memory_growth_16384_65536"]
     exponents = ", ".join(f"{_LAYERS[name]} {layers['time_exponent'][name]:.2f}"
                           for name in sorted(layers["time_exponent"], key=layers["time_exponent"].get))
     return (
@@ -64,9 +65,10 @@ def scaling(m: dict) -> str:
         f"threads; BSBRAttention vs the same four projections around torch's fused causal SDPA; load average "
         f"{load[0]:.2f} at the start). Forward speed-up over full attention: "
         f"{_target(goals['module_forward_speedup_16384'])} at 16,384 tokens and "
-        + (f"**{_target(goals['module_forward_speedup_65536'])}** at {longest:,} (BSBR {at['bsbr_forward_s']:.2f} s); "
-           if longest == 65536 else f"**{_target(goals['module_forward_speedup_65536'])}** at 65,536 (this run's "
-           f"longest: {longest:,}, BSBR {at['bsbr_forward_s']:.2f} s, {at['module_forward_ratio']:.1f}×); ")
+        f"**{_target(goals['module_forward_speedup_65536'])}** at "
+        + (f"{longest:,} (BSBR {at['bsbr_forward_s']:.2f} s); " if longest == 65536 else
+           f"65,536 (this run's longest: {longest:,}, BSBR {at['bsbr_forward_s']:.2f} s, "
+           f"{at['module_forward_ratio']:.1f}×); ")
         + f"the attention cores alone {at['core_forward_ratio']:.1f}× at {longest:,}; forward+backward "
         f"{at['module_backward_ratio']:.1f}×"
         f"{' (full attention extrapolated)' if at['module_backward_full_extrapolated'] else ''}. At 16,384 tokens "
@@ -81,11 +83,10 @@ def scaling(m: dict) -> str:
         + f". Fitted time exponents: {exponents}. Forward peaks at {longest:,} tokens: "
         + ", ".join(f"{_LAYERS[name]} {peak[name][str(longest)] / 1e9:.2f} GB" for name in ranked)
         + f", against {4 * longest ** 2 / 1e9:.1f} GB for one fp32 `n × n` score matrix (full attention's fused SDPA "
-        + (f"never holds one). BSBR's peak from 16,384 to {longest:,} tokens grows "
-           f"{_target(goals['bsbr_memory_growth_16384_65536'])} as fast as linear.\n"
-           if goals["bsbr_memory_growth_16384_65536"]["value"] is not None else
-           f"never holds one). BSBR's peak growth from 16,384 to 65,536 tokens: "
-           f"{_target(goals['bsbr_memory_growth_16384_65536'])}.\n")
+        + "never holds one). "
+        + (f"BSBR's peak from 16,384 to {longest:,} tokens grows {_target(growth)} as fast as linear.\n"
+           if growth["value"] is not None else
+           f"BSBR's peak growth from 16,384 to 65,536 tokens: {_target(growth)}.\n")
         + f"* **Streaming decode** (median step): BSBR {dec['bsbr'][first]['median_s'] * 1e3:.2f} ms at position "
         f"{int(first):,} and {dec['bsbr'][last]['median_s'] * 1e3:.2f} ms at {int(last):,} "
         f"({_target(goals['bsbr_decode_latency_32768_vs_1024'])}; state "

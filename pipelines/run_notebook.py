@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 import papermill
@@ -89,14 +90,20 @@ def load_section(params_file: Path, section: str, profile: str | None = None) ->
     Raises ParamsError if the section is absent or not a mapping, the profile is not ``"quick"`` or a key of
     ``profiles``, or the profile's mapping for the section is not a mapping or names keys the section does not have.
     """
-    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+    return section_values(read_yaml(Path(params_file).read_text(), params_file) or {}, section, profile,
+                          params_file)
+
+
+def section_values(params: dict, section: str, profile: str | None = None,
+                   params_file: str | os.PathLike = "params.yaml") -> dict:
+    """:func:`load_section` on an already parsed params.yaml (``params_file`` names it in the errors)."""
     if section not in params:
         raise ParamsError(f"{params_file} has no section {section!r} (sections: {sorted(params)})")
     values = params[section]
     if not isinstance(values, dict):
         raise ParamsError(f"{params_file}: section {section!r} must be a mapping, got {type(values).__name__}")
     values = dict(values)
-    profile = params.get("profile", DEFAULT_PROFILE) if profile is None else profile
+    profile = profile_name(params) if profile is None else profile
     profiles = params.get("profiles") or {}
     if not isinstance(profiles, dict):
         raise ParamsError(f"{params_file}: profiles must be a mapping of profile name to sections, "
@@ -109,10 +116,11 @@ def load_section(params_file: Path, section: str, profile: str | None = None) ->
     if not isinstance(profile, str) or profile not in profiles:
         raise ParamsError(f"{params_file}: profile must be {DEFAULT_PROFILE!r} or one of profiles "
                           f"{sorted(profiles)}, got {profile!r}")
-    if not isinstance(profiles[profile] or {}, dict):
+    sections = profiles[profile] or {}
+    if not isinstance(sections, dict):
         raise ParamsError(f"{params_file}: profiles.{profile} must be a mapping of section to values, "
-                          f"got {type(profiles[profile]).__name__}")
-    overlay = (profiles[profile] or {}).get(section) or {}
+                          f"got {type(sections).__name__}")
+    overlay = sections.get(section) or {}
     if not isinstance(overlay, dict):
         raise ParamsError(f"{params_file}: profiles.{profile}.{section} must be a mapping, "
                           f"got {type(overlay).__name__}")
@@ -124,9 +132,9 @@ def load_section(params_file: Path, section: str, profile: str | None = None) ->
     return values
 
 
-def profile_name(params_file: Path) -> str:
-    """params.yaml's top-level ``profile`` (``"quick"`` when absent): the profile :func:`load_section` applies."""
-    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+def profile_name(params: dict) -> str:
+    """A parsed params.yaml's top-level ``profile`` (``"quick"`` when absent): the profile :func:`load_section`
+    applies."""
     return params.get("profile", DEFAULT_PROFILE)
 
 
@@ -202,8 +210,9 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
     if not notebook.is_file():
         raise ParamsError(f"notebook {notebook} does not exist")
     check_no_shell(notebook)
-    values = load_section(Path(params_file), section)
-    profile = profile_name(Path(params_file))
+    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+    profile = profile_name(params)
+    values = section_values(params, section, profile, params_file)
     check_parameters(notebook, values, f"section {section!r} of {params_file}")
     unknown = sorted(set(overrides or {}) - set(values))
     if unknown:
@@ -226,18 +235,11 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
     log.info("running %s (profile %s) with %s", notebook, profile, values)
     try:
         # the kernel inherits the environment: bsbr.experiment.start_experiment prints the profile by the revision
-        previous = os.environ.get(PROFILE_ENV)
-        os.environ[PROFILE_ENV] = str(profile)
-        try:
+        with mock.patch.dict(os.environ, {PROFILE_ENV: str(profile)}):  # restored afterwards
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=values, kernel_name="python3",
                 log_output=True, progress_bar=False, cwd=str(REPO_ROOT),
             )
-        finally:
-            if previous is None:
-                os.environ.pop(PROFILE_ENV, None)
-            else:
-                os.environ[PROFILE_ENV] = previous
         if metrics is not None and not metrics.is_file():
             raise RuntimeError(f"{notebook} finished but did not write its metrics_path {metrics}")
         _record_output_path(executed, target)

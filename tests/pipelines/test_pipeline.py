@@ -121,10 +121,10 @@ def test_profiles_override_a_section_and_bad_profiles_are_named(tmp_path):
                                       "profiles": {"publication": {"00_tiny": {"y": [1, 2, 3]}}}}))
     assert run_notebook.load_section(params, "00_tiny") == {**section, "y": [1, 2, 3]}
     assert run_notebook.load_section(params, "00_tiny", profile="quick") == section
-    assert run_notebook.profile_name(params) == "publication"
+    assert run_notebook.profile_name(run_notebook.read_yaml(params.read_text())) == "publication"
     params.write_text(yaml.safe_dump({"00_tiny": section, "profiles": {"publication": {"00_tiny": {"y": [1]}}}}))
     assert run_notebook.load_section(params, "00_tiny") == section  # no profile key: quick, the section as written
-    assert run_notebook.profile_name(params) == "quick"
+    assert run_notebook.profile_name(run_notebook.read_yaml(params.read_text())) == "quick"
     for document, message in [
         ({"profile": "fast"}, r"profile must be 'quick' or one of profiles \['publication'\], got 'fast'"),
         ({"profiles": {"publication": {"00_tiny": {"z": 2}}}}, r"profiles.publication.00_tiny sets \['z'\], which"),
