@@ -17,6 +17,13 @@ Summaries of a block's keys ``K_j`` (``summary=``), and the score of a query ``q
   ``max_u q·k_u`` over the block (Quest, Tang et al. 2024, arXiv 2406.10774; mit-han-lab/Quest);
 * ``"mean"``: ``q·mean(K_j)`` (the block routing of MoBA, Lu et al. 2025, arXiv 2502.13189).
 
+Router: by default each token scores the blocks with its own query (above). With ``chunk_scores`` (the layer's
+``router="meta"``) a chunk-level router scores them instead, one choice per query chunk, and the blocks are the chunks
+(``block_size == chunk_size``): BSBR's own routing, the meta-query of chunk ``c`` (from the mean hidden state of chunk
+``c - 1``) against the meta-key of each earlier chunk (from its own mean hidden state). The op does not see hidden
+states: the caller computes the scores (:class:`bsbr.convert.retrieval.BlocksMode`), and the routing is causal when
+they come from tokens before the chunk.
+
 Selection granularity (``selection=``): ``"group"`` (default) makes one choice per token and key/value group — the
 scores of the query heads sharing a key/value head are **summed**, so the group shares one set of blocks (and one
 gathered copy of their keys/values), as grouped-query attention shares keys; ``"head"`` lets every query head choose
@@ -50,7 +57,7 @@ import torch.nn.functional as F
 
 from bsbr._checks import check_int_at_least, check_positive_int
 
-__all__ = ["POSITIONS", "SELECTIONS", "SUMMARIES", "BlocksState", "GrowingTensor", "block_attention",
+__all__ = ["POSITIONS", "ROUTERS", "SELECTIONS", "SUMMARIES", "BlocksState", "GrowingTensor", "block_attention",
            "best_page_scores", "block_attention_unchecked", "block_scores", "block_summaries", "check_block_settings",
            "rope_rotate"]
 
@@ -58,6 +65,9 @@ __all__ = ["POSITIONS", "SELECTIONS", "SUMMARIES", "BlocksState", "GrowingTensor
 SUMMARIES: dict[str, int] = {"minmax": 2, "mean": 1}
 #: selection granularities: one choice per key/value group (scores summed over its query heads) or per query head
 SELECTIONS = ("group", "head")
+#: who scores the candidate blocks: each token's own query against the block summaries, or BSBR's meta-query/meta-key
+#: router, one choice per chunk whose scores the caller passes (``chunk_scores``; blocks are chunks; module doc)
+ROUTERS = ("query", "meta")
 #: where retrieved blocks and sinks sit relative to the query: their own positions, or compact ones (module doc)
 POSITIONS = ("original", "compact")
 #: each slice of :data:`UNION_ROWS` rows of a query chunk gathers the union of the blocks its rows selected once (and
@@ -74,17 +84,23 @@ UNION_ROWS = 256
 
 
 def check_block_settings(chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group",
-                         positions="original", rope_inv_freq=None, page_size=None) -> None:
+                         positions="original", rope_inv_freq=None, page_size=None, router="query") -> None:
     """Raise ValueError naming the argument unless: ``chunk_size``, ``block_size`` and ``top_k`` are integers >= 1,
     ``block_size`` divides ``chunk_size``, ``sink_size`` is an integer >= 0, ``summary`` is a key of
     :data:`SUMMARIES`, ``selection`` one of :data:`SELECTIONS`, ``positions`` one of :data:`POSITIONS`, and
-    ``rope_inv_freq`` a 1-D tensor exactly when ``positions="compact"``, and ``page_size`` None or an integer >= 1
-    dividing ``block_size``."""
+    ``rope_inv_freq`` a 1-D tensor exactly when ``positions="compact"``, ``page_size`` None or an integer >= 1
+    dividing ``block_size``, and ``router`` one of :data:`ROUTERS` (``"meta"``: ``block_size == chunk_size`` and no
+    ``page_size``)."""
     check_positive_int(chunk_size=chunk_size, block_size=block_size, top_k=top_k)
     check_int_at_least(0, sink_size=sink_size)
     if chunk_size % block_size:
         raise ValueError(f"block_size={block_size} must divide chunk_size={chunk_size} (blocks may not straddle "
                          "chunks)")
+    if not isinstance(router, str) or router not in ROUTERS:
+        raise ValueError(f"router must be one of {list(ROUTERS)}, got {router!r}")
+    if router == "meta" and (block_size != chunk_size or page_size is not None):
+        raise ValueError(f"router='meta' selects whole chunks: block_size must equal chunk_size={chunk_size} (got "
+                         f"{block_size}) and page_size must be None (got {page_size!r})")
     if page_size is not None:
         check_positive_int(page_size=page_size)
         if block_size % page_size:
@@ -267,7 +283,8 @@ def rope_rotate(x: torch.Tensor, shift, inv_freq: torch.Tensor) -> torch.Tensor:
 def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: int, sink_size: int = 0,
                     summary: str = "minmax", selection: str = "group", dropout_p: float = 0.0,
                     state: BlocksState | None = None, return_state: bool = False, *, positions: str = "original",
-                    rope_inv_freq: torch.Tensor | None = None, page_size: int | None = None):
+                    rope_inv_freq: torch.Tensor | None = None, page_size: int | None = None,
+                    chunk_scores: torch.Tensor | None = None):
     """Exact attention on the local region, the sinks and the top-k earlier blocks each token selects (module doc).
 
     Args:
@@ -289,17 +306,25 @@ def block_attention(query, key, value, chunk_size: int, block_size: int, top_k: 
         page_size: tokens per summarised page (divides ``block_size``; None: the block is one page). A block's score
             is the best score of its pages (Quest scores 16-token pages), so one relevant token in a large block is
             not averaged away.
+        chunk_scores: None (each token scores the blocks with its own query), or the scores of a chunk-level router
+            (``router="meta"``: BSBR's meta-query of chunk ``c - 1`` against the meta-key of each chunk),
+            ``[batch, heads, q_chunks, chunks]``: row ``i`` scores, for every query of the ``i``-th chunk this call
+            touches (chunk ``state.num_tokens // chunk_size + i``), chunk ``j`` in column ``j``; only the columns of
+            the candidates (``j <= c - 2``) are read, so ``chunks >= c_last - 1``. Every token of a chunk then
+            retrieves the same ``top_k`` chunks (per group, scores summed over its heads, or per head). Needs
+            ``block_size == chunk_size`` and no ``page_size``. Causal when row ``i`` depends only on tokens before
+            its chunk and column ``j`` only on chunk ``j``.
     Returns:
         ``[batch, heads, n, d]``, or ``(output, new_state)`` with ``return_state``.
     Raises:
-        ValueError: bad settings (:func:`check_block_settings`), shapes, or a state of another block size, summary
-            or positions.
+        ValueError: bad settings (:func:`check_block_settings`), shapes (``chunk_scores`` included), or a state of
+            another block size, summary or positions.
     """
     check_block_settings(chunk_size, block_size, top_k, sink_size, summary, selection, positions, rope_inv_freq,
-                         page_size)
+                         page_size, "query" if chunk_scores is None else "meta")
     return block_attention_unchecked(query, key, value, chunk_size, block_size, top_k, sink_size, summary,
                                      selection, dropout_p, state, return_state, positions=positions,
-                                     rope_inv_freq=rope_inv_freq, page_size=page_size)
+                                     rope_inv_freq=rope_inv_freq, page_size=page_size, chunk_scores=chunk_scores)
 
 
 def _check_inputs(query, key, value, state, block_size, summary, positions, page_size):
@@ -317,6 +342,20 @@ def _check_inputs(query, key, value, state, block_size, summary, positions, page
                               or state.key.shape[:2] != key.shape[:2]):
         raise ValueError("state must be a BlocksState of the same batch, kv_heads, block_size, page_size, summary and "
                          "positions")
+
+
+def _check_chunk_scores(chunk_scores, query, chunk_size, n_before: int) -> None:
+    """Raise ValueError unless ``chunk_scores`` is ``[batch, heads, q_chunks, >= c_last - 1]`` for the chunks the
+    call's queries fall in (:func:`block_attention`)."""
+    batch, heads, n = query.shape[:3]
+    if chunk_size is None:
+        raise ValueError("chunk_scores needs chunks: chunk_size must not be None")
+    first, last = n_before // chunk_size, (n_before + n - 1) // chunk_size
+    if (not isinstance(chunk_scores, torch.Tensor) or chunk_scores.dim() != 4
+            or chunk_scores.shape[:3] != (batch, heads, last - first + 1) or chunk_scores.shape[3] < last - 1):
+        shape = list(chunk_scores.shape) if isinstance(chunk_scores, torch.Tensor) else type(chunk_scores).__name__
+        raise ValueError(f"chunk_scores must be [batch, heads, q_chunks, chunks] = [{batch}, {heads}, "
+                         f"{last - first + 1}, >= {max(0, last - 1)}] for query chunks {first}..{last}, got {shape}")
 
 
 def _slice_unions(index, candidates: int, size: int):
@@ -366,12 +405,15 @@ def _per_row(left, right):
 def block_attention_unchecked(query, key, value, chunk_size: int | None, block_size: int, top_k: int,
                               sink_size: int, summary: str, selection: str, dropout_p: float,
                               state: BlocksState | None, return_state: bool, *, positions: str = "original",
-                              rope_inv_freq: torch.Tensor | None = None, page_size: int | None = None):
+                              rope_inv_freq: torch.Tensor | None = None, page_size: int | None = None,
+                              chunk_scores: torch.Tensor | None = None):
     """:func:`block_attention` without its settings checks (the caller has made them, e.g. a converted layer at
     construction), and with two settings it refuses: ``top_k = 0`` (local region + sinks only: the retrieval-off
     reference) and ``chunk_size = None`` (one chunk: full causal attention over the cache, a dense layer).
     Shapes, returns and input errors as :func:`block_attention`."""
     _check_inputs(query, key, value, state, block_size, summary, positions, page_size)
+    if chunk_scores is not None:
+        _check_chunk_scores(chunk_scores, query, chunk_size, 0 if state is None else state.num_tokens)
     page = page_size or block_size
     pages_per_block = block_size // page
     batch, heads, n, d = query.shape
@@ -429,8 +471,12 @@ def block_attention_unchecked(query, key, value, chunk_size: int | None, block_s
         k = min(top_k, candidates - sink_blocks)
         selected = None
         if k:
-            chosen = block_scores(far_rows, summaries[:, :, sink_blocks * pages_per_block:
-                                                      candidates * pages_per_block], summary)  # [b, G, g, r, pages]
+            if chunk_scores is not None:  # one choice per chunk: the chunk's row of scores for each of its tokens
+                chosen = chunk_scores[:, :, chunk - offset // size, sink_blocks:candidates].unflatten(1, (groups, group))
+                chosen = chosen[:, :, :, None].expand(-1, -1, -1, rows.shape[3], -1)  # [b, G, g, r, candidates]
+            else:
+                chosen = block_scores(far_rows, summaries[:, :, sink_blocks * pages_per_block:
+                                                          candidates * pages_per_block], summary)  # [b, G, g, r, pages]
             if pages_per_block > 1:  # a block scores its best page; pages of sink tokens only do not count
                 chosen = best_page_scores(chosen, pages_per_block,
                                           sink_size // page - sink_blocks * pages_per_block)  # [b, G, g, r, blocks]

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from bsbr.analysis import PASSKEY_TEMPLATES, answer_exact_match, passkey_sample, repeated_filler, wilson_interval
-from bsbr.convert import converted_copy, load_conversion, load_lora, set_retrieval
+from bsbr.convert import converted_copy, load_conversion, load_lora, load_meta_router, set_retrieval
 from bsbr.convert.checkpoint import conversion_settings
 from bsbr.data import token_windows
 from bsbr.masks import band_mask
@@ -44,6 +44,9 @@ class PasskeyVariant:
         summary: the block key summary of a ``"blocks"`` variant (``"minmax"``: Quest's bound; ``"mean"``).
         positions: the ``positions`` option of a ``"blocks"`` variant when it overrides ``blocks_options``
             (``"compact"``: RoPE distances kept inside the trained range).
+        router: the ``router`` of a ``"blocks"`` variant (``"query"``: each token's own query against the block
+            summaries; ``"meta"``: BSBR's meta-query/meta-key chunk router with notebook 02's calibrated meta
+            projections, choosing whole chunks, at least the same number of retrieved tokens: :func:`build_variant`).
 
     Whether a variant may run past the model's trained positions (``long_lengths``) depends on its settings:
     :func:`reach_settings` ``["past_trained_range"]``.
@@ -53,6 +56,7 @@ class PasskeyVariant:
     build: str
     summary: str | None = None
     positions: str | None = None
+    router: str = "query"
 
 
 #: Variant name -> :class:`PasskeyVariant`, in table order.
@@ -62,6 +66,8 @@ VARIANTS: dict[str, PasskeyVariant] = {
     "blocks_mean": PasskeyVariant("blocks retrieval, mean keys", "blocks", summary="mean"),
     "blocks_mean_compact": PasskeyVariant("blocks retrieval, mean keys, compact positions", "blocks", summary="mean",
                                           positions="compact"),
+    "blocks_meta": PasskeyVariant("blocks retrieval, BSBR's meta router (whole chunks)", "blocks", summary="mean",
+                                  router="meta"),
     "exact_region": PasskeyVariant("exact region only (own + previous chunk + sinks)", "blocks_off"),
     "terraced": PasskeyVariant("terraced + states (02: transfer + LoRA)", "terraced"),
     "sliding_window": PasskeyVariant("sliding window + sinks (original)", "band_mask"),
@@ -138,18 +144,23 @@ def check_passkey_parameters(split, lengths, long_lengths, depths, variants, blo
 
 
 def build_variant(name: str, base, chunk_size: int, blocks_options: dict, terraced_path=None,
-                  terraced_lora_path=None):
+                  terraced_lora_path=None, calibrated_path=None):
     """The model a variant runs (eval mode); the pretrained tensors are shared with ``base`` except for ``terraced``.
 
     Args:
         name: a :data:`VARIANTS` name.
         base: the original pretrained model (returned itself for ``original`` and ``sliding_window``).
         chunk_size, blocks_options: the ``retrieval="blocks"`` conversion of the blocks variants and ``exact_region``
-            (:func:`bsbr.convert.converted_copy`; each blocks variant adds its ``summary``).
+            (:func:`bsbr.convert.converted_copy`; each blocks variant adds its ``summary``). A ``router="meta"``
+            variant retrieves whole chunks (``block_size = chunk_size``, no pages) and ``top_k = ceil(top_k ·
+            block_size / chunk_size)`` of them: at least the tokens the query-routed variants retrieve.
         terraced_path, terraced_lora_path: notebook 02's ``save_conversion`` and ``save_lora`` files (``terraced``),
             loaded onto a copy of ``base`` (:func:`bsbr.convert.load_conversion`, :func:`bsbr.convert.load_lora`).
+        calibrated_path: notebook 02's normalised conversion (``save_conversion``), whose calibrated meta
+            projections a ``router="meta"`` variant routes with (:func:`bsbr.convert.load_meta_router`).
     Raises:
-        ValueError: an unknown name, or bad options (from the converter, naming them).
+        ValueError: an unknown name, bad options (from the converter, naming them), or no ``calibrated_path`` for a
+            ``router="meta"`` variant.
     """
     if name not in VARIANTS:
         raise ValueError(f"name must be one of {list(VARIANTS)}, got {name!r}")
@@ -164,7 +175,15 @@ def build_variant(name: str, base, chunk_size: int, blocks_options: dict, terrac
         options["summary"] = variant.summary
     if variant.positions is not None:
         options["positions"] = variant.positions
+    if variant.router == "meta":
+        if calibrated_path is None:
+            raise ValueError(f"calibrated_path: variant {name!r} routes with notebook 02's calibrated meta projections; "
+                             "pass the normalised conversion file")
+        retrieved = options.get("top_k", 4) * options.get("block_size", chunk_size)
+        options.update(router="meta", block_size=chunk_size, page_size=None, top_k=-(-retrieved // chunk_size))
     model = converted_copy(base, chunk_size, retrieval="blocks", **options).eval()
+    if variant.router == "meta":
+        load_meta_router(model, calibrated_path)
     return set_retrieval(model, variant.build == "blocks")
 
 

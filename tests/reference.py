@@ -336,12 +336,13 @@ def dense_terraced(q, k, v, chunk_size, module, sink=0, retrieve=True):
 
 
 def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, summary="minmax", selection="group",
-                          page_size=None):
+                          page_size=None, chunk_scores=None):
     """Block retrieval (:mod:`bsbr.blocks`) written out token by token: for every token and head an explicit ``[n]``
     mask (local region, sinks, its selected blocks), the block scores summed over its key/value group's heads
     (``selection="group"``) from per-page min/max or mean keys of its non-sink tokens (a block scores its best page;
-    one page per block without ``page_size``), the best ``top_k`` candidates by sorting (blocks of sink tokens only
-    are no candidates)."""
+    one page per block without ``page_size``) — or, with ``chunk_scores [b, heads, chunks, chunks]``, head ``hh``'s
+    score of block ``j`` for a token of chunk ``c`` is ``chunk_scores[b, hh, c, j]`` — the best ``top_k`` candidates by
+    sorting (blocks of sink tokens only are no candidates)."""
     batch, heads, n, d = q.shape
     group = heads // k.shape[1]
     page = page_size or block_size
@@ -358,6 +359,9 @@ def dense_block_attention(q, k, v, chunk_size, block_size, top_k, sink_size=0, s
                 for j in usable:
                     total = 0.0
                     for hh in score_heads:
+                        if chunk_scores is not None:
+                            total += float(chunk_scores[b, hh, t // chunk_size, j])
+                            continue
                         query = q[b, hh, t]
                         best = -math.inf
                         for start in range(j * block_size, (j + 1) * block_size, page):

@@ -305,3 +305,80 @@ def test_compact_settings_are_checked():
         block_attention(q, k, v, 4, 2, 1, positions="compact")
     with pytest.raises(ValueError, match="rope_inv_freq"):
         block_attention(q, k, v, 4, 2, 1, rope_inv_freq=torch.ones(4))
+
+
+# --- a chunk-level router (router="meta": the caller's scores, one choice per query chunk) ----------------------------
+
+
+def chunk_scores_for(batch=2, heads=4, n=37, chunk_size=4, seed=1):
+    """Random chunk-router scores ``[batch, heads, chunks, chunks]`` (row: the query's chunk; column: a chunk)."""
+    chunks = -(-n // chunk_size)
+    return torch.randn(batch, heads, chunks, chunks, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+@pytest.mark.parametrize(("n", "chunk_size", "top_k", "sink_size"), [(37, 4, 2, 0), (41, 4, 3, 2), (33, 8, 1, 9)])
+def test_chunk_router_matches_the_written_out_reference(n, chunk_size, top_k, sink_size, selection):
+    q, k, v = qkv(n=n, seed=n)
+    scores = chunk_scores_for(n=n, chunk_size=chunk_size, seed=top_k)
+    got = block_attention(q, k, v, chunk_size, chunk_size, top_k, sink_size, "mean", selection, chunk_scores=scores)
+    expected = dense_block_attention(q, k, v, chunk_size, chunk_size, top_k, sink_size, "mean", selection,
+                                     chunk_scores=scores)
+    assert (got - expected).abs().max() <= 1e-10
+    by_query = block_attention(q, k, v, chunk_size, chunk_size, top_k, sink_size, "mean", selection)
+    assert (got - by_query)[:, :, 3 * chunk_size:].abs().max() > 1e-3  # the router decides which chunks are read
+
+
+def test_chunk_router_is_one_choice_per_chunk_and_its_scores_alone_decide():
+    """The tokens of a chunk retrieve what the chunk's row of scores says, whatever their own queries: swapping two
+    chunks' scores in row c swaps which of them chunk c reads (the output equals the run with those chunks chosen)."""
+    q, k, v = qkv(n=32, seed=3)
+    scores = torch.zeros(2, 4, 8, 8, dtype=torch.float64)
+    scores[:, :, 6, 1] = 1.0  # chunk 6 (tokens 24..27) reads chunk 1 (tokens 4..7)
+    out = block_attention(q, k, v, 4, 4, 1, chunk_scores=scores)
+    scores[:, :, 6, 1], scores[:, :, 6, 3] = 0.0, 1.0  # now chunk 3 (tokens 12..15)
+    moved = block_attention(q, k, v, 4, 4, 1, chunk_scores=scores)
+    torch.testing.assert_close(out[:, :, :24], moved[:, :, :24], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[:, :, 28:], moved[:, :, 28:], atol=1e-12, rtol=0)
+    for chosen, got in ((1, out), (3, moved)):
+        for t in range(24, 28):  # local region 20..t, plus the chosen chunk
+            allowed = torch.zeros(32, dtype=torch.bool)
+            allowed[20: t + 1] = True
+            allowed[4 * chosen: 4 * chosen + 4] = True
+            k_full, v_full = (x.repeat_interleave(2, dim=1)[:, :, allowed] for x in (k, v))
+            weights = torch.softmax(q[:, :, t: t + 1] @ k_full.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+            torch.testing.assert_close(got[:, :, t: t + 1], weights @ v_full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("pieces", [(1,) * 29, (5, 1, 9, 3, 11), (8, 8, 13)])
+def test_chunk_router_streams_in_pieces_equal_to_one_call(pieces):
+    q, k, v = qkv(n=29)
+    scores = chunk_scores_for(n=29, chunk_size=4)
+    args = (4, 4, 2, 1, "minmax", "group")
+    full = block_attention(q, k, v, *args, chunk_scores=scores)
+    outs, state, start = [], None, 0
+    for size in pieces:
+        rows = scores[:, :, start // 4: (start + size - 1) // 4 + 1]  # the chunks this piece's queries fall in
+        out, state = block_attention(q[:, :, start: start + size], k[:, :, start: start + size],
+                                     v[:, :, start: start + size], *args, state=state, return_state=True,
+                                     chunk_scores=rows)
+        outs.append(out)
+        start += size
+    assert (torch.cat(outs, 2) - full).abs().max() <= 1e-12
+
+
+def test_chunk_router_settings_are_checked():
+    q, k, v = qkv(n=16)
+    scores = chunk_scores_for(n=16, chunk_size=4)
+    with pytest.raises(ValueError, match="router='meta'.*block_size"):
+        block_attention(q, k, v, 4, 2, 1, chunk_scores=scores)
+    with pytest.raises(ValueError, match="page_size"):
+        block_attention(q, k, v, 4, 4, 1, page_size=2, chunk_scores=scores)
+    with pytest.raises(ValueError, match="chunk_scores"):
+        block_attention(q, k, v, 4, 4, 1, chunk_scores=scores[:, :, :3])  # 4 query chunks
+    with pytest.raises(ValueError, match="chunk_scores"):
+        block_attention(q, k, v, 4, 4, 1, chunk_scores=scores[:, :2])  # heads
+    with pytest.raises(ValueError, match="chunk_scores"):
+        block_attention(q, k, v, 4, 4, 1, chunk_scores=scores[..., :1])  # chunk 3 reads chunks 0..1
+    with pytest.raises(ValueError, match="router"):
+        bsbr.blocks.check_block_settings(4, 4, 1, router="summary")

@@ -227,6 +227,23 @@ def test_build_variant_makes_each_model_as_registered(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, trained.eval()(x).logits, atol=1e-5, rtol=0)
     assert reach_settings("terraced", model, 6, 2)["states"] is True
+    # BSBR's meta router: whole chunks, at least the query routers' retrieved tokens, 02's meta projections
+    normalized = converted_copy(base, 8, retrieval="normalized")
+    with torch.no_grad():
+        for name, parameter in normalized.named_parameters():
+            if ".meta_" in name:
+                parameter.add_(0.05)  # calibrated: away from the q_proj/k_proj initialisation
+    save_conversion(normalized, tmp_path / "calibrated.safetensors")
+    meta = build_variant("blocks_meta", base, 8, {**options, "page_size": 2}, calibrated_path=tmp_path /
+                         "calibrated.safetensors")
+    assert conversion_settings(meta)["normalized_options"] | {"dense_layers": []} == {
+        "block_size": 8, "top_k": 1, "summary": "mean", "sink_size": 1, "selection": "group", "positions": "original",
+        "page_size": None, "router": "meta", "dense_layers": []}  # 2 blocks of 4 tokens -> 1 chunk of 8
+    layer, calibrated = converted_layers(meta)[0][1], converted_layers(normalized)[0][1]
+    torch.testing.assert_close(layer.meta_q_proj.weight, calibrated.meta_q_proj.weight, atol=0, rtol=0)
+    assert reach_settings("blocks_meta", meta, 6, 2)["retrieved"] == 8
+    with pytest.raises(ValueError, match="calibrated_path"):
+        build_variant("blocks_meta", base, 8, options)
     with pytest.raises(ValueError, match="name must be one of"):
         build_variant("calibrated", base, 8, options)
     with pytest.raises(ValueError, match="unknown options"):

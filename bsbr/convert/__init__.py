@@ -16,7 +16,7 @@ from __future__ import annotations
 from bsbr.convert.base import BSBRConvertedAttention, set_retrieval
 from bsbr.convert.cache import BSBRCache
 from bsbr.convert.calibrate import calibrate_attention_transfer, capture_attention_io
-from bsbr.convert.checkpoint import base_model_fingerprint, load_conversion, save_conversion
+from bsbr.convert.checkpoint import base_model_fingerprint, load_conversion, load_meta_router, save_conversion
 from bsbr.convert.families import FAMILIES, SUPPORTED_FAMILIES, convert_to_bsbr, converted_copy
 from bsbr.convert.gpt2 import BSBRGPT2Attention
 from bsbr.convert.llama import BSBRLlamaAttention
@@ -44,6 +44,7 @@ __all__ = [
     "default_model_path",
     "load_conversion",
     "load_lora",
+    "load_meta_router",
     "load_pretrained",
     "lora_parameters",
     "lora_settings",

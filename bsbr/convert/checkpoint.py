@@ -31,7 +31,7 @@ from bsbr.convert.families import convert_to_bsbr
 from bsbr.convert.retrieval import RETRIEVAL_MODES
 
 __all__ = ["CONVERSION_FORMAT", "base_model_fingerprint", "check_base_model", "conversion_settings", "load_conversion",
-           "new_parameters", "read_safetensors", "save_conversion", "save_file_atomic"]
+           "load_meta_router", "new_parameters", "read_safetensors", "save_conversion", "save_file_atomic"]
 
 CONVERSION_FORMAT = "bsbr-conversion"
 _META_MODULES = ("meta_q_proj", "meta_k_proj")  # every mode's; a mode adds its own (RetrievalMode.new_modules)
@@ -211,6 +211,39 @@ def load_conversion(model: nn.Module, path: str | os.PathLike, chunk_size: int |
     if missing or unexpected or wrong:
         raise ValueError(f"{path} does not match the converted model: missing {missing}, unexpected {unexpected}, "
                          f"wrong shape {wrong}")
+    with torch.no_grad():
+        for name, parameter in expected.items():
+            parameter.copy_(tensors[name])
+    return model
+
+
+def load_meta_router(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the meta projections (``meta_q_proj``, ``meta_k_proj``: BSBR's chunk router) of the conversion stored in
+    ``path`` — e.g. a ``retrieval="normalized"`` calibration, which trains them — into the converted ``model`` of any
+    retrieval mode (e.g. ``retrieval="blocks"`` with ``router="meta"``); returns ``model``. The other stored tensors
+    are not read.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: ``model`` is not converted; not a :func:`save_conversion` file; a file of another family, another
+            base checkpoint (:func:`base_model_fingerprint`) or another ``chunk_size`` (the projections read chunk
+            means of that size); stored meta projections missing or of other shapes. The message names them.
+    """
+    settings = conversion_settings(model)
+    path, metadata, tensors = read_safetensors(path, CONVERSION_FORMAT, "conversion")
+    if metadata["model_type"] != settings["model_type"]:
+        raise ValueError(f"{path} holds a conversion of a {metadata['model_type']!r} model, got model_type="
+                         f"{settings['model_type']!r}")
+    if int(metadata["chunk_size"]) != settings["chunk_size"]:
+        raise ValueError(f"{path} was calibrated for chunk_size={metadata['chunk_size']}, the model has chunk_size="
+                         f"{settings['chunk_size']}")
+    check_base_model(model, metadata.get("base_model"), path)
+    expected = {name: p for name, p in new_parameters(model).items()
+                if name.split(".")[-2] in _META_MODULES}  # <layer>.<meta_q_proj|meta_k_proj>.<weight|bias>
+    missing = sorted(name for name in expected if name not in tensors)
+    wrong = sorted(name for name in expected if name in tensors and tensors[name].shape != expected[name].shape)
+    if missing or wrong:
+        raise ValueError(f"{path} does not hold this model's meta projections: missing {missing}, wrong shape {wrong}")
     with torch.no_grad():
         for name, parameter in expected.items():
             parameter.copy_(tensors[name])

@@ -22,18 +22,20 @@ attention within each token's own chunk (the "no retrieval" reference; ``"terrac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from bsbr._checks import check_positive_int
 from bsbr.attention import BSBRState, StateCompression, bsbr_attention, chunk_mean
-from bsbr.blocks import BlocksState, block_attention_unchecked, check_block_settings
+from bsbr.blocks import BlocksState, GrowingTensor, block_attention_unchecked, check_block_settings
 from bsbr.normalized import NormalizedRetrieval, chunk_local_softmax, normalized_step
 from bsbr.terraced import DEFAULT_MIX_LOGIT, TerracedRetrieval, terraced_step
 from bsbr.utils import check_sink_size
 
-__all__ = ["RETRIEVAL_MODES", "NormalizedMode", "RetrievalMode", "SeedMode", "TerracedMode", "chunk_local_attention",
-           "seed_step"]
+__all__ = ["RETRIEVAL_MODES", "BlocksMode", "MetaRoutedState", "NormalizedMode", "RetrievalMode", "SeedMode",
+           "TerracedMode", "chunk_local_attention", "seed_step"]
 
 
 def chunk_local_attention(query, key, value, chunk_size: int, dropout_p: float = 0.0) -> torch.Tensor:
@@ -336,6 +338,46 @@ RETRIEVAL_MODES: dict[str, type[RetrievalMode]] = {"seed": SeedMode, "normalized
                                                    "terraced": TerracedMode}
 
 
+@dataclass
+class MetaRoutedState:
+    """Streaming state of a ``retrieval="blocks"`` layer with ``router="meta"`` after ``num_tokens`` tokens (one row,
+    ``c = num_tokens // chunk_size`` finished chunks):
+
+    * ``blocks``: the :class:`bsbr.blocks.BlocksState` (every token's keys and values, the block summaries);
+    * ``partial_sum``: ``[1, D]`` — the hidden-state sum of the unfinished chunk (zeros when none);
+    * ``meta_key``: :class:`bsbr.blocks.GrowingTensor` of ``[1, kv_heads, c, d]`` — each finished chunk's meta-key;
+    * ``last_query``: ``[1, heads, 1, d]`` — the meta-query made from the last finished chunk (the one the current
+      chunk routes with), None while ``c = 0``.
+
+    Size: the blocks state plus ``element_size · (D + kv_heads·c·d + heads·d)`` bytes.
+    """
+
+    blocks: BlocksState
+    num_tokens: int
+    partial_sum: torch.Tensor
+    meta_key: GrowingTensor
+    last_query: torch.Tensor | None
+
+    def _small_nbytes(self) -> int:  # the partial sum and the last meta-query
+        return sum(t.numel() * t.element_size() for t in (self.partial_sum, self.last_query) if t is not None)
+
+    def nbytes(self) -> int:
+        """Bytes in use: the blocks state, the finished chunks' meta-keys, the partial sum and the last meta-query."""
+        keys = self.meta_key.view(self.num_tokens // self.blocks.block_size)
+        return self.blocks.nbytes() + keys.numel() * keys.element_size() + self._small_nbytes()
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated (the growing buffers up to 1.5 times what they hold)."""
+        return self.blocks.capacity_nbytes() + self.meta_key.capacity_nbytes() + self._small_nbytes()
+
+
+def _meta_chunk_scores(layer, query_rows: torch.Tensor, meta_key: torch.Tensor) -> torch.Tensor:
+    """BSBR's chunk routing as block scores: ``query_rows [b, H, q_chunks, d]`` (row ``i``: the meta-query the
+    ``i``-th query chunk routes with) against ``meta_key [b, G, chunks, d]`` -> ``[b, H, q_chunks, chunks]``
+    (unscaled dot products; only their order matters)."""
+    return query_rows @ meta_key.repeat_interleave(layer.num_heads // meta_key.shape[1], dim=1).transpose(-1, -2)
+
+
 class BlocksMode(RetrievalMode):
     """``retrieval="blocks"``: exact attention on the local region (own chunk up to the token plus the previous chunk),
     the sink tokens and the top-k earlier blocks each token selects with its own query (:mod:`bsbr.blocks`,
@@ -351,14 +393,19 @@ class BlocksMode(RetrievalMode):
     RoPE distance exceeds ``sink_size + block_size + 2·chunk_size`` however long the input — StreamingLLM's and
     InfLLM's answer to positions beyond the trained range; RoPE models only, no dense layers), ``page_size`` (None:
     one summary per block; or tokens per summarised page, dividing ``block_size``: a block scores its best page, as
-    Quest scores 16-token pages). With
-    ``layer.retrieval = False``: the local region and the sinks only.
+    Quest scores 16-token pages), ``router`` (``"query"``: each token scores the blocks with its own query; or
+    ``"meta"``: BSBR's routing chooses whole chunks (``block_size = chunk_size``, no ``page_size``), one choice per
+    chunk, with the layer's meta projections: the meta-query from the mean hidden state of the previous chunk against
+    each earlier chunk's meta-key from its own mean — the seed's chunk router, here retrieving exact keys and values
+    instead of a chunk state). With ``layer.retrieval = False``: the local region and the sinks only.
     Streaming state: :class:`bsbr.blocks.BlocksState` (every token's keys/values and the block summaries: a KV
-    cache, O(tokens)). Attended tokens per query: at most ``2·chunk_size + sink_size + top_k·block_size``.
+    cache, O(tokens)); with ``router="meta"`` a :class:`MetaRoutedState` around it. Attended tokens per query: at most
+    ``2·chunk_size + sink_size + top_k·block_size``.
     Sources: Quest (arXiv 2406.10774), InfLLM (arXiv 2402.04617), MoBA (arXiv 2502.13189).
     """
 
-    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers", "positions", "page_size")
+    OPTIONS = ("block_size", "top_k", "summary", "sink_size", "selection", "dense_layers", "positions", "page_size",
+               "router")
 
     @staticmethod
     def add_modules(layer, compression_factor, **options) -> None:
@@ -369,7 +416,7 @@ class BlocksMode(RetrievalMode):
             raise ValueError(f"compression_factor must be None for retrieval='blocks' (it keeps exact keys and values), "
                              f"got {compression_factor!r}")
         settings = {"block_size": layer.chunk_size, "top_k": 4, "summary": "minmax", "sink_size": 0,
-                    "selection": "group", "positions": "original", "page_size": None, **options}
+                    "selection": "group", "positions": "original", "page_size": None, "router": "query", **options}
         dense = settings.pop("dense_layers", ())
         num_layers = layer.config.num_hidden_layers
         if isinstance(dense, (str, bytes)) or not hasattr(dense, "__iter__") or any(
@@ -392,7 +439,7 @@ class BlocksMode(RetrievalMode):
         layer.compression = None
 
     @staticmethod
-    def _run(layer, query, key, value, dropout_p, state, return_state):
+    def _run(layer, query, key, value, dropout_p, state, return_state, chunk_scores=None):
         options = layer.blocks_options
         if layer.layer_idx in layer.dense_layers:  # the original full causal attention (over the cache)
             return block_attention_unchecked(query, key, value, None, options["block_size"], 0, 0,
@@ -401,18 +448,49 @@ class BlocksMode(RetrievalMode):
                                          options["top_k"] if layer.retrieval else 0, options["sink_size"],
                                          options["summary"], options["selection"], dropout_p, state, return_state,
                                          positions=options["positions"], rope_inv_freq=layer.rope_inv_freq,
-                                         page_size=options["page_size"])
+                                         page_size=options["page_size"], chunk_scores=chunk_scores)
+
+    @staticmethod
+    def _meta_routed(layer) -> bool:
+        return layer.blocks_options["router"] == "meta" and layer.layer_idx not in layer.dense_layers
 
     @staticmethod
     def attend(layer, hidden_states, query, key, value, dropout_p: float) -> torch.Tensor:
         if layer.layer_idx in layer.dense_layers:
             return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True,
                                                   enable_gqa=key.shape[1] != query.shape[1])
-        return BlocksMode._run(layer, query, key, value, dropout_p, None, False)
+        scores = None
+        if BlocksMode._meta_routed(layer):  # chunk c routes with the meta-query of chunk c - 1 (row 0: no candidates)
+            pooled, _ = _call_chunk_means(hidden_states, None, layer.chunk_size)  # [b, finished chunks, D]
+            meta_query, meta_key = layer.meta_from_means(pooled)
+            q_chunks = -(-query.shape[2] // layer.chunk_size)
+            rows = torch.cat([meta_query.new_zeros(*meta_query.shape[:2], 1, meta_query.shape[3]),
+                              meta_query[:, :, : q_chunks - 1]], dim=2)
+            scores = _meta_chunk_scores(layer, rows, meta_key)
+        return BlocksMode._run(layer, query, key, value, dropout_p, None, False, scores)
 
     @staticmethod
-    def step(layer, hidden_states, query, key, value, state: BlocksState | None, dropout_p: float):
-        return BlocksMode._run(layer, query, key, value, dropout_p, state, True)
+    def step(layer, hidden_states, query, key, value, state, dropout_p: float):
+        if not BlocksMode._meta_routed(layer):
+            return BlocksMode._run(layer, query, key, value, dropout_p, state, True)
+        size = layer.chunk_size
+        seen = 0 if state is None else state.num_tokens
+        total = seen + query.shape[2]
+        pooled, partial_sum = _call_chunk_means(hidden_states, state, size)  # the chunks this call finishes
+        meta_query, meta_key = layer.meta_from_means(pooled)
+        if state is None:
+            keys = GrowingTensor.of(meta_key)
+        else:
+            keys = state.meta_key.extended(seen // size, meta_key)
+        before = (state.last_query if state is not None and state.last_query is not None
+                  else meta_query.new_zeros(*meta_query.shape[:2], 1, meta_query.shape[3]))  # chunk seen//size - 1
+        q_chunks = (total - 1) // size - seen // size + 1
+        rows = torch.cat([before, meta_query], dim=2)[:, :, :q_chunks]
+        scores = _meta_chunk_scores(layer, rows, keys.view(total // size))
+        out, blocks = BlocksMode._run(layer, query, key, value, dropout_p, None if state is None else state.blocks,
+                                      True, scores)
+        last = meta_query[:, :, -1:] if meta_query.shape[2] else (None if state is None else state.last_query)
+        return out, MetaRoutedState(blocks, total, partial_sum, keys, last)
 
     @staticmethod
     def settings(layer) -> tuple[int | None, dict]:

@@ -137,7 +137,8 @@ def test_settings_round_trip_through_a_checkpoint(tmp_path):
     save_conversion(model, path)
     loaded = load_conversion(tiny_llama(), path)
     assert conversion_settings(loaded) == conversion_settings(model)
-    assert conversion_settings(model)["normalized_options"] == {**options, "positions": "original", "page_size": None}
+    assert conversion_settings(model)["normalized_options"] == {**options, "positions": "original", "page_size": None,
+                                                                "router": "query"}
     x = tokens(1, 21)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
@@ -147,7 +148,9 @@ def test_settings_round_trip_through_a_checkpoint(tmp_path):
     ({"summary": "median"}, "summary"), ({"block_size": 3}, "block_size"), ({"top_k": 0}, "top_k"),
     ({"sink_size": -1}, "sink_size"), ({"selection": "layer"}, "selection"), ({"dense_layers": [2]}, "dense_layers"),
     ({"dense_layers": "0"}, "dense_layers"), ({"window": 3}, "unknown options"), ({"compression_factor": 4},
-                                                                                  "compression_factor")])
+                                                                                  "compression_factor"),
+    ({"router": "summary"}, "router"), ({"router": "meta", "block_size": 2}, "router='meta'.*block_size"),
+    ({"router": "meta", "block_size": 4, "page_size": 2}, "page_size")])
 def test_bad_settings_raise_naming_the_argument(options, match):
     with pytest.raises(ValueError, match=match):
         convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", **options)
@@ -215,3 +218,92 @@ def test_compact_positions_need_rope_and_no_dense_layers():
         convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", positions="compact", dense_layers=[0])
     with pytest.raises(ValueError, match="positions"):
         convert_to_bsbr(tiny_llama(), 4, retrieval="blocks", positions="relative")
+
+
+# --- router="meta": BSBR's chunk routing choosing whole chunks, retrieved exactly ---------------------------------------
+
+META = dict(block_size=4, top_k=1, router="meta")
+
+
+def meta_scores_written_out(layer, hidden, chunk_size):
+    """For every query chunk c: head h's score of chunk j = meta_q(mean hidden of chunk c - 1)_h · meta_k(mean hidden
+    of chunk j)_{h's key/value head}; row 0 zeros (chunk 0 has no candidates). ``[b, H, chunks, chunks]``."""
+    batch, n, _ = hidden.shape
+    chunks = -(-n // chunk_size)
+    heads, groups, d = layer.num_heads, layer.num_key_value_heads, layer.head_dim
+    scores = torch.zeros(batch, heads, chunks, chunks, dtype=hidden.dtype)
+    means = [hidden[:, j * chunk_size: (j + 1) * chunk_size].mean(1) for j in range(n // chunk_size)]
+    for c in range(1, chunks):
+        meta_q = layer.meta_q_proj(means[c - 1]).view(batch, heads, d)
+        for j in range(min(c - 1, len(means))):
+            meta_k = layer.meta_k_proj(means[j]).view(batch, groups, d)
+            for h in range(heads):
+                scores[:, h, c, j] = (meta_q[:, h] * meta_k[:, h // (heads // groups)]).sum(-1)
+    return scores
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_meta_router_layer_maths_is_the_reference(selection):
+    model = blocks_model(**META, selection=selection)
+    layer = first_attention(model).double()
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 31, model.config.hidden_size, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(2, h, 31, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    with torch.no_grad():
+        got = BlocksMode.attend(layer, hidden, q, k, v, 0.0)
+        scores = meta_scores_written_out(layer, hidden, 4)
+    expected = dense_block_attention(q, k, v, 4, 4, 1, 1, "minmax", selection, chunk_scores=scores)
+    assert (got - expected).abs().max() <= 1e-10
+    by_query = BlocksMode.attend(first_attention(blocks_model(block_size=4, top_k=1)).double(), hidden, q, k, v, 0.0)
+    assert (got - by_query).abs().max() > 1e-3  # the meta router chooses other chunks than the queries do
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_meta_router_causal_cached_padded_and_generating(family):
+    """Causal through the routing (a token changes nothing before it: neither outputs nor which chunks earlier tokens
+    read); pieces with the cache equal one forward (a dense layer included); padded rows equal rows alone; cached and
+    uncached greedy and beam generation agree; its cache reports the router's bytes."""
+    model = blocks_model(family, **META, dense_layers=[1])
+    x = tokens(2, 27)
+    with torch.no_grad():
+        full = model(x).logits
+        for t in (5, 13, 22):
+            y = x.clone()
+            y[:, t] = (y[:, t] + 37) % 100
+            out = model(y).logits
+            torch.testing.assert_close(out[:, :t], full[:, :t], atol=1e-6, rtol=0)
+            assert (out[:, t:] - full[:, t:]).abs().max() > 1e-3
+        for pieces in ((1,) * 27, (3, 1, 6, 2, 15), (8, 19)):
+            cache = BSBRCache(2)
+            torch.testing.assert_close(feed_in_pieces(model, x, pieces, cache), full, atol=ATOL, rtol=0)
+        # per row, both layers: keys and values of 27 tokens and 6 blocks' min and max (G·d = width values each);
+        # layer 0 (routed) also 6 meta-keys, the partial chunk's hidden sum and the last meta-query (H·d = 64)
+        width = 64 if family == "gpt2" else 32
+        kv_cache = 2 * 27 * width + 2 * 6 * width
+        assert cache.nbytes() == 4 * 2 * (2 * kv_cache + 6 * width + model.config.hidden_size + 64)
+        ids, mask, rows = padded_batch((13, 6, 17, 9), 17, "left")
+        logits = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(logits[i, mask[i].bool()], model(row[None]).logits[0], atol=ATOL, rtol=0)
+        ids, mask, _ = padded_batch((7, 3, 11), 11, "left")
+        for beams in (1, 3):
+            cached = model.generate(ids, attention_mask=mask, max_new_tokens=14, num_beams=beams, do_sample=False)
+            uncached = model.generate(ids, attention_mask=mask, max_new_tokens=14, num_beams=beams, do_sample=False,
+                                      use_cache=False)
+            torch.testing.assert_close(cached, uncached, atol=0, rtol=0)
+
+
+def test_meta_router_pieces_in_float64_are_tighter_and_it_round_trips(tmp_path):
+    model = blocks_model(**META, summary="mean").double()
+    x = tokens(1, 30)
+    with torch.no_grad():
+        full = model(x).logits
+        assert (feed_in_pieces(model, x, (1, 4, 2, 7, 16), BSBRCache(2)) - full).abs().max() <= 1e-10
+        torch.nn.init.normal_(first_attention(model).meta_k_proj.weight)  # the meta projections are its router
+        moved = model(x).logits
+        assert (moved - full).abs().max() > 1e-3
+        path = tmp_path / "meta.safetensors"
+        save_conversion(model, path)
+        loaded = load_conversion(tiny_llama().double(), path)
+        assert conversion_settings(loaded)["normalized_options"]["router"] == "meta"
+        torch.testing.assert_close(loaded(x).logits, moved, atol=0, rtol=0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bsbr.convert import convert_to_bsbr, converted_copy, load_conversion, save_conversion, set_retrieval
+from bsbr.convert import (convert_to_bsbr, converted_copy, load_conversion, load_meta_router, save_conversion,
+                          set_retrieval)
 from bsbr.convert.checkpoint import conversion_settings, new_parameters
 from tests.conftest import tiny_gpt2, tiny_llama, tokens
 
@@ -237,3 +238,31 @@ def test_save_is_atomic(tmp_path, monkeypatch, saver):
     save(model, path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
     assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_load_meta_router_copies_only_the_meta_projections_of_another_mode(tmp_path):
+    """A normalised conversion's calibrated meta projections into a blocks conversion (router="meta"): exactly the
+    stored meta_q_proj/meta_k_proj tensors arrive, nothing else changes, and a file for another chunk size, base
+    model or family is refused naming it."""
+    normalized = converted_copy(tiny_llama(), 8, retrieval="normalized")
+    perturb_new_parameters(normalized)
+    path = tmp_path / "normalized.safetensors"
+    save_conversion(normalized, path)
+    blocks = converted_copy(tiny_llama(), 8, retrieval="blocks", router="meta", block_size=8, top_k=1)
+    untouched = {name: p.clone() for name, p in blocks.named_parameters() if ".meta_" not in name}
+    assert load_meta_router(blocks, path) is blocks
+    stored, loaded = new_parameters(normalized), new_parameters(blocks)
+    assert sorted(loaded) == sorted(name for name in stored if ".meta_" in name)  # the blocks mode adds no modules
+    for name, parameter in loaded.items():
+        torch.testing.assert_close(parameter, stored[name], atol=0, rtol=0)
+    for name, parameter in blocks.named_parameters():
+        if ".meta_" not in name:
+            torch.testing.assert_close(parameter, untouched[name], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="calibrated for chunk_size=8, the model has chunk_size=4"):
+        load_meta_router(converted_copy(tiny_llama(), 4, retrieval="blocks"), path)
+    with pytest.raises(ValueError, match="calibrated on a different base model"):
+        load_meta_router(converted_copy(tiny_llama(seed=1), 8, retrieval="blocks"), path)
+    with pytest.raises(ValueError, match="'llama' model, got model_type='gpt2'"):
+        load_meta_router(converted_copy(tiny_gpt2(), 8, retrieval="blocks"), path)
+    with pytest.raises(ValueError, match="not converted|no BSBR-converted"):
+        load_meta_router(tiny_llama(), path)

@@ -1,5 +1,5 @@
-"""Notebook 05 (passkey retrieval: original, block retrieval with both summaries, the exact region alone, the terraced
-conversion, a sliding window) through the pipeline runner with smoke parameters: 512-token contexts, chunk 128,
+"""Notebook 05 (passkey retrieval: original, block retrieval with both summaries and with BSBR's meta router, the exact
+region alone, the terraced conversion, a sliding window) through the pipeline runner with smoke parameters: 512-token contexts, chunk 128,
 32-token blocks, top-2, 4 sinks, an uncalibrated terraced conversion with zero LoRA saved into tmp_path, two depths,
 two trials, 1 thread; task "passkey" (the pipeline's default; the held-out-text task's filler placement is tested in
 tests/test_passkey.py)."""
@@ -16,10 +16,12 @@ from tests.conftest import run_notebook_smoke
 
 CHUNK, SINKS, WINDOW, BLOCK, TOP_K = 128, 4, 256, 32, 2
 LENGTHS, DEPTHS, TRIALS = [512], [0.05, 0.95], 2
-VARIANTS = ["blocks_mean", "blocks_minmax", "exact_region", "original", "sliding_window", "terraced"]  # sorted
+VARIANTS = ["blocks_mean", "blocks_meta", "blocks_minmax", "exact_region", "original", "sliding_window",
+            "terraced"]  # sorted
 SMOKE = {"task": "passkey", "split": "validation", "lengths": LENGTHS, "long_lengths": [], "long_trials": None, "depths": DEPTHS,
          "trials": TRIALS,
-         "variants": ["original", "blocks_minmax", "blocks_mean", "exact_region", "terraced", "sliding_window"],
+         "variants": ["original", "blocks_minmax", "blocks_mean", "blocks_meta", "exact_region", "terraced",
+                      "sliding_window"],
          "chunk_size": CHUNK, "blocks_options": {"block_size": BLOCK, "top_k": TOP_K, "selection": "group",
                                                  "sink_size": SINKS, "dense_layers": []},
          "window": WINDOW, "window_sinks": SINKS, "check_generate": True, "threads": 1, "seed": 0}
@@ -41,6 +43,9 @@ def terraced_files(tmp_path_factory):
         terraced = converted_copy(base, CHUNK, retrieval="terraced", sink_size=SINKS)
         save_conversion(terraced, folder / "terraced.safetensors")
         save_lora(add_lora(copy.deepcopy(terraced), rank=2), folder / "terraced_lora.safetensors")
+        # blocks_meta's router: a normalised conversion's meta projections (uncalibrated: q_proj/k_proj copies)
+        save_conversion(converted_copy(base, CHUNK, retrieval="normalized", sink_size=SINKS),
+                        folder / "calibrated.safetensors")
     finally:
         torch.set_num_threads(threads)
     return folder
@@ -50,7 +55,8 @@ def terraced_files(tmp_path_factory):
 def smoke(tmp_path_factory, terraced_files):
     return run_notebook_smoke(tmp_path_factory.mktemp("long_range"), "05_long_range",
                               {**SMOKE, "terraced_path": str(terraced_files / "terraced.safetensors"),
-                               "terraced_lora_path": str(terraced_files / "terraced_lora.safetensors")})
+                               "terraced_lora_path": str(terraced_files / "terraced_lora.safetensors"),
+                               "calibrated_path": str(terraced_files / "calibrated.safetensors")})
 
 
 def test_trials_table_is_paired_and_respects_what_each_variant_sees(smoke):
@@ -108,8 +114,10 @@ def test_attended_tokens_follow_each_variant_s_settings(smoke):
     attended = pd.read_csv(smoke["out"] / "attended_tokens.csv").set_index("variant")
     local = 2 * CHUNK + SINKS
     blocks = local + TOP_K * BLOCK
-    assert attended.attended_tokens.to_dict() == {"blocks_mean": blocks, "blocks_minmax": blocks, "exact_region": local,
-                                                  "original": 512, "sliding_window": WINDOW + SINKS, "terraced": local}
+    meta = local + CHUNK  # whole chunks: ceil(TOP_K · BLOCK / CHUNK) = 1 chunk, at least the query routers' tokens
+    assert attended.attended_tokens.to_dict() == {"blocks_mean": blocks, "blocks_minmax": blocks, "blocks_meta": meta,
+                                                  "exact_region": local, "original": 512,
+                                                  "sliding_window": WINDOW + SINKS, "terraced": local}
     assert attended.states.to_dict() == {v: v == "terraced" for v in VARIANTS}
     assert (attended.length == 512).all()
     variants = pd.read_csv(smoke["out"] / "variants.csv").set_index("variant")
@@ -146,11 +154,14 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     assert metrics["load_average"]["before"] == metrics["machine"]["load_average"]  # and after the forwards
     assert len(metrics["load_average"]["after"]) == 3 and metrics["freed_memory_kept"] is True
     assert metrics["long_trials_per_cell"] == TRIALS  # long_trials None: as trials
-    for variant in ("blocks_minmax", "blocks_mean"):  # 512 tokens is below every goal length
+    for variant in ("blocks_minmax", "blocks_mean", "blocks_meta"):  # 512 tokens is below every goal length
         assert metrics["goals"][variant] == {"accuracy_to_8k": "not measured", "not_below_original": "not measured",
                                              "attended_at_8k": "met", "accuracy_past_8k": "not measured"}
     goals = pd.read_csv(smoke["out"] / "goals.csv")
-    assert goals[goals.key == "attended_at_8k"].evidence.tolist() == ["324 tokens per query (from the settings)"] * 2
+    assert dict(zip(goals[goals.key == "attended_at_8k"].variant, goals[goals.key == "attended_at_8k"].evidence)) == {
+        "blocks_minmax": "324 tokens per query (from the settings)",
+        "blocks_mean": "324 tokens per query (from the settings)",
+        "blocks_meta": "388 tokens per query (from the settings)"}
     cells = smoke["notebook"].cells
     outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
