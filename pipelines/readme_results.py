@@ -203,7 +203,8 @@ def attention_analysis(m: dict) -> str:
 
 _PASSKEY_NAMES = {"original": "the original", "blocks_mean": "blocks (mean keys)",
                   "blocks_mean_compact": "blocks (mean keys, compact positions)",
-                  "blocks_minmax": "blocks (Quest's min/max)", "exact_region": "exact region alone",
+                  "blocks_minmax": "blocks (Quest's min/max)", "blocks_meta": "blocks (BSBR's meta router, whole chunks)",
+                  "exact_region": "exact region alone",
                   "terraced": "terraced + LoRA", "sliding_window": "sliding window + sinks"}
 
 
@@ -216,6 +217,12 @@ def long_range(m: dict) -> str:
             accuracy_text(m["accuracy"][v][str(n)], *m["ci95"][v][str(n)], trials=m["trials_per_headline_cell"])
             for n in lengths)
         for v in m["accuracy"])
+    # the blocks variants that share blocks_options; blocks_meta retrieves whole chunks (at least as many tokens)
+    query_routed = [v for v in m["attended_tokens"] if v.startswith("blocks") and v != "blocks_meta"]
+    meta_note = ""
+    if "blocks_meta" in m["attended_tokens"]:
+        meta_note = (f"; BSBR's meta router: whole chunks, at most {max(m['attended_tokens']['blocks_meta'].values())} "
+                     "tokens")
     task = {"passkey": "Mohtashami & Jaggi's passkey test (repeated-sentence filler)",
             "fact_in_text": "a fact in held-out text"}.get(m.get("task", "fact_in_text"), m.get("task"))
     text = (
@@ -224,8 +231,8 @@ def long_range(m: dict) -> str:
         f": n = {m['trials_per_headline_cell']} per "
         f"length and variant, Wilson 95% intervals; block retrieval: chunk {m['chunk_size']}, top {opts['top_k']} "
         f"blocks of {opts['block_size']} scored by their best {opts.get('page_size') or opts['block_size']}-token "
-        f"page, {opts['sink_size']} sinks, at most {max(max(m['attended_tokens'][v].values()) for v in m['attended_tokens'] if v.startswith('blocks'))} tokens "
-        f"attended per query). Exact-match accuracy by length ({', '.join(f'{n:,}' for n in lengths)}): {acc}.")
+        f"page, {opts['sink_size']} sinks, at most {max(max(m['attended_tokens'][v].values()) for v in query_routed)} tokens "
+        f"attended per query{meta_note}). Exact-match accuracy by length ({', '.join(f'{n:,}' for n in lengths)}): {acc}.")
     long_n = len(m["depths"]) * m.get("long_trials_per_cell", m["trials_per_cell"])
     past = {v: [n for n in m.get("long_lengths", []) if str(n) in m["accuracy"][v]] for v in m["accuracy"]}
     if any(past.values()):

@@ -72,6 +72,18 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     assert "a fact in held-out text" in readme_results.long_range(metrics)
 
 
+def test_the_meta_routed_blocks_variant_is_named_and_its_whole_chunks_counted_apart():
+    """blocks_meta retrieves whole chunks: its attended tokens are stated on their own, not as the query routers'."""
+    metrics = json.loads((ROOT / "tests" / "pipelines" / "quick_profile_metrics" / "05_long_range.json").read_text())
+    query_routed = max(metrics["attended_tokens"]["blocks_minmax"].values())
+    for key in ("accuracy", "ci95", "attended_tokens"):
+        metrics[key]["blocks_meta"] = dict(metrics[key]["blocks_minmax"])
+    metrics["attended_tokens"]["blocks_meta"] = {n: 1028 for n in metrics["attended_tokens"]["blocks_meta"]}
+    text = readme_results.long_range(metrics)
+    assert f"at most {query_routed} tokens attended per query; BSBR's meta router: whole chunks, at most 1028" in text
+    assert "blocks (BSBR's meta router, whole chunks) 1.00 [" in text
+
+
 def _mqar_metrics(standard: float, difference: float, low, high) -> dict:
     arch = lambda acc, state, rate: {"accuracy": acc, "ci_low": None if low is None else acc - 0.01,
                                      "ci_high": None if high is None else min(1.0, acc + 0.01), "state_values": state,
