@@ -1,5 +1,7 @@
 # Two entry points for a fresh clone (see README): `make repro` and `make test`.
 PYTHON ?= python3.11
+# extra pip options for setup, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" for the CPU torch
+PIP_ARGS ?=
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -13,12 +15,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=25"
-	$(VENV)/bin/python -m pip install --quiet -e ".[dev,lab]"
+	$(VENV)/bin/python -m pip install --quiet $(PIP_ARGS) -e ".[dev,lab]"
 	touch $@
 
 # The main job: every pipeline stage with params.yaml's profile (quick by default: ~45 min on 2 cores), then README's
 # result blocks rewritten from reports/metrics (a test fails when they disagree).
 repro: setup
+	python pipelines/run_notebook.py --check-profile  # before dvc repro, which removes a stage's outputs first
 	dvc repro
 	python pipelines/readme_results.py
 

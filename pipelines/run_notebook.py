@@ -132,6 +132,23 @@ def section_values(params: dict, section: str, profile: str | None = None,
     return values
 
 
+def check_profile(params_file: Path) -> str:
+    """Raise ParamsError unless params.yaml's profile applies to every section (what each notebook stage will load),
+    and ``profiles.<profile>`` names only existing sections; returns the profile. ``make repro`` runs this before
+    ``dvc repro``, which removes a stage's outputs before the stage can fail on a misspelt profile."""
+    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+    profile = profile_name(params)
+    for section, values in params.items():
+        if section != "profiles" and isinstance(values, dict):
+            section_values(params, section, profile, params_file)  # the profile's errors, naming the section
+    overridden = ((params.get("profiles") or {}).get(profile) or {}) if profile != DEFAULT_PROFILE else {}
+    unknown = sorted(set(overridden) - set(params))
+    if unknown:
+        raise ParamsError(f"{params_file}: profiles.{profile} overrides sections {unknown}, which params.yaml does "
+                          f"not have")
+    return profile
+
+
 def profile_name(params: dict) -> str:
     """A parsed params.yaml's top-level ``profile`` (``"quick"`` when absent): the profile :func:`load_section`
     applies."""
@@ -161,7 +178,10 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ParamsError(f"-p expects key=value, got {item!r}")
-        overrides[key.strip()] = read_yaml(f"value: {value}")["value"]
+        try:
+            overrides[key.strip()] = read_yaml(f"value: {value}")["value"]
+        except Exception as error:  # DVC's YAMLFileCorruptedError names no argument
+            raise ParamsError(f"-p {item!r}: the value is not valid YAML ({type(error).__name__})") from error
     return overrides
 
 
@@ -263,13 +283,25 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("notebook", type=Path)
-    parser.add_argument("--section", required=True, help="params.yaml section, e.g. 01_scaling")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the executed notebook (the stage's data/<folder>/)")
+    parser.add_argument("notebook", type=Path, nargs="?")
+    parser.add_argument("--section", help="params.yaml section, e.g. 01_scaling")
+    parser.add_argument("--out", type=Path, help="folder for the executed notebook (the stage's data/<folder>/)")
     parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter (value parsed as YAML); repeatable")
+    parser.add_argument("--check-profile", action="store_true",
+                        help="only check that params.yaml's profile applies to every section (make repro runs this "
+                             "before dvc repro)")
     args = parser.parse_args(argv)
+    if args.check_profile:
+        try:
+            print(f"params profile: {check_profile(args.params)}", file=sys.stderr)
+        except ParamsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if args.notebook is None or args.section is None or args.out is None:
+        parser.error("the notebook, --section and --out are required (or --check-profile alone)")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ReadableStreams("%(message)s"))

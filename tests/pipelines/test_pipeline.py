@@ -139,6 +139,29 @@ def test_profiles_override_a_section_and_bad_profiles_are_named(tmp_path):
             run_notebook.load_section(params, "00_tiny")
 
 
+def test_make_repro_checks_the_profile_of_every_section_before_dvc_removes_outputs(tmp_path, capsys):
+    """A misspelt profile fails `make repro` before `dvc repro` runs (DVC removes a stage's outputs before running
+    it, so the stage's own error would come after a committed metrics file was deleted)."""
+    params = tmp_path / "params.yaml"
+    tiny = {"x": 1, "out_dir": "out"}
+    params.write_text(yaml.safe_dump({"profile": "publicaton", "00_tiny": tiny, "fetch": {"package": "p"},
+                                      "profiles": {"publication": {"00_tiny": {"x": 2}}}}))
+    assert run_notebook.main(["--check-profile", "--params", str(params)]) == 2
+    assert "profile must be 'quick' or one of profiles ['publication'], got 'publicaton'" in capsys.readouterr().err
+    params.write_text(yaml.safe_dump({"profile": "publication", "00_tiny": tiny,
+                                      "profiles": {"publication": {"00_tinny": {"x": 2}}}}))
+    with pytest.raises(run_notebook.ParamsError, match=r"overrides sections \['00_tinny'\], which params.yaml"):
+        run_notebook.check_profile(params)
+    params.write_text(yaml.safe_dump({"profile": "publication", "00_tiny": tiny,
+                                      "profiles": {"publication": {"00_tiny": {"x": 2}}}}))
+    assert run_notebook.main(["--check-profile", "--params", str(params)]) == 0
+    assert run_notebook.check_profile(ROOT / "params.yaml") == PARAMS.get("profile", "quick")
+    with pytest.raises(SystemExit):
+        run_notebook.main([])  # a notebook run needs the notebook, --section and --out
+    recipe = (ROOT / "Makefile").read_text().split("\nrepro:", 1)[1].split("\n\n", 1)[0]
+    assert recipe.index("run_notebook.py --check-profile") < recipe.index("dvc repro")
+
+
 @pytest.mark.parametrize("stage", sorted(NOTEBOOK_STAGES))
 def test_notebook_stage_deps_outs_and_metrics(stage):
     info = NOTEBOOK_STAGES[stage]
@@ -181,6 +204,8 @@ def test_params_are_read_as_dvc_reads_them():
     assert run_notebook.read_yaml(text) == {"s": {"lr": 0.001, "flag": "yes", "lengths": [0.001, 17]}}
     assert run_notebook.parse_overrides(["lr=1e-3", "models=null", "seq_lens=[64, 128]"]) == {
         "lr": 0.001, "models": None, "seq_lens": [64, 128]}
+    with pytest.raises(run_notebook.ParamsError, match=r"-p 'seq_lens=\[64': the value is not valid YAML"):
+        run_notebook.parse_overrides(["seq_lens=[64"])
     from dvc.fs import LocalFileSystem
     from dvc.utils.serialize import load_path  # what DVC reads params files with
 
