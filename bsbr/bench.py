@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from bsbr.benchmarks import (ATTENTION_IMPLS, ATTENTION_MODES, MATMUL_SHAPES, matmul_throughput_in_process,
                              measure_attention_in_process, measure_forward_in_process)
+from bsbr.provenance import load_average
 
 __all__ = ["main"]
 
 
-def _print_result(result: dict, as_json: bool, summary: str) -> None:
+def _print_result(result: dict, as_json: bool, summary: str, load_before) -> None:
+    """Print ``result`` (one JSON line) or ``summary``, with the load average before and after the measurement: a
+    load above the cores the timing left free means other work competed with it (not a quiet-machine result)."""
+    load_after = load_average()
+    result["load_average"] = {"before": None if load_before is None else list(load_before),
+                              "after": None if load_after is None else list(load_after), "cores": os.cpu_count()}
+    if load_before is not None and load_after is not None:
+        summary += (f" [load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, on "
+                    f"{os.cpu_count()} cores]")
     print(json.dumps(result) if as_json else summary)
 
 
@@ -63,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--warmup", type=int, default=1)
     matmul.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    load_before = load_average()
 
     if args.command == "model":
         config = json.loads(args.config)
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result['model']} seq_len={result['seq_len']}: median {result['median_s']:.4f} s "
                       f"(min {result['min_s']:.4f}, max {result['max_s']:.4f}); forward peak "
                       f"{result['peak_bytes'] / 2**20:.1f} MiB over baseline "
-                      f"{result['baseline_rss_bytes'] / 2**20:.1f} MiB")
+                      f"{result['baseline_rss_bytes'] / 2**20:.1f} MiB", load_before)
     elif args.command == "attention":
         result = measure_attention_in_process(args.impl, args.mode, args.seq_len, args.hidden_dim, args.num_heads,
                                               args.chunk_size, args.batch_size, args.repeats, args.warmup,
@@ -90,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             text += f"; {result['flops'] / 1e9:.2f} GFLOP, {result['gflops_per_s']:.1f} GFLOP/s"
         if args.mode == "decode":
             text += f"; state {result['state_bytes'] / 2**20:.2f} MiB for {result['state_tokens']} tokens"
-        _print_result(result, args.json, text)
+        _print_result(result, args.json, text, load_before)
     else:
         result = matmul_throughput_in_process(MATMUL_SHAPES, args.repeats, args.threads, args.seed)
         _print_result(result, args.json, f"fp32 matmul: {result['gflops_per_s']:.1f} GFLOP/s best on "
                       f"{result['threads']} threads; " + ", ".join(
-                          f"{r['m']}x{r['k']}x{r['n']}: {r['gflops_per_s']:.1f}" for r in result["shapes"]))
+                          f"{r['m']}x{r['k']}x{r['n']}: {r['gflops_per_s']:.1f}" for r in result["shapes"]), load_before)
     return 0
 
 

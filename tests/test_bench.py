@@ -23,6 +23,8 @@ def test_cli_attention_prints_json(capsys):
     result = _last_json(capsys)
     assert (result["impl"], result["mode"], result["seq_len"]) == ("sdpa_core", "forward", 32)
     assert result["flops"] == attention_flops("sdpa_core", 32, 16, 2)
+    load = result["load_average"]  # beside every timing: was the machine shared?
+    assert len(load["before"]) == len(load["after"]) == 3 and load["cores"] == os.cpu_count()
 
 
 def test_cli_model_in_its_original_form_and_a_summary_line(capsys):
@@ -32,7 +34,9 @@ def test_cli_model_in_its_original_form_and_a_summary_line(capsys):
     result = _last_json(capsys)
     assert (result["model"], result["seq_len"], result["repeats"], len(result["times_s"])) == ("standard", 16, 2, 2)
     assert main(["model", "--model", "standard", "--seq-len", "16", "--config", config, "--repeats", "1"]) == 0
-    assert capsys.readouterr().out.startswith("standard seq_len=16: median ")
+    summary = capsys.readouterr().out
+    assert summary.startswith("standard seq_len=16: median ")
+    assert " before, " in summary and f"after, on {os.cpu_count()} cores]" in summary  # the load average
 
 
 def test_python_m_bsbr_bench_as_the_readme_shows():
