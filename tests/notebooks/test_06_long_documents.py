@@ -137,6 +137,11 @@ def test_metrics_json_matches_the_data(smoke):
     assert paired["max_beyond_ratio"] == pytest.approx(late, rel=1e-3)
     assert paired["met"] == bool(late <= 1.5 * np.median(early))
     assert set(metrics["flatness_against_original"]) == {"blocks", "exact_region"}
+    # every full bin's perplexity, the fresh original's late bins included (the paired goal's reference)
+    full = pd.read_csv(out / "perplexity_bins.csv").query("tokens == 128")
+    assert {v: set(b) for v, b in metrics["perplexity_bins"].items()} == {
+        v: {str(s) for s in g.start} for v, g in full.groupby("variant")}
+    assert metrics["perplexity_bins"]["original_fresh"]["384"] == pytest.approx(bins["original_fresh", 384], rel=1e-3)
     decode = metrics["decode"]
     last = pd.read_csv(out / "decode_latency.csv").query("variant == 'blocks'").iloc[-1]
     assert decode["context"] == 600 and decode["median_s"] == pytest.approx(last.median_s, rel=1e-3)
