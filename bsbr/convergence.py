@@ -23,7 +23,7 @@ from bsbr.training import steps_to_reach
 
 __all__ = ["SAME_CURVE_TOLERANCE", "check_training_parameters", "choose_learning_rates", "convergence_summary",
            "crossing", "format_steps", "identical_pairs", "memory_fit_lens", "memory_fits", "memory_table",
-           "rates_at_grid_edge", "run_row", "separations"]
+           "grid_edge_sentence", "rates_at_grid_edge", "run_row", "separations"]
 
 #: nats: two architectures whose validation curves agree this closely for every seed trained identically.
 SAME_CURVE_TOLERANCE = 1e-4
@@ -137,6 +137,21 @@ def rates_at_grid_edge(chosen: dict, learning_rates) -> dict[str, str]:
             edges[name] = "highest"
     return edges
 
+
+def grid_edge_sentence(chosen: dict, learning_rates) -> str:
+    """The sentence reports 07 and 08 and README print about :func:`rates_at_grid_edge`: ``"**Learning-rate sweep
+    edges.** a chose the lowest rate (0.001); b chose the highest rate (0.1) of [0.001, 0.01, 0.1]: the sweep does
+    not bracket them, so their best rate may lie outside it."``, or ``""`` when no rate is at an edge.
+
+    Args, Raises: as :func:`rates_at_grid_edge`.
+    """
+    edges = rates_at_grid_edge(chosen, learning_rates)
+    if not edges:
+        return ""
+    return ("**Learning-rate sweep edges.** "
+            + "; ".join(f"{name} chose the {edge} rate ({float(chosen[name]):g})" for name, edge in edges.items())
+            + f" of {sorted(float(rate) for rate in learning_rates)}: the sweep does not bracket them, so their best "
+              "rate may lie outside it.")
 
 def memory_fit_lens(memory_seq_lens: list) -> list:
     """The upper half of the memory lengths (at least the last two): where the memory exponent is fitted."""

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from bsbr.convergence import rates_at_grid_edge
+from bsbr.convergence import grid_edge_sentence
 from bsbr.passkey import accuracy_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -298,11 +298,10 @@ def long_documents(m: dict) -> str:
 
 
 def _edges(chosen: dict, grid) -> str:
-    """`` At the edge of the rate grid (not bracketed): a (lowest), b (highest).`` or ``""``."""
-    edges = rates_at_grid_edge(chosen, grid)
-    if not edges:
-        return ""
-    return " At the edge of the rate grid (not bracketed): " + ", ".join(f"{n} ({e})" for n, e in edges.items()) + "."
+    """`` `` + the reports' sentence on the rates at the edge of the grid (:func:`bsbr.convergence.grid_edge_sentence`),
+    or ``""``."""
+    sentence = grid_edge_sentence(chosen, grid)
+    return " " + sentence if sentence else ""
 
 
 def _percent(a: dict) -> str:

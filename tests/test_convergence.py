@@ -14,7 +14,7 @@ from scipy import stats
 import bsbr
 from bsbr.convergence import (check_training_parameters, choose_learning_rates, convergence_summary, crossing,
                               format_steps, identical_pairs, memory_fit_lens, memory_fits, memory_table,
-                              rates_at_grid_edge, run_row, separations)
+                              grid_edge_sentence, rates_at_grid_edge, run_row, separations)
 
 
 def curves():
@@ -72,6 +72,16 @@ def test_rates_at_grid_edge_names_the_unbracketed_architectures():
         rates_at_grid_edge({"a": 0.001}, [])
     with pytest.raises(ValueError, match="rate 0.03 of e is not one of learning_rates"):
         rates_at_grid_edge({"e": 0.03}, grid)
+
+
+def test_grid_edge_sentence_is_the_one_the_reports_and_readme_print():
+    grid = [0.01, 0.001, 0.003]
+    assert grid_edge_sentence({"a": 0.001, "b": 0.003, "c": 0.01}, grid) == (
+        "**Learning-rate sweep edges.** a chose the lowest rate (0.001); c chose the highest rate (0.01) of "
+        "[0.001, 0.003, 0.01]: the sweep does not bracket them, so their best rate may lie outside it.")
+    assert grid_edge_sentence({"b": 0.003}, grid) == ""
+    with pytest.raises(ValueError, match="rate 0.03 of e is not one of learning_rates"):
+        grid_edge_sentence({"e": 0.03}, grid)
 
 
 def test_convergence_summary_intervals_over_seeds():

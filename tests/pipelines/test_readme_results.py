@@ -109,7 +109,9 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert "Full attention ≥ 95%: **met**." in text and "too small" not in text
     assert "100% of the answers lie outside BSBR's own chunk, 67% outside the window" in text
     assert "BSBR vs linear (span 8): **BSBR above**, +25.0 points [+20.0, +30.0] with 7.8× its state." in text
-    assert text.endswith("At the edge of the rate grid (not bracketed): bsbr (highest), linear (lowest). Run: 10.0 min.")
+    assert text.endswith(" **Learning-rate sweep edges.** bsbr chose the highest rate (0.03); linear chose the lowest rate "
+                         "(0.003) of [0.003, 0.01, 0.03]: the sweep does not bracket them, so their best rate may lie "
+                         "outside it. Run: 10.0 min.")
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
     assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
@@ -150,5 +152,6 @@ def test_training_block_ranks_by_loss_and_steps_with_intervals():
     assert "(the bigram floor minus 0.100 nats/byte): bsbr 250 [230, 270], gau 300 [280, 320], linear not reached (1/3 seeds)" in text
     assert "1 of 3 pairs by final loss (2 by the seed-paired difference), 0 by steps (0 paired)" in text
     assert "matched within 0.1%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
-    assert "At the edge of the rate grid (not bracketed): gau (highest), linear (highest). Run:" in text
+    assert ("**Learning-rate sweep edges.** gau chose the highest rate (0.01); linear chose the highest rate (0.01) of "
+            "[0.001, 0.003, 0.01]: the sweep does not bracket them" in text)
     assert "12.0 min on 1 thread(s); load average 1.02 at the start, 2.00 at the end." in text
