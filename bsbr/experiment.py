@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -29,8 +30,9 @@ from typing import Any, NamedTuple
 from bsbr.provenance import git_revision, machine_info
 from bsbr.paths import find_repo_root
 
-__all__ = ["CORPUS_DIR", "BaseAndConversion", "Experiment", "check_ints", "load_base_and_conversion",
-           "model_description", "profile_of_run", "start_experiment", "write_json", "write_metrics"]
+__all__ = ["CORPUS_DIR", "BaseAndConversion", "Experiment", "ResumeLog", "check_ints", "fingerprint",
+           "load_base_and_conversion", "model_description", "profile_of_run", "source_fingerprint",
+           "start_experiment", "write_json", "write_metrics"]
 
 # tqdm.auto warns "IProgress not found" when it is *imported* in a kernel without ipywidgets (transformers imports
 # it), so the filter must exist before transformers is: a notebook imports bsbr.experiment first.
@@ -246,3 +248,70 @@ def write_metrics(path: str | os.PathLike, metrics: dict) -> None:
 
     check(metrics, "")
     write_json(path, metrics)
+
+
+def fingerprint(parts: dict) -> str:
+    """sha256 (hex, 16 characters) of ``parts`` as sorted-key JSON (non-JSON values by their ``str``): what identifies
+    a computation for :class:`ResumeLog`."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_fingerprint(paths) -> str:
+    """sha256 (hex) over the contents of ``paths`` (files, sorted by path, each with its path): changes when any of
+    them changes. Raises FileNotFoundError for a missing file."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+class ResumeLog:
+    """An append-only log of finished work units, so that a long run that is stopped (a session's end, a killed
+    ``dvc repro``) continues where it stopped instead of starting again.
+
+    The log is ``folder / f"{key}.jsonl"``: ``key`` is a :func:`fingerprint` of everything that determines the results
+    (settings, input files' hashes, the source code's :func:`source_fingerprint`), so a run with any of them changed
+    starts a new log and never reads another computation's rows. Each finished unit is one JSON line, written and
+    flushed to disk (``fsync``) as it finishes; a line cut short by a kill is not valid JSON and is dropped when the
+    log is read (that unit runs again), so a partly written unit is never used.
+
+    ``folder=None`` keeps nothing (every unit runs; :meth:`get` always misses).
+    """
+
+    def __init__(self, folder: str | os.PathLike | None, key: str):
+        """Raises ValueError: ``key`` is not a file-name-safe string (letters, digits, ``_.-``)."""
+        if not isinstance(key, str) or not key or not all(ch.isalnum() or ch in "_.-" for ch in key):
+            raise ValueError(f"key must be a non-empty string of letters, digits and _.- (a file name), got {key!r}")
+        self.path = None if folder is None else Path(folder) / f"{key}.jsonl"
+        self.rows: dict[str, dict] = {}
+        self.dropped = 0  # lines cut short by a kill
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    self.dropped += 1
+                    continue
+                self.rows[row["unit"]] = row
+        self.resumed = len(self.rows)  # units found when the log was opened
+        self._cut = bool(self.path is not None and self.path.is_file() and self.path.stat().st_size
+                         and not self.path.read_bytes().endswith(b"\n"))
+
+    def get(self, unit: str) -> dict | None:
+        """The logged row of ``unit`` (a string naming one work unit), or None."""
+        return self.rows.get(unit)
+
+    def add(self, unit: str, row: dict) -> dict:
+        """Log ``row`` (JSON-serialisable) as ``unit``'s result, on disk before this returns; returns the stored row
+        (with ``"unit"``)."""
+        stored = {**row, "unit": unit}
+        self.rows[unit] = stored
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                # never on the end of a line cut short by a kill: a fresh line first
+                handle.write(("\n" if self._cut else "") + json.dumps(stored, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._cut = False
+        return stored

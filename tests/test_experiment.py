@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bsbr.experiment import (check_ints, keep_freed_memory, model_description, start_experiment, write_json,
-                             write_metrics)
+from bsbr.experiment import (ResumeLog, check_ints, fingerprint, keep_freed_memory, model_description,
+                             source_fingerprint, start_experiment, write_json, write_metrics)
 
 
 def test_write_metrics_is_sorted_json_and_leaves_no_temporary_file(tmp_path):
@@ -131,3 +131,41 @@ def test_keep_freed_memory_sets_glibc_malloc_where_there_is_one():
     assert keep_freed_memory() is keep_freed_memory()  # the same settings again: the same answer
     block = torch.ones(2**22)  # 16 MiB, allocated and freed with the settings in force
     assert float(block.sum()) == 2**22
+
+
+def test_fingerprint_and_source_fingerprint_change_exactly_with_their_inputs(tmp_path):
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})  # key order does not matter
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2}) and len(fingerprint({"a": 1})) == 16
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("x = 1\n")
+    second.write_text("y = 2\n")
+    both = source_fingerprint([second, first])
+    assert both == source_fingerprint([first, second])  # sorted by path
+    first.write_text("x = 2\n")
+    assert source_fingerprint([first, second]) != both
+    with pytest.raises(FileNotFoundError):
+        source_fingerprint([tmp_path / "missing.py"])
+
+
+def test_resume_log_keeps_finished_units_across_runs_and_drops_a_cut_line(tmp_path):
+    log = ResumeLog(tmp_path / "log", "k1")
+    assert log.resumed == 0 and log.get("u1") is None
+    stored = log.add("u1", {"row": {"correct": True, "answer_logprob": -0.123456789012345}, "seconds": 1.5})
+    assert stored["unit"] == "u1" and log.get("u1") == stored
+    log.add("u2", {"row": {"correct": False}, "seconds": 2.0})
+    again = ResumeLog(tmp_path / "log", "k1")  # the next run of the same computation
+    assert again.resumed == 2 and again.get("u1")["row"]["answer_logprob"] == -0.123456789012345  # floats exact
+    assert ResumeLog(tmp_path / "log", "k2").resumed == 0  # another computation never reads these rows
+    with open(tmp_path / "log" / "k1.jsonl", "a") as handle:  # killed while writing u3
+        handle.write('{"row": {"correct": tr')
+    cut = ResumeLog(tmp_path / "log", "k1")
+    assert cut.resumed == 2 and cut.dropped == 1 and cut.get("u3") is None
+    cut.add("u3", {"row": {"correct": True}, "seconds": 3.0})  # on a fresh line, not glued to the cut one
+    final = ResumeLog(tmp_path / "log", "k1")
+    assert final.resumed == 3 and final.dropped == 1 and final.get("u3")["row"] == {"correct": True}
+    for bad in ("", "../k", "a/b", None):
+        with pytest.raises(ValueError, match="key must be"):
+            ResumeLog(tmp_path, bad)
+    nothing = ResumeLog(None, "k1")  # no folder: nothing kept, nothing written
+    nothing.add("u1", {"row": {}})
+    assert nothing.path is None and ResumeLog(None, "k1").resumed == 0

@@ -51,12 +51,21 @@ def terraced_files(tmp_path_factory):
     return folder
 
 
+def smoke_params(terraced_files, resume_dir):
+    return {**SMOKE, "terraced_path": str(terraced_files / "terraced.safetensors"),
+            "terraced_lora_path": str(terraced_files / "terraced_lora.safetensors"),
+            "calibrated_path": str(terraced_files / "calibrated.safetensors"), "resume_dir": str(resume_dir)}
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, terraced_files):
+def resume_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, terraced_files, resume_dir):
     return run_notebook_smoke(tmp_path_factory.mktemp("long_range"), "05_long_range",
-                              {**SMOKE, "terraced_path": str(terraced_files / "terraced.safetensors"),
-                               "terraced_lora_path": str(terraced_files / "terraced_lora.safetensors"),
-                               "calibrated_path": str(terraced_files / "calibrated.safetensors")})
+                              smoke_params(terraced_files, resume_dir))
 
 
 def test_trials_table_is_paired_and_respects_what_each_variant_sees(smoke):
@@ -179,3 +188,27 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
         assert line in html, line
     assert "samples:" not in html and "IProgress" not in html
     assert (smoke["out"] / "accuracy.png").stat().st_size > 1000
+
+
+def test_a_stopped_run_continues_from_its_scoring_log(smoke, tmp_path_factory, terraced_files, resume_dir):
+    """The first run logged every scored (sample, variant) pair; a run stopped after half of them (and killed while
+    writing the next) continues: it scores only the rest, and its tables equal the uninterrupted run's."""
+    logs = list(resume_dir.glob("*.jsonl"))
+    assert len(logs) == 1
+    lines = logs[0].read_text().splitlines()
+    pairs = len(LENGTHS) * len(DEPTHS) * TRIALS * len(VARIANTS)
+    assert len(lines) == pairs and smoke["metrics"]["resumed_pairs"] == 0
+    logs[0].write_text("\n".join(lines[: pairs // 2]) + "\n" + lines[pairs // 2][:40])  # stopped mid-line
+    again = run_notebook_smoke(tmp_path_factory.mktemp("long_range_resumed"), "05_long_range",
+                               smoke_params(terraced_files, resume_dir))
+    assert again["metrics"]["resumed_pairs"] == pairs // 2
+    columns = ["length", "depth", "variant", "trial", "passkey", "correct", "answer_logprob"]
+    first = pd.read_csv(smoke["out"] / "trials.csv", dtype={"passkey": str})[columns]
+    second = pd.read_csv(again["out"] / "trials.csv", dtype={"passkey": str})[columns]
+    pd.testing.assert_frame_equal(first, second)
+    assert smoke["metrics"]["accuracy"] == again["metrics"]["accuracy"]
+    times = pd.read_csv(again["out"] / "forward_times.csv")
+    assert times.resumed.sum() == pairs // 2 and (times.forwards == TRIALS * len(DEPTHS)).all()
+    first_screen = [o for c in again["notebook"].cells if c.cell_type == "code" for o in c.outputs][0]
+    assert f"{pairs // 2} of {pairs} scored (sample, variant) pairs" in first_screen["data"]["text/html"]
+    assert len([line for line in logs[0].read_text().splitlines() if line.startswith('{"')]) == pairs + 1  # + cut
