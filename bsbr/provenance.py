@@ -3,6 +3,7 @@
     machine_info(threads=2)   # {"cpu", "cores", "torch", "threads", "python", "platform", "load_average"}
     git_revision()            # "3f2c...e1" or "3f2c...e1+dirty" or "unknown"
     load_average()            # (1 min, 5 min, 15 min) runnable processes, or None
+    other_cpu_load()          # cores that *other* processes used over the last 2 s, or None
 
 ``+dirty`` means a *source* differs from the revision: a tracked file outside the pipeline's own outputs
 (:data:`OUTPUT_PATHS`: ``data/``, ``reports/``, ``dvc.lock``) has uncommitted changes. A pipeline run rewrites its
@@ -15,11 +16,13 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["OUTPUT_PATHS", "cpu_model", "git_revision", "load_average", "machine_info", "source_dirty"]
+__all__ = ["OUTPUT_PATHS", "cpu_model", "git_revision", "load_average", "machine_info", "other_cpu_load",
+           "source_dirty"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,41 @@ def load_average() -> tuple[float, float, float] | None:
     except (AttributeError, OSError):  # AttributeError: no getloadavg (Windows); OSError: unobtainable
         return None
     return float(one), float(five), float(fifteen)
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """``(busy ticks of the whole machine, ticks of this process)`` from ``/proc`` (Linux), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in (fields + ["0"] * 8)[:8])
+    return user + nice + system + irq + softirq + steal, int(mine[11]) + int(mine[12])  # utime + stime
+
+
+def other_cpu_load(seconds: float = 2.0) -> float | None:
+    """Cores that processes *other than this one* kept busy over the next ``seconds`` (this process's own CPU time,
+    all its threads, subtracted), from ``/proc/stat`` and ``/proc/self/stat``; None where ``/proc`` is not there.
+
+    Taken right before a timing, it says whether other work competes for the cores *now*. The 1-min load average
+    cannot: it still carries a pipeline stage that finished a minute ago (in ``make repro`` report 05 starts right
+    after report 04's forwards, at a load average near 2 on a quiet 2-core machine).
+
+    Raises:
+        ValueError: ``seconds`` not a number > 0.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"seconds must be a number > 0, got {seconds!r}")
+    first = _cpu_ticks()
+    started = time.monotonic()
+    time.sleep(seconds)
+    second = _cpu_ticks()
+    elapsed = time.monotonic() - started
+    if first is None or second is None:
+        return None
+    others = (second[0] - first[0]) - (second[1] - first[1])
+    return max(0.0, others / os.sysconf("SC_CLK_TCK") / elapsed)
 
 
 def machine_info(threads: int | None = None) -> dict:

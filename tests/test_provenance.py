@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 
 from bsbr import provenance
-from bsbr.provenance import OUTPUT_PATHS, git_revision, load_average, machine_info, source_dirty
+from bsbr.provenance import OUTPUT_PATHS, git_revision, load_average, machine_info, other_cpu_load, source_dirty
 
 
 def test_machine_info_header():
@@ -107,3 +110,38 @@ def test_outside_a_checkout_the_revision_is_unknown(tmp_path, monkeypatch):
     assert git_revision(tmp_path) == "unknown" and source_dirty(tmp_path) is None
     _git(tmp_path, "init", "-q")  # before the first commit
     assert git_revision(tmp_path) == "unknown"
+
+
+def test_other_cpu_load_counts_other_processes_and_not_this_one():
+    """A child process spinning one core is counted (about 1 core); this process spinning a thread is not."""
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # the child is running
+        others = other_cpu_load(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert others is not None and 0.7 <= others <= 2.5
+
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        mine = other_cpu_load(1.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert mine < others - 0.5  # its own busy thread is subtracted
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(ValueError, match="seconds"):
+            other_cpu_load(bad)
+
+
+def test_other_cpu_load_is_none_without_proc(monkeypatch):
+    monkeypatch.setattr(provenance, "_cpu_ticks", lambda: None)
+    assert other_cpu_load(0.01) is None

@@ -182,7 +182,8 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     correct = int(trials[trials.variant == "original"].correct.sum())
     assert f"({correct}/4)" in first
     html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
-    assert "Load average (1 min)" in first
+    assert "Load average (1 min)" in first and "Other processes used" in first
+    assert metrics["other_cores_before"] >= 0 and isinstance(metrics["busy"], bool)
     for line in ("git revision:", "threads: 1", "CPU:", "The pass key is", "keeps freed memory for reuse",
                  "model: SmolLM2-135M-Instruct.Q4_1.gguf", "-p trials=8", "Appendix C"):
         assert line in html, line
