@@ -153,6 +153,7 @@ def grid_edge_sentence(chosen: dict, learning_rates) -> str:
             + f" of {sorted(float(rate) for rate in learning_rates)}: the sweep does not bracket them, so their best "
               "rate may lie outside it.")
 
+
 def memory_fit_lens(memory_seq_lens: list) -> list:
     """The upper half of the memory lengths (at least the last two): where the memory exponent is fitted."""
     lens = memory_seq_lens[len(memory_seq_lens) // 2:]

@@ -285,17 +285,16 @@ class ResumeLog:
         self.path = None if folder is None else Path(folder) / f"{key}.jsonl"
         self.rows: dict[str, dict] = {}
         self.dropped = 0  # lines cut short by a kill
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    self.dropped += 1
-                    continue
-                self.rows[row["unit"]] = row
+        text = self.path.read_text() if self.path is not None and self.path.is_file() else ""
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                self.dropped += 1
+                continue
+            self.rows[row["unit"]] = row
         self.resumed = len(self.rows)  # units found when the log was opened
-        self._cut = bool(self.path is not None and self.path.is_file() and self.path.stat().st_size
-                         and not self.path.read_bytes().endswith(b"\n"))
+        self._cut = bool(text) and not text.endswith("\n")  # the last line was cut short: append on a fresh line
 
     def get(self, unit: str) -> dict | None:
         """The logged row of ``unit`` (a string naming one work unit), or None."""

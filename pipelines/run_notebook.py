@@ -79,6 +79,11 @@ def read_yaml(text: str, path: str | os.PathLike = "<string>"):
 DEFAULT_PROFILE = "quick"
 
 
+def read_params(params_file: str | os.PathLike) -> dict:
+    """params.yaml parsed as DVC reads it (:func:`read_yaml`); an empty file is ``{}``."""
+    return read_yaml(Path(params_file).read_text(), params_file) or {}
+
+
 def load_section(params_file: Path, section: str, profile: str | None = None) -> dict:
     """The ``section`` mapping of ``params_file``, read as DVC reads it (:func:`read_yaml`), with the keys of the
     profile overriding it.
@@ -90,8 +95,7 @@ def load_section(params_file: Path, section: str, profile: str | None = None) ->
     Raises ParamsError if the section is absent or not a mapping, the profile is not ``"quick"`` or a key of
     ``profiles``, or the profile's mapping for the section is not a mapping or names keys the section does not have.
     """
-    return section_values(read_yaml(Path(params_file).read_text(), params_file) or {}, section, profile,
-                          params_file)
+    return section_values(read_params(params_file), section, profile, params_file)
 
 
 def section_values(params: dict, section: str, profile: str | None = None,
@@ -136,7 +140,7 @@ def check_profile(params_file: Path) -> str:
     """Raise ParamsError unless params.yaml's profile applies to every section (what each notebook stage will load),
     and ``profiles.<profile>`` names only existing sections; returns the profile. ``make repro`` runs this before
     ``dvc repro``, which removes a stage's outputs before the stage can fail on a misspelt profile."""
-    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+    params = read_params(params_file)
     profile = profile_name(params)
     for section, values in params.items():
         if section != "profiles" and isinstance(values, dict):
@@ -230,7 +234,7 @@ def run_notebook(notebook: Path, section: str, out: Path, params_file: Path = RE
     if not notebook.is_file():
         raise ParamsError(f"notebook {notebook} does not exist")
     check_no_shell(notebook)
-    params = read_yaml(Path(params_file).read_text(), params_file) or {}
+    params = read_params(params_file)
     profile = profile_name(params)
     values = section_values(params, section, profile, params_file)
     check_parameters(notebook, values, f"section {section!r} of {params_file}")

@@ -171,6 +171,13 @@ def save_conversion(model: nn.Module, path: str | os.PathLike) -> None:
     save_file_atomic(tensors, path, metadata)
 
 
+def _check_model_type(model_type, metadata: dict, path: str) -> None:
+    """Raise ValueError unless the conversion file ``path`` (its ``metadata``) is of ``model_type``'s family."""
+    if model_type != metadata["model_type"]:
+        raise ValueError(f"{path} holds a conversion of a {metadata['model_type']!r} model, got model_type="
+                         f"{model_type!r}")
+
+
 def load_conversion(model: nn.Module, path: str | os.PathLike, chunk_size: int | None = None,
                     retrieval: str | None = None) -> nn.Module:
     """Convert the *original* pretrained ``model`` in place with the settings stored in ``path`` and load the
@@ -194,10 +201,7 @@ def load_conversion(model: nn.Module, path: str | os.PathLike, chunk_size: int |
     if retrieval is not None and retrieval not in RETRIEVAL_MODES:
         raise ValueError(f"retrieval must be None or one of {list(RETRIEVAL_MODES)}, got {retrieval!r}")
     path, metadata, tensors = read_safetensors(path, CONVERSION_FORMAT, "conversion")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type != metadata["model_type"]:
-        raise ValueError(f"{path} holds a conversion of a {metadata['model_type']!r} model, got model_type="
-                         f"{model_type!r}")
+    _check_model_type(getattr(getattr(model, "config", None), "model_type", None), metadata, path)
     for name, asked in (("chunk_size", chunk_size), ("retrieval", retrieval)):
         stored = int(metadata[name]) if name == "chunk_size" else metadata[name]
         if asked is not None and asked != stored:
@@ -231,9 +235,7 @@ def load_meta_router(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     settings = conversion_settings(model)
     path, metadata, tensors = read_safetensors(path, CONVERSION_FORMAT, "conversion")
-    if metadata["model_type"] != settings["model_type"]:
-        raise ValueError(f"{path} holds a conversion of a {metadata['model_type']!r} model, got model_type="
-                         f"{settings['model_type']!r}")
+    _check_model_type(settings["model_type"], metadata, path)
     if int(metadata["chunk_size"]) != settings["chunk_size"]:
         raise ValueError(f"{path} was calibrated for chunk_size={metadata['chunk_size']}, the model has chunk_size="
                          f"{settings['chunk_size']}")
