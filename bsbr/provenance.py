@@ -1,7 +1,7 @@
 """Provenance: which machine, which code, and how busy the machine was, for the header of every result.
 
     machine_info(threads=2)   # {"cpu", "cores", "torch", "threads", "python", "platform", "load_average"}
-    git_revision()            # "3f2c...e1" or "3f2c...e1+dirty" or "unknown"
+    git_revision()            # "3f2c...e1" or "3f2c...e1+dirty" or "unknown": the sources' revision
     load_average()            # (1 min, 5 min, 15 min) runnable processes, or None
     other_cpu_load()          # cores that *other* processes used over the last 2 s, or None
 
@@ -9,6 +9,11 @@
 (:data:`OUTPUT_PATHS`: ``data/``, ``reports/``, ``dvc.lock``) has uncommitted changes. A pipeline run rewrites its
 outputs and the lock file; that does not make the code it ran any different from the revision, so it is not dirty.
 Untracked files are not looked at.
+
+For the same reason the revision is the newest commit that changed a source, not ``HEAD``: a commit that records
+only pipeline outputs (a stage's reports and metrics, ``dvc.lock``) leaves it as it was. So a long run done in
+parts, each part's outputs committed before the next starts, stamps every report with one revision as long as no
+source changed in between.
 """
 
 from __future__ import annotations
@@ -149,14 +154,18 @@ def source_dirty(repo: str | os.PathLike | None = None) -> bool | None:
 
 
 def git_revision(repo: str | os.PathLike | None = None) -> str:
-    """``git rev-parse HEAD`` of ``repo`` (default: this checkout), with ``+dirty`` if a source changed
+    """The newest commit of ``repo`` (default: this checkout) that changed a source: ``HEAD`` unless the commits
+    after it touch only :data:`OUTPUT_PATHS`, with ``+dirty`` if a source has uncommitted changes
     (:func:`source_dirty`: a tracked file outside ``data/``, ``reports/`` and ``dvc.lock``).
 
     Returns ``"unknown"`` outside a git checkout or before the first commit.
     """
     cwd = Path(repo) if repo is not None else _REPO_ROOT
+    excluded = [f":(exclude){path}" for path in OUTPUT_PATHS]
     try:
         revision = _git(cwd, "rev-parse", "HEAD").strip()
+        # the newest commit whose diff touches a path outside the outputs (in a shallow clone: at most HEAD)
+        revision = _git(cwd, "log", "-1", "--format=%H", revision, "--", ".", *excluded).strip() or revision
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return revision + ("+dirty" if source_dirty(cwd) else "")

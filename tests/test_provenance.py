@@ -83,6 +83,23 @@ def test_pipeline_outputs_do_not_make_the_revision_dirty(repo):
     assert not git_revision(repo).endswith("+dirty")
 
 
+def _head(repo):
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_commit_of_outputs_only_keeps_the_revision(repo):
+    sources = _head(repo)
+    (repo / "reports/01_scaling.html").write_text("<p>part 1</p>\n")  # one part of a long run, committed
+    (repo / "dvc.lock").write_text("stages: {scaling: {}}\n")
+    _git(repo, "commit", "-q", "-am", "outputs of part 1")
+    assert _head(repo) != sources and git_revision(repo) == sources
+    (repo / "data_notes.md").write_text("a source changed\n")  # then a source commit moves it
+    _git(repo, "commit", "-q", "-am", "source")
+    assert git_revision(repo) == _head(repo) != sources
+    (repo / "bsbr/core.py").write_text("x = 5\n")  # and an uncommitted source marks it
+    assert git_revision(repo) == _head(repo) + "+dirty"
+
+
 @pytest.mark.parametrize("change", [
     lambda repo: (repo / "bsbr/core.py").write_text("x = 2\n"),  # code
     lambda repo: (repo / "notebooks/01 scaling.ipynb").write_text('{"cells": []}\n'),  # a notebook (space in name)

@@ -49,7 +49,11 @@ def test_scaling_fits_and_machine_header(scaling_smoke):
 
 def test_scaling_metrics_json(scaling_smoke):
     metrics = json.loads(scaling_smoke["metrics"].read_text())
-    assert set(metrics) == {"seq_len", "models", "bsbr_vs_standard", "attention", "layers", "machine"}
+    assert set(metrics) == {"seq_len", "models", "bsbr_vs_standard", "attention", "layers", "machine", "other_cores",
+                            "busy"}
+    others = metrics["other_cores"]  # cores other processes used right before and after the timings (/proc)
+    assert set(others) == {"before", "after"} and all(0 <= x <= metrics["machine"]["cores"] for x in others.values())
+    assert metrics["busy"] is (max(others.values()) > 0.5)
     assert metrics["seq_len"] == max(SCALING_SMOKE["seq_lens"])
     table = pd.read_csv(scaling_smoke["out"] / "scaling.csv").set_index(["model", "seq_len"])
     for name in ("bsbr", "standard"):
@@ -300,6 +304,10 @@ def test_what_we_found_states_the_targets_the_load_and_shows_the_time_figure(sca
     outputs = notebook.cells[heading + 1].outputs
     text = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
     assert "targets pass" in text and "Load average (1, 5, 15 min): start " in text and "; end " in text
+    others = json.loads(scaling_smoke["metrics"].read_text())["other_cores"]
+    assert f"Cores used by other processes: before {others['before']:.2f}, after {others['after']:.2f}." in text
+    busy = json.loads(scaling_smoke["metrics"].read_text())["busy"]
+    assert ("The machine was busy while these timings ran" in text) is busy
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the attention time figure
     everything = "".join(str(o) for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert '"bsbr_vs_standard"' not in everything  # no JSON dump of the metrics in the page
