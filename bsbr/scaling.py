@@ -13,7 +13,9 @@ Vocabulary:
 * A ratio within ``1 ± tie_tolerance`` is a **tie**: below ``1 / (1 + tie_tolerance)`` the other side leads.
 * The **crossover** is the shortest length from which BSBR leads beyond the tolerance at that and every longer length.
 * A **target** is ``value <comparison> threshold`` (``≥``, ``≤`` or ``>``); a value that was not measured is
-  ``not measured``, never passed.
+  ``not measured``, never passed. A target from timed calls carries the range of the ratio those calls allow
+  (``low``, ``high``: slowest against fastest call of each side): it passes or fails only when the whole range does,
+  and is ``undecided`` when the range straddles the threshold (the run cannot tell at its own noise).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ __all__ = ["ATTENTION_COLUMNS", "DECODE_COLUMNS", "FIT_COLUMNS", "FULL_IMPLS", "
            "extrapolate_times", "find_fit", "layer_fits", "layer_metrics", "layer_targets", "layer_targets_text",
            "leader", "memory_curves", "memory_growth", "model_comparison", "model_comparison_metrics",
            "model_comparison_text", "model_fits", "model_headline", "module_time_split", "module_time_split_text",
-           "operator_ratios", "parameter_counts", "power_law_fits", "rounded", "scaling_parameters",
+           "operator_ratios", "parameter_counts", "power_law_fits", "ratio_range", "rounded", "scaling_parameters",
            "speed_memory_targets", "targets_text", "targets_view", "time_of", "upper_half", "value_at", "who_wins"]
 
 #: Full (softmax over every earlier token) attention impls: measured only up to a length, extrapolated beyond it.
@@ -58,8 +60,8 @@ DECODE_COLUMNS = ["impl", "position", "batch_size", "threads", "repeats", "warmu
 #: Columns of a power-law fit table after the grouping columns.
 FIT_COLUMNS = ["lengths", "first_len", "last_len", "exponent", "prefactor", "r2"]
 #: Columns of a target table (:func:`check_target` rows).
-TARGET_COLUMNS = ["target", "description", "value", "comparison", "threshold", "unit", "extrapolated", "status",
-                  "passed"]
+TARGET_COLUMNS = ["target", "description", "value", "low", "high", "comparison", "threshold", "unit", "extrapolated",
+                  "status", "passed"]
 
 
 def scaling_parameters(params: dict) -> dict:
@@ -214,8 +216,9 @@ def extrapolate_times(attention: pd.DataFrame, impls, seq_lens, fits: pd.DataFra
         impls, seq_lens: the impls and lengths wanted.
         fits: :func:`power_law_fits` of ``attention`` by ``["impl", "mode"]``.
     Returns:
-        ``[mode, impl, seq_len, median_s (s), source ("measured" | "extrapolated")]``, sorted; a point neither measured
-        nor extrapolable has no row.
+        ``[mode, impl, seq_len, median_s, min_s, max_s (s), source ("measured" | "extrapolated")]``, sorted (``min_s``,
+        ``max_s``: the fastest and slowest timed call, NaN where extrapolated); a point neither measured nor
+        extrapolable has no row.
     """
     rows = []
     for mode in MODES:
@@ -224,11 +227,13 @@ def extrapolate_times(attention: pd.DataFrame, impls, seq_lens, fits: pd.DataFra
                 hit = attention[(attention["mode"] == mode) & (attention.impl == impl) & (attention.seq_len == n)]
                 if len(hit):
                     rows.append(dict(mode=mode, impl=impl, seq_len=n, median_s=float(hit.median_s.iloc[0]),
+                                     min_s=float(hit.min_s.iloc[0]), max_s=float(hit.max_s.iloc[0]),
                                      source="measured"))
                 elif impl in extrapolate and (fit := find_fit(fits, impl=impl, mode=mode)) is not None:
                     rows.append(dict(mode=mode, impl=impl, seq_len=n,
-                                     median_s=float(fit.prefactor * n**fit.exponent), source="extrapolated"))
-    times = pd.DataFrame(rows, columns=["mode", "impl", "seq_len", "median_s", "source"])
+                                     median_s=float(fit.prefactor * n**fit.exponent), min_s=np.nan, max_s=np.nan,
+                                     source="extrapolated"))
+    times = pd.DataFrame(rows, columns=["mode", "impl", "seq_len", "median_s", "min_s", "max_s", "source"])
     return times.sort_values(["mode", "impl", "seq_len"]).reset_index(drop=True)
 
 
@@ -236,6 +241,23 @@ def time_of(times: pd.DataFrame, impl: str, mode: str, seq_len: int):
     """``(median seconds, source)`` of one point of :func:`extrapolate_times`, or ``(None, None)``."""
     hit = times[(times["mode"] == mode) & (times.impl == impl) & (times.seq_len == seq_len)]
     return (float(hit.median_s.iloc[0]), hit.source.iloc[0]) if len(hit) else (None, None)
+
+
+def ratio_range(slow: tuple, fast: tuple) -> tuple[float | None, float | None]:
+    """The range of ``slow / fast`` that two points' timed calls allow: ``(slow min / fast max, slow max / fast min)``
+    from ``(min_s, max_s)`` pairs (seconds); ``(None, None)`` if a bound is missing or NaN (an extrapolated time)."""
+    (slow_min, slow_max), (fast_min, fast_max) = slow, fast
+    if any(x is None or pd.isna(x) for x in (slow_min, slow_max, fast_min, fast_max)):
+        return None, None
+    return float(slow_min) / float(fast_max), float(slow_max) / float(fast_min)
+
+
+def _call_range(table: pd.DataFrame, **where) -> tuple:
+    """``(min_s, max_s)`` of the one row of ``table`` matching ``where``, or ``(None, None)``."""
+    hit = table
+    for column, value in where.items():
+        hit = hit[hit[column] == value]
+    return (float(hit.min_s.iloc[0]), float(hit.max_s.iloc[0])) if len(hit) else (None, None)
 
 
 def leader(ratio: float, tie_tolerance: float, faster: str = "BSBR", slower: str = "standard") -> str:
@@ -417,23 +439,42 @@ def memory_growth(curves: dict) -> pd.DataFrame:
 
 
 def check_target(name: str, description: str, value, comparison: str, threshold, extrapolated: bool = False,
-                 unit: str = "") -> dict:
+                 unit: str = "", low=None, high=None, threshold_low=None, threshold_high=None) -> dict:
     """One target row: ``status`` is ``"pass"``/``"FAIL"`` from ``value <comparison> threshold``, or
     ``"not measured"`` (``passed`` None) when either is None.
 
+    With ``low`` and ``high`` (the range of the value that the timed calls allow, e.g. :func:`ratio_range`) the
+    status follows the range, not the point: ``"pass"`` if the whole range meets the threshold, ``"FAIL"`` if none of
+    it does, ``"undecided"`` (``passed`` None) if it straddles the threshold. A threshold that is itself measured may
+    carry its range too (``threshold_low``, ``threshold_high``): then the value's range is held against the
+    threshold's whole range.
+
     Raises:
-        ValueError: ``comparison`` not one of ``"≥"``, ``"≤"``, ``">"``.
+        ValueError: ``comparison`` not one of ``"≥"``, ``"≤"``, ``">"``; only one of ``low``/``high`` given.
     """
     if comparison not in ("≥", "≤", ">"):
         raise ValueError(f"comparison must be one of '≥', '≤', '>', got {comparison!r}")
+    if (low is None) != (high is None):
+        raise ValueError(f"low and high must be given together, got low={low!r}, high={high!r}")
+
+    def holds(x, t):
+        return x >= t if comparison == "≥" else x <= t if comparison == "≤" else x > t
+
     if value is None or threshold is None:
         passed, status = None, "not measured"
-    else:
-        passed = bool(value >= threshold if comparison == "≥" else value <= threshold if comparison == "≤"
-                      else value > threshold)
+    elif low is None:
+        passed = bool(holds(value, threshold))
         status = "pass" if passed else "FAIL"
-    return dict(target=name, description=description, value=value, comparison=comparison, threshold=threshold,
-                unit=unit, extrapolated=extrapolated, status=status, passed=passed)
+    else:
+        t_low = threshold if threshold_low is None else threshold_low
+        t_high = threshold if threshold_high is None else threshold_high
+        # the worst and best case of the value against the threshold's worst and best case
+        worst, best = (high, low) if comparison == "≤" else (low, high)
+        t_worst, t_best = (t_low, t_high) if comparison == "≤" else (t_high, t_low)
+        passed = True if holds(worst, t_worst) else False if not holds(best, t_best) else None
+        status = {True: "pass", False: "FAIL", None: "undecided"}[passed]
+    return dict(target=name, description=description, value=value, low=low, high=high, comparison=comparison,
+                threshold=threshold, unit=unit, extrapolated=extrapolated, status=status, passed=passed)
 
 
 def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: pd.DataFrame, matmul_rate: float,
@@ -444,7 +485,9 @@ def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: p
     ``target_decode_positions``: module forward speedup over standard attention ≥ 5× at ``short`` and ≥ 20× at
     ``long``; the cores' speedup above the modules' at ``long``; BSBR forward peak ≤ 1.5 GB (1.5e9 bytes) at ``long``
     and its growth ``short → long`` ≤ 1.1× linear; BSBR decode time per token at ``last`` ≤ 1.5× that at ``first``;
-    BSBR forward GFLOP/s at ``short`` ≥ 30 % of the fp32 matmul rate.
+    BSBR forward GFLOP/s at ``short`` ≥ 30 % of the fp32 matmul rate. The time ratios carry the range their timed
+    calls allow (:func:`ratio_range`) and are ``undecided`` where it straddles the goal (:func:`check_target`); a
+    ratio from an extrapolated time has no range and is judged by its value (flagged ``extrapolated``).
 
     Args:
         attention: measured attention points (``[impl, mode, seq_len, peak_bytes, gflops_per_s, ...]``).
@@ -458,21 +501,26 @@ def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: p
     first_pos, last_pos = sorted(int(n) for n in target_decode_positions)
 
     def speedup(fast, full, n):
+        """(full / fast median ratio, extrapolated, (low, high) from the timed calls)"""
         (bsbr_s, _), (full_s, source) = time_of(times, fast, "forward", n), time_of(times, full, "forward", n)
         if bsbr_s is None or full_s is None:
-            return None, False
-        return full_s / bsbr_s, source == "extrapolated"
+            return None, False, (None, None)
+        calls = ratio_range(_call_range(times, impl=full, mode="forward", seq_len=n),
+                            _call_range(times, impl=fast, mode="forward", seq_len=n))
+        return full_s / bsbr_s, source == "extrapolated", calls
 
     rows = []
     for n, goal in ((short, 5.0), (long, 20.0)):
-        ratio, extra = speedup("bsbr", "standard", n)
+        ratio, extra, (low, high) = speedup("bsbr", "standard", n)
         rows.append(check_target(f"module_forward_speedup_{n}", f"module forward: standard / BSBR time at {n} tokens",
-                                 ratio, "≥", goal, extra, "×"))
-    module_long, module_extra = speedup("bsbr", "standard", long)
-    core_long, core_extra = speedup("bsbr_core", "sdpa_core", long)
+                                 ratio, "≥", goal, extra, "×", low, high))
+    module_long, module_extra, module_range = speedup("bsbr", "standard", long)
+    core_long, core_extra, (core_low, core_high) = speedup("bsbr_core", "sdpa_core", long)
+    both = core_low is not None and module_range[0] is not None  # both ranges, or judge by the values
     rows.append(check_target(f"core_gap_larger_{long}",
                              f"cores alone: sdpa / BSBR time at {long} tokens, above the module ratio",
-                             core_long, ">", module_long, core_extra or module_extra, "×"))
+                             core_long, ">", module_long, core_extra or module_extra, "×",
+                             *((core_low, core_high, *module_range) if both else ())))
     peak_long = value_at(attention, "peak_bytes", impl="bsbr", mode="forward", seq_len=long)
     peak_short = value_at(attention, "peak_bytes", impl="bsbr", mode="forward", seq_len=short)
     rows.append(check_target(f"bsbr_forward_peak_memory_{long}",
@@ -484,9 +532,12 @@ def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: p
                              growth, "≤", 1.1, unit="× linear"))
     late = value_at(decode, "median_s", impl="bsbr", position=last_pos)
     early = value_at(decode, "median_s", impl="bsbr", position=first_pos)
+    low, high = ratio_range(_call_range(decode, impl="bsbr", position=last_pos),
+                            _call_range(decode, impl="bsbr", position=first_pos))
     rows.append(check_target(f"bsbr_decode_latency_{last_pos}_vs_{first_pos}",
                              f"BSBR decode: median time per token at position {last_pos} / at {first_pos}",
-                             None if late is None or early is None else late / early, "≤", 1.5, unit="×"))
+                             None if late is None or early is None else late / early, "≤", 1.5, unit="×",
+                             low=low, high=high))
     bsbr_rate = value_at(attention, "gflops_per_s", impl="bsbr", mode="forward", seq_len=short)
     rows.append(check_target(f"bsbr_matmul_fraction_{short}", f"BSBR module forward GFLOP/s at {short} tokens / fp32 "
                              f"matmul rate ({matmul_rate:.1f} GFLOP/s)",
@@ -498,12 +549,18 @@ def _shown(value, unit):
     return "—" if value is None or pd.isna(value) else f"{value:.3g} {unit}".strip()
 
 
+def _range_shown(low, high):
+    return "" if low is None or pd.isna(low) else f" [{low:.3g}, {high:.3g}]"
+
+
 def targets_view(targets: pd.DataFrame) -> pd.DataFrame:
-    """The target table as a reader sees it: target, measured (with unit, marked extrapolated), required, status."""
+    """The target table as a reader sees it: target, measured (with unit and the range of the timed calls, marked
+    extrapolated), required, status."""
     return pd.DataFrame({
         "target": targets.description,
-        "measured": [_shown(v, u) + (" (extrapolated)" if e else "")
-                     for v, u, e in zip(targets.value, targets.unit, targets.extrapolated)],
+        "measured": [_shown(v, u) + _range_shown(lo, hi) + (" (extrapolated)" if e else "")
+                     for v, u, lo, hi, e in zip(targets.value, targets.unit, targets.low, targets.high,
+                                                targets.extrapolated)],
         "required": [f"{c} {_shown(t, u)}" for c, t, u in zip(targets.comparison, targets.threshold, targets.unit)],
         "status": targets.status,
     })
@@ -514,9 +571,12 @@ def targets_text(targets: pd.DataFrame, target_seq_lens, target_decode_positions
     short, long = sorted(int(n) for n in target_seq_lens)
     first_pos, last_pos = sorted(int(n) for n in target_decode_positions)
     failed = targets[targets.status == "FAIL"]
+    undecided = targets[targets.status == "undecided"]
     missing = targets[targets.status == "not measured"]
     summary = [f"**{(targets.status == 'pass').sum()} of {len(targets)} targets pass**"
                + (f"; **{len(failed)} fail**: " + "; ".join(failed.description) if len(failed) else "")
+               + (f"; **{len(undecided)} undecided at this noise** (the range of the timed calls, in brackets, "
+                  "straddles the goal): " + "; ".join(undecided.description) if len(undecided) else "")
                + (f"; {len(missing)} not measured in this profile (lengths {short}/{long}, positions "
                   f"{first_pos}/{last_pos} not all run)" if len(missing) else "") + "."]
     if targets.extrapolated.any():
@@ -606,7 +666,7 @@ def layer_targets(operator_view: pd.DataFrame, layers: pd.DataFrame, seq_len: in
         rows.append(check_target(f"no_nxn_{impl}", f"{impl} forward peak at {n} tokens / one n×n fp32 matrix "
                                  f"({4 * n * n / 2**20:.4g} MiB)", float(row.peak_bytes) / (4 * n * n), "≤", 1.0,
                                  unit="× 4n² bytes"))
-    return pd.DataFrame(rows, columns=TARGET_COLUMNS).drop(columns=["extrapolated"])
+    return pd.DataFrame(rows, columns=TARGET_COLUMNS).drop(columns=["extrapolated", "low", "high"])  # one value each
 
 
 def layer_targets_text(targets: pd.DataFrame) -> str:
@@ -640,6 +700,8 @@ def model_headline(results: pd.DataFrame, fits: pd.DataFrame, name: str, seq_len
 
 def _target_metrics(targets: pd.DataFrame, extrapolated: bool) -> dict:
     return {row.target: {"value": rounded(row.value), "threshold": rounded(row.threshold),
+                         **({"low": rounded(row.low), "high": rounded(row.high)}
+                            if "low" in targets and row.low is not None and pd.notna(row.low) else {}),
                          "comparison": row.comparison, **({"extrapolated": bool(row.extrapolated)} if extrapolated
                                                           else {}), "status": row.status}
             for row in targets.itertuples()}

@@ -291,7 +291,7 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
     if spec.target:
         target = lookup(metrics, spec.target)
         value, goal = target["value"], f"{target['comparison']} {format_value('', target['threshold'])}{spec.unit}"
-        verdict = target["status"]
+        verdict = target["status"]  # pass / FAIL / undecided (the range of the timed calls straddles the goal)
     else:
         value = spec.value(metrics) if callable(spec.value) else lookup(metrics, spec.value)
         verdict = (spec.verdict(metrics) if callable(spec.verdict) else
@@ -301,6 +301,8 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
         text = "—"
     else:
         text = format_value("", value) + (spec.unit if not isinstance(value, (dict, str)) else "")
+    if spec.target and value is not None and target.get("low") is not None:  # the range the timed calls allow
+        text += f" [{format_value('', target['low'])}, {format_value('', target['high'])}]"
     if spec.interval and value is not None:
         low, high = (lookup(metrics, spec.interval) if isinstance(spec.interval, str)
                      else [lookup(metrics, path) for path in spec.interval])
@@ -312,6 +314,110 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
 def report_title(text: str, fallback: str) -> str:
     match = re.search(r"<title>(.*?)</title>", text, re.DOTALL)
     return html.unescape(match.group(1).strip()) if match else fallback
+
+
+_ABSENT = object()  # a params key or dvc.yaml stage one revision lacks
+
+
+def _git_show(root: Path, revision: str, path: str) -> str | None:
+    proc = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _dvc_stages(dvc: dict) -> dict:
+    """dvc.yaml's stages by name, ``foreach`` stages expanded (``render@01_scaling``: ``${item}`` filled in)."""
+    stages = {}
+    for name, spec in ((dvc or {}).get("stages") or {}).items():
+        if "foreach" in spec:
+            for item in spec["foreach"]:
+                stages[f"{name}@{item}"] = json.loads(json.dumps(spec["do"]).replace("${item}", str(item)))
+        else:
+            stages[name] = spec
+    return stages
+
+
+def _entry_path(entry) -> str:
+    """A deps/outs entry: ``path`` or ``{path: options}``."""
+    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
+
+
+def _param_value(params: dict, key: str):
+    value = params
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+def stage_changes(stage: str, since: str, until: str, root: Path = REPO_ROOT) -> list[str] | None:
+    """What report stage ``stage`` depends on that differs between revisions ``since`` and ``until``, as DVC sees
+    it: the stage's entry in dvc.yaml and its ``render@`` stage's, their tracked file and folder deps, the values of
+    their params keys, and the same for every stage producing one of their ``data/`` deps (the model, the corpus,
+    02's conversion files). ``[]``: a report run at ``since`` is what a run at ``until`` would give (DVC would not
+    rerun it). None if either revision's dvc.yaml or params.yaml cannot be read.
+
+    Returns:
+        sorted descriptions: ``"dvc.yaml: stage 01_scaling"``, ``"params.yaml: 01_scaling.seq_lens"``, file paths.
+    """
+    texts = {(rev, name): _git_show(root, rev, name) for rev in (since, until) for name in ("dvc.yaml", "params.yaml")}
+    if any(text is None for text in texts.values()):
+        return None
+    stages = {rev: _dvc_stages(parse_yaml(texts[(rev, "dvc.yaml")], "dvc.yaml")) for rev in (since, until)}
+    params = {rev: parse_yaml(texts[(rev, "params.yaml")], "params.yaml") or {} for rev in (since, until)}
+    producers = {_entry_path(out): name for name, spec in stages[until].items() for out in spec.get("outs") or []}
+    changes, files, seen = set(), set(), set()
+
+    def visit(name):
+        if name in seen:
+            return
+        seen.add(name)
+        spec = stages[until].get(name, _ABSENT)
+        if spec != stages[since].get(name, _ABSENT):
+            changes.add(f"dvc.yaml: stage {name}")
+        if spec is _ABSENT:
+            return
+        for dep in map(_entry_path, spec.get("deps") or []):
+            producer = next((producers[out] for out in producers if dep == out or dep.startswith(out + "/")), None)
+            if producer is not None:
+                visit(producer)  # a pipeline output: current if the stage making it is
+            else:
+                files.add(dep)
+        for entry in spec.get("params") or []:
+            # "section.key", or {file: [keys]} / {file: None} (every key of the file)
+            groups = entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]
+            for file, keys in groups:
+                file_params = {rev: (params[rev] if file == "params.yaml" else
+                                     parse_yaml(_git_show(root, rev, file) or "", file) or {}) for rev in params}
+                for key in keys if keys is not None else sorted(set(file_params[since]) | set(file_params[until])):
+                    if _param_value(file_params[since], key) != _param_value(file_params[until], key):
+                        changes.add(f"{file}: {key}")
+
+    visit(stage)
+    visit(f"render@{stage}")
+    if files:
+        diff = subprocess.run(["git", "diff", "--name-only", since, until, "--", *sorted(files)], cwd=root,
+                              capture_output=True, text=True)
+        if diff.returncode != 0:
+            return None
+        changes.update(line for line in diff.stdout.splitlines() if line)
+    return sorted(changes)
+
+
+def currency(row: dict, revision: str, root: Path = REPO_ROOT) -> str:
+    """Whether report ``row`` (:func:`collect`) is current at ``revision`` (this build's): ``"current"`` (run at it,
+    or nothing its stage depends on changed since its run: :func:`stage_changes`), ``"stale: <what changed>"``, or
+    ``"unknown"`` (a +dirty or unknown revision on either side)."""
+    run = row["revision"]
+    if not re.fullmatch(r"[0-9a-f]{40}", run) or not re.fullmatch(r"[0-9a-f]{40}", revision):
+        return "unknown"
+    if run == revision:
+        return "current"
+    changes = stage_changes(row["name"], run, revision, root)
+    if changes is None:
+        return "unknown"
+    return "current" if not changes else "stale: " + ", ".join(changes[:4]) + (
+        f" and {len(changes) - 4} more" if len(changes) > 4 else "")
 
 
 def commit_date(revision: str) -> str:
@@ -392,6 +498,9 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     """The index page as an HTML string."""
     esc = html.escape
     rows = collect(reports_dir)
+    built_at = git_revision(REPO_ROOT)
+    for row in rows:
+        row["currency"] = currency(row, built_at)
     body = ["<h1>BSBR experiment reports</h1>",
             "<p class='lead'>Each report is a notebook run by <code>dvc repro</code> and rendered without code; the "
             "numbers below are read from <code>reports/metrics/</code>. Open a report for its question, what it "
@@ -406,6 +515,10 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
         run = f"run at {row['revision'][:10]}{'+dirty' if row['revision'].endswith('+dirty') else ''}"
         run += f", {row['date']}" if row["date"] else ""
         run += f", {row['profile']} profile" if row["profile"] != "not recorded" else ""
+        if row["revision"] != built_at and row["currency"] == "current":  # a part of the run made earlier
+            run += f"; current at {built_at[:10]} (its code, notebook and params unchanged)"
+        elif row["currency"].startswith("stale"):
+            run += f"; {row['currency']} since"
         first = (f"<td class='report' rowspan='{len(numbers)}'><a href='{esc(row['file'])}'>{esc(row['title'])}</a>"
                  f"<br><span class='run'>{esc(row['name'])}, {esc(run)}</span></td>")
         for i, number in enumerate(numbers):
@@ -428,7 +541,13 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     body += table
 
     here = machine_info()
-    provenance = [("index built at", git_revision(REPO_ROOT)), ("torch", here["torch"]),
+    current = sum(row["currency"] == "current" for row in rows)
+    revisions = sorted({row["revision"] for row in rows})
+    provenance = [("index built at", built_at),
+                  ("reports current at that revision", f"{current} of {len(rows)} (run at "
+                   f"{', '.join(r[:10] for r in revisions)}; current: nothing the report's stage depends on, its code, "
+                   "notebook, parameters and input stages, changed since its run, as DVC sees it)"),
+                  ("torch", here["torch"]),
                   ("CPU", f"{here['cpu']} ({here['cores']} logical CPUs)"), ("python", here["python"])]
     body += ["<h2>Provenance</h2>", "<div class='table-scroll'><table>",
              "<tr><th>what</th><th>value</th></tr>"]

@@ -33,13 +33,15 @@ _LAYERS = {"bsbr": "BSBR", "standard": "full attention", "linear": "linear atten
 
 
 def _target(row: dict, unit: str = "×") -> str:
-    """A report-01 target record: ``7.19× (goal ≥ 5×: met)``, or ``not measured (goal ≥ 20×)`` when the run did not
-    reach its length (the quick profile)."""
-    word = {"pass": "met", "FAIL": "missed"}.get(row["status"], row["status"])
+    """A report-01 target record: ``7.19× (goal ≥ 5×: met)``, with the range of the timed calls where the run has it
+    (``21.1× [19.6, 22.4] (goal ≥ 20×: undecided at this noise)``), or ``not measured (goal ≥ 20×)`` when the run did
+    not reach its length (the quick profile)."""
+    word = {"pass": "met", "FAIL": "missed", "undecided": "undecided at this noise"}.get(row["status"], row["status"])
     goal = f"goal {row['comparison']} {row['threshold']:g}{unit}"
     if row["value"] is None:
         return f"not measured ({goal})"
-    return f"{row['value']:.3g}{unit} ({goal}: {word})"
+    calls = f" [{row['low']:.3g}, {row['high']:.3g}]" if row.get("low") is not None else ""
+    return f"{row['value']:.3g}{unit}{calls} ({goal}: {word})"
 
 
 def scaling(m: dict) -> str:

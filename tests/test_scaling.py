@@ -19,8 +19,8 @@ from tests.conftest import SCALING_SMOKE
 
 def attention_table(points):
     """Forward/backward points ``(impl, mode, seq_len, median_s, peak_bytes)``, GFLOP/s = 1e9 / seq_len."""
-    return pd.DataFrame([dict(impl=i, mode=m, seq_len=n, median_s=t, peak_bytes=b, gflops_per_s=1e9 / n, mean_s=t)
-                         for i, m, n, t, b in points])
+    return pd.DataFrame([dict(impl=i, mode=m, seq_len=n, median_s=t, peak_bytes=b, gflops_per_s=1e9 / n, mean_s=t,
+                              min_s=t, max_s=t) for i, m, n, t, b in points])
 
 
 def exact_attention():
@@ -130,7 +130,8 @@ def test_speed_memory_targets_values_statuses_and_not_measured():
     attention = exact_attention()
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
-    decode = pd.DataFrame({"impl": ["bsbr", "bsbr"], "position": [64, 1024], "median_s": [1.0, 1.2]})
+    decode = pd.DataFrame({"impl": ["bsbr", "bsbr"], "position": [64, 1024], "median_s": [1.0, 1.2],
+                           "min_s": [1.0, 1.2], "max_s": [1.0, 1.2]})
     targets = speed_memory_targets(attention, times, decode, 1e9 / 256 / 0.25, [256, 1024], [1024, 64])
     assert targets.target.tolist() == ["module_forward_speedup_256", "module_forward_speedup_1024",
                                        "core_gap_larger_1024", "bsbr_forward_peak_memory_1024",
@@ -146,6 +147,56 @@ def test_speed_memory_targets_values_statuses_and_not_measured():
     missing = speed_memory_targets(attention, times, decode.iloc[:1], 1.0, [256, 2048], [64, 4096])
     assert missing.set_index("target").status.to_dict()["bsbr_forward_peak_memory_2048"] == "not measured"
     assert "not measured in this profile" in targets_text(missing, [256, 2048], [64, 4096])
+
+
+def test_time_targets_are_undecided_when_the_timed_calls_straddle_the_goal():
+    """standard / BSBR at 256 tokens: median 5.12× (1e-8·256² / 1e-5·256 · 20); the calls' spread decides."""
+    attention = exact_attention()
+    attention.loc[attention.impl == "standard", "median_s"] *= 20
+    attention["min_s"], attention["max_s"] = attention.median_s * 0.9, attention.median_s * 1.1
+    times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
+                              power_law_fits(attention, ["impl", "mode"]))
+    assert pd.isna(times.set_index(["mode", "impl", "seq_len"]).loc[("forward", "standard", 1024)].min_s)  # extrapolated
+    decode = pd.DataFrame({"impl": ["bsbr", "bsbr"], "position": [64, 1024], "median_s": [1.0, 1.2],
+                           "min_s": [0.9, 1.0], "max_s": [1.1, 1.4]})
+    targets = speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).set_index("target")
+    speedup = targets.loc["module_forward_speedup_256"]
+    assert speedup.value == pytest.approx(5.12)
+    assert (speedup.low, speedup.high) == pytest.approx((5.12 * 0.9 / 1.1, 5.12 * 1.1 / 0.9))
+    assert speedup.status == "undecided" and speedup.passed is None  # 4.19 … 6.26 straddles 5
+    latency = targets.loc["bsbr_decode_latency_1024_vs_64"]  # 1.0/1.1 … 1.4/0.9 = 0.909 … 1.556 straddles 1.5
+    assert (latency.low, latency.high) == pytest.approx((1.0 / 1.1, 1.4 / 0.9)) and latency.status == "undecided"
+    extrapolated = targets.loc["module_forward_speedup_1024"]  # no calls at 1024: judged by its value, flagged
+    assert extrapolated.extrapolated and pd.isna(extrapolated.low) and extrapolated.status == "pass"
+    view = targets_view(targets.reset_index())
+    assert view.measured.iloc[0] == "5.12 × [4.19, 6.26]" and view.status.iloc[0] == "undecided"
+    text = targets_text(targets.reset_index(), [256, 1024], [64, 1024])
+    assert "**2 undecided at this noise**" in text and "BSBR decode: median time per token" in text
+    # a narrower spread decides the same median both ways
+    attention["min_s"], attention["max_s"] = attention.median_s * 0.99, attention.median_s * 1.01
+    times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
+                              power_law_fits(attention, ["impl", "mode"]))
+    assert speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).status.iloc[0] == "pass"
+    attention.loc[attention.impl == "standard", ["median_s", "min_s", "max_s"]] *= 0.9  # 4.61×, calls 4.52 … 4.70
+    times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
+                              power_law_fits(attention, ["impl", "mode"]))
+    assert speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).status.iloc[0] == "FAIL"
+
+
+def test_check_target_ranges_against_a_measured_threshold():
+    assert check_target("a", "", 2.0, "≥", 1.5, low=1.6, high=2.4)["status"] == "pass"
+    assert check_target("a", "", 2.0, "≥", 2.5, low=1.6, high=2.4)["status"] == "FAIL"
+    assert check_target("a", "", 2.0, "≤", 2.5, low=1.6, high=2.4)["status"] == "pass"
+    assert check_target("a", "", 2.0, "≤", 1.5, low=1.6, high=2.4)["status"] == "FAIL"
+    assert check_target("a", "", 2.0, "≤", 2.0, low=1.6, high=2.4)["status"] == "undecided"
+    # "cores above the modules": both sides measured, each with its range
+    assert check_target("a", "", 3.0, ">", 2.0, low=2.6, high=3.4, threshold_low=1.8, threshold_high=2.2)["passed"]
+    gap = check_target("a", "", 3.0, ">", 2.0, low=2.6, high=3.4, threshold_low=1.8, threshold_high=2.7)
+    assert gap["status"] == "undecided" and (gap["low"], gap["high"]) == (2.6, 3.4)
+    assert check_target("a", "", 3.0, ">", 4.0, low=2.6, high=3.4, threshold_low=3.5,
+                        threshold_high=4.5)["status"] == "FAIL"
+    with pytest.raises(ValueError, match="low and high must be given together"):
+        check_target("a", "", 2.0, "≥", 1.5, low=1.6)
 
 
 def test_check_target_comparisons_and_bad_comparison():

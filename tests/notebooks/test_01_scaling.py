@@ -179,15 +179,31 @@ def test_targets_table_and_attention_metrics(scaling_smoke):
     assert list(targets.threshold.iloc[[0, 1, 3, 4, 5, 6]]) == [5.0, 20.0, 1.5, 1.1, 1.5, 0.3]
     # full attention ran at 64 but not at 128: only ratios at 128 use an extrapolated time
     assert list(targets.extrapolated) == [False, True, True, False, False, False, False]
+    attention = pd.read_csv(out / "attention.csv").set_index(["mode", "impl", "seq_len"])
+    decode_calls = pd.read_csv(out / "decode.csv").set_index(["impl", "position"])
+    # the ranges the timed calls allow: slowest call of one side against the fastest of the other
+    full, fast = attention.loc[("forward", "standard", 64)], attention.loc[("forward", "bsbr", 64)]
+    assert (targets.loc["module_forward_speedup_64", "low"], targets.loc["module_forward_speedup_64", "high"]) == \
+        pytest.approx((full.min_s / fast.max_s, full.max_s / fast.min_s))
+    late, early = decode_calls.loc[("bsbr", 64)], decode_calls.loc[("bsbr", 32)]
+    assert (targets.loc["bsbr_decode_latency_64_vs_32", "low"], targets.loc["bsbr_decode_latency_64_vs_32", "high"]) \
+        == pytest.approx((late.min_s / early.max_s, late.max_s / early.min_s))
+    assert targets.low.isna().tolist() == [False, True, True, True, True, False, True]  # extrapolated: no range
     for row in targets.itertuples():
-        holds = {"≥": row.value >= row.threshold, "≤": row.value <= row.threshold, ">": row.value > row.threshold}
-        assert row.status == ("pass" if holds[row.comparison] else "FAIL")
+        def holds(x, t):
+            return {"≥": x >= t, "≤": x <= t, ">": x > t}[row.comparison]
+        if pd.isna(row.low):
+            assert row.status == ("pass" if holds(row.value, row.threshold) else "FAIL")
+        else:  # decided only when the whole range is on one side
+            worst, best = (row.high, row.low) if row.comparison == "≤" else (row.low, row.high)
+            assert row.status == ("pass" if holds(worst, row.threshold) else
+                                  "FAIL" if not holds(best, row.threshold) else "undecided")
+            assert row.low <= row.value <= row.high
     wins = pd.read_csv(out / "who_wins.csv").set_index(["level", "mode", "seq_len"])
     module_ratio = wins.loc[("module", "forward", 128), "ratio"]
     assert targets.loc["module_forward_speedup_128", "value"] == pytest.approx(module_ratio)
     assert targets.loc["core_gap_larger_128", "threshold"] == pytest.approx(module_ratio)
     assert targets.loc["core_gap_larger_128", "value"] == pytest.approx(wins.loc[("core", "forward", 128), "ratio"])
-    attention = pd.read_csv(out / "attention.csv").set_index(["mode", "impl", "seq_len"])
     peaks = attention.loc[("forward", "bsbr"), "peak_bytes"]
     assert targets.loc["bsbr_forward_peak_memory_128", "value"] == pytest.approx(peaks.loc[128] / 1e9)
     assert targets.loc["bsbr_memory_growth_64_128", "value"] == pytest.approx(peaks.loc[128] / peaks.loc[64] / 2)

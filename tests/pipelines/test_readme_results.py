@@ -155,3 +155,13 @@ def test_training_block_ranks_by_loss_and_steps_with_intervals():
     assert ("**Learning-rate sweep edges.** gau chose the highest rate (0.01); linear chose the highest rate (0.01) of "
             "[0.001, 0.003, 0.01]: the sweep does not bracket them" in text)
     assert "12.0 min on 1 thread(s); load average 1.02 at the start, 2.00 at the end." in text
+
+
+def test_a_time_target_shows_the_range_of_its_timed_calls_and_says_undecided():
+    record = {"value": 21.1218, "low": 19.6, "high": 22.41, "comparison": "≥", "threshold": 20.0,
+              "status": "undecided", "extrapolated": False}
+    assert readme_results._target(record) == "21.1× [19.6, 22.4] (goal ≥ 20×: undecided at this noise)"
+    record.update(low=20.3, status="pass")
+    assert readme_results._target(record) == "21.1× [20.3, 22.4] (goal ≥ 20×: met)"
+    del record["low"], record["high"]  # metrics made before the ranges: the value and its verdict
+    assert readme_results._target(record) == "21.1× (goal ≥ 20×: met)"
