@@ -13,9 +13,9 @@ Vocabulary:
 * A ratio within ``1 ± tie_tolerance`` is a **tie**: below ``1 / (1 + tie_tolerance)`` the other side leads.
 * The **crossover** is the shortest length from which BSBR leads beyond the tolerance at that and every longer length.
 * A **target** is ``value <comparison> threshold`` (``≥``, ``≤`` or ``>``); a value that was not measured is
-  ``not measured``, never passed. A target from timed calls carries the range of the ratio those calls allow
-  (``low``, ``high``: slowest against fastest call of each side): it passes or fails only when the whole range does,
-  and is ``undecided`` when the range straddles the threshold (the run cannot tell at its own noise).
+  ``not measured``, never passed. A target from timed calls carries the range of the ratio that the two medians'
+  intervals allow (``low``, ``high``; :func:`median_interval`, :func:`ratio_range`): it passes or fails only when the
+  whole range does, and is ``undecided`` when the range straddles the threshold (the run cannot tell at its own noise).
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import binom
 
 from bsbr.benchmarks import ATTENTION_IMPLS, MODULE_IMPLS
 from bsbr.fitting import fit_power_law
 from bsbr.experiment import check_ints
 from bsbr.registry import available_models, build_model
 
-__all__ = ["ATTENTION_COLUMNS", "DECODE_COLUMNS", "FIT_COLUMNS", "FULL_IMPLS", "MODEL_COLUMNS", "MODES", "MODE_LABEL",
-           "OPERATORS", "PAIRS", "TARGET_COLUMNS", "attention_metrics", "check_target", "crossover", "crossover_text",
-           "extrapolate_times", "find_fit", "layer_fits", "layer_metrics", "layer_targets", "layer_targets_text",
-           "leader", "memory_curves", "memory_growth", "model_comparison", "model_comparison_metrics",
-           "model_comparison_text", "model_fits", "model_headline", "module_time_split", "module_time_split_text",
-           "operator_ratios", "parameter_counts", "power_law_fits", "ratio_range", "rounded", "scaling_parameters",
+__all__ = ["ATTENTION_COLUMNS", "DECODE_COLUMNS", "FIT_COLUMNS", "FULL_IMPLS", "MEDIAN_CONFIDENCE", "MODEL_COLUMNS",
+           "MODES", "MODE_LABEL", "OPERATORS", "PAIRS", "TARGET_COLUMNS", "attention_metrics", "check_target",
+           "crossover", "crossover_text", "extrapolate_times", "find_fit", "layer_fits", "layer_metrics",
+           "layer_targets", "layer_targets_text", "leader", "median_interval", "memory_curves", "memory_growth",
+           "model_comparison", "model_comparison_metrics", "model_comparison_text", "model_fits", "model_headline",
+           "module_time_split", "module_time_split_text", "operator_ratios", "parameter_counts", "point_row",
+           "power_law_fits", "ratio_range", "rounded", "scaling_parameters",
            "speed_memory_targets", "targets_text", "targets_view", "time_of", "upper_half", "value_at", "who_wins"]
 
 #: Full (softmax over every earlier token) attention impls: measured only up to a length, extrapolated beyond it.
@@ -46,16 +48,18 @@ MODES = ("forward", "backward")
 MODE_LABEL = {"forward": "forward", "backward": "forward+backward"}
 #: The four operator impls of the DeltaNet / linear-attention comparison.
 OPERATORS = ("delta_chunkwise", "delta_recurrent", "linear_chunkwise", "linear_recurrent")
+#: Confidence of the interval of a point's median time (:func:`median_interval`).
+MEDIAN_CONFIDENCE = 0.95
 #: Columns kept of a whole-model point (:func:`bsbr.benchmarks.measure_forward`).
 MODEL_COLUMNS = ["model", "seq_len", "batch_size", "repeats", "warmup", "threads", "median_s", "min_s", "max_s",
                  "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
 #: Columns kept of a forward / forward+backward attention point (:func:`bsbr.benchmarks.measure_attention`).
 ATTENTION_COLUMNS = ["impl", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads", "chunk_size", "threads",
-                     "repeats", "warmup", "median_s", "mean_s", "min_s", "max_s", "flops", "gflops_per_s",
-                     "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
+                     "repeats", "warmup", "median_s", "mean_s", "min_s", "max_s", "median_low_s", "median_high_s",
+                     "flops", "gflops_per_s", "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
 #: Columns kept of a decode point (:func:`bsbr.benchmarks.measure_attention` with ``mode="decode"``).
 DECODE_COLUMNS = ["impl", "position", "batch_size", "threads", "repeats", "warmup", "median_s", "mean_s", "min_s",
-                  "max_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes", "baseline_rss_bytes",
+                  "max_s", "median_low_s", "median_high_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes", "baseline_rss_bytes",
                   "peak_rss_bytes"]
 #: Columns of a power-law fit table after the grouping columns.
 FIT_COLUMNS = ["lengths", "first_len", "last_len", "exponent", "prefactor", "r2"]
@@ -189,6 +193,46 @@ def parameter_counts(configs: dict, seed: int = 0) -> pd.DataFrame:
     return counts
 
 
+def median_interval(times, confidence: float = MEDIAN_CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval for the median time of a point from its timed calls.
+
+    The order statistics ``(x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎)`` of the ``n`` sorted calls with the largest ``j`` whose coverage
+    ``1 − 2·P(Binomial(n, ½) ≤ j − 1)`` is at least ``confidence`` (the sign-test interval for a median; Hollander,
+    Wolfe & Chicken, *Nonparametric Statistical Methods*, 3rd ed., §3.6). It needs no assumption on the shape of the
+    timing noise, and one slow outlier among many calls does not widen it. With too few calls for ``confidence``
+    (fewer than 6 at 95 %) it is the fastest and slowest call, which cover the median with probability ``1 − 2¹⁻ⁿ``
+    only (75 % for 3 calls).
+
+    Args:
+        times: the timed calls, seconds, ``[n]`` with ``n ≥ 1``, each finite and ≥ 0.
+        confidence: the wanted coverage, in (0, 1).
+    Returns:
+        ``(low, high)`` seconds.
+    Raises:
+        ValueError: ``times`` empty or holding a negative or non-finite value; ``confidence`` not in (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    x = np.sort(np.asarray(times, dtype=float).ravel())
+    if x.size == 0 or not np.isfinite(x).all() or (x < 0).any():
+        raise ValueError(f"times must be a non-empty sequence of finite seconds >= 0, got {times!r}")
+    n, j = x.size, 1
+    while j + 1 <= (n + 1) // 2 and 1 - 2 * binom.cdf(j, n, 0.5) >= confidence:  # coverage of (x₍ⱼ₊₁₎, x₍ₙ₋ⱼ₎)
+        j += 1
+    return float(x[j - 1]), float(x[n - j])
+
+
+def point_row(result: dict, columns) -> dict:
+    """One measured point as a table row: ``columns`` of ``result`` (:func:`bsbr.benchmarks.measure_attention`), with
+    ``median_low_s``/``median_high_s`` computed by :func:`median_interval` from its ``times_s``.
+
+    Raises:
+        KeyError: a column other than those two missing from ``result``.
+    """
+    low, high = median_interval(result["times_s"])
+    return {key: low if key == "median_low_s" else high if key == "median_high_s" else result[key] for key in columns}
+
+
 def find_fit(fits: pd.DataFrame, span: str = "upper half", **keys):
     """The row of ``fits`` with ``lengths == span`` and the given column values (e.g. ``impl="bsbr", mode="forward"``),
     or None."""
@@ -216,9 +260,9 @@ def extrapolate_times(attention: pd.DataFrame, impls, seq_lens, fits: pd.DataFra
         impls, seq_lens: the impls and lengths wanted.
         fits: :func:`power_law_fits` of ``attention`` by ``["impl", "mode"]``.
     Returns:
-        ``[mode, impl, seq_len, median_s, min_s, max_s (s), source ("measured" | "extrapolated")]``, sorted (``min_s``,
-        ``max_s``: the fastest and slowest timed call, NaN where extrapolated); a point neither measured nor
-        extrapolable has no row.
+        ``[mode, impl, seq_len, median_s, median_low_s, median_high_s (s), source ("measured" |
+        "extrapolated")]``, sorted (``median_low_s``, ``median_high_s``: the interval of the median from the timed
+        calls, :func:`median_interval`; NaN where extrapolated); a point neither measured nor extrapolable has no row.
     """
     rows = []
     for mode in MODES:
@@ -227,13 +271,14 @@ def extrapolate_times(attention: pd.DataFrame, impls, seq_lens, fits: pd.DataFra
                 hit = attention[(attention["mode"] == mode) & (attention.impl == impl) & (attention.seq_len == n)]
                 if len(hit):
                     rows.append(dict(mode=mode, impl=impl, seq_len=n, median_s=float(hit.median_s.iloc[0]),
-                                     min_s=float(hit.min_s.iloc[0]), max_s=float(hit.max_s.iloc[0]),
-                                     source="measured"))
+                                     median_low_s=float(hit.median_low_s.iloc[0]),
+                                     median_high_s=float(hit.median_high_s.iloc[0]), source="measured"))
                 elif impl in extrapolate and (fit := find_fit(fits, impl=impl, mode=mode)) is not None:
                     rows.append(dict(mode=mode, impl=impl, seq_len=n,
-                                     median_s=float(fit.prefactor * n**fit.exponent), min_s=np.nan, max_s=np.nan,
-                                     source="extrapolated"))
-    times = pd.DataFrame(rows, columns=["mode", "impl", "seq_len", "median_s", "min_s", "max_s", "source"])
+                                     median_s=float(fit.prefactor * n**fit.exponent), median_low_s=np.nan,
+                                     median_high_s=np.nan, source="extrapolated"))
+    times = pd.DataFrame(rows, columns=["mode", "impl", "seq_len", "median_s", "median_low_s", "median_high_s",
+                                        "source"])
     return times.sort_values(["mode", "impl", "seq_len"]).reset_index(drop=True)
 
 
@@ -244,8 +289,10 @@ def time_of(times: pd.DataFrame, impl: str, mode: str, seq_len: int):
 
 
 def ratio_range(slow: tuple, fast: tuple) -> tuple[float | None, float | None]:
-    """The range of ``slow / fast`` that two points' timed calls allow: ``(slow min / fast max, slow max / fast min)``
-    from ``(min_s, max_s)`` pairs (seconds); ``(None, None)`` if a bound is missing or NaN (an extrapolated time)."""
+    """The range of ``slow / fast`` that the two medians' intervals allow: ``(slow low / fast high, slow high / fast
+    low)`` from ``(low, high)`` pairs of seconds (:func:`median_interval`); ``(None, None)`` if a bound is missing or
+    NaN (an extrapolated time). Held together, two 95 % intervals give a range that covers the ratio of the medians
+    with at least 90 % probability."""
     (slow_min, slow_max), (fast_min, fast_max) = slow, fast
     if any(x is None or pd.isna(x) for x in (slow_min, slow_max, fast_min, fast_max)):
         return None, None
@@ -253,11 +300,11 @@ def ratio_range(slow: tuple, fast: tuple) -> tuple[float | None, float | None]:
 
 
 def _call_range(table: pd.DataFrame, **where) -> tuple:
-    """``(min_s, max_s)`` of the one row of ``table`` matching ``where``, or ``(None, None)``."""
+    """``(median_low_s, median_high_s)`` of the one row of ``table`` matching ``where``, or ``(None, None)``."""
     hit = table
     for column, value in where.items():
         hit = hit[hit[column] == value]
-    return (float(hit.min_s.iloc[0]), float(hit.max_s.iloc[0])) if len(hit) else (None, None)
+    return (float(hit.median_low_s.iloc[0]), float(hit.median_high_s.iloc[0])) if len(hit) else (None, None)
 
 
 def leader(ratio: float, tie_tolerance: float, faster: str = "BSBR", slower: str = "standard") -> str:
@@ -443,7 +490,7 @@ def check_target(name: str, description: str, value, comparison: str, threshold,
     """One target row: ``status`` is ``"pass"``/``"FAIL"`` from ``value <comparison> threshold``, or
     ``"not measured"`` (``passed`` None) when either is None.
 
-    With ``low`` and ``high`` (the range of the value that the timed calls allow, e.g. :func:`ratio_range`) the
+    With ``low`` and ``high`` (the range of the value that the timed calls allow, e.g. :func:`ratio_range` of two medians' intervals) the
     status follows the range, not the point: ``"pass"`` if the whole range meets the threshold, ``"FAIL"`` if none of
     it does, ``"undecided"`` (``passed`` None) if it straddles the threshold. A threshold that is itself measured may
     carry its range too (``threshold_low``, ``threshold_high``): then the value's range is held against the
@@ -485,8 +532,8 @@ def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: p
     ``target_decode_positions``: module forward speedup over standard attention ≥ 5× at ``short`` and ≥ 20× at
     ``long``; the cores' speedup above the modules' at ``long``; BSBR forward peak ≤ 1.5 GB (1.5e9 bytes) at ``long``
     and its growth ``short → long`` ≤ 1.1× linear; BSBR decode time per token at ``last`` ≤ 1.5× that at ``first``;
-    BSBR forward GFLOP/s at ``short`` ≥ 30 % of the fp32 matmul rate. The time ratios carry the range their timed
-    calls allow (:func:`ratio_range`) and are ``undecided`` where it straddles the goal (:func:`check_target`); a
+    BSBR forward GFLOP/s at ``short`` ≥ 30 % of the fp32 matmul rate. The time ratios carry the range that the intervals of
+    their two medians allow (:func:`median_interval`, :func:`ratio_range`) and are ``undecided`` where it straddles the goal (:func:`check_target`); a
     ratio from an extrapolated time has no range and is judged by its value (flagged ``extrapolated``).
 
     Args:
@@ -554,7 +601,7 @@ def _range_shown(low, high):
 
 
 def targets_view(targets: pd.DataFrame) -> pd.DataFrame:
-    """The target table as a reader sees it: target, measured (with unit and the range of the timed calls, marked
+    """The target table as a reader sees it: target, measured (with unit and, in brackets, the range the medians' intervals allow, marked
     extrapolated), required, status."""
     return pd.DataFrame({
         "target": targets.description,
@@ -575,7 +622,7 @@ def targets_text(targets: pd.DataFrame, target_seq_lens, target_decode_positions
     missing = targets[targets.status == "not measured"]
     summary = [f"**{(targets.status == 'pass').sum()} of {len(targets)} targets pass**"
                + (f"; **{len(failed)} fail**: " + "; ".join(failed.description) if len(failed) else "")
-               + (f"; **{len(undecided)} undecided at this noise** (the range of the timed calls, in brackets, "
+               + (f"; **{len(undecided)} undecided at this noise** (the range the medians' intervals allow, in brackets, "
                   "straddles the goal): " + "; ".join(undecided.description) if len(undecided) else "")
                + (f"; {len(missing)} not measured in this profile (lengths {short}/{long}, positions "
                   f"{first_pos}/{last_pos} not all run)" if len(missing) else "") + "."]

@@ -291,7 +291,7 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
     if spec.target:
         target = lookup(metrics, spec.target)
         value, goal = target["value"], f"{target['comparison']} {format_value('', target['threshold'])}{spec.unit}"
-        verdict = target["status"]  # pass / FAIL / undecided (the range of the timed calls straddles the goal)
+        verdict = target["status"]  # pass / FAIL / undecided (its range straddles the goal)
     else:
         value = spec.value(metrics) if callable(spec.value) else lookup(metrics, spec.value)
         verdict = (spec.verdict(metrics) if callable(spec.verdict) else
@@ -301,7 +301,7 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
         text = "—"
     else:
         text = format_value("", value) + (spec.unit if not isinstance(value, (dict, str)) else "")
-    if spec.target and value is not None and target.get("low") is not None:  # the range the timed calls allow
+    if spec.target and value is not None and target.get("low") is not None:  # the range the medians' intervals allow
         text += f" [{format_value('', target['low'])}, {format_value('', target['high'])}]"
     if spec.interval and value is not None:
         low, high = (lookup(metrics, spec.interval) if isinstance(spec.interval, str)

@@ -33,9 +33,9 @@ _LAYERS = {"bsbr": "BSBR", "standard": "full attention", "linear": "linear atten
 
 
 def _target(row: dict, unit: str = "×") -> str:
-    """A report-01 target record: ``7.19× (goal ≥ 5×: met)``, with the range of the timed calls where the run has it
-    (``21.1× [19.6, 22.4] (goal ≥ 20×: undecided at this noise)``), or ``not measured (goal ≥ 20×)`` when the run did
-    not reach its length (the quick profile)."""
+    """A report-01 target record: ``7.19× (goal ≥ 5×: met)``, with the range the medians' intervals allow where the
+    run has it (``21.1× [19.6, 22.4] (goal ≥ 20×: undecided at this noise)``), or ``not measured (goal ≥ 20×)`` when
+    the run did not reach its length (the quick profile)."""
     word = {"pass": "met", "FAIL": "missed", "undecided": "undecided at this noise"}.get(row["status"], row["status"])
     goal = f"goal {row['comparison']} {row['threshold']:g}{unit}"
     if row["value"] is None:

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 
 from bsbr.scaling import (attention_metrics, check_target, crossover, crossover_text, extrapolate_times, find_fit,
-                          layer_fits, layer_metrics, layer_targets, layer_targets_text, leader, memory_curves,
+                          layer_fits, layer_metrics, layer_targets, layer_targets_text, leader, median_interval,
+                          memory_curves,
                           memory_growth, model_comparison, model_comparison_metrics, model_comparison_text,
                           model_fits, model_headline, module_time_split, operator_ratios, parameter_counts,
-                          power_law_fits, rounded, scaling_parameters, speed_memory_targets, targets_text,
+                          point_row, power_law_fits, rounded, scaling_parameters, speed_memory_targets, targets_text,
                           targets_view, upper_half, value_at, who_wins)
 from tests.conftest import SCALING_SMOKE
 
@@ -20,7 +21,7 @@ from tests.conftest import SCALING_SMOKE
 def attention_table(points):
     """Forward/backward points ``(impl, mode, seq_len, median_s, peak_bytes)``, GFLOP/s = 1e9 / seq_len."""
     return pd.DataFrame([dict(impl=i, mode=m, seq_len=n, median_s=t, peak_bytes=b, gflops_per_s=1e9 / n, mean_s=t,
-                              min_s=t, max_s=t) for i, m, n, t, b in points])
+                              min_s=t, max_s=t, median_low_s=t, median_high_s=t) for i, m, n, t, b in points])
 
 
 def exact_attention():
@@ -131,7 +132,7 @@ def test_speed_memory_targets_values_statuses_and_not_measured():
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
     decode = pd.DataFrame({"impl": ["bsbr", "bsbr"], "position": [64, 1024], "median_s": [1.0, 1.2],
-                           "min_s": [1.0, 1.2], "max_s": [1.0, 1.2]})
+                           "median_low_s": [1.0, 1.2], "median_high_s": [1.0, 1.2]})
     targets = speed_memory_targets(attention, times, decode, 1e9 / 256 / 0.25, [256, 1024], [1024, 64])
     assert targets.target.tolist() == ["module_forward_speedup_256", "module_forward_speedup_1024",
                                        "core_gap_larger_1024", "bsbr_forward_peak_memory_1024",
@@ -149,16 +150,19 @@ def test_speed_memory_targets_values_statuses_and_not_measured():
     assert "not measured in this profile" in targets_text(missing, [256, 2048], [64, 4096])
 
 
-def test_time_targets_are_undecided_when_the_timed_calls_straddle_the_goal():
-    """standard / BSBR at 256 tokens: median 5.12× (1e-8·256² / 1e-5·256 · 20); the calls' spread decides."""
+def test_time_targets_are_undecided_when_the_medians_intervals_straddle_the_goal():
+    """standard / BSBR at 256 tokens: median 5.12× (1e-8·256² / 1e-5·256 · 20); the medians' intervals decide."""
     attention = exact_attention()
     attention.loc[attention.impl == "standard", "median_s"] *= 20
-    attention["min_s"], attention["max_s"] = attention.median_s * 0.9, attention.median_s * 1.1
+    attention["median_low_s"], attention["median_high_s"] = attention.median_s * 0.9, attention.median_s * 1.1
+    attention["min_s"], attention["max_s"] = attention.median_s * 0.5, attention.median_s * 9  # outliers: not used
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
-    assert pd.isna(times.set_index(["mode", "impl", "seq_len"]).loc[("forward", "standard", 1024)].min_s)  # extrapolated
+    extrapolated_point = times.set_index(["mode", "impl", "seq_len"]).loc[("forward", "standard", 1024)]
+    assert pd.isna(extrapolated_point.median_low_s) and pd.isna(extrapolated_point.median_high_s)
     decode = pd.DataFrame({"impl": ["bsbr", "bsbr"], "position": [64, 1024], "median_s": [1.0, 1.2],
-                           "min_s": [0.9, 1.0], "max_s": [1.1, 1.4]})
+                           "median_low_s": [0.9, 1.0], "median_high_s": [1.1, 1.4], "min_s": [0.1, 0.1],
+                           "max_s": [50.0, 50.0]})
     targets = speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).set_index("target")
     speedup = targets.loc["module_forward_speedup_256"]
     assert speedup.value == pytest.approx(5.12)
@@ -173,14 +177,44 @@ def test_time_targets_are_undecided_when_the_timed_calls_straddle_the_goal():
     text = targets_text(targets.reset_index(), [256, 1024], [64, 1024])
     assert "**2 undecided at this noise**" in text and "BSBR decode: median time per token" in text
     # a narrower spread decides the same median both ways
-    attention["min_s"], attention["max_s"] = attention.median_s * 0.99, attention.median_s * 1.01
+    attention["median_low_s"], attention["median_high_s"] = attention.median_s * 0.99, attention.median_s * 1.01
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
     assert speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).status.iloc[0] == "pass"
-    attention.loc[attention.impl == "standard", ["median_s", "min_s", "max_s"]] *= 0.9  # 4.61×, calls 4.52 … 4.70
+    attention.loc[attention.impl == "standard", ["median_s", "median_low_s", "median_high_s"]] *= 0.9  # 4.61×, 4.52 … 4.70
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
     assert speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).status.iloc[0] == "FAIL"
+
+
+def test_median_interval_is_the_sign_test_interval_of_the_median():
+    """[x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎] with the largest j whose coverage 1 − 2·P(Bin(n, ½) ≤ j − 1) is ≥ the confidence, by counting."""
+    def coverage(n, j):  # P(j ≤ Bin(n, ½) ≤ n − j), summed from the binomial coefficients
+        return sum(math.comb(n, k) for k in range(j, n - j + 1)) / 2**n
+
+    for n in (1, 2, 3, 5, 6, 7, 20, 128, 129):
+        times = np.random.default_rng(n).permutation(np.arange(1, n + 1) * 1e-3)  # unsorted on purpose
+        j = max([j for j in range(1, (n + 1) // 2 + 1) if coverage(n, j) >= 0.95], default=1)
+        assert median_interval(times) == pytest.approx(((j) * 1e-3, (n - j + 1) * 1e-3))
+        low, high = median_interval(times, confidence=0.5)
+        assert j * 1e-3 <= low <= high <= (n - j + 1) * 1e-3  # a lower confidence gives an interval inside it
+    assert median_interval(np.arange(1, 129)) == (53.0, 76.0)  # the sign-test 95 % interval for n = 128
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # 3 calls: the fastest and slowest (coverage 75 %)
+    assert median_interval([1.0] * 10 + [500.0]) == (1.0, 1.0)  # one slow outlier among many calls does not widen it
+    for bad in ([], [1.0, float("nan")], [-1.0]):
+        with pytest.raises(ValueError, match="times must be"):
+            median_interval(bad)
+    for confidence in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence must be in"):
+            median_interval([1.0, 2.0], confidence)
+
+
+def test_point_row_adds_the_medians_interval():
+    result = {"impl": "bsbr", "position": 64, "median_s": 3.0, "times_s": [5.0, 1.0, 3.0]}
+    assert point_row(result, ["impl", "median_s", "median_low_s", "median_high_s"]) == {
+        "impl": "bsbr", "median_s": 3.0, "median_low_s": 1.0, "median_high_s": 5.0}
+    with pytest.raises(KeyError):
+        point_row(result, ["impl", "peak_bytes"])
 
 
 def test_check_target_ranges_against_a_measured_threshold():

@@ -15,8 +15,8 @@ from tests.conftest import SCALING_SMOKE
 SMOKE_SIZES = dict(hidden_dim=SCALING_SMOKE["hidden_dim"], num_heads=SCALING_SMOKE["num_heads"],
                    chunk_size=SCALING_SMOKE["chunk_size"])
 ATTENTION_COLUMNS = ["impl", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads", "chunk_size", "threads",
-                     "repeats", "warmup", "median_s", "mean_s", "min_s", "max_s", "flops", "gflops_per_s",
-                     "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
+                     "repeats", "warmup", "median_s", "mean_s", "min_s", "max_s", "median_low_s", "median_high_s",
+                     "flops", "gflops_per_s", "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
 FULL_MAX = {"forward": SCALING_SMOKE["full_forward_max_len"], "backward": SCALING_SMOKE["full_backward_max_len"]}
 
 CSV_COLUMNS = ["model", "seq_len", "batch_size", "repeats", "warmup", "threads", "median_s", "min_s", "max_s",
@@ -149,6 +149,9 @@ def test_decode_csv_states_and_memory_tables(scaling_smoke):
                                                       for p in SCALING_SMOKE["decode_positions"]]
     assert (decode.repeats == SCALING_SMOKE["decode_steps"]).all() and (decode.median_s > 0).all()
     assert (decode.state_tokens == decode.position + SCALING_SMOKE["decode_steps"]).all()  # warmup is 0
+    # each median's interval lies within the calls and holds the median (few steps here: the fastest and slowest)
+    assert ((decode.min_s <= decode.median_low_s) & (decode.median_low_s <= decode.median_s)
+            & (decode.median_s <= decode.median_high_s) & (decode.median_high_s <= decode.max_s)).all()
     hidden = SCALING_SMOKE["hidden_dim"]
     layer = bsbr.BSBRAttention(hidden, SCALING_SMOKE["num_heads"], SCALING_SMOKE["chunk_size"])
     for row in decode.itertuples():
@@ -181,13 +184,13 @@ def test_targets_table_and_attention_metrics(scaling_smoke):
     assert list(targets.extrapolated) == [False, True, True, False, False, False, False]
     attention = pd.read_csv(out / "attention.csv").set_index(["mode", "impl", "seq_len"])
     decode_calls = pd.read_csv(out / "decode.csv").set_index(["impl", "position"])
-    # the ranges the timed calls allow: slowest call of one side against the fastest of the other
+    # the ranges the medians' intervals allow: the low end of one side against the high end of the other
     full, fast = attention.loc[("forward", "standard", 64)], attention.loc[("forward", "bsbr", 64)]
     assert (targets.loc["module_forward_speedup_64", "low"], targets.loc["module_forward_speedup_64", "high"]) == \
-        pytest.approx((full.min_s / fast.max_s, full.max_s / fast.min_s))
+        pytest.approx((full.median_low_s / fast.median_high_s, full.median_high_s / fast.median_low_s))
     late, early = decode_calls.loc[("bsbr", 64)], decode_calls.loc[("bsbr", 32)]
     assert (targets.loc["bsbr_decode_latency_64_vs_32", "low"], targets.loc["bsbr_decode_latency_64_vs_32", "high"]) \
-        == pytest.approx((late.min_s / early.max_s, late.max_s / early.min_s))
+        == pytest.approx((late.median_low_s / early.median_high_s, late.median_high_s / early.median_low_s))
     assert targets.low.isna().tolist() == [False, True, True, True, True, False, True]  # extrapolated: no range
     for row in targets.itertuples():
         def holds(x, t):
