@@ -59,8 +59,8 @@ ATTENTION_COLUMNS = ["impl", "mode", "seq_len", "batch_size", "hidden_dim", "num
                      "flops", "gflops_per_s", "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
 #: Columns kept of a decode point (:func:`bsbr.benchmarks.measure_attention` with ``mode="decode"``).
 DECODE_COLUMNS = ["impl", "position", "batch_size", "threads", "repeats", "warmup", "median_s", "mean_s", "min_s",
-                  "max_s", "median_low_s", "median_high_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes", "baseline_rss_bytes",
-                  "peak_rss_bytes"]
+                  "max_s", "median_low_s", "median_high_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes",
+                  "baseline_rss_bytes", "peak_rss_bytes"]
 #: Columns of a power-law fit table after the grouping columns.
 FIT_COLUMNS = ["lengths", "first_len", "last_len", "exponent", "prefactor", "r2"]
 #: Columns of a target table (:func:`check_target` rows).
