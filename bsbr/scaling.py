@@ -59,8 +59,8 @@ ATTENTION_COLUMNS = ["impl", "mode", "seq_len", "batch_size", "hidden_dim", "num
                      "flops", "gflops_per_s", "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
 #: Columns kept of a decode point (:func:`bsbr.benchmarks.measure_attention` with ``mode="decode"``).
 DECODE_COLUMNS = ["impl", "position", "batch_size", "threads", "repeats", "warmup", "median_s", "mean_s", "min_s",
-                  "max_s", "median_low_s", "median_high_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes", "baseline_rss_bytes",
-                  "peak_rss_bytes"]
+                  "max_s", "median_low_s", "median_high_s", "prefill_s", "state_bytes", "state_tokens", "peak_bytes",
+                  "baseline_rss_bytes", "peak_rss_bytes"]
 #: Columns of a power-law fit table after the grouping columns.
 FIT_COLUMNS = ["lengths", "first_len", "last_len", "exponent", "prefactor", "r2"]
 #: Columns of a target table (:func:`check_target` rows).
@@ -490,11 +490,11 @@ def check_target(name: str, description: str, value, comparison: str, threshold,
     """One target row: ``status`` is ``"pass"``/``"FAIL"`` from ``value <comparison> threshold``, or
     ``"not measured"`` (``passed`` None) when either is None.
 
-    With ``low`` and ``high`` (the range of the value that the timed calls allow, e.g. :func:`ratio_range` of two medians' intervals) the
-    status follows the range, not the point: ``"pass"`` if the whole range meets the threshold, ``"FAIL"`` if none of
-    it does, ``"undecided"`` (``passed`` None) if it straddles the threshold. A threshold that is itself measured may
-    carry its range too (``threshold_low``, ``threshold_high``): then the value's range is held against the
-    threshold's whole range.
+    With ``low`` and ``high`` (the range of the value that the timed calls allow, e.g. :func:`ratio_range` of two
+    medians' intervals) the status follows the range, not the point: ``"pass"`` if the whole range meets the
+    threshold, ``"FAIL"`` if none of it does, ``"undecided"`` (``passed`` None) if it straddles the threshold. A
+    threshold that is itself measured may carry its range too (``threshold_low``, ``threshold_high``): then the
+    value's range is held against the threshold's whole range.
 
     Raises:
         ValueError: ``comparison`` not one of ``"≥"``, ``"≤"``, ``">"``; only one of ``low``/``high`` given.
@@ -532,9 +532,10 @@ def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: p
     ``target_decode_positions``: module forward speedup over standard attention ≥ 5× at ``short`` and ≥ 20× at
     ``long``; the cores' speedup above the modules' at ``long``; BSBR forward peak ≤ 1.5 GB (1.5e9 bytes) at ``long``
     and its growth ``short → long`` ≤ 1.1× linear; BSBR decode time per token at ``last`` ≤ 1.5× that at ``first``;
-    BSBR forward GFLOP/s at ``short`` ≥ 30 % of the fp32 matmul rate. The time ratios carry the range that the intervals of
-    their two medians allow (:func:`median_interval`, :func:`ratio_range`) and are ``undecided`` where it straddles the goal (:func:`check_target`); a
-    ratio from an extrapolated time has no range and is judged by its value (flagged ``extrapolated``).
+    BSBR forward GFLOP/s at ``short`` ≥ 30 % of the fp32 matmul rate. The time ratios carry the range that the
+    intervals of their two medians allow (:func:`median_interval`, :func:`ratio_range`) and are ``undecided`` where it
+    straddles the goal (:func:`check_target`); a ratio from an extrapolated time has no range and is judged by its
+    value (flagged ``extrapolated``).
 
     Args:
         attention: measured attention points (``[impl, mode, seq_len, peak_bytes, gflops_per_s, ...]``).
@@ -601,8 +602,8 @@ def _range_shown(low, high):
 
 
 def targets_view(targets: pd.DataFrame) -> pd.DataFrame:
-    """The target table as a reader sees it: target, measured (with unit and, in brackets, the range the medians' intervals allow, marked
-    extrapolated), required, status."""
+    """The target table as a reader sees it: target, measured (with unit and, in brackets, the range the medians'
+    intervals allow, marked extrapolated), required, status."""
     return pd.DataFrame({
         "target": targets.description,
         "measured": [_shown(v, u) + _range_shown(lo, hi) + (" (extrapolated)" if e else "")
@@ -622,8 +623,8 @@ def targets_text(targets: pd.DataFrame, target_seq_lens, target_decode_positions
     missing = targets[targets.status == "not measured"]
     summary = [f"**{(targets.status == 'pass').sum()} of {len(targets)} targets pass**"
                + (f"; **{len(failed)} fail**: " + "; ".join(failed.description) if len(failed) else "")
-               + (f"; **{len(undecided)} undecided at this noise** (the range the medians' intervals allow, in brackets, "
-                  "straddles the goal): " + "; ".join(undecided.description) if len(undecided) else "")
+               + (f"; **{len(undecided)} undecided at this noise** (the range the medians' intervals allow, in "
+                  "brackets, straddles the goal): " + "; ".join(undecided.description) if len(undecided) else "")
                + (f"; {len(missing)} not measured in this profile (lengths {short}/{long}, positions "
                   f"{first_pos}/{last_pos} not all run)" if len(missing) else "") + "."]
     if targets.extrapolated.any():

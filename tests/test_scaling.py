@@ -181,14 +181,14 @@ def test_time_targets_are_undecided_when_the_medians_intervals_straddle_the_goal
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
     assert speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).status.iloc[0] == "pass"
-    attention.loc[attention.impl == "standard", ["median_s", "median_low_s", "median_high_s"]] *= 0.9  # 4.61×, 4.52 … 4.70
+    attention.loc[attention.impl == "standard", ["median_s", "median_low_s", "median_high_s"]] *= 0.9  # 4.61×
     times = extrapolate_times(attention, ["bsbr", "standard", "bsbr_core", "sdpa_core"], LENS,
                               power_law_fits(attention, ["impl", "mode"]))
     assert speed_memory_targets(attention, times, decode, 1.0, [256, 1024], [64, 1024]).status.iloc[0] == "FAIL"
 
 
 def test_median_interval_is_the_sign_test_interval_of_the_median():
-    """[x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎] with the largest j whose coverage 1 − 2·P(Bin(n, ½) ≤ j − 1) is ≥ the confidence, by counting."""
+    """[x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎], the largest j with coverage 1 − 2·P(Bin(n, ½) ≤ j − 1) ≥ the confidence, by counting."""
     def coverage(n, j):  # P(j ≤ Bin(n, ½) ≤ n − j), summed from the binomial coefficients
         return sum(math.comb(n, k) for k in range(j, n - j + 1)) / 2**n
 
