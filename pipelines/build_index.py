@@ -32,6 +32,7 @@ from dvc.utils.serialize import parse_yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bsbr.formatting import sig  # noqa: E402
 from bsbr.provenance import git_revision, machine_info  # noqa: E402
 
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
@@ -242,7 +243,8 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
 
 
 def format_value(name: str, value) -> str:
-    """Human-readable number: bytes as MiB, floats with 3 significant digits, None as n/a."""
+    """Human-readable number: bytes as MiB, floats with 3 significant digits (trailing zeros kept, so a range's
+    1.003 reads 1.00, not 1: :func:`bsbr.formatting.sig`), None as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, dict):
@@ -252,7 +254,7 @@ def format_value(name: str, value) -> str:
     if name.endswith("_bytes"):
         return f"{value / 2**20:,.1f} MiB"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return sig(value)
     return f"{value:,}"
 
 
@@ -270,8 +272,15 @@ def verdict_word(value) -> str:
     return "undecided" if value is None else str(value)
 
 
-def _fill(text: str, metrics: dict) -> str:
-    return re.sub(r"\{([\w./]+)\}", lambda m: format_value(m.group(1), lookup(metrics, m.group(1))), text)
+def format_goal(value) -> str:
+    """A goal's threshold as it was set (5.0 reads 5, 1.5 reads 1.5): it is a chosen number, not a measured one."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:,g}"
+    return format_value("", value)
+
+
+def _fill(text: str, metrics: dict, number: Callable = format_value) -> str:
+    return re.sub(r"\{([\w./]+)\}", lambda m: number(m.group(1), lookup(metrics, m.group(1))), text)
 
 
 def headline_rows(name: str, metrics: dict) -> list[dict]:
@@ -287,10 +296,10 @@ def headline_rows(name: str, metrics: dict) -> list[dict]:
 
 
 def _headline_row(spec: Headline, metrics: dict) -> dict:
-    goal, verdict = _fill(spec.goal, metrics), None
+    goal, verdict = _fill(spec.goal, metrics, lambda name, value: format_goal(value)), None
     if spec.target:
         target = lookup(metrics, spec.target)
-        value, goal = target["value"], f"{target['comparison']} {format_value('', target['threshold'])}{spec.unit}"
+        value, goal = target["value"], f"{target['comparison']} {format_goal(target['threshold'])}{spec.unit}"
         verdict = target["status"]  # pass / FAIL / undecided (its range straddles the goal)
     else:
         value = spec.value(metrics) if callable(spec.value) else lookup(metrics, spec.value)

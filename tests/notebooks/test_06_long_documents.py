@@ -154,6 +154,9 @@ def test_metrics_json_matches_the_data(smoke):
     assert metrics["late_range"] == [384, 512]
     assert metrics["perplexity_late"]["original_fresh"] == pytest.approx(math.exp(late.mean()), rel=1e-3)
     assert set(metrics["seconds"]) == set(WINDOWS) | {"run"} and metrics["machine"]["threads"] == 1
+    others = metrics["other_cores"]  # other processes' cores before and after the streams: busy when either > 0.5
+    assert set(others) == {"before", "after"} and all(x is None or x >= 0 for x in others.values())
+    assert metrics["busy"] is any(x is not None and x > 0.5 for x in others.values())
 
 
 def test_executed_notebook_has_findings_provenance_and_no_errors(smoke):
@@ -169,6 +172,7 @@ def test_executed_notebook_has_findings_provenance_and_no_errors(smoke):
     for phrase in ("Goal 1, flat perplexity", "with the text held fixed", "Goal 2, flat decode step", "**Memory**",
                    "Load average"):
         assert phrase in findings, phrase
+    assert ("The machine was busy while the streams ran" in findings) is smoke["metrics"]["busy"]
     assert "<b>Memory per token of context</b>" in "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     appendix = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert appendix.count("<details>") == 9 and "Run log" in appendix and "git revision:" in appendix

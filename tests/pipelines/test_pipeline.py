@@ -636,6 +636,15 @@ def _index_fixture(tmp_path: Path) -> tuple[Path, Path]:
     return reports, params
 
 
+def test_index_numbers_keep_three_significant_digits_and_goals_read_as_set():
+    # a measured 1.003 that rounded to "1" read as an exact one in a range's upper end ("[0.954, 1]")
+    assert [build_index.format_value("", x) for x in (1.003, 0.9536, 1.0, 22.44, 6061.7)] == [
+        "1.00", "0.954", "1.00", "22.4", "6,060"]
+    assert build_index.format_value("seq_len", 65536) == "65,536" and build_index.format_value("x", None) == "n/a"
+    assert build_index.format_value("cache_bytes", 3 * 2**20) == "3.0 MiB"
+    assert [build_index.format_goal(x) for x in (5.0, 1.5, 0.95, 20, True)] == ["5", "1.5", "0.95", "20", "True"]
+
+
 def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
     reports, params = _index_fixture(tmp_path)
     page = build_index.build_index(reports, params)
