@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bsbr.convergence import grid_edge_sentence
+from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,8 @@ def _target(row: dict, unit: str = "×") -> str:
     goal = f"goal {row['comparison']} {row['threshold']:g}{unit}"
     if row["value"] is None:
         return f"not measured ({goal})"
-    calls = f" [{row['low']:.3g}, {row['high']:.3g}]" if row.get("low") is not None else ""
-    return f"{row['value']:.3g}{unit}{calls} ({goal}: {word})"
+    calls = f" [{sig(row['low'])}, {sig(row['high'])}]" if row.get("low") is not None else ""  # 1.003 reads 1.00
+    return f"{sig(row['value'])}{unit}{calls} ({goal}: {word})"
 
 
 def scaling(m: dict) -> str:
