@@ -40,6 +40,8 @@ REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
 REVISION = re.compile(r"git revision:\s*([0-9a-f]{7,40}(?:\+dirty)?|unknown)")
 #: The params profile it printed (``params profile: quick``; reports made before profiles existed have none).
 PROFILE = re.compile(r"params profile:\s*(\w+)")
+#: How long the stage's notebook ran (seconds), from the report's last line (render_report.stage_run).
+RUN_SECONDS = re.compile(r'data-run-seconds="([0-9.]+)"')
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0.6em 1.2em; max-width: 1400px; color: #222;
@@ -440,7 +442,8 @@ def commit_date(revision: str) -> str:
 
 def collect(reports_dir: Path) -> list[dict]:
     """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine, revision, date,
-    profile (the params profile its provenance printed, or "not recorded")."""
+    profile (the params profile its provenance printed, or "not recorded"), run_seconds (how long its notebook ran,
+    or None where the report does not say)."""
     rows = []
     for path in sorted(p for p in reports_dir.glob("*.html") if REPORT_NAME.match(p.name)):
         text = path.read_text(encoding="utf-8")
@@ -449,9 +452,11 @@ def collect(reports_dir: Path) -> list[dict]:
         revision = REVISION.search(text)
         revision = revision.group(1) if revision else "unknown"
         profile = PROFILE.search(text)
+        seconds = RUN_SECONDS.search(text)
         rows.append({"name": path.stem, "file": path.name, "title": report_title(text, path.stem),
                      "metrics": metrics, "machine": metrics.get("machine"), "revision": revision,
-                     "date": commit_date(revision), "profile": profile.group(1) if profile else "not recorded"})
+                     "date": commit_date(revision), "profile": profile.group(1) if profile else "not recorded",
+                     "run_seconds": float(seconds.group(1)) if seconds else None})
     return rows
 
 
@@ -524,6 +529,7 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
         run = f"run at {row['revision'][:10]}{'+dirty' if row['revision'].endswith('+dirty') else ''}"
         run += f", {row['date']}" if row["date"] else ""
         run += f", {row['profile']} profile" if row["profile"] != "not recorded" else ""
+        run += f", ran {row['run_seconds'] / 60:.1f} min" if row["run_seconds"] is not None else ""
         if row["revision"] != built_at and row["currency"] == "current":  # a part of the run made earlier
             run += f"; current at {built_at[:10]} (its code, notebook and params unchanged)"
         elif row["currency"].startswith("stale"):

@@ -1,10 +1,12 @@
-"""Write the README's result paragraphs from the metrics files, so every number there is one a run produced.
+"""Write the README's result paragraphs from the metrics files (the stage times from the rendered reports), so that
+every number there is one a run produced.
 
     python pipelines/readme_results.py           # rewrite the marked blocks of README.md
     python pipelines/readme_results.py --check   # exit 1 (and name the block) if README.md differs from the metrics
 
 A block sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md; NAME is a stage whose
-``reports/metrics/NAME.json`` a formatter below turns into Markdown. Blocks without a formatter are left alone.
+``reports/metrics/NAME.json`` a formatter below turns into Markdown, or a name in :data:`REPORT_BLOCKS` (made from
+``reports/*.html``). Blocks without a formatter are left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import sys
 from pathlib import Path
 
 from bsbr.convergence import grid_edge_sentence
+from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
+from build_index import PROFILE, RUN_SECONDS  # how the index reads a report's profile and run time
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -40,8 +44,8 @@ def _target(row: dict, unit: str = "×") -> str:
     goal = f"goal {row['comparison']} {row['threshold']:g}{unit}"
     if row["value"] is None:
         return f"not measured ({goal})"
-    calls = f" [{row['low']:.3g}, {row['high']:.3g}]" if row.get("low") is not None else ""
-    return f"{row['value']:.3g}{unit}{calls} ({goal}: {word})"
+    calls = f" [{sig(row['low'])}, {sig(row['high'])}]" if row.get("low") is not None else ""  # 1.003 reads 1.00
+    return f"{sig(row['value'])}{unit}{calls} ({goal}: {word})"
 
 
 def scaling(m: dict) -> str:
@@ -401,23 +405,53 @@ FORMATTERS = {"01_scaling": scaling, "02_conversion_similarity": conversion_simi
               "08_associative_recall": associative_recall}
 
 
+def stage_times(reports_dir: Path) -> str | None:
+    """How long each report's notebook ran, read from the reports in ``reports_dir`` (their last line, written by
+    render_report.stage_run from papermill's record), with the profile each ran in; None if no report says."""
+    runs = []
+    for path in sorted(reports_dir.glob("[0-9][0-9]_*.html")):
+        text = path.read_text(encoding="utf-8")
+        seconds, profile = RUN_SECONDS.search(text), PROFILE.search(text)
+        if seconds:
+            runs.append((path.stem[:2], float(seconds.group(1)), profile.group(1) if profile else "not recorded"))
+    if not runs:
+        return None
+    profiles = {profile for _, _, profile in runs}
+    each = ", ".join(f"{number} {seconds / 60:.1f}" + ("" if len(profiles) == 1 else f" ({profile})")
+                     for number, seconds, profile in runs)
+    which = f"the {profiles.pop()} profile" if len(profiles) == 1 else "the profile named beside each"
+    return (f"How long each notebook of the reports now in `reports/` ran (papermill's record, printed as each "
+            f"report's last line), in minutes, in {which}: {each}; "
+            f"{sum(seconds for _, seconds, _ in runs) / 3600:.1f} h in all.")
+
+
+#: README blocks made from the rendered reports rather than from one metrics file: name -> formatter(reports_dir)
+REPORT_BLOCKS = {"stage_times": stage_times}
+
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)
 
 
-def render(readme: str, metrics_dir: Path = METRICS) -> str:
-    """``readme`` with every block that has a formatter and a metrics file rewritten from that file."""
+def render(readme: str, metrics_dir: Path = METRICS, reports_dir: Path | None = None) -> str:
+    """``readme`` with every block that has a formatter and a metrics file rewritten from that file, and the blocks
+    of :data:`REPORT_BLOCKS` from the reports in ``reports_dir`` (default: the parent of ``metrics_dir``)."""
+    reports_dir = metrics_dir.parent if reports_dir is None else reports_dir
+
     def block(match: re.Match) -> str:
         name = match.group(1)
         path = metrics_dir / f"{name}.json"
-        if name not in FORMATTERS or not path.is_file():
-            return match.group(0)
-        return f"<!-- results:{name} -->\n{FORMATTERS[name](json.loads(path.read_text()))}\n<!-- /results:{name} -->"
+        if name in REPORT_BLOCKS:
+            text = REPORT_BLOCKS[name](reports_dir)
+        elif name in FORMATTERS and path.is_file():
+            text = FORMATTERS[name](json.loads(path.read_text()))
+        else:
+            text = None
+        return match.group(0) if text is None else f"<!-- results:{name} -->\n{text}\n<!-- /results:{name} -->"
     return BLOCK.sub(block, readme)
 
 
-def stale_blocks(readme: str, metrics_dir: Path = METRICS) -> list[str]:
-    """Names of the blocks of ``readme`` whose text differs from what their metrics file gives."""
-    wanted = dict(BLOCK.findall(render(readme, metrics_dir)))
+def stale_blocks(readme: str, metrics_dir: Path = METRICS, reports_dir: Path | None = None) -> list[str]:
+    """Names of the blocks of ``readme`` whose text differs from what their metrics file (or the reports) give."""
+    wanted = dict(BLOCK.findall(render(readme, metrics_dir, reports_dir)))
     return [name for name, text in BLOCK.findall(readme) if wanted[name] != text]
 
 

@@ -22,6 +22,7 @@
   run of cells with outputs right before the first appendix heading. Headline figure: a cell tagged
   ``headline-figure``; else the first figure of the summary; else the nearest figure before the summary, else after
   it. Appendices: cells tagged ``appendix`` and every section under a heading "Appendix ..." / "Appendices".
+  Last line: how long the notebook ran (:func:`stage_run`, papermill's record), in ``data-run-seconds``.
   Wide tables scroll inside their own box and images shrink to the page, so the page never scrolls sideways.
 """
 
@@ -226,6 +227,18 @@ def report_layout(nb) -> dict:
             "figure": figure, "body": body, "appendices": appendices}
 
 
+def stage_run(nb) -> dict | None:
+    """How long the stage's notebook ran, from papermill's record in the executed notebook's metadata:
+    ``{"seconds": float, "start": str, "end": str}`` (ISO 8601 times), or None for a notebook papermill did not run
+    (or whose run has no duration). A report 05 run resumed from its scoring log counts the last sitting only."""
+    record = nb.metadata.get("papermill") or {}
+    seconds = record.get("duration")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+        return None
+    return {"seconds": float(seconds), "start": str(record.get("start_time") or ""),
+            "end": str(record.get("end_time") or "")}
+
+
 def _cell_id(cell) -> str:
     """The ``id`` nbconvert's lab template gives the cell's ``<div>``."""
     return f"cell-id={cell.id}"
@@ -272,6 +285,12 @@ def arrange(html: str, nb) -> str:
         for i in indices:
             details.append(cell(i))
         parts.append(details)
+    run = stage_run(nb)
+    if run is not None:  # the last line of the page; build_index and readme_results read data-run-seconds
+        footer = soup.new_tag("p", attrs={"class": "stage-run", "data-run-seconds": f"{run['seconds']:.1f}"})
+        started = f", started {run['start'][:16].replace('T', ' ')} UTC" if run["start"] else ""
+        footer.string = f"This stage's notebook ran for {run['seconds'] / 60:.1f} min (papermill's record{started})."
+        parts.append(footer)
     main.clear()
     for part in parts:
         main.append(part)

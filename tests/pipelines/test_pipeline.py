@@ -414,6 +414,24 @@ def test_report_is_offline_and_hides_code(scaling_smoke, tmp_path):
     assert html.count('src="data:image/png;base64,') >= 1
     assert "<title>01 · Forward-pass scaling" in html
     assert "\r" not in html  # progress-bar redraws collapsed
+    # the last line: how long papermill ran the notebook, from its record (read by the index and the README)
+    record = executed.metadata.papermill
+    last = render_report.bs4.BeautifulSoup(html, "html.parser").find("main").find_all(recursive=False)[-1]
+    assert last["class"] == ["stage-run"] and float(last["data-run-seconds"]) == round(record.duration, 1)
+    assert last.get_text() == (f"This stage's notebook ran for {record.duration / 60:.1f} min (papermill's record, "
+                               f"started {record.start_time[:10]} {record.start_time[11:16]} UTC).")
+
+
+def test_stage_run_reads_papermill_record_and_nothing_else():
+    nb = new_notebook(cells=[new_markdown_cell("# 09 · x")])
+    assert render_report.stage_run(nb) is None  # not run by papermill: no line, no number
+    nb.metadata["papermill"] = {"duration": 2144.07, "start_time": "2026-12-03T05:23:46.77+00:00",
+                                "end_time": "2026-12-03T05:59:30.84+00:00"}
+    assert render_report.stage_run(nb) == {"seconds": 2144.07, "start": "2026-12-03T05:23:46.77+00:00",
+                                           "end": "2026-12-03T05:59:30.84+00:00"}
+    for bad in (None, True, -1.0, "2144"):  # a failed run papermill gave no duration, or a malformed record
+        nb.metadata["papermill"]["duration"] = bad
+        assert render_report.stage_run(nb) is None
 
 
 def _stream(name: str, text: str):
@@ -573,6 +591,7 @@ def test_report_layout_puts_what_we_found_first_and_appendices_in_details(tmp_pa
     layout_css = soup.head.find_all("style")[-1].string
     assert ".table-scroll { max-width: 100%; overflow-x: auto; }" in layout_css and "img { max-width: 100%" in layout_css
     assert render_report.render(notebook) == html  # deterministic
+    assert "stage-run" not in html and "data-run-seconds" not in html  # no papermill record, so no run time
 
 
 def test_report_layout_rules():
@@ -627,8 +646,10 @@ def _index_fixture(tmp_path: Path) -> tuple[Path, Path]:
         ("03_no_metrics", "03 · Draft", None),
     ):
         profile = "\nparams profile: quick" if name == "01_scaling" else ""  # the others: made before profiles
+        ran = ('<p class="stage-run" data-run-seconds="613.5">This stage\'s notebook ran for 10.2 min.</p>'
+               if name == "01_scaling" else "")  # render_report's last line; the others were rendered before it
         (reports / f"{name}.html").write_text(f"<html><head><title>{title}</title></head>"
-                                              f"<body><pre>git revision: {head}{profile}</pre></body></html>")
+                                              f"<body><pre>git revision: {head}{profile}</pre>{ran}</body></html>")
         if metrics is not None:
             (reports / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
     params = tmp_path / "params.yaml"
@@ -668,7 +689,7 @@ def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
     date = subprocess.run(["git", "show", "-s", "--format=%cs", head], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", date)
     runs = [td.find(class_="run").get_text() for td in dashboard.find_all("td", class_="report")]
-    assert runs[:2] == [f"01_scaling, run at {head[:10]}, {date}, quick profile",
+    assert runs[:2] == [f"01_scaling, run at {head[:10]}, {date}, quick profile, ran 10.2 min",
                         f"02_conversion_similarity, run at {head[:10]}, {date}"]
     # Figure 1 from the metrics, before the table; provenance visible; every metric and params.yaml folded away
     img = soup.find("figure").find("img")

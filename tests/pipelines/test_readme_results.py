@@ -55,7 +55,7 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     readme = (ROOT / "README.md").read_text()
     names = [match.group(1) for match in readme_results.BLOCK.finditer(readme)]
     assert {"04_attention_analysis", "05_long_range"} <= set(names)
-    assert all(name in readme_results.FORMATTERS for name in names)
+    assert all(name in readme_results.FORMATTERS or name in readme_results.REPORT_BLOCKS for name in names)
     metrics = json.loads((ROOT / "reports" / "metrics" / "05_long_range.json").read_text())
     weak = min(metrics["accuracy"]["original"].values()) < 0.95
     assert ("cannot test the ≥ 95% goal" in readme_results.long_range(metrics)) == weak
@@ -165,3 +165,24 @@ def test_a_time_target_shows_the_range_of_its_timed_calls_and_says_undecided():
     assert readme_results._target(record) == "21.1× [20.3, 22.4] (goal ≥ 20×: met)"
     del record["low"], record["high"]  # metrics made before the ranges: the value and its verdict
     assert readme_results._target(record) == "21.1× (goal ≥ 20×: met)"
+
+
+def test_stage_times_block_reads_each_reports_run_time_and_profile(tmp_path):
+    def report(name, seconds, profile):
+        ran = "" if seconds is None else f'<p class="stage-run" data-run-seconds="{seconds}">ran</p>'
+        (tmp_path / f"{name}.html").write_text(f"<pre>params profile: {profile}</pre>{ran}")
+
+    assert readme_results.stage_times(tmp_path) is None  # no report says how long it ran: the block is left alone
+    report("01_scaling", 613.5, "publication")
+    report("02_conversion_similarity", 2144.1, "publication")
+    report("03_chunk_size_ablation", None, "publication")  # rendered before reports carried their run time
+    (tmp_path / "index.html").write_text('<p data-run-seconds="999">not a report</p>')
+    text = readme_results.stage_times(tmp_path)
+    assert text.endswith("in minutes, in the publication profile: 01 10.2, 02 35.7; 0.8 h in all.")
+    report("02_conversion_similarity", 2144.1, "quick")  # a mixed set names each report's profile
+    assert "the profile named beside each: 01 10.2 (publication), 02 35.7 (quick); 0.8 h in all." in (
+        readme_results.stage_times(tmp_path))
+    readme = "a\n<!-- results:stage_times -->\nold\n<!-- /results:stage_times -->\nb"
+    assert readme_results.stale_blocks(readme, tmp_path / "metrics", tmp_path) == ["stage_times"]
+    assert readme_results.render(readme, tmp_path / "metrics", tmp_path) == (
+        "a\n<!-- results:stage_times -->\n" + readme_results.stage_times(tmp_path) + "\n<!-- /results:stage_times -->\nb")
