@@ -42,6 +42,8 @@ REVISION = re.compile(r"git revision:\s*([0-9a-f]{7,40}(?:\+dirty)?|unknown)")
 PROFILE = re.compile(r"params profile:\s*(\w+)")
 #: How long the stage's notebook ran (seconds), from the report's last line (render_report.stage_run).
 RUN_SECONDS = re.compile(r'data-run-seconds="([0-9.]+)"')
+#: The revision the report was rendered at (render_report's ``<meta name="bsbr-rendered-at">``).
+RENDERED_AT = re.compile(r'<meta (?=[^>]*\bname="bsbr-rendered-at")[^>]*\bcontent="([0-9a-f]{7,40}(?:\+dirty)?|unknown)"')
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0.6em 1.2em; max-width: 1400px; color: #222;
@@ -361,23 +363,35 @@ def _param_value(params: dict, key: str):
     return value
 
 
-def stage_changes(stage: str, since: str, until: str, root: Path = REPO_ROOT) -> list[str] | None:
+def stage_changes(stage: str, since: str, until: str, root: Path = REPO_ROOT,
+                  rendered_since: str | None = None) -> list[str] | None:
     """What report stage ``stage`` depends on that differs between revisions ``since`` and ``until``, as DVC sees
     it: the stage's entry in dvc.yaml and its ``render@`` stage's, their tracked file and folder deps, the values of
     their params keys, and the same for every stage producing one of their ``data/`` deps (the model, the corpus,
     02's conversion files). ``[]``: a report run at ``since`` is what a run at ``until`` would give (DVC would not
     rerun it). None if either revision's dvc.yaml or params.yaml cannot be read.
 
+    ``rendered_since``: the revision the report was rendered at, when it was rendered again later than its notebook
+    ran (a change to the renderer re-renders every report from the same executed notebook); the ``render@`` stage's
+    own deps are then compared from there. None: from ``since``.
+
     Returns:
         sorted descriptions: ``"dvc.yaml: stage 01_scaling"``, ``"params.yaml: 01_scaling.seq_lens"``, file paths.
     """
+    ran = _changes(stage, since, until, root)
+    rendered = _changes(f"render@{stage}", rendered_since or since, until, root, skip=stage)  # the notebook: above
+    return None if ran is None or rendered is None else sorted(set(ran) | set(rendered))
+
+
+def _changes(stage: str, since: str, until: str, root: Path, skip: str | None = None) -> list[str] | None:
+    """:func:`stage_changes` for one stage of dvc.yaml and the stages making its ``data/`` deps, except ``skip``."""
     texts = {(rev, name): _git_show(root, rev, name) for rev in (since, until) for name in ("dvc.yaml", "params.yaml")}
     if any(text is None for text in texts.values()):
         return None
     stages = {rev: _dvc_stages(parse_yaml(texts[(rev, "dvc.yaml")], "dvc.yaml")) for rev in (since, until)}
     params = {rev: parse_yaml(texts[(rev, "params.yaml")], "params.yaml") or {} for rev in (since, until)}
     producers = {_entry_path(out): name for name, spec in stages[until].items() for out in spec.get("outs") or []}
-    changes, files, seen = set(), set(), set()
+    changes, files, seen = set(), set(), {skip}
 
     def visit(name):
         if name in seen:
@@ -405,7 +419,6 @@ def stage_changes(stage: str, since: str, until: str, root: Path = REPO_ROOT) ->
                         changes.add(f"{file}: {key}")
 
     visit(stage)
-    visit(f"render@{stage}")
     if files:
         diff = subprocess.run(["git", "diff", "--name-only", since, until, "--", *sorted(files)], cwd=root,
                               capture_output=True, text=True)
@@ -419,12 +432,13 @@ def currency(row: dict, revision: str, root: Path = REPO_ROOT) -> str:
     """Whether report ``row`` (:func:`collect`) is current at ``revision`` (this build's): ``"current"`` (run at it,
     or nothing its stage depends on changed since its run: :func:`stage_changes`), ``"stale: <what changed>"``, or
     ``"unknown"`` (a +dirty or unknown revision on either side)."""
-    run = row["revision"]
+    run, rendered = row["revision"], row.get("rendered_at")
     if not re.fullmatch(r"[0-9a-f]{40}", run) or not re.fullmatch(r"[0-9a-f]{40}", revision):
         return "unknown"
-    if run == revision:
+    rendered = rendered if rendered and re.fullmatch(r"[0-9a-f]{40}", rendered) else None  # +dirty: from the run
+    if run == revision and rendered in (None, revision):
         return "current"
-    changes = stage_changes(row["name"], run, revision, root)
+    changes = stage_changes(row["name"], run, revision, root, rendered_since=rendered)
     if changes is None:
         return "unknown"
     return "current" if not changes else "stale: " + ", ".join(changes[:4]) + (
@@ -443,7 +457,7 @@ def commit_date(revision: str) -> str:
 def collect(reports_dir: Path) -> list[dict]:
     """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine, revision, date,
     profile (the params profile its provenance printed, or "not recorded"), run_seconds (how long its notebook ran,
-    or None where the report does not say)."""
+    or None where the report does not say), rendered_at (the revision it was rendered at, or None)."""
     rows = []
     for path in sorted(p for p in reports_dir.glob("*.html") if REPORT_NAME.match(p.name)):
         text = path.read_text(encoding="utf-8")
@@ -452,11 +466,12 @@ def collect(reports_dir: Path) -> list[dict]:
         revision = REVISION.search(text)
         revision = revision.group(1) if revision else "unknown"
         profile = PROFILE.search(text)
-        seconds = RUN_SECONDS.search(text)
+        seconds, rendered = RUN_SECONDS.search(text), RENDERED_AT.search(text)
         rows.append({"name": path.stem, "file": path.name, "title": report_title(text, path.stem),
                      "metrics": metrics, "machine": metrics.get("machine"), "revision": revision,
                      "date": commit_date(revision), "profile": profile.group(1) if profile else "not recorded",
-                     "run_seconds": float(seconds.group(1)) if seconds else None})
+                     "run_seconds": float(seconds.group(1)) if seconds else None,
+                     "rendered_at": rendered.group(1) if rendered else None})
     return rows
 
 

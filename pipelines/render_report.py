@@ -22,7 +22,8 @@
   run of cells with outputs right before the first appendix heading. Headline figure: a cell tagged
   ``headline-figure``; else the first figure of the summary; else the nearest figure before the summary, else after
   it. Appendices: cells tagged ``appendix`` and every section under a heading "Appendix ..." / "Appendices".
-  Last line: how long the notebook ran (:func:`stage_run`, papermill's record), in ``data-run-seconds``.
+  Last line: how long the notebook ran (:func:`stage_run`, papermill's record), in ``data-run-seconds``; in
+  ``<head>``, ``<meta name="bsbr-rendered-at">``: the revision the page was rendered at.
   Wide tables scroll inside their own box and images shrink to the page, so the page never scrolls sideways.
 """
 
@@ -38,6 +39,8 @@ import jinja2
 import nbformat
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import CoalesceStreamsPreprocessor, Preprocessor
+
+from bsbr.provenance import git_revision
 
 # Lab template minus every block that loads something from a CDN.
 _TEMPLATE = "bsbr_offline.html.j2"
@@ -300,6 +303,9 @@ def arrange(html: str, nb) -> str:
     style = soup.new_tag("style")
     style.string = _LAYOUT_CSS
     soup.head.append(style)
+    # the revision the page was rendered at (the notebook may have run earlier): the index judges the render stage's
+    # own deps (this script) from here, and the notebook stage's from the "git revision:" its provenance printed
+    soup.head.append(soup.new_tag("meta", attrs={"name": "bsbr-rendered-at", "content": git_revision()}))
     return str(soup)
 
 

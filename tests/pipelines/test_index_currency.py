@@ -81,3 +81,20 @@ def test_a_changed_dependency_makes_the_report_stale_and_is_named(repo, files, c
     assert change in build_index.stage_changes("01_a", run, later, root)
     assert build_index.currency({"name": "01_a", "revision": run}, later, root).startswith("stale: ")
     assert build_index.stage_changes("01_a", run, "0" * 40, root) is None  # an unknown revision: cannot tell
+
+
+def test_a_report_rendered_again_is_judged_by_its_render_revision_for_the_renderer_only(repo):
+    root, run = repo
+    rendered = _commit(root, {"render.py": "2\n"})  # a new renderer: every report re-rendered from the same notebook
+    later = _commit(root, {"bsbr/b.py": "2\n"})
+    row = {"name": "01_a", "revision": run, "rendered_at": rendered}
+    assert build_index.stage_changes("01_a", run, later, root) == ["render.py"]  # judged from the run alone
+    assert build_index.stage_changes("01_a", run, later, root, rendered_since=rendered) == []
+    assert build_index.currency(row, later, root) == "current"
+    assert build_index.currency({**row, "rendered_at": rendered + "+dirty"}, later, root).startswith("stale: ")
+    newer = _commit(root, {"render.py": "3\n"})  # the renderer changed after the render
+    assert build_index.currency(row, newer, root) == "stale: render.py"
+    code = _commit(root, {"bsbr/a.py": "2\n"})  # the notebook's own code changed: stale, whenever it was rendered
+    assert build_index.currency({**row, "rendered_at": newer}, code, root) == "stale: bsbr/a.py"
+    assert build_index.currency({"name": "01_a", "revision": code, "rendered_at": rendered}, code, root) == (
+        "stale: render.py")  # run at this revision, rendered by an older renderer

@@ -414,6 +414,7 @@ def test_report_is_offline_and_hides_code(scaling_smoke, tmp_path):
     assert html.count('src="data:image/png;base64,') >= 1
     assert "<title>01 · Forward-pass scaling" in html
     assert "\r" not in html  # progress-bar redraws collapsed
+    assert build_index.RENDERED_AT.search(html).group(1) == build_index.git_revision(ROOT)  # rendered at this checkout
     # the last line: how long papermill ran the notebook, from its record (read by the index and the README)
     record = executed.metadata.papermill
     last = render_report.bs4.BeautifulSoup(html, "html.parser").find("main").find_all(recursive=False)[-1]
