@@ -299,8 +299,19 @@ def long_documents(m: dict) -> str:
         f"({dec['median_s'] * 1000:.0f} ms; {dec['first_median_s'] * 1000:.0f} ms at {dec['first_context']:,}; goal "
         f"≤ {m['decode_ratio']}×: {'met' if dec['met'] else 'missed'}). Cache: "
         f"{m['memory_bytes_per_token']['blocks']:,.0f} bytes per token "
-        f"({m['memory_vs_kv_cache']['blocks']:.2f}× the original's KV cache). Load average "
-        f"{m['load_average']['before'][0]:.2f} before, {m['load_average']['after'][0]:.2f} after.")
+        f"({m['memory_vs_kv_cache']['blocks']:.2f}× the original's KV cache). {_machine_load(m)}")
+
+
+def _machine_load(m: dict) -> str:
+    """Report 06's machine: other processes' cores around the streams where the run measured them (the 1-min load
+    average still carries the previous stage), with the busy warning; else the load average."""
+    others = m.get("other_cores") or {}
+    if others.get("before") is None and others.get("after") is None:
+        return (f"Load average {m['load_average']['before'][0]:.2f} before, "
+                f"{m['load_average']['after'][0]:.2f} after.")
+    said = " and ".join(f"{others[k]:.2f} {k}" for k in ("before", "after") if others.get(k) is not None)
+    return (f"Other processes' cores around the streams: {said}"
+            + (" (**busy: these times are not a quiet-machine result**)." if m.get("busy") else "."))
 
 
 def _edges(chosen: dict, grid) -> str:

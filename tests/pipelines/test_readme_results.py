@@ -186,3 +186,17 @@ def test_stage_times_block_reads_each_reports_run_time_and_profile(tmp_path):
     assert readme_results.stale_blocks(readme, tmp_path / "metrics", tmp_path) == ["stage_times"]
     assert readme_results.render(readme, tmp_path / "metrics", tmp_path) == (
         "a\n<!-- results:stage_times -->\n" + readme_results.stage_times(tmp_path) + "\n<!-- /results:stage_times -->\nb")
+
+
+def test_long_documents_block_quotes_other_processes_cores_and_the_busy_warning():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "06_long_documents.json").read_text())
+    metrics["other_cores"], metrics["busy"] = {"before": 0.01, "after": 0.005}, False
+    assert readme_results.long_documents(metrics).endswith(
+        "Other processes' cores around the streams: 0.01 before and 0.01 after.")
+    metrics["other_cores"], metrics["busy"] = {"before": 0.9, "after": None}, True
+    assert readme_results.long_documents(metrics).endswith(
+        "Other processes' cores around the streams: 0.90 before (**busy: these times are not a quiet-machine "
+        "result**).")
+    del metrics["other_cores"], metrics["busy"]  # a run made before they were measured: the load average
+    metrics["load_average"] = {"before": [1.18, 0.9, 0.9], "after": [1.93, 1.9, 1.8]}
+    assert readme_results.long_documents(metrics).endswith("Load average 1.18 before, 1.93 after.")
