@@ -43,7 +43,8 @@ PROFILE = re.compile(r"params profile:\s*(\w+)")
 #: How long the stage's notebook ran (seconds), from the report's last line (render_report.stage_run).
 RUN_SECONDS = re.compile(r'data-run-seconds="([0-9.]+)"')
 #: The revision the report was rendered at (render_report's ``<meta name="bsbr-rendered-at">``).
-RENDERED_AT = re.compile(r'<meta (?=[^>]*\bname="bsbr-rendered-at")[^>]*\bcontent="([0-9a-f]{7,40}(?:\+dirty)?|unknown)"')
+RENDERED_AT = re.compile(r'<meta (?=[^>]*\bname="bsbr-rendered-at")[^>]*\bcontent="'
+                         r'([0-9a-f]{7,40}(?:\+dirty)?|unknown)"')
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0.6em 1.2em; max-width: 1400px; color: #222;
@@ -430,8 +431,9 @@ def _changes(stage: str, since: str, until: str, root: Path, skip: str | None = 
 
 def currency(row: dict, revision: str, root: Path = REPO_ROOT) -> str:
     """Whether report ``row`` (:func:`collect`) is current at ``revision`` (this build's): ``"current"`` (run at it,
-    or nothing its stage depends on changed since its run: :func:`stage_changes`), ``"stale: <what changed>"``, or
-    ``"unknown"`` (a +dirty or unknown revision on either side)."""
+    or nothing its stage depends on changed since its run: :func:`stage_changes`; its render stage's own deps since
+    the revision it was rendered at, ``row["rendered_at"]``, where that is a clean one), ``"stale: <what
+    changed>"``, or ``"unknown"`` (a +dirty or unknown run revision, or this build's)."""
     run, rendered = row["revision"], row.get("rendered_at")
     if not re.fullmatch(r"[0-9a-f]{40}", run) or not re.fullmatch(r"[0-9a-f]{40}", revision):
         return "unknown"

@@ -184,8 +184,9 @@ def test_stage_times_block_reads_each_reports_run_time_and_profile(tmp_path):
         readme_results.stage_times(tmp_path))
     readme = "a\n<!-- results:stage_times -->\nold\n<!-- /results:stage_times -->\nb"
     assert readme_results.stale_blocks(readme, tmp_path / "metrics", tmp_path) == ["stage_times"]
+    block = readme_results.stage_times(tmp_path)
     assert readme_results.render(readme, tmp_path / "metrics", tmp_path) == (
-        "a\n<!-- results:stage_times -->\n" + readme_results.stage_times(tmp_path) + "\n<!-- /results:stage_times -->\nb")
+        f"a\n<!-- results:stage_times -->\n{block}\n<!-- /results:stage_times -->\nb")
 
 
 def test_long_documents_block_quotes_other_processes_cores_and_the_busy_warning():
