@@ -60,8 +60,10 @@ table { border-collapse: collapse; margin: 0.4em 0; width: 100%; }
 th, td { border: 1px solid #ddd; padding: 0.2em 0.45em; text-align: left; vertical-align: top;
   overflow-wrap: anywhere; }
 th { background: #f3f3f3; }
-td.num { font-family: ui-monospace, monospace; white-space: nowrap; }
+td.num { font-family: ui-monospace, monospace; overflow-wrap: normal; min-width: 9em; }
 td.report { width: 24%; }
+td.label { min-width: 14em; }
+td.goal { min-width: 7em; }
 .run { font-size: 0.85em; color: #555; }
 td.met, td.missed, td.other { white-space: nowrap; }
 .met { color: #1a7f37; font-weight: bold; }
@@ -173,14 +175,15 @@ HEADLINES: dict[str, list[Headline]] = {
     "05_long_range": [
         Headline("passkey accuracy of block retrieval (mean keys, compact positions) by length, n = "
                  "{trials_per_headline_cell} each", lambda m: _trained(m, "blocks_mean_compact"),
-                 goal="≥ 95% in every cell to 8,192 tokens", verdict="goals.blocks_mean_compact.accuracy_to_8k"),
+                 goal="≥ 95% in every cell to 8,192 tokens, never below the original's",
+                 verdict=lambda m: {goal: m["goals"]["blocks_mean_compact"][goal]
+                                    for goal in ("accuracy_to_8k", "not_below_original")}),
         Headline("the same past the trained 8,192 positions (the original cannot go there)",
                  lambda m: _past_trained(m, "blocks_mean_compact"), goal="≥ 90% at 16,384 and 32,768",
                  verdict="goals.blocks_mean_compact.accuracy_past_8k"),
         Headline("answer log-prob minus the original's, fact out of reach (nats)",
                  "out_of_reach_answer_logprob.blocks_mean_compact.minus_original", "",
-                 "out_of_reach_answer_logprob.blocks_mean_compact.ci95", "never below the original",
-                 "goals.blocks_mean_compact.not_below_original"),
+                 "out_of_reach_answer_logprob.blocks_mean_compact.ci95"),  # a diagnostic, no goal of its own
     ],
     "06_long_documents": [
         Headline("highest perplexity bin beyond {flat_from} tokens ÷ the median before (block retrieval)",
@@ -556,8 +559,9 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
         for i, number in enumerate(numbers):
             verdict = number["verdict"]
             css = "met" if verdict == "met" else "missed" if verdict == "missed" else "other"
-            table.append(f"<tr>{first if i == 0 else ''}<td>{esc(number['label'])}</td>"
-                         f"<td class='num'>{esc(number['value'])}</td><td>{esc(number['goal'])}</td>"
+            # a value of several parts (accuracy per length) wraps between words; the label and goal keep a width
+            table.append(f"<tr>{first if i == 0 else ''}<td class='label'>{esc(number['label'])}</td>"
+                         f"<td class='num'>{esc(number['value'])}</td><td class='goal'>{esc(number['goal'])}</td>"
                          f"<td class='{css}'>{esc(verdict)}</td></tr>")
     table.append("</table></div>")
     figure = summary_figure({row["name"]: row["metrics"] for row in rows})
