@@ -20,7 +20,7 @@ from pathlib import Path
 from bsbr.convergence import grid_edge_sentence
 from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
-from build_index import PROFILE, RUN_SECONDS  # how the index reads a report's profile and run time
+from build_index import collect  # how the index reads each report (its profile and run time among them)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -419,12 +419,8 @@ FORMATTERS = {"01_scaling": scaling, "02_conversion_similarity": conversion_simi
 def stage_times(reports_dir: Path) -> str | None:
     """How long each report's notebook ran, read from the reports in ``reports_dir`` (their last line, written by
     render_report.stage_run from papermill's record), with the profile each ran in; None if no report says."""
-    runs = []
-    for path in sorted(reports_dir.glob("[0-9][0-9]_*.html")):
-        text = path.read_text(encoding="utf-8")
-        seconds, profile = RUN_SECONDS.search(text), PROFILE.search(text)
-        if seconds:
-            runs.append((path.stem[:2], float(seconds.group(1)), profile.group(1) if profile else "not recorded"))
+    runs = [(row["name"][:2], row["run_seconds"], row["profile"]) for row in collect(reports_dir)
+            if row["run_seconds"] is not None]
     if not runs:
         return None
     profiles = {profile for _, _, profile in runs}
