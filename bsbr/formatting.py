@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["quantity", "sig", "with_interval"]
+import numpy
+
+__all__ = ["cell", "html_table", "quantity", "sig", "with_interval"]
 
 #: Units written against the number ("1.00×", "12.5%"); every other unit follows a space ("6,060 ms").
 ATTACHED_UNITS = ("×", "%")
@@ -81,3 +83,70 @@ def with_interval(value, low, high, unit: str = "", digits: int = 3) -> str:
     if low is not None and high is not None and math.isfinite(low) and math.isfinite(high) and low > high:
         raise ValueError(f"low must be <= high, got low={low!r}, high={high!r}")
     return f"{quantity(value, unit, digits)} [{bounds[0]}, {bounds[1]}]"
+
+
+def cell(value, digits: int = 3, missing: str = "—") -> str:
+    """One table cell as the reports print it: floats with :func:`sig`, integers in full with thousands separators
+    (``cell(40960) == "40,960"``: a count is not rounded), booleans as ``yes`` / ``no``, strings unchanged; NaN,
+    None and pandas' missing values as ``missing`` (the reports never print ``NaN``).
+
+    Raises:
+        ValueError: ``digits`` as :func:`sig`.
+        TypeError: ``missing`` is not a str.
+    """
+    if not isinstance(missing, str):
+        raise TypeError(f"missing must be a str, got {type(missing).__name__}")
+    if value is None or (isinstance(value, float) and math.isnan(value)) or _is_pandas_missing(value):
+        return missing
+    if isinstance(value, (bool, numpy.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if isinstance(value, numbers.Real):
+        return sig(value, digits)
+    return str(value)
+
+
+def _is_pandas_missing(value) -> bool:
+    try:
+        import pandas
+    except ImportError:  # pragma: no cover - pandas is a dependency
+        return False
+    return value is pandas.NA or value is pandas.NaT
+
+
+def html_table(frame, digits: int = 3, missing: str = "—", index: bool = False) -> str:
+    """A pandas DataFrame as an HTML ``<table>`` with every cell through :func:`cell` (3 significant digits, counts
+    in full, missing values as ``missing``); the column names and index are escaped, the cells too. A float column
+    whose values are all whole numbers (a count column that a missing value made float) prints as integers.
+
+    Args:
+        frame: ``pandas.DataFrame`` (any shape; an empty frame gives a table with its header only).
+        digits: significant digits of float cells.
+        missing: what a NaN / None / missing cell shows, e.g. ``"not reached"``.
+        index: whether to print the row index as the first column.
+
+    Raises:
+        TypeError: ``frame`` is not a DataFrame; ``missing`` is not a str.
+        ValueError: ``digits`` as :func:`sig`.
+    """
+    import pandas
+
+    if not isinstance(frame, pandas.DataFrame):
+        raise TypeError(f"frame must be a pandas DataFrame, got {type(frame).__name__}")
+    cell(0.0, digits, missing)  # checks digits and missing once, also for an empty frame
+    shown = frame.astype(object).apply(lambda column: column.map(
+        lambda value: cell(_as_count(value) if _is_count_column(column) else value, digits, missing)))
+    return shown.to_html(index=index, border=0, escape=True)
+
+
+def _is_count_column(column) -> bool:
+    """A column of floats that are all whole numbers (a count that a missing value turned into float): printed in
+    full, not rounded to 3 digits (``seq_len`` 40,960, not 41,000)."""
+    values = [v for v in column if isinstance(v, float) and math.isfinite(v)]
+    others = [v for v in column if not isinstance(v, float) and not _is_pandas_missing(v) and v is not None]
+    return bool(values) and not others and all(v == int(v) for v in values)
+
+
+def _as_count(value):
+    return int(value) if isinstance(value, float) and math.isfinite(value) else value

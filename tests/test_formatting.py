@@ -1,5 +1,7 @@
 """bsbr.formatting: 3 significant digits without scientific notation, units, intervals (report 03's numbers)."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -54,3 +56,38 @@ def test_pandas_row_values():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_cell_formats_each_kind_and_never_prints_nan():
+    from bsbr.formatting import cell
+
+    assert cell(0.123456) == "0.123"
+    assert cell(np.float32(6061.7)) == "6,060"
+    assert cell(40960) == "40,960"  # a count is not rounded
+    assert cell(np.int64(188743680)) == "188,743,680"
+    assert cell(True) == "yes" and cell(np.bool_(False)) == "no"
+    assert cell("x") == "x"
+    for missing in (None, float("nan"), np.nan, pd.NA):
+        assert cell(missing) == "—"
+        assert cell(missing, missing="not reached") == "not reached"
+    with pytest.raises(TypeError, match="missing"):
+        cell(1.0, missing=None)
+    with pytest.raises(ValueError, match="digits"):
+        cell(1.0, digits=0)
+
+
+def test_html_table_formats_cells_counts_and_missing_values():
+    from bsbr.formatting import html_table
+
+    frame = pd.DataFrame({"seq_len": [2048.0, 40960.0, np.nan], "ratio": [1.0, 0.0079312, np.nan],
+                          "name": ["a<b", "c", None]})
+    cells = re.findall(r"<td>(.*?)</td>", html_table(frame, missing="not measured"))
+    assert cells == ["2,048", "1.00", "a&lt;b", "40,960", "0.00793", "c", "not measured", "not measured", "not measured"]
+    assert "NaN" not in html_table(frame) and "nan" not in html_table(frame)
+    header = re.findall(r"<th>(.*?)</th>", html_table(frame, index=False))
+    assert header == ["seq_len", "ratio", "name"]
+    assert html_table(frame.iloc[:0]).count("<td>") == 0
+    with pytest.raises(TypeError, match="frame"):
+        html_table(frame.to_dict())
+    with pytest.raises(ValueError, match="digits"):
+        html_table(frame, digits=0)
