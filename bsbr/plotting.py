@@ -226,49 +226,64 @@ def plot_layers(layers, seq_lens):
     return fig
 
 
-def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int | dict, columns: int = 3):
-    """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (first
-    panel, log₂ axis), then accuracy against fact depth, one panel per length; variants side by side (small x
-    offsets), one colour each. The panels fill a grid of ``columns`` columns; the legend takes the grid's first free
-    cell (or a row of its own below the grid when none is free), so it never covers data.
+def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int | dict, columns: int = 3,
+                          panels: str = "all"):
+    """Passkey exact-match accuracy with Wilson 95 % intervals: all depths pooled against context length (the pooled
+    panel, log₂ axis), and accuracy against fact depth, one panel per length (the depth panels); variants side by
+    side (small x offsets), one colour each.
+
+    ``panels="pooled"`` draws the pooled panel alone, wide, with the legend outside it on the right (a report's
+    headline figure); ``"depths"`` the depth panels alone; ``"all"`` both. Several panels fill a grid of
+    ``columns`` columns and the legend takes the grid's first free cell (or a row of its own below the grid when none
+    is free), so it never covers data.
 
     Args:
         by_length: ``[length, variant, accuracy, ci_low, ci_high]``; cells: the same per ``[length, depth, variant]``.
         variants: the variants drawn; labels: variant -> legend label; trials: trials per (length, depth) cell, or
             length -> trials where lengths differ (shown in the panel titles).
         columns: panels per row (>= 1).
+        panels: ``"all"``, ``"pooled"`` or ``"depths"``.
     Raises:
-        ValueError: ``columns`` < 1.
+        ValueError: ``columns`` < 1; ``panels`` not one of the three.
     """
     check_positive_int(columns=columns)
+    if panels not in ("all", "pooled", "depths"):
+        raise ValueError(f"panels must be 'all', 'pooled' or 'depths', got {panels!r}")
     lengths, depths = sorted(by_length.length.unique()), sorted(cells.depth.unique())
     per_cell = {n: trials[n] if isinstance(trials, dict) else trials for n in lengths}
     pooled = sorted({len(depths) * t for t in per_cell.values()})
     offsets = {v: (i - (len(variants) - 1) / 2) * 0.03 for i, v in enumerate(variants)}
-    panels = 1 + len(lengths)
-    columns = min(columns, panels + 1)  # room for the legend's cell
-    rows = -(-(panels + 1) // columns)  # the legend takes one cell
-    fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.5 * rows), squeeze=False)
-    cells_flat = list(grid.flat)
-    axes, spare = cells_flat[:panels], cells_flat[panels:]
-    for variant in variants:
-        group = by_length[by_length.variant == variant]
-        errorbars(axes[0], np.log2(group.length) + offsets[variant] * 2, group, variant, labels[variant])
-    axes[0].set_xticks(np.log2(lengths), [f"{n:,}" for n in lengths])
-    axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
-    axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
-                title=f"all depths pooled (n = {'–'.join(map(str, pooled[::max(len(pooled) - 1, 1)]))} / point)")
-    for index, (ax, length) in enumerate(zip(axes[1:], lengths), start=1):
+    if panels == "pooled":
+        fig, ax = plt.subplots(figsize=(11, 4.6))
+        axes, spare = [ax], []
+    else:
+        count = (panels == "all") + len(lengths)
+        columns = min(columns, count + 1)  # room for the legend's cell
+        rows = -(-(count + 1) // columns)  # the legend takes one cell
+        fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.5 * rows), squeeze=False)
+        cells_flat = list(grid.flat)
+        axes, spare = cells_flat[:count], cells_flat[count:]
+    if panels in ("all", "pooled"):
+        for variant in variants:
+            group = by_length[by_length.variant == variant]
+            errorbars(axes[0], np.log2(group.length) + offsets[variant] * 2, group, variant, labels[variant])
+        axes[0].set_xticks(np.log2(lengths), [f"{n:,}" for n in lengths])
+        axes[0].set_xlim(np.log2(min(lengths)) - 0.5, np.log2(max(lengths)) + 0.5)
+        axes[0].set(xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
+                    title=f"all depths pooled (n = {'–'.join(map(str, pooled[::max(len(pooled) - 1, 1)]))} / point)")
+    depth_axes = axes[1:] if panels == "all" else [] if panels == "pooled" else axes
+    for index, (ax, length) in enumerate(zip(depth_axes, lengths), start=len(axes) - len(depth_axes)):
         for variant in variants:
             group = cells[(cells.length == length) & (cells.variant == variant)]
             errorbars(ax, group.depth + offsets[variant], group, variant, labels[variant])
         ax.set(xlabel="fact depth (fraction of the filler)", title=f"{length:,} tokens (n = {per_cell[length]} / point)",
                ylim=(-0.03, 1.03), xlim=(-0.05, 1.05))
-        if index % columns:
-            ax.set_ylabel("")
-        else:
-            ax.set_ylabel("exact-match accuracy")
+        ax.set_ylabel("" if index % columns else "exact-match accuracy")
     handles, names = axes[0].get_legend_handles_labels()
+    if panels == "pooled":
+        axes[0].legend(handles, names, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=10, frameon=False,
+                       title="variant", title_fontsize=10)
+        return fig
     legend_ax = spare[0]  # the grid always leaves one cell free for the legend
     legend_ax.axis("off")
     legend_ax.legend(handles, names, loc="center", fontsize=9, frameon=False, title="variant")

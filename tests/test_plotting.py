@@ -84,6 +84,19 @@ def test_passkey_and_training_figures_draw_what_they_are_given():
                                                          "512 tokens (n = 2 / point)", "1,024 tokens (n = 1 / point)"]
     with pytest.raises(ValueError, match="columns"):
         plot_passkey_accuracy(by_length, cells, ["original"], {"original": "O"}, 2, columns=0)
+    (headline,) = plot_passkey_accuracy(by_length, cells, ["original", "calibrated"],
+                                        {"original": "O", "calibrated": "C"}, 2, panels="pooled").axes
+    assert headline.get_title() == "all depths pooled (n = 4 / point)"
+    assert [c.get_label() for c in headline.containers] == ["O", "C"]
+    legend = headline.get_legend()  # outside the data: anchored right of the axes
+    assert [t.get_text() for t in legend.get_texts()] == ["O", "C"] and legend.get_bbox_to_anchor().x0 > 0
+    depths = plot_passkey_accuracy(pd.concat([by_length, by_length.assign(length=1024)]),
+                                   pd.concat([cells, cells.assign(length=1024)]), ["original", "calibrated"],
+                                   {"original": "O", "calibrated": "C"}, 2, panels="depths")
+    assert [ax.get_title() for ax in depths.axes[:2]] == ["512 tokens (n = 2 / point)", "1,024 tokens (n = 2 / point)"]
+    assert depths.axes[2].get_legend() is not None and not depths.axes[2].axison
+    with pytest.raises(ValueError, match="panels"):
+        plot_passkey_accuracy(by_length, cells, ["original"], {"original": "O"}, 2, panels="both")
     memory = pd.DataFrame({"model": ["bsbr"] * 2 + ["gau"] * 2, "seq_len": [256, 512] * 2,
                            "peak_bytes": [2**20, 2**21, 2**21, 2**22]})
     (lines,) = plot_training_memory(memory, pd.Series({"bsbr": 1.0, "gau": 1.0}), ["bsbr", "gau"], [256, 512], 1).axes
