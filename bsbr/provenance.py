@@ -4,6 +4,7 @@
     git_revision()            # "3f2c...e1" or "3f2c...e1+dirty" or "unknown": the sources' revision
     load_average()            # (1 min, 5 min, 15 min) runnable processes, or None
     other_cpu_load()          # cores that *other* processes used over the last 2 s, or None
+    machine_busy([0.02, 0.7], [(0.3, 1.2, 1.6)], cores=2)   # True: a timing's "the machine was busy" verdict
 
 ``+dirty`` means a *source* differs from the revision: a tracked file outside the pipeline's own outputs
 (:data:`OUTPUT_PATHS`: ``data/``, ``reports/``, ``dvc.lock``) has uncommitted changes. A pipeline run rewrites its
@@ -26,8 +27,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["OUTPUT_PATHS", "cpu_model", "git_revision", "load_average", "machine_info", "other_cpu_load",
-           "source_dirty"]
+__all__ = ["BUSY_CORES", "OUTPUT_PATHS", "cpu_model", "git_revision", "load_average", "machine_busy", "machine_info",
+           "other_cpu_load", "source_dirty"]
+
+#: Other processes using more than this many cores (on average over :func:`other_cpu_load`'s seconds) make the
+#: machine busy: the timings taken then are not a quiet-machine result (reports 01, 05 and 06 warn).
+BUSY_CORES = 0.5
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +98,36 @@ def other_cpu_load(seconds: float = 2.0) -> float | None:
         return None
     others = (second[0] - first[0]) - (second[1] - first[1])
     return max(0.0, others / os.sysconf("SC_CLK_TCK") / elapsed)
+
+
+def machine_busy(other_cores, load_averages=(), cores: int | None = None) -> bool:
+    """Whether timings ran on a busy machine, the one rule of reports 01, 05 and 06.
+
+    Busy when other processes kept more than :data:`BUSY_CORES` cores busy in any of the ``other_cores`` readings
+    (:func:`other_cpu_load`, taken right before and after the timings). Only when none of them was measured (no
+    ``/proc``) does the 1-min load average decide: busy when any of ``load_averages`` is above half the ``cores``
+    (it lags: a stage that finished a minute ago still counts in it).
+
+    Args:
+        other_cores: iterable of :func:`other_cpu_load` readings (cores, >= 0), None where not measured.
+        load_averages: iterable of :func:`load_average` readings ``(1 min, 5 min, 15 min)`` or None.
+        cores: logical CPUs; None means ``os.cpu_count()``.
+    Raises:
+        ValueError: a reading below 0 or not a number; ``cores`` not an integer >= 1.
+    """
+    if cores is None:
+        cores = os.cpu_count() or 1
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise ValueError(f"cores must be an integer >= 1, got {cores!r}")
+    measured = [x for x in other_cores if x is not None]
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in measured):
+        raise ValueError(f"other_cores must be numbers >= 0 or None, got {list(other_cores)!r}")
+    if measured:
+        return max(measured) > BUSY_CORES
+    loads = [load for load in load_averages if load is not None]
+    if any(len(load) != 3 or not all(isinstance(x, (int, float)) and x >= 0 for x in load) for load in loads):
+        raise ValueError(f"load_averages must be (1 min, 5 min, 15 min) readings >= 0 or None, got {loads!r}")
+    return any(load[0] > cores * 0.5 for load in loads)
 
 
 def machine_info(threads: int | None = None) -> dict:

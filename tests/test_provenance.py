@@ -162,3 +162,22 @@ def test_other_cpu_load_counts_other_processes_and_not_this_one():
 def test_other_cpu_load_is_none_without_proc(monkeypatch):
     monkeypatch.setattr(provenance, "_cpu_ticks", lambda: None)
     assert other_cpu_load(0.01) is None
+
+
+def test_machine_busy_reads_other_processes_first_and_the_load_average_only_without_them():
+    from bsbr.provenance import BUSY_CORES, machine_busy
+
+    assert BUSY_CORES == 0.5
+    assert machine_busy([0.01, 0.005], [(1.9, 1.9, 1.9)], cores=2) is False  # the lagging load average is ignored
+    assert machine_busy([0.01, 0.51], cores=2) is True  # after the timings counts too
+    assert machine_busy([None, 0.5], cores=2) is False  # not more than half a core
+    assert machine_busy([None, None], [(1.01, 0.2, 0.1)], cores=2) is True  # no /proc: the 1-min load average
+    assert machine_busy([], [None, (0.99, 3.0, 3.0)], cores=2) is False
+    assert machine_busy([], [], cores=2) is False
+    for bad in ([-0.1], ["0.3"], [True]):
+        with pytest.raises(ValueError, match="other_cores"):
+            machine_busy(bad, cores=2)
+    with pytest.raises(ValueError, match="load_averages"):
+        machine_busy([], [(1.0, 2.0)], cores=2)
+    with pytest.raises(ValueError, match="cores"):
+        machine_busy([0.1], cores=0)
