@@ -237,7 +237,8 @@ def lookup(metrics: dict, path: str):
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; the ``machine`` header at the top level is left out."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, ``{"a": [{"b": 1}]}`` -> ``{"a[0].b": 1}``; the ``machine`` header
+    at the top level is left out (:func:`format_machine` prints it)."""
     flat = {}
     for key, value in metrics.items():
         if not prefix and key == "machine":
@@ -245,6 +246,9 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for i, item in enumerate(value):  # a list of records: one row per field, numbered
+                flat.update(flatten(item, f"{name}[{i}]."))
         else:
             flat[name] = value
     return flat
@@ -252,11 +256,13 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
 
 def format_value(name: str, value) -> str:
     """Human-readable number: bytes as MiB, floats with 3 significant digits (trailing zeros kept, so a range's
-    1.003 reads 1.00, not 1: :func:`bsbr.formatting.sig`), None as n/a."""
+    1.003 reads 1.00, not 1: :func:`bsbr.formatting.sig`), None as n/a, a list item by item."""
     if value is None:
         return "n/a"
     if isinstance(value, dict):
         return ", ".join(f"{key}: {format_value(key, item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(name, item) for item in value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if name.endswith("_bytes"):
@@ -264,6 +270,27 @@ def format_value(name: str, value) -> str:
     if isinstance(value, float):
         return sig(value)
     return f"{value:,}"
+
+
+def format_machine(machine: dict | None) -> str:
+    """A metrics file's ``machine`` header as a sentence: CPU, cores, threads, the load average (1 / 5 / 15 min,
+    2 decimals), Python, torch and the platform; keys it does not know follow as ``key value``."""
+    if not machine:
+        return "none recorded"
+    machine = dict(machine)
+    parts = []
+    if "cpu" in machine or "cores" in machine:
+        parts.append(f"{machine.pop('cpu', 'CPU')}, {machine.pop('cores', '?')} logical CPUs")
+    if "threads" in machine:
+        parts.append(f"{machine.pop('threads')} torch threads")
+    load = machine.pop("load_average", None)
+    if isinstance(load, (list, tuple)) and len(load) == 3:
+        parts.append("load average " + " / ".join(f"{x:.2f}" for x in load) + " (1 / 5 / 15 min, when the run started)")
+    for key, label in (("python", "Python"), ("torch", "torch"), ("platform", "")):
+        if key in machine:
+            parts.append(f"{label} {machine.pop(key)}".strip())
+    parts += [f"{key} {format_value(key, value)}" for key, value in sorted(machine.items())]
+    return "; ".join(parts)
 
 
 def verdict_word(value) -> str:
@@ -589,10 +616,10 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
              "<tr><th>what</th><th>value</th></tr>"]
     body += [f"<tr><th>{esc(key)}</th><td>{esc(value)}</td></tr>" for key, value in provenance]
     for row in rows:
-        header = ", ".join(f"{k}={v}" for k, v in sorted(row["machine"].items())) if row["machine"] else "none"
+        header = format_machine(row["machine"])
         body.append(f"<tr><th>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
                     f"{', ' + esc(row['date']) if row['date'] else ''}; params profile: {esc(row['profile'])}; "
-                    f"machine header: {esc(header)}</td></tr>")
+                    f"machine: {esc(header)}</td></tr>")
     body.append("</table></div>")
 
     body.append("<h2>All metrics</h2>")

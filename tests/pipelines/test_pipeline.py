@@ -665,6 +665,22 @@ def test_index_numbers_keep_three_significant_digits_and_goals_read_as_set():
     assert build_index.format_value("seq_len", 65536) == "65,536" and build_index.format_value("x", None) == "n/a"
     assert build_index.format_value("cache_bytes", 3 * 2**20) == "3.0 MiB"
     assert [build_index.format_goal(x) for x in (5.0, 1.5, 0.95, 20, True)] == ["5", "1.5", "0.95", "20", "True"]
+    assert build_index.format_value("seq_lens", [1024, 0.5]) == "1,024, 0.500"
+
+
+def test_index_prints_the_machine_header_and_lists_of_records_readably():
+    machine = {"cores": 2, "cpu": "AMD EPYC", "load_average": [0.31298828125, 1.23193359375, 1.6708984375],
+               "platform": "Linux-6", "python": "3.11.7", "threads": 2, "torch": "2.13.0+cpu"}
+    assert build_index.format_machine(machine) == (
+        "AMD EPYC, 2 logical CPUs; 2 torch threads; load average 0.31 / 1.23 / 1.67 (1 / 5 / 15 min, when the run "
+        "started); Python 3.11.7; torch 2.13.0+cpu; Linux-6")
+    assert build_index.format_machine(None) == "none recorded"
+    assert build_index.format_machine({"cores": 2, "gpu": "none"}) == "CPU, 2 logical CPUs; gpu none"
+    flat = build_index.flatten({"machine": machine, "goals": {"vs": [{"model": "bsbr", "difference": 0.5734},
+                                                                       {"model": "gau", "difference": -0.1}]},
+                                "seq_lens": [1, 2]})
+    assert flat == {"goals.vs[0].model": "bsbr", "goals.vs[0].difference": 0.5734, "goals.vs[1].model": "gau",
+                    "goals.vs[1].difference": -0.1, "seq_lens": [1, 2]}
 
 
 def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
