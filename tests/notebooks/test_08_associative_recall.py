@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import nbformat
 import numpy as np
@@ -154,7 +155,7 @@ def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-    assert markdown and markdown[0].startswith("**What we found**")
+    assert markdown and markdown[0].startswith("### What we found")
     assert "Goal 1 (standard attention ≥ 95%): " + ("met" if smoke["metrics"]["goals"]["attention_accuracy"]["met"]
                                                      else "missed") in markdown[0]
     # nothing printed to stdout before the findings: provenance goes to the appendix
@@ -165,6 +166,19 @@ def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
     assert (smoke["out"] / "accuracy_vs_state.png").stat().st_size > 5000
     assert smoke["metrics"]["machine"]["threads"] == 1
+
+
+def test_rendered_report_has_one_what_we_found_heading(smoke):
+    """The findings' own heading becomes the box's heading: the page says "What we found" once."""
+    import bs4
+
+    sys.path.insert(0, str(ROOT / "pipelines"))  # the stage scripts are top-level modules
+    from render_report import render
+
+    page = bs4.BeautifulSoup(render(smoke["out"] / "08_associative_recall.ipynb"), "html.parser")
+    box = page.find("section", class_="what-we-found")
+    assert box is not None and box.find("h3").get_text(strip=True).startswith("What we found")
+    assert page.get_text().count("What we found") == 1
 
 
 def test_bad_task_size_fails_before_training(tmp_path):
