@@ -7,11 +7,11 @@
     baseline, method = memory_baseline()        # bytes resident now; the high-water mark is reset to it
     times = timed_calls(call, repeats=3, warmup=1)   # seconds per call
     peak = memory_peak()                        # bytes: the high-water mark since the baseline
-    summary = time_summary(times)               # repeats, median_s, mean_s, min_s, max_s, times_s
+    summary = time_summary(times)               # repeats, median_s (+ its 95 % interval), mean_s, min_s, max_s, times_s
 
 Time: ``time.perf_counter`` around each call after ``warmup`` untimed calls; ``repeats`` timed calls (fewer if
-``max_timed_s`` is given and their total passes it; at least one), summarised as median (the headline), mean,
-min, max and all, in seconds.
+``max_timed_s`` is given and their total passes it; at least one), summarised as median (the headline) with a
+distribution-free 95 % interval for it (:func:`median_interval`), mean, min, max and all, in seconds.
 
 Memory: the process's resident set size from ``/proc/self/status`` (Linux). :func:`memory_baseline` takes the
 current RSS (``VmRSS``: weights, inputs, libraries already resident) and resets the kernel's high-water mark to it
@@ -31,6 +31,7 @@ Where ``forkserver`` is unavailable (Windows) points are spawned.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import resource
 import statistics
@@ -45,7 +46,8 @@ import torch
 from bsbr._checks import check_positive_int
 
 __all__ = ["FORKSERVER_PRELOAD", "check_threads_timeout", "memory_baseline", "memory_peak", "proc_status_bytes",
-           "reset_peak_rss", "ru_maxrss_bytes", "run_isolated", "set_threads", "time_summary", "timed_calls"]
+           "median_interval", "reset_peak_rss", "ru_maxrss_bytes", "run_isolated", "set_threads", "time_summary",
+           "timed_calls"]
 
 #: Modules the fork server imports before forking any point (more with :func:`run_isolated`'s ``preload``).
 FORKSERVER_PRELOAD = ("torch", "bsbr", "bsbr.measure")
@@ -139,10 +141,56 @@ def timed_calls(call, repeats: int, warmup: int, max_timed_s: float | None = Non
     return times
 
 
+#: Confidence of the interval of a point's median time (:func:`median_interval`).
+MEDIAN_CONFIDENCE = 0.95
+
+
+def median_interval(times, confidence: float = MEDIAN_CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval for the median time of a point from its timed calls.
+
+    The order statistics ``(x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎)`` of the ``n`` sorted calls with the largest ``j`` whose coverage
+    ``1 − 2·P(Binomial(n, ½) ≤ j − 1)`` is at least ``confidence`` (the sign-test interval for a median; Hollander,
+    Wolfe & Chicken, *Nonparametric Statistical Methods*, 3rd ed., §3.6). It needs no assumption on the shape of the
+    timing noise, and one slow outlier among many calls does not widen it. With too few calls for ``confidence``
+    (fewer than 6 at 95 %) it is the fastest and slowest call, which cover the median with probability ``1 − 2¹⁻ⁿ``
+    only (75 % for 3 calls).
+
+    Args:
+        times: the timed calls, seconds, ``[n]`` with ``n ≥ 1``, each finite and ≥ 0.
+        confidence: the wanted coverage, in (0, 1).
+    Returns:
+        ``(low, high)`` seconds.
+    Raises:
+        ValueError: ``times`` empty or holding a negative or non-finite value; ``confidence`` not in (0, 1).
+    """
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    try:
+        x = sorted(float(t) for t in (times.ravel().tolist() if hasattr(times, "ravel") else times))
+    except (TypeError, ValueError):
+        raise ValueError(f"times must be a non-empty sequence of finite seconds >= 0, got {times!r}") from None
+    if not x or not all(math.isfinite(t) and t >= 0 for t in x):
+        raise ValueError(f"times must be a non-empty sequence of finite seconds >= 0, got {times!r}")
+    n, j = len(x), 1
+
+    def below(k):  # P(Binomial(n, ½) ≤ k), exact
+        return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
+    while j + 1 <= (n + 1) // 2 and 1 - 2 * below(j) >= confidence:  # coverage of (x₍ⱼ₊₁₎, x₍ₙ₋ⱼ₎)
+        j += 1
+    return x[j - 1], x[n - j]
+
+
 def time_summary(times: list[float]) -> dict:
-    """``{"repeats", "median_s", "mean_s", "min_s", "max_s", "times_s"}`` of a non-empty list of seconds."""
-    return {"repeats": len(times), "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-            "min_s": min(times), "max_s": max(times), "times_s": times}
+    """``{"repeats", "median_s", "median_low_s", "median_high_s", "mean_s", "min_s", "max_s", "times_s"}`` of a
+    non-empty list of seconds; ``median_low_s``/``median_high_s``: :func:`median_interval` at 95 %.
+
+    Raises:
+        ValueError: as :func:`median_interval`.
+    """
+    low, high = median_interval(times)
+    return {"repeats": len(times), "median_s": statistics.median(times), "median_low_s": low, "median_high_s": high,
+            "mean_s": statistics.fmean(times), "min_s": min(times), "max_s": max(times), "times_s": times}
 
 
 # ----------------------------------------------------------------------------- isolation

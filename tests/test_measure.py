@@ -3,14 +3,16 @@ checks, and running a function in a fresh process. No timing is asserted."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from bsbr.measure import (check_threads_timeout, memory_baseline, memory_peak, proc_status_bytes, run_isolated,
-                          set_threads, time_summary, timed_calls)
+from bsbr.measure import (check_threads_timeout, median_interval, memory_baseline, memory_peak, proc_status_bytes,
+                          run_isolated, set_threads, time_summary, timed_calls)
 
 LINUX = sys.platform.startswith("linux")
 
@@ -52,7 +54,8 @@ def test_timed_calls_warmup_repeats_and_early_stop():
 
 
 def test_time_summary_of_known_seconds():
-    assert time_summary([3.0, 1.0, 2.0, 10.0]) == {"repeats": 4, "median_s": 2.5, "mean_s": 4.0, "min_s": 1.0,
+    assert time_summary([3.0, 1.0, 2.0, 10.0]) == {"repeats": 4, "median_s": 2.5, "median_low_s": 1.0,
+                                                   "median_high_s": 10.0, "mean_s": 4.0, "min_s": 1.0,
                                                    "max_s": 10.0, "times_s": [3.0, 1.0, 2.0, 10.0]}
 
 
@@ -96,4 +99,26 @@ def test_run_isolated_reports_the_childs_error_its_death_and_a_timeout():
         run_isolated(_die, {}, "a dying thing", timeout=120)
     with pytest.raises(RuntimeError, match="took longer than 0.2 s"):
         run_isolated(_sleep, {"seconds": 30}, "a slow thing", timeout=0.2)
+
+
+def test_median_interval_is_the_sign_test_interval_of_the_median():
+    """[x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎], the largest j with coverage 1 − 2·P(Bin(n, ½) ≤ j − 1) ≥ the confidence, by counting."""
+    def coverage(n, j):  # P(j ≤ Bin(n, ½) ≤ n − j), summed from the binomial coefficients
+        return sum(math.comb(n, k) for k in range(j, n - j + 1)) / 2**n
+
+    for n in (1, 2, 3, 5, 6, 7, 20, 128, 129):
+        times = np.random.default_rng(n).permutation(np.arange(1, n + 1) * 1e-3)  # unsorted on purpose
+        j = max([j for j in range(1, (n + 1) // 2 + 1) if coverage(n, j) >= 0.95], default=1)
+        assert median_interval(times) == pytest.approx(((j) * 1e-3, (n - j + 1) * 1e-3))
+        low, high = median_interval(times, confidence=0.5)
+        assert j * 1e-3 <= low <= high <= (n - j + 1) * 1e-3  # a lower confidence gives an interval inside it
+    assert median_interval(np.arange(1, 129)) == (53.0, 76.0)  # the sign-test 95 % interval for n = 128
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # 3 calls: the fastest and slowest (coverage 75 %)
+    assert median_interval([1.0] * 10 + [500.0]) == (1.0, 1.0)  # one slow outlier among many calls does not widen it
+    for bad in ([], [1.0, float("nan")], [-1.0], ["x"]):
+        with pytest.raises(ValueError, match="times must be"):
+            median_interval(bad)
+    for confidence in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence must be in"):
+            median_interval([1.0, 2.0], confidence)
 
