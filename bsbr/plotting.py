@@ -433,16 +433,19 @@ def plot_calibration_and_scale(per_chunk, calibration, scale, labels: dict, chun
 def plot_long_documents(bins, latency, steps, *, colors: dict, labels: dict, flat_from: int, reference_ppl: float,
                         ratio: float, trained_context: int | None):
     """The long-document figure, one colour per variant (``colors``/``labels``: variant -> colour name of
-    :data:`COLORS` / legend text; ``original_fresh`` and ``exact_region`` dashed; the legend in a panel of its own):
-    perplexity per bin against position (log axis when it spans more than 10×) with the goal line ``ratio ×
-    reference_ppl`` beyond ``flat_from`` and the trained context, single-token decode latency (median, min–max band,
-    ms) against context, and cache memory (MiB, bytes in use) against position.
+    :data:`COLORS` / legend text; ``original_fresh`` and ``exact_region`` dashed; one shared legend, readable, in a
+    row of its own below the three panels, outside the data): perplexity per bin against position (log axis when it
+    spans more than 10×) with the goal line ``ratio × reference_ppl`` beyond ``flat_from`` and the trained context,
+    single-token decode latency (median, min–max band, ms) against context, and cache memory in use (MiB) against
+    position.
 
     Args:
         bins, latency, steps: the tables of :mod:`bsbr.long_documents` (``perplexity_bins``, ``decode_latency``,
             ``steps_table``).
     """
-    fig, axes = _figure(4, (23, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 0.55]})
+    fig = plt.figure(figsize=(19, 6))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 0.2])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(3)] + [fig.add_subplot(grid[1, :])]  # the last: the legend
     styles = {"original_fresh": "--", "exact_region": (0, (4, 3))}  # exact region dashed: its cache equals blocks'
     ax = axes[0]
     for name, group in bins.groupby("variant"):
@@ -471,15 +474,15 @@ def plot_long_documents(bins, latency, steps, *, colors: dict, labels: dict, fla
     for name, group in steps.groupby("variant"):
         ax.plot(group.end, group.cache_bytes / 2**20, color=color(colors[name]), ls=styles.get(name, "-"),
                 label=labels[name])
-    ax.set(xlabel="position (tokens)", ylabel="MiB", title="cache in use (nbytes)")
+    ax.set(xlabel="position (tokens)", ylabel="cache in use (MiB)", title="cache memory in use")
     handles, names = [], []
     for ax in axes[:3]:
         for handle, name in zip(*ax.get_legend_handles_labels()):
             if name not in names:
                 handles.append(handle)
                 names.append(name)
-    axes[3].axis("off")  # the legend's own panel, right of the data
-    axes[3].legend(handles, names, loc="center left", fontsize=8, frameon=False)
+    axes[3].axis("off")  # the legend's own row, below the data
+    axes[3].legend(handles, names, loc="center", ncol=min(len(names), 4), fontsize=10, frameon=False)
     return fig
 
 

@@ -189,6 +189,10 @@ def test_plot_long_documents_one_style_per_variant_and_a_legend_panel():
     assert list(memory.lines[0].get_ydata()) == [3.0] and memory.lines[1].get_linestyle() != "-"
     assert not legend.axison and [t.get_text() for t in legend.get_legend().get_texts()] == [
         "blocks", "exact region", "fresh", "goal: 1.5 × blocks' median before 4", "max_position_embeddings 6"]
+    assert memory.get_ylabel() == "cache in use (MiB)" and "nbytes" not in memory.get_title()  # MiB are plotted
+    assert all(t.get_fontsize() >= 9 for t in legend.get_legend().get_texts())  # readable
+    # the legend's row lies below the three panels, outside the data
+    assert all(legend.get_position().y1 <= ax.get_position().y0 for ax in (ppl, decode, memory))
     bins.loc[1, "ppl"] = 900.0
     fig2 = plot_long_documents(bins, latency, steps, colors=colors, labels=labels, flat_from=4, reference_ppl=20.0,
                                ratio=1.5, trained_context=None)
