@@ -118,7 +118,7 @@ def _is_pandas_missing(value) -> bool:
 def html_table(frame, digits: int = 3, missing: str = "—", index: bool = False) -> str:
     """A pandas DataFrame as an HTML ``<table>`` with every cell through :func:`cell` (3 significant digits, counts
     in full, missing values as ``missing``); the column names and index are escaped, the cells too. A float column
-    whose values are all whole numbers (a count column that a missing value made float) prints as integers.
+    of whole numbers with a missing value (a count column that the missing value made float) prints as integers.
 
     Args:
         frame: ``pandas.DataFrame`` (any shape; an empty frame gives a table with its header only).
@@ -141,11 +141,13 @@ def html_table(frame, digits: int = 3, missing: str = "—", index: bool = False
 
 
 def _is_count_column(column) -> bool:
-    """A column of floats that are all whole numbers (a count that a missing value turned into float): printed in
-    full, not rounded to 3 digits (``seq_len`` 40,960, not 41,000)."""
+    """A column of whole-number floats with a missing value: a count that the missing value turned into float,
+    printed in full, not rounded to 3 digits (``seq_len`` 40,960, not 41,000). Without a missing value a float
+    column stays a measurement (an r² of exactly 1.0 reads 1.00)."""
     values = [v for v in column if isinstance(v, float) and math.isfinite(v)]
+    missing = [v for v in column if v is None or _is_pandas_missing(v) or (isinstance(v, float) and math.isnan(v))]
     others = [v for v in column if not isinstance(v, float) and not _is_pandas_missing(v) and v is not None]
-    return bool(values) and not others and all(v == int(v) for v in values)
+    return bool(values) and bool(missing) and not others and all(v == int(v) for v in values)
 
 
 def _as_count(value):

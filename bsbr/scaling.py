@@ -23,10 +23,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import binom
 
 from bsbr.benchmarks import ATTENTION_IMPLS, MODULE_IMPLS
 from bsbr.fitting import fit_power_law
+from bsbr.formatting import quantity
+from bsbr.measure import MEDIAN_CONFIDENCE, median_interval  # noqa: F401 - re-exported: report 01 names them here
 from bsbr.experiment import check_ints
 from bsbr.registry import available_models, build_model
 
@@ -35,7 +36,7 @@ __all__ = ["ATTENTION_COLUMNS", "DECODE_COLUMNS", "FIT_COLUMNS", "FULL_IMPLS", "
            "crossover", "crossover_text", "extrapolate_times", "find_fit", "layer_fits", "layer_metrics",
            "layer_targets", "layer_targets_text", "leader", "median_interval", "memory_curves", "memory_growth",
            "model_comparison", "model_comparison_metrics", "model_comparison_text", "model_fits", "model_headline",
-           "module_time_split", "module_time_split_text", "operator_ratios", "parameter_counts", "point_row",
+           "module_time_split", "module_time_split_text", "operator_ratios", "parameter_counts",
            "power_law_fits", "ratio_range", "rounded", "scaling_parameters",
            "speed_memory_targets", "targets_text", "targets_view", "time_of", "upper_half", "value_at", "who_wins"]
 
@@ -48,8 +49,6 @@ MODES = ("forward", "backward")
 MODE_LABEL = {"forward": "forward", "backward": "forward+backward"}
 #: The four operator impls of the DeltaNet / linear-attention comparison.
 OPERATORS = ("delta_chunkwise", "delta_recurrent", "linear_chunkwise", "linear_recurrent")
-#: Confidence of the interval of a point's median time (:func:`median_interval`).
-MEDIAN_CONFIDENCE = 0.95
 #: Columns kept of a whole-model point (:func:`bsbr.benchmarks.measure_forward`).
 MODEL_COLUMNS = ["model", "seq_len", "batch_size", "repeats", "warmup", "threads", "median_s", "min_s", "max_s",
                  "peak_bytes", "baseline_rss_bytes", "peak_rss_bytes", "memory_method"]
@@ -191,46 +190,6 @@ def parameter_counts(configs: dict, seed: int = 0) -> pd.DataFrame:
     counts = pd.DataFrame(rows).sort_values("model").reset_index(drop=True)
     counts["vs_standard"] = counts.parameters / counts.set_index("model").parameters.get("standard", np.nan)
     return counts
-
-
-def median_interval(times, confidence: float = MEDIAN_CONFIDENCE) -> tuple[float, float]:
-    """A distribution-free interval for the median time of a point from its timed calls.
-
-    The order statistics ``(x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎)`` of the ``n`` sorted calls with the largest ``j`` whose coverage
-    ``1 − 2·P(Binomial(n, ½) ≤ j − 1)`` is at least ``confidence`` (the sign-test interval for a median; Hollander,
-    Wolfe & Chicken, *Nonparametric Statistical Methods*, 3rd ed., §3.6). It needs no assumption on the shape of the
-    timing noise, and one slow outlier among many calls does not widen it. With too few calls for ``confidence``
-    (fewer than 6 at 95 %) it is the fastest and slowest call, which cover the median with probability ``1 − 2¹⁻ⁿ``
-    only (75 % for 3 calls).
-
-    Args:
-        times: the timed calls, seconds, ``[n]`` with ``n ≥ 1``, each finite and ≥ 0.
-        confidence: the wanted coverage, in (0, 1).
-    Returns:
-        ``(low, high)`` seconds.
-    Raises:
-        ValueError: ``times`` empty or holding a negative or non-finite value; ``confidence`` not in (0, 1).
-    """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    x = np.sort(np.asarray(times, dtype=float).ravel())
-    if x.size == 0 or not np.isfinite(x).all() or (x < 0).any():
-        raise ValueError(f"times must be a non-empty sequence of finite seconds >= 0, got {times!r}")
-    n, j = x.size, 1
-    while j + 1 <= (n + 1) // 2 and 1 - 2 * binom.cdf(j, n, 0.5) >= confidence:  # coverage of (x₍ⱼ₊₁₎, x₍ₙ₋ⱼ₎)
-        j += 1
-    return float(x[j - 1]), float(x[n - j])
-
-
-def point_row(result: dict, columns) -> dict:
-    """One measured point as a table row: ``columns`` of ``result`` (:func:`bsbr.benchmarks.measure_attention`), with
-    ``median_low_s``/``median_high_s`` computed by :func:`median_interval` from its ``times_s``.
-
-    Raises:
-        KeyError: a column other than those two missing from ``result``.
-    """
-    low, high = median_interval(result["times_s"])
-    return {key: low if key == "median_low_s" else high if key == "median_high_s" else result[key] for key in columns}
 
 
 def find_fit(fits: pd.DataFrame, span: str = "upper half", **keys):
@@ -383,7 +342,7 @@ def model_comparison_text(comparison: pd.DataFrame, fits: pd.DataFrame, tie_tole
     if below:
         lengths = {word: [n for n in lengths_all if comparison.faster.loc[n] == word and n in below]
                    for word in ("standard", "tie", "BSBR")}
-        parts = [f"{label} at {lengths[word]}" for word, label in
+        parts = [f"{label} at {', '.join(f'{n:,}' for n in lengths[word])} tokens" for word, label in
                  (("standard", "standard attention is faster"), ("tie", f"the two are within {tie_tolerance:.0%}"),
                   ("BSBR", "BSBR is faster")) if lengths[word]]
         text.append(("Per length: " if time_cross is None else "Below that, ") + "; ".join(parts) + ".")
@@ -664,11 +623,12 @@ def module_time_split_text(split: pd.DataFrame) -> str:
     if not len(split):
         return ""
     last = split.iloc[-1]
-    return (f"At {int(last.seq_len)} tokens the BSBR module takes {last.bsbr_module_s:.2f} s, of which the core is "
-            f"{last.bsbr_core_s:.2f} s and the rest (mostly the four projections) {last.bsbr_outside_core_s:.2f} s "
-            f"({last.outside_share:.0%}); full attention's module takes {last.full_module_s:.1f} s "
-            f"({last.full_source}). The module ratio is {last.module_ratio:.1f}×; with a BSBR core of zero cost it "
-            f"would be at most {last.ratio_if_bsbr_core_were_free:.1f}×.")
+    return (f"At {int(last.seq_len):,} tokens the BSBR module takes {quantity(last.bsbr_module_s, 's')}, of which the "
+            f"core is {quantity(last.bsbr_core_s, 's')} and the rest (mostly the four projections) "
+            f"{quantity(last.bsbr_outside_core_s, 's')} ({last.outside_share:.0%}); full attention's module takes "
+            f"{quantity(last.full_module_s, 's')} ({last.full_source}). The module ratio is "
+            f"{quantity(last.module_ratio, '×')}; with a BSBR core of zero cost it would be at most "
+            f"{quantity(last.ratio_if_bsbr_core_were_free, '×')}.")
 
 
 def operator_ratios(operators: pd.DataFrame, seq_lens) -> pd.DataFrame:

@@ -87,6 +87,8 @@ def test_html_table_formats_cells_counts_and_missing_values():
     header = re.findall(r"<th>(.*?)</th>", html_table(frame, index=False))
     assert header == ["seq_len", "ratio", "name"]
     assert html_table(frame.iloc[:0]).count("<td>") == 0
+    measured = pd.DataFrame({"r2": [1.0, 1.0], "seq_len": [1024, 2048]})  # whole floats, nothing missing: measured
+    assert re.findall(r"<td>(.*?)</td>", html_table(measured)) == ["1.00", "1,024", "1.00", "2,048"]
     with pytest.raises(TypeError, match="frame"):
         html_table(frame.to_dict())
     with pytest.raises(ValueError, match="digits"):

@@ -122,3 +122,9 @@ def test_median_interval_is_the_sign_test_interval_of_the_median():
         with pytest.raises(ValueError, match="confidence must be in"):
             median_interval([1.0, 2.0], confidence)
 
+
+
+def test_scaling_names_the_same_median_interval():
+    from bsbr import scaling
+
+    assert scaling.median_interval is median_interval and scaling.MEDIAN_CONFIDENCE == 0.95
