@@ -188,7 +188,8 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
                  "model: SmolLM2-135M-Instruct.Q4_1.gguf", "-p trials=8", "Appendix C"):
         assert line in html, line
     assert "samples:" not in html and "IProgress" not in html
-    assert (smoke["out"] / "accuracy.png").stat().st_size > 1000
+    assert (smoke["out"] / "accuracy.png").stat().st_size > 1000  # the headline figure: every depth pooled
+    assert (smoke["out"] / "accuracy_by_depth.png").stat().st_size > 1000  # one panel per length
 
 
 def test_a_stopped_run_continues_from_its_scoring_log(smoke, tmp_path_factory, terraced_files, resume_dir):
