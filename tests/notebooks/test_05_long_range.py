@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from bsbr.analysis import wilson_interval
+from bsbr.passkey import VARIANTS as PASSKEY_VARIANTS
 from tests.conftest import run_notebook_smoke
 
 CHUNK, SINKS, WINDOW, BLOCK, TOP_K = 128, 4, 256, 32, 2
@@ -159,6 +160,11 @@ def test_metrics_goals_and_the_report_starts_with_the_findings(smoke):
     assert metrics["out_of_reach_accuracy"]["exact_region"] == 0 == metrics["out_of_reach_accuracy"]["sliding_window"]
     assert metrics["attended_tokens"]["blocks_mean"] == {"512": 2 * CHUNK + SINKS + TOP_K * BLOCK}
     assert metrics["headline_trials_needed"] == 39 and metrics["full_profile_estimated_hours"] > 0
+    blocks = [v for v in VARIANTS if PASSKEY_VARIANTS[v].build == "blocks"]  # the headline cells: half their interval
+    assert sorted(metrics["headline_half_width"]) == sorted(blocks) and metrics["headline_cells"] == len(blocks)
+    halves = {v: (metrics["ci95"][v]["512"][1] - metrics["ci95"][v]["512"][0]) / 2 for v in blocks}
+    assert {v: h["512"] for v, h in metrics["headline_half_width"].items()} == pytest.approx(halves, abs=2e-4)
+    assert metrics["headline_cells_within_half_width"] == sum(h <= 0.15 for h in halves.values())
     assert metrics["machine"]["threads"] == 1 and metrics["machine"]["cores"] >= 1  # the timings' machine header
     assert metrics["load_average"]["before"] == metrics["machine"]["load_average"]  # and after the forwards
     assert len(metrics["load_average"]["after"]) == 3 and metrics["freed_memory_kept"] is True
