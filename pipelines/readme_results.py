@@ -480,15 +480,16 @@ def fresh_clone(reports_dir: Path) -> str | None:
     verdict = "met" if minutes <= r["budget_minutes"] else "missed"
     parts = ", ".join(f"{name[:2]} {seconds / 60:.1f}" for name, seconds in sorted(r["notebooks"].items()))
     stamps = r["report_revisions"]
-    stamped = (f"every report was stamped with that one revision ({stamps[0][:10]})"
-               if stamps == [r["revision"]] else f"the reports were stamped with {', '.join(s[:10] for s in stamps)}")
-    load = "/".join(f"{x:.2f}" for x in r["load_average_before"]), "/".join(f"{x:.2f}" for x in r["load_average_after"])
+    stamped = (f"Every report was stamped with that one revision ({stamps[0][:10]})"
+               if stamps == [r["revision"]] else f"The reports were stamped with {', '.join(s[:10] for s in stamps)}")
+    load = ["not recorded" if la is None else "/".join(f"{x:.2f}" for x in la)
+            for la in (r["load_average_before"], r["load_average_after"])]
     return (f"Measured on a fresh clone at {r['revision'][:7]} on {r['date'][:10]} (`python "
             f"pipelines/time_fresh_clone.py`: `make setup`, then `make repro` in the default profile; {r['machine']}; "
             f"load average {load[0]} before and {load[1]} after, 1/5/15 min): **{minutes:.1f} min in all** (budget "
             f"{r['budget_minutes']:.0f}: {verdict}): setup {r['setup_seconds'] / 60:.1f}, the notebooks {parts}, and "
             f"{r['other_seconds'] / 60:.1f} min for the rest (the data stages, renders, index and README blocks). "
-            f"{stamped[0].upper() + stamped[1:]}, and `dvc status` was "
+            f"{stamped}, and `dvc status` was "
             f"{'clean' if r['dvc_status_clean'] else 'not clean'} afterwards.")
 
 
@@ -503,23 +504,19 @@ EXTRA_BLOCKS = {"calibration_cost": ("02_conversion_similarity", calibration_cos
 
 
 def render(readme: str, metrics_dir: Path = METRICS, reports_dir: Path | None = None) -> str:
-    """``readme`` with every block that has a formatter and a metrics file rewritten from that file, and the blocks
-    of :data:`REPORT_BLOCKS` from the reports in ``reports_dir`` (default: the parent of ``metrics_dir``)."""
+    """``readme`` with every block that has a formatter and a metrics file rewritten from that file (its own, or the
+    one :data:`EXTRA_BLOCKS` names), and the blocks of :data:`REPORT_BLOCKS` from the reports in ``reports_dir``
+    (default: the parent of ``metrics_dir``)."""
     reports_dir = metrics_dir.parent if reports_dir is None else reports_dir
 
     def block(match: re.Match) -> str:
         name = match.group(1)
-        path = metrics_dir / f"{name}.json"
-        if name in EXTRA_BLOCKS:
-            stem, formatter = EXTRA_BLOCKS[name]
-            path = metrics_dir / f"{stem}.json"
-            text = formatter(json.loads(path.read_text())) if path.is_file() else None
-        elif name in REPORT_BLOCKS:
+        if name in REPORT_BLOCKS:
             text = REPORT_BLOCKS[name](reports_dir)
-        elif name in FORMATTERS and path.is_file():
-            text = FORMATTERS[name](json.loads(path.read_text()))
-        else:
-            text = None
+        else:  # a metrics file's block: the stage's own (FORMATTERS) or another view of one (EXTRA_BLOCKS)
+            stem, formatter = EXTRA_BLOCKS.get(name, (name, FORMATTERS.get(name)))
+            path = metrics_dir / f"{stem}.json"
+            text = formatter(json.loads(path.read_text())) if formatter is not None and path.is_file() else None
         return match.group(0) if text is None else f"<!-- results:{name} -->\n{text}\n<!-- /results:{name} -->"
     return BLOCK.sub(block, readme)
 

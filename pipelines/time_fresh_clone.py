@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bsbr.provenance import cpu_model, load_average
 from build_index import collect  # how the index reads each report (its revision and run time among them)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def _timed(command: list[str], cwd: Path, env: dict) -> float:
 def time_fresh_clone(into: Path, revision: str = "HEAD", source: Path = REPO_ROOT) -> dict:
     """Clone ``source`` at ``revision`` into ``into`` (which must not exist or be empty), run ``make setup`` and
     ``make repro`` there, and return the record: revision (full hash), date (UTC, ISO 8601), machine (CPU, cores,
-    Python), load_average_before / _after ((1, 5, 15)-minute), setup_seconds, repro_seconds, total_seconds,
+    Python), load_average_before / _after ((1, 5, 15)-minute; None where the platform has none), setup_seconds, repro_seconds, total_seconds,
     budget_minutes, notebooks ({report name: seconds its notebook ran}), other_seconds (repro minus the notebooks: the
     data stages, renders, index and README blocks), report_revisions (the revisions the reports were stamped with),
     dvc_status_clean (bool).
@@ -64,20 +65,19 @@ def time_fresh_clone(into: Path, revision: str = "HEAD", source: Path = REPO_ROO
     subprocess.run(["git", "clone", "--quiet", str(source), str(into)], check=True)
     subprocess.run(["git", "checkout", "--quiet", full], cwd=into, check=True)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    load_before = os.getloadavg()
+    load_before = load_average()
     setup = _timed(["make", "setup"], into, env)
     repro = _timed(["make", "repro"], into, env)
-    load_after = os.getloadavg()
+    load_after = load_average()
     status = subprocess.run([str(into / ".venv" / "bin" / "dvc"), "status", "--quiet"], cwd=into, env=env)
     reports = collect(into / "reports")
     notebooks = {row["name"]: row["run_seconds"] for row in reports if row["run_seconds"] is not None}
-    cpu = platform.processor() or platform.machine()
     return {
         "revision": full,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}",
+        "load_average_before": None if load_before is None else [round(x, 2) for x in load_before],
+        "load_average_after": None if load_after is None else [round(x, 2) for x in load_after],
         "setup_seconds": round(setup, 1),
         "repro_seconds": round(repro, 1),
         "total_seconds": round(setup + repro, 1),

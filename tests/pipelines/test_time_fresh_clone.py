@@ -88,3 +88,5 @@ def test_readme_paragraph_gives_the_record_against_the_budget(tmp_path):
     text = readme_results.fresh_clone(tmp_path)
     assert "**46.0 min in all** (budget 45: missed)" in text
     assert "The reports were stamped with 0123456789, fedcba9876, and `dvc status` was not clean" in text
+    (tmp_path / "fresh_clone_repro.json").write_text(json.dumps({**RECORD, "load_average_before": None}))
+    assert "load average not recorded before and 1.90/1.80/1.70 after" in readme_results.fresh_clone(tmp_path)
