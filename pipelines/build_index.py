@@ -32,7 +32,7 @@ from dvc.utils.serialize import parse_yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bsbr.formatting import sig  # noqa: E402
+from bsbr.formatting import cell  # noqa: E402
 from bsbr.provenance import git_revision, machine_info  # noqa: E402
 
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
@@ -43,6 +43,12 @@ PROFILE = re.compile(r"params profile:\s*(\w+)")
 #: How long the stage's notebook ran (seconds), from the report's last line (render_report.stage_run).
 RUN_SECONDS = re.compile(r'data-run-seconds="([0-9.]+)"')
 #: The revision the report was rendered at (render_report's ``<meta name="bsbr-rendered-at">``).
+#: The machine header every report's provenance cell prints (bsbr.provenance.machine_info), for the reports whose
+#: metrics file carries no ``machine`` record: "CPU: <name> (<n> logical CPUs), python <version>, <platform>",
+#: "threads: <n>" and "load average (1, 5, 15 min): <a>, <b>, <c>".
+PRINTED_CPU = re.compile(r"CPU: ([^\n<]+?) \((\d+) logical CPUs\), python ([0-9.]+)")
+PRINTED_THREADS = re.compile(r"device: \w+, threads: (\d+)")
+PRINTED_LOAD = re.compile(r"load average \(1, 5, 15 min\): ([0-9.]+), ([0-9.]+), ([0-9.]+)")
 RENDERED_AT = re.compile(r'<meta (?=[^>]*\bname="bsbr-rendered-at")[^>]*\bcontent="'
                          r'([0-9a-f]{7,40}(?:\+dirty)?|unknown)"')
 
@@ -80,8 +86,8 @@ class Headline:
     """One headline number of a report, read from its metrics file.
 
     ``label`` and ``goal`` may name metrics as ``{dotted.path}`` (filled with their values). ``value``: a dotted path,
-    or a function of the metrics dict. ``interval``: paths of the low and high ends, or one path of a ``[low, high]``
-    list. ``target``: the path of a ``{value, comparison, threshold, status}`` record (sets value, goal and verdict).
+    or a function of the metrics dict. ``interval``: paths of the low and high ends, one path of a ``[low, high]``
+    list, or a function of the metrics dict returning ``(low, high)``. ``target``: the path of a ``{value, comparison, threshold, status}`` record (sets value, goal and verdict).
     ``verdict``: the path of ``met``/``missed``/``pass``/``FAIL``/true/false (a dict of them: met if all are met),
     or a function of the metrics dict returning one.
     """
@@ -89,7 +95,7 @@ class Headline:
     label: str
     value: str | Callable[[dict], object] | None = None
     unit: str = ""
-    interval: tuple[str, str] | str | None = None
+    interval: tuple[str, str] | str | Callable[[dict], tuple] | None = None
     goal: str = ""
     verdict: str | Callable[[dict], object] | None = None
     target: str | None = None
@@ -127,6 +133,18 @@ def _past_trained(metrics: dict, variant: str) -> dict | str:
     return _accuracy_by_length(metrics, variant, past_trained=True) or "not measured"
 
 
+def _bsbr_vs(metrics: dict, other: str) -> dict:
+    """Report 08: the paired difference of BSBR (state retrieval) minus architecture ``other`` (its goals.bsbr_vs row).
+
+    Raises:
+        KeyError: the run compared BSBR with no ``other`` (the index prints "missing: ...").
+    """
+    for row in metrics["goals"]["bsbr_vs"]:
+        if row["other"] == other and row.get("model", "bsbr") == "bsbr":
+            return row
+    raise KeyError(f"goals.bsbr_vs[other={other}]")
+
+
 def below_one(low: float, high: float) -> bool | None:
     """A ratio's goal "below 1" by its interval: met if the whole interval is below 1, missed if it is wholly at or
     above 1, undecided (None) if it straddles 1."""
@@ -136,7 +154,8 @@ def below_one(low: float, high: float) -> bool | None:
 #: Which numbers each report leads with (2-3 per report): the questions' decisive numbers and their goals.
 HEADLINES: dict[str, list[Headline]] = {
     "01_scaling": [
-        Headline("BSBR attention module forward speed-up over full attention at 16,384 tokens", unit="×",
+        Headline("BSBR attention module forward speed-up over full attention at 16,384 tokens (range: the medians' "
+                 "sign-test intervals; with 3 timed calls, 75 % each)", unit="×",
                  target="attention.targets.module_forward_speedup_16384"),
         Headline("the same at 65,536 tokens", unit="×", target="attention.targets.module_forward_speedup_65536"),
         Headline("BSBR decode latency per token at position 32,768 ÷ at 1,024", unit="×",
@@ -171,16 +190,22 @@ HEADLINES: dict[str, list[Headline]] = {
         Headline("recall of the recency baseline, same budget", "best_router.recency"),
         Headline("layers (of {layers}) where the best router beats recency", "best_router.layers_beats_recency",
                  goal="≥ {goal_layers} layers", verdict="goal_met"),
+        Headline("BSBR's own router (meta-query · meta-key per chunk of 256): recall at the same budget, and layers "
+                 "where it beats recency", lambda m: f"{format_value('', m['recall']['meta_b256'])}; "
+                 f"{m['layers_beating_recency']['meta_b256']} of {m['layers']} layers"),
     ],
     "05_long_range": [
         Headline("passkey accuracy of block retrieval (mean keys, compact positions) by length, n = "
                  "{trials_per_headline_cell} each", lambda m: _trained(m, "blocks_mean_compact"),
-                 goal="≥ 95% in every cell to 8,192 tokens, never below the original's",
+                 goal="≥ 95% in every cell to 8,192 tokens (point estimate), never below the original's",
                  verdict=lambda m: {goal: m["goals"]["blocks_mean_compact"][goal]
                                     for goal in ("accuracy_to_8k", "not_below_original")}),
         Headline("the same past the trained 8,192 positions (the original cannot go there)",
-                 lambda m: _past_trained(m, "blocks_mean_compact"), goal="≥ 90% at 16,384 and 32,768",
+                 lambda m: _past_trained(m, "blocks_mean_compact"), goal="≥ 90% at 16,384 and 32,768 (point estimate)",
                  verdict="goals.blocks_mean_compact.accuracy_past_8k"),
+        Headline("passkey accuracy with BSBR's own router (meta-query · meta-key) choosing the blocks, by length",
+                 lambda m: _trained(m, "blocks_meta"), goal="≥ 95% in every cell to 8,192 tokens (point estimate)",
+                 verdict="goals.blocks_meta.accuracy_to_8k"),
         Headline("answer log-prob minus the original's, fact out of reach (nats)",
                  "out_of_reach_answer_logprob.blocks_mean_compact.minus_original", "",
                  "out_of_reach_answer_logprob.blocks_mean_compact.ci95"),  # a diagnostic, no goal of its own
@@ -206,10 +231,9 @@ HEADLINES: dict[str, list[Headline]] = {
                  verdict="goals.attention_accuracy.met"),
         Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values", "architectures.bsbr.accuracy",
                  interval=("architectures.bsbr.ci_low", "architectures.bsbr.ci_high")),
-        Headline("BSBR minus the sliding window (state {architectures.sliding_window.state_values} values), paired",
-                 lambda m: next(r["difference"] for r in m["goals"]["bsbr_vs"]
-                               if r["other"] == "sliding_window" and r.get("model", "bsbr") == "bsbr"),
-                 interval=None),
+        Headline("BSBR minus the sliding window (state {architectures.sliding_window.state_values} values), paired "
+                 "over seeds (t-interval)", lambda m: _bsbr_vs(m, "sliding_window")["difference"],
+                 interval=lambda m: (_bsbr_vs(m, "sliding_window")["ci_low"], _bsbr_vs(m, "sliding_window")["ci_high"])),
     ],
     "07_training": [
         Headline("BSBR's final validation loss, nats/byte (t over seeds); bigram floor {ngram_floors.bigram.val_loss}",
@@ -217,8 +241,10 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="below the bigram floor", verdict=lambda m: below_floor(m, "bsbr")),
         Headline("lowest final validation loss ({best_final}), nats/byte", "best_final_val_loss",
                  goal="below the bigram floor", verdict=lambda m: below_floor(m, m["best_final"])),
-        Headline("steps to {target_val_loss} nats/byte: fastest ({fastest}; BSBR: {models.bsbr.steps_to_target})",
-                 "fastest_steps_to_target"),
+        Headline("steps to {target_val_loss} nats/byte: fastest ({fastest}, t over seeds; BSBR: "
+                 "{models.bsbr.steps_to_target})", "fastest_steps_to_target",
+                 interval=lambda m: (m["models"][m["fastest"]]["steps_to_target_low"],
+                                     m["models"][m["fastest"]]["steps_to_target_high"])),
     ],
 }
 
@@ -255,21 +281,17 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
 
 
 def format_value(name: str, value) -> str:
-    """Human-readable number: bytes as MiB, floats with 3 significant digits (trailing zeros kept, so a range's
-    1.003 reads 1.00, not 1: :func:`bsbr.formatting.sig`), None as n/a, a list item by item."""
-    if value is None:
-        return "n/a"
+    """Human-readable number, as the reports' tables print one (:func:`bsbr.formatting.cell`: floats with 3
+    significant digits, trailing zeros kept, so a range's 1.003 reads 1.00, not 1; integers in full with thousands
+    separators; booleans as yes / no), bytes (a name ending ``_bytes``) as MiB, None and NaN as n/a, a dict as
+    ``key: value`` pairs and a list item by item."""
     if isinstance(value, dict):
         return ", ".join(f"{key}: {format_value(key, item)}" for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(name, item) for item in value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if name.endswith("_bytes"):
+    if name.endswith("_bytes") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value / 2**20:,.1f} MiB"
-    if isinstance(value, float):
-        return sig(value)
-    return f"{value:,}"
+    return cell(value, missing="n/a")
 
 
 def format_machine(machine: dict | None) -> str:
@@ -348,7 +370,8 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
     if spec.target and value is not None and target.get("low") is not None:  # the range the medians' intervals allow
         text += f" [{format_value('', target['low'])}, {format_value('', target['high'])}]"
     if spec.interval and value is not None:
-        low, high = (lookup(metrics, spec.interval) if isinstance(spec.interval, str)
+        low, high = (spec.interval(metrics) if callable(spec.interval) else
+                     lookup(metrics, spec.interval) if isinstance(spec.interval, str)
                      else [lookup(metrics, path) for path in spec.interval])
         text += f" [{format_value('', low)}, {format_value('', high)}]"
     return {"label": _fill(spec.label, metrics), "value": text, "goal": goal,
@@ -486,8 +509,25 @@ def commit_date(revision: str) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
+def printed_machine(text: str) -> dict | None:
+    """The machine header a report printed in its provenance cell (CPU, cores, torch threads, load average when the
+    run started, Python), as a metrics file's ``machine`` record; None if the report printed no CPU line."""
+    cpu = PRINTED_CPU.search(text)
+    if not cpu:
+        return None
+    machine = {"cpu": cpu.group(1), "cores": int(cpu.group(2))}
+    threads, load = PRINTED_THREADS.search(text), PRINTED_LOAD.search(text)
+    if threads:
+        machine["threads"] = int(threads.group(1))
+    if load:
+        machine["load_average"] = [float(x) for x in load.groups()]
+    machine["python"] = cpu.group(3)
+    return machine
+
+
 def collect(reports_dir: Path) -> list[dict]:
-    """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine, revision, date,
+    """One dict per report: name, file, title, metrics (nested; empty if no metrics file), machine (the metrics file's
+    record, else the header the report printed: :func:`printed_machine`), revision, date,
     profile (the params profile its provenance printed, or "not recorded"), run_seconds (how long its notebook ran,
     or None where the report does not say), rendered_at (the revision it was rendered at, or None)."""
     rows = []
@@ -500,7 +540,7 @@ def collect(reports_dir: Path) -> list[dict]:
         profile = PROFILE.search(text)
         seconds, rendered = RUN_SECONDS.search(text), RENDERED_AT.search(text)
         rows.append({"name": path.stem, "file": path.name, "title": report_title(text, path.stem),
-                     "metrics": metrics, "machine": metrics.get("machine"), "revision": revision,
+                     "metrics": metrics, "machine": metrics.get("machine") or printed_machine(text), "revision": revision,
                      "date": commit_date(revision), "profile": profile.group(1) if profile else "not recorded",
                      "run_seconds": float(seconds.group(1)) if seconds else None,
                      "rendered_at": rendered.group(1) if rendered else None})

@@ -5,8 +5,9 @@ every number there is one a run produced.
     python pipelines/readme_results.py --check   # exit 1 (and name the block) if README.md differs from the metrics
 
 A block sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md; NAME is a stage whose
-``reports/metrics/NAME.json`` a formatter below turns into Markdown, or a name in :data:`REPORT_BLOCKS` (made from
-``reports/*.html``). Blocks without a formatter are left alone.
+``reports/metrics/NAME.json`` a formatter below turns into Markdown, a name in :data:`EXTRA_BLOCKS` (another view of
+one stage's metrics file) or a name in :data:`REPORT_BLOCKS` (made from ``reports/*.html``). Blocks without a formatter
+are left alone.
 """
 
 from __future__ import annotations
@@ -410,6 +411,41 @@ def training(m: dict) -> str:
         f"Run: {m['run_seconds'] / 60:.1f} min on {m['machine']['threads']} thread(s){load}.")
 
 
+#: A larger calibration of report 02, closer to LoLCATs' budget (README: `dvc exp run -S …`, in the default profile)
+LARGER_CALIBRATION = {"transfer_windows_per_source": 4, "transfer_steps": 200, "lora_steps": 400, "lora_eval_every": 50}
+
+
+def calibration_cost(m: dict) -> str:
+    """Report 02's calibration: what each phase took in the run behind the metrics, the rate per step, and the larger
+    calibration (:data:`LARGER_CALIBRATION`) estimated at those rates, with the command that runs it. The estimate
+    takes transfer time as proportional to steps × windows and LoRA time (its curve evaluations included) to steps."""
+    cal = m["calibration"]
+    transfer, lora, normalized = cal["transfer"], cal["lora"], cal["normalized"]
+    per_window_step = transfer["seconds"] / (transfer["steps"] * transfer["windows"])
+    lora_seconds = lora["seconds"]  # variant -> seconds: the terraced model and the sliding-window control
+    per_lora_step = sum(lora_seconds.values()) / (len(lora_seconds) * lora["steps"])
+    larger = LARGER_CALIBRATION
+    windows = larger["transfer_windows_per_source"] * len(m["sources"])
+    estimate = (larger["transfer_steps"] * windows * per_window_step
+                + larger["lora_steps"] * per_lora_step * len(lora_seconds) + normalized["seconds"])
+    flags = [f"-S '02_conversion_similarity.{key}={value}'" for key, value in larger.items()]
+    return (
+        f"In the run behind `reports/02_conversion_similarity.html`, its calibration took "
+        f"{(cal['terraced_total_seconds'] + lora_seconds['sliding_span_sinks_lora'] + normalized['seconds']) / 60:.1f} "
+        f"min on {cal['threads']} threads: attention transfer {transfer['seconds'] / 60:.1f} min ({transfer['steps']} "
+        f"full-batch steps per layer on {transfer['windows']} windows of {m['seq_len']:,} tokens: "
+        f"{per_window_step:.2f} s per step and window), LoRA {lora_seconds['terraced_lora'] / 60:.1f} min for the "
+        f"terraced model and {lora_seconds['sliding_span_sinks_lora'] / 60:.1f} min for the sliding-window control "
+        f"({lora['steps']} steps of {lora['seq_len']:,} tokens, {per_lora_step:.1f} s a step with the perplexity "
+        f"curve's evaluations), the normalised retrieval {normalized['seconds'] / 60:.1f} min. Nothing stops it at "
+        f"that size: report 02 gives the time it took, and its perplexity-vs-LoRA-steps curve how far the steps got. "
+        f"A larger calibration, closer to LoLCATs' budget ({larger['transfer_steps']} transfer steps on "
+        f"{windows} windows, {larger['lora_steps']} LoRA steps for each model), would take about "
+        f"{estimate / 3600:.1f} h at these rates:\n\n```bash\ndvc exp run {' '.join(flags[:2])} \\\n"
+        f"            {' '.join(flags[2:])}\n```"
+    )
+
+
 FORMATTERS = {"01_scaling": scaling, "02_conversion_similarity": conversion_similarity, "03_chunk_size_ablation": chunk_size_ablation,
               "04_attention_analysis": attention_analysis, "05_long_range": long_range,
               "06_long_documents": long_documents, "07_training": training,
@@ -432,26 +468,55 @@ def stage_times(reports_dir: Path) -> str | None:
             f"{sum(seconds for _, seconds, _ in runs) / 3600:.1f} h in all.")
 
 
+def fresh_clone(reports_dir: Path) -> str | None:
+    """The fresh-clone timing of the README's first command, from ``reports_dir/fresh_clone_repro.json`` (written by
+    ``pipelines/time_fresh_clone.py``): minutes in all against the budget, per part and per notebook, the load
+    average around it, the revisions the reports were stamped with; None if there is no record."""
+    path = reports_dir / "fresh_clone_repro.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    minutes = r["total_seconds"] / 60
+    verdict = "met" if minutes <= r["budget_minutes"] else "missed"
+    parts = ", ".join(f"{name[:2]} {seconds / 60:.1f}" for name, seconds in sorted(r["notebooks"].items()))
+    stamps = r["report_revisions"]
+    stamped = (f"Every report was stamped with that one revision ({stamps[0][:10]})"
+               if stamps == [r["revision"]] else f"The reports were stamped with {', '.join(s[:10] for s in stamps)}")
+    load = ["not recorded" if la is None else "/".join(f"{x:.2f}" for x in la)
+            for la in (r["load_average_before"], r["load_average_after"])]
+    return (f"Measured on a fresh clone at {r['revision'][:7]} on {r['date'][:10]} (`python "
+            f"pipelines/time_fresh_clone.py`: `make setup`, then `make repro` in the default profile; {r['machine']}; "
+            f"load average {load[0]} before and {load[1]} after, 1/5/15 min): **{minutes:.1f} min in all** (budget "
+            f"{r['budget_minutes']:.0f}: {verdict}): setup {r['setup_seconds'] / 60:.1f}, the notebooks {parts}, and "
+            f"{r['other_seconds'] / 60:.1f} min for the rest (the data stages, renders, index and README blocks). "
+            f"{stamped}, and `dvc status` was "
+            f"{'clean' if r['dvc_status_clean'] else 'not clean'} afterwards.")
+
+
 #: README blocks made from the rendered reports rather than from one metrics file: name -> formatter(reports_dir)
-REPORT_BLOCKS = {"stage_times": stage_times}
+REPORT_BLOCKS = {"stage_times": stage_times, "fresh_clone": fresh_clone}
 
 BLOCK = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)\n<!-- /results:\1 -->", re.S)
 
 
+#: README blocks that read another block's metrics file: name -> (metrics file stem, formatter)
+EXTRA_BLOCKS = {"calibration_cost": ("02_conversion_similarity", calibration_cost)}
+
+
 def render(readme: str, metrics_dir: Path = METRICS, reports_dir: Path | None = None) -> str:
-    """``readme`` with every block that has a formatter and a metrics file rewritten from that file, and the blocks
-    of :data:`REPORT_BLOCKS` from the reports in ``reports_dir`` (default: the parent of ``metrics_dir``)."""
+    """``readme`` with every block that has a formatter and a metrics file rewritten from that file (its own, or the
+    one :data:`EXTRA_BLOCKS` names), and the blocks of :data:`REPORT_BLOCKS` from the reports in ``reports_dir``
+    (default: the parent of ``metrics_dir``)."""
     reports_dir = metrics_dir.parent if reports_dir is None else reports_dir
 
     def block(match: re.Match) -> str:
         name = match.group(1)
-        path = metrics_dir / f"{name}.json"
         if name in REPORT_BLOCKS:
             text = REPORT_BLOCKS[name](reports_dir)
-        elif name in FORMATTERS and path.is_file():
-            text = FORMATTERS[name](json.loads(path.read_text()))
-        else:
-            text = None
+        else:  # a metrics file's block: the stage's own (FORMATTERS) or another view of one (EXTRA_BLOCKS)
+            stem, formatter = EXTRA_BLOCKS.get(name, (name, FORMATTERS.get(name)))
+            path = metrics_dir / f"{stem}.json"
+            text = formatter(json.loads(path.read_text())) if formatter is not None and path.is_file() else None
         return match.group(0) if text is None else f"<!-- results:{name} -->\n{text}\n<!-- /results:{name} -->"
     return BLOCK.sub(block, readme)
 

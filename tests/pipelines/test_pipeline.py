@@ -664,8 +664,10 @@ def test_index_numbers_keep_three_significant_digits_and_goals_read_as_set():
         "1.00", "0.954", "1.00", "22.4", "6,060"]
     assert build_index.format_value("seq_len", 65536) == "65,536" and build_index.format_value("x", None) == "n/a"
     assert build_index.format_value("cache_bytes", 3 * 2**20) == "3.0 MiB"
-    assert [build_index.format_goal(x) for x in (5.0, 1.5, 0.95, 20, True)] == ["5", "1.5", "0.95", "20", "True"]
+    assert [build_index.format_goal(x) for x in (5.0, 1.5, 0.95, 20, True)] == ["5", "1.5", "0.95", "20", "yes"]
     assert build_index.format_value("seq_lens", [1024, 0.5]) == "1,024, 0.500"
+    # the same cells as the reports' tables (bsbr.formatting.cell): flags read yes / no, NaN as n/a, text unchanged
+    assert [build_index.format_value("", x) for x in (False, float("nan"), "undecided")] == ["no", "n/a", "undecided"]
 
 
 def test_index_prints_the_machine_header_and_lists_of_records_readably():
@@ -683,6 +685,24 @@ def test_index_prints_the_machine_header_and_lists_of_records_readably():
                     "goals.vs[1].difference": -0.1, "seq_lens": [1, 2]}
 
 
+def test_index_reads_the_machine_header_a_report_printed_when_its_metrics_have_none():
+    # the lines bsbr.experiment prints in every report's provenance cell (02, 03 and 04 keep no machine record in
+    # their metrics, and the index said "none recorded" for them)
+    text = ("<pre>git revision: 08acfcb819ad3b9908f4214c0a7436373c8e771f\nparams profile: publication\n"
+            "torch 2.13.0+cpu, device: cpu, threads: 2\n"
+            "CPU: Intel(R) Xeon(R) Processor (2 logical CPUs), python 3.11.7, Linux-6.18.44-x86_64-with-glibc2.36\n"
+            "load average (1, 5, 15 min): 1.04, 0.55, 0.23\n</pre>")
+    machine = build_index.printed_machine(text)
+    assert machine == {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "threads": 2,
+                       "load_average": [1.04, 0.55, 0.23], "python": "3.11.7"}
+    assert build_index.format_machine(machine) == (
+        "Intel(R) Xeon(R) Processor, 2 logical CPUs; 2 torch threads; load average 1.04 / 0.55 / 0.23 (1 / 5 / 15 "
+        "min, when the run started); Python 3.11.7")
+    assert build_index.printed_machine(text.replace("load average", "load")) == {
+        "cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "threads": 2, "python": "3.11.7"}
+    assert build_index.printed_machine("<pre>git revision: unknown</pre>") is None
+
+
 def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
     reports, params = _index_fixture(tmp_path)
     page = build_index.build_index(reports, params)
@@ -694,7 +714,8 @@ def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
     rows = [[td.get_text() for td in tr.find_all("td") if "report" not in (td.get("class") or [])]
             for tr in dashboard.find_all("tr")[1:]]
     assert rows[:2] == [
-        ["BSBR attention module forward speed-up over full attention at 16,384 tokens", "5.13×", "≥ 5×", "met"],
+        ["BSBR attention module forward speed-up over full attention at 16,384 tokens (range: the medians' sign-test "
+         "intervals; with 3 timed calls, 75 % each)", "5.13×", "≥ 5×", "met"],
         ["the same at 65,536 tokens", "19.2× [18.1, 20.3]", "≥ 20×", "undecided"]]  # the timed calls' range
     assert rows[2][0].startswith("BSBR decode latency") and rows[2][3].startswith(
         "missing: metrics have no 'attention.targets.bsbr_decode_latency_32768_vs_1024'")

@@ -55,7 +55,8 @@ def test_every_result_block_has_a_formatter_and_the_passkey_caveat_follows_the_m
     readme = (ROOT / "README.md").read_text()
     names = [match.group(1) for match in readme_results.BLOCK.finditer(readme)]
     assert {"04_attention_analysis", "05_long_range"} <= set(names)
-    assert all(name in readme_results.FORMATTERS or name in readme_results.REPORT_BLOCKS for name in names)
+    assert all(name in readme_results.FORMATTERS or name in readme_results.REPORT_BLOCKS
+               or name in readme_results.EXTRA_BLOCKS for name in names)
     metrics = json.loads((ROOT / "reports" / "metrics" / "05_long_range.json").read_text())
     weak = min(metrics["accuracy"]["original"].values()) < 0.95
     assert ("cannot test the ≥ 95% goal" in readme_results.long_range(metrics)) == weak
@@ -201,3 +202,26 @@ def test_long_documents_block_quotes_other_processes_cores_and_the_busy_warning(
     del metrics["other_cores"], metrics["busy"]  # a run made before they were measured: the load average
     metrics["load_average"] = {"before": [1.18, 0.9, 0.9], "after": [1.93, 1.9, 1.8]}
     assert readme_results.long_documents(metrics).endswith("Load average 1.18 before, 1.93 after.")
+
+
+def test_calibration_cost_block_derives_its_rates_and_estimate_from_report_02s_metrics(tmp_path):
+    """The README's calibration paragraph: each phase's minutes, the rates per step, and the larger calibration's
+    estimate at those rates, with the command that runs it; a changed time changes the block."""
+    metrics = json.loads((ROOT / "reports" / "metrics" / "02_conversion_similarity.json").read_text())
+    cal = metrics["calibration"]
+    text = readme_results.calibration_cost(metrics)
+    per_window_step = cal["transfer"]["seconds"] / (cal["transfer"]["steps"] * cal["transfer"]["windows"])
+    assert f"{per_window_step:.2f} s per step and window" in text
+    per_lora_step = sum(cal["lora"]["seconds"].values()) / (2 * cal["lora"]["steps"])
+    larger = readme_results.LARGER_CALIBRATION
+    windows = larger["transfer_windows_per_source"] * len(metrics["sources"])
+    hours = (larger["transfer_steps"] * windows * per_window_step + 2 * larger["lora_steps"] * per_lora_step
+             + cal["normalized"]["seconds"]) / 3600
+    assert f"would take about {hours:.1f} h at these rates" in text
+    assert all(f"-S '02_conversion_similarity.{key}={value}'" in text for key, value in larger.items())
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- results:calibration_cost -->" in readme
+    cal["transfer"]["seconds"] *= 10  # ten times slower transfer: the block is stale and its rate changes
+    (tmp_path / "02_conversion_similarity.json").write_text(json.dumps(metrics))
+    assert "calibration_cost" in readme_results.stale_blocks(readme, tmp_path)
+    assert f"{per_window_step * 10:.2f} s per step and window" in readme_results.render(readme, tmp_path)
