@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable
 
@@ -42,13 +43,13 @@ REVISION = re.compile(r"git revision:\s*([0-9a-f]{7,40}(?:\+dirty)?|unknown)")
 PROFILE = re.compile(r"params profile:\s*(\w+)")
 #: How long the stage's notebook ran (seconds), from the report's last line (render_report.stage_run).
 RUN_SECONDS = re.compile(r'data-run-seconds="([0-9.]+)"')
-#: The revision the report was rendered at (render_report's ``<meta name="bsbr-rendered-at">``).
 #: The machine header every report's provenance cell prints (bsbr.provenance.machine_info), for the reports whose
 #: metrics file carries no ``machine`` record: "CPU: <name> (<n> logical CPUs), python <version>, <platform>",
 #: "threads: <n>" and "load average (1, 5, 15 min): <a>, <b>, <c>".
 PRINTED_CPU = re.compile(r"CPU: ([^\n<]+?) \((\d+) logical CPUs\), python ([0-9.]+)")
 PRINTED_THREADS = re.compile(r"device: \w+, threads: (\d+)")
 PRINTED_LOAD = re.compile(r"load average \(1, 5, 15 min\): ([0-9.]+), ([0-9.]+), ([0-9.]+)")
+#: The revision the report was rendered at (render_report's ``<meta name="bsbr-rendered-at">``).
 RENDERED_AT = re.compile(r'<meta (?=[^>]*\bname="bsbr-rendered-at")[^>]*\bcontent="'
                          r'([0-9a-f]{7,40}(?:\+dirty)?|unknown)"')
 
@@ -87,7 +88,8 @@ class Headline:
 
     ``label`` and ``goal`` may name metrics as ``{dotted.path}`` (filled with their values). ``value``: a dotted path,
     or a function of the metrics dict. ``interval``: paths of the low and high ends, one path of a ``[low, high]``
-    list, or a function of the metrics dict returning ``(low, high)``. ``target``: the path of a ``{value, comparison, threshold, status}`` record (sets value, goal and verdict).
+    list, or a function of the metrics dict returning ``(low, high)``. ``target``: the path of a ``{value,
+    comparison, threshold, status}`` record (sets value, goal and verdict).
     ``verdict``: the path of ``met``/``missed``/``pass``/``FAIL``/true/false (a dict of them: met if all are met),
     or a function of the metrics dict returning one.
     """
@@ -155,7 +157,7 @@ def below_one(low: float, high: float) -> bool | None:
 HEADLINES: dict[str, list[Headline]] = {
     "01_scaling": [
         Headline("BSBR attention module forward speed-up over full attention at 16,384 tokens (range: the medians' "
-                 "sign-test intervals; with 3 timed calls, 75 % each)", unit="×",
+                 "sign-test intervals; under 6 timed calls, the fastest to the slowest call)", unit="×",
                  target="attention.targets.module_forward_speedup_16384"),
         Headline("the same at 65,536 tokens", unit="×", target="attention.targets.module_forward_speedup_65536"),
         Headline("BSBR decode latency per token at position 32,768 ÷ at 1,024", unit="×",
@@ -233,7 +235,7 @@ HEADLINES: dict[str, list[Headline]] = {
                  interval=("architectures.bsbr.ci_low", "architectures.bsbr.ci_high")),
         Headline("BSBR minus the sliding window (state {architectures.sliding_window.state_values} values), paired "
                  "over seeds (t-interval)", lambda m: _bsbr_vs(m, "sliding_window")["difference"],
-                 interval=lambda m: (_bsbr_vs(m, "sliding_window")["ci_low"], _bsbr_vs(m, "sliding_window")["ci_high"])),
+                 interval=lambda m: itemgetter("ci_low", "ci_high")(_bsbr_vs(m, "sliding_window"))),
     ],
     "07_training": [
         Headline("BSBR's final validation loss, nats/byte (t over seeds); bigram floor {ngram_floors.bigram.val_loss}",
@@ -540,7 +542,8 @@ def collect(reports_dir: Path) -> list[dict]:
         profile = PROFILE.search(text)
         seconds, rendered = RUN_SECONDS.search(text), RENDERED_AT.search(text)
         rows.append({"name": path.stem, "file": path.name, "title": report_title(text, path.stem),
-                     "metrics": metrics, "machine": metrics.get("machine") or printed_machine(text), "revision": revision,
+                     "metrics": metrics, "machine": metrics.get("machine") or printed_machine(text),
+                     "revision": revision,
                      "date": commit_date(revision), "profile": profile.group(1) if profile else "not recorded",
                      "run_seconds": float(seconds.group(1)) if seconds else None,
                      "rendered_at": rendered.group(1) if rendered else None})
