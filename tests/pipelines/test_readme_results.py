@@ -36,7 +36,7 @@ def test_a_changed_metric_makes_its_block_stale_and_render_rewrites_it(tmp_path)
 def test_a_quick_profile_run_renders_every_block_and_names_what_it_did_not_measure():
     """`make repro` (the quick profile) rewrites README from metrics that lack the longest lengths: every block
     renders, and a target the run did not reach reads "not measured", at its own length."""
-    quick = ROOT / "tests" / "pipelines" / "quick_profile_metrics"  # make repro on a fresh clone at 431141d
+    quick = ROOT / "tests" / "pipelines" / "quick_profile_metrics"  # make repro on a fresh clone at 3aafb11
     readme = (ROOT / "README.md").read_text()
     rewritten = readme_results.render(readme, quick)
     assert readme_results.stale_blocks(rewritten, quick) == []
