@@ -36,6 +36,7 @@ import multiprocessing
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 import types
@@ -197,6 +198,7 @@ def time_summary(times: list[float]) -> dict:
 
 
 _CONTEXT = None
+_START_LOCK = threading.Lock()
 _PRELOAD: list[str] = list(FORKSERVER_PRELOAD)
 
 
@@ -251,12 +253,13 @@ def run_isolated(function, kwargs: dict, what: str, timeout: float | None = None
     # The child needs nothing from the caller's __main__ (the target lives in this module), so hide it while the
     # process starts: multiprocessing would otherwise re-run the caller's script in the child, which recurses in a
     # script without an `if __name__ == "__main__":` guard.
-    caller_main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        process.start()
-    finally:
-        sys.modules["__main__"] = caller_main
+    with _START_LOCK:  # one start at a time: callers on several threads (bsbr.mqar.train_mqar_runs) share __main__
+        caller_main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            process.start()
+        finally:
+            sys.modules["__main__"] = caller_main
     send.close()  # the child holds the only write end: EOF on `receive` when it dies
     try:
         if not receive.poll(timeout):

@@ -52,6 +52,7 @@ short convolution's last ``k − 1`` embeddings.
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -66,7 +67,7 @@ from bsbr.blocks import SUMMARIES
 
 __all__ = ["IGNORE_INDEX", "KINDS", "MQARData", "MQARRun", "ShortConvEmbedding", "accuracy_interval",
            "answer_distances", "build_mqar_lm", "evaluate_mqar", "multiquery_ar", "outside_fraction", "state_formula",
-           "state_size", "train_mqar"]
+           "state_size", "train_mqar", "train_mqar_runs"]
 
 #: Label of positions that are not scored (``F.cross_entropy``'s ``ignore_index``).
 IGNORE_INDEX = -100
@@ -511,6 +512,79 @@ def train_mqar(name: str, config: dict, train: MQARData, validation: MQARData, s
     run.train_seconds = elapsed
     run.model = lm.eval()
     return run
+
+
+def _train_mqar_entry(threads: int, **kwargs) -> bytes:
+    """One :func:`train_mqar` run on ``threads`` threads (the body of a :func:`train_mqar_runs` worker process), as
+    plain pickle bytes: multiprocessing would send the model's tensors as shared-memory handles, which vanish when
+    this process exits."""
+    torch.set_num_threads(threads)
+    return pickle.dumps(train_mqar(**kwargs))
+
+
+def train_mqar_runs(jobs: list[dict], train: MQARData, validation: MQARData, workers: int = 1, threads: int = 1,
+                    progress: str | None = None) -> list[MQARRun]:
+    """:func:`train_mqar` for every job, ``workers`` runs at a time, each on ``threads`` threads.
+
+    The models of this task are small (hidden size 64): one run gains almost nothing from a second thread (on the
+    2-core reference machine 300 steps took ~23 s on two threads and ~19 s on one, beside other work), so
+    independent runs side by side use the cores instead. With ``workers > 1`` every run trains in its own process
+    (:func:`bsbr.measure.run_isolated`: a fork server that has imported torch and bsbr) and its :class:`MQARRun`,
+    trained model included, is sent back; with ``workers == 1`` they run one after another in this process, with
+    torch's thread count set to ``threads`` for the duration. A run's result depends only on its job and
+    ``threads`` (the same seed, data and arithmetic), not on ``workers``.
+
+    Args:
+        jobs: keyword arguments of :func:`train_mqar` without ``train``/``validation`` (``name``, ``config``,
+            ``steps``, ``batch_size``, ``learning_rate``, ``seed``, ...).
+        train, validation: :class:`MQARData`, shared by every job.
+        workers: runs at a time (>= 1); threads: torch threads per run (>= 1).
+        progress: a tqdm description, or None for no progress bar (tqdm writes to stderr).
+    Returns:
+        one :class:`MQARRun` per job, in the order of ``jobs``.
+    Raises:
+        ValueError: ``workers``/``threads`` not a positive int, or a job that is not a dict or names
+        ``train``/``validation``; RuntimeError: a run failed (its traceback tail and the job in the message).
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    from bsbr.measure import run_isolated
+
+    check_positive_int(workers=workers, threads=threads)
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict) or {"train", "validation"} & set(job):
+            raise ValueError(f"jobs[{i}] must be a dict of train_mqar arguments without train/validation, got {job!r}")
+    bar = tqdm(total=len(jobs), desc=progress, mininterval=10.0, disable=progress is None)
+    results: list[MQARRun | None] = [None] * len(jobs)
+    if workers == 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for i, job in enumerate(jobs):
+                results[i] = train_mqar(train=train, validation=validation, **job)
+                bar.update()
+        finally:
+            torch.set_num_threads(before)
+            bar.close()
+        return results
+
+    def one(job: dict) -> MQARRun:
+        what = (f"MQAR training of {job.get('name')!r} (learning_rate={job.get('learning_rate')}, "
+                f"seed={job.get('seed')})")
+        return pickle.loads(run_isolated(_train_mqar_entry, dict(threads=threads, train=train, validation=validation,
+                                                                 **job), what))
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    finally:
+        bar.close()
+    return results
 
 
 def accuracy_interval(accuracies, correct: int | None = None, answers: int | None = None,

@@ -12,7 +12,7 @@ import torch
 import bsbr
 from bsbr.mqar import (IGNORE_INDEX, MQARData, ShortConvEmbedding, accuracy_interval, answer_distances,
                        build_mqar_lm, evaluate_mqar, multiquery_ar, outside_fraction, state_formula, state_size,
-                       train_mqar)
+                       train_mqar, train_mqar_runs)
 from bsbr.training import build_lm, model_config
 
 N, L, V = 4, 64, 256
@@ -268,3 +268,29 @@ def test_accuracy_interval_t_over_seeds_and_wilson_over_answers():
     assert clipped["ci_high"] == 1.0 and clipped["ci_low"] < 0.96
     single = accuracy_interval([0.25])
     assert single["accuracy"] == 0.25 and math.isnan(single["ci_low"]) and math.isnan(single["ci_high"])
+
+
+def test_runs_side_by_side_in_worker_processes_equal_the_runs_one_after_another():
+    V = 32
+    train, validation = multiquery_ar(256, 16, 2, V, seed=1), multiquery_ar(32, 16, 2, V, seed=2)
+    jobs = [dict(name=name, config=model_config(name, 32, 1, 2, 64, 8, vocab_size=V), steps=6, batch_size=16,
+                 learning_rate=1e-2, warmup_steps=1, eval_interval=3, seed=seed)
+            for name, seed in (("standard", 0), ("bsbr", 1), ("standard", 2))]
+    threads = torch.get_num_threads()
+    serial = train_mqar_runs(jobs, train, validation, workers=1, threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    parallel = train_mqar_runs(jobs, train, validation, workers=2, threads=1)
+    assert [(r.name, r.seed) for r in parallel] == [("standard", 0), ("bsbr", 1), ("standard", 2)]  # job order
+    for a, b in zip(serial, parallel):
+        drop = lambda history: [{k: v for k, v in h.items() if k != "elapsed_s"} for h in history]
+        assert drop(a.history) == drop(b.history) and a.val_correct == b.val_correct and a.params == b.params
+        state_a, state_b = a.model.state_dict(), b.model.state_dict()
+        assert state_a.keys() == state_b.keys()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert serial[0].history != serial[2].history  # the seed matters: the comparison above can fail
+    with pytest.raises(ValueError, match="workers"):
+        train_mqar_runs(jobs, train, validation, workers=0)
+    with pytest.raises(ValueError, match=r"jobs\[0\]"):
+        train_mqar_runs([{**jobs[0], "train": train}], train, validation)
+    with pytest.raises(RuntimeError, match="learning_rate"):  # a run's error reaches the caller, naming the run
+        train_mqar_runs([jobs[0], {**jobs[1], "learning_rate": 0.0}], train, validation, workers=2)
