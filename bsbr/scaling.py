@@ -574,13 +574,14 @@ def targets_view(targets: pd.DataFrame) -> pd.DataFrame:
 
 
 def targets_text(targets: pd.DataFrame, target_seq_lens, target_decode_positions) -> str:
-    """Markdown: how many targets of :func:`speed_memory_targets` pass, which fail, which were not measured."""
+    """Markdown: how many of BSBR's targets (:func:`speed_memory_targets`) pass, which fail, which were not measured
+    (the operator targets of :func:`layer_targets` have their own line, :func:`layer_targets_text`)."""
     short, long = sorted(int(n) for n in target_seq_lens)
     first_pos, last_pos = sorted(int(n) for n in target_decode_positions)
     failed = targets[targets.status == "FAIL"]
     undecided = targets[targets.status == "undecided"]
     missing = targets[targets.status == "not measured"]
-    summary = [f"**{(targets.status == 'pass').sum()} of {len(targets)} targets pass**"
+    summary = [f"BSBR's speed and memory targets: **{(targets.status == 'pass').sum()} of {len(targets)} pass**"
                + (f"; **{len(failed)} fail**: " + "; ".join(failed.description) if len(failed) else "")
                + (f"; **{len(undecided)} undecided at this noise** (the range the medians' intervals allow, in "
                   "brackets, straddles the goal): " + "; ".join(undecided.description) if len(undecided) else "")
@@ -671,9 +672,9 @@ def layer_targets(operator_view: pd.DataFrame, layers: pd.DataFrame, seq_len: in
     for impl in [name for name in sorted(layers.impl.unique()) if name != "standard"]:
         row = layers[layers.impl == impl].sort_values("seq_len").iloc[-1]
         n = int(row.seq_len)
-        rows.append(check_target(f"no_nxn_{impl}", f"{impl} forward peak at {n} tokens / one n×n fp32 matrix "
-                                 f"({4 * n * n / 2**20:.4g} MiB)", float(row.peak_bytes) / (4 * n * n), "≤", 1.0,
-                                 unit="× 4n² bytes"))
+        matrix = quantity(4 * n * n / 2**20, "MiB")
+        rows.append(check_target(f"no_nxn_{impl}", f"{impl} forward peak at {n} tokens / one n×n fp32 matrix ({matrix})",
+                                 float(row.peak_bytes) / (4 * n * n), "≤", 1.0, unit="× 4n² bytes"))
     return pd.DataFrame(rows, columns=TARGET_COLUMNS).drop(columns=["extrapolated", "low", "high"])  # one value each
 
 
@@ -682,8 +683,9 @@ def layer_targets_text(targets: pd.DataFrame) -> str:
     failed = targets[~targets.passed.astype(bool)]
     if not len(failed):
         return "All operator and memory targets pass."
-    return "**Missed:** " + "; ".join(f"{r.description}: {r.value:.3g}{r.unit.split()[0] if r.unit else ''} "
-                                      f"(target {r.comparison} {r.threshold:g})" for r in failed.itertuples())
+    return "**Operator and memory targets missed:** " + "; ".join(
+        f"{r.description}: {r.value:.3g}{r.unit.split()[0] if r.unit else ''} (target {r.comparison} {r.threshold:g})"
+        for r in failed.itertuples())
 
 
 def rounded(value, digits: int = 4):

@@ -144,7 +144,8 @@ def test_speed_memory_targets_values_statuses_and_not_measured():
     assert targets.status.tolist() == ["FAIL", "FAIL", "pass", "pass", "pass", "pass", "FAIL"]
     view = targets_view(targets)
     assert view.measured.iloc[1] == "1.02 × (extrapolated)" and view.required.iloc[3] == "≤ 1.5 GB"
-    assert targets_text(targets, [256, 1024], [64, 1024]).startswith("**4 of 7 targets pass**; **3 fail**")
+    assert targets_text(targets, [256, 1024], [64, 1024]).startswith(
+        "BSBR's speed and memory targets: **4 of 7 pass**; **3 fail**")
     missing = speed_memory_targets(attention, times, decode.iloc[:1], 1.0, [256, 2048], [64, 4096])
     assert missing.set_index("target").status.to_dict()["bsbr_forward_peak_memory_2048"] == "not measured"
     assert "not measured in this profile" in targets_text(missing, [256, 2048], [64, 4096])
@@ -232,7 +233,8 @@ def test_operator_ratios_layer_fits_and_layer_targets():
                                        "no_nxn_hopfield"]
     assert targets.value.tolist() == pytest.approx([25.0, 2.0, 0.25, 2.0])
     assert targets.status.tolist() == ["pass", "pass", "pass", "FAIL"]
-    assert layer_targets_text(targets).startswith("**Missed:** hopfield forward peak at 256 tokens")
+    assert layer_targets_text(targets).startswith(
+        "**Operator and memory targets missed:** hopfield forward peak at 256 tokens")
     assert layer_targets_text(targets.iloc[:3]) == "All operator and memory targets pass."
     decode = pd.DataFrame({"impl": ["bsbr"], "position": [32], "median_s": [1.23456789e-4]})
     metrics = layer_metrics(layers, fits, decode, view, targets)

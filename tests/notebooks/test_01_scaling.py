@@ -322,7 +322,8 @@ def test_what_we_found_states_the_targets_the_load_and_shows_the_time_figure(sca
                    if cell.cell_type == "markdown" and cell.source.startswith("## What we found"))
     outputs = notebook.cells[heading + 1].outputs
     text = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
-    assert "targets pass" in text and "Load average (1, 5, 15 min): start " in text and "; end " in text
+    assert "BSBR's speed and memory targets: **" in text
+    assert "Load average (1, 5, 15 min): start " in text and "; end " in text
     others = json.loads(scaling_smoke["metrics"].read_text())["other_cores"]
     assert f"Cores used by other processes: before {others['before']:.2f}, after {others['after']:.2f}." in text
     busy = json.loads(scaling_smoke["metrics"].read_text())["busy"]
