@@ -20,7 +20,7 @@ from bsbr.convert.checkpoint import base_model_fingerprint, load_conversion, loa
 from bsbr.convert.families import FAMILIES, SUPPORTED_FAMILIES, convert_to_bsbr, converted_copy
 from bsbr.convert.gpt2 import BSBRGPT2Attention
 from bsbr.convert.llama import BSBRLlamaAttention
-from bsbr.convert.loading import default_model_path, load_pretrained
+from bsbr.convert.loading import default_model_path, dequantize_gguf, load_pretrained
 from bsbr.convert.lora import (LORA_TARGET_MODULES, add_lora, load_lora, lora_parameters, lora_settings, save_lora,
                                train_lora_distillation)
 from bsbr.convert.retrieval import RETRIEVAL_MODES, chunk_local_attention
@@ -42,6 +42,7 @@ __all__ = [
     "convert_to_bsbr",
     "converted_copy",
     "default_model_path",
+    "dequantize_gguf",
     "load_conversion",
     "load_lora",
     "load_meta_router",

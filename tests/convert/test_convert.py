@@ -238,6 +238,49 @@ def test_real_smollm2_chunked_keeps_first_chunk(smollm2, real_text_ids):
     assert (got[:, 64:] - expected[:, 64:]).abs().max().item() > 1.0  # seed retrieval moves the logits a lot
 
 
+def test_the_dequantized_copy_is_the_gguf_bit_for_bit(smollm2):
+    """load_pretrained() reads the copy fetch_model wrote; parsing the GGUF itself gives the same weights (every
+    tensor equal), the same config apart from the GGUF mark, the same tied head and the same tokens."""
+    from bsbr.convert.loading import _load, default_model_path, dequantized_path
+
+    model, tokenizer = smollm2
+    gguf = default_model_path()
+    assert model.config._name_or_path == str(dequantized_path(gguf)), "load_pretrained() did not read the copy"
+    reference, reference_tokenizer = _load(str(gguf.parent), gguf.name)
+    got, expected = model.state_dict(), reference.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    differ = {k for k in model.config.to_dict().keys() | reference.config.to_dict().keys()
+              if model.config.to_dict().get(k) != reference.config.to_dict().get(k)}
+    assert differ <= {"_name_or_path", "architectures", "quantization_config"}, differ
+    from pydoc_data.topics import topics
+
+    text = topics["assignment"] + "\nHAMLET. To be, or not to be, that is the question — ünïcode"
+    assert tokenizer(text).input_ids == reference_tokenizer(text).input_ids
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)) == (
+        reference_tokenizer.bos_token_id, reference_tokenizer.eos_token_id, len(reference_tokenizer))
+
+
+def test_load_pretrained_reads_the_copy_only_when_it_was_made_from_this_gguf(tmp_path, monkeypatch):
+    import json
+
+    from bsbr.convert import loading
+
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)))
+    monkeypatch.setattr(loading, "default_model_path", lambda: gguf)
+    monkeypatch.setattr(loading, "_load", lambda name_or_path, gguf_file: (name_or_path, gguf_file))
+    copy_dir = loading.dequantized_path(gguf)
+    assert copy_dir == tmp_path / "m.Q4_1.fp32"
+    assert loading.load_pretrained() == (str(tmp_path), gguf.name)  # no copy: the GGUF
+    copy_dir.mkdir()
+    (copy_dir / "source_gguf.json").write_text(json.dumps(loading._gguf_identity(gguf)))
+    assert loading.load_pretrained() == (str(copy_dir), None)
+    gguf.write_bytes(b"GGUF" + bytes(range(255)))  # another GGUF under the same name: the copy is stale
+    assert loading.load_pretrained() == (str(tmp_path), gguf.name)
+    assert loading.load_pretrained(gguf) == (str(tmp_path), gguf.name)  # a named GGUF is always read itself
+
+
 def test_load_pretrained_missing_gguf_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load_pretrained(tmp_path / "missing.gguf")
