@@ -759,7 +759,7 @@ def test_every_headline_is_in_its_metrics_file(name):
     assert any(row["verdict"] for row in rows) or name == "07_training"  # 07 states no goal
 
 
-#: metrics files of a quick-profile run (params.yaml's default): `make repro` on a fresh clone at 3aafb11 (the run of reports/fresh_clone_repro.json)
+#: metrics files of a quick-profile run (params.yaml's default): `make repro` on a fresh clone at 8a1e831 (the run of reports/fresh_clone_repro.json)
 QUICK_METRICS = ROOT / "tests" / "pipelines" / "quick_profile_metrics"
 
 

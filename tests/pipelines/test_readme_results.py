@@ -36,7 +36,7 @@ def test_a_changed_metric_makes_its_block_stale_and_render_rewrites_it(tmp_path)
 def test_a_quick_profile_run_renders_every_block_and_names_what_it_did_not_measure():
     """`make repro` (the quick profile) rewrites README from metrics that lack the longest lengths: every block
     renders, and a target the run did not reach reads "not measured", at its own length."""
-    quick = ROOT / "tests" / "pipelines" / "quick_profile_metrics"  # make repro on a fresh clone at 3aafb11
+    quick = ROOT / "tests" / "pipelines" / "quick_profile_metrics"  # make repro on a fresh clone at 8a1e831
     readme = (ROOT / "README.md").read_text()
     rewritten = readme_results.render(readme, quick)
     assert readme_results.stale_blocks(rewritten, quick) == []
@@ -46,7 +46,7 @@ def test_a_quick_profile_run_renders_every_block_and_names_what_it_did_not_measu
             in readme_results.scaling(scaling))
     assert f"{ratio:.1f}×); the attention cores alone" in readme_results.scaling(scaling)
     assert "BSBR's peak growth from 16,384 to 65,536 tokens: not measured (goal ≤ 1.1×)." in rewritten
-    assert "3 depths × 1 trial: n = 3 per length" in rewritten  # report 05 at the quick size
+    assert "5 depths × 1 trial: n = 5 per length" in rewritten  # report 05 at the quick size
     blocks = "".join(match.group(2) for match in readme_results.BLOCK.finditer(rewritten))
     assert not re.search(r"\b(None|nan|n/a)\b", blocks)
 
