@@ -281,6 +281,10 @@ def arrange(html: str, nb) -> str:
         parts.append(box)
     parts += [cell(i) for i in layout["body"]]
     for title, indices in layout["appendices"]:
+        if all(nb.cells[i].cell_type == "code" and not nb.cells[i].get("outputs") for i in indices):
+            for i in indices:  # code cells that printed nothing show nothing (inputs are not shown): no empty fold
+                cell(i)
+            continue
         details = soup.new_tag("details", attrs={"class": "appendix"})
         summary = soup.new_tag("summary")
         summary.string = title

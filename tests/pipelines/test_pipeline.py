@@ -595,6 +595,20 @@ def test_report_layout_puts_what_we_found_first_and_appendices_in_details(tmp_pa
     assert "stage-run" not in html and "data-run-seconds" not in html  # no papermill record, so no run time
 
 
+def test_an_appendix_of_code_cells_that_printed_nothing_is_left_out(tmp_path):
+    silent = new_code_cell("import math", metadata={"tags": ["parameters"]})  # no outputs: nothing a reader sees
+    found = _new_code_cell_with([_markdown_output("**x is 1**")])
+    notebook = tmp_path / "09_silent.ipynb"
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# 09 · Does x reach 1?"), silent,
+                                       new_markdown_cell("## What we found"), found]), notebook)
+    assert render_report.report_layout(nbformat.read(str(notebook), as_version=4))["appendices"] == [
+        ("Set-up: parameters, provenance and run log", [1])]  # placed, as every cell is ...
+    soup = render_report.bs4.BeautifulSoup(render_report.render(notebook), "html.parser")
+    assert soup.find("details") is None  # ... but no empty fold on the page
+    assert [part.name for part in soup.find("main").find_all(recursive=False)] == ["div", "section"]
+    assert "x is 1" in soup.find("section", class_="what-we-found").get_text()
+
+
 def test_report_layout_rules():
     def layout(cells):
         return render_report.report_layout(new_notebook(cells=cells))
