@@ -41,7 +41,8 @@ COLORS = {
     "sliding_chunk_sinks": "#c5b0d5", "sliding_span_sinks": "#9467bd", "sliding_span_sinks_lora": "#54278f",
     # the passkey notebook's block retrieval (greens, one shade per key summary) and its exact region alone (the same
     # region as terraced_exact)
-    "blocks_minmax": "#238b45", "blocks_mean": "#74c476", "blocks_mean_compact": "#00441b", "exact_region": "#9edae5",
+    "blocks_minmax": "#238b45", "blocks_mean": "#74c476", "blocks_mean_compact": "#00441b",
+    "blocks_minmax_compact": "#006d2c", "exact_region": "#9edae5",
     # block retrieval routed by BSBR's meta-query/meta-key (whole chunks): the seed formula's dark blue
     "blocks_meta": "#393b79",
     # BSBR trained from scratch with exact block retrieval (the associative-recall notebook): a dark shade of BSBR's

@@ -531,7 +531,7 @@ def speed_memory_targets(attention: pd.DataFrame, times: pd.DataFrame, decode: p
     peak_long = value_at(attention, "peak_bytes", impl="bsbr", mode="forward", seq_len=long)
     peak_short = value_at(attention, "peak_bytes", impl="bsbr", mode="forward", seq_len=short)
     rows.append(check_target(f"bsbr_forward_peak_memory_{long}",
-                             f"BSBR module forward peak memory at {long} tokens (1.5 GB = 1.5e9 bytes)",
+                             f"BSBR module forward peak memory at {long} tokens (GB: 10⁹ bytes)",
                              None if peak_long is None else peak_long / 1e9, "≤", 1.5, unit="GB"))
     growth = None if peak_long is None or not peak_short else (peak_long / peak_short) / (long / short)
     rows.append(check_target(f"bsbr_memory_growth_{short}_{long}",
