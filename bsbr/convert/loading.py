@@ -8,7 +8,7 @@ rounding, nothing else of the quantisation).
 Reading the GGUF costs ~20 s on a 2-core CPU (the pure-Python GGUF reader parses the file for the config, the
 tokenizer and the weights), so ``fetch_model`` also writes the de-quantised model once, as an ordinary
 ``save_pretrained`` folder (float32 safetensors, config, tokenizer) beside the GGUF (:func:`dequantize_gguf`);
-:func:`load_pretrained` reads that folder (~2 s) and de-quantises the GGUF itself only when the folder is absent.
+:func:`load_pretrained` reads that folder (0.4 s) and de-quantises the GGUF itself only when the folder is absent.
 Both give the same weights and tokenizer, bit for bit (tests/convert/test_convert.py).
 """
 
@@ -109,9 +109,10 @@ def load_pretrained(name_or_path: str | os.PathLike | None = None, gguf_file: st
 
     Args:
         name_or_path: None = the embedded default GGUF (:func:`default_model_path`), read from its de-quantised
-            copy (:func:`dequantize_gguf`) when that exists and was made from this GGUF file (same sha256); a path to a ``.gguf`` file;
-            a folder (with ``gguf_file`` naming a file in it, or holding an HF checkpoint); or a hub id such as
-            ``"gpt2"``, which goes to ``transformers`` ``from_pretrained`` unchanged (needs the hub or its cache).
+            copy (:func:`dequantize_gguf`) when that exists and was made from this GGUF file (same sha256); a path
+            to a ``.gguf`` file; a folder (with ``gguf_file`` naming a file in it, or holding an HF checkpoint); or
+            a hub id such as ``"gpt2"``, which goes to ``transformers`` ``from_pretrained`` unchanged (needs the hub
+            or its cache).
         gguf_file: a GGUF file name inside ``name_or_path``, or, with ``name_or_path=None``, a path to a GGUF file.
     Returns:
         ``(model, tokenizer)``: an ``AutoModelForCausalLM`` (``LlamaForCausalLM`` for the default) in
