@@ -21,7 +21,7 @@ from bsbr._checks import check_positive_int
 __all__ = ["COLORS", "color", "errorbars", "log_axes", "plot_attention_times", "plot_calibration_and_scale",
            "plot_training", "plot_training_memory", "plot_conversion_similarity", "plot_decode", "plot_gflops",
            "plot_layers", "plot_long_documents", "plot_lora_curves", "plot_memory_curves", "plot_model_scaling",
-           "plot_passkey_accuracy", "plot_ratio_intervals", "save_figure"]
+           "plot_passkey_accuracy", "plot_passkey_grid", "plot_ratio_intervals", "save_figure"]
 
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -293,6 +293,45 @@ def plot_passkey_accuracy(by_length, cells, variants, labels: dict, trials: int 
     return fig
 
 
+def plot_passkey_grid(cells, variants, labels: dict, columns: int = 3):
+    """Passkey results per fact depth as a grid per context length (the "needle in a haystack" chart): one row per
+    variant, one column per depth, each cell coloured by its accuracy (red 0 → green 1) and labelled
+    ``correct/trials``, so a cell of two trials reads as the two trials it is, not as a point with an interval.
+
+    Args:
+        cells: ``[length, depth, variant, trials, correct]`` (e.g. :func:`bsbr.passkey.accuracy_table` per length,
+            depth and variant); a missing (length, variant, depth) cell is left blank.
+        variants: the rows, top to bottom; labels: variant -> row label.
+        columns: grids per row (>= 1).
+    Raises:
+        ValueError: ``columns`` < 1.
+    """
+    check_positive_int(columns=columns)
+    lengths, depths = sorted(cells.length.unique()), sorted(cells.depth.unique())
+    columns = min(columns, len(lengths))
+    rows = -(-len(lengths) // columns)
+    size = (1.2 * len(depths) * columns + 3.2, 0.42 * len(variants) * rows + 1.4)
+    fig, grid = plt.subplots(rows, columns, figsize=size, squeeze=False, sharey=True)
+    cmap = plt.get_cmap("RdYlGn")
+    for ax, length in zip(grid.flat, lengths):
+        table = cells[cells.length == length].set_index(["variant", "depth"])
+        values = np.full((len(variants), len(depths)), np.nan)
+        for i, variant in enumerate(variants):
+            for j, depth in enumerate(depths):
+                if (variant, depth) in table.index:
+                    row = table.loc[(variant, depth)]
+                    values[i, j] = row.correct / row.trials
+                    ax.text(j, i, f"{int(row.correct)}/{int(row.trials)}", ha="center", va="center", fontsize=10)
+        ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto", alpha=0.75)
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(variants)), [labels[v] for v in variants])
+        ax.set(title=f"{length:,} tokens", xlabel="fact depth (fraction of the filler)")
+        ax.grid(False)
+    for ax in list(grid.flat)[len(lengths):]:
+        ax.axis("off")
+    return fig
+
+
 def plot_conversion_similarity(head, labels: dict):
     """Converted-model variants against the original at one chunk size, one bar per variant in ``color(variant)``:
     perplexity (log axis, with the original's and 1.25× it as vertical lines), KL(original ‖ variant) (nats/token),
@@ -321,7 +360,7 @@ def plot_conversion_similarity(head, labels: dict):
     return fig
 
 
-def plot_ratio_intervals(table, labels: dict, reference_label: str = "original"):
+def plot_ratio_intervals(table, labels: dict, reference_label: str = "original", xmax: float | None = None):
     """Perplexity ratio to the reference with its interval, one row per variant in ``color(variant)``, one panel per
     text source (a vertical line at 1).
 
@@ -331,7 +370,14 @@ def plot_ratio_intervals(table, labels: dict, reference_label: str = "original")
             appearance.
         labels: variant -> label, in plotting order (top to bottom); variants not in ``table`` are left out.
         reference_label: what the ratio is taken to (x-axis label).
+        xmax: None (a log axis holding every interval), or where a linear axis ends (> 1), so that the close
+            comparisons are legible: a variant whose ratio lies beyond it is drawn as a triangle at the edge with its
+            ratio and interval written beside it.
+    Raises:
+        ValueError: ``xmax`` not above 1.
     """
+    if xmax is not None and not xmax > 1:
+        raise ValueError(f"xmax must be None or > 1, got {xmax!r}")
     sources = list(dict.fromkeys(table.source))
     fig, axes = _figure(len(sources), (6 * len(sources), 0.45 * len(labels) + 1.6), sharey=True)
     axes[0].invert_yaxis()  # shared y: the first variant on top in every panel
@@ -340,20 +386,34 @@ def plot_ratio_intervals(table, labels: dict, reference_label: str = "original")
         order = [v for v in labels if v in rows.index]
         y = np.arange(len(order))
         r = rows.loc[order]
-        ax.errorbar(r.ratio, y, xerr=[r.ratio - r.ratio_low, r.ratio_high - r.ratio], fmt="none", ecolor="black",
-                    capsize=3, lw=1)
-        ax.scatter(r.ratio, y, c=[color(v) for v in order], s=60, zorder=3, edgecolor="black", linewidth=0.5)
+        inside = np.ones(len(order), dtype=bool) if xmax is None else (r.ratio <= xmax).to_numpy()
+        shown = r[inside]
+        ax.errorbar(shown.ratio, y[inside], xerr=[shown.ratio - shown.ratio_low, shown.ratio_high - shown.ratio],
+                    fmt="none", ecolor="black", capsize=3, lw=1)
+        ax.scatter(shown.ratio, y[inside], c=[color(v) for v, keep in zip(order, inside) if keep], s=60, zorder=3,
+                   edgecolor="black", linewidth=0.5)
         ax.axvline(1.0, color="black", lw=1, ls="--")
         ax.set_yticks(y, [labels[v] for v in order])
-        ax.set(xscale="log", xlabel=f"perplexity ÷ {reference_label}",
-               title=f"{source}: {int(rows.tokens.iloc[0]):,} scored tokens")
-        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.xaxis.set_minor_formatter(mticker.FuncFormatter(
-            lambda value, _: f"{value:g}" if round(value, 6) in (1.05, 1.1, 1.2, 1.5, 2, 3, 5) else ""))
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set(xlabel=f"perplexity ÷ {reference_label}", title=f"{source}: {int(rows.tokens.iloc[0]):,} scored tokens")
+        if xmax is None:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(mticker.FuncFormatter(
+                lambda value, _: f"{value:g}" if round(value, 6) in (1.05, 1.1, 1.2, 1.5, 2, 3, 5) else ""))
+            ax.tick_params(axis="x", which="minor", labelsize=10)
+        else:
+            ax.set_xlim(min(0.99, float(shown.ratio_low.min()) - 0.01) if len(shown) else 0.99, xmax)
+            for v, yy, row in zip(order, y, r.itertuples()):
+                if row.ratio > xmax:  # off the axis: a triangle at the edge, its value beside it
+                    ax.scatter([xmax], [yy], marker=">", s=70, color=color(v), edgecolor="black", linewidth=0.5,
+                               zorder=3, clip_on=False)
+                    ax.annotate(f"{row.ratio:#.3g} [{row.ratio_low:#.3g}, {row.ratio_high:#.3g}] →", (xmax, yy),
+                                xytext=(-9, 0), textcoords="offset points", ha="right", va="center", fontsize=10)
+        ax.tick_params(axis="x", which="major", labelsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
-    fig.text(0.5, -0.01, "dots: perplexity ratio on the same tokens; bars: 95% block-bootstrap interval (paired)",
-             ha="center", fontsize=8)
+    fig.text(0.5, -0.01, "dots: perplexity ratio on the same tokens; bars: 95% block-bootstrap interval (paired)"
+             + ("" if xmax is None else f"; beyond {xmax:.3g}: a triangle at the edge, its value written beside it"),
+             ha="center", va="top", fontsize=10)
     return fig
 
 

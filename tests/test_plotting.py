@@ -221,3 +221,47 @@ def test_training_figure_bars_start_at_zero_and_floors_are_lines():
     assert labels == ["bsbr", "gau", "unigram floor", "bigram floor", "target"]
     assert not curve_ax.get_legend()  # the legend has its own panel, outside the data
     plt.close("all")
+
+
+def test_ratio_intervals_on_a_linear_axis_put_the_far_variants_at_its_edge_with_their_value():
+    from bsbr.plotting import plot_ratio_intervals
+
+    table = pd.DataFrame({"source": "all", "variant": ["terraced", "own_chunk_sinks", "sliding_span_sinks"],
+                          "ratio": [1.068, 1.598, 1.040], "ratio_low": [1.053, 1.517, 1.029],
+                          "ratio_high": [1.084, 1.682, 1.052], "tokens": 21492})
+    labels = {"terraced": "terraced", "own_chunk_sinks": "own chunk", "sliding_span_sinks": "sliding"}
+    fig = plot_ratio_intervals(table, labels, xmax=1.15)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "linear" and ax.get_xlim()[1] == 1.15
+    dots = ax.collections[-1 - 1]  # the dots of the two variants inside, then the triangle of the far one
+    assert np.allclose(np.sort(dots.get_offsets()[:, 0]), [1.040, 1.068])
+    triangle = ax.collections[-1]
+    assert np.allclose(triangle.get_offsets(), [[1.15, 1]])  # at the edge, in the far variant's row
+    assert [text.get_text() for text in ax.texts] == ["1.60 [1.52, 1.68] →"]
+    plt.close(fig)
+    log_fig = plot_ratio_intervals(table, labels)  # no xmax: a log axis holding every interval, nothing written
+    assert log_fig.axes[0].get_xscale() == "log" and not log_fig.axes[0].texts
+    plt.close(log_fig)
+    with pytest.raises(ValueError, match="xmax must be None or > 1"):
+        plot_ratio_intervals(table, labels, xmax=1.0)
+
+
+def test_passkey_grid_writes_each_cells_count_and_colours_it_by_its_accuracy():
+    from bsbr.plotting import plot_passkey_grid
+
+    cells = pd.DataFrame({"length": [512] * 3 + [1024], "depth": [0.1, 0.9, 0.1, 0.1],
+                          "variant": ["original", "original", "blocks_minmax", "original"],
+                          "trials": [2, 2, 2, 1], "correct": [2, 1, 0, 1]})
+    fig = plot_passkey_grid(cells, ["original", "blocks_minmax"], {"original": "O", "blocks_minmax": "B"}, columns=3)
+    first, second = fig.axes
+    assert (first.get_title(), second.get_title()) == ("512 tokens", "1,024 tokens")
+    assert sorted((t.get_position(), t.get_text()) for t in first.texts) == [((0, 0), "2/2"), ((0, 1), "0/2"),
+                                                                             ((1, 0), "1/2")]
+    values = first.images[0].get_array()
+    assert np.allclose([values[0, 0], values[0, 1], values[1, 0]], [1.0, 0.5, 0.0])
+    assert np.isnan(np.ma.filled(values.astype(float), np.nan)[1, 1])  # the missing cell stays blank
+    assert [t.get_text() for t in second.texts] == ["1/1"]
+    assert [t.get_text() for t in first.get_yticklabels()] == ["O", "B"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="columns"):
+        plot_passkey_grid(cells, ["original"], {"original": "O"}, columns=0)
