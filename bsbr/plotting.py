@@ -95,6 +95,12 @@ def _figure(panels: int, figsize, **kwargs):
     return fig, list(axes[0])
 
 
+def _legend_outside(ax, **kwargs):
+    """The axes' legend to the right of its panel, so that it never covers data (10 pt, no frame)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=10, frameon=False, borderaxespad=0,
+                     **kwargs)
+
+
 def plot_model_scaling(results, fits, seq_lens):
     """Whole models: forward time (median, min–max band) and forward peak memory over baseline against length, on
     log-log axes, one line per model labelled with its fitted exponent (``fits``: ``bsbr.scaling.model_fits``).
@@ -121,7 +127,7 @@ def plot_model_scaling(results, fits, seq_lens):
             if column == "median_s":
                 ax.fill_between(group.seq_len, group.min_s, group.max_s, color=color(name), alpha=0.2)
         log_axes(ax, seq_lens, ylabel=ylabel)
-        ax.legend(title="model (fitted exponent, upper half)")
+        _legend_outside(ax, title="model (fitted\nexponent,\nupper half)")
     axes[0].set_title("Forward time vs length (band: min–max)")
     axes[1].set_title("Forward peak RSS − baseline vs length")
     return fig
@@ -154,7 +160,7 @@ def plot_attention_times(times, fits, impls, seq_lens):
                         color=color(impl), label=f"{impl}, extrapolated (dashed)")
         log_axes(ax, seq_lens, ylabel=f"{MODE_LABEL[mode]} time, median (s)")
         ax.set_title(f"{MODE_LABEL[mode].capitalize()} time vs length")
-        ax.legend(title="impl (fitted exponent, upper half)", fontsize=8)
+        _legend_outside(ax, title="impl (fitted\nexponent,\nupper half)")
     return fig
 
 
@@ -167,7 +173,7 @@ def plot_memory_curves(curves: dict, ticks):
             ax.plot(lens[keep], peaks[keep] / 2**20, linestyle=style, marker="o", color=color(name), label=label)
     log_axes(ax, ticks, ylabel="peak RSS over baseline (MiB)")
     ax.set_title("Peak memory vs length (measured points only)")
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return fig
 
 
@@ -185,7 +191,7 @@ def plot_decode(decode, positions):
     axes[0].set_title("Decode latency per token (band: min–max)")
     axes[1].set_title("Streaming state size")
     for ax in axes:
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
     return fig
 
 
@@ -206,7 +212,7 @@ def plot_gflops(gflops, rate: float, impls, seq_lens):
                title=f"{MODE_LABEL[mode].capitalize()}: counted FLOPs / median time")
         ax.set_xticks(seq_lens, [str(n) for n in seq_lens], rotation=45)
         ax.xaxis.set_minor_locator(mticker.NullLocator())
-        ax.legend(fontsize=8)
+    _legend_outside(axes[-1])  # the same lines in both panels: one legend
     return fig
 
 
@@ -222,8 +228,7 @@ def plot_layers(layers, seq_lens):
     log_axes(axes[1], seq_lens, ylabel="forward peak RSS over baseline (MiB)")
     axes[0].set_title("One attention layer: forward time (measured points only)")
     axes[1].set_title("One attention layer: forward peak memory")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    _legend_outside(axes[-1])  # the same lines in both panels: one legend
     return fig
 
 
