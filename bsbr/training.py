@@ -47,7 +47,7 @@ from bsbr._checks import check_int_at_least, check_positive_int
 from bsbr.measure import check_threads_timeout, memory_baseline, memory_peak, run_isolated, set_threads
 
 __all__ = ["BYTE_VOCAB_SIZE", "DTYPES", "EOS_BYTE", "NGRAM_ALPHAS", "NGRAM_NAMES", "ByteNgram", "TrainingRun",
-           "encode_bytes", "evaluation_windows", "FP32_ATTENTION", "evaluate", "learning_rate_at",
+           "encode_bytes", "evaluation_windows", "FP32_ATTENTION", "evaluate", "learning_rate_at", "matched_ff_dim",
            "matched_ff_dims", "measure_train_step_memory", "model_config", "ngram_floors", "parameter_count",
            "random_windows", "resolve_device_dtype", "steps_to_reach", "train_lm", "build_lm", "adamw",
            "check_optimizer_settings", "optimizer_step"]
@@ -409,25 +409,45 @@ def matched_ff_dims(names, hidden_dim: int, num_layers: int, num_heads: int, ff_
         ValueError: unknown names, bad sizes or ``tolerance`` (named), or an architecture whose count cannot come
             within ``tolerance`` by its feed-forward width (the message gives the closest count).
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    _check_tolerance(tolerance)
     names = list(names)
     sizes = dict(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, chunk_size=chunk_size,
                  vocab_size=vocab_size)
     target = parameter_count(reference, model_config(reference, ff_dim=ff_dim, **sizes))
-    result = {}
-    for name in names:
-        at = parameter_count(name, model_config(name, ff_dim=ff_dim, **sizes))
-        slope = parameter_count(name, model_config(name, ff_dim=ff_dim + 1, **sizes)) - at
-        width = max(1, round(ff_dim + (target - at) / slope)) if slope > 0 else ff_dim
-        params = parameter_count(name, model_config(name, ff_dim=width, **sizes))
-        difference = params / target - 1
-        if abs(difference) > tolerance:
-            raise ValueError(f"ff_dim: {name} cannot be matched to {reference}'s {target:,} parameters within "
-                             f"{tolerance:.0%} by its feed-forward width (closest: {params:,} at ff_dim={width})")
-        result[name] = {"ff_dim": width, "params": params, "relative_difference": difference,
-                        "reference_params": target}
-    return result
+    return {name: matched_ff_dim(name, lambda width, name=name: model_config(name, ff_dim=width, **sizes), ff_dim,
+                                 target, tolerance, reference)
+            for name in names}
+
+
+def _check_tolerance(tolerance) -> None:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+
+
+def matched_ff_dim(name: str, config_at, ff_dim: int, target: int, tolerance: float = 0.05,
+                   reference: str = "the reference") -> dict:
+    """The feed-forward width that brings one model's parameter count to ``target`` (:func:`matched_ff_dims` for
+    one architecture whose config is not :func:`model_config`'s alone, e.g. BSBR with ``retrieval="blocks"``).
+
+    Args:
+        name: the registered architecture; config_at: ``width -> config`` of that model with feed-forward width
+            ``width``; ff_dim: the width to start from; target: the parameter count to reach; tolerance: as
+            :func:`matched_ff_dims`; reference: its name, for the error message.
+    Returns:
+        ``{"ff_dim", "params", "relative_difference", "reference_params"}``.
+    Raises:
+        ValueError: ``tolerance`` not in (0, 1), or no width within ``tolerance`` (the message gives the closest).
+    """
+    _check_tolerance(tolerance)
+    at = parameter_count(name, config_at(ff_dim))
+    slope = parameter_count(name, config_at(ff_dim + 1)) - at
+    width = max(1, round(ff_dim + (target - at) / slope)) if slope > 0 else ff_dim
+    params = parameter_count(name, config_at(width))
+    difference = params / target - 1
+    if abs(difference) > tolerance:
+        raise ValueError(f"ff_dim: {name} cannot be matched to {reference}'s {target:,} parameters within "
+                         f"{tolerance:.0%} by its feed-forward width (closest: {params:,} at ff_dim={width})")
+    return {"ff_dim": width, "params": params, "relative_difference": difference, "reference_params": target}
 
 
 def resolve_device_dtype(device: str = "cpu", dtype: str = "float32") -> tuple[torch.device, torch.dtype]:

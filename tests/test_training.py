@@ -317,3 +317,25 @@ def test_matched_ff_dims_bring_every_count_within_the_tolerance():
         matched_ff_dims(["gau"], **{**sizes, "ff_dim": 1})  # GAU's attention alone outweighs the reference
     with pytest.raises(ValueError, match="name must be one of"):
         matched_ff_dims(["nope"], **sizes)
+
+
+def test_matched_ff_dim_takes_a_config_beyond_model_config():
+    """BSBR with exact block retrieval: its config adds retrieval settings to model_config's; one width for it."""
+    from bsbr.training import matched_ff_dim
+
+    sizes = dict(hidden_dim=16, num_layers=2, num_heads=2, chunk_size=4, vocab_size=64)
+    blocks = {"retrieval": "blocks", "block_size": 4, "top_k": 1, "summary": "minmax", "sink_size": 0}
+    config_at = lambda width: {**model_config("bsbr", ff_dim=width, **sizes), **blocks}  # noqa: E731
+    target = parameter_count("standard", model_config("standard", ff_dim=64, **sizes)) + 1000  # 1,000 above it
+    entry = matched_ff_dim("bsbr", config_at, 64, target)
+    assert entry["params"] == parameter_count("bsbr", config_at(entry["ff_dim"])) and entry["reference_params"] == target
+    assert entry["ff_dim"] > 64 and abs(entry["relative_difference"]) <= 0.05
+    for other in (entry["ff_dim"] - 1, entry["ff_dim"] + 1):
+        assert abs(parameter_count("bsbr", config_at(other)) - target) >= abs(entry["params"] - target)
+    assert matched_ff_dims(["bsbr"], ff_dim=64, **sizes)["bsbr"] == matched_ff_dim(
+        "bsbr", lambda width: model_config("bsbr", ff_dim=width, **sizes), 64, entry["reference_params"] - 1000,
+        reference="standard")  # the same rule for every architecture
+    with pytest.raises(ValueError, match="ff_dim: bsbr cannot be matched to standard's 10 parameters"):
+        matched_ff_dim("bsbr", config_at, 64, 10, reference="standard")
+    with pytest.raises(ValueError, match="tolerance"):
+        matched_ff_dim("bsbr", config_at, 64, target, tolerance=1.5)

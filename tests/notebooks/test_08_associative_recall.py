@@ -18,7 +18,7 @@ from scipy import stats
 import bsbr
 from bsbr.analysis import wilson_interval
 from bsbr.mqar import multiquery_ar, outside_fraction, state_size
-from bsbr.training import model_config
+from bsbr.training import matched_ff_dims, model_config, parameter_count
 from tests.conftest import ROOT, run_notebook_cli
 
 NOTEBOOK = ROOT / "notebooks" / "08_associative_recall.ipynb"
@@ -33,7 +33,7 @@ SMOKE = {
     "hidden_dim": 16,
     "num_layers": 2,
     "num_heads": 2,
-    "ff_dim": 32,
+    "ff_dim": 128,  # the smallest power of two at which GAU (its attention alone: 10,914 parameters) can be matched
     "spans": [4, 8],
     "learning_rates": [0.001, 0.01],
     "seeds": [0, 1],
@@ -91,6 +91,7 @@ def test_per_seed_rows_and_summary_recompute(smoke):
         assert tuned.loc[(name, span), "val_accuracy"] == pytest.approx(row.val_accuracy)
     assert len(summary) == len(POINTS)
     metrics = smoke["metrics"]["architectures"]
+    extras = set()
     for (name, span), group in per_seed.groupby(["model", "span"]):
         label = f"{name} ({span})" if name in SPAN_SENSITIVE else name
         arch = "bsbr" if name == "bsbr_blocks" else name
@@ -112,6 +113,15 @@ def test_per_seed_rows_and_summary_recompute(smoke):
         assert m["state_values"] == state_size(arch, config, SMOKE["seq_len"], short_conv=3)  # the default kernel
         assert m["state_bytes"] == 4 * m["state_values"]  # float32
         assert m["n_seeds"] == 2 and m["answers"] == 2 * answers
+        # parameter counts matched to standard attention's by the feed-forward width (the same embedding convolution
+        # on every model only brings them closer)
+        assert abs(m["params"] / metrics["standard"]["params"] - 1) <= 0.05
+        width = smoke["metrics"]["model"]["ff_dims"][f"{name}_{span}"]
+        if name != "bsbr_blocks":
+            assert width == matched_ff_dims([arch], SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"],
+                                            SMOKE["ff_dim"], span, vocab_size=SMOKE["vocab_size"])[arch]["ff_dim"]
+        extras.add(m["params"] - parameter_count(arch, {**config, "ff_dim": width}))  # the model at that width + conv
+    assert len(extras) == 1 and extras.pop() > 0  # every model: the same embedding convolution on top
 
 
 def test_locality_and_goals_follow_the_data(smoke):
