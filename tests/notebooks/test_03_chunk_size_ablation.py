@@ -138,5 +138,12 @@ def test_executed_notebook_has_findings_figure_and_no_errors(ablation):
     assert "git revision:" in text and "streamed vs full forward" in text and "first two chunks vs the original" in text
     findings = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
     assert "Goal 2, state vs KV cache: met" in findings and "Goal 3a" in findings
+    from bsbr.formatting import quantity
+
+    timing = ablation["timing"]
+    original = timing.iloc[0]
+    for row in timing.iloc[1:].itertuples():  # each terraced layer's peak memory, and its ratio to the original's
+        assert (f"peak {quantity(row.peak_bytes / 2**20, 'MiB')}, "
+                f"{quantity(row.peak_bytes / original.peak_bytes, '×')} the original's") in findings
     assert "<details>" in "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
     assert (ablation["out"] / "tradeoff.png").stat().st_size > 1000
