@@ -395,8 +395,8 @@ def plot_ratio_intervals(table, labels: dict, reference_label: str = "original",
         shown = r[inside]
         ax.errorbar(shown.ratio, y[inside], xerr=[shown.ratio - shown.ratio_low, shown.ratio_high - shown.ratio],
                     fmt="none", ecolor="black", capsize=3, lw=1)
-        ax.scatter(shown.ratio, y[inside], c=[color(v) for v, keep in zip(order, inside) if keep], s=60, zorder=3,
-                   edgecolor="black", linewidth=0.5)
+        ax.scatter(shown.ratio, y[inside], c=[color(v) for v in shown.index], s=60, zorder=3, edgecolor="black",
+                   linewidth=0.5)
         ax.axvline(1.0, color="black", lw=1, ls="--")
         ax.set_yticks(y, [labels[v] for v in order])
         ax.set(xlabel=f"perplexity ÷ {reference_label}", title=f"{source}: {int(rows.tokens.iloc[0]):,} scored tokens")

@@ -58,11 +58,8 @@ def dequantized_path(gguf_path: str | os.PathLike) -> Path:
 
 
 def _gguf_identity(gguf_path: Path) -> dict:
-    digest = hashlib.sha256()
     with open(gguf_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"gguf_file": gguf_path.name, "gguf_sha256": digest.hexdigest()}
+        return {"gguf_file": gguf_path.name, "gguf_sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def dequantize_gguf(gguf_path: str | os.PathLike) -> Path:
