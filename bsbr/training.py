@@ -472,7 +472,9 @@ def resolve_device_dtype(device: str = "cpu", dtype: str = "float32") -> tuple[t
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (resolved.index is not None and resolved.index >= count):
-            raise ValueError(f"device {device!r} is not available here (CUDA devices: {count}); use 'cpu'")
+            build = ("" if torch.version.cuda else
+                     f"; this torch ({torch.__version__}) is a CPU-only build: CUDA needs torch's CUDA build")
+            raise ValueError(f"device {device!r} is not available here (CUDA devices: {count}{build}); use 'cpu'")
     elif resolved.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise ValueError(f"device {device!r} is not available here; use 'cpu'")

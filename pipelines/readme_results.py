@@ -390,6 +390,9 @@ def training(m: dict) -> str:
         return f"{name} {r['steps_to_target']:.0f}{low}"
 
     rates = ", ".join(f"{name} {models[name]['learning_rate']:g}" for name in by_final)
+    bigram = floors["bigram"]["val_loss"]
+    above = [n for n in by_final if models[n]["final_val_loss_low"] is not None and models[n]["final_val_loss_low"] > bigram]
+    holds = [n for n in by_final if n not in m["below_bigram_floor"] and n not in above]  # interval holds the floor
     separated = m["separated"]
     loads = m.get("load_average") or {}
     load = ("" if not loads.get("before") else
@@ -399,10 +402,12 @@ def training(m: dict) -> str:
     return (
         f"* **Training from scratch** (`reports/07_training.html`; byte-level, hidden {setup['hidden_dim']}, "
         f"{setup['num_layers']} layers, parameters {min(params):,}–{max(params):,} (matched within "
-        f"{100 * setup['max_param_difference']:.1f}%), {setup['steps']} steps × {setup['tokens_per_run'] // setup['steps']:,} "
+        f"{100 * setup['max_param_difference']:.2g}%), {setup['steps']} steps × {setup['tokens_per_run'] // setup['steps']:,} "
         f"bytes, learning rate per architecture from {setup['learning_rates']} on validation, {setup['seeds']} seeds, "
         f"95% t-intervals over seeds). Count n-gram floors (nats/byte): {floor_text}. Final validation loss "
-        f"(nats/byte): {final}; below the bigram floor: {', '.join(m['below_bigram_floor']) or 'none'}. Steps to "
+        f"(nats/byte): {final}; below the bigram floor with the whole interval: "
+        f"{', '.join(m['below_bigram_floor']) or 'none'}" + (f"; above it: {', '.join(above)}" if above else "")
+        + (f"; undecided (the interval holds the floor): {', '.join(holds)}" if holds else "") + ". Steps to "
         f"{m['target_val_loss']:.3f} nats/byte ({m['target_source']}): {', '.join(steps(n) for n in by_steps)}. "
         f"Separated by their intervals: {len(separated['final_val_loss'])} of {separated['pairs']} pairs by final "
         f"loss ({len(separated['final_val_loss_paired'])} by the seed-paired difference), "

@@ -108,8 +108,10 @@ def test_resolve_device_dtype_validates_before_work():
     with pytest.raises(ValueError, match="device"):
         resolve_device_dtype(0, "float32")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="not available"):
+        with pytest.raises(ValueError, match="not available") as error:
             resolve_device_dtype("cuda", "float32")
+        # a CPU-only torch says so (the README's GPU examples need torch's CUDA build)
+        assert ("CPU-only build" in str(error.value)) == (torch.version.cuda is None)
     with pytest.raises(ValueError, match="dtype"):
         train_lm("standard", model_config("standard", **TINY), encode_bytes([TEXT]),
                  torch.zeros(1, 4, dtype=torch.long), steps=2, batch_size=1, seq_len=8, warmup_steps=0,

@@ -149,13 +149,18 @@ def test_training_block_ranks_by_loss_and_steps_with_intervals():
                "machine": {"threads": 1}}
     text = readme_results.training(metrics)
     assert "Final validation loss (nats/byte): gau 2.300 [2.290, 2.310], bsbr 2.400 [2.390, 2.410], linear 2.700" in text
-    assert "below the bigram floor: gau, bsbr." in text and "unigram 3.445, bigram 2.636" in text
+    assert "below the bigram floor with the whole interval: gau, bsbr; above it: linear." in text
+    assert "unigram 3.445, bigram 2.636" in text
     assert "(the bigram floor minus 0.100 nats/byte): bsbr 250 [230, 270], gau 300 [280, 320], linear not reached (1/3 seeds)" in text
     assert "1 of 3 pairs by final loss (2 by the seed-paired difference), 0 by steps (0 paired)" in text
-    assert "matched within 0.1%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
+    assert "matched within 0.11%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
     assert ("**Learning-rate sweep edges.** gau chose the highest rate (0.01); linear chose the highest rate (0.01) of "
             "[0.001, 0.003, 0.01]: the sweep does not bracket them" in text)
     assert "12.0 min on 1 thread(s); load average 1.02 at the start, 2.00 at the end." in text
+    # an interval that holds the floor is neither below nor above it
+    metrics["models"]["linear"].update(final_val_loss_low=2.6, final_val_loss_high=2.8)
+    assert ("below the bigram floor with the whole interval: gau, bsbr; undecided (the interval holds the floor): "
+            "linear." in readme_results.training(metrics))
 
 
 def test_a_time_target_shows_the_range_of_its_timed_calls_and_says_undecided():
