@@ -48,6 +48,8 @@ COLORS = {
     # BSBR trained from scratch with exact block retrieval (the associative-recall notebook): a dark shade of BSBR's
     # blue (block retrieval's greens would sit next to DeltaNet's green in the same figure)
     "bsbr_blocks": "#08519c",
+    # ... and with compressed chunk states: a light shade of BSBR's blue
+    "bsbr_compressed": "#9ecae1",
 }
 
 

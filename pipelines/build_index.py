@@ -136,13 +136,14 @@ def _past_trained(metrics: dict, variant: str) -> dict | str:
 
 
 def _bsbr_vs(metrics: dict, other: str) -> dict:
-    """Report 08: the paired difference of BSBR (state retrieval) minus architecture ``other`` (its goals.bsbr_vs row).
+    """Report 08: the paired difference of BSBR (state retrieval) minus architecture ``other`` at the headline (first)
+    span (its goals.bsbr_vs row).
 
     Raises:
         KeyError: the run compared BSBR with no ``other`` (the index prints "missing: ...").
     """
     for row in metrics["goals"]["bsbr_vs"]:
-        if row["other"] == other and row.get("model", "bsbr") == "bsbr":
+        if row["other"] == other and row.get("model", "bsbr") == "bsbr" and row["span"] == metrics["spans"][0]:
             return row
     raise KeyError(f"goals.bsbr_vs[other={other}]")
 

@@ -1,7 +1,9 @@
 """Notebook 08 (MQAR trained from scratch) runs end to end through the pipeline runner with smoke parameters, and what
-it writes is consistent: every architecture (span-sensitive ones at both spans) and BSBR with block retrieval, one chosen learning rate per point
+it writes is consistent: every architecture (span-sensitive ones at both spans), BSBR with block retrieval and BSBR
+with compressed chunk states (both spans), one chosen learning rate per point
 picked by validation accuracy, test accuracies and intervals that recompute from the per-seed rows, state sizes from
-bsbr.mqar.state_size, locality fractions from the regenerated test set, and goals that follow the numbers."""
+bsbr.mqar.state_size, locality fractions from the regenerated test set, and goals (also each BSBR point against the
+accuracy-vs-state frontier) that follow the numbers."""
 
 from __future__ import annotations
 
@@ -47,8 +49,12 @@ NAMES = bsbr.available_models()
 SPAN_SENSITIVE = ("bsbr", "gau", "sliding_window")
 #: the notebook's default block-retrieval point (its parameters cell): bsbr with retrieval="blocks"
 BLOCKS = {"chunk_size": 4, "block_size": 4, "top_k": 1, "summary": "minmax", "sink_size": 0}
+#: the notebook's default compression of BSBR's chunk states (its parameters cell): "bsbr_compressed" at every span
+COMPRESSION = 16
 POINTS = sorted([(name, span) for name in NAMES for span in (SMOKE["spans"] if name in SPAN_SENSITIVE else [4])]
-                + [("bsbr_blocks", BLOCKS["chunk_size"])])
+                + [("bsbr_blocks", BLOCKS["chunk_size"])] + [("bsbr_compressed", span) for span in SMOKE["spans"]])
+#: the headline span's points are named plainly, the other span's with it
+LABEL = lambda name, span: f"{name} ({span})" if span != SMOKE["spans"][0] else name
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +99,8 @@ def test_per_seed_rows_and_summary_recompute(smoke):
     metrics = smoke["metrics"]["architectures"]
     extras = set()
     for (name, span), group in per_seed.groupby(["model", "span"]):
-        label = f"{name} ({span})" if name in SPAN_SENSITIVE else name
-        arch = "bsbr" if name == "bsbr_blocks" else name
+        label = LABEL(name, span)
+        arch = "bsbr" if name in ("bsbr_blocks", "bsbr_compressed") else name
         m = metrics[label]
         mean = group.test_accuracy.mean()
         half = stats.t.ppf(0.975, len(group) - 1) * group.test_accuracy.std(ddof=1) / math.sqrt(len(group))
@@ -105,6 +111,9 @@ def test_per_seed_rows_and_summary_recompute(smoke):
         assert (m["wilson_low"], m["wilson_high"]) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
         config = model_config(arch, SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"], SMOKE["ff_dim"],
                               span, vocab_size=SMOKE["vocab_size"])
+        if name == "bsbr_compressed":
+            config.update(compression_factor=COMPRESSION)
+            assert m["state_values"] < metrics[LABEL("bsbr", span)]["state_values"]
         if name == "bsbr_blocks":
             config.update(retrieval="blocks", **BLOCKS)
             # a KV cache of every token (as attention's) plus the blocks' min/max summaries
@@ -117,7 +126,7 @@ def test_per_seed_rows_and_summary_recompute(smoke):
         # on every model only brings them closer)
         assert abs(m["params"] / metrics["standard"]["params"] - 1) <= 0.05
         width = smoke["metrics"]["model"]["ff_dims"][f"{name}_{span}"]
-        if name != "bsbr_blocks":
+        if name not in ("bsbr_blocks", "bsbr_compressed"):
             assert width == matched_ff_dims([arch], SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"],
                                             SMOKE["ff_dim"], span, vocab_size=SMOKE["vocab_size"])[arch]["ff_dim"]
         extras.add(m["params"] - parameter_count(arch, {**config, "ff_dim": width}))  # the model at that width + conv
@@ -132,7 +141,7 @@ def test_locality_and_goals_follow_the_data(smoke):
             outside_fraction(*test, SMOKE["num_pairs"], span, "chunk"), abs=1e-4)
         assert metrics["outside_fraction"][f"window_{span}"] == pytest.approx(
             outside_fraction(*test, SMOKE["num_pairs"], span, "window"), abs=1e-4)
-        assert metrics["architectures"][f"bsbr ({span})"]["outside_fraction"] == pytest.approx(
+        assert metrics["architectures"][LABEL("bsbr", span)]["outside_fraction"] == pytest.approx(
             outside_fraction(*test, SMOKE["num_pairs"], span, "chunk"), abs=1e-4)
     blocks_outside = outside_fraction(*test, SMOKE["num_pairs"], BLOCKS["chunk_size"], "own_and_previous")
     assert metrics["outside_fraction"][f"own_and_previous_{BLOCKS['chunk_size']}"] == pytest.approx(blocks_outside,
@@ -147,17 +156,46 @@ def test_locality_and_goals_follow_the_data(smoke):
     comparisons = metrics["goals"]["bsbr_vs"]
     assert [(c["model"], c["other"], c["span"]) for c in comparisons] == [
         ("bsbr", "sliding_window", 4), ("bsbr", "sliding_window", 8), ("bsbr", "linear", 4), ("bsbr", "linear", 8),
-        ("bsbr_blocks", "sliding_window", 4), ("bsbr_blocks", "linear", 4), ("bsbr_blocks", "bsbr", 4),
+        ("bsbr_compressed", "sliding_window", 4), ("bsbr_compressed", "sliding_window", 8),
+        ("bsbr_compressed", "linear", 4), ("bsbr_compressed", "linear", 8), ("bsbr_blocks", "sliding_window", 4), ("bsbr_blocks", "linear", 4), ("bsbr_blocks", "bsbr", 4),
         ("bsbr_blocks", "standard", 4)]
     for c in comparisons:
         b = per_seed[(per_seed.model == c["model"]) & (per_seed.span == c["span"])].set_index("seed").test_accuracy
-        other_span = c["span"] if c["other"] in SPAN_SENSITIVE and c["model"] == "bsbr" else 4
+        other_span = c["span"] if c["other"] in SPAN_SENSITIVE and c["model"] != "bsbr_blocks" else 4
         assert c["other_span"] == other_span
         o = per_seed[(per_seed.model == c["other"]) & (per_seed.span == other_span)].set_index("seed").test_accuracy
         assert c["difference"] == pytest.approx((b - o).mean(), abs=1e-4)
-        who = "BSBR" if c["model"] == "bsbr" else "BSBR blocks"
+        who = {"bsbr": "BSBR", "bsbr_blocks": "BSBR blocks", "bsbr_compressed": "BSBR compressed"}[c["model"]]
         expected = f"{who} above" if c["ci_low"] > 0 else f"{who} below" if c["ci_high"] < 0 else "undecided"
         assert c["verdict"] == expected
+
+
+def test_each_bsbr_point_against_the_frontier_of_no_larger_state(smoke):
+    """The frontier row of each BSBR point: the most accurate other architecture whose state is no larger, and the
+    seed-paired difference against it, recomputed from the per-seed rows."""
+    summary = pd.read_csv(smoke["out"] / "summary.csv")
+    per_seed = pd.read_csv(smoke["out"] / "test_per_seed.csv")
+    bsbr_points = ("bsbr", "bsbr_blocks", "bsbr_compressed")
+    rows = smoke["metrics"]["goals"]["frontier"]
+    assert sorted((f["model"], f["span"]) for f in rows) == sorted(p for p in POINTS if p[0] in bsbr_points)
+    others = summary[~summary.model.isin(bsbr_points)]
+    for f in rows:
+        state = smoke["metrics"]["architectures"][f["label"]]["state_values"]
+        assert f["state_values"] == state
+        smaller = others[others.state_values <= state]
+        if smaller.empty:
+            assert f["frontier"] is None and f["verdict"].startswith("the smallest state")
+            continue
+        best = smaller.sort_values(["accuracy", "state_values", "label"], ascending=[False, True, True],
+                                   kind="mergesort").iloc[0]
+        assert f["frontier"] == best.label and f["frontier_state_values"] == best.state_values <= state
+        best_span = int(best.span) if best.model in SPAN_SENSITIVE else 4
+        b = per_seed[(per_seed.model == f["model"]) & (per_seed.span == f["span"])].set_index("seed").test_accuracy
+        o = per_seed[(per_seed.model == best.model) & (per_seed.span == best_span)].set_index("seed").test_accuracy
+        assert f["difference"] == pytest.approx((b - o).mean(), abs=1e-4)
+        expected = ("above the frontier" if f["ci_low"] > 0 else "below the frontier" if f["ci_high"] < 0
+                    else "undecided")
+        assert f["verdict"] == expected
 
 
 def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
@@ -168,6 +206,7 @@ def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
     assert markdown and markdown[0].startswith("### What we found")
     assert "Goal 1 (standard attention ≥ 95%): " + ("met" if smoke["metrics"]["goals"]["attention_accuracy"]["met"]
                                                      else "missed") in markdown[0]
+    assert "Where BSBR lands on the accuracy-vs-state frontier" in markdown[0]
     # nothing printed to stdout before the findings: provenance goes to the appendix
     first_markdown = next(i for i, o in enumerate(outputs) if "text/markdown" in o.get("data", {}))
     assert not [o for o in outputs[:first_markdown] if o.output_type == "stream" and o.name == "stdout"]

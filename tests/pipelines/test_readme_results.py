@@ -130,6 +130,27 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
             "lie outside its own and previous chunk.") in text
     assert ("BSBR blocks vs bsbr (span 4 vs 8): **BSBR blocks below**, -10.0 points [-20.0, -5.0] with 1.0× its "
             "state.") in text
+    # BSBR compressed at a second span: its comparison shown where the states are within 2×, and the frontier rows
+    metrics["bsbr_compression_factor"] = 16
+    metrics["goals"]["bsbr_vs"] += [
+        {"model": "bsbr_compressed", "other": other, "span": 32, "other_span": 32 if other == "sliding_window" else 8,
+         "difference": 0.05, "ci_low": 0.01, "ci_high": 0.09, "verdict": "BSBR compressed above",
+         "bsbr_state_values": 2816, "other_state_values": state} for other, state in (("sliding_window", 8064),
+                                                                                     ("linear", 2304))]
+    metrics["goals"]["frontier"] = [
+        {"model": "bsbr", "span": 8, "label": "bsbr", "state_values": 19968, "frontier": "standard",
+         "frontier_state_values": 16768, "difference": -0.476, "ci_low": -0.5, "ci_high": -0.45,
+         "verdict": "below the frontier"},
+        {"model": "bsbr_compressed", "span": 32, "label": "bsbr_compressed (32)", "state_values": 1000,
+         "frontier": None, "frontier_state_values": None, "difference": None, "ci_low": None, "ci_high": None,
+         "verdict": "the smallest state: it is the frontier there"}]
+    text = readme_results.associative_recall(metrics)
+    assert "BSBR compressed (`bsbr_compressed`): BSBR with each chunk state compressed 16× by a learned" in text
+    assert "BSBR compressed vs linear (span 32): **BSBR compressed above**, +5.0 points [+1.0, +9.0]" in text
+    assert "BSBR compressed vs sliding_window (span 32)" not in text  # 0.35× its state: not comparable, report only
+    assert ("On the accuracy-vs-state frontier (against the most accurate other architecture with no larger state, "
+            "paired by seed): bsbr (19,968): **below the frontier**, -47.6 points [-50.0, -45.0] against standard "
+            "(16,768); bsbr_compressed (32) (1,000): the smallest state: it is the frontier there.") in text
 
 
 def test_training_block_ranks_by_loss_and_steps_with_intervals():
