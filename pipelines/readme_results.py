@@ -367,21 +367,21 @@ def associative_recall(m: dict) -> str:
     # are within 2× (comparable state); the report lists them all
     shown = [c for c in goals["bsbr_vs"] if c["span"] == span or c.get("model") == "bsbr_blocks"
              or 0.5 <= c["bsbr_state_values"] / c["other_state_values"] <= 2]
+    points = lambda r: (f"{100 * r['difference']:+.1f} points"  # a paired difference with its interval, if any
+                        + ("" if r["ci_low"] is None else f" [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"))
     for c in shown:
-        interval = "" if c["ci_low"] is None else f" [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
         other_span = c.get("other_span", c["span"])  # shown where the other's own chunk/window differs
         spans = f"{c['span']} vs {other_span}" if other_span != c["span"] and c["other"] in SPAN_SENSITIVE else c["span"]
         text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {spans}): **{c['verdict']}**, "
-                 f"{100 * c['difference']:+.1f} points{interval} with "
+                 f"{points(c)} with "
                  f"{c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
     frontier = goals.get("frontier") or []
     if frontier:
         def where(f):
             if f["frontier"] is None:
                 return f"{f['label']} ({f['state_values']:,}): {f['verdict']}"
-            interval = "" if f["ci_low"] is None else f" [{100 * f['ci_low']:+.1f}, {100 * f['ci_high']:+.1f}]"
-            return (f"{f['label']} ({f['state_values']:,}): **{f['verdict']}**, {100 * f['difference']:+.1f} points"
-                    f"{interval} against {f['frontier']} ({f['frontier_state_values']:,})")
+            return (f"{f['label']} ({f['state_values']:,}): **{f['verdict']}**, {points(f)} against {f['frontier']} "
+                    f"({f['frontier_state_values']:,})")
         text += (" On the accuracy-vs-state frontier (against the most accurate other architecture with no larger "
                  "state, paired by seed): " + "; ".join(where(f) for f in frontier) + ".")
     text += _edges({name: a["learning_rate"] for name, a in ranked}, train["learning_rates"])
