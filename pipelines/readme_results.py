@@ -69,8 +69,8 @@ def scaling(m: dict) -> str:
     return (
         f"* **Attention modules** (`reports/01_scaling.html`; one layer, hidden {cfg['hidden_dim']}, "
         f"{cfg['num_heads']} heads, chunk {cfg['chunk_size']}, batch {cfg['batch_size']}, fp32, {cfg['threads']} "
-        f"threads of {_cpu(m)}; BSBRAttention vs the same four projections around torch's fused causal SDPA; load average "
-        f"{load[0]:.2f} at the start). Forward speed-up over full attention: "
+        f"threads of {_cpu(m)}; BSBRAttention vs the same four projections around torch's fused causal SDPA; "
+        f"load average {load[0]:.2f} at the start). Forward speed-up over full attention: "
         f"{_target(goals['module_forward_speedup_16384'])} at 16,384 tokens and "
         f"**{_target(goals['module_forward_speedup_65536'])}** at "
         + (f"{longest:,} (BSBR {at['bsbr_forward_s']:.2f} s); " if longest == 65536 else
