@@ -21,7 +21,7 @@ from pathlib import Path
 from bsbr.convergence import grid_edge_sentence
 from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
-from build_index import collect  # how the index reads each report (its profile and run time among them)
+from build_index import collect, format_cpu  # how the index reads each report (its profile, run time and CPU)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -69,7 +69,8 @@ def scaling(m: dict) -> str:
     return (
         f"* **Attention modules** (`reports/01_scaling.html`; one layer, hidden {cfg['hidden_dim']}, "
         f"{cfg['num_heads']} heads, chunk {cfg['chunk_size']}, batch {cfg['batch_size']}, fp32, {cfg['threads']} "
-        f"threads of {_cpu(m)}; BSBRAttention vs the same four projections around torch's fused causal SDPA; "
+        f"threads; {format_cpu(m.get('machine'))}; BSBRAttention vs the same four projections around torch's fused "
+        f"causal SDPA; "
         f"load average {load[0]:.2f} at the start). Forward speed-up over full attention: "
         f"{_target(goals['module_forward_speedup_16384'])} at 16,384 tokens and "
         f"**{_target(goals['module_forward_speedup_65536'])}** at "
@@ -303,23 +304,15 @@ def long_documents(m: dict) -> str:
         f"({m['memory_vs_kv_cache']['blocks']:.2f}× the original's KV cache). {_machine_load(m)}")
 
 
-def _cpu(m: dict) -> str:
-    """The CPU a report's timings come from (its metrics' ``machine`` record): the published reports may come from
-    different machines, and a time or a speed-up means little without it."""
-    machine = m.get("machine") or {}
-    cpu, cores = machine.get("cpu") or "an unrecorded CPU", machine.get("cores")
-    return f"{cpu} ({cores} cores)" if cores else cpu
-
-
 def _machine_load(m: dict) -> str:
     """Report 06's machine: its CPU, and other processes' cores around the streams where the run measured them (the
     1-min load average still carries the previous stage), with the busy warning; else the load average."""
     others = m.get("other_cores") or {}
     if others.get("before") is None and others.get("after") is None:
-        return (f"Timed on {_cpu(m)}; load average {m['load_average']['before'][0]:.2f} before, "
-                f"{m['load_average']['after'][0]:.2f} after.")
+        return (f"Timed on {format_cpu(m.get('machine'))}; load average {m['load_average']['before'][0]:.2f} "
+                f"before, {m['load_average']['after'][0]:.2f} after.")
     said = " and ".join(f"{others[k]:.2f} {k}" for k in ("before", "after") if others.get(k) is not None)
-    return (f"Timed on {_cpu(m)}; other processes' cores around the streams: {said}"
+    return (f"Timed on {format_cpu(m.get('machine'))}; other processes' cores around the streams: {said}"
             + (" (**busy: these times are not a quiet-machine result**)." if m.get("busy") else "."))
 
 

@@ -221,15 +221,15 @@ def test_long_documents_block_quotes_the_cpu_other_processes_cores_and_the_busy_
     metrics["machine"] = {**metrics["machine"], "cpu": "Some CPU", "cores": 2}
     metrics["other_cores"], metrics["busy"] = {"before": 0.01, "after": 0.005}, False
     assert readme_results.long_documents(metrics).endswith(
-        "Timed on Some CPU (2 cores); other processes' cores around the streams: 0.01 before and 0.01 after.")
+        "Timed on Some CPU, 2 logical CPUs; other processes' cores around the streams: 0.01 before and 0.01 after.")
     metrics["other_cores"], metrics["busy"] = {"before": 0.9, "after": None}, True
     assert readme_results.long_documents(metrics).endswith(
-        "Timed on Some CPU (2 cores); other processes' cores around the streams: 0.90 before (**busy: these times "
+        "Timed on Some CPU, 2 logical CPUs; other processes' cores around the streams: 0.90 before (**busy: these times "
         "are not a quiet-machine result**).")
     del metrics["other_cores"], metrics["busy"]  # a run made before they were measured: the load average
     metrics["load_average"] = {"before": [1.18, 0.9, 0.9], "after": [1.93, 1.9, 1.8]}
     assert readme_results.long_documents(metrics).endswith(
-        "Timed on Some CPU (2 cores); load average 1.18 before, 1.93 after.")
+        "Timed on Some CPU, 2 logical CPUs; load average 1.18 before, 1.93 after.")
     del metrics["machine"]  # a metrics file without a machine record says so instead of guessing
     assert readme_results.long_documents(metrics).endswith(
         "Timed on an unrecorded CPU; load average 1.18 before, 1.93 after.")
@@ -238,7 +238,7 @@ def test_long_documents_block_quotes_the_cpu_other_processes_cores_and_the_busy_
 def test_scaling_block_names_the_cpu_its_times_come_from():
     metrics = json.loads((ROOT / "reports" / "metrics" / "01_scaling.json").read_text())
     metrics["machine"] = {**metrics["machine"], "cpu": "Some CPU", "cores": 2}
-    assert "fp32, 2 threads of Some CPU (2 cores); BSBRAttention" in readme_results.scaling(metrics)
+    assert "fp32, 2 threads; Some CPU, 2 logical CPUs; BSBRAttention" in readme_results.scaling(metrics)
 
 
 def test_calibration_cost_block_derives_its_rates_and_estimate_from_report_02s_metrics(tmp_path):
