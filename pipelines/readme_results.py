@@ -353,6 +353,12 @@ def associative_recall(m: dict) -> str:
         f"sequence, values): " + "; ".join(f"{name} {_percent(a)} ({a['state_values']:,})" for name, a in ranked)
         + f". Full attention ≥ {100 * attention['goal']:.0f}%: **{'met' if attention['met'] else 'missed'}**"
         + ("" if attention["met"] else " (the quick tier's budget is too small to learn the task)") + ".")
+    ranking = m.get("separations")  # which pairs of the registered architectures the intervals tell apart
+    if ranking is not None and ranking["pairs"]:
+        undecided = ranking["undecided"]
+        text += (f" Separated by their intervals at span {ranking['span']}: {ranking['separated']} of "
+                 f"{ranking['pairs']} pairs ({ranking['paired_separated']} by the seed-paired difference)"
+                 + (f"; undecided: {', '.join(f'{a}–{b}' for a, b in undecided)}." if undecided else "."))
     blocks = m.get("bsbr_blocks")
     if blocks is not None:
         outside = m["outside_fraction"][f"own_and_previous_{blocks['chunk_size']}"]

@@ -113,6 +113,15 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert text.endswith(" **Learning-rate sweep edges.** bsbr chose the highest rate (0.03); linear chose the lowest rate "
                          "(0.003) of [0.003, 0.01, 0.03]: the sweep does not bracket them, so their best rate may lie "
                          "outside it. Run: 10.0 min.")
+    assert "Separated by their intervals" not in text  # metrics that do not carry the ranking
+    ranked = _mqar_metrics(0.976, 0.25, 0.2, 0.3)
+    ranked["separations"] = {"span": 8, "pairs": 3, "separated": 1, "paired_separated": 2,
+                             "undecided": [["bsbr", "linear"]]}
+    assert ("Full attention ≥ 95%: **met**. Separated by their intervals at span 8: 1 of 3 pairs (2 by the "
+            "seed-paired difference); undecided: bsbr–linear.") in readme_results.associative_recall(ranked)
+    ranked["separations"].update(separated=3, paired_separated=3, undecided=[])
+    assert "Separated by their intervals at span 8: 3 of 3 pairs (3 by the seed-paired difference). " in (
+        readme_results.associative_recall(ranked))
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
     assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
