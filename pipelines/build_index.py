@@ -314,7 +314,8 @@ def format_machine(machine: dict | None) -> str:
     parts = []
     if "cpu" in machine or "cores" in machine:
         parts.append(format_cpu(machine))
-        machine.pop("cpu", None), machine.pop("cores", None)
+        for key in ("cpu", "cores"):
+            machine.pop(key, None)
     if "threads" in machine:
         parts.append(f"{machine.pop('threads')} torch threads")
     load = machine.pop("load_average", None)

@@ -70,8 +70,7 @@ def scaling(m: dict) -> str:
         f"* **Attention modules** (`reports/01_scaling.html`; one layer, hidden {cfg['hidden_dim']}, "
         f"{cfg['num_heads']} heads, chunk {cfg['chunk_size']}, batch {cfg['batch_size']}, fp32, {cfg['threads']} "
         f"threads; {format_cpu(m.get('machine'))}; BSBRAttention vs the same four projections around torch's fused "
-        f"causal SDPA; "
-        f"load average {load[0]:.2f} at the start). Forward speed-up over full attention: "
+        f"causal SDPA; load average {load[0]:.2f} at the start). Forward speed-up over full attention: "
         f"{_target(goals['module_forward_speedup_16384'])} at 16,384 tokens and "
         f"**{_target(goals['module_forward_speedup_65536'])}** at "
         + (f"{longest:,} (BSBR {at['bsbr_forward_s']:.2f} s); " if longest == 65536 else
