@@ -237,7 +237,9 @@ def convergence_summary(runs: pd.DataFrame, evals: pd.DataFrame, target: float, 
 
 
 def separations(summary: pd.DataFrame, runs: pd.DataFrame, column: str, confidence: float = 0.95) -> pd.DataFrame:
-    """Every pair of architectures compared on ``column`` (``"final_val_loss"`` or ``"steps_to_target"``).
+    """Every pair of architectures compared on ``column``: a quantity with one value per architecture and seed in
+    ``runs`` whose mean over seeds and t-interval ``summary`` holds as ``<column>``, ``<column>_low`` and
+    ``<column>_high`` (report 07: ``"final_val_loss"``, ``"steps_to_target"``; report 08: ``"test_accuracy"``).
 
     Two verdicts per pair: ``separated`` — the two t-intervals over seeds (``<column>_low/_high`` of ``summary``) do
     not overlap (conservative); and ``paired_separated`` — the t-interval of the per-seed difference ``a − b`` excludes
@@ -245,15 +247,20 @@ def separations(summary: pd.DataFrame, runs: pd.DataFrame, column: str, confiden
     has no interval (a seed that misses the target) are ``separated = False`` with NaN bounds.
 
     Args:
-        summary: :func:`convergence_summary`'s summary (its row order is kept: ``a`` is the earlier row);
-        runs: its per-seed runs (``model, seed, column``); confidence: of the difference's interval.
+        summary: one row per architecture (``model``, ``column``, ``<column>_low``, ``<column>_high``), e.g.
+            :func:`convergence_summary`'s summary (its row order is kept: ``a`` is the earlier row);
+        runs: per-seed rows (``model, seed, column``), one per architecture and seed; confidence: of the
+            difference's interval.
     Returns:
         ``a, b, a_mean, b_mean, difference, difference_low, difference_high, separated, paired_separated``.
     Raises:
-        ValueError: ``column`` not one of the two.
+        ValueError: ``summary`` lacks ``column`` or its ``_low``/``_high`` bounds, or ``runs`` lacks ``column``.
     """
-    if column not in ("final_val_loss", "steps_to_target"):
-        raise ValueError(f"column must be 'final_val_loss' or 'steps_to_target', got {column!r}")
+    missing = [name for name in (column, f"{column}_low", f"{column}_high") if name not in summary.columns]
+    if missing or column not in runs.columns:
+        raise ValueError(f"column must name a quantity of runs whose mean and t-interval summary holds as "
+                         f"<column>, <column>_low and <column>_high, got {column!r} (missing: "
+                         f"{', '.join(missing) if missing else 'runs.' + column})")
     values = runs.pivot(index="seed", columns="model", values=column)  # [seeds, models]
     rows = []
     order = list(summary.model)
@@ -273,7 +280,8 @@ def separations(summary: pd.DataFrame, runs: pd.DataFrame, column: str, confiden
                          "difference": mean, "difference_low": low, "difference_high": high,
                          "separated": separated,
                          "paired_separated": bool(np.isfinite(low) and (low > 0 or high < 0))})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["a", "b", "a_mean", "b_mean", "difference", "difference_low",
+                                       "difference_high", "separated", "paired_separated"])
 
 
 def identical_pairs(evals: pd.DataFrame, names, tolerance: float = SAME_CURVE_TOLERANCE) -> list[tuple]:

@@ -297,6 +297,14 @@ def format_value(name: str, value) -> str:
     return cell(value, missing="n/a")
 
 
+def format_cpu(machine: dict | None) -> str:
+    """The CPU of a metrics file's ``machine`` header: ``AMD EPYC, 2 logical CPUs``; ``an unrecorded CPU`` (with the
+    count when there is one) where the header names none. The index and README's timing blocks both say it this way."""
+    machine = machine or {}
+    cpu, cores = machine.get("cpu") or "an unrecorded CPU", machine.get("cores")
+    return f"{cpu}, {cores} logical CPUs" if cores else cpu
+
+
 def format_machine(machine: dict | None) -> str:
     """A metrics file's ``machine`` header as a sentence: CPU, cores, threads, the load average (1 / 5 / 15 min,
     2 decimals), Python, torch and the platform; keys it does not know follow as ``key value``."""
@@ -305,7 +313,9 @@ def format_machine(machine: dict | None) -> str:
     machine = dict(machine)
     parts = []
     if "cpu" in machine or "cores" in machine:
-        parts.append(f"{machine.pop('cpu', 'CPU')}, {machine.pop('cores', '?')} logical CPUs")
+        parts.append(format_cpu(machine))
+        for key in ("cpu", "cores"):
+            machine.pop(key, None)
     if "threads" in machine:
         parts.append(f"{machine.pop('threads')} torch threads")
     load = machine.pop("load_average", None)

@@ -21,7 +21,7 @@ from pathlib import Path
 from bsbr.convergence import grid_edge_sentence
 from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
-from build_index import collect  # how the index reads each report (its profile and run time among them)
+from build_index import collect, format_cpu  # how the index reads each report (its profile, run time and CPU)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -69,8 +69,8 @@ def scaling(m: dict) -> str:
     return (
         f"* **Attention modules** (`reports/01_scaling.html`; one layer, hidden {cfg['hidden_dim']}, "
         f"{cfg['num_heads']} heads, chunk {cfg['chunk_size']}, batch {cfg['batch_size']}, fp32, {cfg['threads']} "
-        f"threads; BSBRAttention vs the same four projections around torch's fused causal SDPA; load average "
-        f"{load[0]:.2f} at the start). Forward speed-up over full attention: "
+        f"threads; {format_cpu(m.get('machine'))}; BSBRAttention vs the same four projections around torch's fused "
+        f"causal SDPA; load average {load[0]:.2f} at the start). Forward speed-up over full attention: "
         f"{_target(goals['module_forward_speedup_16384'])} at 16,384 tokens and "
         f"**{_target(goals['module_forward_speedup_65536'])}** at "
         + (f"{longest:,} (BSBR {at['bsbr_forward_s']:.2f} s); " if longest == 65536 else
@@ -304,14 +304,14 @@ def long_documents(m: dict) -> str:
 
 
 def _machine_load(m: dict) -> str:
-    """Report 06's machine: other processes' cores around the streams where the run measured them (the 1-min load
-    average still carries the previous stage), with the busy warning; else the load average."""
+    """Report 06's machine: its CPU, and other processes' cores around the streams where the run measured them (the
+    1-min load average still carries the previous stage), with the busy warning; else the load average."""
     others = m.get("other_cores") or {}
     if others.get("before") is None and others.get("after") is None:
-        return (f"Load average {m['load_average']['before'][0]:.2f} before, "
-                f"{m['load_average']['after'][0]:.2f} after.")
+        return (f"Timed on {format_cpu(m.get('machine'))}; load average {m['load_average']['before'][0]:.2f} "
+                f"before, {m['load_average']['after'][0]:.2f} after.")
     said = " and ".join(f"{others[k]:.2f} {k}" for k in ("before", "after") if others.get(k) is not None)
-    return (f"Other processes' cores around the streams: {said}"
+    return (f"Timed on {format_cpu(m.get('machine'))}; other processes' cores around the streams: {said}"
             + (" (**busy: these times are not a quiet-machine result**)." if m.get("busy") else "."))
 
 
@@ -352,6 +352,12 @@ def associative_recall(m: dict) -> str:
         f"sequence, values): " + "; ".join(f"{name} {_percent(a)} ({a['state_values']:,})" for name, a in ranked)
         + f". Full attention ≥ {100 * attention['goal']:.0f}%: **{'met' if attention['met'] else 'missed'}**"
         + ("" if attention["met"] else " (the quick tier's budget is too small to learn the task)") + ".")
+    ranking = m.get("separations")  # which pairs of the registered architectures the intervals tell apart
+    if ranking is not None and ranking["pairs"]:
+        undecided = ranking["undecided"]
+        text += (f" Separated by their intervals at span {ranking['span']}: {ranking['separated']} of "
+                 f"{ranking['pairs']} pairs ({ranking['paired_separated']} by the seed-paired difference)"
+                 + (f"; undecided: {', '.join(f'{a}–{b}' for a, b in undecided)}." if undecided else "."))
     blocks = m.get("bsbr_blocks")
     if blocks is not None:
         outside = m["outside_fraction"][f"own_and_previous_{blocks['chunk_size']}"]

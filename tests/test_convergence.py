@@ -137,6 +137,34 @@ def test_separations_by_interval_and_by_paired_difference():
         separations(summary, runs, "params")
 
 
+def test_separations_of_any_quantity_with_its_interval_columns():
+    """Report 08 ranks by test accuracy: any column works when the summary holds its mean and t-interval bounds."""
+    runs = pd.DataFrame({"model": ["x"] * 3 + ["y"] * 3 + ["z"] * 3, "seed": [0, 1, 2] * 3,
+                         "test_accuracy": [0.90, 0.95, 0.92, 0.20, 0.25, 0.10, 0.10, 0.80, 0.15]})
+    rows = []
+    for model, group in runs.groupby("model"):
+        low, high = t_bounds(group.test_accuracy.tolist())
+        rows.append({"model": model, "test_accuracy": group.test_accuracy.mean(), "test_accuracy_low": low,
+                     "test_accuracy_high": high})
+    summary = pd.DataFrame(rows)
+    pairs = separations(summary, runs, "test_accuracy").set_index(["a", "b"])
+    assert list(pairs.index) == [("x", "y"), ("x", "z"), ("y", "z")]
+    assert bool(pairs.loc[("x", "y"), "separated"]) and bool(pairs.loc[("x", "y"), "paired_separated"])
+    # z's seeds spread from 0.10 to 0.80: its interval reaches y's, and the differences y - z (0.10, -0.55, -0.05)
+    # change sign
+    assert not pairs.loc[("y", "z"), "separated"] and not pairs.loc[("y", "z"), "paired_separated"]
+    diff = [0.10, -0.55, -0.05]
+    assert pairs.loc[("y", "z"), "difference"] == pytest.approx(np.mean(diff))
+    assert (pairs.loc[("y", "z"), "difference_low"], pairs.loc[("y", "z"), "difference_high"]) == pytest.approx(
+        t_bounds(diff))
+    alone = separations(summary[summary.model == "x"], runs[runs.model == "x"], "test_accuracy")
+    assert alone.empty and list(alone.columns) == list(pairs.reset_index().columns)  # one architecture: no pairs
+    with pytest.raises(ValueError, match="test_accuracy_high"):
+        separations(summary.drop(columns="test_accuracy_high"), runs, "test_accuracy")
+    with pytest.raises(ValueError, match="runs.test_accuracy"):
+        separations(summary, runs.rename(columns={"test_accuracy": "accuracy"}), "test_accuracy")
+
+
 def test_identical_pairs_and_format_steps():
     assert identical_pairs(curves(), ["a", "b", "c"]) == [("a", "c")]
     assert format_steps(None) == format_steps(float("nan")) == "not reached" and format_steps(12.34) == "12.3"

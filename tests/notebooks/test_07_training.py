@@ -71,6 +71,15 @@ def test_ngram_floors_are_the_count_models_on_the_validation_positions(smoke):
     metrics = smoke["metrics"]
     assert metrics["ngram_floors"]["bigram"]["val_loss"] == pytest.approx(floors.val_loss[1], abs=1e-4)
     assert metrics["target_val_loss"] == SMOKE["target_loss"] and metrics["target_source"] == "the target_loss parameter"
+    # every model lies below the bigram floor, above it, or undecided (its interval holds it): by its interval
+    # (the lists in the summary's order, best first; the metrics' models sorted by name)
+    bigram, models = metrics["ngram_floors"]["bigram"]["val_loss"], metrics["models"]
+    assert sorted(metrics["below_bigram_floor"]) == [n for n in sorted(models)
+                                                     if models[n]["final_val_loss_high"] < bigram]
+    assert sorted(metrics["above_bigram_floor"]) == [n for n in sorted(models)
+                                                     if models[n]["final_val_loss_low"] > bigram]
+    assert sorted(metrics["below_bigram_floor"] + metrics["above_bigram_floor"]
+                  + metrics["bigram_floor_undecided"]) == sorted(models)
 
 
 def test_parameter_counts_matched_within_five_percent(smoke):

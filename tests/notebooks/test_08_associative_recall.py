@@ -198,6 +198,49 @@ def test_each_bsbr_point_against_the_frontier_of_no_larger_state(smoke):
         assert f["verdict"] == expected
 
 
+def test_the_registered_architectures_ranked_by_their_intervals(smoke):
+    """Every pair of the registered architectures at the headline span, recomputed from the per-seed rows: separated
+    when their t-intervals over seeds (clipped to [0, 1]) do not overlap, paired-separated when the t-interval of the
+    per-seed difference excludes 0; the undecided pairs and the counts are the report's. Every difference's interval
+    lies in [-1, 1] (two accuracies differ by at most 1)."""
+    per_seed = pd.read_csv(smoke["out"] / "test_per_seed.csv")
+    head = per_seed[per_seed.model.isin(NAMES) & (per_seed.span == SMOKE["spans"][0])]
+    acc = {name: group.set_index("seed").test_accuracy for name, group in head.groupby("model")}
+    assert sorted(acc) == sorted(NAMES)
+
+    def t(values):  # mean, low, high of a 95% Student-t interval
+        values = np.asarray(values, dtype=float)
+        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+        return values.mean(), values.mean() - half, values.mean() + half
+
+    bounds = {name: (max(0.0, t(a)[1]), min(1.0, t(a)[2])) for name, a in acc.items()}
+    separated, paired, undecided = 0, 0, set()
+    for i, a in enumerate(NAMES):
+        for b in NAMES[i + 1:]:
+            apart = bounds[a][1] < bounds[b][0] or bounds[b][1] < bounds[a][0]
+            _, low, high = t(acc[a] - acc[b])
+            by_seed = low > 0 or high < 0
+            separated, paired = separated + apart, paired + by_seed
+            if not apart and not by_seed:
+                undecided.add(frozenset((a, b)))
+    ranking = smoke["metrics"]["separations"]
+    assert ranking["span"] == SMOKE["spans"][0] and ranking["pairs"] == len(NAMES) * (len(NAMES) - 1) // 2
+    assert (ranking["separated"], ranking["paired_separated"]) == (separated, paired)
+    assert {frozenset(pair) for pair in ranking["undecided"]} == undecided
+    if not (acc["hopfield"] - acc["standard"]).any():  # trained identically: never told apart
+        assert frozenset(("hopfield", "standard")) in undecided
+    rows = pd.read_csv(smoke["out"] / "separations.csv")
+    assert len(rows) == ranking["pairs"]
+    goals = smoke["metrics"]["goals"]
+    for c in goals["bsbr_vs"] + [f for f in goals["frontier"] if f["ci_low"] is not None]:
+        assert -1.0 <= c["ci_low"] <= c["difference"] <= c["ci_high"] <= 1.0
+    assert ((rows.difference_low.dropna() >= -1.0) & (rows.difference_high.dropna() <= 1.0)).all()
+    markdown = next(o["data"]["text/markdown"] for c in smoke["notebook"].cells if c.cell_type == "code"
+                    for o in c.outputs if "text/markdown" in o.get("data", {}))
+    assert (f"At span {SMOKE['spans'][0]}, {separated} of {ranking['pairs']} pairs are separated by their intervals "
+            f"over seeds and {paired} by the seed-paired difference") in markdown
+
+
 def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
     nb = smoke["notebook"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

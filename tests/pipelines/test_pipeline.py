@@ -691,7 +691,7 @@ def test_index_prints_the_machine_header_and_lists_of_records_readably():
         "AMD EPYC, 2 logical CPUs; 2 torch threads; load average 0.31 / 1.23 / 1.67 (1 / 5 / 15 min, when the run "
         "started); Python 3.11.7; torch 2.13.0+cpu; Linux-6")
     assert build_index.format_machine(None) == "none recorded"
-    assert build_index.format_machine({"cores": 2, "gpu": "none"}) == "CPU, 2 logical CPUs; gpu none"
+    assert build_index.format_machine({"cores": 2, "gpu": "none"}) == "an unrecorded CPU, 2 logical CPUs; gpu none"
     flat = build_index.flatten({"machine": machine, "goals": {"vs": [{"model": "bsbr", "difference": 0.5734},
                                                                        {"model": "gau", "difference": -0.1}]},
                                 "seq_lens": [1, 2]})

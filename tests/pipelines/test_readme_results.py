@@ -113,6 +113,15 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert text.endswith(" **Learning-rate sweep edges.** bsbr chose the highest rate (0.03); linear chose the lowest rate "
                          "(0.003) of [0.003, 0.01, 0.03]: the sweep does not bracket them, so their best rate may lie "
                          "outside it. Run: 10.0 min.")
+    assert "Separated by their intervals" not in text  # metrics that do not carry the ranking
+    ranked = _mqar_metrics(0.976, 0.25, 0.2, 0.3)
+    ranked["separations"] = {"span": 8, "pairs": 3, "separated": 1, "paired_separated": 2,
+                             "undecided": [["bsbr", "linear"]]}
+    assert ("Full attention ≥ 95%: **met**. Separated by their intervals at span 8: 1 of 3 pairs (2 by the "
+            "seed-paired difference); undecided: bsbr–linear.") in readme_results.associative_recall(ranked)
+    ranked["separations"].update(separated=3, paired_separated=3, undecided=[])
+    assert "Separated by their intervals at span 8: 3 of 3 pairs (3 by the seed-paired difference). " in (
+        readme_results.associative_recall(ranked))
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
     assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
@@ -216,18 +225,29 @@ def test_stage_times_block_reads_each_reports_run_time_and_profile(tmp_path):
         f"a\n<!-- results:stage_times -->\n{block}\n<!-- /results:stage_times -->\nb")
 
 
-def test_long_documents_block_quotes_other_processes_cores_and_the_busy_warning():
+def test_long_documents_block_quotes_the_cpu_other_processes_cores_and_the_busy_warning():
     metrics = json.loads((ROOT / "reports" / "metrics" / "06_long_documents.json").read_text())
+    metrics["machine"] = {**metrics["machine"], "cpu": "Some CPU", "cores": 2}
     metrics["other_cores"], metrics["busy"] = {"before": 0.01, "after": 0.005}, False
     assert readme_results.long_documents(metrics).endswith(
-        "Other processes' cores around the streams: 0.01 before and 0.01 after.")
+        "Timed on Some CPU, 2 logical CPUs; other processes' cores around the streams: 0.01 before and 0.01 after.")
     metrics["other_cores"], metrics["busy"] = {"before": 0.9, "after": None}, True
     assert readme_results.long_documents(metrics).endswith(
-        "Other processes' cores around the streams: 0.90 before (**busy: these times are not a quiet-machine "
-        "result**).")
+        "Timed on Some CPU, 2 logical CPUs; other processes' cores around the streams: 0.90 before (**busy: these times "
+        "are not a quiet-machine result**).")
     del metrics["other_cores"], metrics["busy"]  # a run made before they were measured: the load average
     metrics["load_average"] = {"before": [1.18, 0.9, 0.9], "after": [1.93, 1.9, 1.8]}
-    assert readme_results.long_documents(metrics).endswith("Load average 1.18 before, 1.93 after.")
+    assert readme_results.long_documents(metrics).endswith(
+        "Timed on Some CPU, 2 logical CPUs; load average 1.18 before, 1.93 after.")
+    del metrics["machine"]  # a metrics file without a machine record says so instead of guessing
+    assert readme_results.long_documents(metrics).endswith(
+        "Timed on an unrecorded CPU; load average 1.18 before, 1.93 after.")
+
+
+def test_scaling_block_names_the_cpu_its_times_come_from():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "01_scaling.json").read_text())
+    metrics["machine"] = {**metrics["machine"], "cpu": "Some CPU", "cores": 2}
+    assert "fp32, 2 threads; Some CPU, 2 logical CPUs; BSBRAttention" in readme_results.scaling(metrics)
 
 
 def test_calibration_cost_block_derives_its_rates_and_estimate_from_report_02s_metrics(tmp_path):
