@@ -218,6 +218,12 @@ def test_stage_times_block_reads_each_reports_run_time_and_profile(tmp_path):
     report("02_conversion_similarity", 2144.1, "quick")  # a mixed set names each report's profile
     assert "the profile named beside each: 01 10.2 (publication), 02 35.7 (quick); 0.8 h in all." in (
         readme_results.stage_times(tmp_path))
+    (tmp_path / "metrics").mkdir()  # a stage that resumed from its scoring log: the time is its last start's
+    (tmp_path / "metrics" / "01_scaling.json").write_text(json.dumps({"resumed_pairs": 218}))
+    assert "01 10.2 (publication) (its last start; 218 scored pairs came from the log of earlier starts), 02" in (
+        readme_results.stage_times(tmp_path))
+    (tmp_path / "metrics" / "01_scaling.json").write_text(json.dumps({"resumed_pairs": 0}))
+    assert "01 10.2 (publication), 02" in readme_results.stage_times(tmp_path)
     readme = "a\n<!-- results:stage_times -->\nold\n<!-- /results:stage_times -->\nb"
     assert readme_results.stale_blocks(readme, tmp_path / "metrics", tmp_path) == ["stage_times"]
     block = readme_results.stage_times(tmp_path)
