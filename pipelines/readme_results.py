@@ -486,24 +486,20 @@ def stage_times(reports_dir: Path) -> str | None:
     render_report.stage_run from papermill's record), with the profile each ran in and, where its metrics
     (``reports_dir/metrics/<name>.json``) count ``resumed_pairs``, that the time is its last start's; None if no
     report says."""
-    runs = [(row["name"], row["run_seconds"], row["profile"]) for row in collect(reports_dir)
-            if row["run_seconds"] is not None]
+    # a stage that resumed from its scoring log (bsbr.experiment.ResumeLog) ran only its last start here
+    runs = [(row["name"][:2], row["run_seconds"], row["profile"], row["metrics"].get("resumed_pairs", 0))
+            for row in collect(reports_dir) if row["run_seconds"] is not None]
     if not runs:
         return None
-    profiles = {profile for _, _, profile in runs}
-
-    def resumed(name: str) -> str:
-        """A stage that resumed from its scoring log (bsbr.experiment.ResumeLog) ran only its last start here."""
-        path = reports_dir / "metrics" / f"{name}.json"
-        pairs = json.loads(path.read_text()).get("resumed_pairs", 0) if path.is_file() else 0
-        return f" (its last start; {pairs} scored pairs came from the log of earlier starts)" if pairs else ""
-
-    each = ", ".join(f"{name[:2]} {seconds / 60:.1f}" + ("" if len(profiles) == 1 else f" ({profile})")
-                     + resumed(name) for name, seconds, profile in runs)
+    profiles = {profile for _, _, profile, _ in runs}
+    each = ", ".join(f"{number} {seconds / 60:.1f}" + ("" if len(profiles) == 1 else f" ({profile})")
+                     + (f" (its last start; {resumed} scored pairs came from the log of earlier starts)"
+                        if resumed else "")
+                     for number, seconds, profile, resumed in runs)
     which = f"the {profiles.pop()} profile" if len(profiles) == 1 else "the profile named beside each"
     return (f"How long each notebook of the reports now in `reports/` ran (papermill's record, printed as each "
             f"report's last line), in minutes, in {which}: {each}; "
-            f"{sum(seconds for _, seconds, _ in runs) / 3600:.1f} h in all.")
+            f"{sum(seconds for _, seconds, _, _ in runs) / 3600:.1f} h in all.")
 
 
 def fresh_clone(reports_dir: Path) -> str | None:
