@@ -250,6 +250,18 @@ def test_long_documents_block_quotes_the_cpu_other_processes_cores_and_the_busy_
         "Timed on an unrecorded CPU; load average 1.18 before, 1.93 after.")
 
 
+def test_long_documents_block_applies_the_flatness_rule_inside_the_trained_range_when_the_run_recorded_it():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "06_long_documents.json").read_text())
+    original = {k: v for k, v in metrics["flatness"]["original"].items() if not k.endswith("_before")}
+    metrics["flatness"]["original"] = {**original, "max_before_ppl": None}  # a run made before it was recorded
+    assert "The same rule before" not in readme_results.long_documents(metrics)
+    metrics["flatness"]["original"] = {**original, "reference_ppl": 28.5, "max_before_ppl": 48.6,
+                                       "max_before_start": 7168, "exceeding_before": 1}
+    assert (" The same rule before 8,192, where nothing is past the trained context: the original has 1 bin above "
+            "1.5× its median, the highest 48.6 at 7,168 (1.71×). With the text held fixed") in \
+        readme_results.long_documents(metrics)
+
+
 def test_scaling_block_names_the_cpu_its_times_come_from():
     metrics = json.loads((ROOT / "reports" / "metrics" / "01_scaling.json").read_text())
     metrics["machine"] = {**metrics["machine"], "cpu": "Some CPU", "cores": 2}
