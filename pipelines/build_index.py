@@ -73,6 +73,7 @@ td.label { min-width: 14em; }
 td.goal { min-width: 7em; }
 .run { font-size: 0.85em; color: #555; }
 td.met, td.missed, td.other { white-space: nowrap; }
+th.stage { white-space: nowrap; overflow-wrap: normal; }
 .met { color: #1a7f37; font-weight: bold; }
 .missed { color: #c0392b; font-weight: bold; }
 .other { color: #7a6500; }
@@ -671,7 +672,7 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     body += [f"<tr><th>{esc(key)}</th><td>{esc(value)}</td></tr>" for key, value in provenance]
     for row in rows:
         header = format_machine(row["machine"])
-        body.append(f"<tr><th>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
+        body.append(f"<tr><th class='stage'>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
                     f"{', ' + esc(row['date']) if row['date'] else ''}; params profile: {esc(row['profile'])}; "
                     f"machine: {esc(header)}</td></tr>")
     body.append("</table></div>")
