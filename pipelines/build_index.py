@@ -197,6 +197,16 @@ def below_one(low: float, high: float) -> bool | None:
     return True if high < 1 else False if low >= 1 else None
 
 
+def _flat_value(m: dict):
+    """06's flatness headline: the highest late bin ÷ the median before, with the number of bins past ``flat_from``
+    when the run recorded it (a verdict on 2 bins says less than one on 56)."""
+    blocks = m["flatness"]["blocks"]
+    ratio = blocks["max_beyond_ppl"] / blocks["reference_ppl"]
+    if "bins_beyond" not in blocks:
+        return ratio
+    return f"{format_value('', ratio)}× over {blocks['bins_beyond']:,} bin{'s' if blocks['bins_beyond'] != 1 else ''}"
+
+
 #: Which numbers each report leads with (2-3 per report): the questions' decisive numbers and their goals.
 HEADLINES: dict[str, list[Headline]] = {
     "01_scaling": [
@@ -257,8 +267,8 @@ HEADLINES: dict[str, list[Headline]] = {
                  "out_of_reach_answer_logprob.blocks_mean_compact.ci95"),  # a diagnostic, no goal of its own
     ],
     "06_long_documents": [
-        Headline("highest perplexity bin beyond {flat_from} tokens ÷ the median before (block retrieval)",
-                 lambda m: m["flatness"]["blocks"]["max_beyond_ppl"] / m["flatness"]["blocks"]["reference_ppl"], "×",
+        Headline("highest perplexity bin beyond {flat_from} tokens ÷ the median before (block retrieval), and how "
+                 "many bins beyond that the verdict rests on", _flat_value, "×",
                  goal="≤ {flat_ratio}×", verdict="flatness.blocks.met"),
         Headline("the same with the text held fixed: perplexity ÷ the original's on the same tokens, highest late bin "
                  "÷ the median before",

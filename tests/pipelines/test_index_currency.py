@@ -141,3 +141,15 @@ def test_the_index_gives_report_08s_accuracies_in_percent_as_the_report_does():
                         "value": "24.1% [20.0, 30.0]", "goal": "≥ 95%", "verdict": "missed"}
     assert bsbr["label"] == "BSBR's accuracy, state 19,712 values" and bsbr["value"] == "50.0%"  # one seed
     assert difference["value"] == "7.35 points [-1.65, 16.3]"
+
+
+def test_the_index_says_on_how_many_bins_report_06s_flatness_verdict_rests():
+    flat = {"met": True, "max_beyond_ppl": 30.0, "reference_ppl": 24.0}
+    metrics = {"flatness": {"blocks": dict(flat)}, "flat_from": 8192, "flat_ratio": 1.5, "decode": {}}
+    row = build_index.headline_rows("06_long_documents", metrics)[0]
+    assert row["value"] == "1.25×" and row["verdict"] == "met"  # a run from before the count was recorded
+    metrics["flatness"]["blocks"].update(bins_beyond=2)
+    row = build_index.headline_rows("06_long_documents", metrics)[0]
+    assert row["value"] == "1.25× over 2 bins" and row["goal"] == "≤ 1.5×"
+    metrics["flatness"]["blocks"].update(bins_beyond=1, max_beyond_ppl=48.0)
+    assert build_index.headline_rows("06_long_documents", metrics)[0]["value"] == "2.00× over 1 bin"
