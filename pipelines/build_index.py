@@ -32,7 +32,7 @@ from dvc.utils.serialize import parse_yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bsbr.formatting import cell, quantity, with_interval  # noqa: E402
+from bsbr.formatting import cell, quantity, router_words, with_interval  # noqa: E402
 from bsbr.provenance import git_revision, machine_info  # noqa: E402
 
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
@@ -107,15 +107,6 @@ class Headline:
 
 
 # How the index and README's result blocks (pipelines/readme_results.py) both write a few of the reports' values.
-
-def router_words(method: str) -> str:
-    """A report-04 router in words: ``minmax_p8_head`` -> ``min/max keys (Quest), 8-token pages, per head``,
-    ``mean_p8_group`` -> ``mean keys, 8-token pages, per group`` (a part it does not know is kept as it is)."""
-    parts = method.split("_")
-    words = ["min/max keys (Quest)" if parts[0] == "minmax" else "mean keys" if parts[0] == "mean" else parts[0]]
-    words += [f"{p[1:]}-token pages" if p.startswith("p") and p[1:].isdigit() else f"per {p}" for p in parts[1:]]
-    return ", ".join(words)
-
 
 def steps_text(row: dict, seeds: int) -> str:
     """Report 07: an architecture's steps to the target loss (``row``: its ``models`` record; ``seeds``: the run's

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 
+from bsbr import formatting
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "pipelines"))  # the stage scripts are top-level modules
@@ -185,7 +186,7 @@ def test_attention_analysis_block_names_the_best_router_in_words():
     assert "Best router — min/max keys (Quest), 8-token pages, per head: recall **" in (
         readme_results.attention_analysis(metrics))
     assert readme_results.router_words("mean_p8_group") == "mean keys, 8-token pages, per group"
-    assert readme_results.router_words is build_index.router_words  # one function for both
+    assert readme_results.router_words is build_index.router_words is formatting.router_words  # one function for all
 
 
 def test_training_block_ranks_by_loss_and_steps_with_intervals():
