@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from bsbr.convergence import grid_edge_sentence
+from bsbr.convergence import grid_edge_summary
 from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
 # how the index reads each report (its profile, run time and CPU) and writes some of its values: one wording for both
@@ -330,9 +330,9 @@ def _machine_load(m: dict) -> str:
 
 
 def _edges(chosen: dict, grid) -> str:
-    """`` `` + the reports' sentence on the rates at the edge of the grid (:func:`bsbr.convergence.grid_edge_sentence`),
-    or ``""``."""
-    sentence = grid_edge_sentence(chosen, grid)
+    """`` `` + the sentence reports 07 and 08 print in their findings on the rates at the edge of the grid, once for
+    all models (:func:`bsbr.convergence.grid_edge_summary`), or ``""``."""
+    sentence = grid_edge_summary(chosen, grid)
     return " " + sentence if sentence else ""
 
 

@@ -112,9 +112,10 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert "Full attention ≥ 95%: **met**." in text and "too small" not in text
     assert "100% of the answers lie outside BSBR's own chunk, 67% outside the window" in text
     assert "BSBR vs linear (span 8): **BSBR above**, 25.0 points [20.0, 30.0] with 7.8× its state." in text
-    assert text.endswith(" **Learning-rate sweep edges.** bsbr chose the highest rate (0.03); linear chose the lowest rate "
-                         "(0.003) of [0.003, 0.01, 0.03]: the sweep does not bracket them, so their best rate may lie "
-                         "outside it. Run: 10.0 min.")
+    assert text.endswith(" **Learning-rate sweep edges.** 2 of 3 models chose an edge of the 3 swept rates [0.003, "
+                         "0.01, 0.03] (the lowest, 0.003: linear; the highest, 0.03: bsbr). A sweep of 3 rates brackets "
+                         "only a choice inside it (1 model here): for the 2 at an edge it cannot tell whether the best "
+                         "rate lies beyond it. Run: 10.0 min.")
     assert "Separated by their intervals" not in text  # metrics that do not carry the ranking
     ranked = _mqar_metrics(0.976, 0.25, 0.2, 0.3)
     ranked["separations"] = {"span": 8, "pairs": 3, "separated": 1, "paired_separated": 2,
@@ -212,8 +213,8 @@ def test_training_block_ranks_by_loss_and_steps_with_intervals():
             "every seed (1/3)") in text
     assert "1 of 3 pairs by final loss (2 by the seed-paired difference), 0 by steps (0 paired)" in text
     assert "matched within 0.11%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
-    assert ("**Learning-rate sweep edges.** gau chose the highest rate (0.01); linear chose the highest rate (0.01) of "
-            "[0.001, 0.003, 0.01]: the sweep does not bracket them" in text)
+    assert ("**Learning-rate sweep edges.** 2 of 3 models chose an edge of the 3 swept rates [0.001, 0.003, 0.01] (the "
+            "highest, 0.01: gau, linear). A sweep of 3 rates brackets only a choice inside it (1 model here)" in text)
     assert "12.0 min on 1 thread(s); load average 1.02 at the start, 2.00 at the end." in text
     # an interval that holds the floor is neither below nor above it
     metrics["models"]["linear"].update(final_val_loss_low=2.6, final_val_loss_high=2.8)
