@@ -212,7 +212,10 @@ def flatness(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = F
     that end by ``flat_from`` (``reference_ppl``, ``bins_before``) against the bins that start at or beyond it
     (``bins_beyond``, ``max_beyond_ppl`` at ``max_beyond_start``, ``exceeding``: how many are above ``ratio ×
     reference_ppl``, ``first_exceeding_start``), ``max_over_reference``, and ``met`` (no bin exceeds; None when the
-    variant has no full bin before or none beyond).
+    variant has no full bin before or none beyond). The same rule inside the range before ``flat_from``, where no
+    position is past the trained context, says how far the text alone moves a bin: ``max_before_ppl`` at
+    ``max_before_start``, ``max_before_over_reference`` and ``exceeding_before`` (bins before above ``ratio ×
+    reference_ppl``; NaN / None / 0 without bins before).
 
     Returns:
         one row per variant, sorted by variant.
@@ -223,7 +226,13 @@ def flatness(bins: pd.DataFrame, flat_from: int, bin_size: int, ratio: float = F
         reference = float(before.ppl.median()) if len(before) else float("nan")
         row = {"variant": name, "bins_before": len(before), "reference_ppl": reference, "bins_beyond": len(beyond),
                "max_beyond_ppl": float("nan"), "max_beyond_start": None, "max_over_reference": float("nan"),
-               "exceeding": 0, "first_exceeding_start": None, "met": None}
+               "exceeding": 0, "first_exceeding_start": None, "met": None, "max_before_ppl": float("nan"),
+               "max_before_start": None, "max_before_over_reference": float("nan"), "exceeding_before": 0}
+        if len(before):
+            top = before.loc[before.ppl.idxmax()]
+            row.update(max_before_ppl=float(top.ppl), max_before_start=int(top.start),
+                       max_before_over_reference=float(top.ppl) / reference,
+                       exceeding_before=int((before.ppl > ratio * reference).sum()))
         if len(before) and len(beyond):
             peak = beyond.loc[beyond.ppl.idxmax()]
             over = beyond[beyond.ppl > ratio * reference]

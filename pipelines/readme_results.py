@@ -269,6 +269,18 @@ def _flat(row: dict) -> str:
             f"({row['reference_ppl']:.1f}), the highest {row['max_beyond_ppl']:,.1f} at {row['max_beyond_start']:,}")
 
 
+def _within_range(m: dict) -> str:
+    """The flatness rule applied before ``flat_from`` to the original (nothing past its trained context there): how
+    far the text alone moves a bin (report 06, from runs that record it)."""
+    row = m["flatness"].get("original", {})
+    if row.get("max_before_ppl") is None:
+        return ""
+    bins = f"{row['exceeding_before']} bin{'' if row['exceeding_before'] == 1 else 's'}"
+    return (f" The same rule before {m['flat_from']:,}, where nothing is past the trained context: the original has "
+            f"{bins} above 1.5× its median, the highest {row['max_before_ppl']:,.1f} at {row['max_before_start']:,} "
+            f"({row['max_before_ppl'] / row['reference_ppl']:.2f}×).")
+
+
 def _paired(m: dict) -> str:
     """The flatness goal with the text held fixed (report 06, when the run measured it)."""
     row = m.get("flatness_against_original", {}).get("blocks")
@@ -295,8 +307,8 @@ def long_documents(m: dict) -> str:
         f"started fresh there {late['original_fresh']:.2f}; the original's own KV cache, streamed to "
         f"{m['windows']['original'][1]:,}: flatness {_flat(flat['original'])}. "
         f"Flatness goal for blocks (no 1,024-token bin past {m['flat_from']:,} above 1.5× the median before): "
-        f"{_flat(flat['blocks'])}; exact region alone {_flat(flat['exact_region'])}.{_paired(m)} Decode at "
-        f"{dec['context']:,} tokens: slowest of {dec['steps']} steps {dec['max_over_median']:.2f}× the median "
+        f"{_flat(flat['blocks'])}; exact region alone {_flat(flat['exact_region'])}.{_within_range(m)}{_paired(m)} "
+        f"Decode at {dec['context']:,} tokens: slowest of {dec['steps']} steps {dec['max_over_median']:.2f}× the median "
         f"({dec['median_s'] * 1000:.0f} ms; {dec['first_median_s'] * 1000:.0f} ms at {dec['first_context']:,}; goal "
         f"≤ {m['decode_ratio']}×: {'met' if dec['met'] else 'missed'}). Cache: "
         f"{m['memory_bytes_per_token']['blocks']:,.0f} bytes per token "
@@ -483,18 +495,23 @@ FORMATTERS = {"01_scaling": scaling, "02_conversion_similarity": conversion_simi
 
 def stage_times(reports_dir: Path) -> str | None:
     """How long each report's notebook ran, read from the reports in ``reports_dir`` (their last line, written by
-    render_report.stage_run from papermill's record), with the profile each ran in; None if no report says."""
-    runs = [(row["name"][:2], row["run_seconds"], row["profile"]) for row in collect(reports_dir)
-            if row["run_seconds"] is not None]
+    render_report.stage_run from papermill's record), with the profile each ran in and, where its metrics
+    (``reports_dir/metrics/<name>.json``) count ``resumed_pairs``, that the time is its last start's; None if no
+    report says."""
+    # a stage that resumed from its scoring log (bsbr.experiment.ResumeLog) ran only its last start here
+    runs = [(row["name"][:2], row["run_seconds"], row["profile"], row["metrics"].get("resumed_pairs", 0))
+            for row in collect(reports_dir) if row["run_seconds"] is not None]
     if not runs:
         return None
-    profiles = {profile for _, _, profile in runs}
+    profiles = {profile for _, _, profile, _ in runs}
     each = ", ".join(f"{number} {seconds / 60:.1f}" + ("" if len(profiles) == 1 else f" ({profile})")
-                     for number, seconds, profile in runs)
+                     + (f" (its last start; {resumed} scored pairs came from the log of earlier starts)"
+                        if resumed else "")
+                     for number, seconds, profile, resumed in runs)
     which = f"the {profiles.pop()} profile" if len(profiles) == 1 else "the profile named beside each"
     return (f"How long each notebook of the reports now in `reports/` ran (papermill's record, printed as each "
             f"report's last line), in minutes, in {which}: {each}; "
-            f"{sum(seconds for _, seconds, _ in runs) / 3600:.1f} h in all.")
+            f"{sum(seconds for _, seconds, _, _ in runs) / 3600:.1f} h in all.")
 
 
 def fresh_clone(reports_dir: Path) -> str | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from scipy import stats
 from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
@@ -461,3 +463,11 @@ def dense_block_attention_compact(q_raw, k_raw, v, inv_freq, chunk_size, block_s
                 weights = torch.softmax(torch.stack(keys) @ query / math.sqrt(d), dim=0)
                 out[b, h, t] = weights @ torch.stack(values)
     return out
+
+
+def t_bounds(values) -> tuple[float, float]:
+    """The plain 95 % Student-t interval of the mean of ``values`` (one per seed): ``(low, high)``, unclipped. The
+    reference the reports' intervals over seeds (bsbr.convergence, bsbr.mqar) are checked against."""
+    values = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return values.mean() - half, values.mean() + half

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 import bsbr
 from bsbr.convergence import (check_training_parameters, choose_learning_rates, convergence_summary, crossing,
                               format_steps, identical_pairs, memory_fit_lens, memory_fits, memory_table,
                               grid_edge_sentence, rates_at_grid_edge, run_row, separations)
+from tests.reference import t_bounds
 
 
 def curves():
@@ -32,12 +32,6 @@ def runs_table(evals):
                           "final_val_loss": r.val_loss, "final_val_ppl": math.exp(r.val_loss),
                           "final_val_bpb": r.val_loss / math.log(2), "tokens_per_s": 10.0, "train_seconds": 2.0}
                          for r in last.itertuples()])
-
-
-def t_bounds(values):
-    values = np.asarray(values, dtype=float)
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return values.mean() - half, values.mean() + half
 
 
 def test_crossing_interpolates_step_and_seconds():

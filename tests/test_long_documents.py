@@ -156,6 +156,15 @@ def test_flatness_verdicts():
     assert not strict.loc["blocks"].met and strict.loc["blocks"].exceeding == 1
     assert strict.loc["blocks"].first_exceeding_start == 3072
     assert table.loc["original"].met is None and table.loc["original"].bins_beyond == 0
+    # the same rule inside the range before flat_from: blocks' highest bin there is 30 at 0 (1.2× its median 25)
+    assert (blocks.max_before_ppl, blocks.max_before_start, blocks.exceeding_before) == (30.0, 0, 0)
+    assert blocks.max_before_over_reference == pytest.approx(30 / 25)
+    text = pd.DataFrame([{"variant": "original", "start": s, "end": s + 1024, "tokens": 1024, "ppl": p}
+                         for s, p in ((0, 10.0), (1024, 12.0), (2048, 40.0), (3072, 20.0))])
+    within = flatness(text, flat_from=4096, bin_size=1024).loc[0]  # median 16; 40 > 1.5 × 16, nothing beyond
+    assert within.met is None and within.exceeding_before == 1 and within.max_before_start == 2048
+    assert within.max_before_over_reference == pytest.approx(40 / 16)
+    assert flatness(text, flat_from=4096, bin_size=1024, ratio=2.5).loc[0].exceeding_before == 0
 
 
 def test_flatness_against_original_holds_the_text_fixed():

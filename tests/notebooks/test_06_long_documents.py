@@ -128,6 +128,11 @@ def test_metrics_json_matches_the_data(smoke):
     assert metrics["flatness"]["blocks"]["met"] == bool(flat.loc["blocks", "met"])
     assert metrics["flatness"]["original"]["met"] is None
     bins = pd.read_csv(out / "perplexity_bins.csv").set_index(["variant", "start"]).ppl
+    before = [bins["original", s] for s in (0, 128)]  # the same rule inside the trained range: the text's own swing
+    inside = metrics["flatness"]["original"]
+    assert inside["max_before_ppl"] == pytest.approx(max(before), rel=1e-3)
+    assert inside["max_before_start"] == (0, 128)[int(np.argmax(before))]
+    assert inside["exceeding_before"] == sum(p > 1.5 * np.median(before) for p in before)
     paired = metrics["flatness_against_original"]["blocks"]  # blocks / original on the same tokens
     early = [bins["blocks", s] / bins["original", s] for s in (0, 128)]  # bins ending by flat_from = 256
     late = bins["blocks", 384] / bins["original_fresh", 384]  # the fresh original's first bin (256) is left out

@@ -12,7 +12,6 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 import bsbr
 from bsbr.data import load_split
@@ -20,6 +19,7 @@ from bsbr.fitting import fit_power_law
 from bsbr.training import (ByteNgram, encode_bytes, evaluation_windows, model_config, parameter_count,
                            steps_to_reach)
 from tests.conftest import ROOT, run_notebook_cli
+from tests.reference import t_bounds
 
 NOTEBOOK = ROOT / "notebooks" / "07_training.ipynb"
 SMOKE = {
@@ -127,12 +127,6 @@ def test_curves_cover_every_architecture_seed_and_step(smoke):
     # hopfield (one update, beta = 1/sqrt(head_dim)) is softmax attention: identical runs when the rates agree
     if smoke["metrics"]["models"]["hopfield"]["learning_rate"] == smoke["metrics"]["models"]["standard"]["learning_rate"]:
         assert ["hopfield", "standard"] in smoke["metrics"]["identical_pairs"]
-
-
-def t_bounds(values):
-    values = np.asarray(values, dtype=float)
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return values.mean() - half, values.mean() + half
 
 
 def test_summary_intervals_and_steps_recompute_from_the_csvs(smoke):

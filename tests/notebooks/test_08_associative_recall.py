@@ -8,20 +8,19 @@ accuracy-vs-state frontier) that follow the numbers."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 import bsbr
 from bsbr.analysis import wilson_interval
 from bsbr.mqar import multiquery_ar, outside_fraction, state_size
 from bsbr.training import matched_ff_dims, model_config, parameter_count
 from tests.conftest import ROOT, run_notebook_cli
+from tests.reference import t_bounds
 
 NOTEBOOK = ROOT / "notebooks" / "08_associative_recall.ipynb"
 SMOKE = {
@@ -102,11 +101,10 @@ def test_per_seed_rows_and_summary_recompute(smoke):
         label = LABEL(name, span)
         arch = "bsbr" if name in ("bsbr_blocks", "bsbr_compressed") else name
         m = metrics[label]
-        mean = group.test_accuracy.mean()
-        half = stats.t.ppf(0.975, len(group) - 1) * group.test_accuracy.std(ddof=1) / math.sqrt(len(group))
-        assert m["accuracy"] == pytest.approx(mean, abs=1e-4)
-        assert m["ci_low"] == pytest.approx(max(0.0, mean - half), abs=1e-4)
-        assert m["ci_high"] == pytest.approx(min(1.0, mean + half), abs=1e-4)
+        low, high = t_bounds(group.test_accuracy)
+        assert m["accuracy"] == pytest.approx(group.test_accuracy.mean(), abs=1e-4)
+        assert m["ci_low"] == pytest.approx(max(0.0, low), abs=1e-4)
+        assert m["ci_high"] == pytest.approx(min(1.0, high), abs=1e-4)
         low, high = wilson_interval(int(group.test_correct.sum()), int(group.test_answers.sum()))
         assert (m["wilson_low"], m["wilson_high"]) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
         config = model_config(arch, SMOKE["hidden_dim"], SMOKE["num_layers"], SMOKE["num_heads"], SMOKE["ff_dim"],
@@ -208,17 +206,12 @@ def test_the_registered_architectures_ranked_by_their_intervals(smoke):
     acc = {name: group.set_index("seed").test_accuracy for name, group in head.groupby("model")}
     assert sorted(acc) == sorted(NAMES)
 
-    def t(values):  # mean, low, high of a 95% Student-t interval
-        values = np.asarray(values, dtype=float)
-        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-        return values.mean(), values.mean() - half, values.mean() + half
-
-    bounds = {name: (max(0.0, t(a)[1]), min(1.0, t(a)[2])) for name, a in acc.items()}
+    bounds = {name: (max(0.0, low), min(1.0, high)) for name, a in acc.items() for low, high in [t_bounds(a)]}
     separated, paired, undecided = 0, 0, set()
     for i, a in enumerate(NAMES):
         for b in NAMES[i + 1:]:
             apart = bounds[a][1] < bounds[b][0] or bounds[b][1] < bounds[a][0]
-            _, low, high = t(acc[a] - acc[b])
+            low, high = t_bounds(acc[a] - acc[b])
             by_seed = low > 0 or high < 0
             separated, paired = separated + apart, paired + by_seed
             if not apart and not by_seed:

@@ -218,6 +218,12 @@ def test_stage_times_block_reads_each_reports_run_time_and_profile(tmp_path):
     report("02_conversion_similarity", 2144.1, "quick")  # a mixed set names each report's profile
     assert "the profile named beside each: 01 10.2 (publication), 02 35.7 (quick); 0.8 h in all." in (
         readme_results.stage_times(tmp_path))
+    (tmp_path / "metrics").mkdir()  # a stage that resumed from its scoring log: the time is its last start's
+    (tmp_path / "metrics" / "01_scaling.json").write_text(json.dumps({"resumed_pairs": 218}))
+    assert "01 10.2 (publication) (its last start; 218 scored pairs came from the log of earlier starts), 02" in (
+        readme_results.stage_times(tmp_path))
+    (tmp_path / "metrics" / "01_scaling.json").write_text(json.dumps({"resumed_pairs": 0}))
+    assert "01 10.2 (publication), 02" in readme_results.stage_times(tmp_path)
     readme = "a\n<!-- results:stage_times -->\nold\n<!-- /results:stage_times -->\nb"
     assert readme_results.stale_blocks(readme, tmp_path / "metrics", tmp_path) == ["stage_times"]
     block = readme_results.stage_times(tmp_path)
@@ -242,6 +248,18 @@ def test_long_documents_block_quotes_the_cpu_other_processes_cores_and_the_busy_
     del metrics["machine"]  # a metrics file without a machine record says so instead of guessing
     assert readme_results.long_documents(metrics).endswith(
         "Timed on an unrecorded CPU; load average 1.18 before, 1.93 after.")
+
+
+def test_long_documents_block_applies_the_flatness_rule_inside_the_trained_range_when_the_run_recorded_it():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "06_long_documents.json").read_text())
+    original = {k: v for k, v in metrics["flatness"]["original"].items() if not k.endswith("_before")}
+    metrics["flatness"]["original"] = {**original, "max_before_ppl": None}  # a run made before it was recorded
+    assert "The same rule before" not in readme_results.long_documents(metrics)
+    metrics["flatness"]["original"] = {**original, "reference_ppl": 28.5, "max_before_ppl": 48.6,
+                                       "max_before_start": 7168, "exceeding_before": 1}
+    assert (" The same rule before 8,192, where nothing is past the trained context: the original has 1 bin above "
+            "1.5× its median, the highest 48.6 at 7,168 (1.71×). With the text held fixed") in \
+        readme_results.long_documents(metrics)
 
 
 def test_scaling_block_names_the_cpu_its_times_come_from():
