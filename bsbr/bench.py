@@ -12,6 +12,9 @@ Each command measures one point (see :mod:`bsbr.benchmarks`; the helpers are :mo
     python -m bsbr.bench matmul --threads 2 --json [--repeats 5]
     python -m bsbr.bench model --model bsbr --seq-len 4096 --config '{"vocab_size": 1024, ...}' --json
     python -m bsbr.bench --model bsbr --seq-len 4096 ...      (the original form of ``model``)
+
+A bad value (``--threads 0``, ``--seq-len -1``, a ``--config`` that is not a JSON object of keys the model takes, an
+unknown ``--model``) is a usage error naming the option, exit status 2, before anything is measured.
 """
 
 from __future__ import annotations
@@ -24,8 +27,33 @@ import sys
 from bsbr.benchmarks import (ATTENTION_IMPLS, ATTENTION_MODES, MATMUL_SHAPES, matmul_throughput_in_process,
                              measure_attention_in_process, measure_forward_in_process)
 from bsbr.provenance import load_average
+from bsbr.registry import available_models, get_architecture
 
 __all__ = ["main"]
+
+
+def _int_at_least(minimum: int):
+    """argparse ``type``: an integer >= ``minimum`` (argparse names the option in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    """argparse ``type`` of ``--config``: a JSON object (``{"hidden_dim": 64, ...}``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object of bsbr.build_model kwargs, got {text!r} ({error})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of bsbr.build_model kwargs, got {text!r}")
+    return value
 
 
 def _print_result(result: dict, as_json: bool, summary: str, load_before) -> None:
@@ -48,35 +76,42 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = commands.add_parser("model", help="one whole-model forward point (measure_forward)")
-    model.add_argument("--model", required=True, help="name from bsbr.available_models()")
-    model.add_argument("--config", default="{}", help="JSON dict of bsbr.build_model kwargs")
+    model.add_argument("--model", required=True, choices=available_models())
+    model.add_argument("--config", type=_json_object, default={}, help="JSON dict of bsbr.build_model kwargs")
 
     attention = commands.add_parser("attention", help="one attention module/core point (measure_attention)")
     attention.add_argument("--impl", required=True, choices=ATTENTION_IMPLS)
     attention.add_argument("--mode", default="forward", choices=ATTENTION_MODES)
-    attention.add_argument("--hidden-dim", type=int, default=512)
-    attention.add_argument("--num-heads", type=int, default=8)
-    attention.add_argument("--chunk-size", type=int, default=128)
+    positive, non_negative = _int_at_least(1), _int_at_least(0)
+    attention.add_argument("--hidden-dim", type=positive, default=512)
+    attention.add_argument("--num-heads", type=positive, default=8)
+    attention.add_argument("--chunk-size", type=positive, default=128)
     attention.add_argument("--max-timed-s", type=float, default=None)
-    attention.add_argument("--num-kv-heads", type=int, default=None, help="llama_* impls: key/value heads")
-    attention.add_argument("--sink-size", type=int, default=4, help="llama_normalized: attention-sink tokens")
+    attention.add_argument("--num-kv-heads", type=positive, default=None, help="llama_* impls: key/value heads")
+    attention.add_argument("--sink-size", type=non_negative, default=4, help="llama_normalized: attention-sink tokens")
 
     matmul = commands.add_parser("matmul", help="the machine's fp32 matmul rate (matmul_throughput)")
     for sub in (model, attention, matmul):
-        sub.add_argument("--threads", type=int, default=None)
+        sub.add_argument("--threads", type=positive, default=None, help="torch threads (default: torch's)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--json", action="store_true", help="print one JSON line instead of a summary")
     for sub in (model, attention):
-        sub.add_argument("--seq-len", type=int, required=True)
-        sub.add_argument("--batch-size", type=int, default=1)
-        sub.add_argument("--repeats", type=int, default=3)
-        sub.add_argument("--warmup", type=int, default=1)
-    matmul.add_argument("--repeats", type=int, default=5)
+        sub.add_argument("--seq-len", type=positive, required=True)
+        sub.add_argument("--batch-size", type=positive, default=1)
+        sub.add_argument("--repeats", type=positive, default=3)
+        sub.add_argument("--warmup", type=non_negative, default=1)
+    matmul.add_argument("--repeats", type=positive, default=5)
     args = parser.parse_args(argv)
+    if args.command == "model":
+        accepted = get_architecture(args.model).accepted_config()
+        unknown = sorted(set(args.config) - accepted)
+        if unknown:
+            model.error(f"argument --config: model {args.model!r} does not take {unknown}; it accepts "
+                        f"{sorted(accepted)}")
     load_before = load_average()
 
     if args.command == "model":
-        config = json.loads(args.config)
+        config = dict(args.config)
         config.setdefault("vocab_size", 1024)
         for key, value in (("hidden_dim", 512), ("num_layers", 2), ("num_heads", 8), ("ff_dim", 2048)):
             config.setdefault(key, value)

@@ -23,7 +23,7 @@ from bsbr.training import steps_to_reach
 
 __all__ = ["SAME_CURVE_TOLERANCE", "check_training_parameters", "choose_learning_rates", "convergence_summary",
            "crossing", "format_steps", "identical_pairs", "memory_fit_lens", "memory_fits", "memory_table",
-           "grid_edge_sentence", "rates_at_grid_edge", "run_row", "separations"]
+           "grid_edge_sentence", "grid_edge_summary", "rates_at_grid_edge", "run_row", "separations"]
 
 #: nats: two architectures whose validation curves agree this closely for every seed trained identically.
 SAME_CURVE_TOLERANCE = 1e-4
@@ -152,6 +152,40 @@ def grid_edge_sentence(chosen: dict, learning_rates) -> str:
             + "; ".join(f"{name} chose the {edge} rate ({float(chosen[name]):g})" for name, edge in edges.items())
             + f" of {sorted(float(rate) for rate in learning_rates)}: the sweep does not bracket them, so their best "
               "rate may lie outside it.")
+
+
+def grid_edge_summary(chosen: dict, learning_rates) -> str:
+    """The compact sentence reports 07 and 08 print in their findings about :func:`rates_at_grid_edge`: how many
+    models chose an edge rate of the sweep and which, and what a sweep of that many rates can tell, once (not a
+    warning per model; :func:`grid_edge_sentence` lists them one by one), e.g. for the rates [0.003, 0.01]::
+
+        **Learning-rate sweep edges.** 3 of 3 models chose an edge of the 2 swept rates [0.003, 0.01] (the lowest,
+        0.003: a; the highest, 0.01: b, c). A sweep of 2 rates brackets no model (every choice is an edge), so it
+        cannot tell whether a model's best rate lies beyond it.
+
+    With three or more rates the second part reads ``A sweep of 3 rates brackets only a choice inside it (1 model
+    here): for the 2 at an edge it cannot tell whether the best rate lies beyond it.``; ``""`` when no chosen rate is
+    at an edge (or there is a single rate, no sweep).
+
+    Args, Raises: as :func:`rates_at_grid_edge`.
+    """
+    edges = rates_at_grid_edge(chosen, learning_rates)
+    if not edges:
+        return ""
+    grid = sorted(set(float(rate) for rate in learning_rates))
+    n = len(grid)
+    at = {"lowest": grid[0], "highest": grid[-1]}
+    groups = "; ".join(f"the {edge}, {at[edge]:g}: " + ", ".join(str(name) for name, e in edges.items() if e == edge)
+                       for edge in ("lowest", "highest") if edge in edges.values())
+    plural = lambda count, word: f"{count} {word}" + ("" if count == 1 else "s")
+    head = (f"**Learning-rate sweep edges.** {len(edges)} of {plural(len(chosen), 'model')} chose an edge of the "
+            f"{n} swept rates [{', '.join(f'{rate:g}' for rate in grid)}] ({groups}). ")
+    if n == 2:
+        return head + ("A sweep of 2 rates brackets no model (every choice is an edge), so it cannot tell whether a "
+                       "model's best rate lies beyond it.")
+    inside = len(chosen) - len(edges)
+    return head + (f"A sweep of {n} rates brackets only a choice inside it ({plural(inside, 'model')} here): for the "
+                   f"{len(edges)} at an edge it cannot tell whether the best rate lies beyond it.")
 
 
 def memory_fit_lens(memory_seq_lens: list) -> list:

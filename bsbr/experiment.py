@@ -31,7 +31,7 @@ from bsbr.provenance import git_revision, machine_info
 from bsbr.paths import find_repo_root
 
 __all__ = ["CORPUS_DIR", "BaseAndConversion", "Experiment", "ResumeLog", "check_ints", "fingerprint",
-           "load_base_and_conversion", "model_description", "profile_of_run", "source_fingerprint",
+           "load_base_and_conversion", "model_description", "profile_of_run", "profile_sentence", "source_fingerprint",
            "start_experiment", "write_json", "write_metrics"]
 
 # tqdm.auto warns "IProgress not found" when it is *imported* in a kernel without ipywidgets (transformers imports
@@ -152,6 +152,20 @@ def profile_of_run() -> str:
     ``pipelines/run_notebook.py`` in ``$BSBR_PROFILE``), or ``"none"`` outside the pipeline (JupyterLab, a test: the
     notebook's own parameters)."""
     return os.environ.get(PROFILE_ENV) or "none"
+
+
+def profile_sentence(section: str) -> str:
+    """One Markdown sentence saying which parameters this run used, for a report's "what we found" box: the
+    ``params.yaml`` section and profile (:func:`profile_of_run`), or the notebook's own defaults (a smoke run) outside
+    the pipeline. The two profiles are ``quick`` (``make repro``'s default) and ``publication`` (the published
+    reports); the notebook's defaults are not a profile."""
+    profile = profile_of_run()
+    if profile == "none":
+        return (f"Parameters: the notebook's own defaults, a smoke run outside the pipeline; `dvc repro` runs section "
+                f"`{section}` of `params.yaml` in profile `quick` (`make repro`'s default) or `publication` (the "
+                f"published reports).")
+    role = {"quick": "`make repro`'s default", "publication": "the published reports"}.get(profile, "")
+    return f"Parameters: section `{section}` of `params.yaml`, profile `{profile}`" + (f" ({role})." if role else ".")
 
 
 def model_description(model: str | None) -> str:

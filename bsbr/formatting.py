@@ -15,7 +15,7 @@ import numbers
 
 import numpy
 
-__all__ = ["cell", "html_table", "quantity", "sig", "with_interval"]
+__all__ = ["cell", "html_table", "quantity", "router_words", "sig", "with_interval"]
 
 #: Units written against the number ("1.00×", "12.5%"); every other unit follows a space ("6,060 ms").
 ATTACHED_UNITS = ("×", "%")
@@ -152,3 +152,13 @@ def _is_count_column(column) -> bool:
 
 def _as_count(value):
     return int(value) if isinstance(value, float) and math.isfinite(value) else value
+
+
+def router_words(method: str) -> str:
+    """A block router of report 04 (``bsbr.router_recall`` method names) in words, as report 04, the index and
+    README write it: ``minmax_p8_head`` -> ``min/max keys (Quest), 8-token pages, per head``,
+    ``mean_p8_group`` -> ``mean keys, 8-token pages, per group`` (a part it does not know is kept as it is)."""
+    parts = method.split("_")
+    words = ["min/max keys (Quest)" if parts[0] == "minmax" else "mean keys" if parts[0] == "mean" else parts[0]]
+    words += [f"{p[1:]}-token pages" if p.startswith("p") and p[1:].isdigit() else f"per {p}" for p in parts[1:]]
+    return ", ".join(words)

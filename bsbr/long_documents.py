@@ -124,7 +124,7 @@ def choose_play(plays, splits, min_play_tokens: int, eos_token_id: int) -> Simpl
     title = " + ".join(doc_ids)
     used = [s for s in splits if s in {split for split, doc, _ in plays if doc["doc_id"] in doc_ids}]
     return SimpleNamespace(split="+".join(used), title=title, doc_ids=doc_ids, tokens=tokens,
-                           note=f"no held-out play has {min_play_tokens} tokens: {len(doc_ids)} plays concatenated "
+                           note=f"no held-out play has {min_play_tokens:,} tokens: {len(doc_ids)} plays concatenated "
                                 f"({title}), separated by EOS")
 
 

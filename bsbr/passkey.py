@@ -426,7 +426,8 @@ def _cell_name(row) -> str:
 
 
 def goal_verdicts(cells: pd.DataFrame, by_length: pd.DataFrame, attended: pd.DataFrame, variant: str,
-                  goals: dict = GOALS, trained_lengths=TRAINED_LENGTHS) -> list[dict]:
+                  goals: dict = GOALS, trained_lengths=TRAINED_LENGTHS,
+                  past_trained_range: bool | None = None) -> list[dict]:
     """The goals (:data:`GOALS`) for one blocks-retrieval variant, each ``met``, ``missed`` or ``not measured``
     (with what was measured so far) from the point estimates; the evidence names the cell that decides, with its
     Wilson interval and n.
@@ -437,6 +438,9 @@ def goal_verdicts(cells: pd.DataFrame, by_length: pd.DataFrame, attended: pd.Dat
     * at most ``goals["attended_tokens"]`` per query at ``goals["attended_at"]`` tokens (``attended``: ``[variant,
       length, attended_tokens]``, computed from the settings at that length);
     * accuracy ≥ ``goals["long_accuracy"]`` at each of ``goals["long_lengths"]`` (``by_length``, depths pooled).
+      When no such length was measured, the evidence gives the one reason that applies: ``past_trained_range``
+      (:func:`reach_settings`) False — the variant cannot run past the trained positions; True — the run measured
+      no length past them; None (unknown) — both.
 
     Returns:
         ``[{"variant", "key", "goal", "verdict", "evidence"}]``, ``key`` one of ``accuracy_to_8k``,
@@ -487,8 +491,11 @@ def goal_verdicts(cells: pd.DataFrame, by_length: pd.DataFrame, attended: pd.Dat
     goal = f"≥ {goals['long_accuracy']:.0%} at {' and '.join(f'{n:,}' for n in goals['long_lengths'])} tokens"
     long = by_length[(by_length.variant == variant) & by_length.length.isin(goals["long_lengths"])]
     if long.empty:
+        reason = {False: "this variant does not go past the trained range",
+                  True: "this run measured no length past the trained range (its profile's long_lengths)",
+                  None: "this variant does not go past the trained range, or the run has no long lengths"}
         rows.append({"key": "accuracy_past_8k", "goal": goal, "verdict": "not measured",
-                     "evidence": "this variant does not go past the trained range, or the profile has no long lengths"})
+                     "evidence": reason[past_trained_range]})
     else:
         worst = long.sort_values(["accuracy", "length"]).iloc[0]
         verdict = "met" if worst.accuracy >= goals["long_accuracy"] else "missed"

@@ -559,14 +559,15 @@ def plot_training(mean_curves, summary, floors, target: float, names, identical=
     the validation loss against the optimizer step (seed mean at each architecture's chosen learning rate; band:
     min–max over seeds; dashed for an architecture identical to another), the final validation loss (bars from zero,
     whiskers: the t-interval over seeds) and the steps to the ``target`` loss (bars from zero, whiskers: the
-    t-interval; no bar where a seed never reached it), and a fourth, narrow panel holding the legend.
+    t-interval; no bar where a seed never reached it), and a fourth, narrow panel holding the legend (10 pt, outside
+    the data; the figure is 14 inches wide, so that a report showing it across its width keeps the text readable).
 
     Args:
         mean_curves: ``[model, step, val_loss, val_loss_min, val_loss_max]``; summary: the per-architecture table of
             :func:`bsbr.convergence.convergence_summary`; floors: ``[name, val_loss]`` of the n-gram models;
         target: nats/byte; names: the architectures in legend order; identical: pairs that trained identically.
     """
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.4, 1, 1, 0.42]})
+    fig, axes = plt.subplots(1, 4, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.5, 1, 1, 0.5]})
     ax = axes[0]
     handles = []
     for name in names:
@@ -609,14 +610,15 @@ def plot_training(mean_curves, summary, floors, target: float, names, identical=
     for i, name in enumerate(order):
         if not np.isfinite(steps[name]):
             ax.text(0, i, f" {int(frame.seeds_reaching_target[name])}/{int(frame.seeds[name])} seeds reach it",
-                    va="center", fontsize=8)
+                    va="center", fontsize=9)
     ax.set_yticks(y, order)
     ax.invert_yaxis()
     finite = frame.steps_to_target_high.astype(float)
     ax.set_xlim(0, (float(finite[np.isfinite(finite)].max()) if np.isfinite(finite).any() else 1.0) * 1.1)
     ax.set(xlabel=f"steps to {target:.3g} nats/byte (t-interval)", title="steps to the target (bars from zero)")
     axes[3].axis("off")  # the legend's own panel, right of the data
-    axes[3].legend(handles=handles, loc="center left", fontsize=8, frameon=False)
+    axes[3].legend(handles=handles, loc="center left", bbox_to_anchor=(-0.6, 0.5), fontsize=10, frameon=False,
+                   borderaxespad=0)
     return fig
 
 

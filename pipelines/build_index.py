@@ -23,8 +23,7 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
-from operator import itemgetter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +32,7 @@ from dvc.utils.serialize import parse_yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bsbr.formatting import cell  # noqa: E402
+from bsbr.formatting import cell, quantity, router_words, with_interval  # noqa: E402
 from bsbr.provenance import git_revision, machine_info  # noqa: E402
 
 REPORT_NAME = re.compile(r"^\d\d_[\w-]+\.html$")
@@ -73,6 +72,7 @@ td.label { min-width: 14em; }
 td.goal { min-width: 7em; }
 .run { font-size: 0.85em; color: #555; }
 td.met, td.missed, td.other { white-space: nowrap; }
+th.stage { white-space: nowrap; overflow-wrap: normal; }
 .met { color: #1a7f37; font-weight: bold; }
 .missed { color: #c0392b; font-weight: bold; }
 .other { color: #7a6500; }
@@ -92,6 +92,8 @@ class Headline:
     comparison, threshold, status}`` record (sets value, goal and verdict).
     ``verdict``: the path of ``met``/``missed``/``pass``/``FAIL``/true/false (a dict of them: met if all are met),
     or a function of the metrics dict returning one.
+    ``words``: how a ``{dotted.path}`` of the label or goal is written, where not as a number (:func:`format_value`;
+    a goal's as :func:`format_goal`): path -> function of its value, e.g. ``{"best_router.method": router_words}``.
     """
 
     label: str
@@ -101,6 +103,38 @@ class Headline:
     goal: str = ""
     verdict: str | Callable[[dict], object] | None = None
     target: str | None = None
+    words: dict[str, Callable[[object], str]] = field(default_factory=dict)
+
+
+# How the index and README's result blocks (pipelines/readme_results.py) both write a few of the reports' values.
+
+def steps_text(row: dict, seeds: int) -> str:
+    """Report 07: an architecture's steps to the target loss (``row``: its ``models`` record; ``seeds``: the run's
+    seeds) as the report writes them: the mean with its t-interval over seeds, 3 significant digits
+    (``161 [150, 172]``; ``161`` without an interval), or ``not reached by every seed (2/3)`` where a seed never got
+    below the target."""
+    if row["steps_to_target"] is None:
+        return f"not reached by every seed ({row['seeds_reaching_target']}/{seeds})"
+    if row.get("steps_to_target_low") is None or row.get("steps_to_target_high") is None:
+        return quantity(row["steps_to_target"])
+    return with_interval(row["steps_to_target"], row["steps_to_target_low"], row["steps_to_target_high"])
+
+
+def percent_text(row: dict) -> str:
+    """Report 08: an accuracy (``row``: ``accuracy``, ``ci_low``, ``ci_high`` as fractions) in percent as the report
+    writes it, 3 significant digits: ``98.2% [97.7, 98.8]``, or ``50.0%`` where there is no interval (one seed)."""
+    if row.get("ci_low") is None or row.get("ci_high") is None:
+        return quantity(100 * row["accuracy"], "%")
+    return with_interval(100 * row["accuracy"], 100 * row["ci_low"], 100 * row["ci_high"], "%")
+
+
+def points_text(row: dict) -> str:
+    """Report 08: a paired difference of accuracies (``row``: ``difference``, ``ci_low``, ``ci_high`` as fractions) in
+    percentage points as the report writes it, 3 significant digits: ``7.35 points [-1.65, 16.3]``, or
+    ``-13.2 points`` where there is no interval (one seed)."""
+    if row.get("ci_low") is None or row.get("ci_high") is None:
+        return quantity(100 * row["difference"], "points")
+    return with_interval(100 * row["difference"], 100 * row["ci_low"], 100 * row["ci_high"], "points")
 
 
 def below_floor(metrics: dict, name: str) -> bool | None:
@@ -154,6 +188,16 @@ def below_one(low: float, high: float) -> bool | None:
     return True if high < 1 else False if low >= 1 else None
 
 
+def _flat_value(m: dict):
+    """06's flatness headline: the highest late bin ÷ the median before, with the number of bins past ``flat_from``
+    when the run recorded it (a verdict on 2 bins says less than one on 56)."""
+    blocks = m["flatness"]["blocks"]
+    ratio = blocks["max_beyond_ppl"] / blocks["reference_ppl"]
+    if "bins_beyond" not in blocks:
+        return ratio
+    return f"{format_value('', ratio)}× over {blocks['bins_beyond']:,} bin{'s' if blocks['bins_beyond'] != 1 else ''}"
+
+
 #: Which numbers each report leads with (2-3 per report): the questions' decisive numbers and their goals.
 HEADLINES: dict[str, list[Headline]] = {
     "01_scaling": [
@@ -188,8 +232,8 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="faster in every chunk size", verdict="layer_goal_faster.met"),
     ],
     "04_attention_analysis": [
-        Headline("recall of the best router ({best_router.method}, blocks of {best_router.block_size}) at a "
-                 "{headline_budget}-token budget", "best_router.recall"),
+        Headline("recall of the best router ({best_router.method}; blocks of {best_router.block_size}) at a "
+                 "{headline_budget}-token budget", "best_router.recall", words={"best_router.method": router_words}),
         Headline("recall of the recency baseline, same budget", "best_router.recency"),
         Headline("layers (of {layers}) where the best router beats recency", "best_router.layers_beats_recency",
                  goal="≥ {goal_layers} layers", verdict="goal_met"),
@@ -214,8 +258,8 @@ HEADLINES: dict[str, list[Headline]] = {
                  "out_of_reach_answer_logprob.blocks_mean_compact.ci95"),  # a diagnostic, no goal of its own
     ],
     "06_long_documents": [
-        Headline("highest perplexity bin beyond {flat_from} tokens ÷ the median before (block retrieval)",
-                 lambda m: m["flatness"]["blocks"]["max_beyond_ppl"] / m["flatness"]["blocks"]["reference_ppl"], "×",
+        Headline("highest perplexity bin beyond {flat_from} tokens ÷ the median before (block retrieval), and how "
+                 "many bins beyond that the verdict rests on", _flat_value, "×",
                  goal="≤ {flat_ratio}×", verdict="flatness.blocks.met"),
         Headline("the same with the text held fixed: perplexity ÷ the original's on the same tokens, highest late bin "
                  "÷ the median before",
@@ -229,14 +273,13 @@ HEADLINES: dict[str, list[Headline]] = {
     ],  # memory per token (3 rows per token and layer: 3× the KV cache) is in the report's box
     "08_associative_recall": [
         Headline("full attention's recall accuracy (MQAR, {architectures.standard.n_seeds} seeds; t-interval)",
-                 "architectures.standard.accuracy",
-                 interval=("architectures.standard.ci_low", "architectures.standard.ci_high"), goal="≥ 0.95",
-                 verdict="goals.attention_accuracy.met"),
-        Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values", "architectures.bsbr.accuracy",
-                 interval=("architectures.bsbr.ci_low", "architectures.bsbr.ci_high")),
+                 lambda m: percent_text(lookup(m, "architectures.standard")),
+                 goal="≥ {goals.attention_accuracy.goal}", verdict="goals.attention_accuracy.met",
+                 words={"goals.attention_accuracy.goal": "{:.0%}".format}),  # 95%, as the report says it
+        Headline("BSBR's accuracy, state {architectures.bsbr.state_values} values",
+                 lambda m: percent_text(lookup(m, "architectures.bsbr"))),
         Headline("BSBR minus the sliding window (state {architectures.sliding_window.state_values} values), paired "
-                 "over seeds (t-interval)", lambda m: _bsbr_vs(m, "sliding_window")["difference"],
-                 interval=lambda m: itemgetter("ci_low", "ci_high")(_bsbr_vs(m, "sliding_window"))),
+                 "over seeds (t-interval)", lambda m: points_text(_bsbr_vs(m, "sliding_window"))),
     ],
     "07_training": [
         Headline("BSBR's final validation loss, nats/byte (t over seeds); bigram floor {ngram_floors.bigram.val_loss}",
@@ -244,10 +287,11 @@ HEADLINES: dict[str, list[Headline]] = {
                  goal="below the bigram floor", verdict=lambda m: below_floor(m, "bsbr")),
         Headline("lowest final validation loss ({best_final}), nats/byte", "best_final_val_loss",
                  goal="below the bigram floor", verdict=lambda m: below_floor(m, m["best_final"])),
-        Headline("steps to {target_val_loss} nats/byte: fastest ({fastest}, t over seeds; BSBR: "
-                 "{models.bsbr.steps_to_target})", "fastest_steps_to_target",
+        Headline("steps to {target_val_loss} nats/byte: fastest ({fastest}, t over seeds)", "fastest_steps_to_target",
                  interval=lambda m: (m["models"][m["fastest"]]["steps_to_target_low"],
                                      m["models"][m["fastest"]]["steps_to_target_high"])),
+        Headline("BSBR's steps to the same loss (t over seeds)",
+                 lambda m: steps_text(lookup(m, "models.bsbr"), lookup(m, "setup.seeds"))),
     ],
 }
 
@@ -349,8 +393,14 @@ def format_goal(value) -> str:
     return format_value("", value)
 
 
-def _fill(text: str, metrics: dict, number: Callable = format_value) -> str:
-    return re.sub(r"\{([\w./]+)\}", lambda m: number(m.group(1), lookup(metrics, m.group(1))), text)
+def _fill(text: str, metrics: dict, number: Callable = format_value, words: dict | None = None) -> str:
+    """``text`` with each ``{dotted.path}`` replaced by its metric: through ``words[path]`` where given, else
+    ``number(path, value)``."""
+    def value(match: re.Match) -> str:
+        path = match.group(1)
+        write = (words or {}).get(path)
+        return write(lookup(metrics, path)) if write else number(path, lookup(metrics, path))
+    return re.sub(r"\{([\w./]+)\}", value, text)
 
 
 def headline_rows(name: str, metrics: dict) -> list[dict]:
@@ -366,7 +416,7 @@ def headline_rows(name: str, metrics: dict) -> list[dict]:
 
 
 def _headline_row(spec: Headline, metrics: dict) -> dict:
-    goal, verdict = _fill(spec.goal, metrics, lambda name, value: format_goal(value)), None
+    goal, verdict = _fill(spec.goal, metrics, lambda name, value: format_goal(value), spec.words), None
     if spec.target:
         target = lookup(metrics, spec.target)
         value, goal = target["value"], f"{target['comparison']} {format_goal(target['threshold'])}{spec.unit}"
@@ -387,7 +437,7 @@ def _headline_row(spec: Headline, metrics: dict) -> dict:
                      lookup(metrics, spec.interval) if isinstance(spec.interval, str)
                      else [lookup(metrics, path) for path in spec.interval])
         text += f" [{format_value('', low)}, {format_value('', high)}]"
-    return {"label": _fill(spec.label, metrics), "value": text, "goal": goal,
+    return {"label": _fill(spec.label, metrics, words=spec.words), "value": text, "goal": goal,
             "verdict": verdict_word(verdict) if (spec.verdict or spec.target) else ""}
 
 
@@ -671,7 +721,7 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
     body += [f"<tr><th>{esc(key)}</th><td>{esc(value)}</td></tr>" for key, value in provenance]
     for row in rows:
         header = format_machine(row["machine"])
-        body.append(f"<tr><th>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
+        body.append(f"<tr><th class='stage'>{esc(row['name'])}</th><td>revision {esc(row['revision'])}"
                     f"{', ' + esc(row['date']) if row['date'] else ''}; params profile: {esc(row['profile'])}; "
                     f"machine: {esc(header)}</td></tr>")
     body.append("</table></div>")

@@ -21,7 +21,8 @@ from pathlib import Path
 from bsbr.convergence import grid_edge_sentence
 from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
-from build_index import collect, format_cpu  # how the index reads each report (its profile, run time and CPU)
+# how the index reads each report (its profile, run time and CPU) and writes some of its values: one wording for both
+from build_index import collect, format_cpu, percent_text, points_text, router_words, steps_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -175,14 +176,6 @@ def chunk_size_ablation(m: dict) -> str:
     )
 
 
-def _router(method: str) -> str:
-    """``minmax_p8_head`` -> ``min/max keys, 8-token pages, per head``."""
-    parts = method.split("_")
-    words = ["min/max keys (Quest)" if parts[0] == "minmax" else "mean keys" if parts[0] == "mean" else parts[0]]
-    words += [f"{p[1:]}-token pages" if p.startswith("p") and p[1:].isdigit() else f"per {p}" for p in parts[1:]]
-    return ", ".join(words)
-
-
 def attention_analysis(m: dict) -> str:
     """Report 04: router recall of the original's attention mass at an equal token budget."""
     best = m["best_router"]
@@ -195,12 +188,13 @@ def attention_analysis(m: dict) -> str:
         f"attention, {m['layers']} layers × {m['heads']} heads, {m['windows']} {m['split']} windows of "
         f"{m['seq_len']:,} tokens from {' and '.join(m['sources'])}; recall = the share of a query's attention mass "
         f"on the retrievable earlier blocks that a router's top-k blocks hold, {budget} retrieved tokens, blocks of "
-        f"{m['block_size']}). Best router — {_router(best['method'])}: recall **{best['recall']:.3f}** against "
+        f"{m['block_size']}). Best router — {router_words(best['method'])}: recall **{best['recall']:.3f}** against "
         f"recency {best['recency']:.3f}, chance {best['chance']:.3f} and the oracle {best['oracle']:.3f}; it beats "
         f"recency in **{best['layers_beats_recency']} of {m['layers']} layers** (goal ≥ {m['goal_layers']}: "
         f"{'met' if m['goal_met'] else 'missed'}; 95% t-intervals across windows).")
     if mean_group in m["recall"]:
-        text += (f" The router the passkey and long-document experiments use ({_router(mean_group.rsplit('_b', 1)[0])}):"
+        text += (f" The router the passkey and long-document experiments use "
+                 f"({router_words(mean_group.rsplit('_b', 1)[0])}):"
                  f" {m['recall'][mean_group]:.3f}, {m['layers_beating_recency'][mean_group]} layers.")
     if meta is not None:
         text += (f" The seed's meta-query/meta-key chunk routing (calibrated, chunks of {m['chunk_size']}): "
@@ -262,10 +256,16 @@ def long_range(m: dict) -> str:
     return text
 
 
-def _flat(row: dict) -> str:
+def _flat_ratio(m: dict) -> str:
+    """Report 06's flatness threshold as its notebook writes it: ``1.5×``."""
+    return f"{m['flat_ratio']}×"
+
+
+def _flat(row: dict, ratio: str) -> str:
+    """One variant's flatness record against ``ratio`` (:func:`_flat_ratio`)."""
     if row["met"] is None:
         return "no bins past it"
-    return (f"{'met' if row['met'] else 'missed'}: {row['exceeding']} bins above 1.5× its median before "
+    return (f"{'met' if row['met'] else 'missed'}: {row['exceeding']} bins above {ratio} its median before "
             f"({row['reference_ppl']:.1f}), the highest {row['max_beyond_ppl']:,.1f} at {row['max_beyond_start']:,}")
 
 
@@ -277,8 +277,8 @@ def _within_range(m: dict) -> str:
         return ""
     bins = f"{row['exceeding_before']} bin{'' if row['exceeding_before'] == 1 else 's'}"
     return (f" The same rule before {m['flat_from']:,}, where nothing is past the trained context: the original has "
-            f"{bins} above 1.5× its median, the highest {row['max_before_ppl']:,.1f} at {row['max_before_start']:,} "
-            f"({row['max_before_ppl'] / row['reference_ppl']:.2f}×).")
+            f"{bins} above {_flat_ratio(m)} its median, the highest {row['max_before_ppl']:,.1f} at "
+            f"{row['max_before_start']:,} ({row['max_before_ppl'] / row['reference_ppl']:.2f}×).")
 
 
 def _paired(m: dict) -> str:
@@ -296,6 +296,7 @@ def long_documents(m: dict) -> str:
     b, early, late, flat, dec = m["blocks"], m["perplexity_original_range"], m["perplexity_late"], m["flatness"], \
         m["decode"]
     lo, hi = m["late_range"]
+    ratio = _flat_ratio(m)
     return (
         f"* **Long documents** (`reports/06_long_documents.html`; {m['text']} ({m['text_split']}), "
         f"{m['tokens_streamed']:,} tokens streamed in pieces of {m['piece_size']}; block retrieval: chunk "
@@ -305,9 +306,10 @@ def long_documents(m: dict) -> str:
         f"{early['exact_region']:.2f}, the original {early['original']:.2f}. On the last stretch "
         f"({lo:,}–{hi:,}): blocks **{late['blocks']:.2f}**, exact region {late['exact_region']:.2f}, the original "
         f"started fresh there {late['original_fresh']:.2f}; the original's own KV cache, streamed to "
-        f"{m['windows']['original'][1]:,}: flatness {_flat(flat['original'])}. "
-        f"Flatness goal for blocks (no 1,024-token bin past {m['flat_from']:,} above 1.5× the median before): "
-        f"{_flat(flat['blocks'])}; exact region alone {_flat(flat['exact_region'])}.{_within_range(m)}{_paired(m)} "
+        f"{m['windows']['original'][1]:,}: flatness {_flat(flat['original'], ratio)}. "
+        f"Flatness goal for blocks (no 1,024-token bin past {m['flat_from']:,} above {ratio} the median before): "
+        f"{_flat(flat['blocks'], ratio)}; exact region alone {_flat(flat['exact_region'], ratio)}."
+        f"{_within_range(m)}{_paired(m)} "
         f"Decode at {dec['context']:,} tokens: slowest of {dec['steps']} steps {dec['max_over_median']:.2f}× the median "
         f"({dec['median_s'] * 1000:.0f} ms; {dec['first_median_s'] * 1000:.0f} ms at {dec['first_context']:,}; goal "
         f"≤ {m['decode_ratio']}×: {'met' if dec['met'] else 'missed'}). Cache: "
@@ -334,14 +336,6 @@ def _edges(chosen: dict, grid) -> str:
     return " " + sentence if sentence else ""
 
 
-def _percent(a: dict) -> str:
-    """An accuracy (fraction) in percent with its interval when there is one: ``97.6% [95.1, 100]``."""
-    text = f"{100 * a['accuracy']:.1f}%"
-    if a.get("ci_low") is not None and a.get("ci_high") is not None:
-        text += f" [{100 * a['ci_low']:.1f}, {100 * a['ci_high']:.1f}]"
-    return text
-
-
 #: architectures of report 08 whose chunk or window changes what they compute (their span is worth printing)
 SPAN_SENSITIVE = ("bsbr", "gau", "sliding_window")
 
@@ -361,7 +355,7 @@ def associative_recall(m: dict) -> str:
         f"95% t-intervals over seeds; chunk/window {span}: "
         f"{100 * m['outside_fraction'][f'chunk_{span}']:.0f}% of the answers lie outside BSBR's own chunk, "
         f"{100 * m['outside_fraction'][f'window_{span}']:.0f}% outside the window). Test accuracy (state per "
-        f"sequence, values): " + "; ".join(f"{name} {_percent(a)} ({a['state_values']:,})" for name, a in ranked)
+        f"sequence, values): " + "; ".join(f"{name} {percent_text(a)} ({a['state_values']:,})" for name, a in ranked)
         + f". Full attention ≥ {100 * attention['goal']:.0f}%: **{'met' if attention['met'] else 'missed'}**"
         + ("" if attention["met"] else " (the quick tier's budget is too small to learn the task)") + ".")
     ranking = m.get("separations")  # which pairs of the registered architectures the intervals tell apart
@@ -385,21 +379,19 @@ def associative_recall(m: dict) -> str:
     # are within 2× (comparable state); the report lists them all
     shown = [c for c in goals["bsbr_vs"] if c["span"] == span or c.get("model") == "bsbr_blocks"
              or 0.5 <= c["bsbr_state_values"] / c["other_state_values"] <= 2]
-    points = lambda r: (f"{100 * r['difference']:+.1f} points"  # a paired difference with its interval, if any
-                        + ("" if r["ci_low"] is None else f" [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"))
     for c in shown:
         other_span = c.get("other_span", c["span"])  # shown where the other's own chunk/window differs
         spans = f"{c['span']} vs {other_span}" if other_span != c["span"] and c["other"] in SPAN_SENSITIVE else c["span"]
         text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {spans}): **{c['verdict']}**, "
-                 f"{points(c)} with "
+                 f"{points_text(c)} with "
                  f"{c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
     frontier = goals.get("frontier") or []
     if frontier:
         def where(f):
             if f["frontier"] is None:
                 return f"{f['label']} ({f['state_values']:,}): {f['verdict']}"
-            return (f"{f['label']} ({f['state_values']:,}): **{f['verdict']}**, {points(f)} against {f['frontier']} "
-                    f"({f['frontier_state_values']:,})")
+            return (f"{f['label']} ({f['state_values']:,}): **{f['verdict']}**, {points_text(f)} against "
+                    f"{f['frontier']} ({f['frontier_state_values']:,})")
         text += (" On the accuracy-vs-state frontier (against the most accurate other architecture with no larger "
                  "state, paired by seed): " + "; ".join(where(f) for f in frontier) + ".")
     text += _edges({name: a["learning_rate"] for name, a in ranked}, train["learning_rates"])
@@ -419,11 +411,7 @@ def training(m: dict) -> str:
                       for name in by_final)
 
     def steps(name):
-        r = models[name]
-        if r["steps_to_target"] is None:
-            return f"{name} not reached ({r['seeds_reaching_target']}/{setup['seeds']} seeds)"
-        low = "" if r["steps_to_target_low"] is None else f" [{r['steps_to_target_low']:.0f}, {r['steps_to_target_high']:.0f}]"
-        return f"{name} {r['steps_to_target']:.0f}{low}"
+        return f"{name} {steps_text(models[name], setup['seeds'])}"  # as report 07 and the index write them
 
     rates = ", ".join(f"{name} {models[name]['learning_rate']:g}" for name in by_final)
     bigram = floors["bigram"]["val_loss"]

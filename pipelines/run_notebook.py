@@ -21,6 +21,10 @@
   (the executed notebook with the traceback is kept in a temporary folder whose path is printed).
 
 ``-p key=value`` (repeatable) overrides one parameter, value parsed as YAML (for tests and quick looks).
+
+``python pipelines/run_notebook.py --check-profile`` (``make repro`` runs it before ``dvc repro``, which removes a
+stage's outputs before the stage could fail) checks every profile of every notebook stage of dvc.yaml the same way,
+without running anything (:func:`check_profile`), and exits with status 2 naming the profile, section and keys.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -136,20 +141,62 @@ def section_values(params: dict, section: str, profile: str | None = None,
     return values
 
 
-def check_profile(params_file: Path) -> str:
-    """Raise ParamsError unless params.yaml's profile applies to every section (what each notebook stage will load),
-    and ``profiles.<profile>`` names only existing sections; returns the profile. ``make repro`` runs this before
-    ``dvc repro``, which removes a stage's outputs before the stage can fail on a misspelt profile."""
+def notebook_sections(dvc_file: str | os.PathLike = REPO_ROOT / "dvc.yaml") -> dict[str, Path]:
+    """params section -> notebook of every stage of ``dvc_file`` whose command runs this script
+    (``python pipelines/run_notebook.py NOTEBOOK --section SECTION ...``); the notebook's path is relative to the
+    folder of ``dvc_file``, as DVC runs the command there.
+
+    Raises ParamsError if ``dvc_file`` has no ``stages`` mapping or such a command lacks the notebook or ``--section``.
+    """
+    dvc_file = Path(dvc_file)
+    stages = (read_yaml(dvc_file.read_text(), dvc_file) or {}).get("stages")
+    if not isinstance(stages, dict):
+        raise ParamsError(f"{dvc_file} has no stages mapping")
+    found = {}
+    for name, stage in stages.items():
+        command = stage.get("cmd") if isinstance(stage, dict) else None
+        argv = shlex.split(command) if isinstance(command, str) else []  # a foreach stage has no cmd of its own
+        if argv[1:2] != [f"pipelines/{Path(__file__).name}"]:
+            continue
+        if len(argv) < 3 or argv[2].startswith("-") or "--section" not in argv[:-1]:
+            raise ParamsError(f"{dvc_file}: stage {name!r} runs {argv[1]} without a notebook and --section: "
+                              f"{stage['cmd']!r}")
+        found[argv[argv.index("--section") + 1]] = dvc_file.parent / argv[2]
+    return found
+
+
+def check_profile(params_file: Path, dvc_file: str | os.PathLike = REPO_ROOT / "dvc.yaml") -> str:
+    """Raise ParamsError unless every profile (``quick`` and each of ``profiles``) applies to every section, names
+    only existing sections, and gives each notebook stage of ``dvc_file`` (:func:`notebook_sections`) exactly the
+    parameters of its notebook (:func:`check_parameters`): what each stage will load, whichever profile is chosen.
+    The message lists every problem, each naming the profile, the section and the keys. Returns params.yaml's
+    profile. ``make repro`` runs this before ``dvc repro``, which removes a stage's outputs before the stage can fail
+    on a misspelt profile or key."""
     params = read_params(params_file)
     profile = profile_name(params)
-    for section, values in params.items():
-        if section != "profiles" and isinstance(values, dict):
-            section_values(params, section, profile, params_file)  # the profile's errors, naming the section
-    overridden = ((params.get("profiles") or {}).get(profile) or {}) if profile != DEFAULT_PROFILE else {}
-    unknown = sorted(set(overridden) - set(params))
-    if unknown:
-        raise ParamsError(f"{params_file}: profiles.{profile} overrides sections {unknown}, which params.yaml does "
-                          f"not have")
+    profiles = params.get("profiles") or {}
+    sections = [name for name, values in params.items() if name != "profiles" and isinstance(values, dict)]
+    notebooks = notebook_sections(dvc_file)
+    problems = []  # dict.fromkeys below: an error of params.yaml as a whole is listed once, not once per section
+    for name in dict.fromkeys([profile, DEFAULT_PROFILE, *(profiles if isinstance(profiles, dict) else [])]):
+        for section in dict.fromkeys([*sections, *notebooks]):
+            try:
+                values = section_values(params, section, name, params_file)  # the profile's errors, naming the section
+                if section in notebooks:
+                    if not notebooks[section].is_file():
+                        raise ParamsError(f"{dvc_file}: the notebook {notebooks[section]} of section {section!r} "
+                                          "does not exist")
+                    check_parameters(notebooks[section], values,
+                                     f"section {section!r} of {params_file} (profile {name!r})")
+            except ParamsError as error:
+                problems.append(str(error))
+        overridden = profiles.get(name) if name != DEFAULT_PROFILE and isinstance(profiles, dict) else None
+        unknown = sorted(set(overridden) - set(params)) if isinstance(overridden, dict) else []
+        if unknown:
+            problems.append(f"{params_file}: profiles.{name} overrides sections {unknown}, which params.yaml does "
+                            f"not have")
+    if problems:
+        raise ParamsError("\n".join(dict.fromkeys(problems)))
     return profile
 
 
@@ -294,14 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter (value parsed as YAML); repeatable")
     parser.add_argument("--check-profile", action="store_true",
-                        help="only check that params.yaml's profile applies to every section (make repro runs this "
-                             "before dvc repro)")
+                        help="only check that every profile of params.yaml applies to every section and gives each "
+                             "notebook stage exactly its notebook's parameters (make repro runs this before dvc repro)")
+    parser.add_argument("--dvc", type=Path, default=REPO_ROOT / "dvc.yaml",
+                        help="with --check-profile: the dvc.yaml whose notebook stages are checked (default: dvc.yaml)")
     args = parser.parse_args(argv)
     if args.check_profile:
         try:
-            print(f"params profile: {check_profile(args.params)}", file=sys.stderr)
+            print(f"params profile: {check_profile(args.params, args.dvc)}", file=sys.stderr)
         except ParamsError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print("\n".join(f"error: {problem}" for problem in str(error).splitlines()), file=sys.stderr)
             return 2
         return 0
     if args.notebook is None or args.section is None or args.out is None:

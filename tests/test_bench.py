@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bsbr.bench import main
 from bsbr.benchmarks import attention_flops
 from tests.conftest import ROOT
@@ -49,3 +51,37 @@ def test_python_m_bsbr_bench_as_the_readme_shows():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["impl"], result["mode"], result["threads"], result["state_tokens"]) == ("bsbr", "decode", 1, 43)
+
+
+def test_bad_values_are_usage_errors_naming_the_option(capsys):
+    """Exit status 2 and argparse's one-line error naming the option, before anything is measured (no traceback)."""
+    tiny = ["--model", "standard", "--seq-len", "16", "--repeats", "1", "--warmup", "0"]
+    for argv, message in [
+        ([*tiny, "--config", "notjson"], "argument --config: must be a JSON object of bsbr.build_model kwargs, got "
+                                         "'notjson' (Expecting value: line 1 column 1 (char 0))"),
+        ([*tiny, "--config", "[1]"], "argument --config: must be a JSON object of bsbr.build_model kwargs, got '[1]'"),
+        ([*tiny, "--config", '{"hidden_dimm": 16}'],
+         "argument --config: model 'standard' does not take ['hidden_dimm']; it accepts ['dropout', 'ff_dim', "
+         "'hidden_dim', 'num_heads', 'num_layers', 'vocab_size']"),
+        ([*tiny, "--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
+        (["attention", "--impl", "bsbr", "--seq-len", "16", "--threads", "two"],
+         "argument --threads: must be an integer >= 1, got 'two'"),
+        (["matmul", "--threads", "-1"], "argument --threads: must be an integer >= 1, got '-1'"),
+        ([*tiny, "--warmup", "-1"], "argument --warmup: must be an integer >= 0, got '-1'"),
+        (["--model", "standrd", "--seq-len", "16"], "argument --model: invalid choice: 'standrd' (choose from "),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f": error: {message}" in err and "Traceback" not in err, argv
+
+
+def test_a_bad_value_in_its_own_process_exits_2_without_a_traceback():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "bsbr.bench", "--model", "standard", "--seq-len", "16", "--config",
+                           "{bad json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].startswith(
+        "python -m bsbr.bench model: error: argument --config: must be a JSON object of bsbr.build_model kwargs, got "
+        "'{bad json'")

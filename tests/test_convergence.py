@@ -13,7 +13,7 @@ import pytest
 import bsbr
 from bsbr.convergence import (check_training_parameters, choose_learning_rates, convergence_summary, crossing,
                               format_steps, identical_pairs, memory_fit_lens, memory_fits, memory_table,
-                              grid_edge_sentence, rates_at_grid_edge, run_row, separations)
+                              grid_edge_sentence, grid_edge_summary, rates_at_grid_edge, run_row, separations)
 from tests.reference import t_bounds
 
 
@@ -76,6 +76,24 @@ def test_grid_edge_sentence_is_the_one_the_reports_and_readme_print():
     assert grid_edge_sentence({"b": 0.003}, grid) == ""
     with pytest.raises(ValueError, match="rate 0.03 of e is not one of learning_rates"):
         grid_edge_sentence({"e": 0.03}, grid)
+
+
+def test_grid_edge_summary_says_once_how_many_chose_an_edge_and_what_the_sweep_can_tell():
+    two = [0.01, 0.003]  # unsorted on purpose; two rates: every choice is an edge
+    assert grid_edge_summary({"a": 0.003, "b": 0.01, "c": 0.01}, two) == (
+        "**Learning-rate sweep edges.** 3 of 3 models chose an edge of the 2 swept rates [0.003, 0.01] (the lowest, "
+        "0.003: a; the highest, 0.01: b, c). A sweep of 2 rates brackets no model (every choice is an edge), so it "
+        "cannot tell whether a model's best rate lies beyond it.")
+    three = [0.01, 0.001, 0.003]
+    assert grid_edge_summary({"a": 0.001, "b": 0.003, "c": 0.003, "d": 0.001}, three) == (
+        "**Learning-rate sweep edges.** 2 of 4 models chose an edge of the 3 swept rates [0.001, 0.003, 0.01] (the "
+        "lowest, 0.001: a, d). A sweep of 3 rates brackets only a choice inside it (2 models here): for the 2 at an "
+        "edge it cannot tell whether the best rate lies beyond it.")
+    assert "(1 model here)" in grid_edge_summary({"a": 0.01, "b": 0.003}, three)
+    assert grid_edge_summary({"b": 0.003}, three) == ""  # bracketed
+    assert grid_edge_summary({"a": 0.003}, [0.003]) == ""  # one rate: no sweep
+    with pytest.raises(ValueError, match="rate 0.03 of e is not one of learning_rates"):
+        grid_edge_summary({"e": 0.03}, three)
 
 
 def test_convergence_summary_intervals_over_seeds():

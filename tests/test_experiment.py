@@ -169,3 +169,18 @@ def test_resume_log_keeps_finished_units_across_runs_and_drops_a_cut_line(tmp_pa
     nothing = ResumeLog(None, "k1")  # no folder: nothing kept, nothing written
     nothing.add("u1", {"row": {}})
     assert nothing.path is None and ResumeLog(None, "k1").resumed == 0
+
+
+def test_profile_sentence_names_the_section_and_profile(monkeypatch):
+    from bsbr.experiment import PROFILE_ENV, profile_sentence
+
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert profile_sentence("06_long_documents") == (
+        "Parameters: the notebook's own defaults, a smoke run outside the pipeline; `dvc repro` runs section "
+        "`06_long_documents` of `params.yaml` in profile `quick` (`make repro`'s default) or `publication` (the "
+        "published reports).")
+    monkeypatch.setenv(PROFILE_ENV, "quick")
+    assert profile_sentence("01_scaling") == ("Parameters: section `01_scaling` of `params.yaml`, profile `quick` "
+                                              "(`make repro`'s default).")
+    monkeypatch.setenv(PROFILE_ENV, "publication")
+    assert profile_sentence("01_scaling").endswith("profile `publication` (the published reports).")

@@ -309,6 +309,11 @@ def test_goal_verdicts_met_missed_and_not_measured():
     rows = goal_verdicts(short[short.variant == "b"], by_length, attended[attended.length == 4096], "b")
     assert rows[0]["verdict"] == "not measured at 1024, 4096, 8192 (holds at 2048)"
     assert [r["verdict"] for r in rows[1:]] == ["not measured"] * 3
+    # no long length measured: the evidence gives the one reason that applies
+    reasons = [goal_verdicts(cells, by_length, attended, "b", past_trained_range=p)[3]["evidence"]
+               for p in (False, True)]
+    assert reasons == ["this variant does not go past the trained range",
+                       "this run measured no length past the trained range (its profile's long_lengths)"]
     over = attended.assign(attended_tokens=[4096, 8192])
     assert goal_verdicts(cells, by_length, over, "b")[2]["verdict"] == "missed"
     # past the trained range: measured at 16k only

@@ -220,6 +220,12 @@ def test_training_figure_bars_start_at_zero_and_floors_are_lines():
     labels = [t.get_text() for t in legend_ax.get_legend().get_texts()]
     assert labels == ["bsbr", "gau", "unigram floor", "bigram floor", "target"]
     assert not curve_ax.get_legend()  # the legend has its own panel, outside the data
+    legend = legend_ax.get_legend()
+    assert min(t.get_fontsize() for t in legend.get_texts()) >= 9  # readable where the report shows the figure
+    fig.tight_layout()  # as save_figure does
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 > steps_ax.get_window_extent().x1  # right of the last panel's data
+    assert fig.get_figwidth() <= 14  # shown near 1:1 across a 1,400-px report, not shrunk
     plt.close("all")
 
 

@@ -4,7 +4,8 @@
 (:mod:`bsbr.convert.llama`, :mod:`bsbr.convert.gpt2`) subclasses it with only its projections and positions:
 
 * ``source_class`` / ``base_model_class``: the HF attention class it replaces and the base model that gets the
-  padding/cache pre-hook (:func:`bsbr.convert.cache.prepare_model_inputs`);
+  padding/cache pre-hook (:func:`bsbr.convert.cache.prepare_model_inputs`); ``max_positions_field``: the config
+  field bounding learned absolute positions, if any (the pre-hook rejects a longer input);
 * ``_adopt(attention)``: take the pretrained projections and sizes (``head_dim``, ``num_heads``,
   ``num_key_value_heads``, ``attention_dropout``, ``config``, ``layer_idx``) and build ``meta_q_proj``
   (``hidden -> num_heads·head_dim``) and ``meta_k_proj`` (``hidden -> num_key_value_heads·head_dim``) from them;
@@ -110,6 +111,9 @@ class BSBRConvertedAttention(nn.Module):
     #: the HF attention class a family's layer replaces, and the HF base model the pre-hook goes on
     source_class: type[nn.Module] = nn.Module
     base_model_class: type[nn.Module] = nn.Module
+    #: the config field that bounds the family's positions (GPT-2's learned ``wpe``: ``"n_positions"``), checked by the
+    #: pre-hook before any work; None: no bound (rotary positions run past the trained length)
+    max_positions_field: str | None = None
 
     def __init__(self, attention: nn.Module, chunk_size: int, compression_factor: int | None = None,
                  retrieval: str = "seed", **options):

@@ -240,7 +240,7 @@ def attend_cached(layer, entry: BSBRCacheLayer, hidden_states, query, key, value
 # --- the base model's pre-hook and generate -------------------------------------------------------------------------
 
 
-def prepare_model_inputs(module, args, kwargs):
+def prepare_model_inputs(module, args, kwargs, max_positions_field: str | None = None):
     """Forward pre-hook (``with_kwargs=True``) on a converted ``LlamaModel``/``GPT2Model``, before any work.
 
     * ``cache``/``past_key_values``: must be a :class:`BSBRCache` or None (TypeError otherwise); ``use_cache=True``
@@ -251,10 +251,15 @@ def prepare_model_inputs(module, args, kwargs):
     * ``position_ids``: when the mask has padding and none are given, ``(attention_mask.cumsum(-1) - 1).clamp_min(0)
       [:, -seq_len:]`` (``[batch, seq_len]``, counted from each row's first real token, as ``generate`` does), so a
       padded row's real tokens get the positions they have alone.
+    * ``max_positions_field``: None, or the config field bounding the family's learned positions (GPT-2:
+      ``"n_positions"``, the rows of ``wpe``; the converters bind it with ``functools.partial``): ``past + seq_len``
+      tokens past ``config.<field>`` are an error (a shape check; given or padding-derived ``position_ids`` are
+      looked at only then, and their largest position decides).
     Returns ``((), kwargs)`` with every argument by name.
 
     Raises:
-        ValueError: a mask of another shape or with values other than 0/1; both ``cache`` and ``past_key_values``.
+        ValueError: a mask of another shape or with values other than 0/1; both ``cache`` and ``past_key_values``; an
+            input reaching past ``config.<max_positions_field>`` positions.
         TypeError: a cache that is not a :class:`BSBRCache`.
     """
     bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
@@ -290,8 +295,26 @@ def prepare_model_inputs(module, args, kwargs):
         padding = None if bool(mask.all()) else mask.bool()
         if padding is not None and inputs is not None and bound.get("position_ids") is None:
             bound["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs.shape[1]:]
+    if max_positions_field is not None and inputs is not None:
+        _check_positions(module.config, max_positions_field, 0 if cache is None else cache.get_seq_length(),
+                         inputs.shape[1], bound.get("position_ids"))
     extra[MASK_KEYWORD] = padding
     return (), {**bound, **extra}
+
+
+def _check_positions(config, field: str, past: int, seq_len: int, position_ids) -> None:
+    """ValueError if ``past + seq_len`` tokens reach past ``config.<field>`` learned positions (and so do the
+    ``position_ids`` when given: a padded row's count from its first real token)."""
+    limit = getattr(config, field)
+    if past + seq_len <= limit:
+        return
+    if position_ids is None:
+        raise ValueError(f"input length {past + seq_len} (cache {past} + input {seq_len} tokens) exceeds "
+                         f"config.{field}={limit}, the positions the model has learned embeddings for")
+    last = int(position_ids.max())
+    if last >= limit:
+        raise ValueError(f"position_ids reach {last} (input length {past + seq_len}: cache {past} + input {seq_len} "
+                         f"tokens), past config.{field}={limit}, the positions the model has learned embeddings for")
 
 
 def prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,

@@ -32,10 +32,11 @@ def replace_attention(model: nn.Module, converted_cls: type[BSBRConvertedAttenti
 
     Every replacement is built before the model is touched, so an error (a bad argument raised by the constructor)
     leaves it unchanged. Then each ``converted_cls.base_model_class`` module (e.g. ``LlamaModel``) gets the forward
-    pre-hook :func:`bsbr.convert.cache.prepare_model_inputs` (padding mask, positions from it, and
-    :class:`bsbr.convert.cache.BSBRCache` checks), ``generate`` is made to use a ``BSBRCache`` (the instance's
-    ``_prepare_cache_for_generation`` becomes :func:`bsbr.convert.cache.prepare_cache_for_generation`, as a partial:
-    it survives deepcopy and pickling), and ``model.config.use_cache`` is set to False (plain forwards build no cache).
+    pre-hook :func:`bsbr.convert.cache.prepare_model_inputs` (padding mask, positions from it and their bound
+    ``converted_cls.max_positions_field``, and :class:`bsbr.convert.cache.BSBRCache` checks), ``generate`` is made
+    to use a ``BSBRCache`` (the instance's ``_prepare_cache_for_generation`` becomes
+    :func:`bsbr.convert.cache.prepare_cache_for_generation`, as a partial: it survives deepcopy and pickling), and
+    ``model.config.use_cache`` is set to False (plain forwards build no cache).
 
     Returns:
         ``model``.
@@ -53,9 +54,10 @@ def replace_attention(model: nn.Module, converted_cls: type[BSBRConvertedAttenti
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+    hook = functools.partial(prepare_model_inputs, max_positions_field=converted_cls.max_positions_field)
     for module in model.modules():
         if isinstance(module, converted_cls.base_model_class):
-            module.register_forward_pre_hook(prepare_model_inputs, with_kwargs=True)
+            module.register_forward_pre_hook(hook, with_kwargs=True)
     if hasattr(model, "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = functools.partial(prepare_cache_for_generation, model)
     model.config.use_cache = False

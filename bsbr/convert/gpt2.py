@@ -91,11 +91,13 @@ class BSBRGPT2Attention(BSBRConvertedAttention):
     Raises (besides the base class's):
         ValueError: a config BSBR cannot reproduce (``scale_attn_weights=False``, ``scale_attn_by_inverse_layer_idx=
             True``, cross-attention); in forward, ``position_embeddings`` (GPT-2's positions are added before the
-            first block).
+            first block); in the converted model's forward, an input reaching past ``config.n_positions`` positions
+            (cache + input tokens, or ``position_ids``), before any work.
     """
 
     source_class = GPT2Attention
     base_model_class = GPT2Model
+    max_positions_field = "n_positions"  # wpe has n_positions rows: a longer input would be a bare IndexError
 
     def _adopt(self, attention: GPT2Attention) -> None:
         _check_supported(attention)

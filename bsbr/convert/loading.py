@@ -109,13 +109,15 @@ def load_pretrained(name_or_path: str | os.PathLike | None = None, gguf_file: st
             copy (:func:`dequantize_gguf`) when that exists and was made from this GGUF file (same sha256); a path
             to a ``.gguf`` file; a folder (with ``gguf_file`` naming a file in it, or holding an HF checkpoint); or
             a hub id such as ``"gpt2"``, which goes to ``transformers`` ``from_pretrained`` unchanged (needs the hub
-            or its cache).
+            or its cache). A path may start with ``~`` (the home folder).
         gguf_file: a GGUF file name inside ``name_or_path``, or, with ``name_or_path=None``, a path to a GGUF file.
     Returns:
         ``(model, tokenizer)``: an ``AutoModelForCausalLM`` (``LlamaForCausalLM`` for the default) in
         ``torch.float32`` and eval mode, and its ``AutoTokenizer``.
     Raises:
-        FileNotFoundError: the default checkpoint or a given ``.gguf`` path does not exist.
+        FileNotFoundError: the default checkpoint or a given ``.gguf`` path does not exist; ``name_or_path`` is a
+            path (an ``os.PathLike``, or a str that starts with ``/``, ``./``, ``../`` or ``~`` or has more than one
+            ``/``: no hub id) that does not exist; the hub is not contacted then.
         TypeError: arguments that are not str / os.PathLike / None.
     """
     for name, value in (("name_or_path", name_or_path), ("gguf_file", gguf_file)):
@@ -133,7 +135,24 @@ def load_pretrained(name_or_path: str | os.PathLike | None = None, gguf_file: st
         name_or_path, gguf_file = _split_gguf(Path(gguf_file))
     elif gguf_file is None and str(name_or_path).endswith(".gguf"):
         name_or_path, gguf_file = _split_gguf(Path(name_or_path))
+    elif _is_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"name_or_path {str(name_or_path)!r} looks like a local path but {path} does not "
+                                    "exist (a hub id is 'name' or 'namespace/name')")
+        name_or_path = path
     return _load(str(name_or_path), gguf_file)
+
+
+def _is_path(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` can only mean a local path, never a hub id (``"gpt2"``, ``"namespace/name"``): an
+    ``os.PathLike`` that is not a str, or a str that starts with ``/``, ``./``, ``../`` or ``~``, or has a path
+    separator other than ``/`` or more than one ``/``."""
+    if not isinstance(name_or_path, str):
+        return True
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+            or any(separator in name_or_path for separator in separators))
 
 
 def _load(name_or_path: str, gguf_file):

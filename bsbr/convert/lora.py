@@ -293,6 +293,36 @@ def _settings(metadata: dict[str, str]) -> dict:
             "conversion": json.loads(metadata.get("conversion", "null")), "settings": json.loads(metadata["settings"])}
 
 
+def _flat(settings: dict) -> dict:
+    """``{"chunk_size": 8, "normalized_options": {"sink_size": 4}}`` -> ``{"chunk_size": 8,
+    "normalized_options.sink_size": 4}``."""
+    flat = {}
+    for key, value in settings.items():
+        flat.update({f"{key}.{inner}": v for inner, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _check_conversion(path, trained_in: dict | None, given: dict | None) -> None:
+    """ValueError unless ``given`` (the model's :func:`_conversion`) is ``trained_in`` (the adapters' at ``path``),
+    naming only the settings that differ, with both values."""
+    if trained_in == given:
+        return
+    if trained_in is None or given is None:
+        raise ValueError(f"{path} holds adapters trained in a model with conversion {trained_in}, but model has "
+                         f"conversion {given}: " + ("load them onto the unconverted model" if trained_in is None
+                                                    else "convert it that way first (bsbr.convert.load_conversion)"))
+    trained_in, given = _flat(trained_in), _flat(given)
+
+    def shown(settings: dict, key: str) -> str:
+        return repr(settings[key]) if key in settings else "absent"
+
+    differences = [f"{key} {shown(trained_in, key)} in the file, {shown(given, key)} in model"
+                   for key in sorted(set(trained_in) | set(given))
+                   if key not in trained_in or key not in given or trained_in[key] != given[key]]
+    raise ValueError(f"{path} holds adapters trained in a model converted with other settings: "
+                     + "; ".join(differences) + ". Convert model the same way first (bsbr.convert.load_conversion)")
+
+
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add LoRA to ``model`` in place with the rank, alpha and target modules stored in ``path`` (:func:`add_lora`)
     and load the stored tensors into it; returns ``model``. For a converted student, convert first (e.g.
@@ -302,8 +332,9 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         FileNotFoundError: no file at ``path``.
         ValueError: not a file written by :func:`save_lora`; a ``model`` of another checkpoint than the file was
             trained on (its :func:`bsbr.convert.checkpoint.base_model_fingerprint` differs); a ``model`` that already
-            holds LoRA; a ``model`` converted with other settings than the one the adapters were trained in (or
-            converted where that one was not, or the reverse); stored tensors whose names or shapes do not match the adapters ``model`` gets (e.g. converted
+            holds LoRA; a ``model`` converted with other settings than the one the adapters were trained in (the
+            message names each differing setting with both values), or converted where that one was not, or the
+            reverse; stored tensors whose names or shapes do not match the adapters ``model`` gets (e.g. converted
             vs not, another architecture). The message names them; ``model`` is then unchanged.
     """
     path, metadata, tensors = read_safetensors(path, LORA_FORMAT, "LoRA")
@@ -312,10 +343,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if _lora_layers(model):
         raise ValueError("model already holds LoRA adapters; load onto a model without (e.g. a fresh copy)")
     if "conversion" in metadata:  # files written before the key existed are not checked
-        trained_in, given = json.loads(metadata["conversion"]), _conversion(model)
-        if trained_in != given:
-            raise ValueError(f"{path} holds adapters trained in a model with conversion {trained_in}, but model has "
-                             f"conversion {given}: convert it the same way first (bsbr.convert.load_conversion)")
+        _check_conversion(path, json.loads(metadata["conversion"]), _conversion(model))
     rank = settings["rank"]
     expected = {}
     for name, linear in _targets(model, settings["target_modules"]):  # the names and shapes PEFT will give them

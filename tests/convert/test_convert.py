@@ -286,6 +286,25 @@ def test_load_pretrained_missing_gguf_says_what_to_do(tmp_path):
         load_pretrained(tmp_path / "missing.gguf")
 
 
+def test_load_pretrained_names_a_missing_local_path_without_asking_the_hub(tmp_path, monkeypatch):
+    from bsbr.convert import loading
+
+    monkeypatch.setattr(loading, "_load", lambda name_or_path, gguf_file: (name_or_path, gguf_file))  # no hub
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given, resolved in [("/nonexistent", "/nonexistent"), ("./missing", "missing"), ("../missing", "../missing"),
+                            ("~/missing", f"{tmp_path}/missing"), ("data/model/missing", "data/model/missing"),
+                            (tmp_path / "missing", f"{tmp_path}/missing")]:
+        with pytest.raises(FileNotFoundError) as error:
+            loading.load_pretrained(given)
+        assert str(error.value) == (f"name_or_path {str(given)!r} looks like a local path but {resolved} does not "
+                                    "exist (a hub id is 'name' or 'namespace/name')")
+    (tmp_path / "model").mkdir()
+    assert loading.load_pretrained("~/model") == (str(tmp_path / "model"), None)  # ~ is the home folder
+    assert loading.load_pretrained(tmp_path / "model") == (str(tmp_path / "model"), None)
+    for hub_id in ("gpt2", "openai-community/gpt2"):  # hub ids still go to transformers unchanged
+        assert loading.load_pretrained(hub_id) == (hub_id, None)
+
+
 def test_a_third_family_is_one_subclass_and_one_entry(monkeypatch):
     """Mistral's attention is Llama's (projections, GQA, RoPE): its converted class names only the HF classes it
     replaces, and one FAMILIES entry makes convert_to_bsbr, both retrievals, padding and the cache take it."""

@@ -13,6 +13,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from bsbr.convert import (
     SUPPORTED_FAMILIES,
+    BSBRCache,
     BSBRGPT2Attention,
     convert_to_bsbr,
     converted_copy,
@@ -226,6 +227,35 @@ def test_eager_padding_mask_reaching_the_layer_is_rejected():
         mask[..., 0] = float("-inf")  # first token padded
         with pytest.raises(NotImplementedError, match="padding"):
             attn(torch.randn(1, 6, HIDDEN), attention_mask=mask)
+
+
+def test_input_past_n_positions_is_named_before_any_work():
+    """wpe has n_positions (64) rows: the original raises a bare IndexError past them, the converted model a
+    ValueError naming the length and n_positions; up to 64 (or padded rows whose real tokens fit) it runs."""
+    original = tiny_gpt2()
+    model = converted_copy(original, 64)
+    x = tokens(2, 66)
+    with torch.no_grad():
+        with pytest.raises(IndexError):
+            original(x)
+        with pytest.raises(ValueError) as error:
+            model(x)
+        assert str(error.value) == ("input length 66 (cache 0 + input 66 tokens) exceeds config.n_positions=64, the "
+                                    "positions the model has learned embeddings for")
+        cache = BSBRCache(2)
+        model(x[:, :60], cache=cache)
+        with pytest.raises(ValueError, match=r"^input length 66 \(cache 60 \+ input 6 tokens\) exceeds "
+                                             r"config.n_positions=64"):
+            model(x[:, 60:], cache=cache)
+        with pytest.raises(ValueError, match=r"^position_ids reach 65 \(input length 66: cache 0 \+ input 66 "
+                                             r"tokens\), past config.n_positions=64"):
+            model(x, position_ids=torch.arange(66).expand(2, 66))
+        # two pad tokens in each row: the positions count from each row's first real token, 0..63, and fit
+        mask = torch.ones(2, 66, dtype=torch.long)
+        mask[0, :2] = mask[1, :2] = 0
+        padded = model(x, attention_mask=mask).logits[:, 2:]
+        torch.testing.assert_close(model(x[:, 2:]).logits, original(x[:, 2:]).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(padded, original(x[:, 2:]).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")

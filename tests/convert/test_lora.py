@@ -154,12 +154,21 @@ def test_load_refuses_adapters_trained_in_another_conversion(tmp_path):
     save_lora(add_lora(converted_copy(tiny_llama(), **CONVERTED)), path)
     with pytest.raises(ValueError, match="trained in a model with conversion .* but model has conversion None"):
         load_lora(tiny_llama(), path)  # the original, unconverted
-    other = {**CONVERTED, "chunk_size": CONVERTED["chunk_size"] * 2}
-    with pytest.raises(ValueError, match="trained in a model with conversion"):
+    other = {**CONVERTED, "chunk_size": CONVERTED["chunk_size"] * 2, "sink_size": 2}
+    with pytest.raises(ValueError) as error:  # only the settings that differ, each with both values
         load_lora(converted_copy(tiny_llama(), **other), path)
+    assert str(error.value) == (f"{path} holds adapters trained in a model converted with other settings: chunk_size 4 "
+                                "in the file, 8 in model; normalized_options.sink_size 1 in the file, 2 in model. "
+                                "Convert model the same way first (bsbr.convert.load_conversion)")
+    with pytest.raises(ValueError) as error:  # another retrieval mode: its options differ too
+        load_lora(converted_copy(tiny_llama(), chunk_size=4, retrieval="normalized", sink_size=1), path)
+    assert str(error.value).split(": ", 1)[1] == (
+        "normalized_options.tie_qk absent in the file, False in model; retrieval 'terraced' in the file, 'normalized' "
+        "in model. Convert model the same way first (bsbr.convert.load_conversion)")
     plain = tmp_path / "plain.safetensors"
     save_lora(add_lora(tiny_llama()), plain)
-    with pytest.raises(ValueError, match="conversion None, but model has conversion"):
+    with pytest.raises(ValueError, match="conversion None, but model has conversion .*: load them onto the "
+                                         "unconverted model"):
         load_lora(converted_copy(tiny_llama(), **CONVERTED), plain)
 
 

@@ -93,6 +93,10 @@ def test_report_opens_with_the_findings_and_has_no_errors_or_stderr(smoke):
     assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]  # no warnings, no bars
     first = outputs[0]  # the setup and measurement cells print nothing: the findings come first
     assert "What is analysed" in first["data"]["text/markdown"] and "Goal:" in first["data"]["text/markdown"]
+    # the best router in words, its method name beside them (minmax_p16_head: min/max keys, 16-token pages, per head)
+    method = smoke["metrics"]["best_router"]["method"]
+    words = {"minmax": "min/max keys", "mean": "mean keys"}.get(method.split("_")[0], "meta router")
+    assert f"Best router: **{words}" in first["data"]["text/markdown"] and f"(`{method}`)" in first["data"]["text/markdown"]
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     for line in ("git revision:", "threads: 1", "CPU:", "seq_len = 640", "window 1 (shakespeare): 30 layers",
                  "model: SmolLM2-135M-Instruct.Q4_1.gguf"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import nbformat
 import numpy as np
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 
 import bsbr
+from bsbr.convergence import grid_edge_summary
 from bsbr.data import load_split
 from bsbr.fitting import fit_power_law
 from bsbr.training import (ByteNgram, encode_bytes, evaluation_windows, model_config, parameter_count,
@@ -196,6 +198,33 @@ def test_report_layout_provenance_and_load_average(smoke):
     machine = json.loads((smoke["out"] / "machine.json").read_text())
     assert machine["threads"] == 1 and metrics["machine"] == machine
     assert metrics["setup"]["tokenizer"] == "bytes (vocab 256)" and metrics["setup"]["seeds"] == 3
+
+
+def test_findings_rank_bsbr_by_steps_among_those_that_reached_and_say_the_sweep_edges_once(smoke):
+    outputs = [o for c in smoke["notebook"].cells if c.cell_type == "code" for o in c.outputs]
+    markdown = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    models = smoke["metrics"]["models"]
+    # the sweep's edges: one compact sentence from the chosen rates and the number of rates, not one per model
+    edges = grid_edge_summary({name: models[name]["learning_rate"] for name in sorted(models)}, SMOKE["learning_rates"])
+    assert edges and edges in markdown and markdown.count("chose an edge") == 1
+    assert f"A sweep of {len(SMOKE['learning_rates'])} rates" in markdown
+    # by steps, BSBR is ranked only among the architectures every seed of which reached the target; the rest tie last
+    reached = [name for name, m in models.items() if m["steps_to_target"] is not None]
+    if "bsbr" in reached:
+        rank = 1 + sum(models[name]["steps_to_target"] < models["bsbr"]["steps_to_target"] for name in reached)
+        assert f"it ranks {rank} of the {len(reached)} that reached it with every seed" in markdown
+    elif reached:
+        assert "did not reach it with every seed" in markdown and (
+            "tied last" in markdown or "alone did not reach" in markdown)
+    else:
+        assert "no architecture reached it with every seed" in markdown
+
+
+def test_parameters_cell_is_a_smoke_run_and_the_profiles_are_quick_and_publication():
+    text = "".join(cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells)
+    assert "smoke profile" not in text and not re.search(r"\btier\b", text)
+    assert "`quick`" in text and "`publication`" in text and "PROFILE_ENV" in text
+    assert "def r6(" not in text and "rounded(" in text  # bsbr.scaling.rounded, not a copy of it
 
 
 def test_bad_parameters_fail_before_training(tmp_path):

@@ -8,6 +8,7 @@ accuracy-vs-state frontier) that follow the numbers."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import nbformat
@@ -17,6 +18,7 @@ import pytest
 
 import bsbr
 from bsbr.analysis import wilson_interval
+from bsbr.convergence import grid_edge_summary
 from bsbr.mqar import multiquery_ar, outside_fraction, state_size
 from bsbr.training import matched_ff_dims, model_config, parameter_count
 from tests.conftest import ROOT, run_notebook_cli
@@ -251,6 +253,27 @@ def test_executed_notebook_findings_first_figure_and_no_errors(smoke):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
     assert (smoke["out"] / "accuracy_vs_state.png").stat().st_size > 5000
     assert smoke["metrics"]["machine"]["threads"] == 1
+
+
+def test_findings_say_the_sweep_edges_once(smoke):
+    sweep = pd.read_csv(smoke["out"] / "lr_sweep.csv")
+    chosen = {LABEL(name, span): lr for name, span, lr in
+              sweep[sweep.chosen][["model", "span", "learning_rate"]].itertuples(index=False)}
+    markdown = next(o["data"]["text/markdown"] for c in smoke["notebook"].cells if c.cell_type == "code"
+                    for o in c.outputs if "text/markdown" in o.get("data", {}))
+    edges = grid_edge_summary(chosen, SMOKE["learning_rates"])  # 2 rates: every choice is an edge
+    assert edges and edges in markdown and markdown.count("chose an edge") == 1
+    assert "A sweep of 2 rates brackets no model" in markdown
+
+
+def test_question_is_short_and_the_profiles_are_quick_and_publication():
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    question = next(c for c in cells if c.cell_type == "markdown")
+    assert "**Question.**" in question.source and len(question.source) < 1000  # the findings box comes soon after
+    assert "**Goals.**" not in question.source and "profile" not in question.source
+    text = "".join(cell.source for cell in cells)
+    assert "**Goals.**" in text and "smoke profile" not in text and not re.search(r"\btier\b", text)
+    assert "`quick`" in text and "`publication`" in text and "PROFILE_ENV" in text
 
 
 def test_rendered_report_has_one_what_we_found_heading(smoke):

@@ -1,8 +1,10 @@
 """pipelines/build_index.py: whether a report run at an earlier revision is current at the index's revision, as DVC
-would judge it (its stage's definition, deps, params and input stages)."""
+would judge it (its stage's definition, deps, params and input stages); and the headline values the index writes as
+the reports and README write them."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "pipelines"))
 import build_index  # noqa: E402
+import readme_results  # noqa: E402
 
 DVC = {"stages": {
     "fetch": {"cmd": "python fetch.py", "deps": ["fetch.py"], "params": ["fetch.version"], "outs": ["data/model"]},
@@ -98,3 +101,55 @@ def test_a_report_rendered_again_is_judged_by_its_render_revision_for_the_render
     assert build_index.currency({**row, "rendered_at": newer}, code, root) == "stale: bsbr/a.py"
     assert build_index.currency({"name": "01_a", "revision": code, "rendered_at": rendered}, code, root) == (
         "stale: render.py")  # run at this revision, rendered by an older renderer
+
+
+def test_the_index_names_report_04s_best_router_in_words_as_readme_does():
+    metrics = {"best_router": {"method": "minmax_p8_head", "block_size": 64, "recall": 0.6166}, "headline_budget": 256}
+    best = build_index.headline_rows("04_attention_analysis", metrics)[0]
+    assert best["label"] == ("recall of the best router (min/max keys (Quest), 8-token pages, per head; blocks of 64) "
+                             "at a 256-token budget")
+    assert best["value"] == "0.617"
+
+
+def test_the_index_says_bsbr_did_not_reach_report_07s_target_as_the_report_and_readme_do():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "07_training.json").read_text())
+    metrics["setup"]["seeds"] = 2
+    metrics["models"]["bsbr"].update(steps_to_target=None, steps_to_target_low=None, steps_to_target_high=None,
+                                     seeds_reaching_target=0)
+    fastest, bsbr = build_index.headline_rows("07_training", metrics)[2:]
+    assert fastest["label"] == f"steps to {build_index.format_value('', metrics['target_val_loss'])} nats/byte: " \
+                               f"fastest ({metrics['fastest']}, t over seeds)"
+    assert bsbr == {"label": "BSBR's steps to the same loss (t over seeds)", "value": "not reached by every seed (0/2)",
+                    "goal": "", "verdict": ""}
+    assert "bsbr not reached by every seed (0/2)" in readme_results.training(metrics)
+    metrics["models"]["bsbr"].update(steps_to_target=1234.5, steps_to_target_low=1100.2, steps_to_target_high=1368.8,
+                                     seeds_reaching_target=2)
+    assert build_index.headline_rows("07_training", metrics)[3]["value"] == "1,230 [1,100, 1,370]"  # 3 digits
+    assert "bsbr 1,230 [1,100, 1,370]" in readme_results.training(metrics)
+
+
+def test_the_index_gives_report_08s_accuracies_in_percent_as_the_report_does():
+    metrics = {"architectures": {"standard": {"accuracy": 0.241, "ci_low": 0.2, "ci_high": 0.3, "n_seeds": 3},
+                                 "bsbr": {"accuracy": 0.5, "ci_low": None, "ci_high": None, "state_values": 19712},
+                                 "sliding_window": {"state_values": 1920}},
+               "goals": {"attention_accuracy": {"goal": 0.95, "value": 0.241, "met": False},
+                         "bsbr_vs": [{"model": "bsbr", "other": "sliding_window", "span": 8, "difference": 0.073512,
+                                      "ci_low": -0.016512, "ci_high": 0.163}]},
+               "spans": [8]}
+    standard, bsbr, difference = build_index.headline_rows("08_associative_recall", metrics)
+    assert standard == {"label": "full attention's recall accuracy (MQAR, 3 seeds; t-interval)",
+                        "value": "24.1% [20.0, 30.0]", "goal": "≥ 95%", "verdict": "missed"}
+    assert bsbr["label"] == "BSBR's accuracy, state 19,712 values" and bsbr["value"] == "50.0%"  # one seed
+    assert difference["value"] == "7.35 points [-1.65, 16.3]"
+
+
+def test_the_index_says_on_how_many_bins_report_06s_flatness_verdict_rests():
+    flat = {"met": True, "max_beyond_ppl": 30.0, "reference_ppl": 24.0}
+    metrics = {"flatness": {"blocks": dict(flat)}, "flat_from": 8192, "flat_ratio": 1.5, "decode": {}}
+    row = build_index.headline_rows("06_long_documents", metrics)[0]
+    assert row["value"] == "1.25×" and row["verdict"] == "met"  # a run from before the count was recorded
+    metrics["flatness"]["blocks"].update(bins_beyond=2)
+    row = build_index.headline_rows("06_long_documents", metrics)[0]
+    assert row["value"] == "1.25× over 2 bins" and row["goal"] == "≤ 1.5×"
+    metrics["flatness"]["blocks"].update(bins_beyond=1, max_beyond_ppl=48.0)
+    assert build_index.headline_rows("06_long_documents", metrics)[0]["value"] == "2.00× over 1 bin"

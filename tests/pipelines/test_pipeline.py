@@ -139,23 +139,80 @@ def test_profiles_override_a_section_and_bad_profiles_are_named(tmp_path):
             run_notebook.load_section(params, "00_tiny")
 
 
+def _tiny_stage(tmp_path: Path) -> Path:
+    """A dvc.yaml beside a tiny notebook (parameters x, out_dir, metrics_path) run as stage 00_tiny; its path."""
+    _tiny_notebook(tmp_path / "00_tiny.ipynb", "print(x)")
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text(yaml.safe_dump({"stages": {
+        "fetch": {"cmd": "python pipelines/fetch_model.py"},
+        "00_tiny": {"cmd": "python pipelines/run_notebook.py 00_tiny.ipynb --section 00_tiny --out out/"}}}))
+    return dvc_file
+
+
 def test_make_repro_checks_the_profile_of_every_section_before_dvc_removes_outputs(tmp_path, capsys):
     """A misspelt profile fails `make repro` before `dvc repro` runs (DVC removes a stage's outputs before running
     it, so the stage's own error would come after a committed metrics file was deleted)."""
-    params = tmp_path / "params.yaml"
-    tiny = {"x": 1, "out_dir": "out"}
+    params, dvc_file = tmp_path / "params.yaml", _tiny_stage(tmp_path)
+    check = ["--check-profile", "--params", str(params), "--dvc", str(dvc_file)]
+    assert run_notebook.notebook_sections(dvc_file) == {"00_tiny": tmp_path / "00_tiny.ipynb"}
+    tiny = {"x": 1, "out_dir": "out", "metrics_path": "m.json"}
     params.write_text(yaml.safe_dump({"profile": "publicaton", "00_tiny": tiny, "fetch": {"package": "p"},
                                       "profiles": {"publication": {"00_tiny": {"x": 2}}}}))
-    assert run_notebook.main(["--check-profile", "--params", str(params)]) == 2
+    assert run_notebook.main(check) == 2
     assert "profile must be 'quick' or one of profiles ['publication'], got 'publicaton'" in capsys.readouterr().err
     params.write_text(yaml.safe_dump({"profile": "publication", "00_tiny": tiny,
                                       "profiles": {"publication": {"00_tinny": {"x": 2}}}}))
     with pytest.raises(run_notebook.ParamsError, match=r"overrides sections \['00_tinny'\], which params.yaml"):
-        run_notebook.check_profile(params)
+        run_notebook.check_profile(params, dvc_file)
     params.write_text(yaml.safe_dump({"profile": "publication", "00_tiny": tiny,
                                       "profiles": {"publication": {"00_tiny": {"x": 2}}}}))
-    assert run_notebook.main(["--check-profile", "--params", str(params)]) == 0
+    assert run_notebook.main(check) == 0
+    assert run_notebook.check_profile(params, dvc_file) == "publication"
     assert run_notebook.check_profile(ROOT / "params.yaml") == PARAMS.get("profile", "quick")
+
+
+def test_check_profile_checks_every_profile_against_the_notebook_parameters(tmp_path, capsys):
+    """Every profile, not only the chosen one: a misspelt key under profiles.publication.<section> fails --check-profile
+    while the quick profile runs, and so does a key of the section the notebook does not declare (the run-time
+    check of run_notebook, check_parameters, for every stage of dvc.yaml and every profile)."""
+    params, dvc_file = tmp_path / "params.yaml", _tiny_stage(tmp_path)
+    check = ["--check-profile", "--params", str(params), "--dvc", str(dvc_file)]
+    tiny = {"x": 1, "out_dir": "out", "metrics_path": "m.json"}
+    params.write_text(yaml.safe_dump({"profile": "quick", "00_tiny": tiny,
+                                      "profiles": {"publication": {"00_tiny": {"xx": 2}}}}))
+    assert run_notebook.main(check) == 2
+    assert capsys.readouterr().err == (f"error: {params}: profiles.publication.00_tiny sets ['xx'], which section "
+                                       "'00_tiny' does not have (it has ['metrics_path', 'out_dir', 'x'])\n")
+    params.write_text(yaml.safe_dump({"profile": "quick", "00_tiny": {**tiny, "y": 2},
+                                      "profiles": {"publication": {"00_tiny": {"x": 2}}}}))
+    assert run_notebook.main(check) == 2
+    notebook = tmp_path / "00_tiny.ipynb"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: section '00_tiny' of {params} (profile {profile!r}) and the parameters cell of {notebook} disagree; "
+        "unknown to the notebook: ['y'] (the notebook declares ['metrics_path', 'out_dir', 'x'])"
+        for profile in ("quick", "publication")]
+    params.write_text(yaml.safe_dump({"00_tiny": {"x": 1, "out_dir": "out"}, "profiles": {"publication": {}}}))
+    with pytest.raises(run_notebook.ParamsError) as error:
+        run_notebook.check_profile(params, dvc_file)
+    assert str(error.value).splitlines()[1] == (
+        f"section '00_tiny' of {params} (profile 'publication') and the parameters cell of {notebook} disagree; "
+        f"missing from section '00_tiny' of {params} (profile 'publication'): ['metrics_path'] (the notebook "
+        "declares ['metrics_path', 'out_dir', 'x'])")
+    params.write_text(yaml.safe_dump({"00_tiny": tiny}))
+    notebook.unlink()
+    with pytest.raises(run_notebook.ParamsError, match=rf"the notebook {notebook} of section '00_tiny' does not exist"):
+        run_notebook.check_profile(params, dvc_file)
+    params.write_text(yaml.safe_dump({"fetch": {"package": "p"}}))  # a stage of dvc.yaml without its section
+    with pytest.raises(run_notebook.ParamsError, match=r"has no section '00_tiny' \(sections: \['fetch'\]\)"):
+        run_notebook.check_profile(params, dvc_file)
+    # the real params.yaml, with one key misspelt in the publication profile of a stage
+    real = run_notebook.read_params(ROOT / "params.yaml")
+    overlay = real["profiles"]["publication"]["07_training"]
+    overlay["stpes"] = overlay.pop("steps")
+    params.write_text(yaml.safe_dump(real))
+    assert run_notebook.main(["--check-profile", "--params", str(params)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {params}: profiles.publication.07_training sets ['stpes'], "
+                                              "which section '07_training' does not have")
     with pytest.raises(SystemExit):
         run_notebook.main([])  # a notebook run needs the notebook, --section and --out
     recipe = (ROOT / "Makefile").read_text().split("\nrepro:", 1)[1].split("\n\n", 1)[0]

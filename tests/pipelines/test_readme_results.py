@@ -6,9 +6,11 @@ import json
 import re
 import sys
 
+from bsbr import formatting
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "pipelines"))  # the stage scripts are top-level modules
+import build_index  # noqa: E402
 import readme_results  # noqa: E402
 
 
@@ -109,7 +111,7 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert text.index("standard 97.6% [96.6, 98.6] (16,768)") < text.index("bsbr 50.0%") < text.index("linear 25.0%")
     assert "Full attention ≥ 95%: **met**." in text and "too small" not in text
     assert "100% of the answers lie outside BSBR's own chunk, 67% outside the window" in text
-    assert "BSBR vs linear (span 8): **BSBR above**, +25.0 points [+20.0, +30.0] with 7.8× its state." in text
+    assert "BSBR vs linear (span 8): **BSBR above**, 25.0 points [20.0, 30.0] with 7.8× its state." in text
     assert text.endswith(" **Learning-rate sweep edges.** bsbr chose the highest rate (0.03); linear chose the lowest rate "
                          "(0.003) of [0.003, 0.01, 0.03]: the sweep does not bracket them, so their best rate may lie "
                          "outside it. Run: 10.0 min.")
@@ -124,7 +126,7 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
         readme_results.associative_recall(ranked))
     missed = readme_results.associative_recall(_mqar_metrics(0.5, 0.0, None, None))
     assert "Full attention ≥ 95%: **missed** (the quick tier's budget is too small to learn the task)." in missed
-    assert "**undecided**, +0.0 points with" in missed  # one seed: no interval printed
+    assert "**undecided**, 0 points with" in missed  # one seed: no interval printed
     # BSBR with block retrieval: its settings, locality and comparisons, named as such
     metrics = _mqar_metrics(0.976, 0.25, 0.2, 0.3)
     metrics["bsbr_blocks"] = {"chunk_size": 4, "block_size": 4, "top_k": 1, "summary": "minmax", "sink_size": 0,
@@ -137,7 +139,7 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     text = readme_results.associative_recall(metrics)
     assert ("(`bsbr_blocks`: chunk 4, top-1 of 4-token blocks, ≤ 12 tokens attended per query): 55% of the answers "
             "lie outside its own and previous chunk.") in text
-    assert ("BSBR blocks vs bsbr (span 4 vs 8): **BSBR blocks below**, -10.0 points [-20.0, -5.0] with 1.0× its "
+    assert ("BSBR blocks vs bsbr (span 4 vs 8): **BSBR blocks below**, -10.0 points [-20.0, -5.00] with 1.0× its "
             "state.") in text
     # BSBR compressed at a second span: its comparison shown where the states are within 2×, and the frontier rows
     metrics["bsbr_compression_factor"] = 16
@@ -155,11 +157,36 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
          "verdict": "the smallest state: it is the frontier there"}]
     text = readme_results.associative_recall(metrics)
     assert "BSBR compressed (`bsbr_compressed`): BSBR with each chunk state compressed 16× by a learned" in text
-    assert "BSBR compressed vs linear (span 32): **BSBR compressed above**, +5.0 points [+1.0, +9.0]" in text
+    assert "BSBR compressed vs linear (span 32): **BSBR compressed above**, 5.00 points [1.00, 9.00]" in text
     assert "BSBR compressed vs sliding_window (span 32)" not in text  # 0.35× its state: not comparable, report only
     assert ("On the accuracy-vs-state frontier (against the most accurate other architecture with no larger state, "
             "paired by seed): bsbr (19,968): **below the frontier**, -47.6 points [-50.0, -45.0] against standard "
             "(16,768); bsbr_compressed (32) (1,000): the smallest state: it is the frontier there.") in text
+
+
+def test_associative_recall_block_writes_accuracies_and_differences_as_report_08_does():
+    """3 significant digits, no plus signs, the unit once (bsbr.formatting.with_interval, as the notebook): report 08
+    gave "7.35 points [-1.65, 16.3]" where README gave "+7.3 [-1.6, +16.3]"."""
+    metrics = _mqar_metrics(0.241, 0.073512, -0.016512, 0.163)
+    metrics["architectures"]["standard"].update(ci_low=0.2, ci_high=0.3)
+    text = readme_results.associative_recall(metrics)
+    assert "BSBR vs linear (span 8): **undecided**, 7.35 points [-1.65, 16.3] with 7.8× its state." in text
+    assert "standard 24.1% [20.0, 30.0] (16,768)" in text
+    one_seed = _mqar_metrics(0.976, -0.1324, None, None)
+    assert "linear 25.0% (2,560)" in readme_results.associative_recall(one_seed)
+    assert "**undecided**, -13.2 points with" in readme_results.associative_recall(one_seed)
+    # the index's 08 rows are written by the same functions
+    assert readme_results.percent_text is build_index.percent_text
+    assert readme_results.points_text is build_index.points_text
+
+
+def test_attention_analysis_block_names_the_best_router_in_words():
+    metrics = json.loads((ROOT / "reports" / "metrics" / "04_attention_analysis.json").read_text())
+    metrics["best_router"]["method"] = "minmax_p8_head"
+    assert "Best router — min/max keys (Quest), 8-token pages, per head: recall **" in (
+        readme_results.attention_analysis(metrics))
+    assert readme_results.router_words("mean_p8_group") == "mean keys, 8-token pages, per group"
+    assert readme_results.router_words is build_index.router_words is formatting.router_words  # one function for all
 
 
 def test_training_block_ranks_by_loss_and_steps_with_intervals():
@@ -181,7 +208,8 @@ def test_training_block_ranks_by_loss_and_steps_with_intervals():
     assert "Final validation loss (nats/byte): gau 2.300 [2.290, 2.310], bsbr 2.400 [2.390, 2.410], linear 2.700" in text
     assert "below the bigram floor with the whole interval: gau, bsbr; above it: linear." in text
     assert "unigram 3.445, bigram 2.636" in text
-    assert "(the bigram floor minus 0.100 nats/byte): bsbr 250 [230, 270], gau 300 [280, 320], linear not reached (1/3 seeds)" in text
+    assert ("(the bigram floor minus 0.100 nats/byte): bsbr 250 [230, 270], gau 300 [280, 320], linear not reached by "
+            "every seed (1/3)") in text
     assert "1 of 3 pairs by final loss (2 by the seed-paired difference), 0 by steps (0 paired)" in text
     assert "matched within 0.11%" in text and "Chosen rates: gau 0.01, bsbr 0.003, linear 0.01." in text
     assert ("**Learning-rate sweep edges.** gau chose the highest rate (0.01); linear chose the highest rate (0.01) of "
@@ -260,6 +288,22 @@ def test_long_documents_block_applies_the_flatness_rule_inside_the_trained_range
     assert (" The same rule before 8,192, where nothing is past the trained context: the original has 1 bin above "
             "1.5× its median, the highest 48.6 at 7,168 (1.71×). With the text held fixed") in \
         readme_results.long_documents(metrics)
+
+
+def test_long_documents_block_states_the_flatness_threshold_the_run_recorded():
+    """The threshold is the metrics' flat_ratio, written as notebook 06 writes it (f"{FLAT_RATIO}×"), in the goal,
+    in each variant's flatness and in the rule applied inside the trained range."""
+    metrics = json.loads((ROOT / "reports" / "metrics" / "06_long_documents.json").read_text())
+    metrics["flatness"]["original"].update(reference_ppl=28.5, max_before_ppl=48.6, max_before_start=7168,
+                                           exceeding_before=1)
+    metrics["flatness"]["blocks"].update(met=False, exceeding=11)
+    metrics["flat_ratio"] = 1.25
+    text = readme_results.long_documents(metrics)
+    assert "above 1.5×" not in text  # (the decode goal, decode_ratio, is another 1.5×)
+    assert (f"Flatness goal for blocks (no 1,024-token bin past {metrics['flat_from']:,} above 1.25× the median "
+            "before): missed: 11 bins above 1.25× its median before") in text
+    assert "the original has 1 bin above 1.25× its median, the highest 48.6 at 7,168" in text
+    assert text.count("1.25×") == 5  # the goal; the original's, blocks', exact region's flatness; the trained range
 
 
 def test_scaling_block_names_the_cpu_its_times_come_from():
