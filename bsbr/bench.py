@@ -13,8 +13,9 @@ Each command measures one point (see :mod:`bsbr.benchmarks`; the helpers are :mo
     python -m bsbr.bench model --model bsbr --seq-len 4096 --config '{"vocab_size": 1024, ...}' --json
     python -m bsbr.bench --model bsbr --seq-len 4096 ...      (the original form of ``model``)
 
-A bad value (``--threads 0``, ``--seq-len -1``, a ``--config`` that is not a JSON object of keys the model takes, an
-unknown ``--model``) is a usage error naming the option, exit status 2, before anything is measured.
+A bad value (``--threads 0``, ``--seq-len -1``, a ``--config`` that is not a JSON object of keys and values the model
+takes, e.g. ``{"num_heads": 3}`` with ``hidden_dim`` 512, an unknown ``--model``) is a usage error naming the option,
+exit status 2, before anything is measured.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ import json
 import os
 import sys
 
+import torch
+
 from bsbr.benchmarks import (ATTENTION_IMPLS, ATTENTION_MODES, MATMUL_SHAPES, matmul_throughput_in_process,
                              measure_attention_in_process, measure_forward_in_process)
 from bsbr.provenance import load_average
-from bsbr.registry import available_models, get_architecture
+from bsbr.registry import available_models, build_model
 
 __all__ = ["main"]
+
+MODEL_DEFAULTS = {"vocab_size": 1024, "hidden_dim": 512, "num_layers": 2, "num_heads": 8, "ff_dim": 2048}
+"""``model``'s ``bsbr.build_model`` kwargs where ``--config`` does not give them."""
 
 
 def _int_at_least(minimum: int):
@@ -54,6 +60,18 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object of bsbr.build_model kwargs, got {text!r}")
     return value
+
+
+def model_config_error(name: str, config: dict) -> str | None:
+    """The model's own complaint about ``bsbr.build_model(name, **config)`` (the message of the ValueError or
+    TypeError it raises), or None when it builds. It is built on the meta device: no weights are allocated, so the
+    check costs no memory before a measurement."""
+    try:
+        with torch.device("meta"):
+            build_model(name, **config)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
 
 
 def _print_result(result: dict, as_json: bool, summary: str, load_before) -> None:
@@ -103,18 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     matmul.add_argument("--repeats", type=positive, default=5)
     args = parser.parse_args(argv)
     if args.command == "model":
-        accepted = get_architecture(args.model).accepted_config()
-        unknown = sorted(set(args.config) - accepted)
-        if unknown:
-            model.error(f"argument --config: model {args.model!r} does not take {unknown}; it accepts "
-                        f"{sorted(accepted)}")
+        config = {**MODEL_DEFAULTS, **args.config}
+        error = model_config_error(args.model, config)
+        if error is not None:
+            model.error(f"argument --config: {error}")
     load_before = load_average()
 
     if args.command == "model":
-        config = dict(args.config)
-        config.setdefault("vocab_size", 1024)
-        for key, value in (("hidden_dim", 512), ("num_layers", 2), ("num_heads", 8), ("ff_dim", 2048)):
-            config.setdefault(key, value)
         result = measure_forward_in_process(args.model, config, args.seq_len, args.batch_size, args.repeats,
                                             args.warmup, args.threads, args.seed)
         _print_result(result, args.json,

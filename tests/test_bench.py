@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from bsbr.bench import main
+from bsbr.bench import MODEL_DEFAULTS, main, model_config_error
 from bsbr.benchmarks import attention_flops
+from bsbr.registry import available_models
 from tests.conftest import ROOT
 
 
@@ -63,6 +64,11 @@ def test_bad_values_are_usage_errors_naming_the_option(capsys):
         ([*tiny, "--config", '{"hidden_dimm": 16}'],
          "argument --config: model 'standard' does not take ['hidden_dimm']; it accepts ['dropout', 'ff_dim', "
          "'hidden_dim', 'num_heads', 'num_layers', 'vocab_size']"),
+        ([*tiny, "--config", '{"num_heads": 3}'],
+         "argument --config: hidden_dim (512) must be divisible by num_heads (3)"),  # the model's own check
+        ([*tiny, "--config", '{"hidden_dim": "64"}'], "argument --config: hidden_dim must be an integer >= 1, got '64'"),
+        (["--model", "bsbr", "--seq-len", "16", "--config", '{"chunk_size": 0}'],
+         "argument --config: chunk_size must be an integer >= 1, got 0"),
         ([*tiny, "--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"),
         (["attention", "--impl", "bsbr", "--seq-len", "16", "--threads", "two"],
          "argument --threads: must be an integer >= 1, got 'two'"),
@@ -85,3 +91,12 @@ def test_a_bad_value_in_its_own_process_exits_2_without_a_traceback():
     assert done.stderr.splitlines()[-1].startswith(
         "python -m bsbr.bench model: error: argument --config: must be a JSON object of bsbr.build_model kwargs, got "
         "'{bad json'")
+
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_model_builds_with_the_cli_defaults_on_the_meta_device(name):
+    """``--config`` is checked by building the model on the meta device: every registered model must build there with
+    the CLI's defaults (else a valid config would be refused), and a bad value must still be found there."""
+    assert model_config_error(name, dict(MODEL_DEFAULTS)) is None
+    assert model_config_error(name, {**MODEL_DEFAULTS, "num_layers": 0}) == "num_layers must be an integer >= 1, got 0"
