@@ -222,7 +222,7 @@ def long_range(m: dict) -> str:
     query_routed = [v for v in m["attended_tokens"] if v.startswith("blocks") and v != "blocks_meta"]
     meta_note = ""
     if "blocks_meta" in m["attended_tokens"]:
-        meta_note = (f"; BSBR's meta router: whole chunks, at most {max(m['attended_tokens']['blocks_meta'].values())} "
+        meta_note = (f"; BSBR's meta router: whole chunks, at most {max(m['attended_tokens']['blocks_meta'].values()):,} "
                      "tokens")
     task = {"passkey": "Mohtashami & Jaggi's passkey test (repeated-sentence filler)",
             "fact_in_text": "a fact in held-out text"}.get(m.get("task", "fact_in_text"), m.get("task"))
@@ -232,7 +232,7 @@ def long_range(m: dict) -> str:
         f": n = {m['trials_per_headline_cell']} per "
         f"length and variant, Wilson 95% intervals; block retrieval: chunk {m['chunk_size']}, top {opts['top_k']} "
         f"blocks of {opts['block_size']} scored by their best {opts.get('page_size') or opts['block_size']}-token "
-        f"page, {opts['sink_size']} sinks, at most {max(max(m['attended_tokens'][v].values()) for v in query_routed)} tokens "
+        f"page, {opts['sink_size']} sinks, at most {max(max(m['attended_tokens'][v].values()) for v in query_routed):,} tokens "
         f"attended per query{meta_note}). Exact-match accuracy by length ({', '.join(f'{n:,}' for n in lengths)}): {acc}.")
     long_n = len(m["depths"]) * m.get("long_trials_per_cell", m["trials_per_cell"])
     past = {v: [n for n in m.get("long_lengths", []) if str(n) in m["accuracy"][v]] for v in m["accuracy"]}
@@ -368,7 +368,7 @@ def associative_recall(m: dict) -> str:
     if blocks is not None:
         outside = m["outside_fraction"][f"own_and_previous_{blocks['chunk_size']}"]
         text += (f" BSBR with exact block retrieval (`bsbr_blocks`: chunk {blocks['chunk_size']}, top-{blocks['top_k']} "
-                 f"of {blocks['block_size']}-token blocks, ≤ {blocks['attended_tokens_max']} tokens attended per query): "
+                 f"of {blocks['block_size']}-token blocks, ≤ {blocks['attended_tokens_max']:,} tokens attended per query): "
                  f"{100 * outside:.0f}% of the answers lie outside its own and previous chunk.")
     factor = m.get("bsbr_compression_factor")
     if factor is not None:

@@ -83,7 +83,8 @@ def test_the_meta_routed_blocks_variant_is_named_and_its_whole_chunks_counted_ap
         metrics[key]["blocks_meta"] = dict(metrics[key]["blocks_minmax"])
     metrics["attended_tokens"]["blocks_meta"] = {n: 1028 for n in metrics["attended_tokens"]["blocks_meta"]}
     text = readme_results.long_range(metrics)
-    assert f"at most {query_routed} tokens attended per query; BSBR's meta router: whole chunks, at most 1028" in text
+    assert (f"at most {query_routed:,} tokens attended per query; BSBR's meta router: whole chunks, at most 1,028 "
+            "tokens") in text  # thousands separators, as every count in README
     assert "blocks (BSBR's meta router, whole chunks) 1.00 [" in text
 
 
