@@ -440,13 +440,13 @@ def training(m: dict) -> str:
         f"Run: {m['run_seconds'] / 60:.1f} min on {m['machine']['threads']} thread(s){load}.")
 
 
-#: A larger calibration of report 02, closer to LoLCATs' budget (README: `dvc exp run -S …`, in the default profile)
+#: A larger calibration of report 02, closer to LoLCATs' budget (README: keys of params.yaml's default section)
 LARGER_CALIBRATION = {"transfer_windows_per_source": 4, "transfer_steps": 200, "lora_steps": 400, "lora_eval_every": 50}
 
 
 def calibration_cost(m: dict) -> str:
     """Report 02's calibration: what each phase took in the run behind the metrics, the rate per step, and the larger
-    calibration (:data:`LARGER_CALIBRATION`) estimated at those rates, with the command that runs it. The estimate
+    calibration (:data:`LARGER_CALIBRATION`) estimated at those rates, with the keys that run it. The estimate
     takes transfer time as proportional to steps × windows and LoRA time (its curve evaluations included) to steps."""
     cal = m["calibration"]
     transfer, lora, normalized = cal["transfer"], cal["lora"], cal["normalized"]
@@ -457,7 +457,7 @@ def calibration_cost(m: dict) -> str:
     windows = larger["transfer_windows_per_source"] * len(m["sources"])
     estimate = (larger["transfer_steps"] * windows * per_window_step
                 + larger["lora_steps"] * per_lora_step * len(lora_seconds) + normalized["seconds"])
-    flags = [f"-S '02_conversion_similarity.{key}={value}'" for key, value in larger.items()]
+    keys = "".join(f"  {key}: {value}\n" for key, value in larger.items())
     return (
         f"In the run behind `reports/02_conversion_similarity.html`, its calibration took "
         f"{(cal['terraced_total_seconds'] + lora_seconds['sliding_span_sinks_lora'] + normalized['seconds']) / 60:.1f} "
@@ -470,8 +470,9 @@ def calibration_cost(m: dict) -> str:
         f"that size: report 02 gives the time it took, and its perplexity-vs-LoRA-steps curve how far the steps got. "
         f"A larger calibration, closer to LoLCATs' budget ({larger['transfer_steps']} transfer steps on "
         f"{windows} windows, {larger['lora_steps']} LoRA steps for each model), would take about "
-        f"{estimate / 3600:.1f} h at these rates:\n\n```bash\ndvc exp run {' '.join(flags[:2])} \\\n"
-        f"            {' '.join(flags[2:])}\n```"
+        f"{estimate / 3600:.1f} h at these rates: set these keys in `params.yaml`, then `dvc exp run` (DVC's `-S` "
+        f"cannot name these sections: [Parameter sweeps](#parameter-sweeps)):\n\n```yaml\n"
+        f"02_conversion_similarity:\n{keys}```"
     )
 
 

@@ -6,6 +6,8 @@ import json
 import re
 import sys
 
+import yaml
+
 from bsbr import formatting
 from tests.conftest import ROOT
 
@@ -328,10 +330,37 @@ def test_calibration_cost_block_derives_its_rates_and_estimate_from_report_02s_m
     hours = (larger["transfer_steps"] * windows * per_window_step + 2 * larger["lora_steps"] * per_lora_step
              + cal["normalized"]["seconds"]) / 3600
     assert f"would take about {hours:.1f} h at these rates" in text
-    assert all(f"-S '02_conversion_similarity.{key}={value}'" in text for key, value in larger.items())
+    block = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert block == {"02_conversion_similarity": larger}  # the keys to set, as YAML
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(larger) <= set(params["02_conversion_similarity"])  # each one a key the stage has
     readme = (ROOT / "README.md").read_text()
     assert "<!-- results:calibration_cost -->" in readme
     cal["transfer"]["seconds"] *= 10  # ten times slower transfer: the block is stale and its rate changes
     (tmp_path / "02_conversion_similarity.json").write_text(json.dumps(metrics))
     assert "calibration_cost" in readme_results.stale_blocks(readme, tmp_path)
     assert f"{per_window_step * 10:.2f} s per step and window" in readme_results.render(readme, tmp_path)
+
+
+def test_readme_parameter_examples_run_as_written():
+    """Every ``dvc exp run -S`` override in README parses with DVC's own parser (Hydra's override grammar, which
+    rejects a key that begins with a digit, as ``01_scaling.seq_lens=[…]`` does) and names a key of params.yaml; every
+    YAML snippet in README sets keys that its params.yaml section has."""
+    from dvc.utils.hydra import to_hydra_overrides
+
+    readme = (ROOT / "README.md").read_text()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = re.findall(r"-S\s+'?([^'\s`=]+=[^'\s`]+)", readme)
+    assert overrides, "README shows no -S override (it shows -S profile=publication)"
+    for override in overrides:
+        (parsed,) = to_hydra_overrides([override])
+        node = params
+        for part in parsed.key_or_group.split("."):
+            assert isinstance(node, dict) and part in node, f"{override}: params.yaml has no {parsed.key_or_group}"
+            node = node[part]
+    snippets = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)]
+    assert len(snippets) >= 2  # 02's larger calibration and 08's GPU tier
+    for snippet in snippets:
+        for section, keys in snippet.items():
+            assert section in params, f"README's YAML names no params.yaml section: {section}"
+            assert set(keys) <= set(params[section]), f"{section}: {sorted(set(keys) - set(params[section]))}"
