@@ -725,7 +725,8 @@ def _index_fixture(tmp_path: Path) -> tuple[Path, Path]:
         if metrics is not None:
             (reports / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"01_scaling": {"seq_lens": [256, 512]}}))
+    params.write_text(yaml.safe_dump({"01_scaling": {"seq_lens": [256, 512]}, "profile": "quick",
+                                      "profiles": {"publication": {"01_scaling": {"seq_lens": [1024, 65536]}}}}))
     return reports, params
 
 
@@ -812,7 +813,9 @@ def test_index_is_a_dashboard_of_headline_numbers(tmp_path):
                               "params.yaml"]
     assert "models.bsbr.peak_bytes" in folded["01_scaling: 41 metrics"].get_text()
     assert "100.0 MiB" in folded["01_scaling: 41 metrics"].get_text()
-    assert "<td>seq_lens</td><td class='num'>[256, 512]</td>" in page
+    assert "<td>01_scaling</td><td>seq_lens</td><td class='num'>[256, 512]</td>" in page
+    # a profile's overrides as sections of their own (not one JSON blob of every section)
+    assert "<td>profiles.publication.01_scaling</td><td>seq_lens</td><td class='num'>[1024, 65536]</td>" in page
     assert "<script" not in page and not LINK_TAG.search(page) and not render_report.EXTERNAL_RESOURCE.search(page)
     assert build_index.build_index(reports, params) == page  # deterministic
     assert build_index.main(["--reports", str(reports), "--params", str(params)]) == 0
@@ -877,6 +880,22 @@ def test_headline_values_are_the_metrics():
     low, high = ablation["best_calibrated"]["vs_exact_region_interval"]
     assert best["verdict"] == ("met" if high < 1 else "missed" if low >= 1 else "undecided")
 
+
+
+def test_layer_timing_headline_shows_both_goals_by_chunk_size():
+    """Report 03's one-layer row: both timing goals (no slower at the first length, faster at the last) for every
+    chunk size in numeric order, an undecided one as undecided (not missed), and the row's verdict from both."""
+    metrics = json.loads((ROOT / "reports" / "metrics" / "03_chunk_size_ablation.json").read_text())
+    metrics["layer_goal_no_slower"] = {"seq_len": 4096, "met": {"1024": False, "128": True, "256": True}}
+    metrics["layer_goal_faster"] = {"seq_len": 8192, "met": {"1024": True, "128": True, "256": None}}
+    row = build_index.headline_rows("03_chunk_size_ablation", metrics)[2]
+    assert row["label"].endswith("no slower at 4,096 tokens, faster at 8,192")
+    assert row["value"] == "chunk 128: met, met; chunk 256: met, undecided; chunk 1,024: missed, met"
+    assert row["verdict"] == "missed"
+    metrics["layer_goal_no_slower"]["met"]["1024"] = True
+    assert build_index.headline_rows("03_chunk_size_ablation", metrics)[2]["verdict"] == "undecided"
+    metrics["layer_goal_faster"]["met"]["256"] = True
+    assert build_index.headline_rows("03_chunk_size_ablation", metrics)[2]["verdict"] == "met"
 
 def test_passkey_headline_verdicts_belong_to_their_own_numbers():
     metrics = json.loads((ROOT / "reports" / "metrics" / "05_long_range.json").read_text())
