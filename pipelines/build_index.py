@@ -155,7 +155,7 @@ def _accuracy_by_length(metrics: dict, variant: str, past_trained: bool) -> dict
     limit, ci = metrics["max_position_embeddings"], metrics["ci95"][variant]
     trials = (len(metrics["depths"]) * metrics.get("long_trials_per_cell", metrics["trials_per_cell"])
               if past_trained else metrics["trials_per_headline_cell"])
-    return {n: accuracy_text(a, *ci[n], trials=trials)
+    return {f"{int(n):,}": accuracy_text(a, *ci[n], trials=trials)  # the length as a count: 8,192
             for n, a in metrics["accuracy"][variant].items() if (int(n) > limit) == past_trained}
 
 

@@ -855,9 +855,9 @@ def test_passkey_headlines_split_at_the_trained_positions():
                "trials_per_headline_cell": 10,
                "long_trials_per_cell": 1, "accuracy": {"v": {"1024": 1.0, "8192": 0.9, "16384": 0.8}},
                "ci95": {"v": {"1024": [0.72, 1.0], "8192": [0.6, 0.98], "16384": [0.376, 0.964]}}}
-    assert build_index._trained(metrics, "v") == {"1024": "1.00 [0.72, 1.00] (10/10)",
-                                                  "8192": "0.90 [0.60, 0.98] (9/10)"}
-    assert build_index._past_trained(metrics, "v") == {"16384": "0.80 [0.38, 0.96] (4/5)"}
+    assert build_index._trained(metrics, "v") == {"1,024": "1.00 [0.72, 1.00] (10/10)",
+                                                  "8,192": "0.90 [0.60, 0.98] (9/10)"}
+    assert build_index._past_trained(metrics, "v") == {"16,384": "0.80 [0.38, 0.96] (4/5)"}
     del metrics["accuracy"]["v"]["16384"]
     assert build_index._past_trained(metrics, "v") == "not measured"
 
