@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-from bsbr.benchmarks import (ATTENTION_IMPLS, ATTENTION_MODES, MATMUL_SHAPES, matmul_throughput_in_process,
-                             measure_attention_in_process, measure_forward_in_process)
+from bsbr.benchmarks import (ATTENTION_IMPLS, ATTENTION_MODES, MATMUL_SHAPES, check_attention_args,
+                             matmul_throughput_in_process, measure_attention_in_process, measure_forward_in_process)
 from bsbr.provenance import load_average
 from bsbr.registry import available_models, build_model
 
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         error = model_config_error(args.model, config)
         if error is not None:
             model.error(f"argument --config: {error}")
+    if args.command == "attention":  # a combination the measurement refuses is a usage error, not a traceback
+        try:
+            check_attention_args(args.impl, args.mode, args.seq_len, args.hidden_dim, args.num_heads,
+                                 args.chunk_size, args.batch_size, args.num_kv_heads, args.sink_size)
+        except ValueError as error:
+            attention.error(str(error))
     load_before = load_average()
 
     if args.command == "model":

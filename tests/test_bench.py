@@ -75,6 +75,14 @@ def test_bad_values_are_usage_errors_naming_the_option(capsys):
         (["matmul", "--threads", "-1"], "argument --threads: must be an integer >= 1, got '-1'"),
         ([*tiny, "--warmup", "-1"], "argument --warmup: must be an integer >= 0, got '-1'"),
         (["--model", "standrd", "--seq-len", "16"], "argument --model: invalid choice: 'standrd' (choose from "),
+        # combinations the measurement refuses: usage errors from the measurement's own check, not tracebacks
+        (["attention", "--impl", "delta_recurrent", "--mode", "decode", "--seq-len", "16"],
+         "mode 'decode' streams through a module: impl must be one of ['bsbr', 'standard', 'linear', 'delta_net', "
+         "'sliding_window', 'hopfield', 'gau'], got 'delta_recurrent'"),
+        (["attention", "--impl", "bsbr", "--seq-len", "16", "--num-heads", "3"],
+         "hidden_dim (512) must be divisible by num_heads (3)"),
+        (["attention", "--impl", "llama_normalized", "--seq-len", "16", "--chunk-size", "2"],
+         "sink_size must be an integer in [0, chunk_size=2], got 4"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
