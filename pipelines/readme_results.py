@@ -155,10 +155,12 @@ def chunk_size_ablation(m: dict) -> str:
         original = next(v for k, v in times.items() if k.startswith("original") and k.endswith(f"n{n}"))
         peaks = m["layer_peak_bytes"]
         original_peak = next(v for k, v in peaks.items() if k.startswith("original") and k.endswith(f"n{n}"))
-        return (f"at {n:,} tokens the original layer (fused SDPA) takes {original * 1e3:.0f} ms, peak "
-                f"{original_peak / 2**20:.0f} MiB; terraced "
-                + ", ".join(f"chunk {c} {times[f'terraced c{c} n{n}'] * 1e3:.0f} ms ({verdict[v]}), peak "
-                            f"{peaks[f'terraced c{c} n{n}'] / 2**20:.0f} MiB" for c, v in goal["met"].items()))
+        # 3 significant digits, as the report writes them
+        return (f"at {n:,} tokens the original layer (fused SDPA) takes {sig(original * 1e3)} ms, peak "
+                f"{sig(original_peak / 2**20)} MiB; terraced "
+                + ", ".join(f"chunk {int(c):,} {sig(times[f'terraced c{c} n{n}'] * 1e3)} ms ({verdict[v]}), peak "
+                            f"{sig(peaks[f'terraced c{c} n{n}'] / 2**20)} MiB"
+                            for c, v in sorted(goal["met"].items(), key=lambda item: int(item[0]))))
 
     return (
         f"* **Chunk size × compression** (`reports/03_chunk_size_ablation.html`; terraced retrieval calibrated by "
@@ -379,12 +381,16 @@ def associative_recall(m: dict) -> str:
     # are within 2× (comparable state); the report lists them all
     shown = [c for c in goals["bsbr_vs"] if c["span"] == span or c.get("model") == "bsbr_blocks"
              or 0.5 <= c["bsbr_state_values"] / c["other_state_values"] <= 2]
+    left_out = len(goals["bsbr_vs"]) - len(shown)
     for c in shown:
         other_span = c.get("other_span", c["span"])  # shown where the other's own chunk/window differs
         spans = f"{c['span']} vs {other_span}" if other_span != c["span"] and c["other"] in SPAN_SENSITIVE else c["span"]
         text += (f" {who[c.get('model', 'bsbr')]} vs {c['other']} (span {spans}): **{c['verdict']}**, "
                  f"{points_text(c)} with "
                  f"{c['bsbr_state_values'] / c['other_state_values']:.1f}× its state.")
+    if left_out:
+        text += (f" ({left_out} more comparison{'s' if left_out > 1 else ''}, between states more than 2× apart, "
+                 f"in the report.)")
     frontier = goals.get("frontier") or []
     if frontier:
         def where(f):

@@ -163,6 +163,7 @@ def test_associative_recall_block_ranks_by_accuracy_and_states_the_goals():
     assert "BSBR compressed (`bsbr_compressed`): BSBR with each chunk state compressed 16× by a learned" in text
     assert "BSBR compressed vs linear (span 32): **BSBR compressed above**, 5.00 points [1.00, 9.00]" in text
     assert "BSBR compressed vs sliding_window (span 32)" not in text  # 0.35× its state: not comparable, report only
+    assert "(1 more comparison, between states more than 2× apart, in the report.)" in text  # said, not hidden
     assert ("On the accuracy-vs-state frontier (against the most accurate other architecture with no larger state, "
             "paired by seed): bsbr (19,968): **below the frontier**, -47.6 points [-50.0, -45.0] against standard "
             "(16,768); bsbr_compressed (32) (1,000): the smallest state: it is the frontier there.") in text
@@ -364,3 +365,17 @@ def test_readme_parameter_examples_run_as_written():
         for section, keys in snippet.items():
             assert section in params, f"README's YAML names no params.yaml section: {section}"
             assert set(keys) <= set(params[section]), f"{section}: {sorted(set(keys) - set(params[section]))}"
+
+
+def test_chunk_size_block_times_each_chunk_size_in_order_as_report_03_writes_them():
+    """The one-layer times and peaks: chunk sizes smallest first, 3 significant digits with separators (as the report
+    writes them: bsbr.formatting.sig), each chunk size's verdict beside its time."""
+    metrics = json.loads((ROOT / "reports" / "metrics" / "03_chunk_size_ablation.json").read_text())
+    metrics["layer_goal_no_slower"] = {"seq_len": 8192, "met": {"1024": False, "128": True}}
+    metrics["layer_median_s"].update({"original c0 n8192": 1.0096, "terraced c1024 n8192": 1.0610,
+                                      "terraced c128 n8192": 0.40277})
+    metrics["layer_peak_bytes"].update({"original c0 n8192": 159.4 * 2**20, "terraced c1024 n8192": 995.6 * 2**20,
+                                        "terraced c128 n8192": 352.0 * 2**20})
+    text = readme_results.chunk_size_ablation(metrics)
+    assert ("at 8,192 tokens the original layer (fused SDPA) takes 1,010 ms, peak 159 MiB; terraced chunk 128 403 ms "
+            "(met), peak 352 MiB, chunk 1,024 1,060 ms (missed), peak 996 MiB;") in text
