@@ -135,7 +135,7 @@ def conversion_similarity(m: dict) -> str:
         f"Without training: exact region alone {_ratio(ppl['terraced_exact'])}, sliding window {span} + sinks "
         f"{_ratio(ppl['sliding_span_sinks'])}, own chunk + sinks {_ratio(ppl['own_chunk_sinks'])}; the earlier "
         f"normalised retrieval, calibrated: {_ratio(ppl['normalized_calibrated'])}; the seed formula "
-        f"{ppl['seed']['ratio']:.2g}×. Calibration: {cal['transfer']['seconds'] / 60:.1f} min of attention transfer "
+        f"{sig(ppl['seed']['ratio'])}×. Calibration: {cal['transfer']['seconds'] / 60:.1f} min of attention transfer "
         f"+ {lora['seconds']['terraced_lora'] / 60:.1f} min of LoRA (rank {lora['rank']}, {lora['steps']} steps of "
         f"{lora['seq_len']:,} tokens) on {cal['threads']} threads. State after 40,960 tokens: "
         f"{m['state']['40960']['ratio']:.4f}× the KV cache. Files: `data/02_conversion_similarity/terraced.safetensors` "

@@ -379,3 +379,12 @@ def test_chunk_size_block_times_each_chunk_size_in_order_as_report_03_writes_the
     text = readme_results.chunk_size_ablation(metrics)
     assert ("at 8,192 tokens the original layer (fused SDPA) takes 1,010 ms, peak 159 MiB; terraced chunk 128 403 ms "
             "(met), peak 352 MiB, chunk 1,024 1,060 ms (missed), peak 996 MiB;") in text
+
+
+def test_conversion_block_writes_the_seed_formulas_ratio_as_report_02s_table():
+    """The seed formula's perplexity ratio (hundreds of millions) in 3 significant digits with separators, as report
+    02's table writes it (bsbr.formatting.sig), not in Python's exponent notation."""
+    metrics = json.loads((ROOT / "reports" / "metrics" / "02_conversion_similarity.json").read_text())
+    metrics["perplexity"]["all"]["seed"]["ratio"] = 563_184_042.7
+    text = readme_results.conversion_similarity(metrics)
+    assert "the seed formula 563,000,000×." in text and "e+" not in text
