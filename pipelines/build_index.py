@@ -3,7 +3,7 @@
     python pipelines/build_index.py [--reports reports] [--params params.yaml]
 
 Reports are the ``NN_name.html`` files in ``--reports`` (sorted by name). The first screen holds Figure 1 (BSBR
-against the six baselines: whole-model forward time and peak memory from ``01_scaling``, validation perplexity after
+against the six baselines: whole-model forward time and peak memory from ``01_scaling``, validation loss after
 training from scratch from ``07_training``; drawn from the metrics files, inline PNG) and one row per report: its
 question (the report's ``<title>``), the headline numbers chosen in :data:`HEADLINES` with their goal and
 met/missed (read from ``reports/metrics/NN_name.json``), and the revision the report was run at (the
@@ -621,20 +621,12 @@ def collect(reports_dir: Path) -> list[dict]:
     return rows
 
 
-def summary_figure(metrics_by_name: dict[str, dict]) -> bytes | None:
-    """Figure 1 as PNG bytes: BSBR and the six baselines (one colour each, bsbr.plotting.COLORS) on whole-model
-    forward time and peak memory (01_scaling, at its ``seq_len``) and on validation perplexity after training from
-    scratch (07_training, mean with the min-max over seeds). None if neither metrics file is there."""
+def figure_panels(metrics_by_name: dict[str, dict]) -> list[tuple[str, dict[str, tuple[float, float, float]]]]:
+    """Figure 1's panels: (title, {model: (bar, whisker low, whisker high)}): whole-model forward time (s; median,
+    min-max of the repeats) and peak memory (MiB) from 01_scaling at its ``seq_len``, and validation loss (nats/byte;
+    mean, t-interval over seeds, as 07's headline; the bar alone where one seed gave no interval) from 07_training.
+    A panel is left out where its metrics file is missing."""
     scaling, training = metrics_by_name.get("01_scaling", {}), metrics_by_name.get("07_training", {})
-    if not scaling.get("models") and not training.get("models"):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bsbr.plotting import COLORS
-
     panels = []
     if scaling.get("models"):
         n = format_value("", scaling["seq_len"])
@@ -644,9 +636,29 @@ def summary_figure(metrics_by_name: dict[str, dict]) -> bytes | None:
                        {m: (v["peak_bytes"] / 2**20,) * 3 for m, v in scaling["models"].items()}))
     if training.get("models"):
         steps = training.get("setup", {}).get("steps")
-        panels.append((f"quality: val. perplexity after {steps} steps" if steps else "quality: val. perplexity",
-                       {m: (v["final_val_ppl_mean"], v["final_val_ppl_min"], v["final_val_ppl_max"])
+        panels.append((f"quality: val. loss after {steps} steps (nats/byte)" if steps
+                       else "quality: val. loss (nats/byte)",
+                       {m: (v["final_val_loss"], *((v["final_val_loss_low"], v["final_val_loss_high"])
+                                                   if v.get("final_val_loss_low") is not None
+                                                   and v.get("final_val_loss_high") is not None
+                                                   else (v["final_val_loss"],) * 2))
                         for m, v in training["models"].items()}))
+    return panels
+
+
+def summary_figure(metrics_by_name: dict[str, dict]) -> bytes | None:
+    """Figure 1 as PNG bytes: BSBR and the six baselines (one colour each, bsbr.plotting.COLORS) on the panels of
+    :func:`figure_panels`. None if neither 01_scaling's nor 07_training's metrics are there."""
+    panels = figure_panels(metrics_by_name)
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bsbr.plotting import COLORS
+
     models = [m for m in FIGURE_MODELS if any(m in values for _, values in panels)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.2), sharey=True, squeeze=False)
     for ax, (title, values) in zip(axes[0], panels):
@@ -711,8 +723,8 @@ def build_index(reports_dir: Path, params_file: Path) -> str:
                  f"{base64.b64encode(figure).decode()}'>",
                  "<figcaption><b>Figure 1.</b> BSBR against the six baselines, one colour each: whole-model forward "
                  "time (bar: median, whiskers: min-max of the repeats) and peak memory from 01_scaling; validation "
-                 "perplexity after training from scratch (bar: mean, whiskers: min-max over seeds) from "
-                 "07_training. Timings are this project's CPU runs (machine headers below).</figcaption></figure>"]
+                 "loss after training from scratch (nats per byte; bar: mean, whiskers: 95% t-interval over seeds) "
+                 "from 07_training. Timings are this project's CPU runs (machine headers below).</figcaption></figure>"]
     else:
         body.append("<p>Figure 1 needs reports/metrics/01_scaling.json or 07_training.json.</p>")
     body += table

@@ -882,6 +882,23 @@ def test_headline_values_are_the_metrics():
 
 
 
+def test_figure_1_plots_the_quantities_and_intervals_the_headlines_give():
+    """Figure 1's quality panel is 07's headline quantity (validation loss, nats/byte, mean with its t-interval over
+    seeds), not another unit; its speed panel 01's whole-model medians with the repeats' range."""
+    training = json.loads((ROOT / "reports" / "metrics" / "07_training.json").read_text())
+    scaling = json.loads((ROOT / "reports" / "metrics" / "01_scaling.json").read_text())
+    (speed_title, speed), (memory_title, _), (quality_title, quality) = build_index.figure_panels(
+        {"01_scaling": scaling, "07_training": training})
+    assert quality_title == f"quality: val. loss after {training['setup']['steps']} steps (nats/byte)"
+    bsbr = training["models"]["bsbr"]
+    assert quality["bsbr"] == (bsbr["final_val_loss"], bsbr["final_val_loss_low"], bsbr["final_val_loss_high"])
+    assert set(quality) == set(training["models"])
+    assert speed["standard"] == tuple(scaling["models"]["standard"][k] for k in ("median_s", "min_s", "max_s"))
+    one_seed = {m: {**v, "final_val_loss_low": None, "final_val_loss_high": None} for m, v in training["models"].items()}
+    (_, alone), = build_index.figure_panels({"07_training": {**training, "models": one_seed}})
+    assert alone["bsbr"] == (bsbr["final_val_loss"],) * 3  # no interval with one seed: the bar alone
+    assert build_index.figure_panels({}) == [] and build_index.summary_figure({}) is None
+
 def test_layer_timing_headline_shows_both_goals_by_chunk_size():
     """Report 03's one-layer row: both timing goals (no slower at the first length, faster at the last) for every
     chunk size in numeric order, an undecided one as undecided (not missed), and the row's verdict from both."""
