@@ -621,6 +621,13 @@ def collect(reports_dir: Path) -> list[dict]:
     return rows
 
 
+def _loss_bar(model: dict) -> tuple[float, float, float]:
+    """Figure 1's quality bar for one 07_training model record: final validation loss with its t-interval over seeds,
+    or the loss alone (no whiskers) where one seed gave no interval."""
+    loss, low, high = model["final_val_loss"], model.get("final_val_loss_low"), model.get("final_val_loss_high")
+    return (loss, low, high) if low is not None and high is not None else (loss, loss, loss)
+
+
 def figure_panels(metrics_by_name: dict[str, dict]) -> list[tuple[str, dict[str, tuple[float, float, float]]]]:
     """Figure 1's panels: (title, {model: (bar, whisker low, whisker high)}): whole-model forward time (s; median,
     min-max of the repeats) and peak memory (MiB) from 01_scaling at its ``seq_len``, and validation loss (nats/byte;
@@ -638,11 +645,7 @@ def figure_panels(metrics_by_name: dict[str, dict]) -> list[tuple[str, dict[str,
         steps = training.get("setup", {}).get("steps")
         panels.append((f"quality: val. loss after {steps} steps (nats/byte)" if steps
                        else "quality: val. loss (nats/byte)",
-                       {m: (v["final_val_loss"], *((v["final_val_loss_low"], v["final_val_loss_high"])
-                                                   if v.get("final_val_loss_low") is not None
-                                                   and v.get("final_val_loss_high") is not None
-                                                   else (v["final_val_loss"],) * 2))
-                        for m, v in training["models"].items()}))
+                       {m: _loss_bar(v) for m, v in training["models"].items()}))
     return panels
 
 

@@ -22,7 +22,8 @@ from bsbr.convergence import grid_edge_summary
 from bsbr.formatting import sig
 from bsbr.passkey import accuracy_text
 # how the index reads each report (its profile, run time and CPU) and writes some of its values: one wording for both
-from build_index import collect, format_cpu, percent_text, points_text, router_words, steps_text
+from build_index import (collect, format_cpu, percent_text, points_text, router_words, steps_text,
+                         verdict_word)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -147,7 +148,6 @@ def chunk_size_ablation(m: dict) -> str:
     """Report 03: chunk size × compression of the calibrated terraced conversion, its state and one layer's speed."""
     best, state = m["best_calibrated"], m["state_goal"]
     low, high = m["original_perplexity_interval"]
-    verdict = {True: "met", False: "missed", None: "undecided"}
     times = m["layer_median_s"]
 
     def layer(goal: dict) -> str:
@@ -158,7 +158,7 @@ def chunk_size_ablation(m: dict) -> str:
         # 3 significant digits, as the report writes them
         return (f"at {n:,} tokens the original layer (fused SDPA) takes {sig(original * 1e3)} ms, peak "
                 f"{sig(original_peak / 2**20)} MiB; terraced "
-                + ", ".join(f"chunk {int(c):,} {sig(times[f'terraced c{c} n{n}'] * 1e3)} ms ({verdict[v]}), peak "
+                + ", ".join(f"chunk {int(c):,} {sig(times[f'terraced c{c} n{n}'] * 1e3)} ms ({verdict_word(v)}), peak "
                             f"{sig(peaks[f'terraced c{c} n{n}'] / 2**20)} MiB"
                             for c, v in sorted(goal["met"].items(), key=lambda item: int(item[0]))))
 
@@ -172,7 +172,7 @@ def chunk_size_ablation(m: dict) -> str:
         f"{best['vs_exact_region_interval'][1]:.3f}]); {m['calibrated_gaining_on_exact_region']} calibrated "
         f"configurations beat the exact region of their chunk size (paired interval below 1). **State** at chunk "
         f"{state['chunk_size']}, uncompressed, after {state['tokens']:,} tokens: {state['state_vs_kv_cache']:.4f}× the "
-        f"fp32 KV cache (goal ≤ {state['goal_ratio']}×: {verdict[state['met']]}). **One attention layer** (goal: no "
+        f"fp32 KV cache (goal ≤ {state['goal_ratio']}×: {verdict_word(state['met'])}). **One attention layer** (goal: no "
         f"slower at the first length, faster at the last): {layer(m['layer_goal_no_slower'])}; "
         f"{layer(m['layer_goal_faster'])}."
     )

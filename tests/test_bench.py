@@ -101,7 +101,6 @@ def test_a_bad_value_in_its_own_process_exits_2_without_a_traceback():
         "'{bad json'")
 
 
-
 @pytest.mark.parametrize("name", available_models())
 def test_every_model_builds_with_the_cli_defaults_on_the_meta_device(name):
     """``--config`` is checked by building the model on the meta device: every registered model must build there with

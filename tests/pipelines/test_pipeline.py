@@ -881,7 +881,6 @@ def test_headline_values_are_the_metrics():
     assert best["verdict"] == ("met" if high < 1 else "missed" if low >= 1 else "undecided")
 
 
-
 def test_figure_1_plots_the_quantities_and_intervals_the_headlines_give():
     """Figure 1's quality panel is 07's headline quantity (validation loss, nats/byte, mean with its t-interval over
     seeds), not another unit; its speed panel 01's whole-model medians with the repeats' range."""
@@ -899,6 +898,7 @@ def test_figure_1_plots_the_quantities_and_intervals_the_headlines_give():
     assert alone["bsbr"] == (bsbr["final_val_loss"],) * 3  # no interval with one seed: the bar alone
     assert build_index.figure_panels({}) == [] and build_index.summary_figure({}) is None
 
+
 def test_layer_timing_headline_shows_both_goals_by_chunk_size():
     """Report 03's one-layer row: both timing goals (no slower at the first length, faster at the last) for every
     chunk size in numeric order, an undecided one as undecided (not missed), and the row's verdict from both."""
@@ -913,6 +913,7 @@ def test_layer_timing_headline_shows_both_goals_by_chunk_size():
     assert build_index.headline_rows("03_chunk_size_ablation", metrics)[2]["verdict"] == "undecided"
     metrics["layer_goal_faster"]["met"]["256"] = True
     assert build_index.headline_rows("03_chunk_size_ablation", metrics)[2]["verdict"] == "met"
+
 
 def test_passkey_headline_verdicts_belong_to_their_own_numbers():
     metrics = json.loads((ROOT / "reports" / "metrics" / "05_long_range.json").read_text())
